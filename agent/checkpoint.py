@@ -1,0 +1,284 @@
+"""Checkpoints in the official Hugging Face layout.
+
+A checkpoint is a directory with ``config.json`` and either ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` plus its shards. The key names are the official ones (spec 2.10
+and 1.9); our modules use them as attribute names, so loading is a pure mapping with shape checks.
+
+Everything here is model-agnostic: the language model and the audio tokenizer both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+#: dtypes a checkpoint may store floating-point weights in.
+SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or key at fault."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"fp16"``/``"fp32"`` (or a torch dtype) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in SUPPORTED_FLOAT_DTYPES:
+            raise CheckpointError(f"unsupported dtype {name}; use one of bf16, fp16, fp32")
+        return name
+    try:
+        return _DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise CheckpointError(f"unsupported dtype {name!r}; use one of bf16, fp16, fp32") from None
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (CUDA when present) to a device."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a Hugging Face hub id downloaded into the local cache.
+
+    A string that names an existing directory is used as is. Anything else of the form
+    ``owner/name`` is treated as a hub id and fetched with ``huggingface_hub.snapshot_download``
+    (config, safetensors and tokenizer files only).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"checkpoint path {text!r} is a file; pass the directory that holds {CONFIG_NAME}")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise CheckpointError(f"checkpoint {text!r} is neither a local directory nor a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise CheckpointError("huggingface_hub is needed to download hub checkpoints") from exc
+    try:
+        local = snapshot_download(
+            repo_id=text,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"],
+        )
+    except Exception as exc:
+        raise CheckpointError(f"could not download checkpoint {text!r} from the Hugging Face hub: {exc}") from exc
+    return Path(local)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a checkpoint directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path} (a checkpoint directory needs {CONFIG_NAME})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it (single file or sharded)."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    single = directory / WEIGHTS_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs 'weight_map')") from exc
+        files = {}
+        for key, shard in weight_map.items():
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"missing file: {shard_path} (listed in {INDEX_NAME} for key {key!r})")
+            files[key] = shard_path
+        return files
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {key: single for key in f.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
+    raise CheckpointError(f"missing file: no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+
+
+def load_state_dict(
+    directory: str | os.PathLike,
+    *,
+    keys: Iterable[str] | None = None,
+    prefix: str = "",
+) -> dict[str, torch.Tensor]:
+    """Read tensors from a checkpoint directory (all of them, or ``keys``, or those under ``prefix``)."""
+    files = weight_files(directory)
+    wanted = set(keys) if keys is not None else None
+    by_file: dict[Path, list[str]] = {}
+    for key, path in files.items():
+        if (wanted is None or key in wanted) and key.startswith(prefix):
+            by_file.setdefault(path, []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                state[name] = f.get_tensor(name)
+    return state
+
+
+def load_into_module(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    ignore_unexpected: Iterable[str] = (),
+    ignore_missing: Iterable[str] = (),
+    keep_fp32: Iterable[str] = (),
+) -> None:
+    """Copy ``state`` into ``module``'s parameters and persistent buffers, checking everything.
+
+    Raises :class:`CheckpointError` naming the first problems found: keys the module needs that
+    the checkpoint lacks, keys the checkpoint has that the module does not know, a tensor whose
+    shape differs (both shapes named), or a tensor stored in an unsupported dtype. ``ignore_*``
+    are regular expressions for keys to skip (training-only buffers, say). Tensors are cast to
+    the dtype of the destination, except those matching ``keep_fp32``, which stay fp32.
+    """
+    targets = dict(module.state_dict(keep_vars=True))
+    ignore_unexpected_re = [re.compile(p) for p in ignore_unexpected]
+    ignore_missing_re = [re.compile(p) for p in ignore_missing]
+    keep_fp32_re = [re.compile(p) for p in keep_fp32]
+
+    missing = sorted(
+        k for k in targets if k not in state and not any(p.fullmatch(k) for p in ignore_missing_re)
+    )
+    unexpected = sorted(
+        k for k in state if k not in targets and not any(p.fullmatch(k) for p in ignore_unexpected_re)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing key(s) in {source}: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key(s) in {source}: {_first(unexpected)}")
+    for key, tensor in state.items():
+        if key not in targets:
+            continue
+        want = targets[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            problems.append(
+                f"wrong shape for {key}: {source} has {list(tensor.shape)}, the model expects {list(want.shape)}"
+            )
+        elif want.is_floating_point() and tensor.dtype not in SUPPORTED_FLOAT_DTYPES:
+            problems.append(f"unsupported dtype {tensor.dtype} for {key} in {source} (expected bf16, fp16 or fp32)")
+        elif not want.is_floating_point() and tensor.is_floating_point():
+            problems.append(f"unsupported dtype {tensor.dtype} for {key} in {source} (expected {want.dtype})")
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if key not in targets:
+                continue
+            dest = targets[key]
+            if any(p.fullmatch(key) for p in keep_fp32_re):
+                dest.data = tensor.to(device=dest.device, dtype=torch.float32).clone()
+            else:
+                dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping,
+    *,
+    max_shard_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``config.json`` and the weights in the official layout.
+
+    With ``max_shard_bytes`` the weights are split into ``model-0000i-of-0000n.safetensors``
+    shards plus ``model.safetensors.index.json``, as ``save_pretrained`` does.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    tensors = {}
+    for key, value in state.items():
+        t = value.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[key] = t.contiguous()
+    meta = {"format": "pt"}
+    if max_shard_bytes is None:
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata=meta)
+        return directory
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=meta)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def checkpoint_fingerprint(directory: str | os.PathLike) -> str:
+    """A short hash that identifies a checkpoint: its config, and per weight file the name, size,
+    safetensors header and the first and last MiB of data.
+
+    Cheap even for a 16 GB checkpoint; used by exports to refuse graphs made from another one.
+    """
+    import hashlib
+
+    directory = Path(directory)
+    h = hashlib.sha256()
+    h.update((directory / CONFIG_NAME).read_bytes())
+    block = 1 << 20
+    for path in sorted(set(weight_files(directory).values())):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, size)))
+            h.update(f.read(block))
+            if size > 2 * block:
+                f.seek(size - block)
+                h.update(f.read(block))
+    return h.hexdigest()[:16]
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

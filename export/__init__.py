@@ -1,0 +1,1 @@
+"""ONNX export of the hot paths and ONNX Runtime runners (CPU, CUDA, TensorRT)."""

@@ -1,0 +1,57 @@
+"""The ``mimo-agent`` command line.
+
+Each sub-command lives in its own module, imported only when that command runs, so that
+``mimo-agent talk`` (a client) never imports torch and ``mimo-agent --help`` is instant. A command
+module provides ``add_arguments(parser, command)`` and ``run(args) -> int``; ``args.command`` holds
+the command name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("streaming.server", "run the realtime server (WebSocket, WebRTC, browser demo)"),
+    "talk": ("streaming.talk", "talk to a server through this machine's microphone and speaker"),
+    "bench": ("streaming.bench", "first-audio latency benchmark against a running or spawned server"),
+    "export": ("export.cli", "export the hot paths to ONNX"),
+    "tts": ("agent.offline", "text to speech, offline"),
+    "asr": ("agent.offline", "speech to text, offline"),
+    "dialogue": ("agent.offline", "one spoken-dialogue turn, offline"),
+    "continue": ("agent.offline", "speech continuation, offline"),
+    "bench-lm": ("agent.lm.bench", "per-patch step times of the language model"),
+    "bench-codec": ("agent.codec.bench", "codec real-time factors and streaming-decode fidelity"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: mimo-agent COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`mimo-agent COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"mimo-agent: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mimo-agent {command}", description=help_)
+    module.add_arguments(parser, command)
+    args = parser.parse_args(rest)
+    args.command = command
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Static files of the browser demo and the JavaScript SDK, served at ``/``."""
