@@ -1,0 +1,812 @@
+"""The engine: one device, the weights, the KV slot pool and the audio tokenizer, on its own thread.
+
+Sessions never call the model. They submit jobs (:class:`AddUserAudio`, :class:`Respond`,
+:class:`Cancel` ...) through a bounded queue and receive :class:`EngineEvent`s through the
+callback they registered, called on the engine thread (the server hands them to its event loop
+with ``loop.call_soon_threadsafe``). Each tick of the engine loop:
+
+1. drains the job queue (conversation edits, responses to start, cancellations);
+2. encodes the user audio that arrived, all sessions' turns in one batch;
+3. prefills, in chunks of at most ``prefill_chunk`` positions per tick so one tick stays short,
+   the positions that changed since the slot's cache was last in sync (see
+   :mod:`agent.conversation`: only new positions for a new turn);
+4. runs one decode step for every generating session at once: the batched backbone step, text
+   sampling with each row's controls, then the batched patch decoder for the rows whose text
+   token was ``<|empty|>``;
+5. runs the batched streaming codec decode of the new speech patches, and sends the audio.
+
+A session generates ahead of real time by at most ``max_audio_lead_s`` seconds of audio (flow
+control): generation far ahead of the listener is wasted on barge-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent.conversation import ConversationRenderer, Item, Rendering, Role, common_prefix, speech_ms, truncate_patches
+from agent.lm.generation import ControlState, GenerationControls, Mode, mask_text_logits
+from agent.lm.kv_cache import KVCache
+from agent.lm.model import MiMoAudioLM
+from agent.lm.prompts import Prompt, PromptBuilder
+from agent.lm.sampling import ChannelSampling, SamplingBatch, SamplingParams, draw_uniform, sample
+from agent.lm.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24_000
+SAMPLES_PER_FRAME = 960  # one 25 Hz token
+
+
+class ServerBusy(RuntimeError):
+    """Every KV slot is taken: the new session cannot be admitted."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine's job queue is full."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is stopped."""
+
+
+# --------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduler limits; every queue and buffer is bounded by one of these."""
+
+    max_sessions: int = 8
+    max_positions: int = 2048  # KV positions (patches) per session slot
+    prefill_chunk: int = 256  # prefill positions per tick, all sessions together
+    max_batch: int = 64  # sessions per decode step; 1 turns batching off
+    max_audio_lead_s: float = 3.0  # generated audio ahead of real time, per session
+    job_queue_size: int = 4096
+    min_context_room: int = 128  # positions kept free for a response when trimming old turns
+    idle_wait_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class ResponseParams:
+    """A response's settings, resolved from the session and the ``response.create`` overrides."""
+
+    audio: bool = True  # speech + transcript; False: text only
+    max_output_patches: int = 1024
+    sampling: ChannelSampling = field(default_factory=ChannelSampling)
+    interleave: tuple[int, int] | None = None  # N text patches then M speech patches
+    in_conversation: bool = True  # False: out-of-band response, history untouched
+    min_patches: int = 0
+    codec_schedule: Any = None  # the codec's streaming schedule (None: its default)
+
+
+# ----------------------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class AddUserAudio:
+    item_id: str
+    pcm: np.ndarray  # float32 mono 24 kHz
+
+
+@dataclass(frozen=True)
+class AddUserText:
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class AddSystemText:
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class AddAssistantText:
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Session-wide settings: instructions (in the first user turn), a voice prompt."""
+
+    instructions: str | None = None
+    voice_pcm: np.ndarray | None = None  # float32 mono 24 kHz, or None to keep
+    clear_voice: bool = False
+
+
+@dataclass(frozen=True)
+class Respond:
+    response_id: str
+    item_id: str  # the assistant item this response writes
+    params: ResponseParams = field(default_factory=ResponseParams)
+    requested_at: float | None = None  # time.perf_counter() of the commit/request, for timings
+
+
+@dataclass(frozen=True)
+class Cancel:
+    response_id: str | None = None
+    reason: str = "client_cancelled"
+
+
+@dataclass(frozen=True)
+class Truncate:
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class DeleteItem:
+    item_id: str
+
+
+@dataclass(frozen=True)
+class _Close:
+    pass
+
+
+Job = AddUserAudio | AddUserText | AddSystemText | AddAssistantText | Configure | Respond | Cancel | Truncate | DeleteItem
+
+
+# --------------------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class ItemAdded:
+    item_id: str
+    patches: int  # positions the item adds to the context
+    encode_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResponseStarted:
+    response_id: str
+    item_id: str
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    response_id: str
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioDelta:
+    response_id: str
+    item_id: str
+    pcm: np.ndarray  # float32 mono 24 kHz
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    response_id: str
+    item_id: str
+    status: str  # completed | cancelled | incomplete | failed
+    reason: str | None
+    usage: dict
+    timings: dict
+    transcript: str
+
+
+@dataclass(frozen=True)
+class ItemTruncated:
+    item_id: str
+    audio_end_ms: int
+    transcript: str
+
+
+@dataclass(frozen=True)
+class ItemsDropped:
+    """Oldest items removed to fit the context (OpenAI's ``truncation: auto``)."""
+
+    item_ids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineError:
+    code: str
+    message: str
+    response_id: str | None = None
+    item_id: str | None = None
+
+
+EngineEvent = (
+    ItemAdded | ResponseStarted | TextDelta | AudioDelta | ResponseDone | ItemTruncated | ItemsDropped | EngineError
+)
+
+
+# ------------------------------------------------------------------------------ session state
+@dataclass
+class _Response:
+    job: Respond
+    item: Item
+    controls: ControlState
+    text_params: SamplingParams
+    speech_params: SamplingParams
+    detok: Any
+    stream: Any  # codec decode stream (audio responses)
+    t0: float
+    phase: str = "prefill"  # prefill -> generate -> done
+    prefill: Prompt | None = None  # positions still to prefill
+    prefill_positions: int = 0
+    cached_positions: int = 0
+    hidden: torch.Tensor | None = None  # last backbone hidden from prefill, not yet sampled
+    feed: Prompt | None = None  # the last patch, not yet fed to the backbone
+    new_codes: list[torch.Tensor] = field(default_factory=list)  # speech patches awaiting the codec
+    audio_samples: int = 0
+    t_first_audio: float | None = None
+    cancel_reason: str | None = None
+    timings: dict = field(default_factory=dict)
+    text_patches: int = 0
+    speech_patches: int = 0
+
+    def mark(self, name: str) -> None:
+        if name not in self.timings:
+            self.timings[name] = round((time.perf_counter() - self.t0) * 1000, 3)
+
+
+@dataclass
+class _Session:
+    sid: int
+    slot: int
+    on_event: Callable[[EngineEvent], None]
+    seed: int
+    items: list[Item] = field(default_factory=list)
+    instructions: str | None = None
+    voice_codes: torch.Tensor | None = None
+    cached: Prompt | None = None  # what the slot's KV cache holds, position by position
+    response: _Response | None = None
+    pending_audio: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    last_encode_ms: float = 0.0
+    text_generator: torch.Generator | None = None
+    speech_generator: torch.Generator | None = None
+    closed: bool = False
+
+
+class SessionHandle:
+    """What a caller holds for one engine session: submit jobs, close."""
+
+    def __init__(self, engine: Engine, sid: int, slot: int) -> None:
+        self._engine = engine
+        self.sid = sid
+        self.slot = slot
+        self.closed = False
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (thread-safe). Raises :class:`EngineOverloaded` or :class:`EngineClosed`."""
+        if self.closed:
+            raise EngineClosed("this engine session is closed")
+        self._engine._put((self.sid, job))
+
+    def close(self) -> None:
+        """Cancel whatever runs and free the slot (idempotent, thread-safe)."""
+        if not self.closed:
+            self.closed = True
+            self._engine._put((self.sid, _Close()), force=True)
+
+
+# ------------------------------------------------------------------------------------- engine
+class Engine:
+    """See the module docstring. Construct, :meth:`start`, :meth:`open_session`, :meth:`stop`."""
+
+    def __init__(
+        self,
+        lm: MiMoAudioLM,
+        tokenizer: TextTokenizer,
+        codec: Any,
+        config: EngineConfig | None = None,
+        *,
+        decode_patch: Callable | None = None,
+        metrics: Callable[[str, float, dict], None] | None = None,
+    ) -> None:
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.codec = codec
+        self.config = config or EngineConfig()
+        self.device = lm.device
+        self.specials = tokenizer.specials
+        self.builder = PromptBuilder(tokenizer, lm.config)
+        self.renderer = ConversationRenderer(self.builder)
+        self.max_positions = min(self.config.max_positions, lm.config.max_position_embeddings)
+        self.cache: KVCache = lm.allocate_cache(self.config.max_sessions, self.max_positions)
+        self.decode_patch = decode_patch or lm.decode_patch
+        self._metrics = metrics
+        self._jobs: queue.Queue = queue.Queue(maxsize=self.config.job_queue_size)
+        self._lock = threading.Lock()
+        self._free_slots = list(range(self.config.max_sessions))
+        self._sessions: dict[int, _Session] = {}
+        self._next_sid = 0
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._rr = 0  # round-robin offset over generating sessions when max_batch < their number
+        self.ticks = 0
+        empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
+        self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def start(self) -> Engine:
+        if self._thread is not None:
+            return self
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="mimo-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._running = False
+        if self._thread is not None:
+            self._put(None, force=True)
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def active_sessions(self) -> int:
+        with self._lock:
+            return self.config.max_sessions - len(self._free_slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize()
+
+    def open_session(self, on_event: Callable[[EngineEvent], None], *, seed: int | None = None) -> SessionHandle:
+        """Admit a session (thread-safe); raises :class:`ServerBusy` when every slot is taken."""
+        if not self._running:
+            raise EngineClosed("the engine is not running")
+        with self._lock:
+            if not self._free_slots:
+                raise ServerBusy(f"all {self.config.max_sessions} session slots are in use")
+            slot = self._free_slots.pop(0)
+            sid = self._next_sid
+            self._next_sid += 1
+        session = _Session(sid=sid, slot=slot, on_event=on_event, seed=sid if seed is None else seed)
+        self._put((sid, session), force=True)
+        return SessionHandle(self, sid, slot)
+
+    def _put(self, entry: Any, force: bool = False) -> None:
+        if force:
+            self._jobs.put(entry)
+            return
+        try:
+            self._jobs.put_nowait(entry)
+        except queue.Full:
+            raise EngineOverloaded(f"the engine's job queue is full ({self.config.job_queue_size} jobs)") from None
+
+    # ----------------------------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while self._running:
+            busy = self._has_work()
+            self._drain_jobs(block=not busy)
+            try:
+                self.tick()
+            except Exception:  # never let one bad step kill the engine: fail the sessions involved
+                log.exception("engine tick failed")
+                for s in list(self._sessions.values()):
+                    if s.response is not None:
+                        self._finish(s, "failed", "engine_error")
+        for s in list(self._sessions.values()):
+            self._close_session(s)
+
+    def _has_work(self) -> bool:
+        return any(s.pending_audio or s.response is not None for s in self._sessions.values())
+
+    def _drain_jobs(self, block: bool) -> None:
+        timeout = self.config.idle_wait_s
+        while True:
+            try:
+                entry = self._jobs.get(timeout=timeout) if block else self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if entry is None:
+                return
+            sid, job = entry
+            if isinstance(job, _Session):
+                self._init_session(job)
+                continue
+            session = self._sessions.get(sid)
+            if session is None:
+                continue
+            try:
+                self._handle(session, job)
+            except Exception as exc:  # a bad job fails that job, not the engine
+                log.exception("job %s failed", type(job).__name__)
+                self._emit(session, EngineError("job_failed", f"{type(job).__name__} failed: {exc}"))
+
+    def tick(self) -> None:
+        """One round of work: encode, prefill, decode step, codec decode."""
+        self.ticks += 1
+        self._encode_pending()
+        self._prefill()
+        self._decode_step()
+        self._codec_step()
+
+    # ------------------------------------------------------------------------------ sessions
+    def _init_session(self, s: _Session) -> None:
+        self.cache.reset(s.slot)
+        s.cached = self.builder.tokens([])
+        s.text_generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        s.speech_generator = torch.Generator(device=self.device).manual_seed(s.seed + 1_000_003)
+        self._sessions[s.sid] = s
+
+    def _close_session(self, s: _Session) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        s.response = None
+        self._sessions.pop(s.sid, None)
+        self.cache.reset(s.slot)
+        with self._lock:
+            self._free_slots.append(s.slot)
+
+    def _emit(self, s: _Session, event: EngineEvent) -> None:
+        try:
+            s.on_event(event)
+        except Exception:
+            log.exception("session %d event callback failed", s.sid)
+
+    def _find(self, s: _Session, item_id: str) -> Item | None:
+        return next((it for it in s.items if it.item_id == item_id), None)
+
+    def _handle(self, s: _Session, job: Any) -> None:
+        if isinstance(job, _Close):
+            self._close_session(s)
+        elif isinstance(job, AddUserAudio):
+            s.pending_audio.append((job.item_id, np.asarray(job.pcm, dtype=np.float32)))
+        elif isinstance(job, AddUserText):
+            self._add_item(s, Item(job.item_id, Role.USER, text=job.text))
+        elif isinstance(job, AddSystemText):
+            self._add_item(s, Item(job.item_id, Role.SYSTEM, text=job.text))
+        elif isinstance(job, AddAssistantText):
+            patches = self.builder.text(job.text)
+            self._add_item(s, Item(job.item_id, Role.ASSISTANT, patches=patches, audio_output=False, complete=True))
+        elif isinstance(job, Configure):
+            if job.instructions is not None:
+                s.instructions = job.instructions or None
+            if job.clear_voice:
+                s.voice_codes = None
+            elif job.voice_pcm is not None:
+                s.voice_codes = self._encode([job.voice_pcm])[0]
+        elif isinstance(job, Respond):
+            self._start_response(s, job)
+        elif isinstance(job, Cancel):
+            r = s.response
+            if r is not None and (job.response_id is None or job.response_id == r.job.response_id):
+                r.cancel_reason = job.reason
+                if r.phase == "prefill":
+                    self._finish(s, "cancelled", job.reason)
+        elif isinstance(job, Truncate):
+            self._truncate(s, job)
+        elif isinstance(job, DeleteItem):
+            if s.response is not None and s.response.item.item_id == job.item_id:
+                self._finish(s, "cancelled", "item_deleted")
+            s.items = [it for it in s.items if it.item_id != job.item_id]
+        else:
+            raise TypeError(f"unknown job {job!r}")
+
+    def _add_item(self, s: _Session, item: Item, encode_ms: float = 0.0) -> None:
+        # items land before a running response's assistant item would be wrong: they follow it
+        s.items.append(item)
+        n = len(self.renderer.render([item]).prompt) if item.role is not Role.ASSISTANT else len(item.patches or [])
+        self._emit(s, ItemAdded(item.item_id, n, round(encode_ms, 3)))
+
+    def _truncate(self, s: _Session, job: Truncate) -> None:
+        item = self._find(s, job.item_id)
+        if item is None or item.role is not Role.ASSISTANT:
+            self._emit(s, EngineError("item_not_found", f"no assistant item {job.item_id!r}", item_id=job.item_id))
+            return
+        if s.response is not None and s.response.item is item:
+            s.response.cancel_reason = s.response.cancel_reason or "truncated"
+            self._finish(s, "cancelled", s.response.cancel_reason)
+        if item.patches is not None:
+            item.patches = truncate_patches(item.patches, self.specials.empty, job.audio_end_ms)
+        self._sync_cache(s)  # roll back now: the unheard part leaves the KV cache at once
+        self._emit(s, ItemTruncated(item.item_id, job.audio_end_ms, self.renderer.assistant_text(item)))
+
+    # -------------------------------------------------------------------------------- encode
+    def _encode(self, pcms: list[np.ndarray]) -> list[torch.Tensor]:
+        return [torch.as_tensor(c, dtype=torch.int64).cpu() for c in self.codec.encode_batch(pcms)]
+
+    def _encode_pending(self) -> None:
+        work = [(s, item_id, pcm) for s in self._sessions.values() for item_id, pcm in s.pending_audio]
+        if not work:
+            return
+        for s in self._sessions.values():
+            s.pending_audio = []
+        t = time.perf_counter()
+        try:
+            codes = self._encode([pcm for _, _, pcm in work])
+        except ValueError as exc:  # bad audio: fail those items alone
+            for s, item_id, _ in work:
+                self._emit(s, EngineError("invalid_audio", str(exc), item_id=item_id))
+            return
+        ms = (time.perf_counter() - t) * 1000
+        self._observe("encode", ms / 1000, {"batch": len(work)})
+        for (s, item_id, _), c in zip(work, codes, strict=True):
+            s.last_encode_ms = ms
+            self._add_item(s, Item(item_id, Role.USER, codes=c), encode_ms=ms)
+
+    # ------------------------------------------------------------------------------ response
+    def _controls(self, params: ResponseParams) -> GenerationControls:
+        stops = (self.specials.eostm, self.specials.im_end, self.specials.eos) if params.audio else (
+            self.specials.im_end, self.specials.eos)
+        common = dict(stop_ids=tuple(sorted(set(stops))), max_patches=params.max_output_patches,
+                      min_patches=params.min_patches)
+        if not params.audio:
+            return GenerationControls(mode=Mode.TEXT, **common)
+        if params.interleave is not None:
+            n, m = params.interleave
+            return GenerationControls(mode=Mode.INTERLEAVE, text_patches=n, speech_patches=m, **common)
+        return GenerationControls(mode=Mode.FREE, **common)
+
+    def _start_response(self, s: _Session, job: Respond) -> None:
+        if s.response is not None:
+            self._emit(s, EngineError("response_in_progress", "a response is already running",
+                                      response_id=job.response_id))
+            return
+        if s.pending_audio:  # the turn being answered is still being encoded: do it now
+            self._encode_pending()
+        p = job.params
+        item = Item(job.item_id, Role.ASSISTANT, patches=self.builder.tokens([]), audio_output=p.audio)
+        s.items.append(item)
+        rendering = self._fit_context(s, p)
+        if rendering is None:
+            s.items.remove(item)
+            return
+        stream = None
+        if p.audio:
+            stream = (self.codec.new_decode_stream(p.codec_schedule) if p.codec_schedule is not None
+                      else self.codec.new_decode_stream())
+        r = _Response(
+            job=job, item=item,
+            controls=ControlState(self._controls(p), eot_id=self.specials.eot),
+            text_params=p.sampling.text, speech_params=p.sampling.speech,
+            detok=self.tokenizer.detokenizer(), stream=stream,
+            t0=job.requested_at if job.requested_at is not None else time.perf_counter(),
+        )
+        s.response = r
+        r.timings["encode_ms"] = round(s.last_encode_ms, 3)
+        s.last_encode_ms = 0.0
+        cached = self._sync_cache(s, rendering)
+        r.cached_positions = cached
+        r.prefill = rendering.prompt[cached:]
+        r.prefill_positions = len(r.prefill)
+        self._emit(s, ResponseStarted(job.response_id, item.item_id))
+
+    def _fit_context(self, s: _Session, p: ResponseParams) -> Rendering | None:
+        """Render the conversation; drop the oldest items while it leaves too little room."""
+        room = min(p.max_output_patches, self.config.min_context_room)
+        dropped: list[str] = []
+        while True:
+            rendering = self.renderer.render(s.items, instructions=s.instructions, voice_codes=s.voice_codes)
+            if len(rendering) + room <= self.max_positions:
+                break
+            if len(s.items) <= 2:  # the new turn and its response alone do not fit
+                self._emit(s, EngineError(
+                    "context_length_exceeded",
+                    f"the turn needs {len(rendering)} positions plus {room} for the response; "
+                    f"the session's context holds {self.max_positions}",
+                    response_id=None, item_id=s.items[-1].item_id))
+                return None
+            dropped.append(s.items.pop(0).item_id)
+        if dropped:
+            self._emit(s, ItemsDropped(tuple(dropped), "context_limit"))
+        return rendering
+
+    def _sync_cache(self, s: _Session, rendering: Rendering | None = None) -> int:
+        """Roll the slot back to the common prefix of its cache and the rendering; return it."""
+        if rendering is None:
+            rendering = self.renderer.render(s.items, instructions=s.instructions, voice_codes=s.voice_codes)
+        assert s.cached is not None
+        keep = common_prefix(s.cached, rendering.prompt)
+        if keep < len(s.cached):
+            self.cache.rollback(s.slot, keep)
+            s.cached = s.cached[:keep]
+        return keep
+
+    def _prefill(self) -> None:
+        budget = self.config.prefill_chunk
+        for s in list(self._sessions.values()):
+            r = s.response
+            if r is None or r.phase != "prefill" or budget <= 0:
+                continue
+            assert r.prefill is not None
+            t = time.perf_counter()
+            chunk, r.prefill = r.prefill[:budget], r.prefill[budget:]
+            budget -= len(chunk)
+            emb = self.lm.embed_patches(*chunk.batch(self.device))
+            r.hidden = self.lm.prefill(self.cache, s.slot, emb)
+            s.cached = s.cached + chunk
+            r.timings["prefill_ms"] = round(r.timings.get("prefill_ms", 0.0) + (time.perf_counter() - t) * 1000, 3)
+            self._observe("prefill", time.perf_counter() - t, {"positions": len(chunk)})
+            if len(r.prefill) == 0:
+                r.prefill = None
+                r.phase = "generate"
+                r.mark("prefill_done_ms")
+
+    # -------------------------------------------------------------------------------- decode
+    def _lead_s(self, r: _Response, now: float) -> float:
+        if r.t_first_audio is None:
+            return 0.0
+        return r.audio_samples / SAMPLE_RATE - (now - r.t_first_audio)
+
+    def _decode_step(self) -> None:
+        now = time.perf_counter()
+        ready = []
+        for s in self._sessions.values():
+            r = s.response
+            if r is None or r.phase != "generate":
+                continue
+            if r.cancel_reason is not None:
+                self._finish(s, "cancelled", r.cancel_reason)
+                continue
+            if self._lead_s(r, now) > self.config.max_audio_lead_s:
+                continue  # far enough ahead of the listener
+            ready.append(s)
+        if not ready:
+            return
+        n = max(1, self.config.max_batch)
+        if len(ready) > n:
+            start = self._rr % len(ready)
+            ready = (ready[start:] + ready[:start])[:n]
+            self._rr += n
+        t = time.perf_counter()
+        hidden = self._backbone(ready)
+        logits = mask_text_logits(self.lm.text_logits(hidden), [s.response.controls for s in ready],
+                                  self.specials.empty)
+        text_params = SamplingBatch.from_params([s.response.text_params for s in ready], self.device)
+        uniform = None
+        if not text_params.all_greedy:
+            uniform = draw_uniform([s.text_generator for s in ready], len(ready), logits.shape[1:], self.device)
+        tokens = sample(logits, text_params, uniform).tolist()  # host sync: text or speech decides the path
+        speech_rows = [i for i, tok in enumerate(tokens) if tok == self.specials.empty]
+        codes = None
+        if speech_rows:
+            rows = torch.tensor(speech_rows, device=self.device)
+            speech_params = SamplingBatch.from_params([ready[i].response.speech_params for i in speech_rows],
+                                                      self.device)
+            codes = self.decode_patch(hidden.index_select(0, rows), speech_params,
+                                      [ready[i].speech_generator for i in speech_rows]).cpu()
+        self._observe("decode_step", time.perf_counter() - t, {"batch": len(ready), "speech": len(speech_rows)})
+        for i, s in enumerate(ready):
+            patch_codes = codes[speech_rows.index(i)] if i in speech_rows else self._empty_codes
+            self._accept_patch(s, tokens[i], patch_codes)
+
+    def _backbone(self, ready: list[_Session]) -> torch.Tensor:
+        """Hidden states (B, hidden) for the rows: fed patches go through one batched decode step;
+        rows fresh from prefill already have theirs."""
+        feed = [s for s in ready if s.response.hidden is None]
+        out: dict[int, torch.Tensor] = {}
+        if feed:
+            text_ids = torch.stack([s.response.feed.text_ids for s in feed]).to(self.device)  # (B, 1)
+            codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
+            h = self.lm.decode_step(self.cache, [s.slot for s in feed], self.lm.embed_patches(text_ids, codes))
+            for b, s in enumerate(feed):
+                s.cached = s.cached + s.response.feed
+                s.response.feed = None
+                out[s.sid] = h[b]
+        for s in ready:
+            if s.response.hidden is not None:
+                out[s.sid] = s.response.hidden[0]
+                s.response.hidden = None
+        return torch.stack([out[s.sid] for s in ready])
+
+    def _accept_patch(self, s: _Session, token: int, codes: torch.Tensor) -> None:
+        r = s.response
+        patch = Prompt(torch.tensor([token]), codes.unsqueeze(0).to(torch.int64))
+        r.item.patches = r.item.patches + patch
+        finished = r.controls.advance(token)
+        r.mark("first_patch_ms")
+        if token == self.specials.empty:
+            r.speech_patches += 1
+            r.mark("first_speech_patch_ms")
+            r.new_codes.append(codes)
+        elif token not in r.controls.controls.stop_ids:
+            r.text_patches += 1
+            r.mark("first_text_ms")
+            delta = r.detok.push(token)
+            if delta:
+                self._emit(s, TextDelta(r.job.response_id, r.item.item_id, delta))
+        room = self.max_positions - self.cache.length(s.slot)
+        if finished:
+            reason = r.controls.stop_reason
+            status = "completed" if reason == "stop_token" else "incomplete"
+            self._finish(s, status, None if status == "completed" else "max_output_tokens")
+        elif room < 1:
+            self._finish(s, "incomplete", "max_output_tokens")
+        else:
+            r.feed = patch
+
+    # --------------------------------------------------------------------------------- codec
+    def _codec_step(self) -> None:
+        work = [s for s in self._sessions.values()
+                if s.response is not None and s.response.stream is not None and s.response.new_codes]
+        if not work:
+            return
+        t = time.perf_counter()
+        batch = []
+        for s in work:
+            frames = torch.cat(s.response.new_codes)  # (4k, 8) 25 Hz frames
+            s.response.new_codes = []
+            batch.append((s.response.stream, frames))
+        chunks = self.codec.decode_streams(batch)
+        self._observe("codec_decode", time.perf_counter() - t, {"batch": len(work)})
+        for s, pcm in zip(work, chunks, strict=True):
+            self._send_audio(s, pcm)
+
+    def _send_audio(self, s: _Session, pcm: np.ndarray | None) -> None:
+        r = s.response
+        if pcm is None or len(pcm) == 0:
+            return
+        if r.t_first_audio is None:
+            r.t_first_audio = time.perf_counter()
+            r.mark("first_audio_ms")
+        r.audio_samples += len(pcm)
+        self._emit(s, AudioDelta(r.job.response_id, r.item.item_id, np.asarray(pcm, dtype=np.float32)))
+
+    # -------------------------------------------------------------------------------- finish
+    def _finish(self, s: _Session, status: str, reason: str | None) -> None:
+        r = s.response
+        if r is None:
+            return
+        if r.stream is not None and status in ("completed", "incomplete"):
+            if r.new_codes:
+                frames = torch.cat(r.new_codes)
+                r.new_codes = []
+                self._send_audio(s, self.codec.decode_streams([(r.stream, frames)])[0])
+            self._send_audio(s, self.codec.finish_stream(r.stream))
+        tail = r.detok.flush()
+        if tail and status in ("completed", "incomplete"):
+            self._emit(s, TextDelta(r.job.response_id, r.item.item_id, tail))
+        r.item.complete = True
+        r.mark("total_ms")
+        s.response = None
+        if not r.job.params.in_conversation:
+            s.items.remove(r.item)
+            self._sync_cache(s)
+        usage = {
+            "input_tokens": r.cached_positions + r.prefill_positions,
+            "output_tokens": len(r.item.patches),
+            "total_tokens": r.cached_positions + r.prefill_positions + len(r.item.patches),
+            "input_token_details": {"cached_tokens": r.cached_positions},
+            "output_token_details": {"text_tokens": r.text_patches, "audio_tokens": r.speech_patches},
+        }
+        timings = dict(r.timings)
+        timings.update(prefill_positions=r.prefill_positions, cached_positions=r.cached_positions,
+                       text_patches=r.text_patches, speech_patches=r.speech_patches,
+                       audio_ms=round(speech_ms(r.item.patches, self.specials.empty)),
+                       audio_samples=r.audio_samples)
+        self._emit(s, ResponseDone(r.job.response_id, r.item.item_id, status, reason, usage, timings,
+                                   self.renderer.assistant_text(r.item)))
+
+    def _observe(self, name: str, seconds: float, labels: dict) -> None:
+        if self._metrics is not None:
+            try:
+                self._metrics(name, seconds, labels)
+            except Exception:
+                log.exception("metrics callback failed")
+
+    # -------------------------------------------------------------------------------- warmup
+    def warmup(self) -> float:
+        """Run every model path once (before :meth:`start`); return the seconds it took."""
+        t = time.perf_counter()
+        with torch.inference_mode():
+            slot = 0
+            prompt = self.builder.text("<|im_start|>user\n") + self.builder.audio(
+                self._encode([np.zeros(SAMPLE_RATE // 2, dtype=np.float32)])[0])
+            h = self.lm.prefill(self.cache, slot, self.lm.embed_patches(*prompt.batch(self.device)))
+            self.lm.text_logits(h)
+            codes = self.decode_patch(h, None, None).cpu()
+            emb = self.lm.embed_patches(torch.tensor([[self.specials.empty]], device=self.device),
+                                        codes.unsqueeze(1).to(self.device))
+            self.lm.decode_step(self.cache, [slot], emb)
+            stream = self.codec.new_decode_stream()
+            self.codec.decode_streams([(stream, codes[0])])
+            self.codec.finish_stream(stream)
+            self.cache.reset(slot)
+        return time.perf_counter() - t
