@@ -282,3 +282,76 @@ def checkpoint_fingerprint(directory: str | os.PathLike) -> str:
 def _first(keys: list[str], n: int = 5) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------- language model
+def load_lm(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "bf16",
+    device: str | torch.device | None = None,
+    *,
+    tokenizer: bool | object = True,
+    revision: str | None = None,
+):
+    """Load the MiMo-Audio language model: ``(lm, config, text_tokenizer)``.
+
+    ``name_or_path`` is a checkpoint directory (``config.json``, ``model.safetensors`` or the
+    sharded index, ``tokenizer.json``) or a hub id. The special-token ids come from the
+    tokenizer; ``tokenizer`` may instead be a ready ``TextTokenizer`` (e.g. a byte tokenizer for a
+    test checkpoint without ``tokenizer.json``), or False to use the config's default
+    ``empty_token_id`` and return no tokenizer.
+    """
+    from agent.lm.config import ConfigError, MiMoAudioConfig
+    from agent.lm.model import empty_model
+    from agent.lm.tokenizer import TextTokenizer, TokenizerError
+
+    directory = resolve_checkpoint_dir(name_or_path, revision=revision)
+    raw = read_config(directory)
+    text_tokenizer = None
+    try:
+        if tokenizer is True:
+            text_tokenizer = TextTokenizer.from_dir(directory)
+        elif isinstance(tokenizer, TextTokenizer):
+            text_tokenizer = tokenizer
+        elif tokenizer is not False and tokenizer is not None:
+            kind = type(tokenizer).__name__
+            raise CheckpointError(f"tokenizer must be True, False or a TextTokenizer, got {kind}")
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from exc
+    overrides = {} if text_tokenizer is None else {"empty_token_id": text_tokenizer.specials.empty}
+    try:
+        config = MiMoAudioConfig.from_dict(raw, **overrides)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from exc
+    if text_tokenizer is not None and text_tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has ids up to {text_tokenizer.vocab_size - 1}, "
+            f"beyond the model's vocab_size={config.vocab_size}"
+        )
+    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    lm = empty_model(config, torch_dtype, torch_device)
+    load_into_module(lm, load_state_dict(directory), source=str(directory))
+    return lm, config, text_tokenizer
+
+
+def save_lm(
+    lm: torch.nn.Module,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: object | None = None,
+    max_shard_bytes: int | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write ``lm`` in the official layout (``config.json`` + safetensors, sharded when
+    ``max_shard_bytes`` is given) and, when given, the tokenizer's ``tokenizer.json``."""
+    config = lm.config  # type: ignore[attr-defined]
+    out = save_checkpoint(
+        directory,
+        lm.state_dict(),
+        config.to_dict(),
+        max_shard_bytes=max_shard_bytes,
+        dtype=None if dtype is None else parse_dtype(dtype),
+    )
+    if tokenizer is not None:
+        tokenizer.save(out)  # type: ignore[attr-defined]
+    return out

@@ -1,0 +1,229 @@
+"""The MiMo-Audio speech language model: weights and the backbone's prefill and decode steps.
+
+``MiMoAudioLM`` owns every weight under its official key name (spec 2.10), so a checkpoint loads
+as a pure mapping. The model is stateless: the session state (KV cache slot, sampler generators,
+generation controls) is passed in. The functional API the engine calls:
+
+    emb = lm.embed_patches(text_ids, codes)      # [B, P], [B, P, 4, 8] -> [B, P, hidden]
+    h = lm.prefill(cache, slot, emb)             # [1, P, hidden] appended to the slot -> [1, hidden]
+    h = lm.decode_step(cache, slots, emb)        # [B, 1, hidden], one row per slot -> [B, hidden]
+    logits = lm.text_logits(h)                   # [B, vocab]
+    codes = lm.decode_patch(h, speech, gens)     # patch decoder -> [B, 4, 8]
+
+The patch encoder and the patch decoder live in their own files; the backbone is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from agent.lm import patch_decoder, patch_encoder
+from agent.lm.config import MiMoAudioConfig
+from agent.lm.kv_cache import KVCache
+from agent.lm.sampling import SamplingBatch, SamplingParams
+from agent.lm.tokenizer import TextTokenizer
+from agent.lm.transformer import TransformerStack, attend
+
+
+class MiMoAudioLM(nn.Module):
+    """Backbone (``model``), patch encoder and patch decoder, with the official attribute names."""
+
+    def __init__(self, config: MiMoAudioConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        local, input_local = config.local(), config.input_local()
+        # backbone: MiMo-7B (Qwen2), one position per patch
+        self.model = TransformerStack(
+            config.backbone(), max_positions=config.max_position_embeddings, vocab_size=config.vocab_size
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # patch encoder: speech embeddings -> bidirectional transformer per patch -> group downcast
+        self.speech_embeddings = nn.ModuleList(
+            nn.Embedding(size, input_local.hidden_size) for size in config.speech_vocab_sizes
+        )
+        self.input_local_transformer = TransformerStack(input_local, max_positions=config.group_size)
+        self.speech_group_downcast = nn.Linear(
+            input_local.hidden_size * config.group_size, config.hidden_size, bias=False
+        )
+        # patch decoder: backbone hidden -> local transformer, 11 delayed steps -> 8 heads
+        self.hidden_states_downcast = nn.Linear(config.hidden_size, local.hidden_size, bias=False)
+        self.local_transformer = TransformerStack(local, max_positions=config.local_steps)
+        self.local_transformer_lm_heads = nn.ModuleList(
+            nn.Linear(local.hidden_size, size, bias=False) for size in config.speech_vocab_sizes
+        )
+        self.schedule = patch_decoder.DelaySchedule(config)
+        self.requires_grad_(False)  # an inference model: weights are never trained here
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def allocate_cache(self, num_slots: int, max_positions: int) -> KVCache:
+        """A KV cache on this model's device and dtype."""
+        return KVCache.allocate(self.config, num_slots, max_positions, self.device, self.dtype)
+
+    # ---------------------------------------------------------------------------- patch encoder
+    @torch.inference_mode()
+    def embed_patches(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of patches: text_ids (B, P), codes (B, P, 4, 8) -> (B, P, hidden).
+
+        A patch whose text id is ``<|empty|>`` is a speech patch (its codes count); any other
+        patch is a text patch (its codes are ignored). Spec 2.4.
+        """
+        return patch_encoder.embed_patches(self, text_ids, codes)
+
+    # --------------------------------------------------------------------------------- backbone
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, slot: int, emb: torch.Tensor) -> torch.Tensor:
+        """Run ``emb`` (1, P, hidden) at the next P positions of ``slot``; return the last hidden (1, hidden).
+
+        Callable repeatedly on one slot (chunked prefill): each call continues where the slot's
+        history ends and attends to all of it.
+        """
+        B, P, _ = emb.shape
+        if B != 1:
+            raise ValueError(
+                f"prefill takes one slot's patches, shape (1, P, hidden); got {tuple(emb.shape)}"
+            )
+        if P == 0:
+            raise ValueError("prefill needs at least one patch")
+        cache.reserve([slot], P)
+        start = cache.length(slot)
+        end = start + P
+        positions = torch.arange(start, end, device=emb.device)
+        cos, sin = self.model.rope.at(positions, emb.dtype)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # (1, P, d)
+        # query i (position start+i) sees keys 0..start+i; with no history that is plain causal
+        mask = (
+            None
+            if start == 0
+            else (torch.arange(end, device=emb.device)[None, :] <= positions[:, None]).view(1, 1, P, end)
+        )
+        x = emb
+        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v, strict=True):
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            k_cache[slot, :, start:end] = k[0]
+            v_cache[slot, :, start:end] = v[0]
+            keys, values = k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end]
+            x = x + layer.self_attn.out(attend(q, keys, values, mask, causal=start == 0))
+            x = layer.feed_forward(x)
+        cache.advance([slot], torch.tensor([slot], device=cache.device), P)
+        return self.model.norm(x[:, -1])
+
+    @torch.inference_mode()
+    def decode_step(
+        self, cache: KVCache, slots: torch.Tensor | Sequence[int], emb: torch.Tensor
+    ) -> torch.Tensor:
+        """One patch for each of B slots: emb (B, 1, hidden) -> last hidden (B, hidden).
+
+        Row b is written at position ``length(slots[b])`` of its slot and attends to that slot's
+        history only; rows may have different lengths. ``slots`` are host values (a CPU tensor or
+        a list): the attention span comes from the cache's host lengths, so no device sync.
+        """
+        B, T, _ = emb.shape
+        slot_list = [int(s) for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots)]
+        if T != 1 or len(slot_list) != B:
+            raise ValueError(
+                f"decode_step takes emb (B, 1, hidden) with B = len(slots) = {len(slot_list)}; "
+                f"got {tuple(emb.shape)}"
+            )
+        if len(set(slot_list)) != B:
+            raise ValueError(f"decode_step slots must be distinct, got {slot_list}")
+        cache.reserve(slot_list, 1)
+        span = max(cache.length(s) for s in slot_list) + 1  # keys any row may need
+        lo = slot_list[0]
+        contiguous = slot_list == list(range(lo, lo + B))
+        slots_dev = torch.tensor(slot_list, device=cache.device)
+        pos = cache.lengths.index_select(0, slots_dev)  # (B,)
+        cos, sin = self.model.rope.at(pos.view(B, 1), emb.dtype)  # (B, 1, d)
+        mask = (torch.arange(span, device=emb.device)[None, :] <= pos[:, None]).view(B, 1, 1, span)
+        x = emb
+        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v, strict=True):
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            k_cache[slots_dev, :, pos] = k[:, :, 0]
+            v_cache[slots_dev, :, pos] = v[:, :, 0]
+            if contiguous:  # a view: no copy of the history
+                keys, values = k_cache[lo : lo + B, :, :span], v_cache[lo : lo + B, :, :span]
+            else:
+                keys = k_cache[:, :, :span].index_select(0, slots_dev)
+                values = v_cache[:, :, :span].index_select(0, slots_dev)
+            x = x + layer.self_attn.out(attend(q, keys, values, mask))
+            x = layer.feed_forward(x)
+        cache.advance(slot_list, slots_dev, 1)
+        return self.model.norm(x[:, -1])
+
+    @torch.inference_mode()
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Text-channel logits (B, vocab) from backbone hidden states (B, hidden), in fp32."""
+        return self.lm_head(h).float()
+
+    # ---------------------------------------------------------------------------- patch decoder
+    @torch.inference_mode()
+    def decode_patch(
+        self,
+        h: torch.Tensor,
+        speech_sampling: SamplingBatch | SamplingParams | Sequence[SamplingParams] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> torch.Tensor:
+        """The patch decoder: backbone hidden (B, hidden) -> codes (B, 4, 8), already de-delayed.
+
+        ``speech_sampling`` holds per-row sampling settings (greedy when None); ``generators``
+        one seeded generator per row (None: torch's default generator).
+        """
+        return patch_decoder.decode_patch(self, h, speech_sampling, generators)
+
+
+def init_weights(lm: MiMoAudioLM, seed: int) -> None:
+    """Random weights for a preset, seeded and device-independent in distribution.
+
+    Linear layers draw N(0, 1/fan_in) so activations keep their scale through the stacks; the
+    output heads draw N(0, 4/fan_in) so text and code logits have a spread of a few nats (peaked
+    but not one-hot); biases are small; norms are ones. Embeddings are N(0, 1), the speech tables
+    N(0, 1/8) because eight of them are summed.
+    """
+    gen = torch.Generator(device=lm.device).manual_seed(seed)
+    heads = {id(lm.lm_head.weight)} | {id(h.weight) for h in lm.local_transformer_lm_heads}
+    speech = {id(e.weight) for e in lm.speech_embeddings}
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            elif id(p) in speech:
+                p.normal_(0.0, 8**-0.5, generator=gen)
+            elif p.dim() == 2 and "embed_tokens" in name:
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                scale = 2.0 if id(p) in heads else 1.0
+                p.normal_(0.0, scale * p.shape[1] ** -0.5, generator=gen)
+
+
+def empty_model(config: MiMoAudioConfig, dtype: torch.dtype, device: torch.device | str) -> MiMoAudioLM:
+    """A model with uninitialised weights of ``dtype`` on ``device`` (no extra copy on the way)."""
+    with torch.device("meta"):
+        lm = MiMoAudioLM(config)
+    return lm.to(dtype).to_empty(device=device).eval()
+
+
+def build_preset(
+    name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[MiMoAudioLM, MiMoAudioConfig, TextTokenizer]:
+    """The preset ``name`` with its seeded random weights, and its byte-level tokenizer."""
+    from agent.lm.config import preset
+    from agent.lm.tokenizer import MIMO_SPECIAL_IDS, ByteTokenizer
+
+    p = preset(name)
+    tokenizer = ByteTokenizer() if name == "tiny" else ByteTokenizer(MIMO_SPECIAL_IDS)
+    lm = empty_model(p.config, dtype, device)
+    init_weights(lm, p.seed)
+    return lm, p.config, tokenizer

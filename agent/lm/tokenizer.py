@@ -1,0 +1,250 @@
+"""Text tokenizer: the checkpoint's ``tokenizer.json`` through the ``tokenizers`` library.
+
+Text is encoded without added BOS/EOS (the official code passes ``add_special_tokens=False``);
+special strings inside text, such as ``<|im_start|>``, become their single special token. The
+MiMo special tokens are resolved by string (spec 2.2) and a tokenizer that lacks one is refused
+with its name.
+
+:class:`ByteTokenizer` is the presets' tokenizer: byte-level (GPT-2 byte alphabet, ids 0..255 are
+the bytes), no merges, the same special tokens after the bytes. It is a regular ``tokenizers``
+tokenizer, so it saves as ``tokenizer.json`` and reloads through :class:`TextTokenizer`.
+
+Decoding follows the official output parsing: ``<|empty|>``, ``<|eot|>`` and ``<|eostm|>`` are
+dropped, other special tokens are kept as text. :class:`IncrementalDetokenizer` produces the
+same text as deltas, holding back bytes of a character that is not complete yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+
+#: field of :class:`SpecialTokens` -> token string
+SPECIAL_TOKEN_STRINGS: dict[str, str] = {
+    "endoftext": "<|endoftext|>",
+    "im_start": "<|im_start|>",
+    "im_end": "<|im_end|>",
+    "sosp": "<|sosp|>",
+    "eosp": "<|eosp|>",
+    "empty": "<|empty|>",
+    "sostm": "<|sostm|>",
+    "eostm": "<|eostm|>",
+    "eot": "<|eot|>",
+    "think": "<think>",
+    "think_end": "</think>",
+}
+
+#: added by the official code too but never used by it; the byte tokenizer has them for parity.
+_UNUSED_SPECIALS = ("<|Human|>", "<|SpeechLM|>")
+
+#: vocabulary of the byte tokenizer with the default ids: 256 bytes, 13 specials, padding.
+BYTE_VOCAB_SIZE = 272
+
+#: the real MiMo-Audio ids (spec 2.2), used by the `mimo-audio-7b` preset. `<think>`/`</think>`
+#: are unverified there; the preset only needs them distinct.
+MIMO_SPECIAL_IDS: dict[str, int] = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|sosp|>": 151665,
+    "<|eosp|>": 151666,
+    "<|empty|>": 151667,
+    "<|Human|>": 151668,
+    "<|SpeechLM|>": 151669,
+    "<|sostm|>": 151670,
+    "<|eostm|>": 151671,
+    "<|eot|>": 151672,
+    "<think>": 151673,
+    "</think>": 151674,
+}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file or token at fault."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the special tokens the prompts and the generation loop use."""
+
+    endoftext: int
+    im_start: int
+    im_end: int
+    sosp: int
+    eosp: int
+    empty: int
+    sostm: int
+    eostm: int
+    eot: int
+    think: int
+    think_end: int
+    #: the tokenizer's end-of-sequence token (``eos_token`` of tokenizer_config.json, else endoftext)
+    eos: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class TextTokenizer:
+    """encode/decode, special ids and streaming detokenization over a ``tokenizers.Tokenizer``."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, *, eos_token: str | None = None, source: str = "tokenizer"
+    ) -> None:
+        self._tok = tokenizer
+        ids: dict[str, int] = {}
+        missing = []
+        for name, text in SPECIAL_TOKEN_STRINGS.items():
+            token_id = tokenizer.token_to_id(text)
+            if token_id is None:
+                missing.append(text)
+            else:
+                ids[name] = token_id
+        if missing:
+            raise TokenizerError(f"{source} lacks the MiMo special token(s): {', '.join(missing)}")
+        eos_id = ids["endoftext"]
+        if eos_token is not None:
+            resolved = tokenizer.token_to_id(eos_token)
+            if resolved is None:
+                raise TokenizerError(f"{source}: eos_token {eos_token!r} is not in the vocabulary")
+            eos_id = resolved
+        self.specials = SpecialTokens(**ids, eos=eos_id)
+        #: ids the official output parsing removes from the text
+        self.hidden_ids = frozenset({self.specials.empty, self.specials.eot, self.specials.eostm})
+
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> TextTokenizer:
+        """``tokenizer.json`` (and the eos token of ``tokenizer_config.json`` when present)."""
+        directory = Path(directory)
+        path = directory / TOKENIZER_NAME
+        if not path.is_file():
+            raise TokenizerError(f"missing file: {path} (the checkpoint's text tokenizer)")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise TokenizerError(f"{path} is not a valid tokenizers file: {exc}") from exc
+        eos_token = None
+        config_path = directory / TOKENIZER_CONFIG_NAME
+        if config_path.is_file():
+            eos = json.loads(config_path.read_text()).get("eos_token")
+            eos_token = eos.get("content") if isinstance(eos, dict) else eos
+        return cls(tokenizer, eos_token=eos_token, source=str(path))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` into ``directory``."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(Path(directory) / TOKENIZER_NAME))
+
+    # ------------------------------------------------------------------------------ encoding
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id (added tokens included)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, no BOS/EOS added; special strings become special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int:
+        """The id of one token string; raises naming it when absent."""
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"token {token!r} is not in the vocabulary")
+        return token_id
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` as the official output parsing makes it: ``<|empty|>``, ``<|eot|>`` and
+        ``<|eostm|>`` dropped, other special tokens written out."""
+        return self._decode_raw([i for i in ids if i not in self.hidden_ids])
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        """A fresh streaming detokenizer (one per response)."""
+        return IncrementalDetokenizer(self)
+
+    def _decode_raw(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Text deltas from tokens pushed one at a time; concatenated they equal :meth:`TextTokenizer.decode`.
+
+    A delta is released once the text decodes without a trailing replacement character, so a
+    character whose bytes span several tokens comes out whole. Decoding re-reads a short window
+    (the tokens of the previous delta), which keeps it O(1) per token.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the decoding window
+        self._read = 0  # tokens already turned into released text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        if token_id in self._tokenizer.hidden_ids:
+            return ""
+        self._ids.append(token_id)
+        before = self._tokenizer._decode_raw(self._ids[self._prefix : self._read])
+        after = self._tokenizer._decode_raw(self._ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        before = self._tokenizer._decode_raw(self._ids[self._prefix : self._read])
+        after = self._tokenizer._decode_raw(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :]
+
+
+def _byte_alphabet() -> list[str]:
+    """The GPT-2 byte-to-character map: printable bytes map to themselves, the others to 256+."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars: dict[int, str] = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + n)
+            n += 1
+    return [chars[b] for b in range(256)]
+
+
+class ByteTokenizer(TextTokenizer):
+    """Byte-level tokenizer for the presets: id = byte value, then the special tokens.
+
+    ``special_ids`` maps special strings to ids (default: 256, 257, ... in a fixed order); every
+    id must be >= 256 and unique.
+    """
+
+    def __init__(self, special_ids: Mapping[str, int] | None = None) -> None:
+        names = list(SPECIAL_TOKEN_STRINGS.values())
+        specials = names[:6] + list(_UNUSED_SPECIALS) + names[6:]  # the official order (spec 2.2)
+        if special_ids is None:
+            special_ids = {s: 256 + i for i, s in enumerate(specials)}
+        missing = [s for s in SPECIAL_TOKEN_STRINGS.values() if s not in special_ids]
+        if missing:
+            raise TokenizerError(f"byte tokenizer special_ids lack: {', '.join(missing)}")
+        if min(special_ids.values()) < 256 or len(set(special_ids.values())) != len(special_ids):
+            raise TokenizerError("byte tokenizer special ids must be unique and >= 256")
+        vocab = {ch: b for b, ch in enumerate(_byte_alphabet())}
+        vocab.update(special_ids)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special_ids])
+        super().__init__(tok, source="byte tokenizer")

@@ -1,0 +1,183 @@
+"""Qwen2 transformer blocks, shared by the backbone, the patch decoder and the patch encoder.
+
+RMSNorm, RoPE (rotate-half, theta from the config), grouped-query attention with q/k/v bias and
+no o_proj bias, SwiGLU MLP: numerically the Qwen2 of transformers 4.49 (norms in fp32, RoPE
+tables computed in fp32 and cast to the activation dtype). Attribute names are the official
+checkpoint key names (``self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...).
+
+The blocks hold weights only. Attention takes keys and values from the caller: each user of a
+stack (backbone with its slot KV cache, patch decoder with its 11-step cache, patch encoder with
+no cache) decides where keys live and which positions a query may see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.lm.config import StackConfig
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in fp32, scale in the activation dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryTable:
+    """cos/sin tables of rotate-half RoPE for positions ``0..max_positions-1``.
+
+    Not a module buffer: the tables are derived constants that must stay fp32 whatever dtype the
+    weights are cast to; they are built once per device on first use.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each fp32 [max_positions, head_dim]."""
+        device = torch.device(device)
+        if device not in self._tables:
+            d = self.head_dim
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+            pos = torch.arange(self.max_positions, dtype=torch.int64).float()
+            freqs = pos[:, None] * inv_freq[None, :]  # (T, d/2), one fp32 product as in HF
+            emb = torch.cat([freqs, freqs], dim=-1)  # (T, d)
+            self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
+        return self._tables[device]
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for ``positions`` (any shape), cast to ``dtype``: shape positions.shape + (d,)."""
+        cos, sin = self.get(positions.device)
+        return cos[positions].to(dtype), sin[positions].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE; ``cos``/``sin`` broadcast against ``x`` (..., head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Projections of Qwen2 grouped-query attention; the attention itself is :func:`attend`."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project and rotate: x (B, T, C), cos/sin (B or 1, T, d) -> q (B, H, T, d), k/v (B, Hkv, T, d)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn (B, H, T, d) -> (B, T, C)."""
+        B, H, T, d = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(B, T, H * d))
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads, without repeating keys.
+
+    q (B, H, T, d); k, v (B, Hkv, S, d); mask (B or 1, 1, T, S) bool, True = may attend;
+    ``causal`` (without a mask) aligns query i with key i. The H query heads are folded onto their
+    Hkv key heads as extra query rows, so each key head is read once per group.
+    """
+    B, H, T, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == H:  # plain multi-head attention
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G * T, d)  # (B, Hkv, G*T, d): row g*T + t is head g of the group at t
+    if causal and mask is None:
+        mask = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None and T > 1:  # with one query position the mask broadcasts over the G rows
+        Bm = mask.shape[0]
+        mask = mask.reshape(Bm, 1, 1, T, S).expand(Bm, 1, G, T, S).reshape(Bm, 1, G * T, S)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+    return out.reshape(B, H, T, d)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm Qwen2 layer. ``forward`` is the cache-free path; cached users call the parts."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The second residual half: x + mlp(norm(x))."""
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Self-attention over the T positions of x (B, T, C) alone; no cache."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn.out(attend(q, k, v, causal=causal))
+        return self.feed_forward(x)
+
+
+class TransformerStack(nn.Module):
+    """``layers.N`` and a final ``norm`` (plus ``embed_tokens`` for the backbone), official names."""
+
+    def __init__(self, cfg: StackConfig, *, max_positions: int, vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if vocab_size is not None:
+            self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, max_positions)
+
+    def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        """All T positions of x (B, T, C) at positions 0..T-1, no cache (the patch encoder)."""
+        _, T, _ = x.shape
+        cos, sin = self.rope.at(torch.arange(T, device=x.device), x.dtype)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # (1, T, d)
+        for layer in self.layers:
+            x = layer(x, cos, sin, causal)
+        return self.norm(x)
