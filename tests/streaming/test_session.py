@@ -443,7 +443,7 @@ def test_barge_in_cancels_flushes_and_the_next_turn_follows():
     assert [type(a) for a in s.take_actions()] == [act.AppendUserAudio]
     s.response_done(rid)
     events = s.take_events()
-    done = [e for e in events if e.type == "response.done"][0].response
+    done = next(e for e in events if e.type == "response.done").response
     assert done.status == "cancelled" and done.status_details.reason == "turn_detected"
     assert types(events)[-1] == "response.created"  # the queued VAD response
     (create2,) = s.take_actions()
