@@ -1,0 +1,140 @@
+"""What the sans-I/O session asks the engine bridge to do.
+
+:class:`~streaming.session.RealtimeSession` emits these (drain them with ``take_actions()``), in
+the order the bridge must apply them. They are plain frozen dataclasses; audio is pcm16 at 24 kHz.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from streaming.protocol import CodecSchedule, SamplingParams, SessionConfig
+
+CancelReason = Literal["turn_detected", "client_cancelled"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseParams:
+    """Everything the engine needs to generate one response, session settings and per-response
+    overrides already resolved."""
+
+    output_modalities: tuple[str, ...]  # ("audio",): speech plus its transcript; ("text",): text only
+    instructions: str
+    max_output_tokens: int | None  # None: no limit ("inf")
+    conversation: Literal["auto", "none"]  # "none": out of band, the output joins no conversation
+    metadata: dict[str, str] | None
+    voice: str | None
+    speed: float  # as requested; applying it (a post-processing time stretch) is up to the bridge
+    output_format: str  # wire format of this response's audio deltas (informational)
+    interleave: tuple[int, int] | None  # (text patches, speech patches), or None: the model decides
+    text_sampling: SamplingParams
+    speech_sampling: SamplingParams
+    codec: CodecSchedule  # null fields: engine default
+    task: str
+    thinking: bool
+
+    @property
+    def audio(self) -> bool:
+        return "audio" in self.output_modalities
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AppendUserAudio:
+    """Append user speech to the conversation (a committed turn or a created ``input_audio`` part).
+    Several actions with the same ``item_id`` are parts of one item, in order."""
+
+    item_id: str
+    pcm: np.ndarray  # int16, 24 kHz, mono
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendUserText:
+    item_id: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendSystemText:
+    item_id: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendAssistantText:
+    item_id: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateResponse:
+    """Start generating. Report back with ``response_started`` / ``response_text`` /
+    ``response_audio`` / ``response_done`` (or ``response_failed``) for this ``response_id``.
+    ``item_id`` is the assistant item the output will become."""
+
+    response_id: str
+    item_id: str
+    params: ResponseParams
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelResponse:
+    """Stop generating ``response_id`` and drop its output not yet sent; then call
+    ``response_done`` for it (any status: the session reports ``cancelled``)."""
+
+    response_id: str
+    reason: CancelReason
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncateItem:
+    """The listener heard ``audio_end_ms`` of this assistant item: roll the model's context back
+    to that point. ``transcript`` is the part of the transcript kept (an approximation, see
+    ``Conversation.truncate``)."""
+
+    item_id: str
+    audio_end_ms: int
+    transcript: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteItem:
+    item_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FlushOutputAudio:
+    """Drop queued output audio now (barge-in, ``output_audio_buffer.clear``)."""
+
+    response_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSession:
+    """The session configuration changed (full, resolved configuration)."""
+
+    config: SessionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Close:
+    """Close the connection (after sending the pending events)."""
+
+    reason: str
+
+
+Action = (
+    AppendUserAudio
+    | AppendUserText
+    | AppendSystemText
+    | AppendAssistantText
+    | CreateResponse
+    | CancelResponse
+    | TruncateItem
+    | DeleteItem
+    | FlushOutputAudio
+    | UpdateSession
+    | Close
+)

@@ -1,0 +1,150 @@
+"""Conversation bookkeeping for one session: items in order, their content, the user audio kept
+for ``conversation.item.retrieve``, and the audio length of each assistant item (for truncation).
+
+Bounded: at most ``max_items`` items, and at most ``max_retained_audio_ms`` of user audio kept
+across items (the oldest item's audio is released first; the item itself stays).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from streaming.audio import SAMPLE_RATE, WireAudioEncoder, b64encode_audio
+from streaming.protocol import ContentPart, ConversationItem
+
+DEFAULT_MAX_ITEMS = 4096
+DEFAULT_MAX_RETAINED_AUDIO_MS = 600_000  # 10 minutes of user audio, about 29 MB
+
+
+@dataclasses.dataclass
+class Item:
+    """One conversation item as the server keeps it."""
+
+    id: str
+    role: str  # "user" | "assistant" | "system"
+    status: str  # "completed" | "incomplete" | "in_progress"
+    parts: list[ContentPart]  # audio payloads stripped; kept in ``audio``
+    audio: np.ndarray | None = None  # user audio, pcm16 24 kHz, while retained
+    audio_samples: int = 0  # assistant: samples generated (24 kHz)
+    response_id: str | None = None
+    # transcript alignment: (audio samples generated when a text delta arrived, text length after it)
+    text_marks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def audio_ms(self) -> float:
+        return self.audio_samples * 1000 / SAMPLE_RATE
+
+    def audio_part_index(self) -> int | None:
+        for i, part in enumerate(self.parts):
+            if part.type == "output_audio":
+                return i
+        return None
+
+    def to_model(self, *, audio_format: str | None = None) -> ConversationItem:
+        """The wire form. With ``audio_format`` (retrieve), retained user audio is included,
+        encoded in that wire format."""
+        parts = [part.model_copy() for part in self.parts]
+        if audio_format is not None and self.audio is not None:
+            for part in parts:
+                if part.type == "input_audio":
+                    encoder = WireAudioEncoder(audio_format)
+                    part.audio = b64encode_audio(encoder.encode(self.audio) + encoder.flush())
+                    part.__pydantic_fields_set__.add("audio")
+                    break
+        return ConversationItem.model_validate(
+            {
+                "id": self.id,
+                "object": "realtime.item",
+                "type": "message",
+                "status": self.status,
+                "role": self.role,
+                "content": [p.model_dump(exclude_unset=True) for p in parts],
+            }
+        )
+
+
+class ConversationFullError(Exception):
+    pass
+
+
+class Conversation:
+    def __init__(
+        self, max_items: int = DEFAULT_MAX_ITEMS, max_retained_audio_ms: int = DEFAULT_MAX_RETAINED_AUDIO_MS
+    ) -> None:
+        self.max_items = max_items
+        self.max_retained_samples = max_retained_audio_ms * SAMPLE_RATE // 1000
+        self._items: collections.OrderedDict[str, Item] = collections.OrderedDict()
+        self._retained_samples = 0
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items.values())
+
+    @property
+    def last_id(self) -> str | None:
+        return next(reversed(self._items), None)
+
+    def get(self, item_id: str) -> Item | None:
+        return self._items.get(item_id)
+
+    def add(self, item: Item) -> str | None:
+        """Append ``item``; returns the id of the item before it."""
+        if len(self._items) >= self.max_items:
+            raise ConversationFullError(
+                f"the conversation holds its maximum of {self.max_items} items; delete some first"
+            )
+        previous = self.last_id
+        self._items[item.id] = item
+        if item.audio is not None:
+            self._retained_samples += len(item.audio)
+            self._release_old_audio()
+        return previous
+
+    def remove(self, item_id: str) -> Item:
+        item = self._items.pop(item_id)
+        if item.audio is not None:
+            self._retained_samples -= len(item.audio)
+        return item
+
+    def _release_old_audio(self) -> None:
+        for item in self._items.values():
+            if self._retained_samples <= self.max_retained_samples:
+                break
+            if item.audio is not None:
+                self._retained_samples -= len(item.audio)
+                item.audio = None
+
+    @staticmethod
+    def record_text(item: Item, text_len: int) -> None:
+        item.text_marks.append((item.audio_samples, text_len))
+
+    @staticmethod
+    def truncate(item: Item, audio_end_ms: int) -> str:
+        """Cut an assistant audio item at ``audio_end_ms``; returns the transcript kept.
+
+        The transcript is cut at the last text delta that arrived before the audio reached
+        ``audio_end_ms``: MiMo emits a stretch of text ahead of the speech that says it, so text
+        that arrived before a given audio position is (approximately) what was spoken up to there.
+        """
+        end_samples = audio_end_ms * SAMPLE_RATE // 1000
+        index = item.audio_part_index()
+        assert index is not None
+        transcript = item.parts[index].transcript or ""
+        keep = 0
+        if end_samples > 0:
+            for at_samples, text_len in item.text_marks:
+                if at_samples < end_samples:
+                    keep = text_len
+        kept = transcript[:keep]
+        item.parts[index].transcript = kept
+        item.audio_samples = min(item.audio_samples, end_samples)
+        item.text_marks = [(a, n) for a, n in item.text_marks if n <= keep]
+        return kept

@@ -1,0 +1,718 @@
+"""The sans-I/O session: event sequences, server VAD turns, barge-in, truncation, limits, errors.
+
+The tests play the engine bridge's part by calling the feedback methods with real audio arrays."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from streaming import actions as act
+from streaming import audio as A
+from streaming import protocol as p
+from streaming.session import (
+    RealtimeSession,
+    SessionLimits,
+    SessionOptions,
+    SessionState,
+    SessionStateError,
+    Transport,
+)
+from tests.streaming.helpers import DATA, FIXTURES, load_json
+
+HELLO, _ = A.read_wav(DATA / "speech_hello_padded.wav")  # speech 0.6 s .. 2.87 s, 3.87 s total
+YES, _ = A.read_wav(DATA / "speech_yes.wav")
+STOP, _ = A.read_wav(DATA / "speech_stop.wav")
+SILENCE_1S = np.zeros(24000, np.int16)
+
+
+class ManualClock:
+    """Time that moves only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make(*, transport=Transport.WEBSOCKET, limits=None, config=None, **session):
+    clock = ManualClock()
+    options = SessionOptions(transport=transport, limits=limits or SessionLimits())
+    s = RealtimeSession(options, clock=clock)
+    s.start(config)
+    if session:
+        send(s, {"type": "session.update", "session": session})
+    s.take_events(), s.take_actions()
+    return s, clock
+
+
+def send(s: RealtimeSession, event: dict) -> None:
+    s.receive(json.dumps(event))
+
+
+def append(s: RealtimeSession, pcm: np.ndarray, chunk: int = 480) -> None:
+    for i in range(0, len(pcm), chunk):
+        send(s, {"type": "input_audio_buffer.append", "audio": A.b64encode_audio(pcm[i : i + chunk])})
+
+
+def types(events) -> list[str]:
+    return [e.type for e in events]
+
+
+def errors(events) -> list[p.ErrorDetail]:
+    return [e.error for e in events if e.type == "error"]
+
+
+MANUAL = {"audio": {"input": {"turn_detection": None}}}
+
+
+def play_audio_response(s, response_id, audio=YES, text=("Yes, ", "please."), chunk=2400):
+    """The engine's part: text leads the audio it speaks, audio follows in chunks."""
+    s.response_started(response_id)
+    pieces = np.array_split(audio, len(text))
+    for words, piece in zip(text, pieces, strict=True):
+        s.response_text(response_id, words)
+        for i in range(0, len(piece), chunk):
+            s.response_audio(response_id, piece[i : i + chunk])
+
+
+# ----------------------------------------------------------------------------------------------
+# lifecycle
+
+
+def test_start_emits_the_full_configuration():
+    s = RealtimeSession(clock=ManualClock())
+    assert s.state is SessionState.PENDING
+    s.start({"mimo": {"interleave": "5:5"}}, model="mimo-audio-tiny")
+    (created,) = s.take_events()
+    wire = created.to_wire()
+    assert wire["type"] == "session.created"
+    session = wire["session"]
+    golden = load_json(FIXTURES / "server" / "session.created.json")["session"]
+    assert set(golden) <= set(session)  # every field of the golden shape is present
+    assert session["id"] == s.id and session["model"] == "mimo-audio-tiny"
+    assert session["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 500
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert (
+        session["mimo"]["interleave"] == "5:5" and session["mimo"]["sampling"]["text"]["temperature"] == 0.6
+    )
+    (update,) = s.take_actions()
+    assert isinstance(update, act.UpdateSession) and update.config.mimo.interleave == "5:5"
+    with pytest.raises(SessionStateError):
+        s.start()
+
+
+def test_pending_queues_session_update_and_refuses_audio():
+    s = RealtimeSession(clock=ManualClock())
+    send(s, {"type": "session.update", "session": {"instructions": "Be brief."}})
+    send(s, {"type": "input_audio_buffer.append", "audio": A.b64encode_audio(SILENCE_1S[:480])})
+    s.push_audio(SILENCE_1S[:480])
+    refused = s.take_events()
+    assert [e.error.code for e in refused] == ["session_not_ready", "session_not_ready"]
+    s.start()
+    created, updated = s.take_events()
+    assert created.type == "session.created" and updated.type == "session.updated"
+    assert updated.session.instructions == "Be brief."
+
+
+def test_session_update_merges_and_echoes_the_full_session():
+    s, _ = make()
+    send(
+        s,
+        {"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": "marin"}}}},
+    )
+    (updated,) = s.take_events()
+    assert updated.session.audio.output.voice == "marin"
+    assert updated.session.audio.input.turn_detection.type == "server_vad"  # untouched sibling
+    send(
+        s,
+        {
+            "type": "session.update",
+            "session": {
+                "audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}}
+            },
+        },
+    )
+    (updated,) = s.take_events()
+    td = updated.to_wire()["session"]["audio"]["input"]["turn_detection"]
+    assert td["type"] == "semantic_vad" and td["eagerness"] == "high" and td["create_response"] is True
+
+
+def test_beta_session_update_is_accepted():
+    s, _ = make()
+    s.receive((FIXTURES / "beta" / "session.update.json").read_text())
+    (updated,) = s.take_events()
+    cfg = updated.session
+    assert cfg.output_modalities == ["audio"] and cfg.audio.output.format.type == "audio/pcmu"
+    assert cfg.audio.input.turn_detection.threshold == 0.6 and cfg.mimo.sampling.text.temperature == 0.8
+    assert cfg.mimo.sampling.speech.temperature == 0.9  # merged, not replaced
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: every case answers with a named error and the session keeps working
+
+
+@pytest.mark.parametrize("path", sorted((FIXTURES / "invalid").glob("*.json")), ids=lambda f: f.name)
+def test_invalid_input_then_the_session_goes_on(path):
+    case = load_json(path)
+    s, _ = make()
+    s.receive(case["raw"] if "raw" in case else json.dumps(case["send"]))
+    (err,) = errors(s.take_events())
+    assert err.code == case["expect"]["code"], err.message
+    if "param" in case["expect"]:
+        assert err.param == case["expect"]["param"]
+    if isinstance(case.get("send"), dict) and "event_id" in case["send"]:
+        assert err.event_id == case["send"]["event_id"]
+    assert s.state is SessionState.ACTIVE
+    send(s, {"type": "input_audio_buffer.clear", "event_id": "evt_next"})
+    assert types(s.take_events()) == ["input_audio_buffer.cleared"]
+
+
+def test_oversized_message():
+    s, _ = make(limits=SessionLimits(max_message_bytes=1000))
+    append(s, SILENCE_1S[:4800], chunk=4800)  # 9.6 kB of pcm -> 12.8 kB of base64
+    (err,) = errors(s.take_events())
+    assert err.code == "message_too_large" and "1000" in err.message
+    append(s, SILENCE_1S[:240], chunk=240)
+    assert s.take_events() == []
+
+
+def test_rate_limit_then_recovery():
+    s, clock = make(limits=SessionLimits(max_events_per_second=10, max_events_burst=5))
+    for _ in range(7):
+        send(s, {"type": "input_audio_buffer.clear"})
+    events = s.take_events()
+    assert types(events).count("input_audio_buffer.cleared") == 5
+    assert [e.code for e in errors(events)] == ["rate_limit_exceeded"] * 2
+    clock.advance(0.2)  # two tokens back
+    send(s, {"type": "input_audio_buffer.clear"})
+    assert types(s.take_events()) == ["input_audio_buffer.cleared"]
+
+
+def test_input_buffer_is_bounded():
+    s, _ = make(limits=SessionLimits(max_input_buffer_ms=500), **MANUAL)
+    append(s, SILENCE_1S[:9600], chunk=4800)  # 400 ms fits
+    append(s, SILENCE_1S[:4800], chunk=4800)  # 200 more does not
+    (err,) = errors(s.take_events())
+    assert err.code == "input_audio_buffer_full"
+    send(s, {"type": "input_audio_buffer.commit"})
+    events = s.take_events()
+    assert types(events)[0] == "input_audio_buffer.committed"
+    (audio,) = [a for a in s.take_actions() if isinstance(a, act.AppendUserAudio)]
+    assert len(audio.pcm) == 9600
+
+
+def test_session_duration_limit_closes():
+    s, clock = make(limits=SessionLimits(max_session_s=60))
+    clock.advance(59)
+    s.tick()
+    assert s.take_events() == []
+    clock.advance(1)
+    s.tick()
+    (err,) = errors(s.take_events())
+    assert err.code == "session_expired" and "1 minutes" in err.message
+    assert isinstance(s.take_actions()[-1], act.Close) and s.state is SessionState.CLOSED
+    send(s, {"type": "input_audio_buffer.clear"})
+    assert s.take_events() == []
+
+
+def test_bridge_misuse_raises():
+    s, _ = make(**MANUAL)
+    with pytest.raises(SessionStateError):
+        s.response_text("resp_unknown", "x")
+    send(s, {"type": "response.create", "response": {"output_modalities": ["text"]}})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    with pytest.raises(SessionStateError, match="text-only"):
+        s.response_audio(create.response_id, YES[:100])
+
+
+# ----------------------------------------------------------------------------------------------
+# a full server-VAD turn
+
+
+def test_server_vad_turn_and_audio_response():
+    s, _ = make()
+    append(s, HELLO)  # 20 ms appends, like a microphone
+    events = s.take_events()
+    assert types(events) == [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+        "response.created",
+    ]
+    started, stopped, committed, added, _, created = events
+    assert 250 <= started.audio_start_ms <= 400  # 600 ms onset minus 300 ms padding
+    assert 3250 <= stopped.audio_end_ms <= 3500  # 2.87 s offset plus the 500 ms window
+    item_id = started.item_id
+    assert stopped.item_id == committed.item_id == added.item.id == item_id
+    assert committed.previous_item_id is None
+    assert added.item.role == "user" and added.item.content[0].type == "input_audio"
+    assert created.response.status == "in_progress" and created.response.output == []
+
+    user_audio, create = s.take_actions()
+    assert isinstance(user_audio, act.AppendUserAudio) and user_audio.item_id == item_id
+    span = HELLO[started.audio_start_ms * 24 : stopped.audio_end_ms * 24]
+    assert np.array_equal(user_audio.pcm, span)  # exactly the committed span, padding included
+    assert isinstance(create, act.CreateResponse) and create.response_id == created.response.id
+    assert create.params.output_modalities == ("audio",) and create.params.conversation == "auto"
+    assert create.params.text_sampling.temperature == 0.6 and create.params.max_output_tokens is None
+
+    rid = create.response_id
+    play_audio_response(s, rid)
+    s.response_done(
+        rid,
+        usage={"input_tokens": 300, "output_tokens": 50, "total_tokens": 350},
+        timings={"prefill_ms": 20.0, "first_audio_ms": 80.0},
+    )
+    events = s.take_events()
+    kinds = types(events)
+    assert kinds[:3] == [
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.content_part.added",
+    ]
+    tail = kinds[-6:]
+    assert tail == [
+        "response.output_audio.done",
+        "response.output_audio_transcript.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "conversation.item.done",
+        "response.done",
+    ]
+    middle = kinds[3:-6]
+    assert set(middle) == {"response.output_audio_transcript.delta", "response.output_audio.delta"}
+    assert middle[0] == "response.output_audio_transcript.delta"
+    deltas = [e for e in events if e.type == "response.output_audio.delta"]
+    audio = np.concatenate([A.pcm16_from_bytes(base64.b64decode(d.delta)) for d in deltas])
+    assert np.array_equal(audio, YES)
+    for e in events[:-1]:
+        if hasattr(e, "response_id"):
+            assert e.response_id == rid
+    assert events[1].previous_item_id == item_id  # the assistant item follows the user item
+    done = events[-1].response
+    assert done.status == "completed" and done.status_details.type == "completed"
+    assert done.output[0].content[0].transcript == "Yes, please."
+    assert done.output[0].status == "completed"
+    assert done.usage.total_tokens == 350 and done.mimo.timings["first_audio_ms"] == 80.0
+    assert done.mimo.audio_ms == pytest.approx(len(YES) / 24)
+    wire = events[-1].to_wire()
+    assert wire["response"]["output"][0]["content"][0] == {
+        "type": "output_audio",
+        "transcript": "Yes, please.",
+    }
+    assert s.take_actions() == []
+    # the conversation now holds the user turn and the assistant reply
+    assert [i.role for i in s.conversation] == ["user", "assistant"]
+
+
+def test_manual_commit_and_text_only_response():
+    s, _ = make(**MANUAL)
+    append(s, YES[:1200])  # 50 ms: too short
+    send(s, {"type": "input_audio_buffer.commit", "event_id": "evt_c"})
+    (err,) = errors(s.take_events())
+    assert (
+        err.code == "input_audio_buffer_commit_empty" and "50.00ms" in err.message and err.event_id == "evt_c"
+    )
+    append(s, YES[1200:])
+    assert s.take_events() == []  # no VAD events in manual mode
+    send(s, {"type": "input_audio_buffer.commit"})
+    assert types(s.take_events()) == [
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
+    (audio,) = s.take_actions()
+    assert np.array_equal(audio.pcm, YES)  # nothing was lost to the refused commit
+    send(
+        s,
+        {
+            "type": "response.create",
+            "response": {
+                "output_modalities": ["text"],
+                "instructions": "Be terse.",
+                "max_output_tokens": 64,
+                "metadata": {"k": "v"},
+            },
+        },
+    )
+    (created,) = s.take_events()
+    (create,) = s.take_actions()
+    assert create.params.output_modalities == ("text",) and create.params.instructions == "Be terse."
+    assert create.params.max_output_tokens == 64 and created.response.metadata == {"k": "v"}
+    rid = create.response_id
+    s.response_text(rid, "Sure")
+    s.response_text(rid, ", done.")
+    s.response_done(rid)
+    events = s.take_events()
+    assert types(events) == [
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "conversation.item.done",
+        "response.done",
+    ]
+    assert events[2].part.type == "text" and events[5].text == "Sure, done."
+    assert events[-1].response.output[0].content[0].model_dump(exclude_none=True) == {
+        "type": "output_text",
+        "text": "Sure, done.",
+    }
+
+
+def test_one_response_at_a_time_and_cancel():
+    s, _ = make(**MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    s.take_events()
+    send(s, {"type": "response.create", "event_id": "evt_2"})
+    (err,) = errors(s.take_events())
+    assert err.code == "conversation_already_has_active_response" and err.event_id == "evt_2"
+    send(s, {"type": "response.cancel", "response_id": "resp_other"})
+    assert [e.code for e in errors(s.take_events())] == ["response_cancel_not_active"]
+    play_audio_response(s, create.response_id, audio=YES[:4800], text=("Yes",))
+    s.take_events()
+    send(s, {"type": "response.cancel"})
+    assert s.take_events() == []  # response.done waits for the engine's confirmation
+    assert s.take_actions() == [act.CancelResponse(create.response_id, "client_cancelled")]
+    send(s, {"type": "response.cancel"})
+    assert [e.code for e in errors(s.take_events())] == ["response_cancel_not_active"]
+    s.response_audio(create.response_id, YES[4800:9600])  # in flight before the engine saw the cancel
+    s.response_text(create.response_id, " more")
+    assert s.take_events() == []  # dropped
+    s.response_done(create.response_id, "completed")
+    events = s.take_events()
+    assert types(events)[-1] == "response.done"
+    done = events[-1].response
+    assert done.status == "cancelled" and done.status_details.reason == "client_cancelled"
+    assert done.output[0].status == "incomplete" and done.output[0].content[0].transcript == "Yes"
+    send(s, {"type": "response.create"})
+    assert types(s.take_events()) == ["response.created"]  # free again
+
+
+def test_cancel_grace_when_the_engine_never_confirms():
+    s, clock = make(**MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    send(s, {"type": "response.cancel"})
+    s.take_events()
+    clock.advance(4.9)
+    s.tick()
+    assert s.take_events() == []
+    clock.advance(0.2)
+    s.tick()
+    (done,) = s.take_events()
+    assert done.response.status == "cancelled" and done.response.output == []
+    s.response_done(create.response_id)  # a late confirmation is ignored
+    assert s.take_events() == []
+
+
+def test_barge_in_cancels_flushes_and_the_next_turn_follows():
+    s, _ = make()
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    rid = create.response_id
+    play_audio_response(s, rid, audio=YES[:12000], text=("Yes",))
+    s.take_events()
+    append(s, np.concatenate([SILENCE_1S[:12000], STOP]))  # the user talks over the reply
+    events = s.take_events()
+    assert types(events) == ["input_audio_buffer.speech_started"]
+    assert s.take_actions() == [act.CancelResponse(rid, "turn_detected"), act.FlushOutputAudio(rid)]
+    s.response_audio(rid, YES[12000:14400])
+    assert s.take_events() == []
+    append(s, SILENCE_1S)  # the user stops: the turn is committed, its response waits for the cancel
+    assert types(s.take_events()) == [
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
+    assert [type(a) for a in s.take_actions()] == [act.AppendUserAudio]
+    s.response_done(rid)
+    events = s.take_events()
+    done = next(e for e in events if e.type == "response.done").response
+    assert done.status == "cancelled" and done.status_details.reason == "turn_detected"
+    assert types(events)[-1] == "response.created"  # the queued VAD response
+    (create2,) = s.take_actions()
+    assert isinstance(create2, act.CreateResponse) and create2.response_id != rid
+
+
+def test_interrupt_response_false_lets_the_reply_finish():
+    s, _ = make(audio={"input": {"turn_detection": {"type": "server_vad", "interrupt_response": False}}})
+    send(s, {"type": "response.create"})
+    s.take_actions(), s.take_events()
+    append(s, np.concatenate([SILENCE_1S[:12000], STOP]))
+    assert types(s.take_events()) == ["input_audio_buffer.speech_started"]
+    assert s.take_actions() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# truncation, items
+
+
+def _finished_audio_response(s, text=("Yes, ", "please.")):
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, text=text)
+    s.response_done(create.response_id)
+    s.take_events()
+    return create
+
+
+def test_truncate_validation_and_transcript():
+    s, _ = make(**MANUAL)
+    create = _finished_audio_response(s)
+    item_id = create.item_id
+    audio_ms = len(YES) / 24  # 1100 ms; "Yes, " arrived at 0 ms, "please." at 550 ms
+    for bad, code, param in [
+        (
+            {"item_id": "item_nope", "content_index": 0, "audio_end_ms": 10},
+            "item_truncate_invalid_item_id",
+            "item_id",
+        ),
+        ({"item_id": item_id, "content_index": 1, "audio_end_ms": 10}, "invalid_value", "content_index"),
+        (
+            {"item_id": item_id, "content_index": 0, "audio_end_ms": int(audio_ms) + 50},
+            "invalid_value",
+            "audio_end_ms",
+        ),
+    ]:
+        send(s, {"type": "conversation.item.truncate", **bad})
+        (err,) = errors(s.take_events())
+        assert (err.code, err.param) == (code, param)
+    send(
+        s, {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 400}
+    )
+    (truncated,) = s.take_events()
+    assert truncated.to_wire() | {"event_id": None} == {
+        "type": "conversation.item.truncated",
+        "event_id": None,
+        "item_id": item_id,
+        "content_index": 0,
+        "audio_end_ms": 400,
+    }
+    assert s.take_actions() == [act.TruncateItem(item_id, 400, "Yes, ")]
+    send(s, {"type": "conversation.item.retrieve", "item_id": item_id})
+    (retrieved,) = s.take_events()
+    assert retrieved.item.content[0].transcript == "Yes, "
+    # now shorter: the old length is no longer valid
+    send(
+        s, {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 600}
+    )
+    assert errors(s.take_events())[0].param == "audio_end_ms"
+
+
+def test_truncate_refuses_user_items():
+    s, _ = make(**MANUAL)
+    send(
+        s,
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "id": "item_u1",
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}],
+            },
+        },
+    )
+    s.take_events()
+    send(
+        s, {"type": "conversation.item.truncate", "item_id": "item_u1", "content_index": 0, "audio_end_ms": 0}
+    )
+    (err,) = errors(s.take_events())
+    assert err.code == "invalid_value" and err.param == "item_id"
+
+
+def test_item_create_kinds_delete_and_retrieve():
+    s, _ = make(**MANUAL)
+    for role, part in [
+        ("system", {"type": "input_text", "text": "Be kind."}),
+        ("user", {"type": "input_text", "text": "Hi!"}),
+        ("assistant", {"type": "output_text", "text": "Hello."}),
+        ("user", {"type": "input_audio", "audio": A.b64encode_audio(YES)}),
+    ]:
+        send(
+            s,
+            {
+                "type": "conversation.item.create",
+                "item": {"type": "message", "role": role, "content": [part]},
+            },
+        )
+    events = s.take_events()
+    assert types(events) == ["conversation.item.added", "conversation.item.done"] * 4
+    actions = s.take_actions()
+    assert [type(a) for a in actions] == [
+        act.AppendSystemText,
+        act.AppendUserText,
+        act.AppendAssistantText,
+        act.AppendUserAudio,
+    ]
+    assert actions[1].text == "Hi!" and np.array_equal(actions[3].pcm, YES)
+    ids = [e.item.id for e in events[::2]]
+    assert [e.previous_item_id for e in events[::2]] == [None, *ids[:-1]]
+    assert "audio" not in events[-1].to_wire()["item"]["content"][0]  # no audio echoed back
+    send(s, {"type": "conversation.item.retrieve", "item_id": ids[3]})
+    (retrieved,) = s.take_events()
+    assert A.b64decode_audio(retrieved.item.content[0].audio) == A.pcm16_to_bytes(YES)
+    send(
+        s,
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "id": ids[0],
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "x"}],
+            },
+        },
+    )
+    assert errors(s.take_events())[0].code == "item_id_conflict"
+    send(
+        s,
+        {
+            "type": "conversation.item.create",
+            "previous_item_id": ids[0],
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]},
+        },
+    )
+    assert errors(s.take_events())[0].code == "unsupported_feature"
+    send(s, {"type": "conversation.item.delete", "item_id": ids[1]})
+    (deleted,) = s.take_events()
+    assert deleted.item_id == ids[1] and s.take_actions() == [act.DeleteItem(ids[1])]
+    assert [i.id for i in s.conversation] == [ids[0], ids[2], ids[3]]
+
+
+def test_out_of_band_response_stays_out_of_the_conversation():
+    s, _ = make(**MANUAL)
+    send(s, {"type": "response.create", "response": {"conversation": "none", "output_modalities": ["text"]}})
+    (created,) = s.take_events()
+    assert created.response.conversation_id is None
+    (create,) = s.take_actions()
+    s.response_text(create.response_id, "Summary.")
+    s.response_done(create.response_id)
+    assert "conversation.item.added" not in types(s.take_events())
+    assert len(s.conversation) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# formats, transports, timers
+
+
+def test_g711_in_and_out():
+    s, _ = make(
+        audio={
+            "input": {"format": {"type": "audio/pcmu"}, "turn_detection": None},
+            "output": {"format": {"type": "audio/pcma"}},
+        }
+    )
+    pcm8k = A.resample(YES, 24000, 8000)
+    codes = A.mulaw_encode(pcm8k).tobytes()
+    send(s, {"type": "input_audio_buffer.append", "audio": base64.b64encode(codes).decode()})
+    send(s, {"type": "input_audio_buffer.commit"})
+    (audio,) = [a for a in s.take_actions() if isinstance(a, act.AppendUserAudio)]
+    assert abs(len(audio.pcm) - len(YES)) < 240  # 8 kHz mu-law in, 24 kHz pcm16 for the engine
+    n = min(len(audio.pcm), len(YES))
+    corr = np.corrcoef(audio.pcm[:n].astype(float), YES[:n].astype(float))[0, 1]
+    assert corr > 0.9
+    send(s, {"type": "response.create"})
+    (created,) = s.take_events()[-1:]
+    assert created.response.audio.output.format.type == "audio/pcma"
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, text=("Yes",))
+    s.response_done(create.response_id)
+    deltas = [e for e in s.take_events() if e.type == "response.output_audio.delta"]
+    payload = b"".join(base64.b64decode(d.delta) for d in deltas)
+    assert abs(len(payload) - len(YES) / 3) <= 1  # one A-law byte per 8 kHz sample
+    decoded = A.resample(A.alaw_decode(payload), 8000, 24000)
+    corr = np.corrcoef(decoded[: len(YES)].astype(float), YES[: len(decoded)].astype(float))[0, 1]
+    assert corr > 0.9
+
+
+def test_webrtc_output_buffer_events():
+    s, _ = make(transport=Transport.WEBRTC)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    rid = create.response_id
+    s.take_events()
+    play_audio_response(s, rid, audio=YES[:9600], text=("Yes",))
+    kinds = types(s.take_events())
+    assert "response.output_audio.delta" not in kinds  # audio goes on the media track
+    assert kinds.count("output_audio_buffer.started") == 1
+    assert kinds.index("output_audio_buffer.started") > kinds.index("response.content_part.added")
+    s.push_audio(np.concatenate([SILENCE_1S[:12000], STOP]))  # barge-in over the track
+    events = s.take_events()
+    assert types(events) == ["input_audio_buffer.speech_started", "output_audio_buffer.cleared"]
+    assert events[1].response_id == rid
+    s.response_done(rid)
+    s.output_audio_drained(rid)  # already cleared: no stopped event
+    assert "output_audio_buffer.stopped" not in types(s.take_events())
+
+
+def test_webrtc_stopped_after_playback_and_client_clear():
+    s, _ = make(transport=Transport.WEBRTC, **MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, audio=YES[:4800], text=("Yes",))
+    s.response_done(create.response_id)
+    s.take_events()
+    s.output_audio_drained(create.response_id)
+    assert types(s.take_events()) == ["output_audio_buffer.stopped"]
+    send(s, {"type": "output_audio_buffer.clear"})
+    assert types(s.take_events()) == ["output_audio_buffer.cleared"]
+    assert s.take_actions() == [act.FlushOutputAudio(create.response_id)]
+
+
+def test_voice_is_fixed_after_audio():
+    s, _ = make(**MANUAL)
+    send(s, {"type": "session.update", "session": {"audio": {"output": {"voice": "cedar"}}}})
+    assert types(s.take_events()) == ["session.updated"]
+    _finished_audio_response(s)
+    send(s, {"type": "session.update", "session": {"audio": {"output": {"voice": "marin"}}}})
+    (err,) = errors(s.take_events())
+    assert err.param == "session.audio.output.voice"
+    send(
+        s,
+        {"type": "session.update", "session": {"audio": {"output": {"voice": "cedar"}}, "instructions": "x"}},
+    )
+    assert types(s.take_events()) == ["session.updated"]
+
+
+def test_idle_timeout_prompts_a_response():
+    s, clock = make(audio={"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 2000}}})
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, audio=YES, text=("Yes",))  # 1.1 s of audio
+    s.response_done(create.response_id)
+    s.take_events()
+    append(s, SILENCE_1S[:4800])
+    clock.advance(3.0)  # playback ends at +1.1 s; the deadline is +3.1 s
+    s.tick()
+    assert s.take_events() == []
+    clock.advance(0.2)
+    s.tick()
+    events = s.take_events()
+    assert types(events) == [
+        "input_audio_buffer.timeout_triggered",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+        "response.created",
+    ]
+    assert events[0].item_id == events[1].item_id
+    clock.advance(10)
+    s.tick()
+    assert s.take_events() == []  # once per response, not repeatedly

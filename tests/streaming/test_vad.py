@@ -1,0 +1,108 @@
+"""Server VAD: detection on real (synthesised) speech, streaming equals offline, parameter mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streaming import audio as A
+from streaming import vad as V
+from streaming.protocol import TurnDetection
+from tests.streaming.helpers import DATA
+
+HELLO, _ = A.read_wav(DATA / "speech_hello_padded.wav")  # speech from 0.6 s to 2.87 s
+FRAME = 480  # 20 ms at 24 kHz
+
+
+def test_detects_the_utterance_with_padding_and_silence_window():
+    cfg = V.VadConfig()
+    started, stopped = V.detect_turns(HELLO, cfg)
+    assert isinstance(started, V.SpeechStarted) and isinstance(stopped, V.SpeechStopped)
+    assert 580 <= started.speech_start_ms <= 680
+    assert started.audio_start_ms == started.speech_start_ms - cfg.prefix_padding_ms
+    assert 2780 <= stopped.speech_end_ms <= 2960
+    assert stopped.audio_end_ms == stopped.speech_end_ms + cfg.silence_duration_ms
+
+
+def test_a_short_pause_does_not_end_the_turn_but_a_short_window_does():
+    # "Hello, what ..." has a comma pause of ~150 ms: one turn at 500 ms, two turns at 100 ms
+    assert len(V.detect_turns(HELLO, V.VadConfig())) == 2
+    events = V.detect_turns(HELLO, V.VadConfig(silence_duration_ms=100))
+    assert len(events) >= 4 and len(events) % 2 == 0
+
+
+def test_silence_noise_and_clicks_are_not_speech():
+    cfg = V.VadConfig()
+    assert V.detect_turns(np.zeros(48000, np.int16), cfg) == []
+    noise = (np.random.default_rng(0).standard_normal(48000) * 300).astype(np.int16)
+    assert V.detect_turns(noise, cfg) == []
+    click = np.zeros(48000, np.int16)
+    click[24000:25440] = HELLO[24000:25440]  # 60 ms of speech: shorter than min_speech_ms
+    assert V.detect_turns(click, cfg) == []
+
+
+def test_threshold_needs_louder_audio():
+    quiet = (HELLO.astype(np.float32) * 0.05).astype(np.int16)  # about -26 dB
+    assert V.detect_turns(quiet, V.VadConfig(threshold=0.3))
+    assert V.detect_turns(quiet, V.VadConfig(threshold=0.9)) == []
+    assert V.detect_turns(HELLO, V.VadConfig(threshold=0.9))
+    assert [V.VadConfig(threshold=t).mode for t in (0.0, 0.3, 0.5, 0.8, 1.0)] == [0, 1, 2, 3, 3]
+
+
+@pytest.mark.parametrize("chunk", [FRAME, 2 * FRAME, 331, 1, 7919])
+def test_streaming_equals_offline(chunk):
+    cfg = V.VadConfig(silence_duration_ms=300, prefix_padding_ms=200)
+    audio = np.concatenate([HELLO, HELLO[: 24000 * 2]])  # a second turn that starts and stays open
+    offline = V.detect_turns(audio, cfg)
+    detector = V.TurnDetector(cfg)
+    streamed = []
+    for i in range(0, len(audio), chunk):
+        streamed += detector.push(audio[i : i + chunk])
+    assert streamed == offline
+    assert len(offline) >= 3
+
+
+def test_causal_prefix_events_are_a_prefix():
+    cfg = V.VadConfig()
+    whole = V.detect_turns(HELLO, cfg)
+    half = V.detect_turns(HELLO[: int(1.5 * 24000)], cfg)
+    assert half == whole[: len(half)] and len(half) == 1
+
+
+def test_end_turn_keeps_the_clock():
+    cfg = V.VadConfig()
+    detector = V.TurnDetector(cfg)
+    events = detector.push(HELLO[:24000])
+    assert detector.speaking and len(events) == 1
+    detector.end_turn()
+    assert not detector.speaking
+    rest = detector.push(HELLO[24000:])
+    # speech is still going on, so a new turn starts right away, on the same clock
+    assert isinstance(rest[0], V.SpeechStarted) and rest[0].speech_start_ms > events[0].speech_start_ms + 200
+    # decisions trail the audio by the resampler's filter delay, at most a couple of frames
+    assert 0 <= len(HELLO) / 24 - detector.decided_ms <= 3 * cfg.frame_ms
+
+
+def test_turn_detection_mapping():
+    td = TurnDetection(type="server_vad", threshold=0.7, prefix_padding_ms=100, silence_duration_ms=900)
+    cfg = V.VadConfig.from_turn_detection(td)
+    assert (cfg.threshold, cfg.prefix_padding_ms, cfg.silence_duration_ms) == (0.7, 100, 900)
+    assert (
+        V.VadConfig.from_turn_detection(
+            TurnDetection(type="semantic_vad", eagerness="high")
+        ).silence_duration_ms
+        == 350
+    )
+    assert V.VadConfig.from_turn_detection(TurnDetection(type="semantic_vad")).silence_duration_ms == 700
+    full = V.resolve_turn_detection(TurnDetection(type="server_vad"))
+    assert full.model_dump(exclude_none=True) == {
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 500,
+        "create_response": True,
+        "interrupt_response": True,
+    }
+    assert V.resolve_turn_detection(None) is None
+    with pytest.raises(ValueError, match="frame_ms"):
+        V.VadConfig(frame_ms=15)
