@@ -1,0 +1,89 @@
+"""Load what serving needs: the language model, its text tokenizer and the audio tokenizer.
+
+From official checkpoints (``--model`` a MiMo-Audio-7B directory or hub id, ``--tokenizer`` a
+MiMo-Audio-Tokenizer directory or hub id) or from a built-in preset (``tiny``: random seeded
+weights, runs on a CPU; ``mimo-audio-7b``: the real sizes, random weights, for GPU benchmarks
+without a download).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agent.checkpoint import parse_device, parse_dtype
+
+log = logging.getLogger(__name__)
+
+#: LM preset -> the audio-tokenizer preset of the same scale
+CODEC_PRESET = {"tiny": "tiny", "mimo-audio-7b": "mimo-audio-tokenizer"}
+#: presets have random weights: without a constraint they rarely choose to speak, so the server
+#: defaults them to an interleave (N text patches, then M speech patches)
+PRESET_INTERLEAVE = "2:6"
+
+
+@dataclass
+class Runtime:
+    lm: Any
+    tokenizer: Any  # text tokenizer
+    codec: Any  # audio tokenizer
+    name: str
+    preset: str | None
+    device: torch.device
+    dtype: torch.dtype
+    load_s: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_runtime(
+    model: str | None = None,
+    tokenizer: str | None = None,
+    preset: str | None = None,
+    *,
+    device: str | None = "auto",
+    dtype: str | None = None,
+) -> Runtime:
+    """Everything a server or benchmark needs; a preset when no ``model`` is given (``tiny`` default)."""
+    from agent.codec import load_audio_tokenizer
+    from agent.checkpoint import load_lm
+    from agent.lm.model import build_preset
+
+    t0 = time.perf_counter()
+    dev = parse_device(device)
+    dt = parse_dtype(dtype) if dtype else default_dtype(dev)
+    if model is None:
+        preset = preset or "tiny"
+        if preset not in CODEC_PRESET:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(CODEC_PRESET)}")
+        lm, _, text_tokenizer = build_preset(preset, dt, dev)
+        name = f"mimo-audio-{preset}" if preset == "tiny" else preset
+    else:
+        if preset is not None:
+            raise ValueError("give --model or --preset, not both")
+        lm, _, text_tokenizer = load_lm(model, dtype=dt, device=dev)
+        name = Path(model.rstrip("/")).name or model
+    if tokenizer is not None:
+        codec = load_audio_tokenizer(tokenizer, dtype=dt, device=dev)
+    else:
+        if model is not None:
+            raise ValueError("a checkpoint --model needs its audio tokenizer: pass --tokenizer DIR or hub id "
+                             "(e.g. XiaomiMiMo/MiMo-Audio-Tokenizer)")
+        codec = load_audio_tokenizer(None, preset=CODEC_PRESET[preset], dtype=dt, device=dev)
+    lm.eval()
+    codec.eval()
+    rt = Runtime(lm, text_tokenizer, codec, name, preset, dev, dt, load_s=time.perf_counter() - t0)
+    rt.info = {
+        "model": name, "preset": preset, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
+        "lm_parameters": sum(p.numel() for p in lm.parameters()),
+        "codec_parameters": sum(p.numel() for p in codec.parameters()),
+    }
+    return rt

@@ -1,0 +1,280 @@
+"""The bridge between one sans-I/O :class:`RealtimeSession` and the engine.
+
+It runs on the event loop and does no model work: session actions become engine jobs, engine
+events (delivered on the engine thread) are handed to the loop with ``call_soon_threadsafe`` and
+fed back into the session, and the session's server events go to the transport's
+:class:`~streaming.outbox.Outbox`. Transports (WebSocket, WebRTC) stay thin: they feed client
+messages and audio in with :meth:`SessionBridge.receive` / :meth:`push_audio`, call
+:meth:`tick` periodically, and send what the outbox yields after :meth:`before_send`.
+
+Per response it keeps the clocks the benchmark reads: ``requested_at`` (the commit, or the
+``response.create``) and the moment the first audio delta actually left (the outbox paces audio),
+so ``response.done`` carries ``server_first_audio_ms`` beside the engine's stage timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streaming import actions as act
+from streaming import protocol as p
+from streaming.audio import pcm16_to_float32
+from streaming.outbox import Outbox
+from streaming.session import RealtimeSession
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24_000
+DEFAULT_MAX_OUTPUT_PATCHES = 1024  # 164 s of speech: the engine's own cap for "inf"
+
+
+@dataclass
+class _Clock:
+    requested_at: float
+    first_audio_sent: float | None = None
+
+
+@dataclass
+class BridgeStats:
+    audio_deltas_sent: int = 0
+    responses: int = 0
+    first_audio_ms: list[float] = field(default_factory=list)
+
+
+class SessionBridge:
+    """One session's glue: see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Any,
+        session: RealtimeSession,
+        outbox: Outbox,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        metrics: Any = None,
+        on_close: Callable[[str], None] | None = None,
+        audio_sink: Callable[[str, np.ndarray], None] | None = None,
+        flush_sink: Callable[[], None] | None = None,
+        codec_schedule: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.session = session
+        self.outbox = outbox
+        self.loop = loop
+        self.metrics = metrics
+        self.on_close = on_close
+        self.audio_sink = audio_sink  # WebRTC: response audio goes to the media track
+        self.flush_sink = flush_sink  # WebRTC: barge-in clears the track's buffer
+        self.codec_schedule = codec_schedule  # protocol CodecSchedule -> the codec's schedule
+        self.handle = None
+        self.closed = False
+        self.stats = BridgeStats()
+        self._clocks: dict[str, _Clock] = {}
+        self._instructions: str | None = None
+
+    # --------------------------------------------------------------------------------- lifecycle
+    def open(self) -> None:
+        """Claim an engine slot; raises ``ServerBusy`` when none is free."""
+        self.handle = self.engine.open_session(self._on_engine_event_threadsafe)
+
+    def start(self, config: dict | None = None, *, model: str | None = None) -> None:
+        self.session.start(config, model=model)
+        self.pump()
+
+    def close(self, reason: str = "closed") -> None:
+        """The connection is gone: cancel what runs and free the slot (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.session.close(reason)
+        self.session.take_events()
+        self.session.take_actions()
+        if self.handle is not None:
+            self.handle.close()
+        self.outbox.close()
+
+    # ------------------------------------------------------------------------------------ input
+    def receive(self, message: str | bytes) -> None:
+        self.session.receive(message)
+        self.pump()
+
+    def push_audio(self, pcm16: np.ndarray) -> None:
+        self.session.push_audio(pcm16)
+        self.pump()
+
+    def tick(self) -> None:
+        self.session.tick()
+        self.pump()
+
+    # ------------------------------------------------------------------------------------- pump
+    def pump(self) -> None:
+        """Move the session's events to the outbox and its actions to the engine."""
+        while True:
+            events = self.session.take_events()
+            actions = self.session.take_actions()
+            if not events and not actions:
+                return
+            for event in events:
+                self._send(event)
+            for action in actions:
+                try:
+                    self._apply(action)
+                except Exception as exc:  # the engine refused (overloaded, closed): tell the client
+                    log.warning("action %s failed: %s", type(action).__name__, exc)
+                    self._send(p.ErrorEvent(error=p.ErrorDetail(
+                        type="server_error", code="engine_unavailable", message=str(exc))))
+
+    def _send(self, event: Any, audio_s: float = 0.0) -> None:
+        if self.closed:
+            return
+        if isinstance(event, p.ErrorEvent) and self.metrics is not None:
+            self.metrics.client_errors.labels(event.error.code or "unknown").inc()
+        response_id = getattr(event, "response_id", None)
+        self.outbox.put(event, audio_s=audio_s, response_id=response_id)
+
+    def _apply(self, a: act.Action) -> None:
+        from agent import engine as eng  # the bridge itself must import without torch
+
+        submit = self.handle.submit
+        if isinstance(a, act.AppendUserAudio):
+            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm)))
+        elif isinstance(a, act.AppendUserText):
+            submit(eng.AddUserText(a.item_id, a.text))
+        elif isinstance(a, act.AppendSystemText):
+            submit(eng.AddSystemText(a.item_id, a.text))
+        elif isinstance(a, act.AppendAssistantText):
+            submit(eng.AddAssistantText(a.item_id, a.text))
+        elif isinstance(a, act.CreateResponse):
+            now = time.perf_counter()
+            self._clocks[a.response_id] = _Clock(requested_at=now)
+            if a.params.instructions != self._instructions:
+                self._instructions = a.params.instructions
+                submit(eng.Configure(instructions=a.params.instructions))
+            submit(eng.Respond(a.response_id, a.item_id, self._response_params(a.params), requested_at=now))
+        elif isinstance(a, act.CancelResponse):
+            submit(eng.Cancel(a.response_id, a.reason))
+        elif isinstance(a, act.TruncateItem):
+            submit(eng.Truncate(a.item_id, a.audio_end_ms))
+        elif isinstance(a, act.DeleteItem):
+            submit(eng.DeleteItem(a.item_id))
+        elif isinstance(a, act.FlushOutputAudio):
+            self.outbox.flush_audio(a.response_id)
+            if self.flush_sink is not None:
+                self.flush_sink()
+        elif isinstance(a, act.UpdateSession):
+            if a.config.instructions != self._instructions:
+                self._instructions = a.config.instructions
+                submit(eng.Configure(instructions=a.config.instructions))
+        elif isinstance(a, act.Close):
+            self.outbox.close()
+            if self.on_close is not None:
+                self.on_close(a.reason)
+
+    def _response_params(self, params: act.ResponseParams) -> Any:
+        from agent import engine as eng
+        from agent.lm.sampling import ChannelSampling
+
+        limit = params.max_output_tokens
+        max_patches = DEFAULT_MAX_OUTPUT_PATCHES if limit is None else max(1, min(limit, DEFAULT_MAX_OUTPUT_PATCHES))
+        schedule = None
+        if params.audio and self.codec_schedule is not None:
+            schedule = self.codec_schedule(params.codec)
+        return eng.ResponseParams(
+            audio=params.audio,
+            max_output_patches=max_patches,
+            sampling=ChannelSampling(_sampling(params.text_sampling), _sampling(params.speech_sampling)),
+            interleave=params.interleave,
+            in_conversation=params.conversation == "auto",
+            codec_schedule=schedule,
+        )
+
+    # ------------------------------------------------------------------------- engine feedback
+    def _on_engine_event_threadsafe(self, event: Any) -> None:
+        """Called on the engine thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._on_engine_event, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def _on_engine_event(self, ev: Any) -> None:
+        from agent import engine as eng
+
+        if self.closed:
+            return
+        s = self.session
+        try:
+            if isinstance(ev, eng.ResponseStarted):
+                s.response_started(ev.response_id)
+            elif isinstance(ev, eng.TextDelta):
+                s.response_text(ev.response_id, ev.text)
+            elif isinstance(ev, eng.AudioDelta):
+                self._audio(ev)
+            elif isinstance(ev, eng.ResponseDone):
+                s.response_done(ev.response_id, ev.status, ev.reason, ev.usage, ev.timings)
+                self.stats.responses += 1
+                if self.metrics is not None:
+                    self.metrics.responses.labels(ev.status).inc()
+            elif isinstance(ev, eng.EngineError):
+                if ev.response_id is not None:
+                    s.response_failed(ev.response_id, ev.message)
+                else:
+                    self._send(p.ErrorEvent(error=p.ErrorDetail(
+                        type="invalid_request_error" if ev.code != "job_failed" else "server_error",
+                        code=ev.code, message=ev.message)))
+            elif isinstance(ev, eng.ItemsDropped):
+                for item_id in ev.item_ids:
+                    s.drop_item(item_id)
+        except Exception:
+            log.exception("session feedback for %s failed", type(ev).__name__)
+        self.pump()
+
+    def _audio(self, ev: Any) -> None:
+        pcm = np.clip(np.rint(ev.pcm * 32768.0), -32768, 32767).astype(np.int16)
+        if self.audio_sink is not None:  # WebRTC: the track carries it, the session accounts it
+            self.session.response_audio(ev.response_id, pcm)
+            self.audio_sink(ev.response_id, pcm)
+            clock = self._clocks.get(ev.response_id)
+            if clock is not None and clock.first_audio_sent is None:
+                clock.first_audio_sent = time.perf_counter()
+            return
+        self.session.response_audio(ev.response_id, pcm)
+        for event in self.session.take_events():
+            audio_s = len(pcm) / SAMPLE_RATE if isinstance(event, p.ResponseOutputAudioDelta) else 0.0
+            self._send(event, audio_s)
+
+    # ----------------------------------------------------------------------------------- output
+    def before_send(self, event: Any) -> None:
+        """Called by the transport right before an event leaves: stamps the send-time clocks."""
+        if isinstance(event, p.ResponseOutputAudioDelta):
+            self.stats.audio_deltas_sent += 1
+            clock = self._clocks.get(event.response_id)
+            if clock is not None and clock.first_audio_sent is None:
+                clock.first_audio_sent = time.perf_counter()
+        elif isinstance(event, p.ResponseDone):
+            rid = event.response.id
+            clock = self._clocks.pop(rid, None)
+            if clock is None or clock.first_audio_sent is None:
+                return
+            ms = (clock.first_audio_sent - clock.requested_at) * 1000
+            self.stats.first_audio_ms.append(ms)
+            if self.metrics is not None:
+                self.metrics.first_audio_seconds.observe(ms / 1000)
+            mimo = event.response.mimo
+            if mimo is not None:
+                mimo.timings = {**(mimo.timings or {}), "server_first_audio_ms": round(ms, 3)}
+
+
+def _sampling(params: Any) -> Any:
+    """Protocol sampling (temperature 0 or None: greedy) -> the model's SamplingParams."""
+    from agent.lm.sampling import GREEDY, SamplingParams
+
+    if params is None or not params.temperature:
+        return GREEDY
+    return SamplingParams(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p or 1.0)

@@ -1,0 +1,176 @@
+"""``mimo-agent serve``: load the model, start the engine thread, serve HTTP on uvicorn + uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+log = logging.getLogger("mimo_agent.serve")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, device and engine options shared by ``serve`` and ``bench --spawn``."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help="MiMo-Audio LM checkpoint: a local directory or a hub id")
+    g.add_argument("--tokenizer", help="MiMo-Audio-Tokenizer checkpoint: a local directory or a hub id")
+    g.add_argument("--preset", choices=["tiny", "mimo-audio-7b"],
+                   help="built-in model with random weights (default: tiny, when no --model)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    e = parser.add_argument_group("engine")
+    e.add_argument("--max-sessions", type=int, default=8, help="KV-cache slots: concurrent sessions (default 8)")
+    e.add_argument("--max-positions", type=int, default=2048,
+                   help="context per session in 160 ms patches (default 2048, 5.5 minutes)")
+    e.add_argument("--max-batch", type=int, default=64, help="sessions per batched step; 1 disables batching")
+    e.add_argument("--prefill-chunk", type=int, default=256, help="prefill positions per engine tick")
+    e.add_argument("--interleave", default=None,
+                   help="default N:M text/speech interleave (presets default to 2:6; 'off' for free)")
+    e.add_argument("--codec-first-chunk", type=int, default=None, help="patches before the first audio chunk")
+    e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk")
+    e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="run the patch decoder and codec decode with PyTorch or ONNX Runtime")
+    e.add_argument("--export-dir", help="ONNX export directory (with --backend onnx)")
+    e.add_argument("--providers", default=None,
+                   help="ONNX Runtime providers in order, comma-separated (default: best available)")
+    e.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass at start")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any)")
+    parser.add_argument("--api-key", default=os.environ.get("MIMO_AGENT_API_KEY"),
+                        help="require this key (default: $MIMO_AGENT_API_KEY; none = open)")
+    add_model_arguments(parser)
+    lim = parser.add_argument_group("limits")
+    lim.add_argument("--max-message-bytes", type=int, default=None, help="largest client message")
+    lim.add_argument("--max-input-buffer-ms", type=int, default=None, help="uncommitted input audio per session")
+    lim.add_argument("--session-max-s", type=float, default=None, help="session duration limit (default 1800)")
+    lim.add_argument("--events-per-second", type=float, default=None, help="client events per second")
+    lim.add_argument("--audio-lead", type=float, default=None, help="output audio sent ahead of real time (s)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--port-file", help="write the bound port to this file once listening (for scripts)")
+
+
+def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, Any, dict]:
+    """(engine, runtime, session defaults) from the parsed model/engine options; the engine is started."""
+    from agent.engine import Engine, EngineConfig
+    from agent.runtime import PRESET_INTERLEAVE, load_runtime
+
+    rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype)
+    decode_patch, codec = None, rt.codec
+    if args.backend == "onnx":
+        from export.runtime import onnx_backend
+
+        decode_patch, codec = onnx_backend(rt, args.export_dir, providers=args.providers)
+    config = EngineConfig(max_sessions=args.max_sessions, max_positions=args.max_positions,
+                          max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    engine = Engine(rt.lm, rt.tokenizer, codec, config, decode_patch=decode_patch,
+                    metrics=None if metrics is None else metrics.engine_observer)
+    if not args.no_warmup:
+        rt.info["warmup_s"] = round(engine.warmup(), 3)
+    engine.start()
+    interleave = args.interleave or (PRESET_INTERLEAVE if rt.preset else None)
+    defaults: dict = {"mimo": {"interleave": None if interleave in (None, "off") else interleave}}
+    if args.codec_first_chunk or args.codec_chunk:
+        defaults["mimo"]["codec"] = {"first_chunk_patches": args.codec_first_chunk,
+                                     "chunk_patches": args.codec_chunk}
+    return engine, rt, defaults
+
+
+def codec_schedule_factory(codec: Any) -> Any:
+    """Protocol ``session.mimo.codec`` -> the codec's decode schedule (None fields: its default)."""
+    from dataclasses import replace
+
+    from agent.codec.streaming import DecodeSchedule
+
+    base = DecodeSchedule()
+
+    def make(schedule: Any) -> Any:
+        if schedule is None:
+            return None
+        changes = {}
+        if schedule.first_chunk_patches is not None:
+            changes["first_chunk_patches"] = schedule.first_chunk_patches
+        if schedule.chunk_patches is not None:
+            changes["chunk_patches"] = schedule.chunk_patches
+        if schedule.left_context_patches is not None:
+            changes["left_context_tokens"] = schedule.left_context_patches * base.group_size
+        if schedule.right_holdback_patches is not None:
+            changes["holdback_tokens"] = schedule.right_holdback_patches * base.group_size
+        return replace(base, **changes) if changes else None
+
+    return make
+
+
+def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any:
+    from dataclasses import replace
+
+    from streaming.app import ServerConfig
+    from streaming.session import SessionLimits
+
+    limits = SessionLimits()
+    overrides = {"max_message_bytes": args.max_message_bytes, "max_input_buffer_ms": args.max_input_buffer_ms,
+                 "max_session_s": args.session_max_s, "max_events_per_second": args.events_per_second}
+    limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
+                          session_defaults=defaults, description=dict(rt.info))
+    if args.audio_lead is not None:
+        config.audio_lead_s = args.audio_lead
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from streaming.app import create_app
+    from streaming.metrics import ServerMetrics
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = ServerMetrics()
+    try:
+        engine, rt, defaults = build_engine(args, metrics)
+    except Exception as exc:  # checkpoint errors and the like: one clear line, no traceback
+        print(f"mimo-agent serve: {exc}", file=sys.stderr)
+        return 2
+    metrics.engine_queue.set_function(lambda: engine.queue_depth)
+    config = make_server_config(args, rt, defaults)
+    app = create_app(engine, config, metrics=metrics)
+    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    log.info("serving %s (preset %s) on %s %s, %d session slots, %d positions each; loaded in %.1f s%s",
+             rt.name, rt.preset or "-", rt.device, rt.info["dtype"], engine.config.max_sessions,
+             engine.max_positions, rt.load_s,
+             f", warm-up {rt.info['warmup_s']} s" if "warmup_s" in rt.info else "")
+    uv = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        loop="uvloop" if sys.platform != "win32" else "asyncio", ws="websockets",
+        ws_max_size=2 * config.limits.max_message_bytes, ws_per_message_deflate=False,
+        lifespan="off",
+    )
+    server = uvicorn.Server(uv)
+    if args.port_file:
+        _write_port_when_listening(server, args.port_file)
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    return 0
+
+
+def _write_port_when_listening(server: Any, path: str) -> None:
+    """Write the bound port once uvicorn listens (``--port 0`` picks a free one)."""
+    original = server.startup
+
+    async def startup(sockets: Any = None) -> None:
+        await original(sockets=sockets)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with open(path + ".tmp", "w") as f:
+            f.write(str(port))
+        os.replace(path + ".tmp", path)
+
+    server.startup = startup
