@@ -57,6 +57,16 @@ OFFICIAL_CODE_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Codebooks the language model uses (the checkpoint has 20).
+LM_CODEBOOKS = 8
+#: Tokens per LM patch: encoded turns are padded to a multiple of it.
+GROUP_SIZE = 4
+#: The official pipeline encodes in independent 60 s segments (6000 mel frames) ...
+ENCODE_SEGMENT_MEL_FRAMES = 6000
+#: ... and decodes in independent 60 s segments (1500 tokens).
+DECODE_SEGMENT_TOKENS = 1500
+
+
 class ConfigError(ValueError):
     """A tokenizer configuration this implementation cannot run; the message names the key."""
 

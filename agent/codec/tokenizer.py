@@ -16,20 +16,19 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .audio import prepare_audio
-from .config import AudioTokenizerConfig, ConfigError
+from .config import (
+    DECODE_SEGMENT_TOKENS,
+    ENCODE_SEGMENT_MEL_FRAMES,
+    GROUP_SIZE,
+    LM_CODEBOOKS,
+    AudioTokenizerConfig,
+    ConfigError,
+)
 from .config import preset as preset_config
 from .decoder import AudioDecoder
 from .encoder import AudioEncoder
 from .mel import MelFrontEnd
 
-#: Codebooks the language model uses (the checkpoint has 20).
-LM_CODEBOOKS = 8
-#: Tokens per LM patch: encoded turns are padded to a multiple of it.
-GROUP_SIZE = 4
-#: The official pipeline encodes in independent 60 s segments (6000 mel frames) ...
-ENCODE_SEGMENT_MEL_FRAMES = 6000
-#: ... and decodes in independent 60 s segments (1500 tokens).
-DECODE_SEGMENT_TOKENS = 1500
 #: Mel frames per encoder call (the official ``encode_batch`` budget), bounding memory.
 MAX_MEL_FRAMES_PER_CALL = 256_000
 
