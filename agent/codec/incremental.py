@@ -35,7 +35,8 @@ class IncrementalEncodeConfig:
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be at least 1, got {self.chunk_tokens}")
-        if self.lookahead_tokens < 0 or (self.left_context_tokens is not None and self.left_context_tokens < 0):
+        left = self.left_context_tokens
+        if self.lookahead_tokens < 0 or (left is not None and left < 0):
             raise ValueError("lookahead_tokens and left_context_tokens must not be negative")
 
 
@@ -66,7 +67,8 @@ class IncrementalEncoder:
         self._audio = np.concatenate([self._audio, audio])
         total = self._audio_offset + self._audio.shape[0]
         cfg = self.config
-        ready = (total // self.spt - cfg.lookahead_tokens - self._emitted) // cfg.chunk_tokens * cfg.chunk_tokens
+        available = total // self.spt - cfg.lookahead_tokens - self._emitted  # whole tokens with look-ahead
+        ready = available // cfg.chunk_tokens * cfg.chunk_tokens
         if ready <= 0:
             return torch.zeros(0, self.n_q, dtype=torch.long)
         end = self._emitted + ready
@@ -81,9 +83,9 @@ class IncrementalEncoder:
         if total == 0:
             return torch.zeros(0, self.n_q, dtype=torch.long)
         mel_frames = self.tok.front_end.num_frames(total)
-        n_tokens = -(-(-(-mel_frames // 2)) // 2)  # ceil(ceil(frames / 2) / 2), as the exact encode
-        codes = self._encode_until(n_tokens, total)
-        short = (-(self._emitted)) % GROUP_SIZE
+        _, n_tokens = self.tok.encoder.output_lengths(torch.tensor(mel_frames))  # as the exact encode
+        codes = self._encode_until(int(n_tokens), total)
+        short = -self._emitted % GROUP_SIZE
         if short and self._last is not None:
             codes = torch.cat([codes, self._last.expand(short, -1)])
             self._emitted += short
@@ -129,7 +131,8 @@ class IncrementalEncoder:
         if self.config.left_context_tokens is None:
             return
         # keep the left context and the half window before it (see _encode_window)
-        keep_from = max(0, (self._emitted - self.config.left_context_tokens) * self.spt - self.tok.config.nfft // 2)
+        context_start = (self._emitted - self.config.left_context_tokens) * self.spt
+        keep_from = max(0, context_start - self.tok.config.nfft // 2)
         drop = keep_from - self._audio_offset
         if drop > 0:
             self._audio = self._audio[drop:]
@@ -137,7 +140,10 @@ class IncrementalEncoder:
 
 
 def incremental_encode(
-    tok: MiMoAudioTokenizer, wav: np.ndarray, config: IncrementalEncodeConfig | None = None, feed_samples: int = 3840
+    tok: MiMoAudioTokenizer,
+    wav: np.ndarray,
+    config: IncrementalEncodeConfig | None = None,
+    feed_samples: int = 3840,
 ) -> torch.Tensor:
     """Encode ``wav`` (24 kHz mono) through an :class:`IncrementalEncoder`, fed ``feed_samples`` at a time."""
     enc = IncrementalEncoder(tok, config)

@@ -157,7 +157,9 @@ class DecodeStream:
             self.n_codebooks = codes.shape[1]
             self.segment.codes = self.segment.codes.reshape(0, self.n_codebooks)
         elif codes.shape[1] != self.n_codebooks:
-            raise ValueError(f"this stream decodes {self.n_codebooks} codebooks, got codes with {codes.shape[1]}")
+            raise ValueError(
+                f"this stream decodes {self.n_codebooks} codebooks; these codes have {codes.shape[1]}"
+            )
         closed = []
         codes = codes.to(self.device)
         while codes.shape[0]:
