@@ -108,7 +108,8 @@ class MiMoAudioTokenizer(nn.Module):
         :meth:`encode` of that turn alone (padding never reaches another sequence)."""
         if not 1 <= n_q <= self.config.num_quantizers:
             raise ValueError(f"n_q={n_q} is outside 1..{self.config.num_quantizers}")
-        mels = [self.mel(w, sample_rate) if np.size(_numpy(w)) else None for w in wavs]
+        audios = [self.prepare(w, sample_rate) for w in wavs]
+        mels = [self.front_end(torch.from_numpy(a).to(self.device)) if a.size else None for a in audios]
         segments: list[Segment] = []  # (turn index, mel segment)
         for i, mel in enumerate(mels):
             if mel is not None:
@@ -197,10 +198,6 @@ def pad_codes_to_group(codes: torch.Tensor, group: int = GROUP_SIZE) -> torch.Te
     if codes.shape[0] == 0 or short == 0:
         return codes
     return torch.cat([codes, codes[-1:].expand(short, -1)])
-
-
-def _numpy(x):
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 Segment = tuple[int, torch.Tensor]
