@@ -97,7 +97,7 @@ class MiMoAudioConfig:
     #: ``load_lm`` takes it from the checkpoint's tokenizer.
     empty_token_id: int = MIMO_EMPTY_TOKEN_ID
     #: official fields we do not use, kept so ``to_json`` writes them back unchanged.
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.input_local_dim is None:

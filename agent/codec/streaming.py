@@ -1,0 +1,461 @@
+"""Streaming decode: codes arrive patch by patch while the LM generates; audio leaves in chunks.
+
+Exact equality with the offline decode is impossible by design: both up-samplers normalise with
+GroupNorm statistics taken over the whole sequence, and every vocoder layer looks 10 frames ahead
+(1.6 s in all). Two designs trade fidelity for latency, chosen per stream by a
+:class:`DecodeSchedule`:
+
+``window``  (what the official ``streaming_decode`` and vLLM-Omni do): each chunk re-decodes the
+            whole decoder over ``left_context_tokens`` of history plus the new tokens.
+``cached``  (ARCHITECTURE.md, "the better way"): the causal transformer keeps its KV cache across
+            chunks, so each token goes through it once; the two GroupNorms use running statistics
+            (or statistics frozen after ``freeze_after_tokens``); only the vocoder, which is cheap,
+            re-runs over a window of ``left_context_tokens`` of coarse mel.
+
+Both hold back the last ``holdback_tokens`` of each chunk (they are re-synthesised next time with
+more look-ahead) and cross-fade ``crossfade_samples`` at each seam. Streams are independent and
+reset every 1500 tokens (60 s) as the offline decode does, so a schedule that holds everything back
+(:meth:`DecodeSchedule.infinite`) reproduces the offline decode. The distance of each schedule to
+the offline decode is measured by ``mimo-agent bench-codec`` (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import DECODE_SEGMENT_TOKENS, GROUP_SIZE
+from .decoder import apply_group_norm, group_norm_moments, moments_to_stats, valid_mask
+from .transformer import LayerKV
+
+Job = tuple["DecodeStream", "_Segment", bool]  # (stream, segment, final pass)
+
+if TYPE_CHECKING:
+    from .tokenizer import MiMoAudioTokenizer
+
+MODES = ("window", "cached")
+NORMS = ("running", "frozen")
+
+
+@dataclass(frozen=True)
+class DecodeSchedule:
+    """When a stream emits audio and how much history each chunk re-decodes.
+
+    Counts are in 25 Hz tokens (40 ms, 960 samples) or LM patches (``group_size`` tokens, 160 ms).
+    ``left_context_tokens=None`` re-uses everything since the segment start; ``holdback_tokens=None``
+    holds everything back until :func:`finish_streams`.
+    """
+
+    mode: str = "cached"
+    first_chunk_patches: int = 1
+    chunk_patches: int = 1
+    left_context_tokens: int | None = 50
+    holdback_tokens: int | None = 1
+    crossfade_samples: int = 240
+    norm: str = "running"  # cached mode: GroupNorm statistics "running" or "frozen"
+    freeze_after_tokens: int = 25
+    group_size: int = GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"schedule mode {self.mode!r} is not one of {MODES}")
+        if self.norm not in NORMS:
+            raise ValueError(f"schedule norm {self.norm!r} is not one of {NORMS}")
+        for name in ("first_chunk_patches", "chunk_patches", "group_size", "freeze_after_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"schedule {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("left_context_tokens", "holdback_tokens", "crossfade_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"schedule {name} must not be negative, got {value}")
+
+    @classmethod
+    def infinite(cls) -> DecodeSchedule:
+        """All left context, everything held back: the offline decode, delivered at the end."""
+        return cls(mode="window", left_context_tokens=None, holdback_tokens=None, crossfade_samples=0)
+
+    @classmethod
+    def official(cls) -> DecodeSchedule:
+        """The official ``streaming_decode`` defaults: 250 tokens of history, 40 held back, called
+        once per patch, no cross-fade (it emits nothing before 41 tokens)."""
+        return cls(mode="window", first_chunk_patches=11, chunk_patches=1, left_context_tokens=250,
+                   holdback_tokens=40, crossfade_samples=0)
+
+    def first_audio_tokens(self, samples_per_token: int = 960) -> int | None:
+        """Tokens that must have arrived before the first audio leaves (None: only at the end)."""
+        if self.holdback_tokens is None:
+            return None
+        tokens = self.first_chunk_patches * self.group_size
+        while (tokens - self.holdback_tokens) * samples_per_token - self.crossfade_samples <= 0:
+            tokens += self.chunk_patches * self.group_size
+        return tokens
+
+    def describe(self) -> str:
+        left = "all" if self.left_context_tokens is None else self.left_context_tokens
+        hold = "all" if self.holdback_tokens is None else self.holdback_tokens
+        extra = f", norm {self.norm}" + (f"@{self.freeze_after_tokens}" if self.norm == "frozen" else "")
+        return (f"{self.mode}: first {self.first_chunk_patches}p, then {self.chunk_patches}p, "
+                f"left {left}t, hold {hold}t, xfade {self.crossfade_samples}"
+                + (extra if self.mode == "cached" else ""))
+
+
+@dataclass
+class _Segment:
+    """Decoding state of one 1500-token segment of a stream (positions are segment-relative)."""
+
+    codes: torch.Tensor  # (n, q) codes kept, the first being token ``codes_offset``
+    codes_offset: int = 0
+    received: int = 0  # tokens received
+    covered: int = 0  # samples synthesised for good: emitted, plus the cross-fade tail
+    tail: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    since_chunk: int = 0  # tokens received since the last chunk
+    chunks: int = 0
+    # cached mode
+    advanced: int = 0  # tokens run through the decoder transformer
+    kv: list[LayerKV] | None = None
+    frames50: int = 0  # 50 Hz frames in the KV cache
+    moments1: tuple[torch.Tensor, ...] | None = None  # running GroupNorm moments, dconv1
+    moments2: tuple[torch.Tensor, ...] | None = None  # and dconv2
+    frozen: bool = False
+    prev_hidden: torch.Tensor | None = None  # last 50 Hz transformer output, for dconv2's overlap
+    mel: torch.Tensor | None = None  # coarse mel frames kept, the first being frame ``mel_offset``
+    mel_offset: int = 0
+
+
+class DecodeStream:
+    """Per-stream decoding state (one response's audio). Create with
+    ``MiMoAudioTokenizer.new_decode_stream``; feed with ``decode_streams``; end with ``finish_stream``."""
+
+    def __init__(self, tok: MiMoAudioTokenizer, schedule: DecodeSchedule):
+        if schedule.crossfade_samples > tok.samples_per_token:
+            raise ValueError(
+                f"crossfade_samples={schedule.crossfade_samples} exceeds one token ({tok.samples_per_token})"
+            )
+        self.schedule = schedule
+        self.segment_tokens = DECODE_SEGMENT_TOKENS
+        self.samples_per_token = tok.samples_per_token
+        self.device = tok.device
+        self.n_codebooks: int | None = None
+        self.tokens_received = 0
+        self.samples_emitted = 0
+        self.finished = False
+        self.segment = self._new_segment(0)
+
+    def _new_segment(self, n_codebooks: int) -> _Segment:
+        return _Segment(codes=torch.zeros(0, n_codebooks, dtype=torch.long, device=self.device))
+
+    def _append(self, codes: torch.Tensor) -> list[_Segment]:
+        """Add codes (n, q); return the segments they complete (which must now be finished)."""
+        if self.finished:
+            raise RuntimeError("this decode stream is finished; start a new one for the next response")
+        if self.n_codebooks is None:
+            self.n_codebooks = codes.shape[1]
+            self.segment.codes = self.segment.codes.reshape(0, self.n_codebooks)
+        elif codes.shape[1] != self.n_codebooks:
+            raise ValueError(
+                f"this stream decodes {self.n_codebooks} codebooks; these codes have {codes.shape[1]}"
+            )
+        closed = []
+        codes = codes.to(self.device)
+        while codes.shape[0]:
+            seg = self.segment
+            take = min(codes.shape[0], self.segment_tokens - seg.received)
+            seg.codes = torch.cat([seg.codes, codes[:take]])
+            seg.received += take
+            seg.since_chunk += take
+            self.tokens_received += take
+            codes = codes[take:]
+            if seg.received == self.segment_tokens:
+                closed.append(seg)
+                self.segment = self._new_segment(self.n_codebooks)
+        return closed
+
+    def __repr__(self) -> str:
+        return (f"DecodeStream({self.schedule.describe()}; received {self.tokens_received} tokens, "
+                f"emitted {self.samples_emitted} samples{', finished' if self.finished else ''})")
+
+
+# --- emission ------------------------------------------------------------------------------------
+def crossfade(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Raised-cosine cross-fade from ``old`` to ``new`` (same length); equal inputs pass unchanged."""
+    n = old.shape[0]
+    if n == 0:
+        return new
+    ramp = np.sin(0.5 * np.pi * (np.arange(n, dtype=np.float64) + 0.5) / n) ** 2
+    return (old * (1.0 - ramp) + new * ramp).astype(np.float32)
+
+
+def emit(seg: _Segment, audio: np.ndarray, start: int, end: int, final: bool, crossfade_samples: int):
+    """Audio to play from a pass that synthesised ``audio`` = samples [start, start + len) of the segment.
+
+    Plays everything up to ``end`` (all of ``audio`` when ``final``), except the last
+    ``crossfade_samples`` which become the new tail, to be cross-faded with the next pass. The
+    previous tail is cross-faded with this pass's version of the same samples where it has one.
+    """
+    if not final and end - crossfade_samples < seg.covered:
+        return np.zeros(0, np.float32)  # nothing new to play yet
+    out = []
+    tail = seg.tail
+    overlap = max(0, min(tail.shape[0], seg.covered - start))
+    if overlap < tail.shape[0]:
+        out.append(tail[: tail.shape[0] - overlap])
+    if overlap:
+        again = audio[seg.covered - overlap - start : seg.covered - start]  # this pass's version of the tail
+        out.append(crossfade(tail[tail.shape[0] - overlap :], again))
+    cut = start + audio.shape[0] if final else end - crossfade_samples
+    out.append(audio[seg.covered - start : cut - start])
+    seg.tail = np.zeros(0, np.float32) if final else audio[cut - start : end - start].copy()
+    seg.covered = cut if final else end
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+# --- passes ----------------------------------------------------------------------------------------
+def _window_start(seg: _Segment, schedule: DecodeSchedule, samples_per_token: int) -> int:
+    """First token a pass re-decodes: ``left_context_tokens`` before the first token not yet covered."""
+    if schedule.left_context_tokens is None:
+        return 0
+    first_open = (seg.covered - seg.tail.shape[0]) // samples_per_token
+    return max(0, first_open - schedule.left_context_tokens)
+
+
+def _emit_end(seg: _Segment, schedule: DecodeSchedule, final: bool, samples_per_token: int) -> int:
+    if final or schedule.holdback_tokens is None:
+        return seg.received * samples_per_token
+    return max(0, seg.received - schedule.holdback_tokens) * samples_per_token
+
+
+def _window_pass(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
+    """Re-decode [window start, received) of each segment with the whole decoder (batched)."""
+    spt = tok.samples_per_token
+    starts = [_window_start(seg, s.schedule, spt) for s, seg, _ in jobs]
+    windows = [seg.codes[w0 - seg.codes_offset :] for (_, seg, _), w0 in zip(jobs, starts, strict=True)]
+    audios = tok.decode_sequences(windows)
+    out = []
+    for (stream, seg, final), w0, audio in zip(jobs, starts, audios, strict=True):
+        end = _emit_end(seg, stream.schedule, final, spt)
+        out.append(emit(seg, audio, w0 * spt, end, final, stream.schedule.crossfade_samples))
+        # later windows start no earlier than this one
+        seg.codes, seg.codes_offset = seg.codes[w0 - seg.codes_offset :], w0
+    return out
+
+
+def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
+    """Run the new tokens of each segment through dconv1, the cached transformer and dconv2."""
+    dec = tok.decoder
+    todo = [(s, seg) for s, seg, _ in jobs if seg.received > seg.advanced]
+    if not todo:
+        return
+    new = [seg.codes[seg.advanced - seg.codes_offset :] for _, seg in todo]
+    n = torch.tensor([c.shape[0] for c in new], device=tok.device)
+    emb = nn.utils.rnn.pad_sequence([tok.embed_codes(c) for c in new], batch_first=True).to(dec.dtype)
+
+    # dconv1 (kernel = stride: chunks do not overlap), GroupNorm with running statistics
+    y, len50 = dec.dconv1.upsample(emb, n)  # (B, 2 n_max, d), no trim
+    x = _normalise(y, len50, [seg for _, seg in todo], "moments1", dec.dconv1.norm)
+
+    # the causal transformer, continuing each segment's KV cache
+    caches, past = _gather_kv(tok, [seg for _, seg in todo])
+    h = dec.transform(x, len50, caches, past)
+    _scatter_kv(caches, past, len50, [seg for _, seg in todo])
+
+    # dconv2 (kernel 3, stride 2): prepend each segment's previous frame, keep the complete frames
+    prev = torch.stack([seg.prev_hidden if seg.prev_hidden is not None else h.new_zeros(h.shape[-1])
+                        for _, seg in todo])
+    y2, _ = dec.dconv2.upsample(torch.cat([prev[:, None], h], dim=1), len50 + 1)
+    s = dec.dconv2.stride
+    len100 = len50 * s
+    y2 = y2[:, s : s + int(len100.max())]  # frames of the new 50 Hz inputs only, (B, 4 n_max, n_mels)
+    mel = _normalise(y2, len100, [seg for _, seg in todo], "moments2", dec.dconv2.norm)
+
+    for b, (stream, seg) in enumerate(todo):
+        seg.prev_hidden = h[b, int(len50[b]) - 1]
+        frames = mel[b, : int(len100[b])]
+        seg.mel = frames if seg.mel is None else torch.cat([seg.mel, frames])
+        seg.advanced = seg.received
+        if stream.schedule.norm == "frozen" and seg.received >= stream.schedule.freeze_after_tokens:
+            seg.frozen = True
+
+
+def _normalise(y: torch.Tensor, lengths: torch.Tensor, segs: list[_Segment], which: str, norm: nn.GroupNorm):
+    """GroupNorm y (B, T, C) with each segment's running moments, first updated with y unless frozen."""
+    count, total, squares = group_norm_moments(y, lengths)
+    for b, seg in enumerate(segs):
+        current = getattr(seg, which)
+        if current is None:
+            setattr(seg, which, (count[b], total[b], squares[b]))
+        elif not seg.frozen:
+            setattr(seg, which, (current[0] + count[b], current[1] + total[b], current[2] + squares[b]))
+    stats = [moments_to_stats(*getattr(seg, which)) for seg in segs]
+    mean = torch.stack([m for m, _ in stats])
+    var = torch.stack([v for _, v in stats])
+    out = apply_group_norm(y, mean, var, norm)
+    return out.masked_fill(~valid_mask(lengths, y.shape[1])[..., None], 0.0)
+
+
+def _gather_kv(tok: MiMoAudioTokenizer, segs: list[_Segment]) -> tuple[list[LayerKV], torch.Tensor]:
+    """Per-layer caches for the batch: a segment's own when alone, else padded copies."""
+    cfg = tok.config
+    heads = cfg.decoder_attention_heads
+    head_dim = cfg.d_model // heads
+    for seg in segs:
+        if seg.kv is None:
+            empty = torch.zeros(1, heads, 0, head_dim, dtype=tok.decoder.dtype, device=tok.device)
+            seg.kv = [LayerKV(empty, empty) for _ in range(cfg.decoder_layers)]
+    past = torch.tensor([seg.frames50 for seg in segs], device=tok.device)
+    if len(segs) == 1:
+        return segs[0].kv, past
+    P = int(past.max())
+    caches = []
+    for layer in range(cfg.decoder_layers):
+        pad = [(seg.kv[layer].k, seg.kv[layer].v) for seg in segs]
+        k = torch.cat([nn.functional.pad(kk, (0, 0, 0, P - kk.shape[2])) for kk, _ in pad])
+        v = torch.cat([nn.functional.pad(vv, (0, 0, 0, P - vv.shape[2])) for _, vv in pad])
+        caches.append(LayerKV(k, v))
+    return caches, past
+
+
+def _scatter_kv(caches: list[LayerKV], past: torch.Tensor, new: torch.Tensor, segs: list[_Segment]) -> None:
+    """Hand the appended keys/values back to each segment's own cache."""
+    if len(segs) == 1:
+        segs[0].frames50 += int(new[0])  # the segment's own LayerKVs were grown in place
+        return
+    P = int(past.max())
+    for b, seg in enumerate(segs):
+        n = int(new[b])
+        for layer, kv in enumerate(caches):
+            own = seg.kv[layer]
+            own.k = torch.cat([own.k, kv.k[b : b + 1, :, P : P + n]], dim=2)
+            own.v = torch.cat([own.v, kv.v[b : b + 1, :, P : P + n]], dim=2)
+        seg.frames50 += n
+
+
+def _cached_pass(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
+    """Advance the cached decoder, then re-run the vocoder over each segment's window (batched)."""
+    _advance_decoder(tok, jobs)
+    spt, fpt = tok.samples_per_token, tok.config.mel_frames_per_token
+    starts = [_window_start(seg, s.schedule, spt) for s, seg, _ in jobs]
+    mels = [seg.mel[w0 * fpt - seg.mel_offset : seg.received * fpt - seg.mel_offset]
+            for (_, seg, _), w0 in zip(jobs, starts, strict=True)]
+    lengths = torch.tensor([m.shape[0] for m in mels], device=tok.device)
+    wav = tok.decoder.vocoder(nn.utils.rnn.pad_sequence(mels, batch_first=True), lengths)
+    wav = wav.float().cpu().numpy()
+    out = []
+    for b, ((stream, seg, final), w0) in enumerate(zip(jobs, starts, strict=True)):
+        audio = wav[b, : int(lengths[b]) * tok.config.hop_length]
+        end = _emit_end(seg, stream.schedule, final, spt)
+        out.append(emit(seg, audio, w0 * spt, end, final, stream.schedule.crossfade_samples))
+        seg.mel, seg.mel_offset = seg.mel[w0 * fpt - seg.mel_offset :], w0 * fpt
+        seg.codes, seg.codes_offset = seg.codes[seg.advanced - seg.codes_offset :], seg.advanced
+    return out
+
+
+def _run(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
+    """Run passes, one batched call per mode; results in the order of ``jobs``."""
+    results: list[np.ndarray | None] = [None] * len(jobs)
+    for mode, run in (("window", _window_pass), ("cached", _cached_pass)):
+        idx = [i for i, (s, seg, _) in enumerate(jobs) if s.schedule.mode == mode and seg.received > 0]
+        if idx:
+            for i, audio in zip(idx, run(tok, [jobs[i] for i in idx]), strict=True):
+                results[i] = audio
+    for i, (_, seg, _) in enumerate(jobs):
+        if results[i] is None:
+            results[i] = np.zeros(0, np.float32)
+        seg.since_chunk = 0
+        seg.chunks += 1
+    return results  # type: ignore[return-value]
+
+
+def _due(stream: DecodeStream, seg: _Segment) -> bool:
+    sched = stream.schedule
+    if sched.holdback_tokens is None:
+        return False
+    need = (sched.first_chunk_patches if seg.chunks == 0 else sched.chunk_patches) * sched.group_size
+    end = _emit_end(seg, sched, False, stream.samples_per_token)
+    return seg.since_chunk >= need and end > seg.covered
+
+
+@torch.no_grad()
+def decode_streams(tok: MiMoAudioTokenizer, items) -> list[np.ndarray]:
+    """``[(stream, codes (n, q)), ...]`` -> the audio each stream can play now (float32, maybe empty).
+
+    Segments completed by these codes are finished, then every stream whose next chunk is due is
+    advanced; all the work of one kind is done in one batched forward.
+    """
+    streams = [s for s, _ in items]
+    if len({id(s) for s in streams}) != len(streams):
+        raise ValueError("a stream appears twice in one decode_streams call; concatenate its codes")
+    closed: list[tuple[int, _Segment]] = []
+    for i, (stream, codes) in enumerate(items):
+        if not isinstance(stream, DecodeStream):
+            raise TypeError(f"item {i}: expected a DecodeStream, got {type(stream).__name__}")
+        codes = tok.check_codes(codes, name=f"codes of stream {i}")
+        closed += [(i, seg) for seg in stream._append(codes)]
+    pieces: list[list[np.ndarray]] = [[] for _ in items]
+    if closed:
+        audios = _run(tok, [(items[i][0], seg, True) for i, seg in closed])
+        for (i, _), audio in zip(closed, audios, strict=True):
+            pieces[i].append(audio)
+    due = [i for i, s in enumerate(streams) if _due(s, s.segment)]
+    if due:
+        audios = _run(tok, [(streams[i], streams[i].segment, False) for i in due])
+        for i, audio in zip(due, audios, strict=True):
+            pieces[i].append(audio)
+    out = []
+    for stream, parts in zip(streams, pieces, strict=True):
+        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        stream.samples_emitted += audio.shape[0]
+        out.append(audio)
+    return out
+
+
+@torch.no_grad()
+def finish_streams(tok: MiMoAudioTokenizer, streams: list[DecodeStream]) -> list[np.ndarray]:
+    """Decode and return everything the streams still hold; they cannot be fed afterwards."""
+    if len({id(s) for s in streams}) != len(streams):
+        raise ValueError("a stream appears twice in one finish_streams call")
+    for stream in streams:
+        if stream.finished:
+            raise RuntimeError("this decode stream is already finished")
+    audios = _run(tok, [(s, s.segment, True) for s in streams])
+    for stream, audio in zip(streams, audios, strict=True):
+        stream.samples_emitted += audio.shape[0]
+        stream.finished = True
+        stream.segment = stream._new_segment(stream.n_codebooks or 0)
+        if stream.samples_emitted != stream.tokens_received * stream.samples_per_token:  # an invariant
+            raise RuntimeError(
+                f"internal error: stream emitted {stream.samples_emitted} samples for "
+                f"{stream.tokens_received} tokens"
+            )
+    return audios
+
+
+def stream_decode(
+    tok: MiMoAudioTokenizer, codes: torch.Tensor, schedule: DecodeSchedule, feed_tokens: int | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """Decode ``codes`` (T, q) through one stream, fed ``feed_tokens`` at a time (default: one patch).
+
+    Returns the concatenated audio and, for each fed piece, how many samples came out: what the
+    benchmark and tests use to compare a schedule with the offline decode.
+    """
+    feed = feed_tokens or schedule.group_size
+    stream = tok.new_decode_stream(schedule)
+    pieces, sizes = [], []
+    for i in range(0, codes.shape[0], feed):
+        (audio,) = tok.decode_streams([(stream, codes[i : i + feed])])
+        pieces.append(audio)
+        sizes.append(audio.shape[0])
+    tail = tok.finish_stream(stream)
+    pieces.append(tail)
+    sizes.append(tail.shape[0])
+    return np.concatenate(pieces), sizes
+
+
+def first_audio_latency_ms(schedule: DecodeSchedule, token_rate: float = 25.0) -> float:
+    """Generated content (ms) needed before the first audio: the schedule's built-in latency."""
+    tokens = schedule.first_audio_tokens()
+    return math.inf if tokens is None else 1000.0 * tokens / token_rate

@@ -1,0 +1,105 @@
+"""Text tokenizers: round trips, special tokens, streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from agent.lm.config import preset
+from agent.lm.tokenizer import (
+    SPECIAL_TOKEN_STRINGS,
+    ByteTokenizer,
+    TextTokenizer,
+    TokenizerError,
+)
+
+SAMPLES = [
+    "Hello, world!",
+    "héllo wörld",
+    "你好，世界",
+    "emoji 🎉👍🏽 mixed 中文 text",
+    "  spaces\n\tand tabs  ",
+]
+
+
+def _bpe(with_specials=True) -> TextTokenizer:
+    """A small Qwen2-style byte-level BPE trained here (the real tokenizer.json is not available offline)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    specials = list(SPECIAL_TOKEN_STRINGS.values()) if with_specials else ["<|im_start|>", "<|sosp|>"]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return TextTokenizer(tok)
+
+
+@pytest.mark.parametrize("make", [ByteTokenizer, _bpe], ids=["bytes", "bpe"])
+def test_round_trip_and_specials(make) -> None:
+    tok = make()
+    for text in SAMPLES:
+        assert tok.decode(tok.encode(text)) == text
+    s = tok.specials
+    for name, string in SPECIAL_TOKEN_STRINGS.items():
+        assert tok.encode(string) == [getattr(s, name)]
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == s.im_start and ids[-1] == s.im_end and len(ids) > 2
+    # official output parsing: empty/eot/eostm vanish, other specials stay
+    assert tok.decode([s.empty, *tok.encode("ok"), s.eot, s.eostm]) == "ok"
+    assert tok.decode(tok.encode("a<|im_end|>")) == "a<|im_end|>"
+
+
+@pytest.mark.parametrize("make", [ByteTokenizer, _bpe], ids=["bytes", "bpe"])
+def test_incremental_detokenizer_never_splits_characters(make) -> None:
+    tok = make()
+    for text in SAMPLES:
+        ids = tok.encode(text)
+        ids = [x for i in ids for x in (i, tok.specials.empty)]  # hidden tokens in between
+        detok = tok.detokenizer()
+        deltas = [detok.push(i) for i in ids]
+        deltas.append(detok.flush())
+        assert "".join(deltas) == text
+        assert not any("\ufffd" in d for d in deltas)
+    # a character cut off at the end comes out as U+FFFD on flush
+    detok = tok.detokenizer()
+    partial = list("你".encode())[:2] if make is ByteTokenizer else None
+    if partial is not None:
+        assert detok.push(partial[0]) == "" and detok.push(partial[1]) == ""
+        assert detok.flush() == "\ufffd"
+
+
+def test_byte_tokenizer_fits_the_tiny_preset_and_reloads(tmp_path) -> None:
+    tok = ByteTokenizer()
+    config = preset("tiny").config
+    assert tok.vocab_size <= config.vocab_size
+    assert config.empty_token_id == tok.specials.empty
+    assert tok.encode("\x00\xff".encode("latin-1").decode("latin-1"))  # any text encodes
+    assert tok.encode("A") == [65]  # id = byte value
+    tok.save(tmp_path)
+    again = TextTokenizer.from_dir(tmp_path)
+    assert again.specials == tok.specials and again.encode("héllo") == tok.encode("héllo")
+
+
+def test_missing_specials_are_named() -> None:
+    with pytest.raises(
+        TokenizerError, match=r"lacks the MiMo special token\(s\): <\|endoftext\|>, <\|im_end\|>"
+    ):
+        _bpe(with_specials=False)
+    with pytest.raises(TokenizerError, match="special_ids lack"):
+        ByteTokenizer({"<|sosp|>": 300})
+
+
+def test_eos_token_from_tokenizer_config(tmp_path) -> None:
+    tok = ByteTokenizer()
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert TextTokenizer.from_dir(tmp_path).specials.eos == tok.specials.im_end
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|nope|>"}}))
+    with pytest.raises(TokenizerError, match=r"eos_token '<\|nope\|>' is not in the vocabulary"):
+        TextTokenizer.from_dir(tmp_path)
+    with pytest.raises(TokenizerError, match="missing file"):
+        TextTokenizer.from_dir(tmp_path / "elsewhere")
