@@ -70,6 +70,7 @@ class EngineConfig:
     max_audio_lead_s: float = 3.0  # generated audio ahead of real time, per session
     job_queue_size: int = 4096
     min_context_room: int = 128  # positions kept free for a response when trimming old turns
+    min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
     idle_wait_s: float = 0.05
 
 
@@ -535,8 +536,9 @@ class Engine:
     def _controls(self, params: ResponseParams) -> GenerationControls:
         stops = (self.specials.eostm, self.specials.im_end, self.specials.eos) if params.audio else (
             self.specials.im_end, self.specials.eos)
+        min_patches = min(max(params.min_patches, self.config.min_output_patches), params.max_output_patches)
         common = dict(stop_ids=tuple(sorted(set(stops))), max_patches=params.max_output_patches,
-                      min_patches=params.min_patches)
+                      min_patches=min_patches)
         if not params.audio:
             return GenerationControls(mode=Mode.TEXT, **common)
         if params.interleave is not None:

@@ -25,6 +25,10 @@ CODEC_PRESET = {"tiny": "tiny", "mimo-audio-7b": "mimo-audio-tokenizer"}
 #: presets have random weights: without a constraint they rarely choose to speak, so the server
 #: defaults them to an interleave (N text patches, then M speech patches)
 PRESET_INTERLEAVE = "2:6"
+#: ... and bounds their responses: at least this many patches (stop tokens banned before), at most
+#: ``PRESET_MAX_OUTPUT`` (a random model babbles until the budget runs out)
+PRESET_MIN_OUTPUT = 8
+PRESET_MAX_OUTPUT = 40
 
 
 @dataclass

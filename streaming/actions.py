@@ -30,6 +30,7 @@ class ResponseParams:
     speed: float  # as requested; applying it (a post-processing time stretch) is up to the bridge
     output_format: str  # wire format of this response's audio deltas (informational)
     interleave: tuple[int, int] | None  # (text patches, speech patches), or None: the model decides
+    min_output_tokens: int  # stop tokens are not allowed before this many patches (official min_new_tokens)
     text_sampling: SamplingParams
     speech_sampling: SamplingParams
     codec: CodecSchedule  # null fields: engine default

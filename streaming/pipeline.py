@@ -191,6 +191,7 @@ class SessionBridge:
             max_output_patches=max_patches,
             sampling=ChannelSampling(_sampling(params.text_sampling), _sampling(params.speech_sampling)),
             interleave=params.interleave,
+            min_patches=min(params.min_output_tokens, max_patches),
             in_conversation=params.conversation == "auto",
             codec_schedule=schedule,
         )

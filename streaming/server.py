@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, Any, dict]:
     """(engine, runtime, session defaults) from the parsed model/engine options; the engine is started."""
     from agent.engine import Engine, EngineConfig
-    from agent.runtime import PRESET_INTERLEAVE, load_runtime
+    from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
 
     rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype)
     decode_patch, codec = None, rt.codec
@@ -69,7 +69,8 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
 
         decode_patch, codec = onnx_backend(rt, args.export_dir, providers=args.providers)
     config = EngineConfig(max_sessions=args.max_sessions, max_positions=args.max_positions,
-                          max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+                          max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                          min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0)
     engine = Engine(rt.lm, rt.tokenizer, codec, config, decode_patch=decode_patch,
                     metrics=None if metrics is None else metrics.engine_observer)
     if not args.no_warmup:
@@ -77,6 +78,8 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
     engine.start()
     interleave = args.interleave or (PRESET_INTERLEAVE if rt.preset else None)
     defaults: dict = {"mimo": {"interleave": None if interleave in (None, "off") else interleave}}
+    if rt.preset:
+        defaults["max_output_tokens"] = PRESET_MAX_OUTPUT
     if args.codec_first_chunk or args.codec_chunk:
         defaults["mimo"]["codec"] = {"first_chunk_patches": args.codec_first_chunk,
                                      "chunk_patches": args.codec_chunk}

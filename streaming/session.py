@@ -756,6 +756,7 @@ class RealtimeSession:
             speed=cfg.audio.output.speed or 1.0,
             output_format=fmt,
             interleave=p.parse_interleave(mimo_cfg.interleave) if mimo_cfg.interleave else None,
+            min_output_tokens=mimo_cfg.min_output_tokens or 0,
             text_sampling=sampling.text or p.SamplingParams(),
             speech_sampling=sampling.speech or p.SamplingParams(),
             codec=mimo_cfg.codec or p.CodecSchedule(),
@@ -991,6 +992,14 @@ class RealtimeSession:
                 ErrorCode.RESPONSE_FAILED, f"Response {resp.id} failed: {message}", type=ErrorType.SERVER
             )
         )
+
+    def drop_item(self, item_id: str) -> None:
+        """The engine removed an item to fit the context (``truncation: auto``): the client is told
+        with ``conversation.item.deleted``, as if it had deleted the item itself."""
+        if self.conversation.get(item_id) is None:
+            return
+        self.conversation.remove(item_id)
+        self._emit(p.ConversationItemDeleted(item_id=item_id))
 
     def output_audio_drained(self, response_id: str) -> None:
         """The transport finished playing a response's audio (WebRTC: ``output_audio_buffer.stopped``).

@@ -167,6 +167,7 @@ class MimoConfig(StrictModel):
     """
 
     interleave: str | None = None
+    min_output_tokens: int | None = Field(default=None, ge=0)
     sampling: SamplingConfig | None = None
     codec: CodecSchedule | None = None
     task: Literal["spoken_dialogue", "audio_understanding", "text_chat"] | None = None

@@ -1,0 +1,74 @@
+"""A real server on a real loopback socket, in this process: uvicorn on its own thread and event
+loop, the engine on its thread, the tiny preset on the CPU. Tests talk to it over WebSocket/HTTP
+like any client, and may also look at the engine (cache lengths) to check what the protocol says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from streaming.app import create_app
+from streaming.metrics import ServerMetrics
+from streaming.server import add_arguments, build_engine, codec_schedule_factory, make_server_config
+
+
+@dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    ws_url: str  # ws://127.0.0.1:PORT/v1/realtime
+    engine: Any
+    app: Any
+    runtime: Any
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.stop()
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "serve")
+    args = parser.parse_args(["--port", "0", "--no-warmup", *argv])
+    args.command = "serve"
+    return args
+
+
+def start_server(*argv: str) -> LiveServer:
+    args = serve_args(*argv)
+    metrics = ServerMetrics()
+    engine, rt, defaults = build_engine(args, metrics)
+    metrics.engine_queue.set_function(lambda: engine.queue_depth)
+    config = make_server_config(args, rt, defaults)
+    app = create_app(engine, config, metrics=metrics)
+    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    uv = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", loop="asyncio",
+                        ws="websockets", ws_max_size=2 * config.limits.max_message_bytes,
+                        ws_per_message_deflate=False, lifespan="off")
+    server = uvicorn.Server(uv)
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run(server.serve())
+
+    thread = threading.Thread(target=run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            engine.stop()
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/realtime", engine, app, rt,
+                      server, thread)

@@ -1,0 +1,307 @@
+"""End to end: the real server on loopback, the real protocol, the tiny model, recorded speech."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from tests.streaming import realtime_client as rc
+from tests.streaming.live_server import start_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server():
+    live = start_server("--max-sessions", "8")
+    yield live
+    live.stop()
+
+
+def _engine_session(server, slot):
+    return next(s for s in server.engine._sessions.values() if s.slot == slot)
+
+
+async def _manual_turn(ws, pcm: bytes, **response) -> list[dict]:
+    await rc.append(ws, pcm)
+    await rc.send(ws, {"type": "input_audio_buffer.commit"})
+    await rc.send(ws, {"type": "response.create", **({"response": response} if response else {})})
+    events: list[dict] = []
+    await rc.until(ws, "response.done", events=events)
+    return events
+
+
+async def test_recorded_utterance_streamed_in_real_time(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.append(ws, rc.wav_pcm16("speech_hello_padded.wav") + rc.silence(800), realtime=True)
+        events: list[dict] = []
+        done = await rc.until(ws, "response.done", events=events)
+    finally:
+        await ws.close()
+    kinds = rc.types(events)
+    for kind in ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                 "input_audio_buffer.committed", "response.created", "response.output_audio.delta",
+                 "response.output_audio_transcript.delta", "response.output_audio.done",
+                 "response.output_audio_transcript.done"]:
+        assert kind in kinds, kind
+    order = [kinds.index(k) for k in ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                       "input_audio_buffer.committed", "response.created",
+                                       "response.output_audio.delta", "response.output_audio.done"]]
+    assert order == sorted(order)
+    started = events[kinds.index("input_audio_buffer.speech_started")]
+    stopped = events[kinds.index("input_audio_buffer.speech_stopped")]
+    assert 0 <= started["audio_start_ms"] < stopped["audio_end_ms"] <= 3900 + 800
+
+    response = done["response"]
+    assert response["status"] in ("completed", "incomplete")
+    timings = response["mimo"]["timings"]
+    audio = rc.audio_of(events)
+    # every speech patch the model produced comes out as exactly 160 ms of 24 kHz audio
+    assert timings["speech_patches"] >= 1
+    assert len(audio) == timings["speech_patches"] * 3840 == round(response["mimo"]["audio_ms"] * 24)
+    assert np.abs(audio).max() > 0
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
+    transcript = events[kinds.index("response.output_audio_transcript.done")]["transcript"]
+    assert transcript == deltas and len(transcript) > 0
+    assert timings["server_first_audio_ms"] > 0
+    for stage in ("encode_ms", "prefill_ms", "first_speech_patch_ms", "first_audio_ms"):
+        assert timings[stage] >= 0, stage
+
+
+async def test_second_turn_prefills_only_new_positions(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.update(ws, audio={"input": {"turn_detection": None}})
+        first = (await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav")))[-1]["response"]
+        second = (await _manual_turn(ws, rc.wav_pcm16("speech_stop.wav")))[-1]["response"]
+    finally:
+        await ws.close()
+    u1, u2 = first["usage"], second["usage"]
+    assert u1["input_token_details"]["cached_tokens"] == 0
+    # the whole first turn stays cached except its last patch, which is fed with the second turn
+    assert u2["input_token_details"]["cached_tokens"] == u1["input_tokens"] + u1["output_tokens"] - 1
+    assert second["mimo"]["timings"]["prefill_positions"] == u2["input_tokens"] - u2["input_token_details"]["cached_tokens"]
+
+
+async def test_manual_commit_text_only_and_audio_only(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.update(ws, audio={"input": {"turn_detection": None}}, output_modalities=["text"])
+        events = await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav"))
+        kinds = rc.types(events)
+        assert "response.output_text.delta" in kinds and "response.output_text.done" in kinds
+        assert "response.output_audio.delta" not in kinds
+        text = events[kinds.index("response.output_text.done")]["text"]
+        assert text == "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+
+        events = await _manual_turn(ws, rc.wav_pcm16("speech_stop.wav"), output_modalities=["audio"])
+        kinds = rc.types(events)
+        assert "response.output_audio.delta" in kinds and "response.output_text.delta" not in kinds
+    finally:
+        await ws.close()
+
+
+async def test_text_input_item(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.send(ws, {"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}})
+        added = await rc.until(ws, "conversation.item.added")
+        assert added["item"]["role"] == "user"
+        await rc.send(ws, {"type": "response.create"})
+        events: list[dict] = []
+        done = await rc.until(ws, "response.done", events=events)
+        assert done["response"]["status"] in ("completed", "incomplete")
+        assert len(rc.audio_of(events)) > 0
+    finally:
+        await ws.close()
+
+
+async def test_barge_in_cancels_and_rolls_back(server):
+    from agent.conversation import common_prefix
+
+    ws = await rc.connect(server.ws_url)
+    try:
+        vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
+        await rc.update(ws, max_output_tokens=200, mimo={"min_output_tokens": 200},
+                        audio={"input": {"turn_detection": vad}})
+        await rc.append(ws, rc.wav_pcm16("speech_hello_padded.wav") + rc.silence(800))
+        await rc.until(ws, "input_audio_buffer.committed")
+        await rc.send(ws, {"type": "response.create"})
+        events: list[dict] = []
+        first_audio = await rc.until(ws, "response.output_audio.delta", events=events)
+        item_id, response_id = first_audio["item_id"], first_audio["response_id"]
+        # the user talks over the agent while it plays
+        await rc.append(ws, rc.wav_pcm16("speech_hello_padded.wav") + rc.silence(800), realtime=True)
+        await rc.until(ws, "input_audio_buffer.speech_started", events=events)
+        done = await rc.until(ws, "response.done", events=events)
+        assert done["response"]["id"] == response_id
+        assert done["response"]["status"] == "cancelled"
+        assert done["response"]["status_details"]["reason"] == "turn_detected"
+        heard_ms = 480
+        await rc.send(ws, {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                           "audio_end_ms": heard_ms})
+        truncated = await rc.until(ws, "conversation.item.truncated")
+        assert truncated["item_id"] == item_id and truncated["audio_end_ms"] == heard_ms
+        await asyncio.sleep(0.5)  # the engine applies the truncate on its thread
+        session = next(s for s in server.engine._sessions.values()
+                       if any(it.item_id == item_id for it in s.items))
+        item = next(it for it in session.items if it.item_id == item_id)
+        empty = server.engine.specials.empty
+        assert int((item.patches.text_ids == empty).sum()) == heard_ms // 160
+        # the KV cache holds the conversation as heard: up to the end of the truncated item, and no more
+        rendering = server.engine.renderer.render(session.items, instructions=session.instructions)
+        start, end = rendering.spans[item_id]
+        assert server.engine.cache.length(session.slot) == len(session.cached) <= end
+        assert common_prefix(session.cached, rendering.prompt) == len(session.cached)
+        assert len(session.cached) > start
+    finally:
+        await ws.close()
+
+
+async def test_eight_sessions_at_once_and_the_ninth_is_refused(server):
+    pcm = rc.wav_pcm16("speech_yes.wav")
+    sockets = [await rc.connect(server.ws_url) for _ in range(8)]
+    try:
+        # a ninth client while eight are connected gets a clear error, not a hang
+        ninth = await websockets.connect(server.ws_url, subprotocols=["realtime"])
+        error = json.loads(await asyncio.wait_for(ninth.recv(), 10))
+        assert error["type"] == "error" and error["error"]["code"] == "server_busy"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ninth.recv(), 10)
+        assert closed.value.rcvd.code == 1013
+
+        async def turn(ws):
+            await rc.update(ws, audio={"input": {"turn_detection": None}})
+            return (await _manual_turn(ws, pcm))[-1]["response"]["status"]
+
+        statuses = await asyncio.gather(*(turn(ws) for ws in sockets))
+        assert all(s in ("completed", "incomplete") for s in statuses)
+    finally:
+        for ws in sockets:
+            await ws.close()
+    for _ in range(100):  # slots come back once the sockets are gone
+        if server.engine.active_sessions == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert server.engine.active_sessions == 0
+
+
+BAD_INPUTS = [
+    ("{not json", "invalid_json"),
+    (json.dumps({"type": "no.such.event"}), "unknown_event_type"),
+    (json.dumps({"type": "input_audio_buffer.append"}), "missing_required_parameter"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": 17}), "invalid_type"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": "***"}), "invalid_base64"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}),
+     "invalid_audio_length"),
+    (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
+    (json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0,
+                 "audio_end_ms": 10}), "item_truncate_invalid_item_id"),
+    (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
+    (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+        "input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}), "invalid_value"),
+]
+
+
+async def test_bad_input_gets_an_error_and_the_session_goes_on(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.update(ws, audio={"input": {"turn_detection": None}})
+        for message, code in BAD_INPUTS:
+            await ws.send(message)
+            error = await rc.until(ws, "error", timeout=10)
+            assert error["error"]["code"] == code, (message, error)
+            assert error["error"]["message"]
+        # an oversized message: refused by the session, connection kept
+        huge = json.dumps({"type": "input_audio_buffer.append",
+                           "audio": "A" * (server.app.state.config.limits.max_message_bytes + 8)})
+        await ws.send(huge)
+        error = await rc.until(ws, "error", timeout=10)
+        assert error["error"]["code"] == "message_too_large"
+        # ... and the session still works
+        events = await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav"))
+        assert events[-1]["response"]["status"] in ("completed", "incomplete")
+    finally:
+        await ws.close()
+
+
+async def test_client_that_disconnects_mid_response_frees_its_slot(server):
+    before = server.engine.active_sessions
+    ws = await rc.connect(server.ws_url)
+    await rc.update(ws, max_output_tokens=200, mimo={"min_output_tokens": 200})
+    await rc.append(ws, rc.wav_pcm16("speech_hello_padded.wav") + rc.silence(800))
+    await rc.until(ws, "response.output_audio.delta")
+    assert server.engine.active_sessions == before + 1
+    await ws.close()
+    for _ in range(100):
+        if server.engine.active_sessions == before:
+            break
+        await asyncio.sleep(0.05)
+    assert server.engine.active_sessions == before
+
+
+async def test_health_models_metrics(server):
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        health = (await http.get("/healthz")).json()
+        assert health["status"] == "ok" and health["model"] == "mimo-audio-tiny" and health["max_sessions"] == 8
+        models = (await http.get("/v1/models")).json()
+        assert models["data"][0]["id"] == "mimo-audio-tiny"
+        text = (await http.get("/metrics")).text
+        assert "mimo_sessions_active" in text and "mimo_engine_step_seconds" in text
+        page = await http.get("/")
+        assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+async def test_api_key_is_required_when_set():
+    live = start_server("--api-key", "s3cret", "--max-sessions", "2")
+    try:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(live.ws_url, subprotocols=["realtime"])
+        assert refused.value.response.status_code == 401
+        with pytest.raises(websockets.InvalidStatus):
+            await websockets.connect(live.ws_url, additional_headers={"Authorization": "Bearer wrong"})
+        ws = await rc.connect(live.ws_url, additional_headers={"Authorization": "Bearer s3cret"})
+        await ws.close()
+        ws = await rc.connect(live.ws_url, subprotocols=["realtime", "openai-insecure-api-key.s3cret"])
+        assert ws.subprotocol == "realtime"
+        await ws.close()
+        async with httpx.AsyncClient(base_url=live.url) as http:
+            assert (await http.get("/v1/models")).status_code == 401
+            ok = await http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200
+    finally:
+        live.stop()
+
+
+async def test_official_openai_sdk_talks_to_the_server(server):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+    async with client.realtime.connect(model="mimo-audio-tiny") as conn:
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"],
+                                           "audio": {"input": {"turn_detection": None}}})
+        pcm = rc.wav_pcm16("speech_yes.wav")
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm).decode())
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        audio = bytearray()
+        transcript = ""
+        async for event in conn:
+            if event.type == "response.output_audio.delta":
+                audio += base64.b64decode(event.delta)
+            elif event.type == "response.output_audio_transcript.delta":
+                transcript += event.delta
+            elif event.type == "error":
+                pytest.fail(f"server error: {event.error}")
+            elif event.type == "response.done":
+                assert event.response.status in ("completed", "incomplete")
+                break
+        assert len(audio) > 0 and len(audio) % 2 == 0
