@@ -122,7 +122,7 @@ class ParrotServer:
             rid = create.response_id
             session.response_started(rid)
             session.response_text(rid, "You said: ")
-            for i in range(0, len(pcm), 2400):
+            for i in range(0, len(pcm) if create.params.audio else 0, 2400):
                 if rid in cancelled:
                     break
                 session.response_audio(rid, pcm[i : i + 2400])
@@ -268,3 +268,41 @@ async def test_client_works_over_any_connection():
     added = await asyncio.wait_for(client.wait_for("conversation.item.done"), 5)
     assert json.loads(added.to_json())["item"]["content"] == [{"type": "input_text", "text": "hi"}]
     await client.close()
+
+
+async def test_the_official_openai_sdk_speaks_to_the_session(parrot):
+    openai = pytest.importorskip("openai", reason="the official SDK is a dev dependency (openai[realtime])")
+    client = openai.AsyncOpenAI(
+        api_key="sk-official", base_url=parrot.url.replace("ws://", "http://").removesuffix("/realtime")
+    )
+    async with client.realtime.connect(model="parrot") as conn:
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "instructions": "Repeat.",
+                "output_modalities": ["audio"],
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcm", "rate": 24000},
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 400},
+                    },
+                    "output": {"voice": "marin"},
+                },
+            }
+        )
+        for i in range(0, len(HELLO), 2400):
+            await conn.input_audio_buffer.append(audio=A.b64encode_audio(HELLO[i : i + 2400]))
+        kinds, audio = [], []
+        async for event in conn:
+            kinds.append(event.type)
+            assert event.type != "error", event
+            if event.type == "response.output_audio.delta":
+                audio.append(A.pcm16_from_bytes(base64.b64decode(event.delta)))
+            if event.type == "response.done":
+                assert event.response.status == "completed"
+                assert event.response.output[0].content[0].transcript == "You said: that."
+                break
+        assert kinds[:3] == ["session.created", "session.updated", "input_audio_buffer.speech_started"]
+        assert type(event).__name__ == "ResponseDoneEvent"  # parsed into the SDK's own GA types
+        assert len(np.concatenate(audio)) > 24000
+        assert parrot.headers[0]["authorization"] == "Bearer sk-official"
