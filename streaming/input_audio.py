@@ -13,7 +13,14 @@ import dataclasses
 
 import numpy as np
 
-from streaming.audio import SAMPLE_RATE, Overflow, PcmBuffer, WireAudioDecoder, b64decode_audio
+from streaming.audio import (
+    SAMPLE_RATE,
+    BufferFullError,
+    Overflow,
+    PcmBuffer,
+    WireAudioDecoder,
+    b64decode_audio,
+)
 from streaming.protocol import new_id
 from streaming.vad import SpeechStarted, TurnDetector, VadConfig
 
@@ -68,11 +75,23 @@ class InputAudio:
         return self.decoder.decode(b64decode_audio(text))
 
     def append(self, pcm: np.ndarray) -> list[TurnStarted | TurnEnded]:
-        """Buffer audio and run VAD on it. Raises ``BufferFullError`` (nothing is taken then)."""
-        self.buffer.write(pcm)
-        if self.vad is None:
-            return []
+        """Buffer audio and run VAD on it. Without VAD, raises ``BufferFullError`` when the buffer
+        is full (nothing is taken then). With VAD, a turn that outgrows the buffer ends there (as
+        if the speaker had paused) and the audio goes on into the next turn."""
         turns: list[TurnStarted | TurnEnded] = []
+        try:
+            self.buffer.write(pcm)
+        except BufferFullError:
+            if not self.speaking:
+                raise
+            item_id, self.turn_item_id = self.turn_item_id or new_id("item"), None
+            end = self.buffer.end
+            turns.append(TurnEnded(item_id, end // SAMPLES_PER_MS, self.buffer.span(self._turn_start, end)))
+            self.buffer.drop_before(end)
+            self.vad.end_turn()
+            self.buffer.write(pcm)
+        if self.vad is None:
+            return turns
         for event in self.vad.push(pcm):
             if isinstance(event, SpeechStarted):
                 start = max(self._vad_offset + event.audio_start_ms * SAMPLES_PER_MS, self.buffer.start)

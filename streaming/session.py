@@ -102,8 +102,8 @@ class SessionLimits:
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     max_input_buffer_ms: int = 120_000  # uncommitted input audio; appends beyond it are refused
     min_commit_ms: int = 100  # OpenAI's minimum for input_audio_buffer.commit
-    max_events_per_second: float = 250.0  # client messages; 10 ms audio appends are 100/s
-    max_events_burst: int = 500
+    max_events_per_second: float = 500.0  # client messages; 10 ms audio appends are 100/s
+    max_events_burst: int = 2000  # lets a client send a minute of audio in 100 ms appends at once
     max_session_s: float = 30 * 60  # OpenAI's session cap
     max_items: int = 4096
     max_retained_audio_ms: int = 600_000  # user audio kept for conversation.item.retrieve
@@ -137,11 +137,13 @@ class RealtimeSession:
         options: SessionOptions | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         session_id: str | None = None,
     ) -> None:
         self.options = options or SessionOptions()
         self.limits = self.options.limits
-        self.clock = clock
+        self.clock = clock  # monotonic seconds: timers, rate limit, playback estimates
+        self.wall_clock = wall_clock  # epoch seconds: only for session.expires_at
         self.id = session_id or p.new_id("sess")
         self.conversation_id = p.new_id("conv")
         self.state = SessionState.PENDING
@@ -204,6 +206,7 @@ class RealtimeSession:
             base = p.merge_session_update(base, patch)
         self._started_at = self.clock()
         self.state = SessionState.ACTIVE
+        base["expires_at"] = int(self.wall_clock() + self.limits.max_session_s)
         self._apply_config(canonical_session(p.SessionConfig.model_validate(base), self.id))
         self._emit(p.SessionCreated(session=fully_set(self.config)))
         pending, self._pending = self._pending, []
@@ -311,7 +314,7 @@ class RealtimeSession:
 
     def _on_session_update(self, event: p.SessionUpdate) -> None:
         patch = event.session.model_dump(mode="json", exclude_unset=True)
-        for server_owned in ("id", "object", "model", "expires_at"):
+        for server_owned in ("id", "object", "model", "expires_at"):  # read-only for clients
             patch.pop(server_owned, None)
         voice = _dig(patch, "audio", "output", "voice")
         if voice is not None and voice != self.config.audio.output.voice and self._audio_out_started:

@@ -88,7 +88,7 @@ def play_audio_response(s, response_id, audio=YES, text=("Yes, ", "please."), ch
 
 
 def test_start_emits_the_full_configuration():
-    s = RealtimeSession(clock=ManualClock())
+    s = RealtimeSession(clock=ManualClock(), wall_clock=lambda: 1_700_000_000.0)
     assert s.state is SessionState.PENDING
     s.start({"mimo": {"interleave": "5:5"}}, model="mimo-audio-tiny")
     (created,) = s.take_events()
@@ -98,6 +98,7 @@ def test_start_emits_the_full_configuration():
     golden = load_json(FIXTURES / "server" / "session.created.json")["session"]
     assert set(golden) <= set(session)  # every field of the golden shape is present
     assert session["id"] == s.id and session["model"] == "mimo-audio-tiny"
+    assert session["expires_at"] == 1_700_000_000 + 30 * 60
     assert session["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 500
     assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
     assert (
@@ -777,3 +778,16 @@ def test_retained_user_audio_is_bounded():
     assert [item.audio is not None for item in conv] == [False, False, True]
     with pytest.raises(Exception, match="maximum of 3 items"):
         conv.add(Item(id="i3", role="user", status="completed", parts=[]))
+
+
+def test_a_turn_longer_than_the_buffer_is_split_not_refused():
+    s, _ = make(limits=SessionLimits(max_input_buffer_ms=1500))
+    speech = np.concatenate([HELLO[14400:67200]] * 2)  # 4.4 s of speech without a pause long enough
+    append(s, np.concatenate([SILENCE_1S, speech, SILENCE_1S]))
+    events = s.take_events()
+    assert not errors(events)
+    stops = [e for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    assert len(stops) >= 3
+    audio = [a for a in s.take_actions() if isinstance(a, act.AppendUserAudio)]
+    assert all(len(a.pcm) <= 1500 * 24 for a in audio)
+    assert sum(len(a.pcm) for a in audio) >= len(speech)  # nothing of the speech was dropped
