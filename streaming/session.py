@@ -253,7 +253,10 @@ class RealtimeSession:
             and not self.input.speaking
         ):
             self._idle_deadline = None
-            self._idle_timeout()
+            try:
+                self._idle_timeout()
+            except ProtocolError as err:  # e.g. the conversation is full
+                self._error(err)
 
     # ------------------------------------------------------------------------------------------
     # client input
@@ -391,14 +394,17 @@ class RealtimeSession:
         self._emit(p.InputAudioBufferSpeechStarted(audio_start_ms=turn.audio_start_ms, item_id=turn.item_id))
         if not self._turn_detection().interrupt_response:
             return
-        active = self._active
-        if active and active.state is ResponseState.IN_PROGRESS and active.in_conversation:
-            self._cancel(active, "turn_detected")
+        # only responses that speak into the conversation are interrupted (OpenAI's rule)
+        run = next((r for r in reversed(self._responses.values()) if r.in_conversation), None)
+        if run is None:
+            return
+        cancelled = run.state is ResponseState.IN_PROGRESS
+        if cancelled:
+            self._cancel(run, "turn_detected")
         # cancel first, then flush: nothing generated in between can slip into the output queue
-        playing = active or self._last_response()
-        if playing is not None and (playing is active or playing.may_be_playing(self.clock())):
-            self._actions.append(act.FlushOutputAudio(playing.id))
-            self._clear_playout(playing)
+        if cancelled or run.may_be_playing(self.clock()):
+            self._actions.append(act.FlushOutputAudio(run.id))
+            self._clear_playout(run)
 
     def _on_commit(self, event: p.InputAudioBufferCommit) -> None:
         self.input.flush_decoder()
