@@ -92,6 +92,15 @@ class Conversation:
     def last_id(self) -> str | None:
         return next(reversed(self._items), None)
 
+    def previous_id(self, item_id: str) -> str | None:
+        """The id of the item just before ``item_id`` (None for the first)."""
+        previous = None
+        for key in self._items:
+            if key == item_id:
+                return previous
+            previous = key
+        return None
+
     def get(self, item_id: str) -> Item | None:
         return self._items.get(item_id)
 

@@ -3,36 +3,38 @@ actions out. No ``await``, no sockets, no threads; time comes from an injected c
 
 Driving it (the transport and the engine bridge)::
 
-    session = RealtimeSession(clock=time.monotonic)
+    session = RealtimeSession(options, clock=time.monotonic)
     session.start(server_defaults)          # PENDING -> ACTIVE, emits session.created
     session.receive(text)                   # one client message (str or bytes)
     session.push_audio(pcm16_24k)           # audio from a media track (WebRTC), no JSON
     session.tick()                          # timers: session duration, idle timeout, cancel grace
-    session.response_audio(rid, pcm)        # engine feedback, see the "engine feedback" section
+    session.response_audio(rid, pcm)        # engine feedback (the methods under "engine feedback")
     for event in session.take_events(): send(event.to_json())
-    for action in session.take_actions(): bridge.apply(action)
+    for action in session.take_actions(): bridge.apply(action)   # streaming.actions
 
 States. ``SessionState``: PENDING until the bridge calls :meth:`start` (which emits
 ``session.created``), ACTIVE, CLOSED after :meth:`close` or the duration limit. In PENDING,
 ``session.update`` messages are queued (bounded) and applied right after ``session.created``;
-every other client event, and :meth:`push_audio`, is refused with ``session_not_ready`` (so a
-bridge that starts the session before reading the socket never refuses anything). In CLOSED,
-input is ignored. ``ResponseState`` per response: IN_PROGRESS, CANCELLING (a ``CancelResponse``
-went out; further output from the engine is dropped until it confirms with ``response_done``,
-or ``cancel_grace_s`` passes), DONE. One response at a time: ``response.create`` during another
-is refused (``conversation_already_has_active_response``); a VAD turn that ends while a response
-is active queues its response until that one is done.
+every other client event, and :meth:`push_audio`, is refused with ``session_not_ready`` (a bridge
+that starts the session before reading the socket never sees this). In CLOSED, input is ignored.
+Per response (``ResponseState``): IN_PROGRESS; CANCELLING once a ``CancelResponse`` went out
+(further engine output is dropped until the engine confirms with ``response_done``, or
+``cancel_grace_s`` passes); DONE. One response at a time: ``response.create`` during another is
+refused (``conversation_already_has_active_response``); a VAD turn that ends while a response is
+active queues its response until that one is done.
 
-Every refusal is an :class:`IllegalTransition` or another :class:`ProtocolError` raised inside the
-handler and sent as an ``error`` event; the session carries on. Misuse by the bridge (feedback for
-a response id it was never given, audio for a text-only response) raises :class:`SessionStateError`.
+Every refusal is an :class:`IllegalTransition` (well-formed but not allowed now) or another
+:class:`ProtocolError`, raised inside the handler and sent as an ``error`` event; the session
+carries on. Misuse by the bridge (feedback for a response id it was never given, audio for a
+text-only response) raises :class:`SessionStateError`.
 
-Server VAD (``streaming.vad``) runs on the input as it arrives: ``speech_started`` (with the
-prefix padding, interrupting the active response when ``interrupt_response``: ``CancelResponse``
-with reason ``turn_detected`` plus ``FlushOutputAudio``), ``speech_stopped``, then the speech span
-is committed as a user item and, with ``create_response``, a response is created. Without turn
-detection the client commits (``input_audio_buffer.commit``, at least 100 ms) and asks for
-responses itself.
+Server VAD runs on the input as it arrives (``streaming.input_audio``, ``streaming.vad``):
+``speech_started`` (with the prefix padding; with ``interrupt_response`` it cancels the active
+response, reason ``turn_detected``, and flushes output audio), ``speech_stopped``, then the speech
+span is committed as a user item and, with ``create_response``, a response is created. Without
+turn detection the client commits (``input_audio_buffer.commit``, at least 100 ms) and asks for
+responses itself. The idle timeout (``idle_timeout_ms``) counts from the end of the last
+response's playback (real-time playback from its first audio, or :meth:`output_audio_drained`).
 """
 
 from __future__ import annotations
@@ -50,36 +52,36 @@ from pydantic import ValidationError
 from streaming import actions as act
 from streaming import protocol as p
 from streaming.audio import (
-    SAMPLE_RATE,
     AudioFormatError,
     BufferFullError,
     InvalidBase64Error,
-    Overflow,
-    PcmBuffer,
     WireAudioDecoder,
-    WireAudioEncoder,
     as_pcm16,
     b64decode_audio,
-    b64encode_audio,
 )
+from streaming.config import canonical_session, default_session_config, fully_set, resolve_response_params
 from streaming.conversation import Conversation, ConversationFullError, Item
+from streaming.input_audio import InputAudio, TurnStarted
 from streaming.protocol import ErrorCode, ErrorType, ProtocolError
-from streaming.vad import TurnDetector, VadConfig, resolve_turn_detection
+from streaming.responses import ResponseRun, ResponseState
+from streaming.vad import VadConfig
 
-DEFAULT_INSTRUCTIONS = "You are MiMo-Audio, a friendly AI assistant and your response needs to be concise."
-SAMPLES_PER_MS = SAMPLE_RATE // 1000
+__all__ = [
+    "IllegalTransition",
+    "RealtimeSession",
+    "ResponseState",
+    "SessionLimits",
+    "SessionOptions",
+    "SessionState",
+    "SessionStateError",
+    "Transport",
+]
 
 
 class SessionState(enum.Enum):
     PENDING = "pending"
     ACTIVE = "active"
     CLOSED = "closed"
-
-
-class ResponseState(enum.Enum):
-    IN_PROGRESS = "in_progress"
-    CANCELLING = "cancelling"
-    DONE = "done"
 
 
 class Transport(enum.Enum):
@@ -100,13 +102,14 @@ class SessionLimits:
     max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     max_input_buffer_ms: int = 120_000  # uncommitted input audio; appends beyond it are refused
     min_commit_ms: int = 100  # OpenAI's minimum for input_audio_buffer.commit
-    max_events_per_second: float = 250.0  # client messages; 10 ms audio appends are 100/s
-    max_events_burst: int = 500
+    max_events_per_second: float = 500.0  # client messages; 10 ms audio appends are 100/s
+    max_events_burst: int = 2000  # lets a client send a minute of audio in 100 ms appends at once
     max_session_s: float = 30 * 60  # OpenAI's session cap
     max_items: int = 4096
-    max_retained_audio_ms: int = 600_000
+    max_retained_audio_ms: int = 600_000  # user audio kept for conversation.item.retrieve
     max_pending_messages: int = 32  # session.update messages queued before start()
-    cancel_grace_s: float = 5.0  # wait this long for the engine to confirm a cancel
+    cancel_grace_s: float = 5.0  # how long to wait for the engine to confirm a cancel
+    finished_responses_kept: int = 16  # so that late engine feedback for them is recognised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,115 +121,46 @@ class SessionOptions:
     limits: SessionLimits = dataclasses.field(default_factory=SessionLimits)
 
 
-def default_session_config(model: str | None = None) -> p.SessionConfig:
-    """The full configuration a session starts from, before the bridge's overrides."""
-    return p.SessionConfig.model_validate(
-        {
-            "type": "realtime",
-            "object": "realtime.session",
-            "model": model,
-            "output_modalities": ["audio"],
-            "instructions": DEFAULT_INSTRUCTIONS,
-            "max_output_tokens": "inf",
-            "audio": {
-                "input": {
-                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
-                    "turn_detection": resolve_turn_detection(p.TurnDetection(type="server_vad")).model_dump(),
-                    "transcription": None,
-                    "noise_reduction": None,
-                },
-                "output": {
-                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
-                    "voice": "default",
-                    "speed": 1.0,
-                },
-            },
-            "tools": [],
-            "tool_choice": "auto",
-            "tracing": None,
-            "include": None,
-            "truncation": "auto",
-            "prompt": None,
-            # official spoken-dialogue samplers (spec 2.8); interleave off (the model decides)
-            "mimo": {
-                "interleave": None,
-                "sampling": {
-                    "text": {"temperature": 0.6, "top_k": None, "top_p": 0.95},
-                    "speech": {"temperature": 0.9, "top_k": None, "top_p": 0.95},
-                },
-                "codec": {
-                    "first_chunk_patches": None,
-                    "chunk_patches": None,
-                    "left_context_patches": None,
-                    "right_holdback_patches": None,
-                },
-                "task": "spoken_dialogue",
-                "thinking": False,
-            },
-        }
-    )
-
-
-def _full(model: Any) -> Any:
-    """A copy whose every field counts as set, so ``exclude_unset`` dumps show all of it."""
-    return type(model).model_validate(model.model_dump())
-
-
-@dataclasses.dataclass
-class _Response:
-    id: str
-    item_id: str
-    params: act.ResponseParams
-    state: ResponseState = ResponseState.IN_PROGRESS
-    opened: bool = False  # output item and content part announced
-    text: str = ""
-    audio_samples: int = 0
-    encoder: WireAudioEncoder | None = None
-    cancel_reason: str | None = None
-    cancel_at: float | None = None
-    first_audio_at: float | None = None
-    playing: bool = False  # WebRTC: output_audio_buffer.started sent, not yet stopped or cleared
-
-    @property
-    def in_conversation(self) -> bool:
-        return self.params.conversation == "auto"
+def _dig(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
 
 
 class RealtimeSession:
-    """One Realtime session (see the module docstring for the full contract)."""
+    """One Realtime session (see the module docstring for the contract)."""
 
     def __init__(
         self,
         options: SessionOptions | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         session_id: str | None = None,
     ) -> None:
         self.options = options or SessionOptions()
         self.limits = self.options.limits
-        self.clock = clock
+        self.clock = clock  # monotonic seconds: timers, rate limit, playback estimates
+        self.wall_clock = wall_clock  # epoch seconds: only for session.expires_at
         self.id = session_id or p.new_id("sess")
         self.conversation_id = p.new_id("conv")
         self.state = SessionState.PENDING
         self.config = default_session_config()
         self.conversation = Conversation(self.limits.max_items, self.limits.max_retained_audio_ms)
+        self.input = InputAudio(self.limits.max_input_buffer_ms)
         self._events: list[p.ServerEventBase] = []
         self._actions: list[act.Action] = []
         self._pending: list[str | bytes] = []
-        self._responses: dict[str, _Response] = {}
-        self._active: _Response | None = None
+        self._responses: dict[str, ResponseRun] = {}
+        self._active: ResponseRun | None = None
         self._auto_response_queued = False
-        self._audio_out_started = False  # voice becomes fixed once audio went out
+        self._audio_out_started = False  # the voice is fixed once audio went out
         self._started_at = 0.0
         self._tokens = float(self.limits.max_events_burst)
         self._tokens_at = clock()
         self._idle_deadline: float | None = None
-        self._input = PcmBuffer(self.limits.max_input_buffer_ms * SAMPLES_PER_MS, Overflow.REFUSE)
-        self._decoder = WireAudioDecoder("audio/pcm")
-        self._vad: TurnDetector | None = None
-        self._vad_offset = 0  # absolute input sample at which the current detector started
-        self._turn_item_id: str | None = None
-        self._turn_start = 0  # absolute input sample where the current VAD turn's item begins
 
     # ------------------------------------------------------------------------------------------
     # outputs
@@ -261,8 +195,9 @@ class RealtimeSession:
         self, config: p.SessionConfig | dict[str, Any] | None = None, *, model: str | None = None
     ) -> None:
         """PENDING -> ACTIVE. ``config`` (the server's defaults: engine sampling, interleave, codec
-        schedule ...) is merged over :func:`default_session_config`. Emits ``session.created``, then
-        applies the ``session.update`` messages queued while pending."""
+        schedule ...; a partial session object) is merged over :func:`default_session_config`.
+        Emits ``session.created`` (and ``UpdateSession``), then applies the ``session.update``
+        messages queued while pending."""
         if self.state is not SessionState.PENDING:
             raise SessionStateError(f"start() called in state {self.state.name}")
         base = default_session_config(model).model_dump(mode="json")
@@ -271,24 +206,25 @@ class RealtimeSession:
             base = p.merge_session_update(base, patch)
         self._started_at = self.clock()
         self.state = SessionState.ACTIVE
-        self._apply_config(self._canonical(p.SessionConfig.model_validate(base)))
-        self._emit(p.SessionCreated(session=_full(self.config)))
+        base["expires_at"] = int(self.wall_clock() + self.limits.max_session_s)
+        self._apply_config(canonical_session(p.SessionConfig.model_validate(base), self.id))
+        self._emit(p.SessionCreated(session=fully_set(self.config)))
         pending, self._pending = self._pending, []
         for message in pending:
             self.receive(message)
 
     def close(self, reason: str = "closed") -> None:
-        """ACTIVE -> CLOSED (the connection went away or the server shuts the session down):
-        cancels the active response so the engine frees its work. Further input is ignored."""
+        """-> CLOSED (the connection went away, or the server ends the session): cancels the
+        active response so the engine frees its work, then ``Close``. Further input is ignored."""
         if self.state is SessionState.CLOSED:
             return
         if self._active is not None and self._active.state is ResponseState.IN_PROGRESS:
-            self._actions.append(act.CancelResponse(self._active.id, "client_cancelled"))
+            self._cancel(self._active, "client_cancelled")
         self.state = SessionState.CLOSED
         self._actions.append(act.Close(reason))
 
     def tick(self, now: float | None = None) -> None:
-        """Run the timers: session duration, cancel confirmation grace, server VAD idle timeout."""
+        """Run the timers: session duration, cancel confirmation grace, server-VAD idle timeout."""
         now = self.clock() if now is None else now
         if self.state is not SessionState.ACTIVE:
             return
@@ -308,17 +244,19 @@ class RealtimeSession:
             and active.state is ResponseState.CANCELLING
             and now - active.cancel_at >= self.limits.cancel_grace_s
         ):
-            self._finish(active, "cancelled", active.cancel_reason, None, None)
-        td = self._turn_detection()
+            self._finish(active, "cancelled", active.cancel_reason)
         if (
             self._idle_deadline is not None
             and now >= self._idle_deadline
-            and td is not None
+            and self._turn_detection() is not None
             and self._active is None
-            and not (self._vad and self._vad.speaking)
+            and not self.input.speaking
         ):
             self._idle_deadline = None
-            self._idle_timeout()
+            try:
+                self._idle_timeout()
+            except ProtocolError as err:  # e.g. the conversation is full
+                self._error(err)
 
     # ------------------------------------------------------------------------------------------
     # client input
@@ -342,7 +280,7 @@ class RealtimeSession:
             self._error(err)
 
     def push_audio(self, pcm16: np.ndarray) -> None:
-        """Audio that arrives outside JSON (a WebRTC track), pcm16 mono at 24 kHz."""
+        """Audio that arrives outside JSON (a WebRTC track): pcm16 mono at 24 kHz."""
         if self.state is SessionState.CLOSED:
             return
         try:
@@ -379,15 +317,10 @@ class RealtimeSession:
 
     def _on_session_update(self, event: p.SessionUpdate) -> None:
         patch = event.session.model_dump(mode="json", exclude_unset=True)
-        for server_owned in ("id", "object", "model", "expires_at"):
+        for server_owned in ("id", "object", "model", "expires_at"):  # read-only for clients
             patch.pop(server_owned, None)
-        voice = (
-            patch.get("audio", {}).get("output", {}).get("voice")
-            if isinstance(patch.get("audio"), dict)
-            else None
-        )
-        current_voice = self.config.audio.output.voice
-        if voice is not None and voice != current_voice and self._audio_out_started:
+        voice = _dig(patch, "audio", "output", "voice")
+        if voice is not None and voice != self.config.audio.output.voice and self._audio_out_started:
             raise ProtocolError(
                 ErrorCode.INVALID_VALUE,
                 "Cannot update voice: the model has already responded with audio in this session.",
@@ -396,162 +329,102 @@ class RealtimeSession:
         merged = p.merge_session_update(self.config.model_dump(mode="json"), patch)
         try:
             config = p.SessionConfig.model_validate(merged)
-        except ValidationError as exc:  # a merge can only fail on values that passed alone
+        except ValidationError as exc:  # only combinations can fail here: each value passed alone
             raise p.error_from_validation(exc, prefix="session") from None
-        self._apply_config(self._canonical(config))
-        self._emit(p.SessionUpdated(session=_full(self.config)))
-
-    def _canonical(self, config: p.SessionConfig) -> p.SessionConfig:
-        """Fill in what an update may leave out, so the stored configuration is complete."""
-        data = config.model_dump(mode="json")
-        audio = data.get("audio") or {}
-        audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
-        for part in (audio_in, audio_out):
-            fmt = part.get("format") or {"type": "audio/pcm"}
-            if fmt["type"] == "audio/pcm":
-                fmt["rate"] = SAMPLE_RATE
-            part["format"] = fmt
-        td = audio_in.get("turn_detection")
-        if td is not None:
-            audio_in["turn_detection"] = resolve_turn_detection(
-                p.TurnDetection.model_validate(td)
-            ).model_dump()
-        audio_out.setdefault("speed", 1.0)
-        data["audio"] = {"input": audio_in, "output": audio_out}
-        data["id"], data["object"] = self.id, "realtime.session"
-        return p.SessionConfig.model_validate(data)
+        self._apply_config(canonical_session(config, self.id))
+        self._emit(p.SessionUpdated(session=fully_set(self.config)))
 
     def _apply_config(self, config: p.SessionConfig) -> None:
         self.config = config
-        if config.audio.input.format.type != self._decoder.format_type:
-            self._decoder = WireAudioDecoder(config.audio.input.format.type)
-        new_td = config.audio.input.turn_detection
-        if new_td is None:
-            self._vad = None
-            self._turn_item_id = None
-        elif self._vad is None or self._vad.config != self._vad_config(new_td):
-            self._vad = TurnDetector(self._vad_config(new_td))
-            self._vad_offset = self._input.end
-            self._turn_item_id = None
+        self.input.set_format(config.audio.input.format.type)
+        td = config.audio.input.turn_detection
+        vad = None
+        if td is not None:
+            vad = VadConfig.from_turn_detection(
+                td, frame_ms=self.options.vad_frame_ms, min_speech_ms=self.options.vad_min_speech_ms
+            )
+        self.input.set_vad(vad)
         self._actions.append(act.UpdateSession(config))
-
-    def _vad_config(self, td: p.TurnDetection) -> VadConfig:
-        return VadConfig.from_turn_detection(
-            td, frame_ms=self.options.vad_frame_ms, min_speech_ms=self.options.vad_min_speech_ms
-        )
 
     def _turn_detection(self) -> p.TurnDetection | None:
         return self.config.audio.input.turn_detection
 
     # --- input audio buffer ---
 
-    def _decode_audio(self, text: str, decoder: WireAudioDecoder, param: str) -> np.ndarray:
+    @staticmethod
+    def _decode(decode: Callable[[str], np.ndarray], text: str, param: str) -> np.ndarray:
         try:
-            pcm = decoder.decode(b64decode_audio(text))
+            return decode(text)
         except InvalidBase64Error as exc:
             raise ProtocolError(ErrorCode.INVALID_BASE64, f"Invalid '{param}': {exc}.", param=param) from None
         except AudioFormatError as exc:
             raise ProtocolError(
                 ErrorCode.INVALID_AUDIO_LENGTH, f"Invalid '{param}': {exc}.", param=param
             ) from None
-        return pcm
 
     def _on_append(self, event: p.InputAudioBufferAppend) -> None:
-        self._append_input(self._decode_audio(event.audio, self._decoder, "audio"))
+        self._append_input(self._decode(self.input.decode, event.audio, "audio"))
 
     def _append_input(self, pcm: np.ndarray) -> None:
         try:
-            self._input.write(pcm)
+            turns = self.input.append(pcm)
         except BufferFullError:
             raise ProtocolError(
                 ErrorCode.INPUT_AUDIO_BUFFER_FULL,
-                f"The input audio buffer holds its maximum of {self.limits.max_input_buffer_ms} ms; "
-                "this audio was dropped. Commit or clear the buffer.",
+                f"The input audio buffer holds its maximum of {self.limits.max_input_buffer_ms} ms; this "
+                "audio was dropped. Commit or clear the buffer.",
                 param="audio",
             ) from None
-        if self._vad is None:
-            return
-        for vad_event in self._vad.push(pcm):
-            if hasattr(vad_event, "speech_start_ms"):
-                self._speech_started(self._vad_offset + vad_event.audio_start_ms * SAMPLES_PER_MS)
+        for turn in turns:
+            if isinstance(turn, TurnStarted):
+                self._speech_started(turn)
             else:
-                self._speech_stopped(self._vad_offset + vad_event.audio_end_ms * SAMPLES_PER_MS)
-        if not self._vad.speaking:
-            # keep only what a speech start detected later could reach back to
-            cfg = self._vad.config
-            keep = (cfg.prefix_padding_ms + cfg.min_speech_ms + 2 * cfg.frame_ms) * SAMPLES_PER_MS
-            self._input.drop_before(self._vad_offset + self._vad.decided_ms * SAMPLES_PER_MS - keep)
+                self._emit(
+                    p.InputAudioBufferSpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id)
+                )
+                self._commit_user_audio(turn.item_id, turn.pcm)
+                if self._turn_detection().create_response:
+                    if self._active is None:
+                        self._create_response(None, None)
+                    else:
+                        self._auto_response_queued = True
 
-    def _speech_started(self, start: int) -> None:
-        start = max(start, self._input.start)
-        self._input.drop_before(start)
-        self._turn_item_id, self._turn_start = p.new_id("item"), start
+    def _speech_started(self, turn: TurnStarted) -> None:
         self._idle_deadline = None
-        self._emit(
-            p.InputAudioBufferSpeechStarted(
-                audio_start_ms=start // SAMPLES_PER_MS, item_id=self._turn_item_id
-            )
-        )
-        td = self._turn_detection()
-        if td.interrupt_response:
-            active = self._active
-            if active and active.state is ResponseState.IN_PROGRESS and active.in_conversation:
-                self._cancel(active, "turn_detected")
-            # cancel first, then flush: nothing generated in between can slip into the output queue
-            playing = active or self._last_response()
-            if playing is not None and (playing is active or self._may_be_playing(playing)):
-                self._actions.append(act.FlushOutputAudio(playing.id))
-                self._clear_playout(playing)
-
-    def _speech_stopped(self, end: int) -> None:
-        end = min(end, self._input.end)
-        item_id = self._turn_item_id or p.new_id("item")
-        self._turn_item_id = None
-        self._emit(p.InputAudioBufferSpeechStopped(audio_end_ms=end // SAMPLES_PER_MS, item_id=item_id))
-        pcm = self._input.span(self._turn_start, end)
-        self._input.drop_before(end)
-        self._commit_user_audio(item_id, pcm)
-        if self._turn_detection().create_response:
-            if self._active is None:
-                self._create_response(None, None)
-            else:
-                self._auto_response_queued = True
+        self._emit(p.InputAudioBufferSpeechStarted(audio_start_ms=turn.audio_start_ms, item_id=turn.item_id))
+        if not self._turn_detection().interrupt_response:
+            return
+        # only responses that speak into the conversation are interrupted (OpenAI's rule)
+        run = next((r for r in reversed(self._responses.values()) if r.in_conversation), None)
+        if run is None:
+            return
+        cancelled = run.state is ResponseState.IN_PROGRESS
+        if cancelled:
+            self._cancel(run, "turn_detected")
+        # cancel first, then flush: nothing generated in between can slip into the output queue
+        if cancelled or run.may_be_playing(self.clock()):
+            self._actions.append(act.FlushOutputAudio(run.id))
+            self._clear_playout(run)
 
     def _on_commit(self, event: p.InputAudioBufferCommit) -> None:
-        # G.711 input: the upsampler still holds the last few ms of the turn; the turn ends here
-        tail = self._decoder.flush()
-        if len(tail):
-            self._append_input(tail)
-        buffered_ms = len(self._input) / SAMPLES_PER_MS
-        if buffered_ms < self.limits.min_commit_ms:
+        self.input.flush_decoder()
+        if self.input.buffered_ms < self.limits.min_commit_ms:
             raise IllegalTransition(
                 ErrorCode.INPUT_AUDIO_BUFFER_COMMIT_EMPTY,
                 f"Error committing input audio buffer: buffer too small. Expected at least "
-                f"{self.limits.min_commit_ms}ms of audio, but buffer only has {buffered_ms:.2f}ms of audio.",
+                f"{self.limits.min_commit_ms}ms of audio, but buffer only has {self.input.buffered_ms:.2f}ms "
+                "of audio.",
             )
-        item_id = self._turn_item_id or p.new_id("item")
-        self._turn_item_id = None
-        if self._vad is not None:
-            self._vad.end_turn()
-        pcm = self._input.span(self._input.start, self._input.end)
-        self._input.drop_before(self._input.end)
+        item_id, _, _, pcm = self.input.take()
         self._commit_user_audio(item_id, pcm)
 
     def _on_clear(self, event: p.InputAudioBufferClear) -> None:
-        self._input.clear()
-        self._turn_item_id = None
-        if self._vad is not None:
-            self._vad.end_turn()
+        self.input.clear()
         self._emit(p.InputAudioBufferCleared())
 
     def _commit_user_audio(self, item_id: str, pcm: np.ndarray) -> None:
-        item = Item(
-            id=item_id,
-            role="user",
-            status="completed",
-            parts=[p.ContentPart(type="input_audio", transcript=None)],
-            audio=pcm,
-        )
+        parts = [p.ContentPart(type="input_audio", transcript=None)]
+        item = Item(id=item_id, role="user", status="completed", parts=parts, audio=pcm)
         previous = self._add_item(item)
         self._emit(p.InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
         self._announce_item(item, previous)
@@ -559,14 +432,9 @@ class RealtimeSession:
             self._actions.append(act.AppendUserAudio(item_id, pcm))
 
     def _idle_timeout(self) -> None:
-        item_id = p.new_id("item")
-        start, end = self._input.start, self._input.end
-        pcm = self._input.span(start, end)
-        self._input.drop_before(end)
+        item_id, start_ms, end_ms, pcm = self.input.take()
         self._emit(
-            p.InputAudioBufferTimeoutTriggered(
-                audio_start_ms=start // SAMPLES_PER_MS, audio_end_ms=end // SAMPLES_PER_MS, item_id=item_id
-            )
+            p.InputAudioBufferTimeoutTriggered(audio_start_ms=start_ms, audio_end_ms=end_ms, item_id=item_id)
         )
         self._commit_user_audio(item_id, pcm)
         self._create_response(None, None)
@@ -588,30 +456,35 @@ class RealtimeSession:
             self._emit(p.ConversationItemDone(previous_item_id=previous, item=model))
 
     def _on_item_create(self, event: p.ConversationItemCreate) -> None:
-        if event.previous_item_id is not None:
-            if event.previous_item_id not in self.conversation:
-                raise ProtocolError(
-                    ErrorCode.INVALID_VALUE,
-                    f"Invalid 'previous_item_id': no item {event.previous_item_id!r} in the conversation.",
-                    param="previous_item_id",
-                )
-            if event.previous_item_id != self.conversation.last_id:
-                raise ProtocolError(
-                    ErrorCode.UNSUPPORTED_FEATURE,
-                    "Inserting an item before the end of the conversation is not supported: previous_item_id "
-                    "must be the last item's id (or omitted).",
-                    param="previous_item_id",
-                )
+        previous_id = event.previous_item_id
+        if previous_id is not None and previous_id not in self.conversation:
+            raise ProtocolError(
+                ErrorCode.INVALID_VALUE,
+                f"Invalid 'previous_item_id': no item {previous_id!r} in the conversation.",
+                param="previous_item_id",
+            )
+        if previous_id is not None and previous_id != self.conversation.last_id:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_FEATURE,
+                "Inserting an item before the end of the conversation is not supported: "
+                "previous_item_id must be the last item's id (or omitted).",
+                param="previous_item_id",
+            )
         spec = event.item
         item_id = spec.id or p.new_id("item")
         if item_id in self.conversation:
             raise ProtocolError(
                 ErrorCode.ITEM_ID_CONFLICT, f"An item with id {item_id!r} already exists.", param="item.id"
             )
+        text_action = {
+            "user": act.AppendUserText,
+            "system": act.AppendSystemText,
+            "assistant": act.AppendAssistantText,
+        }
         parts: list[p.ContentPart] = []
         actions: list[act.Action] = []
         audio: list[np.ndarray] = []
-        for i, part in enumerate(spec.content):
+        for i, part in enumerate(spec.content):  # validate every part before anything happens
             where = f"item.content[{i}]"
             if part.type in ("input_text", "output_text"):
                 if part.text is None:
@@ -620,10 +493,7 @@ class RealtimeSession:
                         f"Missing required parameter: '{where}.text'.",
                         param=f"{where}.text",
                     )
-                kind = {"user": act.AppendUserText, "system": act.AppendSystemText}.get(
-                    spec.role, act.AppendAssistantText
-                )
-                actions.append(kind(item_id, part.text))
+                actions.append(text_action[spec.role](item_id, part.text))
                 parts.append(p.ContentPart(type=part.type, text=part.text))
             elif part.type == "input_audio":
                 if part.audio is None:
@@ -633,12 +503,14 @@ class RealtimeSession:
                         param=f"{where}.audio",
                     )
                 decoder = WireAudioDecoder(self.config.audio.input.format.type)
-                pcm = self._decode_audio(part.audio, decoder, f"{where}.audio")
+                pcm = self._decode(
+                    lambda t, d=decoder: d.decode(b64decode_audio(t)), part.audio, f"{where}.audio"
+                )
                 pcm = np.concatenate([pcm, decoder.flush()])
                 audio.append(pcm)
                 actions.append(act.AppendUserAudio(item_id, pcm))
                 parts.append(p.ContentPart(type="input_audio", transcript=part.transcript))
-            else:  # output_audio from a client
+            else:  # output_audio
                 raise ProtocolError(
                     ErrorCode.UNSUPPORTED_FEATURE,
                     "Assistant audio items cannot be created by the client; send the assistant's words as "
@@ -660,8 +532,8 @@ class RealtimeSession:
         self.truncate_item(event.item_id, event.audio_end_ms, content_index=event.content_index)
 
     def truncate_item(self, item_id: str, audio_end_ms: int, *, content_index: int | None = None) -> None:
-        """Truncate an assistant audio item (the client's ``conversation.item.truncate``; a WebRTC
-        bridge that knows what was played may call it directly). Raises :class:`ProtocolError`."""
+        """Truncate an assistant audio item: the client's ``conversation.item.truncate``; a bridge
+        that knows what was played (WebRTC) may call it directly. Raises :class:`ProtocolError`."""
         item = self.conversation.get(item_id)
         if item is None:
             raise ProtocolError(
@@ -699,8 +571,7 @@ class RealtimeSession:
         self._actions.append(act.TruncateItem(item_id, audio_end_ms, transcript))
 
     def _on_item_delete(self, event: p.ConversationItemDelete) -> None:
-        item = self.conversation.get(event.item_id)
-        if item is None:
+        if event.item_id not in self.conversation:
             raise ProtocolError(
                 ErrorCode.ITEM_DELETE_INVALID_ITEM_ID,
                 f"Item with item_id not found: {event.item_id}.",
@@ -733,58 +604,6 @@ class RealtimeSession:
     def _on_response_create(self, event: p.ResponseCreate) -> None:
         self._create_response(event.response, event.event_id)
 
-    def _resolve_params(self, override: p.ResponseCreateParams | None) -> act.ResponseParams:
-        cfg = self.config
-        o = override or p.ResponseCreateParams()
-        mimo = cfg.mimo.model_dump(mode="json")
-        if o.mimo is not None:
-            mimo = p.merge_session_update(
-                {"mimo": mimo}, {"mimo": o.mimo.model_dump(mode="json", exclude_unset=True)}
-            )["mimo"]
-        mimo_cfg = p.MimoConfig.model_validate(mimo)
-        out = o.audio.output if o.audio and o.audio.output else None
-        fmt = (out.format if out and out.format else cfg.audio.output.format).type
-        max_tokens = o.max_output_tokens if o.max_output_tokens is not None else cfg.max_output_tokens
-        sampling = mimo_cfg.sampling or p.SamplingConfig()
-        return act.ResponseParams(
-            output_modalities=p.resolve_modalities(o.output_modalities or cfg.output_modalities),
-            instructions=o.instructions if o.instructions is not None else (cfg.instructions or ""),
-            max_output_tokens=None if max_tokens in (None, "inf") else max_tokens,
-            conversation=o.conversation or "auto",
-            metadata=o.metadata,
-            voice=(out.voice if out and out.voice else cfg.audio.output.voice),
-            speed=cfg.audio.output.speed or 1.0,
-            output_format=fmt,
-            interleave=p.parse_interleave(mimo_cfg.interleave) if mimo_cfg.interleave else None,
-            min_output_tokens=mimo_cfg.min_output_tokens or 0,
-            text_sampling=sampling.text or p.SamplingParams(),
-            speech_sampling=sampling.speech or p.SamplingParams(),
-            codec=mimo_cfg.codec or p.CodecSchedule(),
-            task=mimo_cfg.task or "spoken_dialogue",
-            thinking=bool(mimo_cfg.thinking),
-        )
-
-    def _response_model(self, resp: _Response, **fields: Any) -> p.RealtimeResponse:
-        params = resp.params
-        fmt = {
-            "type": params.output_format,
-            **({"rate": SAMPLE_RATE} if params.output_format == "audio/pcm" else {}),
-        }
-        base = {
-            "id": resp.id,
-            "object": "realtime.response",
-            "status": "in_progress",
-            "status_details": None,
-            "output": [],
-            "conversation_id": self.conversation_id if resp.in_conversation else None,
-            "output_modalities": list(params.output_modalities),
-            "max_output_tokens": "inf" if params.max_output_tokens is None else params.max_output_tokens,
-            "audio": {"output": {"format": fmt, "voice": params.voice}},
-            "usage": None,
-            "metadata": params.metadata,
-        }
-        return p.RealtimeResponse.model_validate({**base, **fields})
-
     def _create_response(self, override: p.ResponseCreateParams | None, event_id: str | None) -> None:
         if self._active is not None:
             raise IllegalTransition(
@@ -793,15 +612,12 @@ class RealtimeSession:
                 "response is finished before creating a new one.",
                 event_id=event_id,
             )
-        params = self._resolve_params(override)
-        resp = _Response(id=p.new_id("resp"), item_id=p.new_id("item"), params=params)
-        if params.audio:
-            resp.encoder = WireAudioEncoder(params.output_format)
-        self._responses[resp.id] = resp
-        self._active = resp
+        run = ResponseRun(p.new_id("resp"), p.new_id("item"), resolve_response_params(self.config, override))
+        self._responses[run.id] = run
+        self._active = run
         self._idle_deadline = None
-        self._emit(p.ResponseCreated(response=self._response_model(resp)))
-        self._actions.append(act.CreateResponse(resp.id, resp.item_id, params))
+        self._emit(p.ResponseCreated(response=run.response(self.conversation_id)))
+        self._actions.append(act.CreateResponse(run.id, run.item_id, run.params))
 
     def _on_response_cancel(self, event: p.ResponseCancel) -> None:
         active = self._active
@@ -818,9 +634,9 @@ class RealtimeSession:
             )
         self._cancel(active, "client_cancelled")
 
-    def _cancel(self, resp: _Response, reason: act.CancelReason) -> None:
-        resp.state, resp.cancel_reason, resp.cancel_at = ResponseState.CANCELLING, reason, self.clock()
-        self._actions.append(act.CancelResponse(resp.id, reason))
+    def _cancel(self, run: ResponseRun, reason: act.CancelReason) -> None:
+        run.state, run.cancel_reason, run.cancel_at = ResponseState.CANCELLING, reason, self.clock()
+        self._actions.append(act.CancelResponse(run.id, reason))
 
     def _on_output_clear(self, event: p.OutputAudioBufferClear) -> None:
         last = self._active or self._last_response()
@@ -829,22 +645,13 @@ class RealtimeSession:
             last.playing = False
         self._emit(p.OutputAudioBufferCleared(response_id=last.id if last else None))
 
-    def _clear_playout(self, resp: _Response | None) -> None:
-        """WebRTC: tell the client that playback of ``resp`` was cut off (barge-in)."""
-        if self.options.transport is Transport.WEBRTC and resp is not None and resp.playing:
-            resp.playing = False
-            self._emit(p.OutputAudioBufferCleared(response_id=resp.id))
+    def _clear_playout(self, run: ResponseRun) -> None:
+        """WebRTC: tell the client that playback of ``run`` was cut off (barge-in)."""
+        if self.options.transport is Transport.WEBRTC and run.playing:
+            run.playing = False
+            self._emit(p.OutputAudioBufferCleared(response_id=run.id))
 
-    def _may_be_playing(self, resp: _Response) -> bool:
-        """Whether output audio of a finished response may still be queued or playing (real-time
-        playback from its first audio), or the transport says it is (WebRTC)."""
-        if resp.playing:
-            return True
-        if resp.first_audio_at is None:
-            return False
-        return self.clock() < resp.first_audio_at + resp.audio_samples / SAMPLE_RATE
-
-    def _last_response(self) -> _Response | None:
+    def _last_response(self) -> ResponseRun | None:
         return next(reversed(self._responses.values()), None)
 
     _HANDLERS: ClassVar[dict[str, Callable[[RealtimeSession, Any], None]]] = {
@@ -864,97 +671,69 @@ class RealtimeSession:
     # ------------------------------------------------------------------------------------------
     # engine feedback
 
-    def _response(self, response_id: str) -> _Response | None:
-        """The response to feed, or None when its output is to be dropped (cancelling or done)."""
-        resp = self._responses.get(response_id)
-        if resp is None:
+    def _run(self, response_id: str) -> ResponseRun:
+        run = self._responses.get(response_id)
+        if run is None:
             raise SessionStateError(f"unknown response {response_id!r}")
-        return resp if resp.state is ResponseState.IN_PROGRESS else None
+        return run
 
-    def _open(self, resp: _Response) -> None:
-        if resp.opened:
+    def _open(self, run: ResponseRun) -> None:
+        """Announce the output item (and, in the conversation, the assistant item) and its part."""
+        if run.opened:
             return
-        resp.opened = True
-        item = self._assistant_item(resp, "in_progress", with_content=False)
-        model = item.to_model()
-        self._emit(p.ResponseOutputItemAdded(response_id=resp.id, output_index=0, item=model))
-        if resp.in_conversation:
+        run.opened = True
+        item = run.new_item()
+        self._emit(p.ResponseOutputItemAdded(response_id=run.id, output_index=0, item=item.to_model()))
+        if run.in_conversation:
             try:
                 previous = self._add_item(item)
             except ProtocolError as err:  # conversation full: the output stays out of band
                 self._error(err)
             else:
                 self._announce_item(item, previous, done=False)
-        part = {"type": "audio", "transcript": ""} if resp.params.audio else {"type": "text", "text": ""}
-        self._emit(p.ResponseContentPartAdded(**self._address(resp), part=p.ResponsePart(**part)))
-
-    def _assistant_item(self, resp: _Response, status: str, *, with_content: bool = True) -> Item:
-        item = self.conversation.get(resp.item_id) if resp.in_conversation else None
-        if item is None:
-            item = Item(id=resp.item_id, role="assistant", status=status, parts=[], response_id=resp.id)
-        item.status = status
-        if with_content:
-            if resp.params.audio:
-                item.parts = [p.ContentPart(type="output_audio", transcript=resp.text)]
-            else:
-                item.parts = [p.ContentPart(type="output_text", text=resp.text)]
-            item.audio_samples = resp.audio_samples
-        return item
-
-    @staticmethod
-    def _address(resp: _Response) -> dict[str, Any]:
-        return {"response_id": resp.id, "item_id": resp.item_id, "output_index": 0, "content_index": 0}
+        self._emit(run.part_added())
 
     def response_started(self, response_id: str) -> None:
         """The engine began generating: announces the output item and its content part."""
-        resp = self._response(response_id)
-        if resp is not None:
-            self._open(resp)
+        run = self._run(response_id)
+        if run.state is ResponseState.IN_PROGRESS:
+            self._open(run)
 
     def response_text(self, response_id: str, text_delta: str) -> None:
-        """Text from the engine: the transcript of the speech for audio responses, the answer for
-        text-only ones."""
-        resp = self._response(response_id)
-        if resp is None or not text_delta:
-            return
-        self._open(resp)
-        resp.text += text_delta
-        item = self.conversation.get(resp.item_id)
-        if resp.params.audio:
-            if item is not None:
-                item.parts = [p.ContentPart(type="output_audio", transcript=resp.text)]
-                item.audio_samples = resp.audio_samples
-                Conversation.record_text(item, len(resp.text))
-            self._emit(p.ResponseOutputAudioTranscriptDelta(**self._address(resp), delta=text_delta))
-        else:
-            self._emit(p.ResponseOutputTextDelta(**self._address(resp), delta=text_delta))
+        """Text from the engine: the transcript of the speech (audio responses) or the answer
+        (text-only responses)."""
+        run = self._run(response_id)
+        if run.state is not ResponseState.IN_PROGRESS or not text_delta:
+            return  # output of a cancelled response is dropped
+        self._open(run)
+        self._emit(run.add_text(text_delta))
+        item = self.conversation.get(run.item_id) if run.in_conversation else None
+        if item is not None:
+            run.fill_item(item, "in_progress")
+            Conversation.record_text(item, len(run.text))
 
     def response_audio(self, response_id: str, pcm16: bytes | np.ndarray) -> None:
-        """Speech from the engine, pcm16 mono at 24 kHz; sent as ``response.output_audio.delta`` in
-        the response's output format (WebSocket) or only accounted (WebRTC: the track carries it)."""
-        resp = self._response(response_id)
-        if resp is None:
-            return
-        if not resp.params.audio:
+        """Speech from the engine, pcm16 mono at 24 kHz. Sent as ``response.output_audio.delta`` in
+        the response's output format (WebSocket), or only accounted (WebRTC: the track carries it)."""
+        run = self._run(response_id)
+        if not run.params.audio:
             raise SessionStateError(f"audio for text-only response {response_id!r}")
         pcm = as_pcm16(pcm16)
-        if not len(pcm):
+        if run.state is not ResponseState.IN_PROGRESS or not len(pcm):
             return
-        self._open(resp)
-        resp.audio_samples += len(pcm)
-        item = self.conversation.get(resp.item_id)
-        if item is not None:
-            item.audio_samples = resp.audio_samples
-        if resp.first_audio_at is None:
-            resp.first_audio_at = self.clock()
+        self._open(run)
+        if run.first_audio_at is None:
+            run.first_audio_at = self.clock()
             self._audio_out_started = True
             if self.options.transport is Transport.WEBRTC:
-                resp.playing = True
-                self._emit(p.OutputAudioBufferStarted(response_id=resp.id))
-        if self.options.transport is Transport.WEBSOCKET:
-            payload = resp.encoder.encode(pcm)
-            if payload:
-                self._emit(p.ResponseOutputAudioDelta(**self._address(resp), delta=b64encode_audio(payload)))
+                run.playing = True
+                self._emit(p.OutputAudioBufferStarted(response_id=run.id))
+        delta = run.add_audio(pcm, as_event=self.options.transport is Transport.WEBSOCKET)
+        if delta is not None:
+            self._emit(delta)
+        item = self.conversation.get(run.item_id) if run.in_conversation else None
+        if item is not None:
+            item.audio_samples = run.audio_samples
 
     def response_done(
         self,
@@ -964,32 +743,29 @@ class RealtimeSession:
         usage: dict[str, Any] | None = None,
         timings: dict[str, float] | None = None,
     ) -> None:
-        """The engine finished (``completed``; ``incomplete`` with reason ``max_output_tokens``;
-        or anything after a ``CancelResponse``, which is reported as ``cancelled``)."""
-        resp = self._responses.get(response_id)
-        if resp is None:
-            raise SessionStateError(f"unknown response {response_id!r}")
-        if resp.state is ResponseState.DONE:
-            return  # already finished (cancel grace expired)
-        if resp.state is ResponseState.CANCELLING:
-            status, reason = "cancelled", resp.cancel_reason
+        """The engine finished: ``completed``, or ``incomplete`` with reason ``max_output_tokens``.
+        After a ``CancelResponse`` any status is reported as ``cancelled`` with the cancel's reason.
+        ``usage`` is OpenAI's usage object; ``timings`` (ms per stage) go to ``response.mimo``."""
+        run = self._run(response_id)
+        if run.state is ResponseState.DONE:
+            return  # already finished (the cancel grace expired)
+        if run.state is ResponseState.CANCELLING:
+            status, reason = "cancelled", run.cancel_reason
         if status not in ("completed", "incomplete", "cancelled", "failed"):
             raise SessionStateError(f"invalid response status {status!r}")
-        self._finish(resp, status, reason, usage, timings)
+        self._finish(run, status, reason, usage, timings)
 
     def response_failed(self, response_id: str, message: str) -> None:
-        """The engine could not produce the response: ``response.done`` with status ``failed``
-        and an ``error`` event (type ``server_error``)."""
-        resp = self._responses.get(response_id)
-        if resp is None:
-            raise SessionStateError(f"unknown response {response_id!r}")
-        if resp.state is ResponseState.DONE:
+        """The engine could not produce the response: ``response.done`` with status ``failed``,
+        then an ``error`` event (type ``server_error``)."""
+        run = self._run(response_id)
+        if run.state is ResponseState.DONE:
             return
         error = {"type": ErrorType.SERVER.value, "code": ErrorCode.RESPONSE_FAILED.value, "message": message}
-        self._finish(resp, "failed", None, None, None, error=error)
+        self._finish(run, "failed", None, error=error)
         self._error(
             ProtocolError(
-                ErrorCode.RESPONSE_FAILED, f"Response {resp.id} failed: {message}", type=ErrorType.SERVER
+                ErrorCode.RESPONSE_FAILED, f"Response {run.id} failed: {message}", type=ErrorType.SERVER
             )
         )
 
@@ -1002,89 +778,64 @@ class RealtimeSession:
         self._emit(p.ConversationItemDeleted(item_id=item_id))
 
     def output_audio_drained(self, response_id: str) -> None:
-        """The transport finished playing a response's audio (WebRTC: ``output_audio_buffer.stopped``).
-        Also re-arms the idle timeout from this moment."""
-        resp = self._responses.get(response_id)
-        if resp is None:
-            raise SessionStateError(f"unknown response {response_id!r}")
-        if self.options.transport is Transport.WEBRTC and resp.playing:
-            resp.playing = False
-            self._emit(p.OutputAudioBufferStopped(response_id=resp.id))
-        if resp.state is ResponseState.DONE and self._active is None:
+        """The transport played all of a response's audio: ``output_audio_buffer.stopped``
+        (WebRTC); the idle timeout counts from now."""
+        run = self._run(response_id)
+        if self.options.transport is Transport.WEBRTC and run.playing:
+            run.playing = False
+            self._emit(p.OutputAudioBufferStopped(response_id=run.id))
+        if run.state is ResponseState.DONE and self._active is None and run.in_conversation:
             self._arm_idle(self.clock())
 
     def _finish(
         self,
-        resp: _Response,
+        run: ResponseRun,
         status: str,
         reason: str | None,
-        usage: dict[str, Any] | None,
-        timings: dict[str, float] | None,
+        usage: dict[str, Any] | None = None,
+        timings: dict[str, float] | None = None,
         *,
         error: dict[str, Any] | None = None,
     ) -> None:
         output: list[p.ConversationItem] = []
-        if resp.opened:
-            addr = self._address(resp)
-            if resp.params.audio:
-                tail = resp.encoder.flush() if resp.state is ResponseState.IN_PROGRESS else b""
-                if tail and self.options.transport is Transport.WEBSOCKET:
-                    self._emit(p.ResponseOutputAudioDelta(**addr, delta=b64encode_audio(tail)))
-                self._emit(p.ResponseOutputAudioDone(**addr))
-                self._emit(p.ResponseOutputAudioTranscriptDone(**addr, transcript=resp.text))
-                part = p.ResponsePart(type="audio", transcript=resp.text)
-            else:
-                self._emit(p.ResponseOutputTextDone(**addr, text=resp.text))
-                part = p.ResponsePart(type="text", text=resp.text)
-            self._emit(p.ResponseContentPartDone(**addr, part=part))
-            item = self._assistant_item(resp, "completed" if status == "completed" else "incomplete")
+        if run.opened:
+            for event in run.closing_events(audio_events=self.options.transport is Transport.WEBSOCKET):
+                self._emit(event)
+            stored = self.conversation.get(run.item_id) if run.in_conversation else None
+            item = run.fill_item(
+                stored or run.new_item(), "completed" if status == "completed" else "incomplete"
+            )
             model = item.to_model()
-            self._emit(p.ResponseOutputItemDone(response_id=resp.id, output_index=0, item=model))
-            if resp.in_conversation and resp.item_id in self.conversation:
-                previous = self._previous_id(resp.item_id)
-                self._emit(p.ConversationItemDone(previous_item_id=previous, item=model))
+            self._emit(p.ResponseOutputItemDone(response_id=run.id, output_index=0, item=model))
+            if stored is not None:
+                self._emit(
+                    p.ConversationItemDone(
+                        previous_item_id=self.conversation.previous_id(run.item_id), item=model
+                    )
+                )
             output.append(model)
-        resp.state = ResponseState.DONE
-        details = {"type": status, "reason": reason, "error": error}
-        mimo = {
-            "timings": dict(timings) if timings else None,
-            "audio_ms": resp.audio_samples * 1000 / SAMPLE_RATE,
+        run.state = ResponseState.DONE
+        fields: dict[str, Any] = {
+            "status": status,
+            "status_details": {"type": status, "reason": reason, "error": error},
+            "output": output,
+            "mimo": {"timings": dict(timings) if timings else None, "audio_ms": run.audio_ms},
         }
-        fields: dict[str, Any] = {"status": status, "status_details": details, "output": output, "mimo": mimo}
         if usage is not None:
             fields["usage"] = usage
-        self._emit(p.ResponseDone(response=self._response_model(resp, **fields)))
-        if self._active is resp:
+        self._emit(p.ResponseDone(response=run.response(self.conversation_id, **fields)))
+        if self._active is run:
             self._active = None
-        # idle timeout counts from the end of playback: real-time playback from the first audio
-        now = self.clock()
-        end = (
-            now
-            if resp.first_audio_at is None
-            else max(now, resp.first_audio_at + resp.audio_samples / SAMPLE_RATE)
-        )
-        if resp.in_conversation:
-            self._arm_idle(end)
-        self._prune_responses()
+        if run.in_conversation:
+            self._arm_idle(run.playback_end(self.clock()))
+        done = [rid for rid, r in self._responses.items() if r.state is ResponseState.DONE]
+        for rid in done[: -self.limits.finished_responses_kept]:
+            del self._responses[rid]
         if self._auto_response_queued and self.state is SessionState.ACTIVE:
             self._auto_response_queued = False
             self._create_response(None, None)
-
-    def _previous_id(self, item_id: str) -> str | None:
-        previous = None
-        for item in self.conversation:
-            if item.id == item_id:
-                return previous
-            previous = item.id
-        return None
 
     def _arm_idle(self, playback_end: float) -> None:
         td = self._turn_detection()
         if td is not None and td.idle_timeout_ms:
             self._idle_deadline = playback_end + td.idle_timeout_ms / 1000
-
-    def _prune_responses(self, keep: int = 16) -> None:
-        # finished responses are kept briefly so late engine feedback for them is recognised
-        done = [rid for rid, r in self._responses.items() if r.state is ResponseState.DONE]
-        for rid in done[:-keep]:
-            del self._responses[rid]

@@ -153,7 +153,7 @@ def test_server_events_built_in_code_carry_type_and_event_id():
 
 def test_protocol_client_and_session_import_without_torch():
     code = (
-        "import streaming, streaming.protocol, streaming.audio, streaming.vad, streaming.session; "
-        "import sys; assert 'torch' not in sys.modules"
+        "import streaming, streaming.protocol, streaming.audio, streaming.vad, streaming.session, "
+        "streaming.client, streaming.talk, streaming.cli; import sys; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -88,7 +88,7 @@ def play_audio_response(s, response_id, audio=YES, text=("Yes, ", "please."), ch
 
 
 def test_start_emits_the_full_configuration():
-    s = RealtimeSession(clock=ManualClock())
+    s = RealtimeSession(clock=ManualClock(), wall_clock=lambda: 1_700_000_000.0)
     assert s.state is SessionState.PENDING
     s.start({"mimo": {"interleave": "5:5"}}, model="mimo-audio-tiny")
     (created,) = s.take_events()
@@ -98,6 +98,7 @@ def test_start_emits_the_full_configuration():
     golden = load_json(FIXTURES / "server" / "session.created.json")["session"]
     assert set(golden) <= set(session)  # every field of the golden shape is present
     assert session["id"] == s.id and session["model"] == "mimo-audio-tiny"
+    assert session["expires_at"] == 1_700_000_000 + 30 * 60
     assert session["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 500
     assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
     assert (
@@ -716,3 +717,77 @@ def test_idle_timeout_prompts_a_response():
     clock.advance(10)
     s.tick()
     assert s.take_events() == []  # once per response, not repeatedly
+
+
+def test_failed_and_incomplete_responses():
+    s, _ = make(**MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    s.take_events()
+    s.response_failed(create.response_id, "engine stopped")
+    done, err = s.take_events()
+    assert done.response.status == "failed" and done.response.status_details.error.message == "engine stopped"
+    assert err.error.type == "server_error" and err.error.code == "response_failed"
+    send(s, {"type": "response.create", "response": {"max_output_tokens": 8}})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    s.response_text(create.response_id, "Partial")
+    s.response_done(create.response_id, "incomplete", "max_output_tokens")
+    done = s.take_events()[-1].response
+    assert (done.status, done.status_details.reason) == ("incomplete", "max_output_tokens")
+    assert done.output[0].status == "incomplete"
+
+
+def test_close_cancels_the_active_response():
+    s, _ = make(**MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    s.close("client_disconnected")
+    assert s.take_actions() == [
+        act.CancelResponse(create.response_id, "client_cancelled"),
+        act.Close("client_disconnected"),
+    ]
+    assert s.state is SessionState.CLOSED
+
+
+def test_turning_vad_off_mid_turn_and_legacy_item_created():
+    clock = ManualClock()
+    s = RealtimeSession(SessionOptions(emit_item_created=True), clock=clock)
+    s.start()
+    s.take_events()
+    append(s, HELLO[: 24000 * 2])  # speech started, not stopped
+    assert types(s.take_events()) == ["input_audio_buffer.speech_started"]
+    send(s, {"type": "session.update", "session": MANUAL})
+    assert types(s.take_events()) == ["session.updated"]
+    append(s, HELLO[24000 * 2 :])
+    assert s.take_events() == []  # no VAD any more
+    send(s, {"type": "input_audio_buffer.commit"})
+    assert types(s.take_events()) == [
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.created",
+        "conversation.item.done",
+    ]
+
+
+def test_retained_user_audio_is_bounded():
+    from streaming.conversation import Conversation, Item
+
+    conv = Conversation(max_items=3, max_retained_audio_ms=1500)
+    for i in range(3):
+        conv.add(Item(id=f"i{i}", role="user", status="completed", parts=[], audio=np.zeros(24000, np.int16)))
+    assert [item.audio is not None for item in conv] == [False, False, True]
+    with pytest.raises(Exception, match="maximum of 3 items"):
+        conv.add(Item(id="i3", role="user", status="completed", parts=[]))
+
+
+def test_a_turn_longer_than_the_buffer_is_split_not_refused():
+    s, _ = make(limits=SessionLimits(max_input_buffer_ms=1500))
+    speech = np.concatenate([HELLO[14400:67200]] * 2)  # 4.4 s of speech without a pause long enough
+    append(s, np.concatenate([SILENCE_1S, speech, SILENCE_1S]))
+    events = s.take_events()
+    assert not errors(events)
+    stops = [e for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    assert len(stops) >= 3
+    audio = [a for a in s.take_actions() if isinstance(a, act.AppendUserAudio)]
+    assert all(len(a.pcm) <= 1500 * 24 for a in audio)
+    assert sum(len(a.pcm) for a in audio) >= len(speech)  # nothing of the speech was dropped
