@@ -24,8 +24,13 @@ def server():
     live.stop()
 
 
-def _engine_session(server, slot):
-    return next(s for s in server.engine._sessions.values() if s.slot == slot)
+async def _settled(server) -> int:
+    """Wait until sessions closed by earlier tests have given their slots back."""
+    for _ in range(200):
+        if server.engine.active_sessions == 0:
+            break
+        await asyncio.sleep(0.05)
+    return server.engine.active_sessions
 
 
 async def _manual_turn(ws, pcm: bytes, **response) -> list[dict]:
@@ -167,6 +172,7 @@ async def test_barge_in_cancels_and_rolls_back(server):
 
 
 async def test_eight_sessions_at_once_and_the_ninth_is_refused(server):
+    assert await _settled(server) == 0
     pcm = rc.wav_pcm16("speech_yes.wav")
     sockets = [await rc.connect(server.ws_url) for _ in range(8)]
     try:
@@ -234,7 +240,7 @@ async def test_bad_input_gets_an_error_and_the_session_goes_on(server):
 
 
 async def test_client_that_disconnects_mid_response_frees_its_slot(server):
-    before = server.engine.active_sessions
+    before = await _settled(server)
     ws = await rc.connect(server.ws_url)
     await rc.update(ws, max_output_tokens=200, mimo={"min_output_tokens": 200})
     await rc.append(ws, rc.wav_pcm16("speech_hello_padded.wav") + rc.silence(800))
