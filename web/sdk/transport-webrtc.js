@@ -224,7 +224,11 @@ export class WebRTCTransport {
       } else if (s.type === "outbound-rtp" && s.kind === "audio") {
         out.outbound = { packetsSent: s.packetsSent, bytesSent: s.bytesSent };
       } else if (s.type === "media-playout") {
-        out.playout = { totalSamplesCount: s.totalSamplesCount, totalPlayoutDelay: s.totalPlayoutDelay };
+        out.playout = {
+          msPlayed: s.totalSamplesDuration !== undefined ? s.totalSamplesDuration * 1000 : undefined,
+          synthesizedMs: s.synthesizedSamplesDuration !== undefined ? s.synthesizedSamplesDuration * 1000 : undefined,
+          totalSamplesCount: s.totalSamplesCount,
+        };
       } else if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") {
         out.rttMs = s.currentRoundTripTime !== undefined ? s.currentRoundTripTime * 1000 : undefined;
       }
