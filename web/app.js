@@ -3,7 +3,7 @@
 
 import * as sdk from "./sdk/index.js";
 
-const { LevelMeter, TurnLatencyTracker, buildSession, connect, getMicrophone, resample, serverOffers, toDbfs } = sdk;
+const { LevelMeter, TurnLatencyTracker, buildSession, connect, getMicrophone, resample, serverOffers } = sdk;
 
 const $ = (id) => document.getElementById(id);
 const VOICE_PROMPT_MAX_S = 10;
@@ -156,7 +156,7 @@ function showLevel(event) {
   const el = document.querySelector("[data-testid=mic-level]");
   el.querySelector(".meter-fill").style.transform = `scaleX(${value})`;
   el.setAttribute("aria-valuenow", value.toFixed(2));
-  $("mic-db").textContent = `${toDbfs(event.rms).toFixed(0)} dBFS`;
+  $("mic-db").textContent = `${Math.round(meter.db)} dBFS`;
   demo.state.ducked = event.ducked;
   $("mic-state").textContent = demo.state.micMuted ? "muted" : event.ducked ? "ducked while the agent speaks" : "live";
 }
@@ -326,9 +326,18 @@ function renderLatency() {
     );
     return tr;
   });
+  if (rows.length === 0) {
+    const td = Object.assign(document.createElement("td"), { colSpan: 5, className: "empty", textContent: "No turns yet" });
+    rows.push(Object.assign(document.createElement("tr"), {}));
+    rows[0].append(td);
+  }
   $("latency-rows").replaceChildren(...rows.reverse());
   const played = demo.latencies.map((t) => t.micToPlayedMs).filter((v) => v !== null).sort((a, b) => a - b);
-  $("latency-summary").textContent = played.length ? `median heard wait ${fmt(played[Math.floor(played.length / 2)])} over ${played.length} turns` : "";
+  const mid = played.length >> 1;
+  const median = played.length % 2 ? played[mid] : (played[mid - 1] + played[mid]) / 2;
+  $("latency-summary").textContent = played.length
+    ? `median wait heard ${fmt(median)} over ${played.length} turn${played.length > 1 ? "s" : ""}`
+    : "";
 }
 
 async function refreshStats() {
@@ -366,8 +375,16 @@ async function refreshStats() {
   } else {
     rows.push(["RTP packets", String(a.packetsReceived ?? "—")], ["Round trip", a.rttMs === null ? "—" : fmt(a.rttMs)]);
   }
+  showStats(rows);
+}
+
+function showStats(rows) {
   $("stats").replaceChildren(
-    ...rows.flatMap(([k, v]) => [Object.assign(document.createElement("dt"), { textContent: k }), Object.assign(document.createElement("dd"), { textContent: v })]),
+    ...rows.map(([k, v]) => {
+      const div = document.createElement("div");
+      div.append(Object.assign(document.createElement("dt"), { textContent: k }), Object.assign(document.createElement("dd"), { textContent: v }));
+      return div;
+    }),
   );
 }
 
@@ -499,14 +516,8 @@ function init() {
   talk.addEventListener("pointerup", release);
   talk.addEventListener("pointerleave", release);
   setStatus("idle");
-  refreshStatsPlaceholder();
-}
-
-function refreshStatsPlaceholder() {
-  $("stats").replaceChildren(
-    Object.assign(document.createElement("dt"), { textContent: "Agent audio" }),
-    Object.assign(document.createElement("dd"), { textContent: "not connected" }),
-  );
+  renderLatency();
+  showStats([["Agent audio", "not connected"]]);
 }
 
 init();
