@@ -16,7 +16,9 @@ const demo = {
   sdk,
   sdkLoaded: true,
   state: { status: "idle", connected: false, transport: null, sessionId: null, callId: null, micMuted: false, ducked: false },
-  transcript: [], // {role: "user"|"assistant", itemId, text, final, interrupted, placeholder}
+  // {role: "user"|"assistant", itemId, text, final, interrupted, placeholder, responseId}; a user
+  // turn without a transcript has text "" and placeholder true (shown as "(speech)").
+  transcript: [],
   latencies: [], // TurnLatencyTracker turns
   errors: [], // {source: "server"|"client"|"connection"|"settings", code, message, t}
   audio: { framesReceived: 0, framesPlayed: 0, msReceived: 0, msPlayed: 0, msDropped: 0, underruns: 0, micMsSent: 0, micMsDucked: 0 },
@@ -167,7 +169,7 @@ function entryFor(role, itemId) {
   const known = entries.get(itemId);
   if (known) return known;
   $("transcript").querySelector(".empty")?.remove();
-  const entry = { role, itemId, text: "", final: false, interrupted: false, placeholder: role === "user" };
+  const entry = { role, itemId, text: "", final: false, interrupted: false, placeholder: role === "user", responseId: null };
   const li = document.createElement("li");
   li.className = `bubble ${role}`;
   li.dataset.itemId = itemId;
@@ -198,8 +200,9 @@ function userText(itemId, text, final) {
   render(record);
 }
 
-function agentText(itemId, text, { append = false, final = false } = {}) {
+function agentText(itemId, text, { append = false, final = false, responseId = null } = {}) {
   const record = entryFor("assistant", itemId);
+  if (responseId) record.entry.responseId = responseId;
   record.entry.text = append ? record.entry.text + text : text;
   record.entry.final = record.entry.final || final;
   render(record);
@@ -237,8 +240,9 @@ function onEvent(e) {
       updateVoicePromptControl();
       break;
     case "input_audio_buffer.committed": {
+      // The turn is in; a transcript may still follow if the server transcribes input.
       const record = entryFor("user", e.item_id);
-      record.entry.final = record.entry.final || !record.entry.placeholder;
+      record.entry.final = true;
       render(record);
       break;
     }
@@ -254,7 +258,7 @@ function onEvent(e) {
       break;
     case "response.output_audio_transcript.delta":
     case "response.output_text.delta":
-      agentText(e.item_id, e.delta, { append: true });
+      agentText(e.item_id, e.delta, { append: true, responseId: e.response_id });
       break;
     case "response.output_audio_transcript.done":
       agentText(e.item_id, e.transcript, { final: true });
@@ -288,14 +292,13 @@ function onEvent(e) {
 }
 
 function onResponseDone(response) {
-  for (const item of response.output ?? []) {
-    if (item.role !== "assistant" || !entries.has(item.id)) continue;
-    if (response.status === "cancelled" || response.status === "incomplete") markInterrupted(item.id);
-    else {
-      const record = entries.get(item.id);
-      record.entry.final = true;
-      render(record);
-    }
+  const itemIds = new Set((response.output ?? []).map((item) => item.id));
+  for (const record of entries.values()) {
+    const { entry } = record;
+    if (entry.role !== "assistant" || !(itemIds.has(entry.itemId) || entry.responseId === response.id)) continue;
+    if (response.status === "cancelled" || response.status === "incomplete") markInterrupted(entry.itemId);
+    entry.final = true;
+    render(record);
   }
   if (response.status === "failed") {
     const err = response.status_details?.error;

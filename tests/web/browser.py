@@ -87,7 +87,7 @@ def write_tone_wav(path: Path, *, rate: int = 48_000, seconds: float = 2.0, freq
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -132,10 +132,38 @@ class BrowserPage:
         return path
 
 
+@dataclass
+class Chromium:
+    """A running headless Chromium; open as many pages as needed (one Playwright per process)."""
+
+    browser: Any  # playwright.sync_api.Browser
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    @contextlib.contextmanager
+    def open_page(self, url: str, *, viewport: tuple[int, int] = (1280, 900),
+                  color_scheme: str = "light") -> Iterator[BrowserPage]:
+        """Open `url` in a fresh context with the microphone allowed (waits for `load`)."""
+        context = self.browser.new_context(
+            viewport={"width": viewport[0], "height": viewport[1]},
+            permissions=["microphone"],
+            color_scheme=color_scheme,
+        )
+        try:
+            context.set_default_timeout(self.timeout_s * 1000)
+            page = context.new_page()
+            result = BrowserPage(page)
+            page.on("console", lambda m: result.console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: result.page_errors.append(str(e)))
+            page.on("requestfailed", lambda r: result.failed_requests.append(f"{r.url}: {r.failure}"))
+            page.goto(url, wait_until="load")
+            yield result
+        finally:
+            context.close()
+
+
 @contextlib.contextmanager
-def open_page(url: str, *, mic_wav: Path | None = None, viewport: tuple[int, int] = (1280, 900),
-              timeout_s: float = DEFAULT_TIMEOUT_S, color_scheme: str = "light") -> Iterator[BrowserPage]:
-    """Start headless Chromium with `mic_wav` as the microphone and open `url` (waits for `load`)."""
+def chromium(*, mic_wav: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Chromium]:
+    """Start headless Chromium with `mic_wav` as the microphone (Chrome loops the file)."""
     from playwright.sync_api import sync_playwright
 
     executable = require_browser()
@@ -145,18 +173,13 @@ def open_page(url: str, *, mic_wav: Path | None = None, viewport: tuple[int, int
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=args)
         try:
-            context = browser.new_context(
-                viewport={"width": viewport[0], "height": viewport[1]},
-                permissions=["microphone"],
-                color_scheme=color_scheme,
-            )
-            context.set_default_timeout(timeout_s * 1000)
-            page = context.new_page()
-            result = BrowserPage(page)
-            page.on("console", lambda m: result.console_errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: result.page_errors.append(str(e)))
-            page.on("requestfailed", lambda r: result.failed_requests.append(f"{r.url}: {r.failure}"))
-            page.goto(url, wait_until="load")
-            yield result
+            yield Chromium(browser, timeout_s)
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def open_page(url: str, *, mic_wav: Path | None = None, **page_options: Any) -> Iterator[BrowserPage]:
+    """One browser, one page: `chromium(mic_wav=...)` then `open_page(url)`."""
+    with chromium(mic_wav=mic_wav) as browser, browser.open_page(url, **page_options) as page:
+        yield page

@@ -39,14 +39,20 @@ function waitForIceGathering(pc, timeoutMs) {
   });
 }
 
-/** The error message in a failed signalling reply (JSON `{error: {message}}` or plain text). */
-function replyDetail(text) {
+const DETAIL_MAX_CHARS = 200;
+
+/** The reason in a failed signalling reply: JSON `{error: {message}}` or `{detail}`, plain text,
+ * or the status text for an HTML error page. */
+function replyDetail(res, text) {
+  let detail = text;
   try {
     const body = JSON.parse(text);
-    return body?.error?.message ?? body?.detail ?? text;
+    detail = body?.error?.message ?? (typeof body?.detail === "string" ? body.detail : JSON.stringify(body?.detail ?? body));
   } catch {
-    return text;
+    if (/^\s*</.test(text)) detail = res.statusText;
   }
+  detail = String(detail ?? "").replace(/\s+/g, " ").trim();
+  return detail.length > DETAIL_MAX_CHARS ? `${detail.slice(0, DETAIL_MAX_CHARS)}…` : detail;
 }
 
 export class WebRTCTransport {
@@ -184,7 +190,7 @@ export class WebRTCTransport {
       throw new Error(`cannot reach ${this.callsUrl}: ${err.message}`);
     }
     const text = await res.text();
-    if (!res.ok) throw new Error(`SDP offer rejected by ${this.callsUrl}: HTTP ${res.status} ${replyDetail(text)}`.trim());
+    if (!res.ok) throw new Error(`SDP offer rejected by ${this.callsUrl}: HTTP ${res.status} ${replyDetail(res, text)}`.trim());
     if (!text.startsWith("v=")) throw new Error(`${this.callsUrl} answered HTTP ${res.status} without an SDP answer`);
     const location = res.headers.get("Location");
     this.callId = location ? location.replace(/\/+$/, "").split("/").pop() : null;
