@@ -209,13 +209,13 @@ export class WorkletPlayer {
     this.node.port.postMessage({ type: "end" });
   }
 
-  clear() {
+  clear(itemId) {
     const id = this.#nextId++;
     this.#resampler = null;
     this.#drainedAt = -Infinity;
     return new Promise((resolve) => {
       this.#pending.set(id, resolve);
-      this.node.port.postMessage({ type: "clear", id });
+      this.node.port.postMessage({ type: "clear", id, itemId });
     });
   }
 

@@ -397,9 +397,9 @@ export class RealtimeClient extends Emitter {
     // Late deltas of this response are still in flight: they must not restart playback.
     this.#discarded.push(audio.responseId);
     if (this.#discarded.length > CLIENT_DEFAULTS.maxDiscardedResponses) this.#discarded.shift();
-    const heard = await this.#player.clear();
+    const heard = await this.#player.clear(audio.itemId);
     const receivedMs = (audio.samples * 1000) / WIRE_SAMPLE_RATE;
-    const playedMs = heard.itemId === audio.itemId ? heard.playedMs : receivedMs;
+    const playedMs = heard.playedMs;
     // Nothing to truncate when everything was heard and the response is over.
     if (audio.done && playedMs >= receivedMs) return null;
     // Clamp: an audio_end_ms past the item's audio is an error on the server.

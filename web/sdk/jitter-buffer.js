@@ -162,11 +162,10 @@ export class JitterBuffer {
   }
 
   /**
-   * Stop: discard everything buffered. Returns the item that was playing (or about to play) and
-   * how much of it was heard, for `conversation.item.truncate`.
+   * Stop: discard everything buffered. Returns how much of `itemId` was heard (by default the item
+   * that was playing or about to play), for `conversation.item.truncate`.
    */
-  clear() {
-    const itemId = this.queue.length > 0 ? this.queue[0].itemId : this.lastPlayedItem;
+  clear(itemId = this.queue.length > 0 ? this.queue[0].itemId : this.lastPlayedItem) {
     const discarded = this.bufferedSamples;
     this.stats.clearedSamples += discarded;
     this.queue = [];

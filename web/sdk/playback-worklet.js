@@ -2,7 +2,7 @@
  * AudioWorklet processor "mimo-playback": plays agent audio through a JitterBuffer.
  *
  * Messages in:  {type: "push", samples: Float32Array, itemId} | {type: "end"} |
- *               {type: "clear", id} | {type: "stop"}
+ *               {type: "clear", id, itemId?} | {type: "stop"}
  * Messages out: {type: "started", itemId, time} (time: context time of the item's first sample) |
  *               {type: "drained", time} | {type: "underrun"} | {type: "dropped", samples} |
  *               {type: "cleared", id, itemId, playedMs, receivedMs, discardedMs} |
@@ -29,7 +29,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
           this.buffer.endOfStream();
           break;
         case "clear":
-          this.port.postMessage({ type: "cleared", id: data.id, ...this.buffer.clear() });
+          this.port.postMessage({ type: "cleared", id: data.id, ...this.buffer.clear(data.itemId) });
           this.#report();
           break;
         case "stop":

@@ -4,7 +4,8 @@
  *
  *   push(pcm16: Int16Array, itemId)   queue 24 kHz audio of an item
  *   endOfStream()                     no more audio for now: play out what is queued
- *   clear() -> Promise<{itemId, playedMs, receivedMs, discardedMs}>   stop now, say what was heard
+ *   clear(itemId?) -> Promise<{itemId, playedMs, receivedMs, discardedMs}>   stop now; how much of
+ *                                     itemId (default: the playing item) was heard
  *   speaking                          true while audio is queued or playing
  *   stats                             {playedMs, droppedMs, bufferedMs, underruns}
  *   onEvent                           set by the client: {type: "started", itemId, t} |
@@ -64,8 +65,8 @@ export class PullPlayer {
     return out;
   }
 
-  async clear() {
-    return this.buffer.clear();
+  async clear(itemId) {
+    return this.buffer.clear(itemId);
   }
 
   get speaking() {

@@ -125,6 +125,14 @@ describe("JitterBuffer", () => {
     assert.deepEqual(make().clear(), { itemId: null, playedMs: 0, receivedMs: 0, discardedMs: 0 });
   });
 
+  test("clear can report on a named item: one queued behind another was not heard", () => {
+    const jb = make({ prebufferMs: 0 });
+    jb.push(ramp(0, 30), "a");
+    jb.push(ramp(0, 30), "b");
+    pull(jb, 10);
+    assert.deepEqual(jb.clear("b"), { itemId: "b", playedMs: 0, receivedMs: 30, discardedMs: 50 });
+  });
+
   test("per-item accounting is bounded", () => {
     const jb = make({ maxItems: 3, prebufferMs: 0 });
     for (const id of ["a", "b", "c", "d"]) jb.push(ramp(0, 1), id);
