@@ -39,3 +39,14 @@ def test_js_sdk(test_file: Path) -> None:
     # Guard against a runner that found nothing to run.
     assert "ℹ pass 0" not in result.stdout, result.stdout
     assert "ℹ fail 0" in result.stdout, result.stdout
+
+
+def test_every_web_script_parses() -> None:
+    """`node --check` on every script of the page and the SDK, worklets and browser-only modules
+    included (the node tests import only the modules that run outside a browser)."""
+    scripts = sorted((REPO_ROOT / "web").rglob("*.js"))
+    assert len(scripts) >= 15, scripts
+    for script in scripts:
+        result = subprocess.run([_node(), "--check", str(script)], capture_output=True, text=True,
+                                timeout=NODE_TIMEOUT_S)
+        assert result.returncode == 0, f"{script.relative_to(REPO_ROOT)}: {result.stderr}"
