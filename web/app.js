@@ -414,6 +414,7 @@ async function doConnect() {
   demo.state.transport = transportChoice();
   setStatus("connecting");
   tracker = new TurnLatencyTracker({ onUpdate: renderLatency });
+  renderLatency(); // a new connection starts a new table
   try {
     micStream = await getMicrophone();
     updateTalkMode();
