@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from agent.lm.generation import ControlState, GenerationControls, mask_text_logits
@@ -51,6 +52,8 @@ class LMSession:
     specials: SpecialTokens
     seed: int = 0
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    #: why the last response ended: "stop_token", "max_patches" or "cancelled" (None while running)
+    stop_reason: str | None = field(default=None, init=False)
     _pending: Prompt | None = field(default=None, init=False, repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
@@ -108,6 +111,7 @@ class LMSession:
         if self._pending is None or len(self._pending) == 0:
             raise ValueError("nothing to respond to: feed a prompt first")
         self._cancel.clear()
+        self.stop_reason = None
         sampling = sampling or ChannelSampling()
         lm, device = self.lm, self.lm.device
         text_params = SamplingBatch.from_params([sampling.text], device)
@@ -133,12 +137,14 @@ class LMSession:
             finished = state.advance(text_id)
             # not fed yet: fed on the next step, or at the next turn's start if this one ends here
             self._pending = Prompt(torch.tensor([text_id]), codes.unsqueeze(0))
+            self.stop_reason = "cancelled"  # unless the loop goes on or ends by itself below
             yield Patch(state.generated - 1, text_id, codes, is_speech, text_id in controls.stop_ids)
             if finished:
+                self.stop_reason = state.stop_reason
                 return
             if self._cancel.is_set():
-                state.cancel()
                 return
+            self.stop_reason = None
             h = self._flush_pending()
 
     def _flush_pending(self) -> torch.Tensor:
@@ -158,3 +164,62 @@ class LMSession:
                 h = lm.prefill(self.cache, self.slot, emb)
         assert h is not None
         return h
+
+
+class ResponseCollector:
+    """Text and audio of one response, parsed as the official output parsing does (spec 3.5).
+
+    Text: the text patches' tokens decoded with ``<|empty|>``/``<|eot|>``/``<|eostm|>`` dropped
+    (the stop-token patch adds nothing; the official parser drops the last patch even when the
+    budget, not a stop token, ended the response). Audio: the speech patches after the first
+    generated ``<|sostm|>`` (all of them if there is none) and before the first ``<|eostm|>``.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, audio_channels: int = 8) -> None:
+        self._channels = audio_channels
+        self._detok = tokenizer.detokenizer()
+        self._specials = tokenizer.specials
+        self._text: list[str] = []
+        self._speech: list[tuple[int, torch.Tensor]] = []  # (patch index, codes)
+        self._sostm: int | None = None
+        self._eostm: int | None = None
+        self.patches = 0
+
+    def add(self, patch: Patch) -> str:
+        """Record a patch; return the text it adds (possibly empty)."""
+        self.patches += 1
+        if patch.is_speech:
+            self._speech.append((patch.index, patch.codes))
+            return ""
+        if patch.text_id == self._specials.sostm and self._sostm is None:
+            self._sostm = patch.index
+        if patch.text_id == self._specials.eostm and self._eostm is None:
+            self._eostm = patch.index
+        if patch.stop:
+            return ""
+        delta = self._detok.push(patch.text_id)
+        self._text.append(delta)
+        return delta
+
+    def finish(self) -> str:
+        """The text still held back (a character cut off at the end)."""
+        delta = self._detok.flush()
+        self._text.append(delta)
+        return delta
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    @property
+    def speech_patches(self) -> int:
+        return len(self._speech)
+
+    def codes(self) -> np.ndarray:
+        """The response audio as RVQ codes [frames, channels] (int64)."""
+        start = -1 if self._sostm is None else self._sostm
+        end = self.patches if self._eostm is None else self._eostm
+        kept = [c for i, c in self._speech if start < i < end]
+        if not kept:
+            return np.zeros((0, self._channels), dtype=np.int64)
+        return torch.cat(kept).numpy()

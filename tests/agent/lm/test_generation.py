@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from agent.lm.generation import (
 )
 from agent.lm.prompts import Prompt, PromptBuilder
 from agent.lm.sampling import ChannelSampling, SamplingParams
-from agent.lm.session import LMSession
+from agent.lm.session import LMSession, Patch, ResponseCollector
 
 from .conftest import mixed_prompt
 
@@ -210,3 +211,34 @@ def test_rollback_then_regenerate(tiny) -> None:
         session.rollback(10_000)
     with pytest.raises(ValueError, match="feed a prompt first"):
         _session(tiny).generate(controls).__next__()
+
+
+def test_response_collector_parses_like_the_official_output(tiny) -> None:
+    _, config, tok = tiny
+    s = tok.specials
+    empty = torch.tensor(config.speech_empty_ids).expand(4, -1)
+
+    def patch(i, text_id, codes=None, stop=False):
+        is_speech = codes is not None
+        return Patch(i, text_id, empty if codes is None else codes, is_speech, stop)
+
+    speech = [torch.full((4, 8), v) for v in (1, 2, 3)]
+    hi = tok.encode("hé")  # 'é' spans two byte tokens
+    stream = [
+        patch(0, hi[0]),
+        patch(1, s.empty, speech[0]),  # before <|sostm|>: not part of the audio
+        patch(2, s.sostm),
+        patch(3, hi[1]),
+        patch(4, s.empty, speech[1]),
+        patch(5, hi[2]),
+        patch(6, s.eot),
+        patch(7, s.empty, speech[2]),
+        patch(8, s.eostm, stop=True),
+    ]
+    collector = ResponseCollector(tok)
+    deltas = [collector.add(p) for p in stream] + [collector.finish()]
+    assert "".join(deltas) == collector.text == "h<|sostm|>é"
+    assert deltas[5] == "é" and deltas[3] == ""  # the character comes out whole
+    assert np.array_equal(collector.codes(), torch.cat(speech[1:]).numpy())
+    assert collector.patches == 9 and collector.speech_patches == 3
+    assert ResponseCollector(tok).codes().shape == (0, 8)

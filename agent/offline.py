@@ -1,0 +1,220 @@
+"""Offline commands: ``mimo-agent tts | asr | dialogue | continue``.
+
+One prompt in, one response out, streamed to the terminal as it is generated (text deltas on
+stdout, a summary on stderr). Works on a checkpoint (``--model DIR`` or a hub id) or a preset
+(``--preset tiny``, random weights).
+
+Audio goes in and out as RVQ codes, ``.npy`` arrays of shape [T, 8] at 25 Hz. Other files go
+through an :class:`AudioCodec` (wav -> codes, codes -> wav) passed to :func:`run_offline`; the
+command line passes none until the audio tokenizer is wired in, and then refuses non-``.npy``
+paths with a message that says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent.checkpoint import load_lm, parse_device, parse_dtype
+from agent.lm.config import PRESET_NAMES
+from agent.lm.generation import GenerationControls, Mode, parse_interleave, task_stop_ids
+from agent.lm.model import MiMoAudioLM, build_preset
+from agent.lm.prompts import DEFAULT_SYSTEM_PROMPT, Prompt, PromptBuilder, pad_codes_to_patches
+from agent.lm.sampling import GREEDY, ChannelSampling, task_sampling
+from agent.lm.session import LMSession, ResponseCollector
+from agent.lm.tokenizer import TextTokenizer
+
+#: command -> official task name (sampling defaults and stop tokens)
+TASKS = {"tts": "tts", "asr": "asr", "dialogue": "spoken_dialogue", "continue": "continuation"}
+#: response budget in patches (160 ms each) when --max-patches is not given
+PRESET_MAX_PATCHES = 100  # random weights never stop on their own
+CHECKPOINT_MAX_PATCHES = 8192  # the official default
+
+
+@dataclass(frozen=True)
+class AudioCodec:
+    """Turns audio files into RVQ codes [T, 8] and codes back into audio files."""
+
+    wav_to_codes: Callable[[str], np.ndarray]
+    codes_to_wav: Callable[[np.ndarray, str], None]
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", help="checkpoint directory or Hugging Face hub id")
+    model.add_argument(
+        "--preset", choices=PRESET_NAMES, help="built-in model with random weights (default: tiny)"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument(
+        "--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: 1 for presets on a CPU, else torch's)",
+    )
+    parser.add_argument("--max-patches", type=int, default=None, help="response budget in 160 ms patches")
+    parser.add_argument(
+        "--min-patches",
+        type=int,
+        default=None,
+        help="no stop token before this many patches (default: 0; for presets the whole budget, since "
+        "random weights would stop at a random point)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=None,
+        help="text/speech choice per patch (default: free for checkpoints, interleave for presets)",
+    )
+    parser.add_argument("--interleave", default="5:5", help="N:M text:speech patches for --mode interleave")
+    parser.add_argument(
+        "--greedy", action="store_true", help="greedy text and codes instead of the task defaults"
+    )
+    if command == "tts":
+        parser.add_argument("--text", required=True, help="the text to speak")
+        parser.add_argument("--instruct", help="a style instruction (the model thinks first, then speaks)")
+        parser.add_argument("--voice", help="voice prompt audio (.npy codes) for --instruct")
+    else:
+        parser.add_argument("--input", required=True, help="input audio (.npy codes [T, 8])")
+    if command == "dialogue":
+        parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
+        parser.add_argument("--voice", help="voice prompt audio (.npy codes)")
+    if command != "asr":
+        parser.add_argument("--out", help="where to write the response audio (.npy codes [T, 8])")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_offline(args, codec=None)
+
+
+def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> int:
+    """Run one offline command; see :func:`add_arguments` for ``args``."""
+    try:
+        lm, tokenizer, is_preset = _load_model(args)
+        builder = PromptBuilder(tokenizer, lm.config)
+        prompt = _build_prompt(args.command, args, builder, codec)
+        out = getattr(args, "out", None)
+        if out and Path(out).suffix != ".npy" and codec is None:
+            raise ValueError(
+                f"{out}: writing audio files needs the audio tokenizer; use a .npy path for RVQ codes"
+            )
+    except (ValueError, OSError) as exc:
+        print(f"mimo-agent {args.command}: {exc}", file=sys.stderr)
+        return 2
+    task = TASKS[args.command]
+    budget = args.max_patches or (PRESET_MAX_PATCHES if is_preset else CHECKPOINT_MAX_PATCHES)
+    budget = min(budget, lm.config.max_position_embeddings - len(prompt) - 1)
+    if budget < 1:
+        print(
+            f"mimo-agent {args.command}: the prompt ({len(prompt)} patches) fills the context",
+            file=sys.stderr,
+        )
+        return 2
+    mode = Mode(args.mode or (Mode.INTERLEAVE if is_preset else Mode.FREE))
+    n, m = parse_interleave(args.interleave)
+    controls = GenerationControls(
+        mode=mode,
+        text_patches=n,
+        speech_patches=m,
+        stop_ids=task_stop_ids(task, tokenizer.specials),
+        max_patches=budget,
+        min_patches=budget if args.min_patches is None and is_preset else min(args.min_patches or 0, budget),
+    )
+    sampling = ChannelSampling(GREEDY, GREEDY) if args.greedy else task_sampling(task)
+
+    session = LMSession.create(lm, tokenizer, max_positions=len(prompt) + budget + 1, seed=args.seed)
+    session.feed(prompt)
+    response = ResponseCollector(tokenizer, lm.config.audio_channels)
+    start = time.perf_counter()
+    for patch in session.generate(controls, sampling):
+        print(response.add(patch), end="", flush=True)
+    print(response.finish(), flush=True)
+    elapsed = time.perf_counter() - start
+
+    codes = response.codes()
+    if out:
+        _write_audio(codes, out, codec)
+    patches = response.patches
+    print(
+        f"[{patches} patches ({response.speech_patches} speech, {codes.shape[0]} frames = "
+        f"{codes.shape[0] / 25:.2f} s of audio) in {elapsed:.2f} s, "
+        f"{patches / max(elapsed, 1e-9):.1f} patches/s; "
+        f"prompt {len(prompt)} patches; stop: {session.stop_reason}"
+        + (f"; audio written to {out}" if out else "")
+        + "]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _load_model(args: argparse.Namespace) -> tuple[MiMoAudioLM, TextTokenizer, bool]:
+    device = parse_device(args.device)
+    if args.threads or (device.type == "cpu" and not args.model):
+        torch.set_num_threads(args.threads or 1)  # small models: more threads only add sync overhead
+    dtype = (
+        parse_dtype(args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    if args.model:
+        lm, _, tokenizer = load_lm(args.model, dtype, device)
+        return lm, tokenizer, False
+    lm, _, tokenizer = build_preset(args.preset or "tiny", dtype, device)
+    return lm, tokenizer, True
+
+
+def _build_prompt(
+    command: str, args: argparse.Namespace, b: PromptBuilder, codec: AudioCodec | None
+) -> Prompt:
+    if command == "tts":
+        voice = _read_codes(args.voice, codec, b) if args.voice else None
+        if voice is not None and args.instruct is None:
+            raise ValueError("--voice needs --instruct (the official plain TTS prompt has no voice prompt)")
+        return b.tts(args.text, instruct=args.instruct, voice_codes=voice)
+    codes = _read_codes(args.input, codec, b)
+    if command == "asr":
+        return b.asr(codes)
+    if command == "dialogue":
+        voice = _read_codes(args.voice, codec, b) if args.voice else None
+        return b.spoken_dialogue(codes, system_prompt=args.system_prompt or None, voice_codes=voice)
+    if command == "continue":
+        return b.continuation(codes)
+    raise ValueError(f"unknown offline command {command!r}")
+
+
+def _read_codes(path: str, codec: AudioCodec | None, b: PromptBuilder) -> torch.Tensor:
+    if Path(path).suffix == ".npy":
+        codes = np.load(path)
+    elif codec is not None:
+        codes = codec.wav_to_codes(path)
+    else:
+        raise ValueError(f"{path}: audio files need the audio tokenizer; pass RVQ codes as .npy [T, 8]")
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != b.channels or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(
+            f"{path}: RVQ codes must be an integer array [T, {b.channels}], got {codes.dtype} {codes.shape}"
+        )
+    return pad_codes_to_patches(codes, b.group_size)
+
+
+def _write_audio(codes: np.ndarray, path: str, codec: AudioCodec | None) -> None:
+    if Path(path).suffix == ".npy":
+        np.save(path, codes)
+    elif codec is not None:
+        codec.codes_to_wav(codes, path)
+    else:
+        raise ValueError(
+            f"{path}: writing audio files needs the audio tokenizer; use a .npy path for RVQ codes"
+        )

@@ -1,0 +1,91 @@
+"""The offline commands (tts, asr, dialogue, continue) on the tiny preset, through the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streaming.cli import main
+
+
+@pytest.fixture()
+def user_codes(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, e, 30) for e in [1024, 1024] + [128] * 6], axis=1)
+    path = tmp_path / "user.npy"
+    np.save(path, codes)
+    return path
+
+
+def test_tts_writes_the_speech_patches(tmp_path, capsys) -> None:
+    out = tmp_path / "speech.npy"
+    assert main(["tts", "--text", "Hello there", "--max-patches", "12", "--out", str(out)]) == 0
+    codes = np.load(out)
+    # presets interleave 5:5 and run the whole budget: 5 text, 5 speech, 2 text patches
+    assert codes.shape == (20, 8) and codes.dtype == np.int64
+    assert (codes >= 0).all() and (codes < np.array([1024, 1024] + [128] * 6)).all()
+    err = capsys.readouterr().err
+    assert "12 patches (5 speech, 20 frames = 0.80 s of audio)" in err and "stop: max_patches" in err
+
+
+def test_asr_prints_a_transcript(user_codes, capsys) -> None:
+    assert main(["asr", "--input", str(user_codes), "--max-patches", "4", "--mode", "text", "--greedy"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and len(captured.out) > 1
+    assert "4 patches (0 speech" in captured.err and "prompt" in captured.err
+
+
+def test_dialogue_and_continue(user_codes, tmp_path, capsys) -> None:
+    out = tmp_path / "reply.npy"
+    assert (
+        main(
+            [
+                "dialogue",
+                "--input",
+                str(user_codes),
+                "--mode",
+                "audio",
+                "--max-patches",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert np.load(out).shape == (12, 8)
+    assert (
+        main(
+            [
+                "continue",
+                "--input",
+                str(user_codes),
+                "--mode",
+                "audio",
+                "--max-patches",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert np.load(out).shape == (8, 8)
+    # the default for presets: interleave 5:5, so 2 patches are text patches and no audio comes out
+    assert main(["continue", "--input", str(user_codes), "--max-patches", "2", "--out", str(out)]) == 0
+    assert np.load(out).shape == (0, 8)
+
+
+def test_clear_errors(user_codes, tmp_path, capsys) -> None:
+    assert main(["continue", "--input", str(user_codes), "--out", str(tmp_path / "a.wav")]) == 2
+    assert "writing audio files needs the audio tokenizer" in capsys.readouterr().err
+    assert main(["asr", "--input", str(tmp_path / "a.wav")]) == 2
+    assert "audio files need the audio tokenizer" in capsys.readouterr().err
+    np.save(tmp_path / "bad.npy", np.zeros((8, 5), dtype=np.int64))
+    assert main(["asr", "--input", str(tmp_path / "bad.npy")]) == 2
+    assert "RVQ codes must be an integer array [T, 8]" in capsys.readouterr().err
+    np.save(tmp_path / "big.npy", np.full((8, 8), 5000, dtype=np.int64))
+    assert main(["asr", "--input", str(tmp_path / "big.npy")]) == 2
+    assert "code 5000 at frame 0, channel 0 is outside 0..1023" in capsys.readouterr().err
+    assert main(["tts", "--text", "hi", "--voice", str(user_codes)]) == 2
+    assert "--voice needs --instruct" in capsys.readouterr().err
