@@ -45,9 +45,9 @@ def test_infinite_schedule_equals_offline_across_60s_segments(tiny):
     np.testing.assert_allclose(out, tiny.decode(codes), rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("schedule", [DecodeSchedule(), DecodeSchedule(mode="window")], ids=["cached", "window"])
-def test_default_schedules_stay_within_the_measured_tolerance(tiny, codes, offline, schedule):
-    out, sizes = stream_decode(tiny, codes, schedule)
+@pytest.mark.parametrize("mode", ["cached", "window"])
+def test_default_schedules_stay_within_the_measured_tolerance(tiny, codes, offline, mode):
+    out, _ = stream_decode(tiny, codes, DecodeSchedule(mode=mode))
     assert out.shape == offline.shape
     fe = tiny.front_end
     l1 = log_mel_distance(fe(torch.from_numpy(offline)), fe(torch.from_numpy(out)))
@@ -87,7 +87,8 @@ def test_streaming_is_causal(tiny, codes, mode):
 
 
 def test_batched_streams_equal_separate_streams(tiny, codes):
-    schedules = [DecodeSchedule(), DecodeSchedule(mode="window"), DecodeSchedule(holdback_tokens=2), DecodeSchedule()]
+    schedules = [DecodeSchedule(), DecodeSchedule(mode="window"), DecodeSchedule(holdback_tokens=2)]
+    schedules.append(DecodeSchedule())
     starts = [0, 3, 10, 17]  # streams join at different times and get different amounts per call
     alone = [stream_decode(tiny, codes[s:], sch)[0] for s, sch in zip(starts, schedules, strict=True)]
     streams = [tiny.new_decode_stream(s) for s in schedules]
@@ -133,7 +134,7 @@ def test_stream_misuse_is_refused(tiny, codes):
         tiny.decode_streams([(stream, codes[4:8, :4])])
     with pytest.raises(ValueError, match="appears twice"):
         tiny.decode_streams([(stream, codes[4:8]), (stream, codes[8:12])])
-    with pytest.raises(ValueError, match="codebook 2 span 1000..1000, outside 0..127"):
+    with pytest.raises(ValueError, match=r"codebook 2 span 1000\.\.1000, outside 0\.\.127"):
         tiny.decode_streams([(stream, torch.full((4, 8), 1000))])
     tiny.finish_stream(stream)
     with pytest.raises(RuntimeError, match="finished"):
@@ -164,6 +165,6 @@ def test_crossfade_longer_than_a_token_is_refused(tiny):
 
 def test_schedule_latencies():
     assert DecodeSchedule().first_audio_tokens() == 4
-    assert DecodeSchedule(holdback_tokens=4, first_chunk_patches=1, chunk_patches=2).first_audio_tokens() == 12
+    assert DecodeSchedule(holdback_tokens=4, chunk_patches=2).first_audio_tokens() == 12
     assert DecodeSchedule.official().first_audio_tokens() == 44
     assert DecodeSchedule.infinite().first_audio_tokens() is None
