@@ -41,12 +41,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class AttentionMask:
     """Which keys each query may see.
 
-    ``dense``: boolean (B or 1, 1, Tq, Tk), True where allowed, or None for "everything".
+    ``dense``: boolean (B or 1, 1, Tq, Tk), True where allowed, or None for "everything" (or,
+    with ``causal``, "keys up to the query": exact for padded rows too, as a real query never
+    reaches the padding after it).
     ``window``: (left, right) for the blockwise sliding-window path (query i sees keys
     i-left..i+right among the first ``lengths[b]``), used instead of ``dense``.
     """
 
     dense: torch.Tensor | None = None
+    causal: bool = False
     window: tuple[int, int] | None = None
     lengths: torch.Tensor | None = None
 
@@ -69,9 +72,13 @@ def sequence_mask(
     if left >= 0 and right >= 0 and not causal:
         return AttentionMask(window=(left, right), lengths=lengths)
     B = lengths.shape[0]
-    full = bool((lengths == max_len).all())
-    if full and right < 0 and left < 0:
-        return AttentionMask()
+    if left < 0 and causal:
+        return AttentionMask(causal=True)
+    if left < 0 and right < 0:
+        if bool((lengths == max_len).all()):
+            return AttentionMask()
+        keys = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (B, Tk)
+        return AttentionMask(dense=keys[:, None, None, :])  # the same for every query
     pos = torch.arange(max_len, device=lengths.device)
     i, j = pos[:, None], pos[None, :]
     allowed = (j[None] < lengths[:, None, None]).expand(B, max_len, max_len)  # (B, Tq, Tk)
@@ -123,7 +130,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     """Scaled dot-product attention (softmax scale 1/sqrt(head_dim)) under ``mask``."""
     if mask.window is not None:
         return sliding_window_attention(q, k, v, mask.window[0], mask.window[1], mask.lengths)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal)
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""Streaming decode: exactness where it is possible, measured tolerance where it is not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent.codec import load_wav
+from agent.codec.mel import log_mel_distance, snr_db
+from agent.codec.streaming import DecodeSchedule, crossfade, emit, stream_decode
+from agent.codec.streaming import _Segment as Segment
+
+from .conftest import DATA
+
+#: Documented distance of the default schedule to the offline decode, tiny preset, tests' speech
+#: (BENCHMARKS.md, "Audio tokenizer"): measured log-mel L1 0.0107 and SNR 30.0 dB; bounds with margin.
+DEFAULT_MAX_LOG_MEL_L1 = 0.02
+DEFAULT_MIN_SNR_DB = 25.0
+
+
+@pytest.fixture(scope="module")
+def codes(tiny):
+    return tiny.encode(load_wav(DATA / "speech_en.wav"))
+
+
+@pytest.fixture(scope="module")
+def offline(tiny, codes):
+    return tiny.decode(codes)
+
+
+@pytest.mark.parametrize("feed", [1, 2, 3, 4, 7])
+def test_infinite_schedule_equals_offline_decode(tiny, codes, offline, feed):
+    out, sizes = stream_decode(tiny, codes, DecodeSchedule.infinite(), feed)
+    assert sum(sizes[:-1]) == 0  # everything is held back to the end
+    np.testing.assert_array_equal(out, offline)
+
+
+def test_infinite_schedule_equals_offline_across_60s_segments(tiny):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.stack([torch.randint(0, n, (1507,), generator=g) for n in tiny.config.codebook_size[:8]], 1)
+    out, sizes = stream_decode(tiny, codes, DecodeSchedule.infinite(), 500)
+    # the first 1500-token segment completes while feeding and comes out then
+    assert sizes[:4] == [0, 0, 1500 * 960, 0]
+    np.testing.assert_allclose(out, tiny.decode(codes), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["cached", "window"])
+def test_default_schedules_stay_within_the_measured_tolerance(tiny, codes, offline, mode):
+    out, _ = stream_decode(tiny, codes, DecodeSchedule(mode=mode))
+    assert out.shape == offline.shape
+    fe = tiny.front_end
+    l1 = log_mel_distance(fe(torch.from_numpy(offline)), fe(torch.from_numpy(out)))
+    snr = snr_db(torch.from_numpy(offline), torch.from_numpy(out))
+    assert l1 <= DEFAULT_MAX_LOG_MEL_L1, l1
+    assert snr >= DEFAULT_MIN_SNR_DB, snr
+    assert l1 > 0  # not exact: if it ever is, the test of the tolerance is vacuous
+
+
+def test_default_schedule_chunk_sizes(tiny, codes):
+    """First audio after one patch (4 tokens), then one patch of audio per patch, 960 T in all."""
+    schedule = DecodeSchedule()
+    assert schedule.first_audio_tokens() == 4
+    _, sizes = stream_decode(tiny, codes, schedule, feed_tokens=4)
+    first = (4 - schedule.holdback_tokens) * 960 - schedule.crossfade_samples
+    assert sizes[0] == first
+    assert set(sizes[1:-1]) == {4 * 960}
+    assert sum(sizes) == 960 * codes.shape[0]
+
+
+@pytest.mark.parametrize("mode", ["cached", "window"])
+def test_streaming_is_causal(tiny, codes, mode):
+    """Audio already emitted never depends on codes that arrive later."""
+    schedule = DecodeSchedule(mode=mode)
+    stream_a, stream_b = tiny.new_decode_stream(schedule), tiny.new_decode_stream(schedule)
+    other = torch.flip(codes, dims=[0])
+    emitted_a, emitted_b = [], []
+    for i in range(0, 24, 4):
+        emitted_a.append(tiny.decode_streams([(stream_a, codes[i : i + 4])])[0])
+        emitted_b.append(tiny.decode_streams([(stream_b, codes[i : i + 4])])[0])
+    a, b = np.concatenate(emitted_a), np.concatenate(emitted_b)
+    np.testing.assert_array_equal(a, b)
+    # diverging futures: only the held-back audio may differ
+    tail_a = tiny.decode_streams([(stream_a, codes[24:40])])[0]
+    tail_b = tiny.decode_streams([(stream_b, other[:16])])[0]
+    assert tail_a.shape == tail_b.shape and not np.allclose(tail_a, tail_b)
+
+
+def test_batched_streams_equal_separate_streams(tiny, codes):
+    schedules = [DecodeSchedule(), DecodeSchedule(mode="window"), DecodeSchedule(holdback_tokens=2)]
+    schedules.append(DecodeSchedule())
+    starts = [0, 3, 10, 17]  # streams join at different times and get different amounts per call
+    alone = [stream_decode(tiny, codes[s:], sch)[0] for s, sch in zip(starts, schedules, strict=True)]
+    streams = [tiny.new_decode_stream(s) for s in schedules]
+    got = [[] for _ in streams]
+    pos = list(starts)
+    while any(p < codes.shape[0] for p in pos):
+        items = [(streams[i], codes[pos[i] : pos[i] + 4]) for i in range(4) if pos[i] < codes.shape[0]]
+        idx = [i for i in range(4) if pos[i] < codes.shape[0]]
+        for i, audio in zip(idx, tiny.decode_streams(items), strict=True):
+            got[i].append(audio)
+            pos[i] += 4
+    for i, stream in enumerate(streams):
+        got[i].append(tiny.finish_stream(stream))
+        np.testing.assert_allclose(np.concatenate(got[i]), alone[i], rtol=0, atol=1e-5)
+
+
+def test_emit_reproduces_a_consistent_signal_for_any_chunking():
+    """When every pass synthesises the same signal, the emitted audio is that signal exactly."""
+    signal = np.random.default_rng(0).standard_normal(960 * 30).astype(np.float32)
+    for crossfade_samples in (0, 100, 960):
+        for holdback in (0, 1, 3):
+            seg, pieces, received = Segment(codes=torch.zeros(0, 8)), [], 0
+            for step in (4, 1, 5, 4, 4, 2, 10):
+                received += step
+                seg.received = received
+                start = max(0, (seg.covered - seg.tail.shape[0]) // 960 - 2) * 960
+                end = max(0, received - holdback) * 960
+                pieces.append(emit(seg, signal[start : received * 960], start, end, False, crossfade_samples))
+            pieces.append(emit(seg, signal[0 : received * 960], 0, received * 960, True, crossfade_samples))
+            np.testing.assert_allclose(np.concatenate(pieces), signal, rtol=0, atol=1e-6)
+
+
+def test_crossfade_moves_from_old_to_new():
+    old, new = np.ones(8, np.float32), np.zeros(8, np.float32)
+    mixed = crossfade(old, new)
+    assert mixed[0] > 0.9 and mixed[-1] < 0.1 and np.all(np.diff(mixed) < 0)
+
+
+def test_stream_misuse_is_refused(tiny, codes):
+    stream = tiny.new_decode_stream()
+    tiny.decode_streams([(stream, codes[:4])])
+    with pytest.raises(ValueError, match="decodes 8 codebooks; these codes have 4"):
+        tiny.decode_streams([(stream, codes[4:8, :4])])
+    with pytest.raises(ValueError, match="appears twice"):
+        tiny.decode_streams([(stream, codes[4:8]), (stream, codes[8:12])])
+    with pytest.raises(ValueError, match=r"codebook 2 span 1000\.\.1000, outside 0\.\.127"):
+        tiny.decode_streams([(stream, torch.full((4, 8), 1000))])
+    tiny.finish_stream(stream)
+    with pytest.raises(RuntimeError, match="finished"):
+        tiny.decode_streams([(stream, codes[4:8])])
+    with pytest.raises(RuntimeError, match="already finished"):
+        tiny.finish_stream(stream)
+    assert tiny.finish_stream(tiny.new_decode_stream()).shape == (0,)  # a stream that got nothing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "fast"}, "mode 'fast'"),
+        ({"norm": "batch"}, "norm 'batch'"),
+        ({"chunk_patches": 0}, "chunk_patches must be at least 1"),
+        ({"holdback_tokens": -1}, "holdback_tokens must not be negative"),
+    ],
+)
+def test_bad_schedules_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeSchedule(**kwargs)
+
+
+def test_crossfade_longer_than_a_token_is_refused(tiny):
+    with pytest.raises(ValueError, match="exceeds one token"):
+        tiny.new_decode_stream(DecodeSchedule(crossfade_samples=961))
+
+
+def test_schedule_latencies():
+    assert DecodeSchedule().first_audio_tokens() == 4
+    assert DecodeSchedule(holdback_tokens=4, chunk_patches=2).first_audio_tokens() == 12
+    assert DecodeSchedule.official().first_audio_tokens() == 44
+    assert DecodeSchedule.infinite().first_audio_tokens() is None
