@@ -37,7 +37,7 @@ from agent.lm.prompts import Prompt, PromptBuilder
 PATCH_MS = 160
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"

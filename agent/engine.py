@@ -151,7 +151,9 @@ class _Close:
     pass
 
 
-Job = AddUserAudio | AddUserText | AddSystemText | AddAssistantText | Configure | Respond | Cancel | Truncate | DeleteItem
+Job = (
+    AddUserAudio | AddUserText | AddSystemText | AddAssistantText | Configure | Respond | Cancel | Truncate | DeleteItem
+)
 
 
 # --------------------------------------------------------------------------------------- events

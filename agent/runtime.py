@@ -57,8 +57,8 @@ def load_runtime(
     dtype: str | None = None,
 ) -> Runtime:
     """Everything a server or benchmark needs; a preset when no ``model`` is given (``tiny`` default)."""
-    from agent.codec import load_audio_tokenizer
     from agent.checkpoint import load_lm
+    from agent.codec import load_audio_tokenizer
     from agent.lm.model import build_preset
 
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -89,10 +90,8 @@ class Outbox:
                     due = self._play_end - self.lead_s
                     if due > now:
                         self._ready.clear()
-                        try:  # a flush or close may arrive meanwhile
+                        with contextlib.suppress(TimeoutError):  # a flush or close may arrive meanwhile
                             await asyncio.wait_for(self._ready.wait(), due - now)
-                        except TimeoutError:
-                            pass
                         continue
                     self._play_end = max(self._play_end, now) + entry.audio_s
                 self._queue.popleft()

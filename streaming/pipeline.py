@@ -15,6 +15,7 @@ so ``response.done`` carries ``server_first_audio_ms`` beside the engine's stage
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -199,10 +200,8 @@ class SessionBridge:
     # ------------------------------------------------------------------------- engine feedback
     def _on_engine_event_threadsafe(self, event: Any) -> None:
         """Called on the engine thread."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
             self.loop.call_soon_threadsafe(self._on_engine_event, event)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            pass
 
     def _on_engine_event(self, ev: Any) -> None:
         from agent import engine as eng

@@ -92,7 +92,8 @@ async def test_second_turn_prefills_only_new_positions(server):
     assert u1["input_token_details"]["cached_tokens"] == 0
     # the whole first turn stays cached except its last patch, which is fed with the second turn
     assert u2["input_token_details"]["cached_tokens"] == u1["input_tokens"] + u1["output_tokens"] - 1
-    assert second["mimo"]["timings"]["prefill_positions"] == u2["input_tokens"] - u2["input_token_details"]["cached_tokens"]
+    new_positions = u2["input_tokens"] - u2["input_token_details"]["cached_tokens"]
+    assert second["mimo"]["timings"]["prefill_positions"] == new_positions
 
 
 async def test_manual_commit_text_only_and_audio_only(server):
