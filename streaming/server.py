@@ -23,6 +23,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="built-in model with random weights (default: tiny, when no --model)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: on a CPU all cores but one, left to the event loop)")
     e = parser.add_argument_group("engine")
     e.add_argument("--max-sessions", type=int, default=8, help="KV-cache slots: concurrent sessions (default 8)")
     e.add_argument("--max-positions", type=int, default=2048,
@@ -62,7 +64,8 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
     from agent.engine import Engine, EngineConfig
     from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
 
-    rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype)
+    rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
+                      threads=getattr(args, "threads", None))
     decode_patch, codec = None, rt.codec
     if args.backend == "onnx":
         from export.runtime import onnx_backend
