@@ -383,8 +383,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while self._running:
-            busy = self._has_work()
-            self._drain_jobs(block=not busy)
+            self._drain_jobs(self._wait_s())
             try:
                 self.tick()
             except Exception:  # never let one bad step kill the engine: fail the sessions involved
@@ -395,14 +394,31 @@ class Engine:
         for s in list(self._sessions.values()):
             self._close_session(s)
 
-    def _has_work(self) -> bool:
-        return any(s.pending_audio or s.response is not None for s in self._sessions.values())
+    def _wait_s(self) -> float:
+        """How long the loop may block on the job queue before the next tick: 0 when a tick has work
+        now; until the first flow-controlled response may step again when all are far enough ahead
+        (busy-polling then would take the CPU from the event loop and other sessions); else idle."""
+        now = time.perf_counter()
+        wait = self.config.idle_wait_s
+        for s in self._sessions.values():
+            if s.pending_audio:
+                return 0.0
+            r = s.response
+            if r is None:
+                continue
+            if r.phase != "generate" or r.cancel_reason is not None or r.new_codes:
+                return 0.0
+            wait = min(wait, self._lead_s(r, now) - self.config.max_audio_lead_s)
+            if wait <= 0:
+                return 0.0
+        return wait
 
-    def _drain_jobs(self, block: bool) -> None:
-        timeout = self.config.idle_wait_s
+    def _drain_jobs(self, wait_s: float) -> None:
+        """Handle every queued job; block up to ``wait_s`` for the first when there is none."""
+        block = wait_s > 0
         while True:
             try:
-                entry = self._jobs.get(timeout=timeout) if block else self._jobs.get_nowait()
+                entry = self._jobs.get(timeout=wait_s) if block else self._jobs.get_nowait()
             except queue.Empty:
                 return
             block = False

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         "sessions (0: all at once, the worst case)")
     w.add_argument("--gap", default="0.5,1.5", help="think time MIN,MAX seconds after each answer has played")
     w.add_argument("--max-output-tokens", type=int, default=None, help="cap each response (patches)")
+    w.add_argument("--response-tokens", type=int, default=None,
+                   help="every response exactly this many patches (stop tokens banned before): a fixed load, "
+                        "e.g. for random-weight presets, which stop as early as they may")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a response (default 60)")
     o = parser.add_argument_group("output")
@@ -246,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
         levels = _levels(args.sessions, "--sessions")
         utterance = load_utterance(args.audio)
         plan = UserPlan(turns=args.turns, warmup=args.warmup, commit=args.commit, chunk_ms=args.chunk_ms,
-                        gap_s=_gap(args.gap), max_output_tokens=args.max_output_tokens, timeout_s=args.timeout)
+                        gap_s=_gap(args.gap), timeout_s=args.timeout,
+                        max_output_tokens=args.response_tokens or args.max_output_tokens,
+                        min_output_tokens=args.response_tokens)
         result: dict[str, Any] = {
             "command": ["mimo-agent", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else sys.argv,
             "machine": machine(),
@@ -254,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
                        "speech_s": round(utterance.speech_s, 3), "transport": args.transport, "commit": args.commit,
                        "chunk_ms": args.chunk_ms, "turns": args.turns, "warmup": args.warmup,
                        "stagger": args.stagger, "gap_s": list(plan.gap_s), "sessions": levels,
-                       "max_output_tokens": args.max_output_tokens, "spawn": bool(args.spawn), "url": args.url},
+                       "max_output_tokens": plan.max_output_tokens, "min_output_tokens": plan.min_output_tokens,
+                       "spawn": bool(args.spawn), "url": args.url},
             "runs": [],
             "peak_rss_mb": {},
         }
@@ -276,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
 
             result["floor"] = measure_floor(args, floor_input(utterance, args.commit),
                                             turns=max(args.turns, 5), warmup=max(1, args.warmup),
-                                            max_output_tokens=args.max_output_tokens)
+                                            max_output_tokens=plan.max_output_tokens)
         result["ratios"] = ratios(result)
         result["machine"]["load_avg_1m_end"] = round(__import__("os").getloadavg()[0], 2)
         result["peak_rss_mb"]["bench"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

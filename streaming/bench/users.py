@@ -134,6 +134,7 @@ class UserPlan:
     chunk_ms: int = 20
     gap_s: tuple[float, float] = (0.5, 1.5)  # think time after the response has played, uniform
     max_output_tokens: int | None = None
+    min_output_tokens: int | None = None
     timeout_s: float = RESPONSE_TIMEOUT_S
 
 
@@ -195,6 +196,8 @@ class SimulatedUser:
         session: dict[str, Any] = {"type": "realtime", "audio": {"input": {"turn_detection": td}}}
         if self.plan.max_output_tokens is not None:
             session["max_output_tokens"] = self.plan.max_output_tokens
+        if self.plan.min_output_tokens is not None:
+            session["mimo"] = {"min_output_tokens": self.plan.min_output_tokens}
         await self.link.send_event({"type": "session.update", "session": session})
         try:
             answer = await asyncio.wait_for(self._configured, 30.0)
