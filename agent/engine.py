@@ -16,7 +16,10 @@ with ``loop.call_soon_threadsafe``). Each tick of the engine loop:
 5. runs the batched streaming codec decode of the new speech patches, and sends the audio.
 
 A session generates ahead of real time by at most ``max_audio_lead_s`` seconds of audio (flow
-control): generation far ahead of the listener is wasted on barge-in.
+control): generation far ahead of the listener is wasted on barge-in. While every response is that
+far ahead the loop sleeps on the job queue rather than polling. A response still waiting for its
+first audio has priority: sessions comfortably ahead (``first_audio_priority_lead_s``) skip decode
+steps until it has spoken, so a new turn's latency does not grow with the sessions already talking.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class EngineConfig:
     prefill_chunk: int = 256  # prefill positions per tick, all sessions together
     max_batch: int = 64  # sessions per decode step; 1 turns batching off
     max_audio_lead_s: float = 3.0  # generated audio ahead of real time, per session
+    # while a response waits for its first audio, sessions at least this far ahead of their
+    # listener sit out the decode step, so the newcomer's few steps are short ones (0: off)
+    first_audio_priority_lead_s: float = 0.5
     job_queue_size: int = 4096
     min_context_room: int = 128  # positions kept free for a response when trimming old turns
     min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
@@ -670,6 +676,9 @@ class Engine:
             ready.append(s)
         if not ready:
             return
+        priority = self.config.first_audio_priority_lead_s
+        if priority > 0 and any(s.response.t_first_audio is None for s in ready):
+            ready = [s for s in ready if s.response.t_first_audio is None or self._lead_s(s.response, now) < priority]
         n = max(1, self.config.max_batch)
         if len(ready) > n:
             start = self._rr % len(ready)

@@ -29,6 +29,7 @@ from streaming.bench.stats import TurnRecord, summarize
 from streaming.bench.users import BenchError, SimulatedUser, UserPlan, Utterance, WebSocketLink, load_utterance
 
 DEFAULT_COMPARE_LEVELS = "1,2,3,4,6,8,12,16,24,32"
+FLOOR_BLOCK_TURNS = 4  # floor turns timed before the first run and after each
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -165,15 +166,26 @@ def _progress(args: argparse.Namespace, total: int, desc: str) -> Any:
 
 
 def sweep(args: argparse.Namespace, url: str, levels: list[int], utterance: Utterance, plan: UserPlan,
-          label: str = "", stop_when_not_realtime: bool = False) -> list[dict[str, Any]]:
+          label: str = "", stop_when_not_realtime: bool = False, server: Any = None,
+          floor: Any = None) -> list[dict[str, Any]]:
+    """One run per level, in order; with a spawned ``server``, the CPU time it used in each; with a
+    ``floor``, a block of floor turns before the first run and after each."""
     runs = []
+    if floor is not None:
+        floor.block(FLOOR_BLOCK_TURNS)
     for level in levels:
         total = level * (plan.turns + plan.warmup)
+        cpu0, t0 = server.cpu_s() if server else None, time.perf_counter()
         with _progress(args, total, f"{label + ' ' if label else ''}{level} sessions") as bar:
             records = asyncio.run(run_level(url, level, utterance, plan, label=label, stagger=args.stagger,
                                             transport=args.transport, api_key=args.api_key, seed=args.seed,
                                             progress=bar))
         runs.append(_run_dict(label, level, records))
+        runs[-1]["wall_s"] = round(time.perf_counter() - t0, 2)
+        if cpu0 is not None and (cpu1 := server.cpu_s()) is not None:
+            runs[-1]["server_cpu_s"] = round(cpu1 - cpu0, 2)
+        if floor is not None:
+            floor.block(FLOOR_BLOCK_TURNS)
         if stop_when_not_realtime and not runs[-1]["summary"]["realtime"]:
             break
     return runs
@@ -191,7 +203,8 @@ def compare_batching(args: argparse.Namespace, utterance: Utterance, plan: UserP
     out: dict[str, Any] = {"levels": levels, "runs": []}
     for label, overrides in (("batched", {}), ("unbatched", {"max_batch": 1})):
         with _spawned(args, max_sessions=max(max(levels), args.max_sessions), **overrides) as server:
-            runs = sweep(args, server.url, levels, utterance, plan, label=label, stop_when_not_realtime=True)
+            runs = sweep(args, server.url, levels, utterance, plan, label=label, stop_when_not_realtime=True,
+                         server=server)
             out.setdefault("peak_rss_mb", {})[label] = server.rss_mb()
         ok = [r["level"] for r in runs if r["summary"]["realtime"]]
         out[label] = {"realtime_sessions": max(ok, default=0),
@@ -217,6 +230,23 @@ def floor_input(utterance: Utterance, commit: str) -> Any:
     return np.concatenate([pcm, np.zeros(max(0, end - start - len(pcm)), np.int16)])
 
 
+def _stage_medians(turns: list[dict[str, Any]]) -> dict[str, float]:
+    """The server's own engine stages of the measured turns, comparable one to one with the floor's."""
+    import statistics
+
+    spans = {"encode": ("encode_ms", None), "prefill": ("prefill_ms", None),
+             "steps": ("first_speech_patch_ms", "prefill_done_ms"),
+             "codec": ("first_audio_ms", "first_speech_patch_ms")}
+    out = {}
+    for name, (end, start) in spans.items():
+        xs = [t["server_timings"][end] - (t["server_timings"][start] if start else 0.0) for t in turns
+              if t["ok"] and not t["warmup"] and end in t["server_timings"]
+              and (start is None or start in t["server_timings"])]
+        if xs:
+            out[name] = statistics.median(xs)
+    return out
+
+
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
     """The figures the project's speed targets are stated in, from this run's numbers only."""
     out: dict[str, Any] = {"lines": []}
@@ -228,6 +258,11 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
         out["server_over_floor"] = round(p50 / floor["total_ms"], 3)
         out["lines"].append(f"server first audio at 1 session, p50 {p50:.1f} ms / floor {floor['total_ms']:.1f} ms "
                             f"= {out['server_over_floor']:.2f}x")
+        stages = _stage_medians(one["turns"])
+        pairs = [("encode", "encode_ms"), ("prefill", "prefill_ms"), ("steps", "steps_ms"), ("codec", "codec_ms")]
+        out["stages_server_vs_floor_ms"] = {k: [stages.get(k), floor[f]] for k, f in pairs}
+        out["lines"].append("  stage by stage, server p50 / floor median (ms): " + ", ".join(
+            f"{k} {stages[k]:.1f}/{floor[f]:.1f}" for k, f in pairs if stages.get(k) is not None))
     if one and one["summary"]["server_first_audio_ms"].get("n"):
         base = one["summary"]["server_first_audio_ms"]["p50"]
         for r in main:
@@ -264,25 +299,27 @@ def run(args: argparse.Namespace) -> int:
             "runs": [],
             "peak_rss_mb": {},
         }
+        floor = None
+        if args.floor:
+            from streaming.bench.floor import Floor
+
+            floor = Floor(args, floor_input(utterance, args.commit), max_output_tokens=plan.max_output_tokens,
+                          min_output_tokens=plan.min_output_tokens)
         if args.spawn:
             with _spawned(args, max_sessions=max(max(levels), args.max_sessions)) as server:
                 result["server"] = server.health
-                result["runs"] = sweep(args, server.url, levels, utterance, plan)
+                result["runs"] = sweep(args, server.url, levels, utterance, plan, server=server, floor=floor)
                 result["peak_rss_mb"]["server"] = server.rss_mb()
         else:
             result["server"] = fetch_health(args.url, args.api_key)
-            result["runs"] = sweep(args, args.url, levels, utterance, plan)
+            result["runs"] = sweep(args, args.url, levels, utterance, plan, floor=floor)
         if args.compare_batching:
             cmp = compare_batching(args, utterance, plan)
             result["runs"] += cmp.pop("runs")
             result["peak_rss_mb"].update({f"server ({k})": v for k, v in cmp.pop("peak_rss_mb").items()})
             result["compare_batching"] = cmp
-        if args.floor:
-            from streaming.bench.floor import measure_floor
-
-            result["floor"] = measure_floor(args, floor_input(utterance, args.commit),
-                                            turns=max(args.turns, 5), warmup=max(1, args.warmup),
-                                            max_output_tokens=plan.max_output_tokens)
+        if floor is not None:
+            result["floor"] = floor.summary()
         result["ratios"] = ratios(result)
         result["machine"]["load_avg_1m_end"] = round(__import__("os").getloadavg()[0], 2)
         result["peak_rss_mb"]["bench"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

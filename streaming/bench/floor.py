@@ -6,8 +6,9 @@ the committed audio, prefill the positions the conversation's cache lacks, run t
 until the first speech patch, and decode the codec's first chunk (more patches if the codec's
 schedule wants them). It uses the server's own pieces (``load_runtime`` with the same model
 options and threads, the conversation renderer, the generation controls, the codec's decode
-schedule), one conversation turn after turn so the prefix cache is used as the server uses it, and
-no threads, queues, sockets or JSON: the server's first-audio time divided by this is its overhead.
+schedule, the samplers and instructions of a default session), one conversation turn after turn
+so the prefix cache is used as the server uses it, and no threads, queues, sockets or JSON: the
+server's first-audio time divided by this is its overhead.
 """
 
 from __future__ import annotations
@@ -38,107 +39,144 @@ class FloorTurn:
         return self.encode_ms + self.prefill_ms + self.steps_ms + self.codec_ms
 
 
-def measure_floor(args: argparse.Namespace, pcm: np.ndarray, *, turns: int, warmup: int,
-                  max_output_tokens: int | None = None) -> dict[str, Any]:
-    """Time ``warmup + turns`` turns of one conversation whose user says ``pcm`` (int16 24 kHz) each
-    time; the warm-up turns are left out of the figures."""
-    import torch
+class Floor:
+    """The model loaded once; :meth:`block` times turns of a fresh conversation (its first turn a
+    warm-up). Blocks run between the server's runs so both see the same machine load."""
 
-    from agent.conversation import ConversationRenderer, Item, Role, common_prefix
-    from agent.lm.generation import ControlState, GenerationControls, Mode, mask_text_logits, parse_interleave
-    from agent.lm.prompts import Prompt, PromptBuilder
-    from agent.lm.sampling import GREEDY, SamplingBatch, sample
-    from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
+    def __init__(self, args: argparse.Namespace, pcm: np.ndarray, *, max_output_tokens: int | None = None,
+                 min_output_tokens: int | None = None) -> None:
+        import torch
 
-    torch.set_grad_enabled(False)
-    rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
-                      threads=getattr(args, "threads", None))
-    lm, codec, decode_patch = rt.lm, rt.codec, rt.lm.decode_patch
-    if getattr(args, "backend", "torch") == "onnx":
-        from export.runtime import onnx_backend
+        from agent.conversation import ConversationRenderer
+        from agent.lm.generation import GenerationControls, Mode, parse_interleave
+        from agent.lm.prompts import PromptBuilder
+        from agent.lm.sampling import SamplingBatch
+        from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
+        from streaming.config import default_session_config
 
-        decode_patch, codec = onnx_backend(rt, args.export_dir, providers=args.providers)
-    dev = lm.device
-    sp = rt.tokenizer.specials
-    builder = PromptBuilder(rt.tokenizer, lm.config)
-    renderer = ConversationRenderer(builder)
-    cache = lm.allocate_cache(1, min(args.max_positions, lm.config.max_position_embeddings))
-    interleave = args.interleave or (PRESET_INTERLEAVE if rt.preset else None)
-    max_patches = max_output_tokens or (PRESET_MAX_OUTPUT if rt.preset else 1024)
-    common = dict(stop_ids=tuple(sorted({sp.eostm, sp.im_end, sp.eos})), max_patches=max_patches,
-                  min_patches=min(PRESET_MIN_OUTPUT if rt.preset else 0, max_patches))
-    if interleave in (None, "off"):
-        controls = GenerationControls(mode=Mode.FREE, **common)
-    else:
-        n, m = parse_interleave(interleave)
-        controls = GenerationControls(mode=Mode.INTERLEAVE, text_patches=n, speech_patches=m, **common)
-    schedule = _schedule(args)
-    greedy = SamplingBatch.from_params([GREEDY], dev)
-    audio = pcm.astype(np.float32) / 32768.0
+        torch.set_grad_enabled(False)
+        rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
+                          threads=getattr(args, "threads", None))
+        self.rt, self.lm, self.codec, self.decode_patch = rt, rt.lm, rt.codec, rt.lm.decode_patch
+        if getattr(args, "backend", "torch") == "onnx":
+            from export.runtime import onnx_backend
 
-    items: list[Item] = []
-    cached = builder.tokens([])
-    out: list[FloorTurn] = []
-    for k in range(warmup + turns):
+            self.decode_patch, self.codec = onnx_backend(rt, args.export_dir, providers=args.providers)
+        self.dev = self.lm.device
+        self.sp = sp = rt.tokenizer.specials
+        self.builder = PromptBuilder(rt.tokenizer, self.lm.config)
+        self.renderer = ConversationRenderer(self.builder)
+        self.max_positions = min(args.max_positions, self.lm.config.max_position_embeddings)
+        self.cache = self.lm.allocate_cache(1, self.max_positions)
+        interleave = args.interleave or (PRESET_INTERLEAVE if rt.preset else None)
+        max_patches = max_output_tokens or (PRESET_MAX_OUTPUT if rt.preset else 1024)
+        min_patches = max(min_output_tokens or 0, PRESET_MIN_OUTPUT if rt.preset else 0)
+        common = dict(stop_ids=tuple(sorted({sp.eostm, sp.im_end, sp.eos})), max_patches=max_patches,
+                      min_patches=min(min_patches, max_patches))
+        if interleave in (None, "off"):
+            self.controls = GenerationControls(mode=Mode.FREE, **common)
+        else:
+            n, m = parse_interleave(interleave)
+            self.controls = GenerationControls(mode=Mode.INTERLEAVE, text_patches=n, speech_patches=m, **common)
+        self.schedule = _schedule(args)
+        session = default_session_config()  # what a session that changes nothing gets: instructions, samplers
+        self.instructions = session.instructions
+        self.text_sampling = SamplingBatch.from_params([_sampling(session.mimo.sampling.text)], self.dev)
+        self.speech_sampling = SamplingBatch.from_params([_sampling(session.mimo.sampling.speech)], self.dev)
+        self.text_gen = torch.Generator(device=self.dev).manual_seed(0)
+        self.speech_gen = torch.Generator(device=self.dev).manual_seed(1)
+        self.audio = pcm.astype(np.float32) / 32768.0
+        self.audio_s = len(pcm) / SAMPLE_RATE
+        self.turns: list[FloorTurn] = []
+
+    def block(self, turns: int) -> None:
+        """One warm-up turn, then ``turns`` timed turns, in a new conversation."""
+        from agent.conversation import Item
+
+        items: list[Item] = []
+        self.cache.reset(0)
+        cached = self.builder.tokens([])
+        for k in range(turns + 1):
+            turn, cached = self._turn(items, cached, k)
+            if k:
+                self.turns.append(turn)
+
+    def _turn(self, items: list, cached: Any, k: int) -> tuple[FloorTurn, Any]:
+        import torch
+
+        from agent.conversation import Item, Role, common_prefix
+        from agent.lm.generation import ControlState, mask_text_logits
+        from agent.lm.prompts import Prompt
+        from agent.lm.sampling import draw_uniform, sample
+
+        lm, sp, dev, builder = self.lm, self.sp, self.dev, self.builder
         t0 = time.perf_counter()
-        codes = torch.as_tensor(codec.encode_batch([audio])[0], dtype=torch.int64).cpu()
+        codes = torch.as_tensor(self.codec.encode_batch([self.audio])[0], dtype=torch.int64).cpu()
         t1 = time.perf_counter()
         items.append(Item(f"user{k}", Role.USER, codes=codes))
         reply = Item(f"reply{k}", Role.ASSISTANT, patches=builder.tokens([]), audio_output=True)
         items.append(reply)
-        prompt = renderer.render(items).prompt
+        prompt = self.renderer.render(items, instructions=self.instructions).prompt
         keep = common_prefix(cached, prompt)
         if keep < len(cached):
-            cache.rollback(0, keep)
+            self.cache.rollback(0, keep)
         new = prompt[keep:]
-        h = lm.prefill(cache, 0, lm.embed_patches(*new.batch(dev)))
+        h = lm.prefill(self.cache, 0, lm.embed_patches(*new.batch(dev)))
         cached = prompt
         t2 = time.perf_counter()
-        state = ControlState(controls, eot_id=sp.eot)
-        stream = codec.new_decode_stream(schedule) if schedule is not None else codec.new_decode_stream()
+        state = ControlState(self.controls, eot_id=sp.eot)
+        stream = self.codec.new_decode_stream(self.schedule) if self.schedule else self.codec.new_decode_stream()
         steps, steps_s, codec_s, chunk = 0, 0.0, 0.0, None
         generated = fed = builder.tokens([])
         while chunk is None or len(chunk) == 0:
             ts = time.perf_counter()
             if steps:  # the previous patch goes through the backbone first
-                h = lm.decode_step(cache, [0], lm.embed_patches(*fed.batch(dev)))
+                h = lm.decode_step(self.cache, [0], lm.embed_patches(*fed.batch(dev)))
                 cached = cached + fed
             logits = mask_text_logits(lm.text_logits(h), [state], sp.empty)
-            token = int(sample(logits, greedy)[0])
+            uniform = None
+            if not self.text_sampling.all_greedy:
+                uniform = draw_uniform([self.text_gen], 1, logits.shape[1:], dev)
+            token = int(sample(logits, self.text_sampling, uniform)[0])
             patch_codes = None
             if token == sp.empty:
-                patch_codes = decode_patch(h, greedy, None).cpu()[0]  # (4, 8)
+                patch_codes = self.decode_patch(h, self.speech_sampling, [self.speech_gen]).cpu()[0]  # (4, 8)
             steps += 1
             steps_s += time.perf_counter() - ts
             if state.advance(token):
                 raise RuntimeError("the response ended before its first audio; the floor needs speech")
-            fed = Prompt(torch.tensor([token]), (patch_codes if patch_codes is not None
-                                                 else _empty(lm, sp)).unsqueeze(0).to(torch.int64))
+            empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64).expand(lm.config.group_size, -1)
+            fed = Prompt(torch.tensor([token]), (patch_codes if patch_codes is not None else empty).unsqueeze(0))
             generated = generated + fed
             if patch_codes is not None:
                 tc = time.perf_counter()
-                chunk = codec.decode_streams([(stream, patch_codes)])[0]
+                chunk = self.codec.decode_streams([(stream, patch_codes)])[0]
                 codec_s += time.perf_counter() - tc
         reply.patches, reply.complete = generated, True
-        out.append(FloorTurn((t1 - t0) * 1000, (t2 - t1) * 1000, len(new), steps_s * 1000, steps,
-                             codec_s * 1000, len(chunk)))
-    measured = out[warmup:] or out
-    summary = {name: round(statistics.median(getattr(t, name) for t in measured), 3)
+        turn = FloorTurn((t1 - t0) * 1000, (t2 - t1) * 1000, len(new), steps_s * 1000, steps, codec_s * 1000,
+                         len(chunk))
+        return turn, cached
+
+    def summary(self) -> dict[str, Any]:
+        t = self.turns
+        out = {name: round(statistics.median(getattr(x, name) for x in t), 3)
                for name in ("encode_ms", "prefill_ms", "steps_ms", "codec_ms", "total_ms")}
-    summary.update(
-        min_total_ms=round(min(t.total_ms for t in measured), 3),
-        steps=measured[-1].steps, prefill_positions=[t.prefill_positions for t in measured],
-        first_chunk_samples=measured[-1].samples, turns=len(measured), warmup_turns=len(out) - len(measured),
-        audio_s=round(len(pcm) / SAMPLE_RATE, 3), threads=rt.info.get("threads"),
-        samples=[{**t.__dict__, "total_ms": round(t.total_ms, 3)} for t in out],
-    )
-    return summary
+        out.update(
+            min_total_ms=round(min(x.total_ms for x in t), 3), steps=t[-1].steps, turns=len(t),
+            prefill_positions=statistics.median(x.prefill_positions for x in t),
+            first_chunk_samples=t[-1].samples, audio_s=round(self.audio_s, 3), threads=self.rt.info.get("threads"),
+            samples=[{**x.__dict__, "total_ms": round(x.total_ms, 3)} for x in t],
+        )
+        return out
 
 
-def _empty(lm: Any, sp: Any) -> Any:
-    import torch
+def _sampling(params: Any) -> Any:
+    """Protocol sampling -> the model's (as the server's bridge maps it: no temperature is greedy)."""
+    from agent.lm.sampling import GREEDY, SamplingParams
 
-    return torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64).expand(lm.config.group_size, -1)
+    if params is None or not params.temperature:
+        return GREEDY
+    return SamplingParams(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p or 1.0)
 
 
 def _schedule(args: argparse.Namespace) -> Any:

@@ -33,6 +33,9 @@ def run_table(run: dict[str, Any]) -> str:
     turns = s["measured_turns"]
     lines.append(f"playback: {s['underruns']} underruns > 100 ms in {s['turns_with_underruns']}/{turns} turns, "
                  f"longest stall {s['max_gap_ms']:.0f} ms -> {'real time' if s['realtime'] else 'NOT real time'}")
+    if run.get("server_cpu_s") is not None:
+        lines.append(f"server CPU: {run['server_cpu_s']:.1f} s in {run['wall_s']:.1f} s "
+                     f"({100 * run['server_cpu_s'] / run['wall_s']:.0f}% of one core)")
     return "\n".join(lines)
 
 

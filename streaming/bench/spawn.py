@@ -98,6 +98,16 @@ class SpawnedServer:
             return None
         return None
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system) the server has used so far (Linux)."""
+        if self.proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def stop(self) -> None:
         if self.proc is None:
             return

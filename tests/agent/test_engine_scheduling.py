@@ -1,0 +1,111 @@
+"""Engine scheduling: the loop does not busy-poll while every response is far enough ahead of its
+listener (flow control), and a response waiting for its first audio goes before sessions that are
+comfortably ahead."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from agent.engine import (
+    AddUserAudio,
+    AudioDelta,
+    Engine,
+    EngineConfig,
+    Respond,
+    ResponseDone,
+    ResponseParams,
+    ResponseStarted,
+)
+from agent.runtime import load_runtime
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return load_runtime(preset="tiny", device="cpu")
+
+
+def _speech() -> np.ndarray:
+    return (0.1 * np.sin(np.arange(12_000) * 0.05)).astype(np.float32)
+
+
+def _respond(engine: Engine, patches: int) -> tuple[ResponseDone, float]:
+    done = threading.Event()
+    events: list = []
+
+    def on_event(ev) -> None:
+        events.append(ev)
+        if isinstance(ev, ResponseDone):
+            done.set()
+
+    handle = engine.open_session(on_event)
+    handle.submit(AddUserAudio("u1", _speech()))
+    handle.submit(Respond("r1", "a1", ResponseParams(max_output_patches=patches, min_patches=patches,
+                                                     interleave=(1, 3))))
+    assert done.wait(60), "the response did not finish"
+    handle.close()
+    audio_s = sum(len(e.pcm) for e in events if isinstance(e, AudioDelta)) / 24_000
+    return next(e for e in events if isinstance(e, ResponseDone)), audio_s
+
+
+def test_flow_controlled_response_does_not_spin(runtime) -> None:
+    engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, EngineConfig(max_sessions=1, max_audio_lead_s=0.2))
+    engine.start()
+    try:
+        done, audio_s = _respond(engine, 16)  # 12 speech patches: about 1.9 s of audio, paced at real time
+    finally:
+        engine.stop()
+    assert done.status == "completed" or done.reason == "max_output_tokens"
+    assert audio_s > 1.0
+    # generation is paced (it cannot run more than 0.2 s ahead of real time), and the loop ticks only
+    # when it has work: about once per patch and codec chunk, not thousands of polls while it waits
+    assert done.timings["total_ms"] > (audio_s - 0.2 - 0.2) * 1000
+    assert engine.ticks < 200, f"{engine.ticks} ticks for a 16-patch response: the engine loop busy-polls"
+
+
+
+def test_a_new_turn_goes_before_sessions_far_ahead(runtime) -> None:
+    config = EngineConfig(max_sessions=2, max_audio_lead_s=30.0, first_audio_priority_lead_s=0.2)
+    engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, config)
+    log: list[tuple[str, object]] = []  # (session, event), in the engine's order
+    lock = threading.Lock()
+    ahead = threading.Event()
+    done_b = threading.Event()
+    samples = [0]
+
+    def on_a(ev) -> None:
+        with lock:
+            log.append(("a", ev))
+        if isinstance(ev, AudioDelta):
+            samples[0] += len(ev.pcm)
+            if samples[0] >= 2 * 24_000:  # 2 s generated in far less wall time: well ahead
+                ahead.set()
+
+    def on_b(ev) -> None:
+        with lock:
+            log.append(("b", ev))
+        if isinstance(ev, ResponseDone):
+            done_b.set()
+
+    engine.start()
+    try:
+        a, b = engine.open_session(on_a), engine.open_session(on_b)
+        long = ResponseParams(max_output_patches=400, min_patches=400, interleave=(1, 3))
+        a.submit(AddUserAudio("ua", _speech()))
+        a.submit(Respond("ra", "xa", long))
+        assert ahead.wait(60), "session a did not get ahead of real time"
+        b.submit(AddUserAudio("ub", _speech()))
+        b.submit(Respond("rb", "xb", ResponseParams(max_output_patches=8, min_patches=8, interleave=(1, 3))))
+        assert done_b.wait(60)
+    finally:
+        engine.stop()
+    with lock:
+        events = list(log)
+    start = next(i for i, (who, ev) in enumerate(events) if who == "b" and isinstance(ev, ResponseStarted))
+    first = next(i for i, (who, ev) in enumerate(events) if who == "b" and isinstance(ev, AudioDelta))
+    between = [ev for who, ev in events[start:first] if who == "a" and isinstance(ev, AudioDelta)]
+    assert between == [], f"session a, seconds ahead, made {len(between)} audio chunks while b waited for its first"
+    after = [ev for who, ev in events[first:] if who == "a" and isinstance(ev, AudioDelta)]
+    assert after, "session a must resume once b has spoken"
