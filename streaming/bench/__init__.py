@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
                         max_output_tokens=args.response_tokens or args.max_output_tokens,
                         min_output_tokens=args.response_tokens)
         result: dict[str, Any] = {
-            "command": ["mimo-agent", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else sys.argv,
+            "command": ["mimo-agent", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None,
             "machine": machine(),
             "config": {"audio": utterance.path, "audio_s": round(utterance.duration_s, 3),
                        "speech_s": round(utterance.speech_s, 3), "transport": args.transport, "commit": args.commit,
