@@ -109,3 +109,35 @@ def test_a_new_turn_goes_before_sessions_far_ahead(runtime) -> None:
     assert between == [], f"session a, seconds ahead, made {len(between)} audio chunks while b waited for its first"
     after = [ev for who, ev in events[first:] if who == "a" and isinstance(ev, AudioDelta)]
     assert after, "session a must resume once b has spoken"
+
+
+@pytest.mark.parametrize("defer", [0.0, 0.3])
+def test_sessions_far_ahead_decode_patches_in_bigger_codec_passes(runtime, defer) -> None:
+    config = EngineConfig(max_sessions=1, max_audio_lead_s=30.0, codec_defer_lead_s=defer, codec_max_patches=4)
+    engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, config)
+    engine.start()
+    chunks: list[int] = []
+    done = threading.Event()
+    result: list[ResponseDone] = []
+
+    def on_event(ev) -> None:
+        if isinstance(ev, AudioDelta):
+            chunks.append(len(ev.pcm))
+        elif isinstance(ev, ResponseDone):
+            result.append(ev)
+            done.set()
+
+    try:
+        handle = engine.open_session(on_event)
+        handle.submit(AddUserAudio("u", _speech()))
+        handle.submit(Respond("r", "a", ResponseParams(max_output_patches=40, min_patches=40, interleave=(1, 3))))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    patch = 4 * 960  # samples per speech patch
+    assert sum(chunks) == result[0].timings["speech_patches"] * patch  # nothing lost or doubled
+    if defer:  # generation runs far ahead of real time: passes of up to 4 patches
+        assert max(chunks) >= 3 * patch and max(chunks) <= 5 * patch, chunks
+        assert chunks[0] < patch  # the first chunk still leaves after one patch
+    else:
+        assert max(chunks) <= patch + 960, chunks  # one patch per pass (the last one flushes the holdback)
