@@ -17,9 +17,10 @@ with ``loop.call_soon_threadsafe``). Each tick of the engine loop:
 
 A session generates ahead of real time by at most ``max_audio_lead_s`` seconds of audio (flow
 control): generation far ahead of the listener is wasted on barge-in. While every response is that
-far ahead the loop sleeps on the job queue rather than polling. A response still waiting for its
-first audio has priority: sessions comfortably ahead (``first_audio_priority_lead_s``) skip decode
-steps until it has spoken, so a new turn's latency does not grow with the sessions already talking.
+far ahead the loop sleeps on the job queue rather than polling. A response with little audio ahead
+of its listener (``urgent_lead_s``; a new turn waiting for its first audio has none) has priority:
+sessions comfortably ahead (``yield_lead_s``) skip decode steps meanwhile, so a new turn's latency,
+and its first second of playback, do not depend on how many sessions are already talking.
 A session comfortably ahead also lets a few speech patches gather before its codec pass, which
 costs about the same for one patch as for four.
 """
@@ -73,9 +74,11 @@ class EngineConfig:
     prefill_chunk: int = 256  # prefill positions per tick, all sessions together
     max_batch: int = 64  # sessions per decode step; 1 turns batching off
     max_audio_lead_s: float = 3.0  # generated audio ahead of real time, per session
-    # while a response waits for its first audio, sessions at least this far ahead of their
-    # listener sit out the decode step, so the newcomer's few steps are short ones (0: off)
-    first_audio_priority_lead_s: float = 0.5
+    # while a response is less than urgent_lead_s ahead of its listener (a new turn waiting for its
+    # first audio is 0 s ahead), sessions at least yield_lead_s ahead sit out the decode step, so
+    # the urgent one's steps are short ones (yield_lead_s 0: off)
+    urgent_lead_s: float = 0.3
+    yield_lead_s: float = 1.0
     # a session at least this far ahead lets its speech patches gather (up to codec_max_patches) and
     # decodes them in one codec pass: each pass re-runs the vocoder over its left context, so a
     # pass of 4 patches costs about what a pass of 1 does (0: decode every patch at once)
@@ -339,7 +342,7 @@ class Engine:
         self._next_sid = 0
         self._thread: threading.Thread | None = None
         self._running = False
-        self._rr = 0  # round-robin offset over generating sessions when max_batch < their number
+        self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
@@ -689,13 +692,14 @@ class Engine:
             ready.append(s)
         if not ready:
             return
-        priority = self.config.first_audio_priority_lead_s
-        if priority > 0 and any(s.response.t_first_audio is None for s in ready):
-            ready = [s for s in ready if s.response.t_first_audio is None or self._lead_s(s.response, now) < priority]
+        if self.config.yield_lead_s > 0 and len(ready) > 1:
+            leads = [self._lead_s(s.response, now) for s in ready]
+            if min(leads) < self.config.urgent_lead_s:
+                ready = [s for s, lead in zip(ready, leads, strict=True) if lead < self.config.yield_lead_s]
         n = max(1, self.config.max_batch)
-        if len(ready) > n:
+        if len(ready) > n:  # the rows closest to running dry first (round-robin order breaks ties)
             start = self._rr % len(ready)
-            ready = (ready[start:] + ready[:start])[:n]
+            ready = sorted(ready[start:] + ready[:start], key=lambda s: self._lead_s(s.response, now))[:n]
             self._rr += n
         t = time.perf_counter()
         hidden = self._backbone(ready)

@@ -67,7 +67,7 @@ def test_flow_controlled_response_does_not_spin(runtime) -> None:
 
 
 def test_a_new_turn_goes_before_sessions_far_ahead(runtime) -> None:
-    config = EngineConfig(max_sessions=2, max_audio_lead_s=30.0, first_audio_priority_lead_s=0.2)
+    config = EngineConfig(max_sessions=2, max_audio_lead_s=30.0, urgent_lead_s=0.2, yield_lead_s=0.5)
     engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, config)
     log: list[tuple[str, object]] = []  # (session, event), in the engine's order
     lock = threading.Lock()
@@ -80,7 +80,7 @@ def test_a_new_turn_goes_before_sessions_far_ahead(runtime) -> None:
             log.append(("a", ev))
         if isinstance(ev, AudioDelta):
             samples[0] += len(ev.pcm)
-            if samples[0] >= 2 * 24_000:  # 2 s generated in far less wall time: well ahead
+            if samples[0] >= 3 * 24_000:  # 3 s generated in far less wall time: well ahead
                 ahead.set()
 
     def on_b(ev) -> None:
