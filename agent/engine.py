@@ -558,7 +558,7 @@ class Engine:
         p = job.params
         item = Item(job.item_id, Role.ASSISTANT, patches=self.builder.tokens([]), audio_output=p.audio)
         s.items.append(item)
-        rendering = self._fit_context(s, p)
+        rendering = self._fit_context(s, p, job.response_id)
         if rendering is None:
             s.items.remove(item)
             return
@@ -582,7 +582,7 @@ class Engine:
         r.prefill_positions = len(r.prefill)
         self._emit(s, ResponseStarted(job.response_id, item.item_id))
 
-    def _fit_context(self, s: _Session, p: ResponseParams) -> Rendering | None:
+    def _fit_context(self, s: _Session, p: ResponseParams, response_id: str) -> Rendering | None:
         """Render the conversation; drop the oldest items while it leaves too little room."""
         room = min(p.max_output_patches, self.config.min_context_room)
         dropped: list[str] = []
@@ -595,7 +595,7 @@ class Engine:
                     "context_length_exceeded",
                     f"the turn needs {len(rendering)} positions plus {room} for the response; "
                     f"the session's context holds {self.max_positions}",
-                    response_id=None, item_id=s.items[-1].item_id))
+                    response_id=response_id, item_id=s.items[-1].item_id))
                 return None
             dropped.append(s.items.pop(0).item_id)
         if dropped:
