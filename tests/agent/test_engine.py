@@ -141,7 +141,7 @@ def test_batched_sessions_equal_sessions_alone(runtime):
             clients = [Client(engine, seed=10 + i) for i in range(3)]
             sampling = ChannelSampling(SamplingParams(0.9, top_p=0.9), SamplingParams(0.9, top_k=5))
             for i, c in enumerate(clients):
-                c.submit(AddUserText("u", "turn number %d, with some more words" % i * (i + 1)))
+                c.submit(AddUserText("u", f"turn number {i}, with some more words" * (i + 1)))
                 c.submit(Respond("r", "a", ResponseParams(sampling=sampling, interleave=(1, 2),
                                                          max_output_patches=9 + i)))
             for c in clients:
@@ -243,7 +243,7 @@ def test_oldest_turns_are_dropped_at_the_context_limit(runtime):
         c = Client(engine)
         dropped = []
         for turn in range(6):
-            c.submit(AddUserText(f"u{turn}", "a fairly long user message number %d" % turn))
+            c.submit(AddUserText(f"u{turn}", f"a fairly long user message number {turn}"))
             events, done = c.respond(f"r{turn}", audio=False, max_output_patches=10)
             dropped += [i for e in events if isinstance(e, ItemsDropped) for i in e.item_ids]
             assert done.status in ("completed", "incomplete")
