@@ -666,7 +666,7 @@ class Engine:
         text_params = SamplingBatch.from_params([s.response.text_params for s in ready], self.device)
         uniform = None
         if not text_params.all_greedy:
-            uniform = draw_uniform([s.text_generator for s in ready], len(ready), logits.shape[1:], self.device)
+            uniform = draw_uniform([s.text_generator for s in ready], len(ready), (), self.device)
         tokens = sample(logits, text_params, uniform).tolist()  # host sync: text or speech decides the path
         speech_rows = [i for i, tok in enumerate(tokens) if tok == self.specials.empty]
         codes = None
