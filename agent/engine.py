@@ -596,7 +596,7 @@ class Engine:
         p = job.params
         item = Item(job.item_id, Role.ASSISTANT, patches=self.builder.tokens([]), audio_output=p.audio)
         s.items.append(item)
-        rendering = self._fit_context(s, p)
+        rendering = self._fit_context(s, p, job.response_id)
         if rendering is None:
             s.items.remove(item)
             return
@@ -620,7 +620,7 @@ class Engine:
         r.prefill_positions = len(r.prefill)
         self._emit(s, ResponseStarted(job.response_id, item.item_id))
 
-    def _fit_context(self, s: _Session, p: ResponseParams) -> Rendering | None:
+    def _fit_context(self, s: _Session, p: ResponseParams, response_id: str) -> Rendering | None:
         """Render the conversation; drop the oldest items while it leaves too little room."""
         room = min(p.max_output_patches, self.config.min_context_room)
         dropped: list[str] = []
@@ -633,7 +633,7 @@ class Engine:
                     "context_length_exceeded",
                     f"the turn needs {len(rendering)} positions plus {room} for the response; "
                     f"the session's context holds {self.max_positions}",
-                    response_id=None, item_id=s.items[-1].item_id))
+                    response_id=response_id, item_id=s.items[-1].item_id))
                 return None
             dropped.append(s.items.pop(0).item_id)
         if dropped:
@@ -708,7 +708,7 @@ class Engine:
         text_params = SamplingBatch.from_params([s.response.text_params for s in ready], self.device)
         uniform = None
         if not text_params.all_greedy:
-            uniform = draw_uniform([s.text_generator for s in ready], len(ready), logits.shape[1:], self.device)
+            uniform = draw_uniform([s.text_generator for s in ready], len(ready), (), self.device)
         tokens = sample(logits, text_params, uniform).tolist()  # host sync: text or speech decides the path
         speech_rows = [i for i, tok in enumerate(tokens) if tok == self.specials.empty]
         codes = None

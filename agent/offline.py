@@ -4,10 +4,10 @@ One prompt in, one response out, streamed to the terminal as it is generated (te
 stdout, a summary on stderr). Works on a checkpoint (``--model DIR`` or a hub id) or a preset
 (``--preset tiny``, random weights).
 
-Audio goes in and out as RVQ codes, ``.npy`` arrays of shape [T, 8] at 25 Hz. Other files go
-through an :class:`AudioCodec` (wav -> codes, codes -> wav) passed to :func:`run_offline`; the
-command line passes none until the audio tokenizer is wired in, and then refuses non-``.npy``
-paths with a message that says so.
+Audio goes in and out as audio files (wav and the formats ``agent.codec.load_wav`` reads, any
+rate or channel count, resampled to 24 kHz mono) through the audio tokenizer: ``--tokenizer DIR``
+with a checkpoint, the matching preset otherwise. RVQ codes (``.npy`` arrays [T, 8] at 25 Hz) work
+too, in and out, and need no audio tokenizer.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     model.add_argument(
         "--preset", choices=PRESET_NAMES, help="built-in model with random weights (default: tiny)"
     )
+    parser.add_argument(
+        "--tokenizer", help="MiMo-Audio-Tokenizer checkpoint (directory or hub id) for audio files"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
         "--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"
@@ -84,18 +87,47 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "tts":
         parser.add_argument("--text", required=True, help="the text to speak")
         parser.add_argument("--instruct", help="a style instruction (the model thinks first, then speaks)")
-        parser.add_argument("--voice", help="voice prompt audio (.npy codes) for --instruct")
+        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes) for --instruct")
     else:
-        parser.add_argument("--input", required=True, help="input audio (.npy codes [T, 8])")
+        parser.add_argument("--input", required=True, help="input audio (a wav, or .npy codes [T, 8])")
     if command == "dialogue":
         parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
-        parser.add_argument("--voice", help="voice prompt audio (.npy codes)")
+        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes)")
     if command != "asr":
-        parser.add_argument("--out", help="where to write the response audio (.npy codes [T, 8])")
+        parser.add_argument("--out", help="where to write the response audio (.wav, or .npy codes [T, 8])")
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_offline(args, codec=None)
+    try:
+        codec = audio_codec(args)
+    except (ValueError, OSError) as exc:
+        print(f"mimo-agent {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return run_offline(args, codec=codec)
+
+
+def audio_codec(args: argparse.Namespace) -> AudioCodec | None:
+    """The audio tokenizer as an :class:`AudioCodec`: ``--tokenizer``, or the preset's own; None
+    for a checkpoint without ``--tokenizer`` (then only ``.npy`` codes are accepted)."""
+    from agent.codec import load_audio_tokenizer, load_wav, write_wav
+    from agent.runtime import CODEC_PRESET
+
+    if args.tokenizer:
+        tok = load_audio_tokenizer(args.tokenizer, dtype=args.dtype, device=args.device)
+    elif args.model:
+        return None
+    else:
+        tok = load_audio_tokenizer(None, preset=CODEC_PRESET[args.preset or "tiny"], dtype=args.dtype,
+                                   device=args.device)
+
+    def wav_to_codes(path: str) -> np.ndarray:
+        return tok.encode(load_wav(path)).numpy()
+
+    def codes_to_wav(codes: np.ndarray, path: str) -> None:
+        audio = tok.decode(codes) if len(codes) else np.zeros(0, np.float32)
+        write_wav(path, audio)
+
+    return AudioCodec(wav_to_codes, codes_to_wav)
 
 
 def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> int:
@@ -107,7 +139,7 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
         out = getattr(args, "out", None)
         if out and Path(out).suffix != ".npy" and codec is None:
             raise ValueError(
-                f"{out}: writing audio files needs the audio tokenizer; use a .npy path for RVQ codes"
+                f"{out}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
             )
     except (ValueError, OSError) as exc:
         print(f"mimo-agent {args.command}: {exc}", file=sys.stderr)
@@ -121,7 +153,8 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
             file=sys.stderr,
         )
         return 2
-    mode = Mode(args.mode or (Mode.INTERLEAVE if is_preset else Mode.FREE))
+    default_mode = Mode.TEXT if task == "asr" else (Mode.INTERLEAVE if is_preset else Mode.FREE)
+    mode = Mode(args.mode or default_mode)
     n, m = parse_interleave(args.interleave)
     controls = GenerationControls(
         mode=mode,
@@ -200,7 +233,9 @@ def _read_codes(path: str, codec: AudioCodec | None, b: PromptBuilder) -> torch.
     elif codec is not None:
         codes = codec.wav_to_codes(path)
     else:
-        raise ValueError(f"{path}: audio files need the audio tokenizer; pass RVQ codes as .npy [T, 8]")
+        raise ValueError(
+            f"{path}: audio files need the audio tokenizer (--tokenizer DIR); or pass RVQ codes as .npy [T, 8]"
+        )
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != b.channels or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(
@@ -216,5 +251,5 @@ def _write_audio(codes: np.ndarray, path: str, codec: AudioCodec | None) -> None
         codec.codes_to_wav(codes, path)
     else:
         raise ValueError(
-            f"{path}: writing audio files needs the audio tokenizer; use a .npy path for RVQ codes"
+            f"{path}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
         )

@@ -255,7 +255,7 @@ def _tiny() -> MiMoAudioConfig:
         intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=1,  # 4 query heads per key head, as the real model's 32:8
         head_dim=32,
         local_dim=64,
         local_layers=2,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from agent.lm.host import to_device
 from agent.lm.tokenizer import SpecialTokens
 
 
@@ -166,12 +167,13 @@ def mask_text_logits(logits: torch.Tensor, states: Sequence[ControlState], empty
     cols = [i for s in states for i in s.controls.stop_ids]
     stops = torch.zeros(B, V, dtype=torch.bool, device=device)
     if rows:
-        stops[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+        stops[to_device(rows, device), to_device(cols, device)] = True
     empty = torch.zeros(1, V, dtype=torch.bool, device=device)
     empty[0, empty_id] = True
-    flags = torch.tensor(
+    flags = to_device(
         [[k is PatchKind.SPEECH, k is PatchKind.TEXT, ban] for k, ban in zip(kinds, ban_stops, strict=True)],
-        device=device,
+        device,
+        torch.bool,
     )  # (B, 3)
     speech, text, ban = flags[:, 0:1], flags[:, 1:2], flags[:, 2:3]
     banned = (speech & ~(empty | stops)) | (text & empty) | (ban & stops)

@@ -100,6 +100,15 @@ class KVCache:
         """Empty ``slot`` for a new session."""
         self.rollback(slot, 0)
 
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Make ``dst`` hold the same history as ``src`` (e.g. a shared system prompt)."""
+        n = self.length(src)
+        self._check_slot(dst)
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.host_lengths[dst] = n
+        self.lengths[dst] = n
+
     # ------------------------------------------------------------------- used by the model
     def reserve(self, slots: Sequence[int], n: int) -> None:
         """Check that every slot in ``slots`` has room for ``n`` more positions."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from agent.lm import patch_decoder, patch_encoder
 from agent.lm.config import MiMoAudioConfig
+from agent.lm.host import to_device
 from agent.lm.kv_cache import KVCache
 from agent.lm.sampling import SamplingBatch, SamplingParams
 from agent.lm.tokenizer import TextTokenizer
@@ -116,7 +117,7 @@ class MiMoAudioLM(nn.Module):
             keys, values = k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end]
             x = x + layer.self_attn.out(attend(q, keys, values, mask, causal=start == 0))
             x = layer.feed_forward(x)
-        cache.advance([slot], torch.tensor([slot], device=cache.device), P)
+        cache.advance([slot], to_device([slot], cache.device), P)
         return self.model.norm(x[:, -1])
 
     @torch.inference_mode()
@@ -142,10 +143,16 @@ class MiMoAudioLM(nn.Module):
         span = max(cache.length(s) for s in slot_list) + 1  # keys any row may need
         lo = slot_list[0]
         contiguous = slot_list == list(range(lo, lo + B))
-        slots_dev = torch.tensor(slot_list, device=cache.device)
+        slots_dev = to_device(slot_list, cache.device)
         pos = cache.lengths.index_select(0, slots_dev)  # (B,)
         cos, sin = self.model.rope.at(pos.view(B, 1), emb.dtype)  # (B, 1, d)
-        mask = (torch.arange(span, device=emb.device)[None, :] <= pos[:, None]).view(B, 1, 1, span)
+        # rows of one length see every key of the span: no mask needed (always so at batch 1)
+        same_length = len({cache.length(s) for s in slot_list}) == 1
+        mask = (
+            None
+            if same_length
+            else (torch.arange(span, device=emb.device) <= pos[:, None]).view(B, 1, 1, span)
+        )
         x = emb
         for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v, strict=True):
             q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)

@@ -16,10 +16,10 @@ loop can be captured as a CUDA graph or exported.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from agent.lm.config import MiMoAudioConfig
 from agent.lm.sampling import SamplingBatch, SamplingParams, draw_uniform, sample
@@ -29,43 +29,61 @@ if TYPE_CHECKING:
     from agent.lm.model import MiMoAudioLM
 
 
+@dataclass(frozen=True)
+class StepGroup:
+    """Channels sampled together at one step: those with the same vocabulary size."""
+
+    channels: tuple[int, ...]
+    frames: tuple[int, ...]  # the frame each channel fills
+    vocab_size: int
+    offset: int  # index of its first code in the patch's flat list of sampled codes
+
+
 class DelaySchedule:
-    """Which channel and frame each patch-decoder step samples, and the per-step token masks."""
+    """Which channels and frames each patch-decoder step samples, grouped by vocabulary size."""
 
     def __init__(self, config: MiMoAudioConfig) -> None:
         self.steps = config.local_steps
         self.group_size = config.group_size
         self.vocab_sizes = config.speech_vocab_sizes
         self.empty_ids = config.speech_empty_ids
-        self.max_vocab = max(self.vocab_sizes)
         delays = config.delays
         #: per step: the channels sampled and the frame each one fills
         self.channels: list[list[int]] = []
         self.frames: list[list[int]] = []
-        #: per step: offset of its first code in the patch's flat list of sampled codes
-        self.offsets: list[int] = []
+        #: per step: the channels split by vocabulary size, so each group samples at its own width
+        self.groups: list[list[StepGroup]] = []
         n = 0
         for t in range(self.steps):
             chans = [c for c, d in enumerate(delays) if d <= t < d + self.group_size]
             self.channels.append(chans)
             self.frames.append([t - delays[c] for c in chans])
-            self.offsets.append(n)
-            n += len(chans)
+            groups = []
+            for size in sorted({self.vocab_sizes[c] for c in chans}, reverse=True):
+                members = tuple(c for c in chans if self.vocab_sizes[c] == size)
+                groups.append(StepGroup(members, tuple(t - delays[c] for c in members), size, n))
+                n += len(members)
+            self.groups.append(groups)
         self.num_codes = n  # 32 for the shipped config
-        self._masks: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._tensors: dict[tuple[torch.device, int, int], tuple[torch.Tensor, ...]] = {}
 
-    def masks(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per step (padding, empty): bool (n_t, max_vocab) masks of ids past each channel's vocab
-        and of each channel's empty id."""
-        if device not in self._masks:
-            col = torch.arange(self.max_vocab)
-            out = []
-            for chans in self.channels:
-                sizes = torch.tensor([self.vocab_sizes[c] for c in chans])
-                empties = torch.tensor([self.empty_ids[c] for c in chans])
-                out.append(((col >= sizes[:, None]).to(device), (col == empties[:, None]).to(device)))
-            self._masks[device] = out
-        return self._masks[device]
+    def group_tensors(self, step: int, index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(frames, channels, empty mask) of a group on ``device``: index tensors (n,) for writing
+        its codes, and the bool (n, vocab) mask of each channel's empty id, which is never emitted.
+        Built once, so the loop launches no host-to-device copies."""
+        key = (torch.device(device), step, index)
+        if key not in self._tensors:
+            g = self.groups[step][index]
+            empties = torch.tensor([self.empty_ids[c] for c in g.channels])
+            self._tensors[key] = tuple(
+                t.to(device)
+                for t in (
+                    torch.tensor(g.frames),
+                    torch.tensor(g.channels),
+                    torch.arange(g.vocab_size) == empties[:, None],
+                )
+            )
+        return self._tensors[key]
 
 
 def new_local_cache(lm: MiMoAudioLM, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,34 +128,26 @@ def decode_patch(
     B, _ = h.shape
     sched = lm.schedule
     params = SamplingBatch.coerce(speech_sampling, B, h.device)
-    per_count = {n: params.repeat_interleave(n) for n in {len(c) for c in sched.channels}}
-    uniform = None
-    if not params.all_greedy:  # all of the patch's noise at once: (B, 32, max_vocab)
-        uniform = draw_uniform(generators, B, (sched.num_codes, sched.max_vocab), h.device)
-    masks = sched.masks(h.device)
+    # one uniform number per code to draw, the whole patch at once: (B, 32)
+    uniform = None if params.all_greedy else draw_uniform(generators, B, (sched.num_codes,), h.device)
     k_cache, v_cache = new_local_cache(lm, B)
     codes = torch.zeros(B, sched.group_size, len(sched.vocab_sizes), dtype=torch.int64, device=h.device)
-    V = sched.max_vocab
 
     x = lm.hidden_states_downcast(h).unsqueeze(1)  # (B, 1, D)
-    for t, (chans, frames) in enumerate(zip(sched.channels, sched.frames, strict=True)):
+    for t in range(sched.steps):
         hidden, k_cache, v_cache = local_step(lm, x, t, k_cache, v_cache)
-        n = len(chans)
-        logits = torch.stack(
-            [
-                F.pad(lm.local_transformer_lm_heads[c](hidden).float(), (0, V - sched.vocab_sizes[c]))
-                for c in chans
-            ],
-            dim=1,
-        )  # (B, n, V): channels padded to the largest vocabulary
-        padding, empty = masks[t]
-        logits = logits.masked_fill(padding, float("-inf"))
-        noise = (
-            None if uniform is None else uniform[:, sched.offsets[t] : sched.offsets[t] + n].reshape(B * n, V)
-        )
-        removed = empty.unsqueeze(0).expand(B, n, V).reshape(B * n, V)
-        tokens = sample(logits.view(B * n, V), per_count[n], noise, removed).view(B, n)
-        codes[:, frames, chans] = tokens
-        if t + 1 < sched.steps:
-            x = sum(lm.speech_embeddings[c](tokens[:, i]) for i, c in enumerate(chans)).unsqueeze(1)
+        x = None
+        for i, g in enumerate(sched.groups[t]):
+            n = len(g.channels)
+            frames, channels, empty = sched.group_tensors(t, i, h.device)
+            heads = [lm.local_transformer_lm_heads[c](hidden) for c in g.channels]
+            logits = torch.stack(heads, dim=1)  # (B, n, V)
+            noise = None if uniform is None else uniform[:, g.offset : g.offset + n]
+            tokens = sample(logits, params, noise, removed=empty)  # (B, n)
+            codes[:, frames, channels] = tokens
+            for j, c in enumerate(g.channels):
+                emb = lm.speech_embeddings[c](tokens[:, j])
+                x = emb if x is None else x + emb
+        assert x is not None
+        x = x.unsqueeze(1)  # the input of step t+1 (unused after the last step)
     return codes

@@ -6,9 +6,8 @@ keeping the most likely one), then remove the caller's banned tokens (``removed`
 decoder bans each channel's empty id, exactly as the official loop does), then sample or take
 the argmax. A row whose filters leave nothing falls back to its logits minus the banned tokens.
 
-Sampling draws from a per-session seeded ``torch.Generator`` (one per row) with the Gumbel-max
-trick: ``argmax(scores - log(-log(u)))`` with u uniform is an exact sample of
-``softmax(scores)``, and needs one uniform tensor per row, drawn from that row's generator, so a
+Sampling inverts the cumulative distribution of the filtered probabilities at one uniform
+number per token, drawn from the session's seeded ``torch.Generator`` (one per row), so a
 session's tokens do not depend on which other sessions share its batch. Nothing here reads a
 device value on the host.
 
@@ -22,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from agent.lm.host import to_device
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,12 @@ class SamplingBatch:
         cls, params: Sequence[SamplingParams], device: torch.device | str = "cpu"
     ) -> SamplingBatch:
         params = tuple(params)
+        device = torch.device(device)
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            temperature=to_device([p.temperature for p in params], device, torch.float32),
+            top_k=to_device([p.top_k for p in params], device, torch.int64),
+            top_p=to_device([p.top_p for p in params], device, torch.float32),
+            greedy=to_device([p.greedy for p in params], device, torch.bool),
             params=params,
         )
 
@@ -125,19 +127,17 @@ class SamplingBatch:
         return all(p.greedy for p in self.params)
 
     @property
+    def any_greedy(self) -> bool:
+        return any(p.greedy for p in self.params)
+
+    @property
+    def any_top_k(self) -> bool:
+        return any(p.top_k > 0 for p in self.params)
+
+    @property
     def any_filter(self) -> bool:
         """Whether any sampled row uses top-k or top-p."""
         return any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in self.params)
-
-    def repeat_interleave(self, n: int) -> SamplingBatch:
-        """Each row repeated ``n`` times in place (row b -> rows b*n .. b*n+n-1)."""
-        return SamplingBatch(
-            temperature=self.temperature.repeat_interleave(n),
-            top_k=self.top_k.repeat_interleave(n),
-            top_p=self.top_p.repeat_interleave(n),
-            greedy=self.greedy.repeat_interleave(n),
-            params=tuple(p for p in self.params for _ in range(n)),
-        )
 
 
 def draw_uniform(
@@ -151,24 +151,33 @@ def draw_uniform(
     return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
 
 
-def filter_logits(scores: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
-    """Temperature, top-k and top-p of each row (N, V); removed tokens become -inf."""
-    scores = scores / params.temperature.unsqueeze(-1)
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) settings shaped to broadcast over ``like`` (N, ..., V)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _filter_sorted(sorted_scores: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+    """Top-k then top-p on ascending-sorted scores (N, ..., V); removed entries become -inf."""
+    V = sorted_scores.shape[-1]
+    if params.any_top_k:
+        # top-k: keep scores >= the k-th largest (ties kept, as the official `scores < topk(...)[-1]`)
+        k = _per_row(params.top_k, sorted_scores).clamp(max=V)
+        kth = sorted_scores.gather(-1, (V - k).clamp(max=V - 1).expand(*sorted_scores.shape[:-1], 1))
+        kth = kth.masked_fill(k == 0, float("-inf"))
+        sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
+    # top-p: remove the low tail whose cumulative probability is <= 1 - top_p; keep the top token
+    tail = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - _per_row(params.top_p, sorted_scores)
+    tail[..., -1] = False
+    return sorted_scores.masked_fill(tail, float("-inf"))
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+    """Temperature, top-k and top-p of each row of ``logits`` (N, ..., V); removed tokens are -inf."""
+    scores = logits.float() / _per_row(params.temperature, logits)
     if not params.any_filter:
         return scores
-    V = scores.shape[-1]
     sorted_scores, order = scores.sort(dim=-1)  # ascending, as the official top-p
-    # top-k: keep scores >= the k-th largest (ties kept, as `scores < topk(...)[-1]` removes)
-    k = params.top_k.clamp(max=V)
-    kth = sorted_scores.gather(1, (V - k).clamp(max=V - 1).unsqueeze(-1))  # (N, 1)
-    kth = torch.where(k.unsqueeze(-1) > 0, kth, torch.full_like(kth, float("-inf")))
-    sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
-    # top-p: remove the low tail whose cumulative probability is <= 1 - top_p; keep the top token
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    tail = cumulative <= (1 - params.top_p).unsqueeze(-1)
-    tail[:, -1] = False
-    sorted_scores = sorted_scores.masked_fill(tail, float("-inf"))
-    return torch.empty_like(scores).scatter_(1, order, sorted_scores)
+    return torch.empty_like(scores).scatter_(-1, order, _filter_sorted(sorted_scores, params))
 
 
 def sample(
@@ -177,22 +186,40 @@ def sample(
     uniform: torch.Tensor | None = None,
     removed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row of ``logits`` (N, V) -> (N,) int64.
+    """One token per distribution: logits (N, ..., V) -> tokens (N, ...) int64.
 
-    ``uniform`` (N, V) is the rows' noise (needed unless every row is greedy); ``removed`` is a
-    bool mask broadcastable to (N, V) of tokens banned after filtering (official
-    ``removed_tokens``).
+    Row n of ``params`` applies to ``logits[n]``. ``uniform`` (N, ...) holds one uniform number
+    per token to draw (needed unless every row is greedy): the token is found by inverting the
+    cumulative distribution of the filtered probabilities, an exact draw. ``removed`` is a bool
+    mask broadcastable to the logits of tokens banned after filtering (official ``removed_tokens``).
     """
     logits = logits.float()
     if params.all_greedy:
         return (logits if removed is None else logits.masked_fill(removed, float("-inf"))).argmax(dim=-1)
-    scores = filter_logits(logits, params)
-    if removed is not None:
-        scores = scores.masked_fill(removed, float("-inf"))
-        empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-        scores = torch.where(empty, logits.masked_fill(removed, float("-inf")), scores)
-    if uniform is None:
-        raise ValueError("sampling (non-greedy rows) needs uniform noise from the rows' generators")
-    gumbel = -torch.log(-torch.log(uniform))
-    sampled = (scores + gumbel).argmax(dim=-1)
-    return torch.where(params.greedy, scores.argmax(dim=-1), sampled)
+    if uniform is None or uniform.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"sampling (non-greedy rows) needs one uniform number per token, shape "
+            f"{tuple(logits.shape[:-1])}; got {None if uniform is None else tuple(uniform.shape)}"
+        )
+    scores = logits / _per_row(params.temperature, logits)
+    if params.any_filter:
+        sorted_scores, order = scores.sort(dim=-1)  # ascending, as the official top-p
+        filtered = _filter_sorted(sorted_scores, params)
+        if removed is not None:
+            removed_sorted = removed.expand_as(scores).gather(-1, order)
+            filtered = filtered.masked_fill(removed_sorted, float("-inf"))
+            # a row the filters and the ban empty falls back to its scores minus the banned tokens
+            nothing = torch.isneginf(filtered).all(dim=-1, keepdim=True)
+            fallback = sorted_scores.masked_fill(removed_sorted, float("-inf"))
+            filtered = torch.where(nothing, fallback, filtered)
+    else:
+        filtered = scores if removed is None else scores.masked_fill(removed, float("-inf"))
+        order = None
+    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
+    target = (uniform.float() * cdf[..., -1]).unsqueeze(-1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+    drawn = pick if order is None else order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    if not params.any_greedy:
+        return drawn
+    masked = logits if removed is None else logits.masked_fill(removed, float("-inf"))
+    return torch.where(_per_row(params.greedy, drawn), masked.argmax(dim=-1), drawn)

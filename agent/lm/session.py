@@ -123,11 +123,7 @@ class LMSession:
         h = self._flush_pending()
         while True:
             logits = mask_text_logits(lm.text_logits(h), [state], empty_id)
-            uniform = (
-                None
-                if text_params.all_greedy
-                else draw_uniform([self.text_generator], 1, logits.shape[1:], device)
-            )
+            uniform = None if text_params.all_greedy else draw_uniform([self.text_generator], 1, (), device)
             text_id = int(sample(logits, text_params, uniform))  # the one host sync: text or speech?
             is_speech = text_id == empty_id
             if is_speech:

@@ -109,22 +109,20 @@ def attend(
     """Scaled dot-product attention with grouped-query heads, without repeating keys.
 
     q (B, H, T, d); k, v (B, Hkv, S, d); mask (B or 1, 1, T, S) bool, True = may attend;
-    ``causal`` (without a mask) aligns query i with key i. The H query heads are folded onto their
-    Hkv key heads as extra query rows, so each key head is read once per group.
+    ``causal`` (without a mask) aligns query i with key i. For one query position (decoding) the
+    H query heads are folded onto their Hkv key heads as extra query rows, so each key head is
+    read once per group and one mask row serves them all; longer queries (prefill) use SDPA's
+    grouped-query mode.
     """
     B, H, T, d = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if Hkv == H:  # plain multi-head attention
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-    G = H // Hkv
-    qg = q.reshape(B, Hkv, G * T, d)  # (B, Hkv, G*T, d): row g*T + t is head g of the group at t
-    if causal and mask is None:
-        mask = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device).tril()
-    if mask is not None and T > 1:  # with one query position the mask broadcasts over the G rows
-        Bm = mask.shape[0]
-        mask = mask.reshape(Bm, 1, 1, T, S).expand(Bm, 1, G, T, S).reshape(Bm, 1, G * T, S)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-    return out.reshape(B, H, T, d)
+    Hkv = k.shape[1]
+    is_causal = causal and mask is None
+    if Hkv == H or T > 1:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=Hkv != H
+        )
+    qg = q.reshape(B, Hkv, H // Hkv, d)  # (B, Hkv, G, d): the G heads of a group as query rows
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, T, d)
 
 
 class MLP(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -76,11 +78,38 @@ def test_dialogue_and_continue(user_codes, tmp_path, capsys) -> None:
     assert np.load(out).shape == (0, 8)
 
 
+def test_wav_in_wav_out_through_the_audio_tokenizer(tmp_path, capsys) -> None:
+    from agent.codec import load_wav
+
+    speech = Path(__file__).resolve().parents[1] / "data" / "speech_yes.wav"
+    out = tmp_path / "reply.wav"
+    assert main(["dialogue", "--input", str(speech), "--max-patches", "10", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "10 patches (5 speech, 20 frames = 0.80 s of audio)" in err
+    wav = load_wav(out)
+    assert len(wav) == 20 * 960 and np.abs(wav).max() > 0
+    # the preset's ASR answers in text
+    assert main(["asr", "--input", str(speech), "--max-patches", "4", "--greedy"]) == 0
+    assert "4 patches (0 speech" in capsys.readouterr().err
+
+
+def test_checkpoint_without_audio_tokenizer_takes_codes_only(user_codes, tmp_path, capsys) -> None:
+    from agent.checkpoint import save_lm
+    from agent.lm.model import build_preset
+
+    lm, _, tokenizer = build_preset("tiny")
+    save_lm(lm, tmp_path / "ckpt", tokenizer=tokenizer)
+    model = ["--model", str(tmp_path / "ckpt"), "--max-patches", "2"]
+    assert main(["continue", *model, "--input", str(user_codes), "--out", str(tmp_path / "a.wav")]) == 2
+    assert "writing audio files needs the audio tokenizer (--tokenizer DIR)" in capsys.readouterr().err
+    assert main(["asr", *model, "--input", str(tmp_path / "a.wav")]) == 2
+    assert "audio files need the audio tokenizer (--tokenizer DIR)" in capsys.readouterr().err
+    assert main(["asr", *model, "--input", str(user_codes)]) == 0
+
+
 def test_clear_errors(user_codes, tmp_path, capsys) -> None:
-    assert main(["continue", "--input", str(user_codes), "--out", str(tmp_path / "a.wav")]) == 2
-    assert "writing audio files needs the audio tokenizer" in capsys.readouterr().err
-    assert main(["asr", "--input", str(tmp_path / "a.wav")]) == 2
-    assert "audio files need the audio tokenizer" in capsys.readouterr().err
+    assert main(["asr", "--input", str(tmp_path / "missing.wav")]) == 2
+    assert "missing.wav" in capsys.readouterr().err
     np.save(tmp_path / "bad.npy", np.zeros((8, 5), dtype=np.int64))
     assert main(["asr", "--input", str(tmp_path / "bad.npy")]) == 2
     assert "RVQ codes must be an integer array [T, 8]" in capsys.readouterr().err

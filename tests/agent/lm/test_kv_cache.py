@@ -106,3 +106,15 @@ def test_reset_and_errors(tiny) -> None:
     assert cache.length(0) == 0 and int(cache.lengths[0]) == 0
     with pytest.raises(ValueError, match="max_positions"):
         KVCache.allocate(config, 1, config.max_position_embeddings + 1)
+
+
+def test_copy_slot_shares_a_history(tiny) -> None:
+    lm, config, tok = tiny
+    builder = PromptBuilder(tok, config)
+    prompt, nxt = mixed_prompt(builder, 6), mixed_prompt(builder, 7)[:1]
+    cache = lm.allocate_cache(3, 64)
+    lm.prefill(cache, 0, _embed(lm, prompt))
+    cache.copy_slot(0, 2)
+    assert cache.length(2) == len(prompt) and int(cache.lengths[2]) == len(prompt)
+    h = lm.decode_step(cache, [0, 2], torch.cat([_embed(lm, nxt)] * 2))
+    torch.testing.assert_close(h[0], h[1], rtol=0, atol=0)

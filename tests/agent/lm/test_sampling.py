@@ -66,7 +66,7 @@ def test_per_row_settings_in_one_batch_equal_rows_alone() -> None:
 def test_sampling_follows_the_distribution() -> None:
     n = 20000
     logits = LOGITS.expand(n, -1)
-    uniform = torch.rand(n, 4, generator=torch.Generator().manual_seed(1))
+    uniform = torch.rand(n, generator=torch.Generator().manual_seed(1))  # one number per draw
     tokens = sample(logits, SamplingBatch.coerce(SamplingParams(), n, torch.device("cpu")), uniform)
     freq = torch.bincount(tokens, minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor(PROBS), atol=0.015, rtol=0)
@@ -85,7 +85,7 @@ def test_greedy_and_removed_tokens() -> None:
     # removal happens after filtering (official removed_tokens); if nothing is left the row falls
     # back to its logits minus the removed tokens
     strict = SamplingBatch.from_params([SamplingParams(top_k=1)])
-    uniform = torch.rand(1, 4, generator=torch.Generator().manual_seed(0))
+    uniform = torch.rand(1, generator=torch.Generator().manual_seed(0))
     assert sample(logits, strict, uniform, removed=removed).item() in (1, 2, 3)
     assert (
         sample(
@@ -93,8 +93,13 @@ def test_greedy_and_removed_tokens() -> None:
         ).item()
         == 1
     )
-    with pytest.raises(ValueError, match="needs uniform noise"):
+    with pytest.raises(ValueError, match=r"one uniform number per token, shape \(1,\); got None"):
         sample(logits, strict)
+    # several distributions per row (the patch decoder's channels): (N, n, V) with one setting per row
+    many = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(2))
+    params = SamplingBatch.from_params([GREEDY, SamplingParams(top_k=1)])
+    got = sample(many, params, torch.rand(2, 3, generator=torch.Generator().manual_seed(3)))
+    assert got.shape == (2, 3) and torch.equal(got, many.argmax(-1))
 
 
 def test_seeded_generators_are_reproducible_per_row() -> None:

@@ -1,0 +1,182 @@
+"""``mimo-agent bench-lm``: per-patch step times of the language model (prints figures).
+
+For each batch size B and context length L, B sessions sit in B slots of a KV cache holding L
+positions each, and one speech patch is generated for all of them at once, as the engine does:
+
+- backbone step: patch embeddings of the B new patches, ``decode_step``, text logits and text
+  sampling (the spoken-dialogue settings);
+- patch decoder: the 11-step delayed loop with the official speech sampling settings.
+
+Each figure is the median over ``--repeats`` rounds of ``--steps`` patches (the slots are rolled
+back after every patch so the context stays at L). Rounds of all configurations are interleaved,
+so the ratios compare figures measured side by side. On a CPU the CPU time of the thread is shown
+too: it is what the work costs when other processes compete for the cores. Peak RSS (and peak
+GPU memory) is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from agent.checkpoint import load_lm, parse_device, parse_dtype
+from agent.lm.config import PRESET_NAMES
+from agent.lm.model import MiMoAudioLM, build_preset
+from agent.lm.sampling import SamplingBatch, draw_uniform, sample, task_sampling
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", help="checkpoint directory or hub id")
+    model.add_argument(
+        "--preset", choices=PRESET_NAMES, help="built-in model, random weights (default: tiny)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument(
+        "--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on CUDA)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
+    parser.add_argument("--context", default="64,2048", help="comma-separated context lengths (patches)")
+    parser.add_argument("--steps", type=int, default=10, help="patches per round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per configuration (median reported)")
+
+
+@dataclass
+class Timing:
+    backbone: list[float]
+    decoder: list[float]
+    backbone_cpu: list[float]
+    decoder_cpu: list[float]
+
+
+class _Clock:
+    """Wall and thread-CPU time of a block, with the device synchronised on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> tuple[float, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.thread_time()
+
+
+def _setup(lm: MiMoAudioLM, batch: int, context: int, steps: int):
+    cfg, device = lm.config, lm.device
+    cache = lm.allocate_cache(batch, context + steps + 1)
+    gen = torch.Generator(device=device).manual_seed(0)
+    history = torch.randn(1, context, cfg.hidden_size, generator=gen, device=device).to(lm.dtype)
+    lm.prefill(cache, 0, history)
+    for slot in range(1, batch):
+        cache.copy_slot(0, slot)
+    empties = torch.tensor(cfg.speech_empty_ids, device=device)
+    codes = (
+        torch.rand(batch, 1, cfg.group_size, cfg.audio_channels, generator=gen, device=device) * empties
+    ).long()
+    text = torch.full((batch, 1), cfg.empty_token_id, device=device)
+    return cache, text, codes
+
+
+def _round(lm, cache, text, codes, context, steps, clock, gens_text, gens_speech, sampling):
+    B = text.shape[0]
+    slots = list(range(B))
+    text_params = SamplingBatch.from_params([sampling.text] * B, lm.device)
+    speech_params = SamplingBatch.from_params([sampling.speech] * B, lm.device)
+    backbone = [0.0, 0.0]
+    decoder = [0.0, 0.0]
+    for _ in range(steps):
+        w0, c0 = clock.now()
+        h = lm.decode_step(cache, slots, lm.embed_patches(text, codes))
+        logits = lm.text_logits(h)
+        sample(logits, text_params, draw_uniform(gens_text, B, (), lm.device))
+        w1, c1 = clock.now()
+        lm.decode_patch(h, speech_params, gens_speech)
+        w2, c2 = clock.now()
+        backbone[0] += w1 - w0
+        backbone[1] += c1 - c0
+        decoder[0] += w2 - w1
+        decoder[1] += c2 - c1
+        for slot in slots:
+            cache.rollback(slot, context)
+    return [x / steps * 1e3 for x in (*backbone, *decoder)]
+
+
+def run(args: argparse.Namespace) -> int:
+    device = parse_device(args.device)
+    dtype = (
+        parse_dtype(args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    torch.set_num_threads(args.threads)
+    if args.model:
+        lm, _, _ = load_lm(args.model, dtype, device)
+        name = args.model
+    else:
+        name = args.preset or "tiny"
+        lm, _, _ = build_preset(name, dtype, device)
+    batches = [int(b) for b in args.batch.split(",")]
+    contexts = [int(c) for c in args.context.split(",")]
+    sampling = task_sampling("spoken_dialogue")
+    clock = _Clock(device)
+    configs = [(b, c) for b in batches for c in contexts]
+    state = {cfg: _setup(lm, *cfg, args.steps) for cfg in configs}
+    gens = {
+        b: ([torch.Generator(device=device).manual_seed(i) for i in range(b)],
+            [torch.Generator(device=device).manual_seed(1000 + i) for i in range(b)])
+        for b in batches
+    }  # fmt: skip
+    for cfg in configs:  # warm-up
+        _round(lm, *state[cfg], cfg[1], 2, clock, *gens[cfg[0]], sampling)
+    results = {cfg: Timing([], [], [], []) for cfg in configs}
+    for _ in range(args.repeats):
+        for cfg in configs:
+            bw, bc, dw, dc = _round(lm, *state[cfg], cfg[1], args.steps, clock, *gens[cfg[0]], sampling)
+            r = results[cfg]
+            r.backbone.append(bw), r.backbone_cpu.append(bc), r.decoder.append(dw), r.decoder_cpu.append(dc)
+
+    med = statistics.median
+    cpu = device.type == "cpu"
+    threads = f", {args.threads} thread(s)" if cpu else ""
+    what = f"median of {args.repeats} x {args.steps} speech patches"
+    print(f"bench-lm: {name}, {dtype}, {device}{threads}; {what}")
+    head = "| batch | context | backbone step ms | patch decoder ms | total ms | ms per session-patch "
+    head += "| x real time |"
+    if cpu:
+        head += " total CPU ms |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    totals, cpu_totals = {}, {}
+    for (b, c), r in results.items():
+        total = med(r.backbone) + med(r.decoder)
+        totals[(b, c)] = total
+        cpu_totals[(b, c)] = med(r.backbone_cpu) + med(r.decoder_cpu)
+        row = (
+            f"| {b} | {c} | {med(r.backbone):.2f} | {med(r.decoder):.2f} | {total:.2f} | {total / b:.2f} | "
+            f"{160 / total:.1f} |"
+        )
+        if cpu:
+            row += f" {med(r.backbone_cpu) + med(r.decoder_cpu):.2f} |"
+        print(row)
+    print()
+    for label, t in [("wall", totals), ("CPU", cpu_totals)] if cpu else [("wall", totals)]:
+        if len(contexts) > 1:
+            lo, hi = min(contexts), max(contexts)
+            ratios = ", ".join(f"batch {b}: {t[(b, hi)] / t[(b, lo)]:.2f}x" for b in batches)
+            print(f"context {hi} vs {lo}, total per step ({label}): {ratios}")
+        if len(batches) > 1:
+            lo, hi = min(batches), max(batches)
+            ratios = ", ".join(f"context {c}: {t[(hi, c)] / t[(lo, c)]:.2f}x" for c in contexts)
+            print(f"batch {hi} vs {lo}, total per step ({label}): {ratios}")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    line = f"peak RSS {peak_rss:.0f} MiB"
+    if device.type == "cuda":
+        line += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    print(line)
+    return 0
