@@ -136,7 +136,7 @@ class Floor:
             logits = mask_text_logits(lm.text_logits(h), [state], sp.empty)
             uniform = None
             if not self.text_sampling.all_greedy:
-                uniform = draw_uniform([self.text_gen], 1, logits.shape[1:], dev)
+                uniform = draw_uniform([self.text_gen], 1, (), dev)
             token = int(sample(logits, self.text_sampling, uniform)[0])
             patch_codes = None
             if token == sp.empty:
