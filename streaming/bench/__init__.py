@@ -20,6 +20,7 @@ import asyncio
 import importlib.util
 import json
 import resource
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -232,8 +233,6 @@ def floor_input(utterance: Utterance, commit: str) -> Any:
 
 def _stage_medians(turns: list[dict[str, Any]]) -> dict[str, float]:
     """The server's own engine stages of the measured turns, comparable one to one with the floor's."""
-    import statistics
-
     spans = {"encode": ("encode_ms", None), "prefill": ("prefill_ms", None),
              "steps": ("first_speech_patch_ms", "prefill_done_ms"),
              "codec": ("first_audio_ms", "first_speech_patch_ms")}
@@ -258,6 +257,14 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
         out["server_over_floor"] = round(p50 / floor["total_ms"], 3)
         out["lines"].append(f"server first audio at 1 session, p50 {p50:.1f} ms / floor {floor['total_ms']:.1f} ms "
                             f"= {out['server_over_floor']:.2f}x")
+        cpu = [t["server_timings"]["first_audio_cpu_ms"] for t in one["turns"]
+               if t["ok"] and not t["warmup"] and "first_audio_cpu_ms" in t["server_timings"]]
+        if cpu and floor.get("cpu_ms"):
+            engine_cpu = statistics.median(cpu)
+            out["engine_cpu_over_floor_cpu"] = ratio = round(engine_cpu / floor["cpu_ms"], 3)
+            out["lines"].append(
+                f"  CPU time (what machine load cannot inflate): engine thread to first audio, p50 "
+                f"{engine_cpu:.1f} ms / floor {floor['cpu_ms']:.1f} ms = {ratio:.2f}x")
         stages = _stage_medians(one["turns"])
         pairs = [("encode", "encode_ms"), ("prefill", "prefill_ms"), ("steps", "steps_ms"), ("codec", "codec_ms")]
         out["stages_server_vs_floor_ms"] = {k: [stages.get(k), floor[f]] for k, f in pairs}

@@ -33,6 +33,7 @@ class FloorTurn:
     steps: int
     codec_ms: float
     samples: int  # of the first chunk
+    cpu_ms: float = 0.0  # this process's CPU time for the turn (other processes cannot inflate it)
 
     @property
     def total_ms(self) -> float:
@@ -110,7 +111,7 @@ class Floor:
         from agent.lm.sampling import draw_uniform, sample
 
         lm, sp, dev, builder = self.lm, self.sp, self.dev, self.builder
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         codes = torch.as_tensor(self.codec.encode_batch([self.audio])[0], dtype=torch.int64).cpu()
         t1 = time.perf_counter()
         items.append(Item(f"user{k}", Role.USER, codes=codes))
@@ -152,15 +153,16 @@ class Floor:
                 tc = time.perf_counter()
                 chunk = self.codec.decode_streams([(stream, patch_codes)])[0]
                 codec_s += time.perf_counter() - tc
+        cpu_ms = (time.process_time() - cpu0) * 1000
         reply.patches, reply.complete = generated, True
         turn = FloorTurn((t1 - t0) * 1000, (t2 - t1) * 1000, len(new), steps_s * 1000, steps, codec_s * 1000,
-                         len(chunk))
+                         len(chunk), cpu_ms)
         return turn, cached
 
     def summary(self) -> dict[str, Any]:
         t = self.turns
         out = {name: round(statistics.median(getattr(x, name) for x in t), 3)
-               for name in ("encode_ms", "prefill_ms", "steps_ms", "codec_ms", "total_ms")}
+               for name in ("encode_ms", "prefill_ms", "steps_ms", "codec_ms", "total_ms", "cpu_ms")}
         out.update(
             min_total_ms=round(min(x.total_ms for x in t), 3), steps=t[-1].steps, turns=len(t),
             prefill_positions=statistics.median(x.prefill_positions for x in t),

@@ -131,6 +131,7 @@ def _check_run(run: dict, level: int, turns: int, warmup: int) -> None:
         assert 0 < t["server_first_audio_ms"] < t["user_first_audio_ms"]
         assert t["audio_ms"] > 0 and t["audio_chunks"] and t["rtf"] > 0
         assert all(v >= 0 for v in t["stages_ms"].values()), t["stages_ms"]
+        assert 0 < t["server_timings"]["first_audio_cpu_ms"] < 10 * t["server_first_audio_ms"]
         assert t["t_speech_end"] <= t["t_commit"] <= t["t_first_audio"] <= t["t_last_audio"] <= t["t_done"]
     for key in ("user_first_audio_ms", "server_first_audio_ms"):
         p = s[key]
@@ -153,7 +154,7 @@ def test_bench_against_a_spawned_server(tmp_path, capsys) -> None:
         assert t["server_timings"]["speech_patches"] + t["server_timings"]["text_patches"] == 10
     assert run["server_cpu_s"] > 0
     floor = result["floor"]
-    assert floor["turns"] == 8 and floor["total_ms"] > 0 and floor["steps"] >= 1
+    assert floor["turns"] == 8 and floor["total_ms"] > 0 and floor["cpu_ms"] > 0 and floor["steps"] >= 1
     assert floor["total_ms"] == pytest.approx(
         floor["encode_ms"] + floor["prefill_ms"] + floor["steps_ms"] + floor["codec_ms"], rel=0.5)
     assert "2 sessions — 4 measured turns, 2 warm-up excluded, 0 failed" in printed and "floor (in-process" in printed
