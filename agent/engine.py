@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 
 from agent.conversation import ConversationRenderer, Item, Rendering, Role, common_prefix, speech_ms, truncate_patches
 from agent.lm.generation import ControlState, GenerationControls, Mode, mask_text_logits
+from agent.lm.graphs import DecodeGraphs
 from agent.lm.kv_cache import KVCache
 from agent.lm.model import MiMoAudioLM
 from agent.lm.prompts import Prompt, PromptBuilder
@@ -88,6 +89,7 @@ class EngineConfig:
     min_context_room: int = 128  # positions kept free for a response when trimming old turns
     min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
     idle_wait_s: float = 0.05
+    cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,11 @@ class Engine:
         *,
         decode_patch: Callable | None = None,
         metrics: Callable[[str, float, dict], None] | None = None,
+        graphs: bool | None = None,
     ) -> None:
+        """``graphs``: run the backbone step and the patch decoder through :class:`DecodeGraphs`
+        (default: ``config.cuda_graphs`` on a CUDA device; True on a CPU runs their static-shape
+        path eagerly, for tests). ``decode_patch`` replaces the patch decoder (ONNX Runtime)."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.codec = codec
@@ -334,8 +340,16 @@ class Engine:
         self.builder = PromptBuilder(tokenizer, lm.config)
         self.renderer = ConversationRenderer(self.builder)
         self.max_positions = min(self.config.max_positions, lm.config.max_position_embeddings)
-        self.cache: KVCache = lm.allocate_cache(self.config.max_sessions, self.max_positions)
-        self.decode_patch = decode_patch or lm.decode_patch
+        use_graphs = graphs if graphs is not None else self.config.cuda_graphs and self.device.type == "cuda"
+        # graphs pad batches with rows that write to a slot no session owns
+        slots = self.config.max_sessions + (1 if use_graphs else 0)
+        self.cache: KVCache = lm.allocate_cache(slots, self.max_positions)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
+                                       scratch_slot=self.config.max_sessions)
+        self.decode_step = self.graphs.decode_step if self.graphs else lm.decode_step
+        self.decode_patch = decode_patch or (self.graphs.decode_patch if self.graphs else lm.decode_patch)
         self._metrics = metrics
         self._jobs: queue.Queue = queue.Queue(maxsize=self.config.job_queue_size)
         self._lock = threading.Lock()
@@ -736,7 +750,7 @@ class Engine:
         if feed:
             text_ids = torch.stack([s.response.feed.text_ids for s in feed]).to(self.device)  # (B, 1)
             codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
-            h = self.lm.decode_step(self.cache, [s.slot for s in feed], self.lm.embed_patches(text_ids, codes))
+            h = self.decode_step(self.cache, [s.slot for s in feed], self.lm.embed_patches(text_ids, codes))
             for b, s in enumerate(feed):
                 s.cached = s.cached + s.response.feed
                 s.response.feed = None
@@ -855,8 +869,10 @@ class Engine:
                 log.exception("metrics callback failed")
 
     # -------------------------------------------------------------------------------- warmup
-    def warmup(self) -> float:
-        """Run every model path once (before :meth:`start`); return the seconds it took."""
+    def warmup(self, speech_sampling: Sequence[SamplingParams] = ()) -> float:
+        """Run every model path once (before :meth:`start`), and capture the CUDA graphs (the patch
+        decoder's for greedy and for ``speech_sampling``, the sessions' default); return the seconds
+        it took."""
         t = time.perf_counter()
         with torch.inference_mode():
             slot = 0
@@ -867,9 +883,13 @@ class Engine:
             codes = self.decode_patch(h, None, None).cpu()
             emb = self.lm.embed_patches(torch.tensor([[self.specials.empty]], device=self.device),
                                         codes.unsqueeze(1).to(self.device))
-            self.lm.decode_step(self.cache, [slot], emb)
+            self.decode_step(self.cache, [slot], emb)
             stream = self.codec.new_decode_stream()
             self.codec.decode_streams([(stream, codes[0])])
             self.codec.finish_stream(stream)
             self.cache.reset(slot)
+            if self.graphs is not None:
+                seconds = self.graphs.capture_all(speech_sampling)
+                if self.graphs.capture:
+                    log.info("captured %d CUDA graphs in %.1f s", self.graphs.captures, seconds)
         return time.perf_counter() - t

@@ -190,7 +190,7 @@ class SessionBridge:
         return eng.ResponseParams(
             audio=params.audio,
             max_output_patches=max_patches,
-            sampling=ChannelSampling(_sampling(params.text_sampling), _sampling(params.speech_sampling)),
+            sampling=ChannelSampling(model_sampling(params.text_sampling), model_sampling(params.speech_sampling)),
             interleave=params.interleave,
             min_patches=min(params.min_output_tokens, max_patches),
             in_conversation=params.conversation == "auto",
@@ -271,7 +271,7 @@ class SessionBridge:
                 mimo.timings = {**(mimo.timings or {}), "server_first_audio_ms": round(ms, 3)}
 
 
-def _sampling(params: Any) -> Any:
+def model_sampling(params: Any) -> Any:
     """Protocol sampling (temperature 0 or None: greedy) -> the model's SamplingParams."""
     from agent.lm.sampling import GREEDY, SamplingParams
 

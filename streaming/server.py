@@ -41,6 +41,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--providers", default=None,
                    help="ONNX Runtime providers in order, comma-separated (default: best available)")
     e.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass at start")
+    e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
+                        "start (default on; ignored on a CPU)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -73,11 +76,13 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
         decode_patch, codec = onnx_backend(rt, args.export_dir, providers=args.providers)
     config = EngineConfig(max_sessions=args.max_sessions, max_positions=args.max_positions,
                           max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                          min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0)
+                          min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0,
+                          cuda_graphs=getattr(args, "cuda_graphs", True))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, decode_patch=decode_patch,
                     metrics=None if metrics is None else metrics.engine_observer)
+    rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
     if not args.no_warmup:
-        rt.info["warmup_s"] = round(engine.warmup(), 3)
+        rt.info["warmup_s"] = round(engine.warmup(default_speech_sampling()), 3)
     engine.start()
     interleave = args.interleave or (PRESET_INTERLEAVE if rt.preset else None)
     defaults: dict = {"mimo": {"interleave": None if interleave in (None, "off") else interleave}}
@@ -87,6 +92,14 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
         defaults["mimo"]["codec"] = {"first_chunk_patches": args.codec_first_chunk,
                                      "chunk_patches": args.codec_chunk}
     return engine, rt, defaults
+
+
+def default_speech_sampling() -> list[Any]:
+    """The speech sampler of a session that changes nothing (its CUDA graph is captured at start)."""
+    from streaming.config import default_session_config
+    from streaming.pipeline import model_sampling
+
+    return [model_sampling(default_session_config().mimo.sampling.speech)]
 
 
 def codec_schedule_factory(codec: Any) -> Any:

@@ -54,6 +54,7 @@ class Floor:
         from agent.lm.sampling import SamplingBatch
         from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
         from streaming.config import default_session_config
+        from streaming.pipeline import model_sampling
 
         torch.set_grad_enabled(False)
         rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
@@ -82,8 +83,8 @@ class Floor:
         self.schedule = _schedule(args)
         session = default_session_config()  # what a session that changes nothing gets: instructions, samplers
         self.instructions = session.instructions
-        self.text_sampling = SamplingBatch.from_params([_sampling(session.mimo.sampling.text)], self.dev)
-        self.speech_sampling = SamplingBatch.from_params([_sampling(session.mimo.sampling.speech)], self.dev)
+        self.text_sampling = SamplingBatch.from_params([model_sampling(session.mimo.sampling.text)], self.dev)
+        self.speech_sampling = SamplingBatch.from_params([model_sampling(session.mimo.sampling.speech)], self.dev)
         self.text_gen = torch.Generator(device=self.dev).manual_seed(0)
         self.speech_gen = torch.Generator(device=self.dev).manual_seed(1)
         self.audio = pcm.astype(np.float32) / 32768.0
@@ -170,15 +171,6 @@ class Floor:
             samples=[{**x.__dict__, "total_ms": round(x.total_ms, 3)} for x in t],
         )
         return out
-
-
-def _sampling(params: Any) -> Any:
-    """Protocol sampling -> the model's (as the server's bridge maps it: no temperature is greedy)."""
-    from agent.lm.sampling import GREEDY, SamplingParams
-
-    if params is None or not params.temperature:
-        return GREEDY
-    return SamplingParams(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p or 1.0)
 
 
 def _schedule(args: argparse.Namespace) -> Any:

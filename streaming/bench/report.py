@@ -91,7 +91,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     import numpy as np
 
     runs = [r for r in result["runs"] if r["summary"]["measured_turns"]]
-    fig, (ax_cdf, ax_bar) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=90)
+    fig, (ax_cdf, ax_bar) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=80)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
@@ -107,25 +107,28 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax_cdf.grid(alpha=0.3)
     ax_cdf.legend(fontsize=7)
 
-    segments = ["VAD silence window"] + [name for name, _, _ in STAGES] + ["network + client"]
+    segments = [name for name, _, _ in STAGES] + ["network + client"]
     seg_colors = plt.get_cmap("tab10").colors
     labels = []
     for y, run in enumerate(runs):
         s = run["summary"]
-        values = [s["vad_window_ms"].get("p50", 0.0)] + [s["stages_ms"].get(n, {}).get("p50", 0.0)
-                                                        for n, _, _ in STAGES]
-        rest = s["user_first_audio_ms"].get("p50", 0.0) - values[0] - s["server_first_audio_ms"].get("p50", 0.0)
+        values = [s["stages_ms"].get(n, {}).get("p50", 0.0) for n, _, _ in STAGES]
+        vad = s["vad_window_ms"].get("p50", 0.0)
+        rest = s["user_first_audio_ms"].get("p50", 0.0) - vad - s["server_first_audio_ms"].get("p50", 0.0)
         values.append(max(0.0, rest))
         left = 0.0
         for j, (seg, v) in enumerate(zip(segments, values, strict=True)):
             ax_bar.barh(y, v, left=left, color=seg_colors[j % len(seg_colors)], label=seg if y == 0 else None)
             left += v
+        if vad:
+            ax_bar.text(left, y, f"  + VAD {vad:.0f} ms", va="center", fontsize=8)
         labels.append(f"{run['label'] + ' ' if run['label'] else ''}{run['level']}")
     ax_bar.set_yticks(range(len(runs)), labels)
     ax_bar.set_ylabel("concurrent sessions")
-    ax_bar.set_xlabel("ms (median of each stage)")
-    ax_bar.set_title("where the time goes")
-    ax_bar.legend(fontsize=7, loc="lower right")
+    ax_bar.set_xlabel("ms after the commit (median of each stage)")
+    ax_bar.set_title("where the server's time goes")
+    ax_bar.set_xlim(0, ax_bar.get_xlim()[1] * 1.3)
+    ax_bar.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False)
     ax_bar.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -19,6 +19,7 @@ from agent.engine import (
     ResponseParams,
     ResponseStarted,
 )
+from agent.lm.sampling import TASK_SAMPLING
 from agent.runtime import load_runtime
 
 
@@ -141,3 +142,35 @@ def test_sessions_far_ahead_decode_patches_in_bigger_codec_passes(runtime, defer
         assert chunks[0] < patch  # the first chunk still leaves after one patch
     else:
         assert max(chunks) <= patch + 960, chunks  # one patch per pass (the last one flushes the holdback)
+
+
+def test_the_graph_path_generates_what_the_eager_path_does(runtime) -> None:
+    """``graphs=True`` on a CPU runs the CUDA-graph path's padded static-shape functions eagerly."""
+    outputs = []
+    for graphs in (False, True):
+        engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, EngineConfig(max_sessions=3), graphs=graphs)
+        assert (engine.graphs is not None) == graphs
+        assert engine.cache.num_slots == 3 + graphs  # the graphs' scratch slot
+        engine.start()
+        try:
+            events: list = []
+            done = threading.Event()
+
+            def on_event(ev, events=events, done=done) -> None:
+                events.append(ev)
+                if isinstance(ev, ResponseDone):
+                    done.set()
+
+            handle = engine.open_session(on_event, seed=5)
+            handle.submit(AddUserAudio("u", _speech()))
+            sampling = TASK_SAMPLING["spoken_dialogue"]  # seeded sampling on both channels
+            handle.submit(Respond("r", "a", ResponseParams(max_output_patches=20, min_patches=20, interleave=(2, 3),
+                                                           sampling=sampling)))
+            assert done.wait(60)
+        finally:
+            engine.stop()
+        audio = np.concatenate([e.pcm for e in events if isinstance(e, AudioDelta)])
+        outputs.append((next(e for e in events if isinstance(e, ResponseDone)).transcript, audio))
+    (text_eager, audio_eager), (text_graph, audio_graph) = outputs
+    assert text_graph == text_eager
+    np.testing.assert_allclose(audio_graph, audio_eager, atol=1e-5)
