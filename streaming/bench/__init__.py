@@ -326,7 +326,10 @@ def run(args: argparse.Namespace) -> int:
             result["peak_rss_mb"].update({f"server ({k})": v for k, v in cmp.pop("peak_rss_mb").items()})
             result["compare_batching"] = cmp
         if floor is not None:
+            from streaming.bench.floor import backbone_report
+
             result["floor"] = floor.summary()
+            result["backbone"] = backbone_report(floor)
         result["ratios"] = ratios(result)
         result["machine"]["load_avg_1m_end"] = round(__import__("os").getloadavg()[0], 2)
         result["peak_rss_mb"]["bench"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -187,3 +187,74 @@ def _schedule(args: argparse.Namespace) -> Any:
     if args.codec_chunk:
         changes["chunk_patches"] = args.codec_chunk
     return replace(DecodeSchedule(), **changes)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Any, device: Any, repeats: int) -> float:
+    fn()  # warm
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: Any, mib: int, repeats: int = 5) -> float:
+    """Device memory bandwidth from a large tensor copy: bytes read plus bytes written per second."""
+    import torch
+
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() / (ms / 1000) / 1e9
+
+
+def backbone_report(floor: Floor, *, context: int = 256, repeats: int = 20) -> dict[str, Any]:
+    """The backbone decode step (one session, ``context`` positions of history) against the
+    memory-bandwidth floor (the bytes of the weights it reads over the measured copy bandwidth),
+    and on CUDA the backbone step and the patch decoder with CUDA graphs on and off."""
+    import torch
+
+    from agent.lm.graphs import DecodeGraphs
+    from agent.lm.sampling import SamplingBatch
+
+    lm, dev = floor.lm, floor.dev
+    weights = [*lm.model.layers.parameters(), *lm.model.norm.parameters(), *lm.lm_head.parameters()]
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    bandwidth = copy_bandwidth_gbs(dev, 1024 if dev.type == "cuda" else 256)
+    out: dict[str, Any] = {"device": str(dev), "weight_mb": round(weight_bytes / 1e6, 1),
+                           "copy_bandwidth_gbs": round(bandwidth, 1),
+                           "bandwidth_floor_ms": round(weight_bytes / (bandwidth * 1e9) * 1000, 4), "context": context}
+    cache = lm.allocate_cache(2, max(context + repeats + 8, 64))
+    lm.prefill(cache, 0, torch.randn(1, context, lm.config.hidden_size, device=dev, dtype=lm.dtype))
+    emb = torch.randn(1, 1, lm.config.hidden_size, device=dev, dtype=lm.dtype)
+    h = torch.randn(1, lm.config.hidden_size, device=dev, dtype=lm.dtype)
+    speech = SamplingBatch.from_params([floor.speech_sampling.params[0]], dev)
+
+    def step(decode_step: Any) -> Any:
+        def run() -> None:
+            lm.text_logits(decode_step(cache, [0], emb))
+            cache.rollback(0, context)
+        return run
+
+    with torch.inference_mode():
+        out["backbone_step_ms"] = round(_median_ms(step(lm.decode_step), dev, repeats), 3)
+        out["patch_decoder_ms"] = round(_median_ms(lambda: lm.decode_patch(h, speech, None), dev, repeats), 3)
+        if dev.type == "cuda":
+            graphs = DecodeGraphs(lm, cache, max_batch=1, scratch_slot=1)
+            out["backbone_step_graphs_ms"] = round(_median_ms(step(graphs.decode_step), dev, repeats), 3)
+            out["patch_decoder_graphs_ms"] = round(
+                _median_ms(lambda: graphs.decode_patch(h, speech, None), dev, repeats), 3)
+    out["backbone_over_floor"] = round(out["backbone_step_ms"] / out["bandwidth_floor_ms"], 2)
+    if "backbone_step_graphs_ms" in out:
+        out["backbone_graphs_over_floor"] = round(out["backbone_step_graphs_ms"] / out["bandwidth_floor_ms"], 2)
+    return out

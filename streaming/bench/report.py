@@ -66,6 +66,17 @@ def render(result: dict[str, Any]) -> str:
             f"encode {floor['encode_ms']:.1f} + prefill {floor['prefill_ms']:.1f} + {floor['steps']} steps "
             f"{floor['steps_ms']:.1f} + first codec chunk {floor['codec_ms']:.1f} = {floor['total_ms']:.1f} ms "
             f"(min {floor['min_total_ms']:.1f})")
+    bb = result.get("backbone")
+    if bb:
+        text = (f"backbone decode step (1 session, {bb['context']} positions): {bb['backbone_step_ms']:.3f} ms; "
+                f"memory-bandwidth floor {bb['weight_mb']:.1f} MB of weights / {bb['copy_bandwidth_gbs']:.1f} GB/s "
+                f"copy bandwidth = {bb['bandwidth_floor_ms']:.3f} ms -> {bb['backbone_over_floor']:.1f}x; "
+                f"patch decoder {bb['patch_decoder_ms']:.3f} ms")
+        if "backbone_step_graphs_ms" in bb:
+            text += (f"\nCUDA graphs on / off: backbone step {bb['backbone_step_graphs_ms']:.3f} / "
+                     f"{bb['backbone_step_ms']:.3f} ms ({bb['backbone_graphs_over_floor']:.1f}x the floor), "
+                     f"patch decoder {bb['patch_decoder_graphs_ms']:.3f} / {bb['patch_decoder_ms']:.3f} ms")
+        parts.append(text)
     ratios = result.get("ratios") or {}
     for text in ratios.get("lines", []):
         parts.append(text)

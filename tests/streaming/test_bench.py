@@ -157,6 +157,10 @@ def test_bench_against_a_spawned_server(tmp_path, capsys) -> None:
     assert floor["turns"] == 8 and floor["total_ms"] > 0 and floor["cpu_ms"] > 0 and floor["steps"] >= 1
     assert floor["total_ms"] == pytest.approx(
         floor["encode_ms"] + floor["prefill_ms"] + floor["steps_ms"] + floor["codec_ms"], rel=0.5)
+    bb = result["backbone"]  # the decode step against the memory-bandwidth floor
+    assert bb["weight_mb"] > 0 and bb["copy_bandwidth_gbs"] > 0
+    assert bb["backbone_step_ms"] > bb["bandwidth_floor_ms"] > 0
+    assert "backbone_step_graphs_ms" not in bb  # CUDA only
     assert "2 sessions — 4 measured turns, 2 warm-up excluded, 0 failed" in printed and "floor (in-process" in printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
