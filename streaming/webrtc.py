@@ -162,6 +162,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self._pts = 0
         self.frames_sent = 0
         self.audio_frames_sent = 0  # frames that carried some agent audio
+        self.audio_samples_sent = 0
         self.samples_dropped = 0  # buffer cap and flushes
         self.clock_skips = 0
 
@@ -219,6 +220,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self._pts += FRAME_SAMPLES
         self.frames_sent += 1
         self.audio_frames_sent += bool(len(chunk))
+        self.audio_samples_sent += len(chunk)
         while self._ends and self._ends[0][0] <= self._buffer.start:
             _, response_id = self._ends.popleft()
             try:
