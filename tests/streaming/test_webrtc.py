@@ -116,8 +116,8 @@ async def test_barge_in_clears_the_playout_buffer(server):
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["status_details"]["reason"] == "turn_detected"
     assert "output_audio_buffer.stopped" not in rtc.types(events)
-    # the 32 s response was far ahead of playback: the rest was dropped, and nothing plays after
-    assert dropped > 48_000 and buffered_after == 0
+    # the response was generated ahead of playback: what was buffered was dropped, nothing plays after
+    assert dropped > 0 and buffered_after == 0
     late = call.frames[frames_at_clear + 15:]  # 300 ms for frames already in flight
     assert len(late) > 25 and max(f.peak for f in late) <= 64
 
