@@ -355,7 +355,10 @@ class RealtimeCall:
             channel.on("open", self.channel_open.set)
 
     def _on_message(self, message: str | bytes) -> None:
-        self.bridge.receive(message)
+        try:
+            self.bridge.receive(message)
+        except OutboxFull:  # called from aiortc's SCTP receive path: end the call, never raise there
+            self._end("the client stopped reading events")
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -450,6 +453,7 @@ class RealtimeCall:
         if self.mic is None:  # receive-only client: ICE consent checks find a vanished peer
             await self.ended.wait()
             return
+        await self.channel_open.wait()  # media flows once connected; a peer that never connects times out above
         self._end(await self.mic.run())
 
 

@@ -343,6 +343,10 @@ function renderLatency() {
     : "";
 }
 
+// Whole 20 ms frames; the half-millisecond guard keeps 4109.99 ms and 4110 ms (the same audio seen
+// by two counters) from landing on either side of a frame boundary.
+const frames20 = (ms) => Math.floor((ms + 0.5) / 20);
+
 async function refreshStats() {
   if (!client) return;
   const s = await client.getStats();
@@ -354,8 +358,8 @@ async function refreshStats() {
     : (s.player?.playedMs ?? 0);
   Object.assign(demo.audio, {
     transport: s.transport.transport,
-    framesReceived: Math.round(msReceived / 20), // 20 ms frames
-    framesPlayed: Math.round(msPlayed / 20),
+    framesReceived: frames20(msReceived),
+    framesPlayed: frames20(msPlayed),
     msReceived,
     msPlayed,
     msDropped: s.player?.droppedMs ?? 0,

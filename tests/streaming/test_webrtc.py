@@ -174,6 +174,23 @@ async def test_a_peer_whose_media_stops_is_dropped(server):
         await call.close()
 
 
+async def test_a_peer_that_never_connects_is_dropped(server):
+    assert await _settled(server) == 0
+    options = server.app.state.webrtc
+    saved = options.channel_open_timeout_s
+    options.channel_open_timeout_s = 1.0
+    pc, _ = await rtc.make_offer()
+    try:
+        answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        assert answered.status_code == 201  # ... and the client never applies the answer
+        assert server.engine.active_sessions == 1
+        assert await _settled(server) == 0
+        assert server.app.state.calls == {}
+    finally:
+        options.channel_open_timeout_s = saved
+        await pc.close()
+
+
 async def test_hang_up(server):
     assert await _settled(server) == 0
     first = await rtc.place_call(server.url)
