@@ -56,7 +56,6 @@ from streaming import protocol as p
 from streaming.app import TICK_S, ServerConfig, _unauthorized, authorized, new_bridge
 from streaming.audio import Overflow, PcmBuffer, StreamResampler
 from streaming.outbox import Outbox, OutboxFull
-from streaming.pipeline import SessionBridge
 from streaming.session import Transport
 
 log = logging.getLogger(__name__)
@@ -235,10 +234,11 @@ class AgentAudioTrack(MediaStreamTrack):
 
 
 class MicrophoneReader:
-    """Reads the client's decoded track into the bridge: downmix, 48 kHz -> 24 kHz, bounded."""
+    """Reads the client's decoded track into ``push`` (the bridge's ``push_audio``): downmix,
+    48 kHz -> 24 kHz pcm16, with a bounded backlog."""
 
-    def __init__(self, track: MediaStreamTrack, bridge: SessionBridge, options: WebRTCOptions) -> None:
-        self.track, self.bridge, self.options = track, bridge, options
+    def __init__(self, track: MediaStreamTrack, push: Callable[[np.ndarray], None], options: WebRTCOptions) -> None:
+        self.track, self.push, self.options = track, push, options
         self._resampler: StreamResampler | None = None
         self._rate = 0
         self.frames = 0
@@ -255,9 +255,7 @@ class MicrophoneReader:
                 return "the peer's audio track ended"
             self.frames += 1
             self._drop_backlog()
-            self.bridge.push_audio(self._to_wire(frame))
-            if self.bridge.closed:
-                return "session closed"
+            self.push(self._to_wire(frame))
 
     def _to_wire(self, frame: AudioFrame) -> np.ndarray:
         if frame.format.name not in ("s16", "s16p"):
@@ -338,7 +336,7 @@ class RealtimeCall:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self.mic is None:
-            self.mic = MicrophoneReader(track, self.bridge, self.options)
+            self.mic = MicrophoneReader(track, self.bridge.push_audio, self.options)
 
     def _on_datachannel(self, channel: Any) -> None:
         if channel.label != EVENTS_CHANNEL or self.channel is not None:

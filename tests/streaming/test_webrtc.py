@@ -13,7 +13,14 @@ import httpx
 import numpy as np
 import pytest
 
-from streaming.webrtc import FRAME_SAMPLES, AgentAudioTrack, ice_servers, parse_ice_server
+from streaming.webrtc import (
+    FRAME_SAMPLES,
+    AgentAudioTrack,
+    MicrophoneReader,
+    WebRTCOptions,
+    ice_servers,
+    parse_ice_server,
+)
 from tests.streaming import realtime_client as rc
 from tests.streaming import rtc_client as rtc
 from tests.streaming.live_server import start_server
@@ -349,6 +356,39 @@ def test_agent_track_does_not_report_a_response_that_never_spoke():
     asyncio.run(track.recv())
     assert drained == []
     track.stop()
+
+
+def _stereo_frame(pts: int, left: np.ndarray, right: np.ndarray):
+    from av import AudioFrame
+
+    packed = np.stack([left, right], axis=1).reshape(1, -1)  # (960, 2) -> (1, 1920), interleaved s16
+    frame = AudioFrame.from_ndarray(packed, format="s16", layout="stereo")
+    frame.sample_rate, frame.pts = 48_000, pts
+    return frame
+
+
+async def test_microphone_reader_downmixes_resamples_and_bounds_the_backlog():
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    track = RemoteStreamTrack(kind="audio")
+    t = np.arange(40 * FRAME_SAMPLES) / 48_000
+    left = np.round(8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    for i in range(40):  # 800 ms decoded while nobody read (aiortc's decoder thread does this)
+        cut = slice(i * FRAME_SAMPLES, (i + 1) * FRAME_SAMPLES)
+        await track._queue.put(_stereo_frame(i * FRAME_SAMPLES, left[cut], -left[cut] // 2))
+    pushed: list[np.ndarray] = []
+    reader = MicrophoneReader(track, pushed.append, WebRTCOptions(media_timeout_s=0.2, max_input_backlog_frames=10))
+    reason = await reader.run()
+    assert reason == "no audio from the peer for 0.2 s"
+    # the first frame, then the newest 10: the 29 stale frames in between were dropped
+    assert (reader.frames, reader.frames_dropped) == (11, 29)
+    wire = np.concatenate(pushed)
+    assert wire.dtype == np.int16 and abs(len(wire) - 11 * 480) <= 480  # 24 kHz, minus the filter delay
+    # (L + R) / 2 of a 440 Hz tone at 8000 and one at -4000: a 440 Hz tone at 2000
+    assert np.abs(wire[480:]).max() == pytest.approx(2000, rel=0.05)
+    # the end of the track ends the reader
+    await track._queue.put(None)
+    assert await reader.run() == "the peer's audio track ended"
 
 
 def test_ice_server_urls():
