@@ -104,9 +104,12 @@ def test_the_demo_holds_a_spoken_turn(browser: Chromium, live, transport: str) -
         assert p.locator("[data-testid=transcript] .bubble.assistant").count() >= 1
 
         turn = demo["latencies"][0]
-        # received (event) before played (audible); the mic anchor precedes the VAD's by its silence window
-        assert 0 < turn["vadToReceivedMs"] <= turn["vadToPlayedMs"] < turn["micToPlayedMs"]
-        assert turn["micToReceivedMs"] <= turn["micToPlayedMs"]
+        # the mic anchor precedes the VAD's by the VAD's silence window
+        assert 0 < turn["vadToReceivedMs"] < turn["micToReceivedMs"]
+        assert 0 < turn["vadToPlayedMs"] < turn["micToPlayedMs"]
+        if transport == "websocket":  # the page plays what it received; over WebRTC, the event
+            # (data channel) and the audio (media track) travel separately and either may come first
+            assert turn["vadToReceivedMs"] <= turn["vadToPlayedMs"]
         first_row = p.locator("[data-testid=latency-table] tbody tr").first.inner_text()
         assert first_row.split()[0] == "1" and first_row.count("ms") == 4
         assert "median wait heard" in p.locator("[data-testid=latency-summary]").inner_text()
