@@ -122,3 +122,31 @@ def test_the_demo_holds_a_spoken_turn(browser: Chromium, live, transport: str) -
         p.wait_for_function("window.mimoDemo.state.status === 'idle'")
         assert page.problems == []
     assert _settled(live) == 0, "the server freed the session once the page hung up"
+
+
+@pytest.mark.parametrize("transport", ["webrtc", "websocket"])
+def test_the_interrupt_button_stops_the_agent(browser: Chromium, live, transport: str) -> None:
+    assert _settled(live) == 0
+    with browser.open_page(f"{live.url}/") as page:
+        p = page.page
+        p.check(f"[data-testid=transport-{transport}]", force=True)
+        p.click("[data-testid=connect-button]")
+        p.wait_for_function("window.mimoDemo.state.connected")
+        # a 32 s answer, so that it is still going when the button is pressed
+        p.evaluate("window.mimoDemo.client.updateSession({max_output_tokens: 200, mimo: {min_output_tokens: 200}})")
+        p.wait_for_function("window.mimoDemo.latencies.some((t) => t.playedAt !== null)")  # the agent is audible
+        p.click("[data-testid=interrupt-button]")
+        p.wait_for_function("window.mimoDemo.transcript.some((e) => e.role === 'assistant' && e.interrupted)")
+        p.wait_for_function("(window.mimoDemo.eventCounts['response.done'] ?? 0) > 0")
+        counts = p.evaluate("window.mimoDemo.eventCounts")
+        page.screenshot(f"demo-interrupted-{transport}.png")
+        assert page.problems == [] and p.evaluate("window.mimoDemo.errors") == []
+        assert counts["response.done"] == 1
+        if transport == "webrtc":  # the server's playout buffer was cleared, not drained
+            assert counts["output_audio_buffer.cleared"] == 1 and "output_audio_buffer.stopped" not in counts
+        else:  # the page stopped playing and told the server what was heard
+            assert counts["client.interrupted"] == 1 and counts["conversation.item.truncated"] == 1
+        assert p.locator("[data-testid=transcript] .bubble.assistant.interrupted").count() == 1
+        p.click("[data-testid=disconnect-button]")
+        p.wait_for_function("window.mimoDemo.state.status === 'idle'")
+    assert _settled(live) == 0
