@@ -146,7 +146,9 @@ def test_the_interrupt_button_stops_the_agent(browser: Chromium, live, transport
             assert counts["output_audio_buffer.cleared"] == 1 and "output_audio_buffer.stopped" not in counts
         else:  # the page stopped playing and told the server what was heard
             assert counts["client.interrupted"] == 1 and counts["conversation.item.truncated"] == 1
-        assert p.locator("[data-testid=transcript] .bubble.assistant.interrupted").count() == 1
+        bubble = p.locator("[data-testid=transcript] .bubble.assistant.interrupted")
+        assert bubble.count() == 1
+        assert bubble.locator(".text").inner_text().strip(), "words heard so far, or the (speech) placeholder"
         p.click("[data-testid=disconnect-button]")
         p.wait_for_function("window.mimoDemo.state.status === 'idle'")
     assert _settled(live) == 0
