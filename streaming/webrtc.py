@@ -5,6 +5,9 @@ Signalling is one HTTP exchange, no trickle ICE: the client's SDP offer (``appli
 (``201``, ``Content-Type: application/sdp``, ``Location: /v1/realtime/calls/{call_id}``). The
 answer carries every server candidate: host candidates only unless STUN/TURN servers are
 configured (``--ice-server``), which is what localhost and LANs need and keeps the answer instant.
+aioice gathers the machine's non-loopback addresses, so a browser on the same host connects through
+its LAN address; a host with nothing but a loopback interface cannot take calls. The beta path,
+``POST /v1/realtime`` with an ``application/sdp`` offer, is served the same way for older clients.
 
 One call is one :class:`~streaming.pipeline.SessionBridge`, exactly as a WebSocket connection:
 
@@ -532,14 +535,18 @@ def session_settings(app: FastAPI, session: dict[str, Any] | None) -> dict[str, 
 
 
 def add_webrtc_routes(app: FastAPI) -> None:
-    """``POST /v1/realtime/calls``, ``DELETE /v1/realtime/calls/{id}`` and
-    ``POST /v1/realtime/calls/{id}/hangup`` (see the module docstring)."""
+    """``POST /v1/realtime/calls`` (and the beta ``POST /v1/realtime``), ``DELETE
+    /v1/realtime/calls/{id}`` and ``POST /v1/realtime/calls/{id}/hangup`` (see the module docstring)."""
     config: ServerConfig = app.state.config
     app.state.webrtc = WebRTCOptions(ice_servers=ice_servers(config.ice_servers))
     app.state.calls = {}
 
     @app.post(CALLS_PATH)
     async def create_call(request: Request) -> Response:
+        return await _create_call(app, request)
+
+    @app.post("/v1/realtime")  # the beta flow (openai-realtime-console and its descendants)
+    async def create_call_beta(request: Request) -> Response:
         return await _create_call(app, request)
 
     @app.delete(CALLS_PATH + "/{call_id}")

@@ -130,23 +130,23 @@ async def make_offer(*, mic: bool = True, channel: bool = True, audio: bool = Tr
 
 
 async def post_offer(base_url: str, sdp: str, *, session: dict | None = None, multipart: bool = False,
-                     headers: dict | None = None) -> httpx.Response:
+                     headers: dict | None = None, path: str = "/v1/realtime/calls") -> httpx.Response:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
         if multipart or session is not None:
             files = {"sdp": (None, sdp, "application/sdp")}
             if session is not None:
                 files["session"] = (None, json.dumps(session), "application/json")
-            return await http.post("/v1/realtime/calls", files=files, headers=headers)
-        return await http.post("/v1/realtime/calls", content=sdp,
+            return await http.post(path, files=files, headers=headers)
+        return await http.post(path, content=sdp,
                                headers={"Content-Type": "application/sdp", **(headers or {})})
 
 
 async def place_call(base_url: str, *, mic: bool = True, session: dict | None = None, multipart: bool = False,
-                     headers: dict | None = None) -> RtcCall:
+                     headers: dict | None = None, path: str = "/v1/realtime/calls") -> RtcCall:
     """Offer, answer, wait for ``session.created`` on the data channel."""
     pc, dc = await make_offer(mic=mic)
     response = await post_offer(base_url, pc.localDescription.sdp, session=session, multipart=multipart,
-                                headers=headers)
+                                headers=headers, path=path)
     if response.status_code != 201:
         await pc.close()
         raise CallRefused(response)

@@ -201,7 +201,7 @@ async def test_a_peer_that_never_connects_is_dropped(server):
 async def test_hang_up(server):
     assert await _settled(server) == 0
     first = await rtc.place_call(server.url)
-    second = await rtc.place_call(server.url)
+    second = await rtc.place_call(server.url, path="/v1/realtime")  # the beta flow's endpoint
     try:
         async with httpx.AsyncClient(base_url=server.url) as http:
             assert (await http.delete(first.location)).status_code == 204
