@@ -14,7 +14,9 @@ One call is one :class:`~streaming.pipeline.SessionBridge`, exactly as a WebSock
 * microphone: the client's Opus track, decoded by aiortc (48 kHz, usually stereo), downmixed and
   resampled to 24 kHz mono into ``bridge.push_audio`` (server VAD and the rest as over WebSocket).
   aiortc queues decoded frames without bound, so the track is read continuously and a backlog
-  beyond ``max_input_backlog_frames`` (an event-loop stall) is dropped, oldest first.
+  beyond ``max_input_backlog_frames`` (an event-loop stall) is dropped, oldest first. aiortc's
+  receive jitter buffer releases audio only once 4 frames are in (80 ms): input latency that the
+  WebSocket path does not have.
 * agent audio: :class:`AgentAudioTrack`, 20 ms frames at 48 kHz on a fixed media clock, silence
   when idle; ``response.output_audio.delta`` is never sent on the data channel. The track owns the
   playout buffer: barge-in flushes it (``output_audio_buffer.cleared`` comes from the session), and
