@@ -712,15 +712,17 @@ class RealtimeSession:
             run.fill_item(item, "in_progress")
             Conversation.record_text(item, len(run.text))
 
-    def response_audio(self, response_id: str, pcm16: bytes | np.ndarray) -> None:
+    def response_audio(self, response_id: str, pcm16: bytes | np.ndarray) -> bool:
         """Speech from the engine, pcm16 mono at 24 kHz. Sent as ``response.output_audio.delta`` in
-        the response's output format (WebSocket), or only accounted (WebRTC: the track carries it)."""
+        the response's output format (WebSocket), or only accounted (WebRTC: the track carries it).
+        Returns False when the audio is dropped (the response is being cancelled or is over): a
+        transport that plays the audio itself must drop it too."""
         run = self._run(response_id)
         if not run.params.audio:
             raise SessionStateError(f"audio for text-only response {response_id!r}")
         pcm = as_pcm16(pcm16)
         if run.state is not ResponseState.IN_PROGRESS or not len(pcm):
-            return
+            return False
         self._open(run)
         if run.first_audio_at is None:
             run.first_audio_at = self.clock()
@@ -734,6 +736,7 @@ class RealtimeSession:
         item = self.conversation.get(run.item_id) if run.in_conversation else None
         if item is not None:
             item.audio_samples = run.audio_samples
+        return True
 
     def response_done(
         self,
