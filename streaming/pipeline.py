@@ -173,6 +173,11 @@ class SessionBridge:
             if a.config.instructions != self._instructions:
                 self._instructions = a.config.instructions
                 submit(eng.Configure(instructions=a.config.instructions))
+            if a.voice_prompt is not None:
+                if len(a.voice_prompt):
+                    submit(eng.Configure(voice_pcm=pcm16_to_float32(a.voice_prompt)))
+                else:
+                    submit(eng.Configure(clear_voice=True))
         elif isinstance(a, act.Close):
             self.outbox.close()
             if self.on_close is not None:
