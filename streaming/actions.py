@@ -114,9 +114,11 @@ class FlushOutputAudio:
 
 @dataclasses.dataclass(frozen=True)
 class UpdateSession:
-    """The session configuration changed (full, resolved configuration)."""
+    """The session configuration changed (full, resolved configuration). ``voice_prompt`` is set
+    when the voice prompt changed: pcm16 24 kHz, empty to clear it."""
 
     config: SessionConfig
+    voice_prompt: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,7 @@ class ServerConfig:
     audio_lead_s: float = DEFAULT_LEAD_S  # output audio sent ahead of real time
     web_root: str | None = None  # directory of the demo; None: the packaged ``web``
     description: dict[str, Any] = field(default_factory=dict)  # /healthz extras: device, preset ...
+    ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs (streaming.webrtc.parse_ice_server); none: host only
 
 
 class ServerBusyError(Exception):

@@ -28,7 +28,7 @@ from streaming import actions as act
 from streaming import protocol as p
 from streaming.audio import pcm16_to_float32
 from streaming.outbox import Outbox
-from streaming.session import RealtimeSession
+from streaming.session import RealtimeSession, SessionStateError
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,11 @@ class SessionBridge:
             if a.config.instructions != self._instructions:
                 self._instructions = a.config.instructions
                 submit(eng.Configure(instructions=a.config.instructions))
+            if a.voice_prompt is not None:
+                if len(a.voice_prompt):
+                    submit(eng.Configure(voice_pcm=pcm16_to_float32(a.voice_prompt)))
+                else:
+                    submit(eng.Configure(clear_voice=True))
         elif isinstance(a, act.Close):
             self.outbox.close()
             if self.on_close is not None:
@@ -238,7 +243,8 @@ class SessionBridge:
     def _audio(self, ev: Any) -> None:
         pcm = np.clip(np.rint(ev.pcm * 32768.0), -32768, 32767).astype(np.int16)
         if self.audio_sink is not None:  # WebRTC: the track carries it, the session accounts it
-            self.session.response_audio(ev.response_id, pcm)
+            if not self.session.response_audio(ev.response_id, pcm):
+                return  # late audio of a cancelled response: it must not reach the track
             self.audio_sink(ev.response_id, pcm)
             clock = self._clocks.get(ev.response_id)
             if clock is not None and clock.first_audio_sent is None:
@@ -248,6 +254,17 @@ class SessionBridge:
         for event in self.session.take_events():
             audio_s = len(pcm) / SAMPLE_RATE if isinstance(event, p.ResponseOutputAudioDelta) else 0.0
             self._send(event, audio_s)
+
+    def output_audio_drained(self, response_id: str) -> None:
+        """WebRTC: the media track played the last sample of ``response_id``; the session emits
+        ``output_audio_buffer.stopped``. Responses the session already forgot are ignored."""
+        if self.closed:
+            return
+        try:
+            self.session.output_audio_drained(response_id)
+        except SessionStateError:
+            return
+        self.pump()
 
     # ----------------------------------------------------------------------------------- output
     def before_send(self, event: Any) -> None:

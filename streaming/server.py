@@ -58,8 +58,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     lim.add_argument("--session-max-s", type=float, default=None, help="session duration limit (default 1800)")
     lim.add_argument("--events-per-second", type=float, default=None, help="client events per second")
     lim.add_argument("--audio-lead", type=float, default=None, help="output audio sent ahead of real time (s)")
+    parser.add_argument("--ice-server", dest="ice_servers", action="append", type=_ice_server, metavar="URL",
+                        default=None,
+                        help="WebRTC STUN/TURN server, repeatable: stun:HOST:PORT, turn:USER:PASSWORD@HOST:PORT"
+                             "[?transport=udp|tcp] (default: $MIMO_AGENT_ICE_SERVERS, space-separated; none: "
+                             "host candidates only, for localhost and LANs)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--port-file", help="write the bound port to this file once listening (for scripts)")
+
+
+def _ice_server(url: str) -> str:
+    from streaming.webrtc import parse_ice_server
+
+    try:
+        parse_ice_server(url)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return url
 
 
 def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, Any, dict]:
@@ -137,8 +152,11 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
     overrides = {"max_message_bytes": args.max_message_bytes, "max_input_buffer_ms": args.max_input_buffer_ms,
                  "max_session_s": args.session_max_s, "max_events_per_second": args.events_per_second}
     limits = replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    ice_servers = args.ice_servers
+    if ice_servers is None:
+        ice_servers = os.environ.get("MIMO_AGENT_ICE_SERVERS", "").split()
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
-                          session_defaults=defaults, description=dict(rt.info))
+                          session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
     return config

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -334,7 +335,37 @@ class RealtimeSession:
         self._apply_config(canonical_session(config, self.id))
         self._emit(p.SessionUpdated(session=fully_set(self.config)))
 
+    def _voice_prompt(self, config: p.SessionConfig) -> tuple[p.SessionConfig, np.ndarray | None]:
+        """Decode a new ``session.mimo.voice_prompt`` and store a descriptor in its place."""
+        value = config.mimo.voice_prompt if config.mimo is not None else None
+        current = self.config.mimo.voice_prompt if self.config.mimo is not None else None
+        if value == current:
+            return config, None
+        if not value:
+            pcm = np.zeros(0, np.int16)
+            value = None
+        else:
+            if value.startswith(p.VOICE_DESCRIPTOR_PREFIX):
+                raise ProtocolError(ErrorCode.INVALID_VALUE, f"Unknown voice prompt {value!r}: send the audio "
+                                    "(base64 pcm16 24 kHz) or the descriptor the server returned.",
+                                    param="session.mimo.voice_prompt")
+            try:
+                pcm = WireAudioDecoder("audio/pcm").decode(b64decode_audio(value))
+            except AudioFormatError as exc:
+                raise ProtocolError(ErrorCode.INVALID_VALUE, f"Invalid voice prompt: {exc}",
+                                    param="session.mimo.voice_prompt") from None
+            ms = len(pcm) * 1000 // p.PCM_RATE
+            if not 100 <= ms <= p.MAX_VOICE_PROMPT_MS:
+                raise ProtocolError(ErrorCode.INVALID_VALUE, f"The voice prompt is {ms} ms of audio; send "
+                                    f"100 to {p.MAX_VOICE_PROMPT_MS} ms (pcm16 mono 24 kHz).",
+                                    param="session.mimo.voice_prompt")
+            digest = hashlib.sha1(pcm.tobytes()).hexdigest()[:12]
+            value = f"{p.VOICE_DESCRIPTOR_PREFIX}{ms}ms:{digest}"
+        mimo = config.mimo.model_copy(update={"voice_prompt": value})
+        return config.model_copy(update={"mimo": mimo}), pcm
+
     def _apply_config(self, config: p.SessionConfig) -> None:
+        config, voice = self._voice_prompt(config)
         self.config = config
         self.input.set_format(config.audio.input.format.type)
         td = config.audio.input.turn_detection
@@ -344,7 +375,7 @@ class RealtimeSession:
                 td, frame_ms=self.options.vad_frame_ms, min_speech_ms=self.options.vad_min_speech_ms
             )
         self.input.set_vad(vad)
-        self._actions.append(act.UpdateSession(config))
+        self._actions.append(act.UpdateSession(config, voice))
 
     def _turn_detection(self) -> p.TurnDetection | None:
         return self.config.audio.input.turn_detection
@@ -712,15 +743,17 @@ class RealtimeSession:
             run.fill_item(item, "in_progress")
             Conversation.record_text(item, len(run.text))
 
-    def response_audio(self, response_id: str, pcm16: bytes | np.ndarray) -> None:
+    def response_audio(self, response_id: str, pcm16: bytes | np.ndarray) -> bool:
         """Speech from the engine, pcm16 mono at 24 kHz. Sent as ``response.output_audio.delta`` in
-        the response's output format (WebSocket), or only accounted (WebRTC: the track carries it)."""
+        the response's output format (WebSocket), or only accounted (WebRTC: the track carries it).
+        Returns False when the audio is dropped (the response is being cancelled or is over): a
+        transport that plays the audio itself must drop it too."""
         run = self._run(response_id)
         if not run.params.audio:
             raise SessionStateError(f"audio for text-only response {response_id!r}")
         pcm = as_pcm16(pcm16)
         if run.state is not ResponseState.IN_PROGRESS or not len(pcm):
-            return
+            return False
         self._open(run)
         if run.first_audio_at is None:
             run.first_audio_at = self.clock()
@@ -734,6 +767,7 @@ class RealtimeSession:
         item = self.conversation.get(run.item_id) if run.in_conversation else None
         if item is not None:
             item.audio_samples = run.audio_samples
+        return True
 
     def response_done(
         self,

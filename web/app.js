@@ -16,8 +16,9 @@ const demo = {
   sdk,
   sdkLoaded: true,
   state: { status: "idle", connected: false, transport: null, sessionId: null, callId: null, micMuted: false, ducked: false },
-  // {role: "user"|"assistant", itemId, text, final, interrupted, placeholder, responseId}; a user
-  // turn without a transcript has text "" and placeholder true (shown as "(speech)").
+  // {role: "user"|"assistant", itemId, text, final, interrupted, placeholder, responseId}; a turn
+  // without a transcript (user speech, or agent speech cut off before its first words) has text ""
+  // and placeholder true (shown as "(speech)").
   transcript: [],
   latencies: [], // TurnLatencyTracker turns
   errors: [], // {source: "server"|"client"|"connection"|"settings", code, message, t}
@@ -169,7 +170,7 @@ function entryFor(role, itemId) {
   const known = entries.get(itemId);
   if (known) return known;
   $("transcript").querySelector(".empty")?.remove();
-  const entry = { role, itemId, text: "", final: false, interrupted: false, placeholder: role === "user", responseId: null };
+  const entry = { role, itemId, text: "", final: false, interrupted: false, placeholder: true, responseId: null };
   const li = document.createElement("li");
   li.className = `bubble ${role}`;
   li.dataset.itemId = itemId;
@@ -184,8 +185,9 @@ function entryFor(role, itemId) {
 }
 
 function render({ entry, li }) {
-  li.querySelector(".text").textContent = entry.placeholder && !entry.text ? "(speech)" : entry.text;
-  li.classList.toggle("placeholder", entry.placeholder && !entry.text);
+  const blank = entry.placeholder && !entry.text.trim(); // a transcript of one space is no transcript
+  li.querySelector(".text").textContent = blank ? "(speech)" : entry.text;
+  li.classList.toggle("placeholder", blank);
   li.classList.toggle("interrupted", entry.interrupted);
   li.classList.toggle("pending", !entry.final);
   const list = $("transcript");
@@ -196,7 +198,7 @@ function userText(itemId, text, final) {
   const record = entryFor("user", itemId);
   record.entry.text = text;
   record.entry.final = final;
-  record.entry.placeholder = !text;
+  record.entry.placeholder = !text?.trim();
   render(record);
 }
 
@@ -204,6 +206,7 @@ function agentText(itemId, text, { append = false, final = false, responseId = n
   const record = entryFor("assistant", itemId);
   if (responseId) record.entry.responseId = responseId;
   record.entry.text = append ? record.entry.text + text : text;
+  record.entry.placeholder = !record.entry.text.trim();
   record.entry.final = record.entry.final || final;
   render(record);
 }
@@ -343,6 +346,10 @@ function renderLatency() {
     : "";
 }
 
+// Whole 20 ms frames; the half-millisecond guard keeps 4109.99 ms and 4110 ms (the same audio seen
+// by two counters) from landing on either side of a frame boundary.
+const frames20 = (ms) => Math.floor((ms + 0.5) / 20);
+
 async function refreshStats() {
   if (!client) return;
   const s = await client.getStats();
@@ -354,8 +361,8 @@ async function refreshStats() {
     : (s.player?.playedMs ?? 0);
   Object.assign(demo.audio, {
     transport: s.transport.transport,
-    framesReceived: Math.round(msReceived / 20), // 20 ms frames
-    framesPlayed: Math.round(msPlayed / 20),
+    framesReceived: frames20(msReceived),
+    framesPlayed: frames20(msPlayed),
     msReceived,
     msPlayed,
     msDropped: s.player?.droppedMs ?? 0,

@@ -94,7 +94,9 @@ from streaming.protocol.server_events import (
 )
 from streaming.protocol.session_config import (
     G711_RATE,
+    MAX_VOICE_PROMPT_MS,
     PCM_RATE,
+    VOICE_DESCRIPTOR_PREFIX,
     AudioConfig,
     AudioFormat,
     AudioInputConfig,
@@ -203,8 +205,10 @@ __all__ = [
     "CLIENT_EVENTS",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "G711_RATE",
+    "MAX_VOICE_PROMPT_MS",
     "PCM_RATE",
     "SERVER_EVENTS",
+    "VOICE_DESCRIPTOR_PREFIX",
     "AudioConfig",
     "AudioFormat",
     "AudioInputConfig",

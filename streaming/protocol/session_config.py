@@ -24,6 +24,8 @@ from pydantic_core import PydanticCustomError
 from streaming.protocol.base import StrictModel
 
 PCM_RATE = 24000
+MAX_VOICE_PROMPT_MS = 20_000
+VOICE_DESCRIPTOR_PREFIX = "voice:"
 G711_RATE = 8000
 
 AudioFormatType = Literal["audio/pcm", "audio/pcmu", "audio/pcma"]
@@ -172,6 +174,11 @@ class MimoConfig(StrictModel):
     codec: CodecSchedule | None = None
     task: Literal["spoken_dialogue", "audio_understanding", "text_chat"] | None = None
     thinking: bool | None = None
+    #: the voice to speak with (the official dialogue prompt's "Your voice should be:" segment): base64
+    #: pcm16 mono 24 kHz, at most ``MAX_VOICE_PROMPT_MS``. The server echoes a short descriptor
+    #: (``"voice:<ms>ms:<hash>"``) in its place; sending the descriptor back keeps the prompt, ``""``
+    #: or null clears it.
+    voice_prompt: str | None = None
 
     @field_validator("interleave")
     @classmethod

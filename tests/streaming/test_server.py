@@ -312,3 +312,37 @@ async def test_official_openai_sdk_talks_to_the_server(server):
                 assert event.response.status in ("completed", "incomplete")
                 break
         assert len(audio) > 0 and len(audio) % 2 == 0
+
+
+async def test_voice_prompt_conditions_the_conversation(server):
+    voice = base64.b64encode(rc.wav_pcm16("speech_yes.wav")).decode()
+    ws = await rc.connect(server.ws_url)
+    try:
+        updated = await rc.update(ws, audio={"input": {"turn_detection": None}}, mimo={"voice_prompt": voice})
+        descriptor = updated["session"]["mimo"]["voice_prompt"]
+        assert descriptor.startswith("voice:") and descriptor.split(":")[1].endswith("ms")
+        with_voice = (await _manual_turn(ws, rc.wav_pcm16("speech_stop.wav")))[-1]["response"]["usage"]
+        # echoing the descriptor back (clients that round-trip the session) keeps the prompt
+        again = await rc.update(ws, mimo={"voice_prompt": descriptor})
+        assert again["session"]["mimo"]["voice_prompt"] == descriptor
+        session = next(s for s in server.engine._sessions.values() if s.voice_codes is not None)
+        voice_patches = len(server.engine.renderer.render([], voice_codes=session.voice_codes))
+        for bad, fragment in [("not base64!", "Invalid voice prompt"),
+                              (base64.b64encode(bytes(480)).decode(), "ms of audio"),
+                              ("voice:10ms:abc", "Unknown voice prompt")]:
+            session_patch = {"type": "realtime", "mimo": {"voice_prompt": bad}}
+            await rc.send(ws, {"type": "session.update", "session": session_patch})
+            error = await rc.until(ws, "error")
+            assert error["error"]["param"] == "session.mimo.voice_prompt" and fragment in error["error"]["message"]
+        cleared = await rc.update(ws, mimo={"voice_prompt": ""})
+        assert cleared["session"]["mimo"]["voice_prompt"] is None
+    finally:
+        await ws.close()
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.update(ws, audio={"input": {"turn_detection": None}})
+        without = (await _manual_turn(ws, rc.wav_pcm16("speech_stop.wav")))[-1]["response"]["usage"]
+    finally:
+        await ws.close()
+    assert voice_patches > 10
+    assert with_voice["input_tokens"] - without["input_tokens"] == voice_patches

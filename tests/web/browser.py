@@ -4,10 +4,9 @@ Drives Debian's `chromium` through Playwright with a wav file as the microphone
 (`--use-file-for-fake-audio-capture`, looped by Chrome) and collects what a test asserts on:
 console errors, uncaught page errors and failed requests.
 
-Used now by the static self-check (`test_demo_static.py`: the page served by a plain
-`http.server`); prepared for the end-to-end tests against the real server (pending the server:
-`open_page(f"{server_url}/", mic_wav=tests/data/...)`, click `[data-testid=connect-button]`, read
-`window.mimoDemo`).
+Used by the static self-check (`test_demo_static.py`: the page served by a plain `http.server`)
+and the end-to-end tests against the real server (`test_demo_e2e.py`: `chromium(mic_wav=...)`,
+open `{server_url}/`, click `[data-testid=connect-button]`, read `window.mimoDemo`).
 
 A missing browser skips the browser tests with the reason shown, or fails them when
 `MIMO_REQUIRE_BROWSER=1` (CI sets it).

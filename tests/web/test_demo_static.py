@@ -4,7 +4,7 @@ HTTP server, in headless Chromium with a generated tone as the microphone.
 Checks that the page renders without console errors, that the SDK loads, that the SDK's audio
 worklets run in a real browser (capture levels, playback accounting, drop-oldest, clear), that a
 server that does not answer shows up as a clear error in the page, and saves screenshots under
-artifacts/. The end-to-end tests against the real server come with the server (see browser.py).
+artifacts/. The end-to-end tests against the real server are in test_demo_e2e.py.
 """
 
 from __future__ import annotations

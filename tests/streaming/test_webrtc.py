@@ -1,0 +1,414 @@
+"""WebRTC end to end: an aiortc client places calls on the real server (loopback, tiny model on the
+CPU), speaks recorded utterances on its microphone track, and reads the agent's track and the
+``oai-events`` data channel. Plus the output track and ICE configuration on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from streaming.webrtc import (
+    FRAME_SAMPLES,
+    AgentAudioTrack,
+    MicrophoneReader,
+    WebRTCOptions,
+    ice_servers,
+    parse_ice_server,
+)
+from tests.streaming import realtime_client as rc
+from tests.streaming import rtc_client as rtc
+from tests.streaming.live_server import start_server
+
+pytestmark = pytest.mark.timeout(120)
+
+MAX_SESSIONS = 3
+LONG_RESPONSE = {"max_output_tokens": 200, "mimo": {"min_output_tokens": 200}}  # 32 s of speech
+
+
+@pytest.fixture(scope="module")
+def server():
+    live = start_server("--max-sessions", str(MAX_SESSIONS))
+    yield live
+    live.stop()
+
+
+async def _settled(server, target: int = 0, timeout_s: float = 15.0) -> int:
+    """Wait (bounded) until the engine's active sessions drop to ``target``; returns the count."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while server.engine.active_sessions > target and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    return server.engine.active_sessions
+
+
+def _call_of(server, call: rtc.RtcCall):
+    return server.app.state.calls[call.call_id]
+
+
+async def test_spoken_turn_over_webrtc(server):
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url)
+    try:
+        assert re.fullmatch(r"/v1/realtime/calls/rtc_[0-9a-f]{20}", call.location)
+        server_call = _call_of(server, call)
+        call.mic.say(rc.wav_pcm16("speech_hello_padded.wav"))
+        events: list[dict] = []
+        done = await call.until("response.done", events=events)
+        stopped = await call.until("output_audio_buffer.stopped", events=events)
+        sent_samples = server_call.track.audio_samples_sent
+    finally:
+        await call.close()
+    kinds = rtc.types(events)
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+             "input_audio_buffer.committed", "response.created", "output_audio_buffer.started",
+             "response.done", "output_audio_buffer.stopped"]
+    positions = [kinds.index(k) for k in order]
+    assert positions == sorted(positions), kinds
+    assert kinds.index("response.created") < kinds.index("response.output_audio_transcript.delta") < positions[-2]
+    assert "response.output_audio.delta" not in kinds, "audio travels on the media track only"
+    response = done["response"]
+    assert response["status"] in ("completed", "incomplete")
+    started = events[kinds.index("output_audio_buffer.started")]
+    assert started["response_id"] == stopped["response_id"] == response["id"]
+    transcript = "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
+    assert transcript and transcript == events[kinds.index("response.output_audio_transcript.done")]["transcript"]
+    assert response["mimo"]["timings"]["server_first_audio_ms"] > 0
+
+    # every sample of the response went out on the track (24 kHz -> 48 kHz), before `stopped`
+    audio_ms = response["mimo"]["audio_ms"]
+    assert audio_ms > 0 and sent_samples == round(audio_ms * 48)
+    # ... and came back out of the Opus decoder on a contiguous media clock at 48 kHz
+    frames = call.frames
+    assert {f.rate for f in frames} == {48_000}
+    steps = {b.pts - a.pts for a, b in itertools.pairwise(frames)}
+    assert steps == {FRAME_SAMPLES}, steps
+    loud = [f for f in frames if f.peak > 64]
+    heard_ms = (loud[-1].pts - loud[0].pts) / 48 + 20
+    assert heard_ms == pytest.approx(audio_ms, abs=100)
+
+
+async def test_barge_in_clears_the_playout_buffer(server):
+    assert await _settled(server) == 0
+    vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
+    session = {"type": "realtime", **LONG_RESPONSE, "audio": {"input": {"turn_detection": vad}}}
+    call = await rtc.place_call(server.url, session=session)
+    try:
+        server_call = _call_of(server, call)
+        call.mic.say(rc.wav_pcm16("speech_hello_padded.wav"))
+        await call.until("input_audio_buffer.committed")
+        call.send({"type": "response.create"})
+        events: list[dict] = []
+        started = await call.until("output_audio_buffer.started", events=events)
+        await asyncio.sleep(0.5)  # the agent is talking
+        call.mic.say(rc.wav_pcm16("speech_hello_padded.wav"))  # the user talks over it
+        await call.until("input_audio_buffer.speech_started", events=events)
+        done = await call.until("response.done", events=events)
+        cleared = next((e for e in events if e["type"] == "output_audio_buffer.cleared"), None)
+        if cleared is None:
+            cleared = await call.until("output_audio_buffer.cleared", events=events)
+        await call.until("input_audio_buffer.committed", events=events)  # the user's second turn
+        buffered_after = server_call.track.buffered_s
+        dropped = server_call.track.samples_dropped
+        frames_at_clear = len([f for f in call.frames if f.at <= cleared["_at"]])
+        await asyncio.sleep(1.0)
+    finally:
+        await call.close()
+    assert done["response"]["id"] == started["response_id"] == cleared["response_id"]
+    assert done["response"]["status"] == "cancelled"
+    assert done["response"]["status_details"]["reason"] == "turn_detected"
+    assert "output_audio_buffer.stopped" not in rtc.types(events)
+    # the response was generated ahead of playback: what was buffered was dropped, nothing plays after
+    assert dropped > 0 and buffered_after == 0
+    late = call.frames[frames_at_clear + 15:]  # 300 ms for frames already in flight
+    assert len(late) > 25 and max(f.peak for f in late) <= 64
+
+
+async def test_multipart_offer_configures_the_session_and_receive_only_works(server):
+    assert await _settled(server) == 0
+    session = {"type": "realtime", "model": "ignored", "instructions": "Answer briefly.",
+               "max_output_tokens": 20, "audio": {"input": {"turn_detection": None}}}
+    call = await rtc.place_call(server.url, mic=False, session=session)
+    try:
+        created = call.log[0]
+        assert created["type"] == "session.created"
+        assert created["session"]["instructions"] == "Answer briefly."
+        assert created["session"]["audio"]["input"]["turn_detection"] is None
+        assert created["session"]["max_output_tokens"] == 20
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}})
+        call.send({"type": "response.create"})
+        events: list[dict] = []
+        done = await call.until("response.done", events=events)
+        await call.until("output_audio_buffer.stopped", events=events)
+    finally:
+        await call.close()
+    assert "session.updated" not in rtc.types(call.log)
+    assert done["response"]["status"] in ("completed", "incomplete")
+    assert any(f.peak > 64 for f in call.frames)
+
+
+async def test_a_peer_that_closes_without_hanging_up_frees_its_slot(server):
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url)
+    call.mic.say(rc.wav_pcm16("speech_hello_padded.wav"))
+    await call.until("input_audio_buffer.speech_started")
+    assert server.engine.active_sessions == 1
+    await call.close()  # no DELETE, no goodbye on the data channel
+    assert await _settled(server) == 0
+    assert call.call_id not in server.app.state.calls
+
+
+async def test_a_peer_whose_media_stops_is_dropped(server):
+    assert await _settled(server) == 0
+    options = server.app.state.webrtc
+    saved = options.media_timeout_s
+    options.media_timeout_s = 1.0
+    call = await rtc.place_call(server.url)
+    try:
+        call.mic.say(rc.wav_pcm16("speech_yes.wav"))
+        await call.until("input_audio_buffer.speech_started")
+        call.mic.stall()  # the connection stays up; the microphone goes quiet for good
+        assert await _settled(server) == 0
+        assert call.call_id not in server.app.state.calls
+    finally:
+        options.media_timeout_s = saved
+        await call.close()
+
+
+async def test_a_peer_that_never_connects_is_dropped(server):
+    assert await _settled(server) == 0
+    options = server.app.state.webrtc
+    saved = options.channel_open_timeout_s
+    options.channel_open_timeout_s = 1.0
+    pc, _ = await rtc.make_offer()
+    try:
+        answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        assert answered.status_code == 201  # ... and the client never applies the answer
+        assert server.engine.active_sessions == 1
+        assert await _settled(server) == 0
+        assert server.app.state.calls == {}
+    finally:
+        options.channel_open_timeout_s = saved
+        await pc.close()
+
+
+async def test_hang_up(server):
+    assert await _settled(server) == 0
+    first = await rtc.place_call(server.url)
+    second = await rtc.place_call(server.url, path="/v1/realtime")  # the beta flow's endpoint
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.delete(first.location)).status_code == 204
+            assert first.call_id not in server.app.state.calls
+            missing = await http.delete(first.location)
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "call_not_found"
+            assert (await http.post(second.location + "/hangup")).status_code == 200
+        assert await _settled(server) == 0
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_server_busy_is_a_clear_503(server):
+    assert await _settled(server) == 0
+    calls = [await rtc.place_call(server.url, mic=False) for _ in range(MAX_SESSIONS)]
+    try:
+        pc, _ = await rtc.make_offer()
+        try:
+            refused = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        finally:
+            await pc.close()
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert error["code"] == "server_busy" and "server_busy" in error["message"]
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        for call in calls:
+            await call.close()
+    assert await _settled(server) == 0
+
+
+async def test_api_key_is_required_when_set(server):
+    config = server.app.state.config
+    config.api_key = "s3cret"  # read per request; restored below
+    pc, _ = await rtc.make_offer(mic=False)
+    try:
+        for headers in (None, {"Authorization": "Bearer wrong"}):
+            refused = await rtc.post_offer(server.url, pc.localDescription.sdp, headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        call = await rtc.place_call(server.url, mic=False, headers={"Authorization": "Bearer s3cret"})
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.delete(call.location)).status_code == 401
+            ok = await http.delete(call.location, headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 204
+        await call.close()
+    finally:
+        config.api_key = None
+        await pc.close()
+    assert await _settled(server) == 0
+
+
+async def _offer_without(**what: bool) -> str:
+    pc, _ = await rtc.make_offer(**what)
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+async def test_bad_offers_are_refused_naming_the_problem(server):
+    assert await _settled(server) == 0
+    no_audio = await _offer_without(audio=False)
+    no_channel = await _offer_without(channel=False)
+    good = await _offer_without()
+    cases = [
+        (dict(content="hello"), 400, "must start with 'v=0'"),
+        (dict(content=""), 400, "empty SDP offer"),
+        (dict(content="v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"), 400, "no media sections"),
+        (dict(content="v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF x\r\n"), 400, "invalid SDP offer"),
+        (dict(content=no_audio), 400, "no audio m-line"),
+        (dict(content=no_channel), 400, "no data channel"),
+        (dict(content=good, ctype="text/plain"), 415, "application/sdp, or multipart/form-data"),
+        (dict(files={"session": (None, "{}")}), 400, "no 'sdp' part"),
+        (dict(files={"sdp": (None, good), "session": (None, "{not json")}), 400, "'session' part is not valid JSON"),
+        (dict(files={"sdp": (None, good), "session": (None, "[1]")}), 400, "must be a JSON object"),
+        (dict(files={"sdp": (None, good), "session": (None, '{"type": "realtime", "colour": 1}')}), 400,
+         "invalid 'session' part"),
+    ]
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        for case, status, needle in cases:
+            if "files" in case:
+                response = await http.post("/v1/realtime/calls", files=case["files"])
+            else:
+                response = await http.post("/v1/realtime/calls", content=case["content"],
+                                           headers={"Content-Type": case.get("ctype", "application/sdp")})
+            assert response.status_code == status, (case, response.text)
+            error = response.json()["error"]
+            assert needle in error["message"], (needle, error)
+        bad_field = await http.post("/v1/realtime/calls", files={
+            "sdp": (None, good), "session": (None, '{"type": "realtime", "audio": {"output": {"speed": "x"}}}')})
+        assert bad_field.status_code == 400 and bad_field.json()["error"]["param"].startswith("session.audio")
+    assert server.engine.active_sessions == 0 and server.app.state.calls == {}
+
+
+async def test_oversized_event_becomes_an_error_on_the_channel(server):
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url, mic=False,
+                                session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    try:
+        # 8 s of user audio: its retrieval is ~512 KB of JSON, over the 256 KiB message limit
+        pcm = np.random.default_rng(0).integers(-3000, 3000, 8 * 24_000, dtype=np.int16).tobytes()
+        for i in range(0, len(pcm), 48_000):
+            call.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + 48_000]).decode()})
+        call.send({"type": "input_audio_buffer.commit"})
+        committed = await call.until("input_audio_buffer.committed")
+        call.send({"type": "conversation.item.retrieve", "item_id": committed["item_id"]})
+        error = await call.until("error")
+        assert error["error"]["code"] == "message_too_large"
+        assert "conversation.item.retrieved" in error["error"]["message"]
+        # the call goes on
+        call.send({"type": "conversation.item.retrieve", "item_id": "item_nope"})
+        assert (await call.until("error"))["error"]["code"] == "item_retrieve_invalid_item_id"
+    finally:
+        await call.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# the agent track and ICE configuration on their own
+
+
+async def test_agent_track_paces_plays_out_and_reports_drained():
+    drained: list[str] = []
+    track = AgentAudioTrack(drained.append, max_buffer_s=1.0)
+    pcm = (np.arange(2400) % 100 * 50).astype(np.int16)  # 100 ms at 24 kHz
+    track.push("resp_a", pcm)
+    track.end_response("resp_a")
+    frames = [await track.recv() for _ in range(8)]
+    assert [f.pts for f in frames] == [i * FRAME_SAMPLES for i in range(8)]
+    assert all(f.sample_rate == 48_000 and f.samples == FRAME_SAMPLES for f in frames)
+    assert track.audio_samples_sent == 4800  # exactly 100 ms at 48 kHz
+    assert drained == ["resp_a"]
+    assert np.abs(frames[-1].to_ndarray()).max() == 0  # silence once the response played out
+    # barge-in: a flushed response is never reported drained
+    track.push("resp_b", pcm)
+    await track.recv()
+    track.flush()
+    track.end_response("resp_b")
+    await track.recv()
+    assert drained == ["resp_a"] and track.buffered_s == 0
+    # the buffer keeps the newest max_buffer_s
+    for _ in range(15):
+        track.push("resp_c", pcm)
+    assert track.buffered_s == pytest.approx(1.0)
+    track.stop()
+
+
+def test_agent_track_does_not_report_a_response_that_never_spoke():
+    drained: list[str] = []
+    track = AgentAudioTrack(drained.append)
+    track.end_response("resp_never_spoke")
+    assert drained == []
+    asyncio.run(track.recv())
+    assert drained == []
+    track.stop()
+
+
+def _stereo_frame(pts: int, left: np.ndarray, right: np.ndarray):
+    from av import AudioFrame
+
+    packed = np.stack([left, right], axis=1).reshape(1, -1)  # (960, 2) -> (1, 1920), interleaved s16
+    frame = AudioFrame.from_ndarray(packed, format="s16", layout="stereo")
+    frame.sample_rate, frame.pts = 48_000, pts
+    return frame
+
+
+async def test_microphone_reader_downmixes_resamples_and_bounds_the_backlog():
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    track = RemoteStreamTrack(kind="audio")
+    t = np.arange(40 * FRAME_SAMPLES) / 48_000
+    left = np.round(8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    for i in range(40):  # 800 ms decoded while nobody read (aiortc's decoder thread does this)
+        cut = slice(i * FRAME_SAMPLES, (i + 1) * FRAME_SAMPLES)
+        await track._queue.put(_stereo_frame(i * FRAME_SAMPLES, left[cut], -left[cut] // 2))
+    pushed: list[np.ndarray] = []
+    reader = MicrophoneReader(track, pushed.append, WebRTCOptions(media_timeout_s=0.2, max_input_backlog_frames=10))
+    reason = await reader.run()
+    assert reason == "no audio from the peer for 0.2 s"
+    # the first frame, then the newest 10: the 29 stale frames in between were dropped
+    assert (reader.frames, reader.frames_dropped) == (11, 29)
+    wire = np.concatenate(pushed)
+    assert wire.dtype == np.int16 and abs(len(wire) - 11 * 480) <= 480  # 24 kHz, minus the filter delay
+    # (L + R) / 2 of a 440 Hz tone at 8000 and one at -4000: a 440 Hz tone at 2000
+    assert np.abs(wire[480:]).max() == pytest.approx(2000, rel=0.05)
+    # the end of the track ends the reader
+    await track._queue.put(None)
+    assert await reader.run() == "the peer's audio track ended"
+
+
+def test_ice_server_urls():
+    stun = parse_ice_server("stun:stun.example.org:3478")
+    assert stun.urls == "stun:stun.example.org:3478" and stun.username is None
+    turn = parse_ice_server("turn:alice:pa:ss@turn.example.org:3478?transport=tcp")
+    assert (turn.urls, turn.username, turn.credential) == ("turn:turn.example.org:3478?transport=tcp", "alice", "pa:ss")
+    for bad, needle in [("http://x", "expected stun:"), ("stuns:x", "stuns"), ("turn:x:3478", "needs credentials"),
+                        ("stun:u:p@x", "no credentials"), ("stun:x:notaport", "malformed")]:
+        with pytest.raises(ValueError, match=needle):
+            parse_ice_server(bad)
+    with pytest.raises(ValueError, match="single STUN"):
+        ice_servers(["stun:a", "stun:b"])
+    assert ice_servers([]) == []
+
+
+def test_serve_accepts_ice_servers_and_refuses_bad_ones(capsys):
+    from tests.streaming.live_server import serve_args
+
+    assert serve_args("--ice-server", "stun:a:3478").ice_servers == ["stun:a:3478"]
+    with pytest.raises(SystemExit):
+        serve_args("--ice-server", "turn:nocreds")
+    assert "TURN needs credentials" in capsys.readouterr().err
