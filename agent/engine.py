@@ -80,11 +80,12 @@ class EngineConfig:
     # the urgent one's steps are short ones (yield_lead_s 0: off)
     urgent_lead_s: float = 0.3
     yield_lead_s: float = 1.0
-    # a session at least this far ahead lets its speech patches gather (up to codec_max_patches) and
-    # decodes them in one codec pass: each pass re-runs the vocoder over its left context, so a
-    # pass of 4 patches costs about what a pass of 1 does (0: decode every patch at once)
-    codec_defer_lead_s: float = 1.0
-    codec_max_patches: int = 4
+    # a session lets its speech patches gather (up to codec_max_patches) and decodes them in one
+    # codec pass while its listener keeps at least codec_defer_margin_s of audio meanwhile: each
+    # pass re-runs the vocoder over its left context, so a pass of 8 patches costs little more than
+    # a pass of 1 (margin 0: decode every patch at once)
+    codec_defer_margin_s: float = 0.3
+    codec_max_patches: int = 8
     job_queue_size: int = 4096
     min_context_room: int = 128  # positions kept free for a response when trimming old turns
     min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
@@ -360,6 +361,7 @@ class Engine:
         self._running = False
         self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
+        self._step_s = 0.05  # moving average of a tick that steps (seconds)
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
 
@@ -445,7 +447,7 @@ class Engine:
             if r.new_codes:
                 if self._codec_due(r, lead):
                     return 0.0
-                wait = min(wait, lead - self.config.codec_defer_lead_s)  # > 0: not due
+                wait = min(wait, lead - self.config.codec_defer_margin_s - self._pass_wait_s(r))  # > 0: not due
             if lead <= self.config.max_audio_lead_s:
                 return 0.0
             wait = min(wait, lead - self.config.max_audio_lead_s)
@@ -478,10 +480,13 @@ class Engine:
     def tick(self) -> None:
         """One round of work: encode, prefill, decode step, codec decode."""
         self.ticks += 1
+        t = time.perf_counter()
         self._encode_pending()
         self._prefill()
-        self._decode_step()
+        stepped = self._decode_step()
         self._codec_step()
+        if stepped:  # how often a generating session steps, for the codec's deferral
+            self._step_s += 0.2 * (time.perf_counter() - t - self._step_s)
 
     # ------------------------------------------------------------------------------ sessions
     def _init_session(self, s: _Session) -> None:
@@ -696,7 +701,8 @@ class Engine:
             return 0.0
         return r.audio_samples / SAMPLE_RATE - (now - r.t_first_audio)
 
-    def _decode_step(self) -> None:
+    def _decode_step(self) -> bool:
+        """One batched step for the sessions ready to generate; returns whether it ran."""
         now = time.perf_counter()
         ready = []
         for s in self._sessions.values():
@@ -710,7 +716,7 @@ class Engine:
                 continue  # far enough ahead of the listener
             ready.append(s)
         if not ready:
-            return
+            return False
         if self.config.yield_lead_s > 0 and len(ready) > 1:
             leads = [self._lead_s(s.response, now) for s in ready]
             if min(leads) < self.config.urgent_lead_s:
@@ -741,6 +747,7 @@ class Engine:
         for i, s in enumerate(ready):
             patch_codes = codes[speech_rows.index(i)] if i in speech_rows else self._empty_codes
             self._accept_patch(s, tokens[i], patch_codes)
+        return True
 
     def _backbone(self, ready: list[_Session]) -> torch.Tensor:
         """Hidden states (B, hidden) for the rows: fed patches go through one batched decode step;
@@ -788,11 +795,16 @@ class Engine:
             r.feed = patch
 
     # --------------------------------------------------------------------------------- codec
+    def _pass_wait_s(self, r: _Response) -> float:
+        """How long until ``r`` has a full codec pass: one decode step per missing speech patch, with
+        room for the text patches of an interleave between them."""
+        return (self.config.codec_max_patches - len(r.new_codes)) * self._step_s * 1.5
+
     def _codec_due(self, r: _Response, lead: float) -> bool:
-        """Decode ``r``'s new speech patches now, or let more gather (see ``codec_defer_lead_s``)?"""
-        defer = self.config.codec_defer_lead_s
-        return (defer <= 0 or r.t_first_audio is None or len(r.new_codes) >= self.config.codec_max_patches
-                or lead < defer)
+        """Decode ``r``'s new speech patches now, or let more gather (see ``codec_defer_margin_s``)?"""
+        margin = self.config.codec_defer_margin_s
+        return (margin <= 0 or r.t_first_audio is None or len(r.new_codes) >= self.config.codec_max_patches
+                or lead - self._pass_wait_s(r) < margin)
 
     def _codec_step(self) -> None:
         now = time.perf_counter()

@@ -5,7 +5,8 @@ A user is a microphone (:class:`Mic`, chunks of ``chunk_ms`` sent against an abs
 server-VAD mode it keeps sending silence between utterances, as an open microphone does) and a
 reader of the server's events. The reader is deliberately plain (``json.loads``, no models) so the
 client spends little of the CPU it shares with a spawned server. Transports implement
-:class:`Link`: WebSocket here; WebRTC in :mod:`streaming.bench.webrtc`.
+:class:`Link`: WebSocket here; WebRTC in :mod:`streaming.bench.webrtc` (its agent audio arrives on
+a media track and is reported as ``response.output_audio.delta`` events with a sample count).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class SimulatedUser:
                 self._response_id = event["response"]["id"]
                 rec.t_response_created = t
         elif kind == "response.output_audio.delta" and event.get("response_id") == self._response_id:
-            n = b64_samples(event["delta"])
+            n = event["samples"] if "samples" in event else b64_samples(event["delta"])  # WebRTC: frames
             if rec.t_first_audio is None:
                 rec.t_first_audio = t
             rec.t_last_audio = t
@@ -282,6 +283,10 @@ class SimulatedUser:
             if rec.status not in ("completed", "incomplete"):
                 rec.error = f"response {rec.status}: {details.get('reason') or details.get('error')}"
             rec.server_timings = dict(((resp.get("mimo") or {}).get("timings")) or {})
+            # over WebRTC the audio is still playing out on the track: the turn ends when it has
+            if not getattr(self.link, "audio_on_track", False) or rec.t_first_audio is None:
+                self._done.set()
+        elif kind == "output_audio_buffer.stopped" and event.get("response_id") == self._response_id:
             self._done.set()
 
 
