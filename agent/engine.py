@@ -808,9 +808,21 @@ class Engine:
 
     def _codec_step(self) -> None:
         now = time.perf_counter()
-        work = [s for s in self._sessions.values()
-                if s.response is not None and s.response.stream is not None and s.response.new_codes
-                and self._codec_due(s.response, self._lead_s(s.response, now))]
+        holding = [s for s in self._sessions.values()
+                   if s.response is not None and s.response.stream is not None and s.response.new_codes]
+        leads = {s.sid: self._lead_s(s.response, now) for s in holding}
+        due = sorted((s for s in holding if self._codec_due(s.response, leads[s.sid])), key=lambda s: leads[s.sid])
+        # Sessions stepping in one batch fill their passes on the same tick; decoding them all then
+        # would make every 8th tick long (a stall for everyone). Pass at the rate that keeps up (one
+        # pass per codec_max_patches steps of each session), closest to running dry first; a session
+        # that must decode now (waiting for its first audio, or short of the margin) always does.
+        budget = -(-len(holding) // max(1, self.config.codec_max_patches)) + 1
+        work = [s for i, s in enumerate(due) if i < budget or s.response.t_first_audio is None
+                or leads[s.sid] < self.config.codec_defer_margin_s]
+        if self.config.yield_lead_s > 0 and any(
+                s.response is not None and s.response.t_first_audio is None for s in self._sessions.values()):
+            # a new turn is waiting for its first audio: sessions comfortably ahead decode later
+            work = [s for s in work if s.response.t_first_audio is None or leads[s.sid] < self.config.yield_lead_s]
         if not work:
             return
         t = time.perf_counter()

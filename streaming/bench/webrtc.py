@@ -108,12 +108,19 @@ class WebRTCLink:
         mic = MicTrack()
         pc.addTrack(mic)
         link = cls(pc, channel, mic)
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
         channel.on("message", link._on_message)
         pc.on("track", link._on_track)
         await pc.setLocalDescription(await pc.createOffer())
         try:
             answer = await asyncio.to_thread(_post_offer, calls_url(url), pc.localDescription.sdp, api_key, timeout)
             await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            try:
+                await asyncio.wait_for(opened.wait(), timeout)
+            except TimeoutError:
+                raise BenchError(f"the {EVENTS_CHANNEL!r} data channel did not open within {timeout:.0f} s "
+                                 "(ICE or DTLS failed)") from None
         except BaseException:
             await pc.close()
             raise

@@ -153,7 +153,9 @@ def test_the_graph_path_generates_what_the_eager_path_does(runtime) -> None:
     """``graphs=True`` on a CPU runs the CUDA-graph path's padded static-shape functions eagerly."""
     outputs = []
     for graphs in (False, True):
-        engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, EngineConfig(max_sessions=3), graphs=graphs)
+        # one codec pass per patch: how deferred patches group into passes depends on timing
+        config = EngineConfig(max_sessions=3, codec_defer_margin_s=0.0)
+        engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, config, graphs=graphs)
         assert (engine.graphs is not None) == graphs
         assert engine.cache.num_slots == 3 + graphs  # the graphs' scratch slot
         engine.start()
@@ -179,3 +181,41 @@ def test_the_graph_path_generates_what_the_eager_path_does(runtime) -> None:
     (text_eager, audio_eager), (text_graph, audio_graph) = outputs
     assert text_graph == text_eager
     np.testing.assert_allclose(audio_graph, audio_eager, atol=1e-5)
+
+
+def test_codec_passes_of_sessions_in_lockstep_are_spread_over_ticks(runtime) -> None:
+    """Six sessions stepping in one batch fill their codec passes on the same tick; once all are
+    well ahead of their listeners the engine decodes at most ceil(6 / 4) + 1 = 3 of them per tick."""
+    config = EngineConfig(max_sessions=6, max_audio_lead_s=30.0, codec_max_patches=4, codec_defer_margin_s=0.2)
+    batches: list[tuple[float, int]] = []
+    engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec, config,
+                    metrics=lambda name, s, labels: batches.append((time.perf_counter(), labels["batch"]))
+                    if name == "codec_decode" else None)
+    lock = threading.Lock()
+    audio = [0] * 6
+    ahead_at: list[float] = []  # when every session had 1.5 s of audio out (generation runs ~10x real time)
+    done = threading.Semaphore(0)
+
+    def on_event(i: int, ev) -> None:
+        if isinstance(ev, AudioDelta):
+            with lock:
+                audio[i] += len(ev.pcm)
+                if not ahead_at and min(audio) >= 1.5 * 24_000:
+                    ahead_at.append(time.perf_counter())
+        elif isinstance(ev, ResponseDone):
+            done.release()
+
+    engine.start()
+    try:
+        handles = [engine.open_session(lambda ev, i=i: on_event(i, ev)) for i in range(6)]
+        for h in handles:
+            h.submit(AddUserAudio("u", _speech()))
+        for h in handles:
+            h.submit(Respond("r", "a", ResponseParams(max_output_patches=80, min_patches=80, interleave=(1, 3))))
+        for _ in handles:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert ahead_at
+    late = [n for t, n in batches if t > ahead_at[0]]
+    assert late and max(late) <= 3, batches

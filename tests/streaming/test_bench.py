@@ -180,3 +180,23 @@ def test_bench_manual_commit_against_a_running_server(tmp_path, capsys) -> None:
     _check_run(run, level=1, turns=2, warmup=0)
     for t in run["turns"]:
         assert t["vad_window_ms"] is None and t["t_speech_stopped"] is None  # no VAD: the client committed
+
+
+def test_bench_over_webrtc(tmp_path, capsys) -> None:
+    server = start_server("--max-sessions", "2")
+    try:
+        out = tmp_path / "bench.json"
+        code = main(["bench", "--url", server.ws_url, "--transport", "webrtc", "--turns", "1", "--warmup", "0",
+                     "--audio", str(DATA / "speech_yes.wav"), "--response-tokens", "9", "--gap", "0,0",
+                     "--json", str(out), "--no-progress"])
+    finally:
+        server.stop()
+    assert code == 0, capsys.readouterr()
+    (run,) = json.loads(out.read_text())["runs"]
+    (turn,) = run["turns"]
+    assert turn["ok"], turn
+    # the agent's voice came on the media track: 20 ms frames (480 samples at 24 kHz), after the commit
+    assert {n for _, n in turn["audio_chunks"]} == {480}
+    assert 0 < turn["server_first_audio_ms"] < turn["user_first_audio_ms"]
+    assert turn["vad_window_ms"] > 0 and turn["t_commit"] < turn["t_first_audio"] < turn["t_last_audio"]
+    assert turn["audio_ms"] > 500  # 6 speech patches, about 960 ms, most of it heard
