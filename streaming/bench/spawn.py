@@ -151,7 +151,6 @@ def machine() -> dict[str, Any]:
         import torch
 
         info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
