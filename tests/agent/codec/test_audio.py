@@ -73,5 +73,5 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(AudioError, match="no such audio file"):
         load_wav(tmp_path / "nope.wav")
     (tmp_path / "junk.wav").write_bytes(b"not audio at all")
-    with pytest.raises(AudioError, match="junk.wav"):
+    with pytest.raises(AudioError, match=r"junk\.wav"):
         load_wav(tmp_path / "junk.wav")
