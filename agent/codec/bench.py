@@ -228,11 +228,11 @@ def run(args) -> int:
             first = schedule.first_audio_tokens()
             latency = "end" if first is None else f"{first * 1000 / cfg.token_rate:.0f} ms"
             tag = " (default)" if schedule == DecodeSchedule() else ""
-            row = {"schedule": schedule.describe() + tag, "first_audio": latency,
-                   "log_mel_l1": statistics.mean(l1s), "snr_db": statistics.mean(snrs), "rtf": elapsed / seconds}
-            rows.append(row)
-            print(f"| {row['schedule']} | {row['first_audio']} | {row['log_mel_l1']:.4f} | {row['snr_db']:.1f} "
-                  f"| {row['rtf']:.3f} |", flush=True)
+            l1, snr, rtf = statistics.mean(l1s), statistics.mean(snrs), elapsed / seconds
+            name = schedule.describe() + tag
+            rows.append({"schedule": name, "first_audio": latency, "log_mel_l1": l1, "snr_db": snr,
+                         "rtf": rtf})
+            print(f"| {name} | {latency} | {l1:.4f} | {snr:.1f} | {rtf:.3f} |", flush=True)
         report["fidelity"] = rows
 
     if "incremental" not in args.skip:
