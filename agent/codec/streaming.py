@@ -55,7 +55,7 @@ class DecodeSchedule:
     first_chunk_patches: int = 1
     chunk_patches: int = 1
     left_context_tokens: int | None = 50
-    holdback_tokens: int | None = 1
+    holdback_tokens: int | None = 2
     crossfade_samples: int = 240
     norm: str = "running"  # cached mode: GroupNorm statistics "running" or "frozen"
     freeze_after_tokens: int = 25
