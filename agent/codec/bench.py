@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add("--repeat", type=int, default=3, help="timing repetitions (the median is shown)")
     add("--streams", type=int, default=8, help="streams decoded together in the batching test")
     add("--skip", nargs="*", default=[], choices=["speed", "chunks", "batch", "fidelity", "incremental"])
+    add("--clock", choices=["wall", "cpu"], default="wall",
+        help="time with the wall clock, or with this process's CPU time (steadier on a shared CPU machine)")
     add("--json", type=Path, help="also write the figures to this JSON file")
 
 
@@ -134,19 +136,20 @@ def _sync(tok: MiMoAudioTokenizer) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(tok, fn, repeat: int) -> float:
+def _timed(tok, fn, repeat: int, clock) -> float:
     times = []
     for _ in range(repeat):
         _sync(tok)
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(tok)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
 def run(args) -> int:
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     tok = _build(args)
     from .audio import load_wav
 
@@ -156,7 +159,7 @@ def run(args) -> int:
     params = sum(p.numel() for p in tok.parameters())
     name = f"{args.checkpoint or args.preset} {' '.join(args.override)}".strip()
     print(f"tokenizer: {name}, {params / 1e6:.1f} M params, {tok.dtype}, {tok.device}, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
+          f"{args.threads} thread(s), torch {torch.__version__}, {args.clock} clock")
     print(f"  d_model {cfg.d_model}, encoder {cfg.encoder_layers} layers, decoder {cfg.decoder_layers}, "
           f"vocoder {cfg.vocoder_num_layers}x{cfg.vocoder_dim}; norm-sensitive {args.norm_sensitive}")
     print(f"audio: {len(wavs)} file(s), {seconds:.2f} s")
@@ -170,8 +173,8 @@ def run(args) -> int:
     print(f"GroupNorm variability |log(std of dconv1 over the first patch / the turn)|: {variability:.3f}")
 
     if "speed" not in args.skip:
-        enc = _timed(tok, lambda: [tok.encode(w) for w in wavs], args.repeat)
-        dec = _timed(tok, lambda: [tok.decode(c) for c in codes], args.repeat)
+        enc = _timed(tok, lambda: [tok.encode(w) for w in wavs], args.repeat, clock)
+        dec = _timed(tok, lambda: [tok.decode(c) for c in codes], args.repeat, clock)
         report["encode_rtf"], report["decode_rtf"] = enc / seconds, dec / seconds
         print("\n== offline speed ==")
         print(f"encode: {enc * 1000:8.1f} ms for {seconds:.2f} s of audio, RTF {enc / seconds:.4f} "
@@ -188,10 +191,10 @@ def run(args) -> int:
             stream = tok.new_decode_stream(schedule)
             for i in range(0, c.shape[0], schedule.group_size):
                 _sync(tok)
-                start = time.perf_counter()
+                start = clock()
                 (audio,) = tok.decode_streams([(stream, c[i : i + schedule.group_size])])
                 _sync(tok)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 if audio.size:
                     if first is None:
                         first = elapsed
@@ -223,7 +226,8 @@ def run(args) -> int:
                     for s in streams:
                         tok.decode_streams([(s, c[4 * p : 4 * p + 4])])
 
-            t_together, t_apart = _timed(tok, together, args.repeat), _timed(tok, apart, args.repeat)
+            t_together = _timed(tok, together, args.repeat, clock)
+            t_apart = _timed(tok, apart, args.repeat, clock)
             print(f"{mode:7s}: batched {t_together / n_patches * 1e3:7.2f} ms per round, separate "
                   f"{t_apart / n_patches * 1e3:7.2f} ms per round (x{t_apart / t_together:.2f})")
             report[f"batch_{mode}"] = {"together_ms": t_together / n_patches * 1e3,
@@ -238,9 +242,9 @@ def run(args) -> int:
         for schedule in fidelity_schedules():
             l1s, snrs, elapsed = [], [], 0.0
             for c, ref in zip(codes, offline, strict=True):
-                start = time.perf_counter()
+                start = clock()
                 out, _ = stream_decode(tok, c, schedule)
-                elapsed += time.perf_counter() - start
+                elapsed += clock() - start
                 ref_t, out_t = torch.from_numpy(ref), torch.from_numpy(out)
                 l1s.append(log_mel_distance(fe(ref_t.to(tok.device)), fe(out_t.to(tok.device))))
                 snrs.append(snr_db(ref_t, out_t))

@@ -47,8 +47,21 @@ class DecodeSchedule:
     """When a stream emits audio and how much history each chunk re-decodes.
 
     Counts are in 25 Hz tokens (40 ms, 960 samples) or LM patches (``group_size`` tokens, 160 ms).
-    ``left_context_tokens=None`` re-uses everything since the segment start; ``holdback_tokens=None``
-    holds everything back until :func:`finish_streams`.
+
+    - ``mode``: ``"cached"`` or ``"window"`` (module docstring).
+    - ``first_chunk_patches`` / ``chunk_patches``: a chunk is decoded once this many patches have
+      arrived since the previous one (N, then M).
+    - ``left_context_tokens`` (L): history re-synthesised with each chunk (window: the whole
+      decoder; cached: the vocoder only). None: everything since the segment start.
+    - ``holdback_tokens`` (R): the newest tokens' audio is withheld and re-synthesised with the
+      next chunk, when the vocoder has more look-ahead. None: hold everything until the end.
+    - ``crossfade_samples``: raised-cosine cross-fade at each seam (at most one token).
+    - ``norm``, ``freeze_after_tokens``: cached mode's GroupNorm statistics, running over
+      everything so far, or frozen once that many tokens have been seen.
+
+    The default (cached, N = M = 1 patch, L = 50, R = 2, 10 ms cross-fade) was chosen by
+    ``mimo-agent bench-codec``: first audio after one patch, and the closest to the offline decode
+    of the schedules with that latency (BENCHMARKS.md).
     """
 
     mode: str = "cached"
@@ -96,6 +109,7 @@ class DecodeSchedule:
         return tokens
 
     def describe(self) -> str:
+        """A one-line summary (``p``: patches, ``t``: tokens, cross-fade in samples)."""
         left = "all" if self.left_context_tokens is None else self.left_context_tokens
         hold = "all" if self.holdback_tokens is None else self.holdback_tokens
         extra = f", norm {self.norm}" + (f"@{self.freeze_after_tokens}" if self.norm == "frozen" else "")
