@@ -29,9 +29,11 @@ from .config import AudioTokenizerConfig
 from .config import preset as preset_config
 from .incremental import IncrementalEncodeConfig, incremental_encode
 from .mel import log_mel_distance, snr_db
-from .streaming import DecodeSchedule, stream_decode
+from .streaming import DecodeSchedule, norm_statistics, stream_decode
 from .tokenizer import MiMoAudioTokenizer, init_random_weights, load_audio_tokenizer
 
+#: A prior weighted as this many tokens never moves: fixed statistics.
+ORACLE_WEIGHT = 10**9
 DEFAULT_AUDIO = Path(__file__).resolve().parents[2] / "tests" / "data" / "codec" / "speech_en.wav"
 
 
@@ -239,9 +241,22 @@ def run(args) -> int:
         print("| --- | --- | --- | --- | --- |")
         fe = tok.front_end
         rows = []
-        for schedule in fidelity_schedules():
+        # two diagnostic rows: the default with the offline statistics of each file (an oracle: what
+        # is left is the vocoder's missing look-ahead), and with a prior from the other files
+        oracle = [norm_statistics(tok, [c]) for c in codes]
+        variants = [(s, None) for s in fidelity_schedules()]
+        fixed = dataclasses.replace(DecodeSchedule(), norm="prior", prior=oracle[0],
+                                    prior_tokens=ORACLE_WEIGHT)
+        variants.append((fixed, lambda i: oracle[i]))
+        if len(codes) > 1:
+            left_out = [norm_statistics(tok, codes[:i] + codes[i + 1 :]) for i in range(len(codes))]
+            variants.append((dataclasses.replace(DecodeSchedule(), norm="prior", prior=left_out[0]),
+                             lambda i: left_out[i]))
+        for schedule, per_file in variants:
             l1s, snrs, elapsed = [], [], 0.0
-            for c, ref in zip(codes, offline, strict=True):
+            for i, (c, ref) in enumerate(zip(codes, offline, strict=True)):
+                if per_file is not None:
+                    schedule = dataclasses.replace(schedule, prior=per_file(i))
                 start = clock()
                 out, _ = stream_decode(tok, c, schedule)
                 elapsed += clock() - start
@@ -251,6 +266,9 @@ def run(args) -> int:
             first = schedule.first_audio_tokens()
             latency = "end" if first is None else f"{first * 1000 / cfg.token_rate:.0f} ms"
             tag = " (default)" if schedule == DecodeSchedule() else ""
+            if per_file is not None:
+                oracle_row = schedule.prior_tokens == ORACLE_WEIGHT
+                tag = " (offline statistics: oracle)" if oracle_row else " (prior: other files)"
             l1, snr, rtf = statistics.mean(l1s), statistics.mean(snrs), elapsed / seconds
             name = schedule.describe() + tag
             rows.append({"schedule": name, "first_audio": latency, "log_mel_l1": l1, "snr_db": snr,

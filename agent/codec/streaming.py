@@ -9,8 +9,9 @@ GroupNorm statistics taken over the whole sequence, and every vocoder layer look
             whole decoder over ``left_context_tokens`` of history plus the new tokens.
 ``cached``  (ARCHITECTURE.md, "the better way"): the causal transformer keeps its KV cache across
             chunks, so each token goes through it once; the two GroupNorms use running statistics
-            (or statistics frozen after ``freeze_after_tokens``); only the vocoder, which is cheap,
-            re-runs over a window of ``left_context_tokens`` of coarse mel.
+            (frozen after ``freeze_after_tokens``, or starting from calibrated ``prior`` statistics);
+            only the vocoder, which is cheap, re-runs over a window of ``left_context_tokens`` of
+            coarse mel. Given the offline statistics and enough hold-back it is exact.
 
 Both hold back the last ``holdback_tokens`` of each chunk (they are re-synthesised next time with
 more look-ahead) and cross-fade ``crossfade_samples`` at each seam. Streams are independent and
@@ -39,7 +40,18 @@ if TYPE_CHECKING:
     from .tokenizer import MiMoAudioTokenizer
 
 MODES = ("window", "cached")
-NORMS = ("running", "frozen")
+NORMS = ("running", "frozen", "prior")
+
+
+@dataclass(frozen=True)
+class NormStatistics:
+    """Mean and variance of the two up-samplers' outputs before their GroupNorm: what the offline
+    decode normalises a whole sequence by. From :func:`norm_statistics`."""
+
+    mean1: float
+    var1: float
+    mean2: float
+    var2: float
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,9 @@ class DecodeSchedule:
     - ``holdback_tokens`` (R): the newest tokens' audio is withheld and re-synthesised with the
       next chunk, when the vocoder has more look-ahead. None: hold everything until the end.
     - ``crossfade_samples``: raised-cosine cross-fade at each seam (at most one token).
-    - ``norm``, ``freeze_after_tokens``: cached mode's GroupNorm statistics, running over
-      everything so far, or frozen once that many tokens have been seen.
+    - ``norm``: cached mode's GroupNorm statistics: ``"running"`` over everything so far;
+      ``"frozen"`` once ``freeze_after_tokens`` have been seen; ``"prior"``: running, starting
+      from ``prior`` (calibrated :class:`NormStatistics`) weighted as ``prior_tokens`` tokens.
 
     The default (cached, N = M = 1 patch, L = 50, R = 2, 10 ms cross-fade) was chosen by
     ``mimo-agent bench-codec``: first audio after one patch, and the closest to the offline decode
@@ -70,8 +83,10 @@ class DecodeSchedule:
     left_context_tokens: int | None = 50
     holdback_tokens: int | None = 2
     crossfade_samples: int = 240
-    norm: str = "running"  # cached mode: GroupNorm statistics "running" or "frozen"
+    norm: str = "running"
     freeze_after_tokens: int = 25
+    prior: NormStatistics | None = None
+    prior_tokens: int = 25
     group_size: int = GROUP_SIZE
 
     def __post_init__(self) -> None:
@@ -79,7 +94,10 @@ class DecodeSchedule:
             raise ValueError(f"schedule mode {self.mode!r} is not one of {MODES}")
         if self.norm not in NORMS:
             raise ValueError(f"schedule norm {self.norm!r} is not one of {NORMS}")
-        for name in ("first_chunk_patches", "chunk_patches", "group_size", "freeze_after_tokens"):
+        if (self.norm == "prior") != (self.prior is not None):
+            raise ValueError("schedule norm 'prior' and prior statistics go together (give both or neither)")
+        counts = ("first_chunk_patches", "chunk_patches", "group_size", "freeze_after_tokens", "prior_tokens")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"schedule {name} must be at least 1, got {getattr(self, name)}")
         for name in ("left_context_tokens", "holdback_tokens", "crossfade_samples"):
@@ -112,7 +130,8 @@ class DecodeSchedule:
         """A one-line summary (``p``: patches, ``t``: tokens, cross-fade in samples)."""
         left = "all" if self.left_context_tokens is None else self.left_context_tokens
         hold = "all" if self.holdback_tokens is None else self.holdback_tokens
-        extra = f", norm {self.norm}" + (f"@{self.freeze_after_tokens}" if self.norm == "frozen" else "")
+        extra = f", norm {self.norm}" + {"frozen": f"@{self.freeze_after_tokens}",
+                                          "prior": f" x{self.prior_tokens}t"}.get(self.norm, "")
         return (f"{self.mode}: first {self.first_chunk_patches}p, then {self.chunk_patches}p, "
                 f"left {left}t, hold {hold}t, xfade {self.crossfade_samples}"
                 + (extra if self.mode == "cached" else ""))
@@ -270,7 +289,7 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
 
     # dconv1 (kernel = stride: chunks do not overlap), GroupNorm with running statistics
     y, len50 = dec.dconv1.upsample(emb, n)  # (B, 2 n_max, d), no trim
-    x = _normalise(y, len50, [seg for _, seg in todo], "moments1", dec.dconv1.norm)
+    x = _normalise(y, len50, todo, "moments1", dec.dconv1.norm, frames_per_token=dec.dconv1.stride)
 
     # the causal transformer, continuing each segment's KV cache
     caches, past = _gather_kv(tok, [seg for _, seg in todo])
@@ -284,7 +303,8 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
     s = dec.dconv2.stride
     len100 = len50 * s
     y2 = y2[:, s : s + int(len100.max())]  # frames of the new 50 Hz inputs only, (B, 4 n_max, n_mels)
-    mel = _normalise(y2, len100, [seg for _, seg in todo], "moments2", dec.dconv2.norm)
+    fpt = tok.config.mel_frames_per_token
+    mel = _normalise(y2, len100, todo, "moments2", dec.dconv2.norm, frames_per_token=fpt)
 
     for b, (stream, seg) in enumerate(todo):
         seg.prev_hidden = h[b, int(len50[b]) - 1]
@@ -295,11 +315,23 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
             seg.frozen = True
 
 
-def _normalise(y: torch.Tensor, lengths: torch.Tensor, segs: list[_Segment], which: str, norm: nn.GroupNorm):
+def _normalise(
+    y: torch.Tensor, lengths: torch.Tensor, todo, which: str, norm: nn.GroupNorm, frames_per_token: int
+) -> torch.Tensor:
     """GroupNorm y (B, T, C) with each segment's running moments, first updated with y unless frozen."""
     count, total, squares = group_norm_moments(y, lengths)
-    for b, seg in enumerate(segs):
+    C = y.shape[-1]
+    segs = [seg for _, seg in todo]
+    for b, (stream, seg) in enumerate(todo):
         current = getattr(seg, which)
+        if current is None and stream.schedule.norm == "prior":
+            # the prior enters as pseudo-moments worth ``prior_tokens`` tokens of frames
+            prior = stream.schedule.prior
+            mean, var = (prior.mean1, prior.var1) if which == "moments1" else (prior.mean2, prior.var2)
+            n = torch.tensor(float(stream.schedule.prior_tokens * frames_per_token * C), dtype=torch.float64,
+                             device=y.device)
+            current = (n, n * mean, n * (var + mean * mean))
+            setattr(seg, which, current)
         if current is None:
             setattr(seg, which, (count[b], total[b], squares[b]))
         elif not seg.frozen:
@@ -446,6 +478,29 @@ def finish_streams(tok: MiMoAudioTokenizer, streams: list[DecodeStream]) -> list
                 f"{stream.tokens_received} tokens"
             )
     return audios
+
+
+@torch.no_grad()
+def norm_statistics(tok: MiMoAudioTokenizer, sequences: list[torch.Tensor]) -> NormStatistics:
+    """The GroupNorm statistics of the offline decode, pooled over code sequences (T_i, q).
+
+    Of one sequence: exactly what the offline decode normalises it by (a test oracle). Of a few
+    typical utterances: a calibrated ``prior`` for :class:`DecodeSchedule`.
+    """
+    dec = tok.decoder
+    pooled1, pooled2 = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    for codes in sequences:
+        lengths = torch.tensor([codes.shape[0]], device=tok.device)
+        emb = tok.embed_codes(codes)[None].to(dec.dtype)
+        y1, full1 = dec.dconv1.upsample(emb, lengths)
+        x, len50 = dec.dconv1(emb, lengths)
+        y2, full2 = dec.dconv2.upsample(dec.transform(x, len50), len50)
+        for pooled, (y, full) in ((pooled1, (y1, full1)), (pooled2, (y2, full2))):
+            for i, m in enumerate(group_norm_moments(y, full)):
+                pooled[i] += float(m[0])
+    mean1, var1 = (float(v) for v in moments_to_stats(*map(torch.tensor, pooled1)))
+    mean2, var2 = (float(v) for v in moments_to_stats(*map(torch.tensor, pooled2)))
+    return NormStatistics(mean1, var1, mean2, var2)
 
 
 def stream_decode(

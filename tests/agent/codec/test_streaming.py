@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from agent.codec import load_wav
 from agent.codec.mel import log_mel_distance, snr_db
-from agent.codec.streaming import DecodeSchedule, crossfade, emit, stream_decode
+from agent.codec.streaming import DecodeSchedule, crossfade, emit, norm_statistics, stream_decode
 from agent.codec.streaming import _Segment as Segment
 
 from .conftest import DATA
@@ -169,3 +171,31 @@ def test_schedule_latencies():
     assert DecodeSchedule(holdback_tokens=4, chunk_patches=2).first_audio_tokens() == 12
     assert DecodeSchedule.official().first_audio_tokens() == 44
     assert DecodeSchedule.infinite().first_audio_tokens() is None
+
+
+@pytest.mark.parametrize("feed", [1, 3, 4])
+def test_cached_design_is_exact_given_the_offline_statistics_and_enough_lookahead(tiny, codes, offline, feed):
+    """The cached path (KV cache, chunked up-sampling convolutions, windowed vocoder, seams) adds
+    no error of its own: with the GroupNorm statistics of the whole sequence, a hold-back of the
+    vocoder's look-ahead and a left context of its look-back, it reproduces the offline decode."""
+    voc = tiny.decoder.vocoder
+    lookahead = -(-voc.lookahead_frames // 4)  # tokens: 4 vocoder frames each
+    lookback = -(-voc.lookback_frames // 4)
+    schedule = DecodeSchedule(mode="cached", norm="prior", prior=norm_statistics(tiny, [codes]),
+                              prior_tokens=10**9, holdback_tokens=lookahead, left_context_tokens=lookback + 1)
+    out, sizes = stream_decode(tiny, codes, schedule, feed)
+    assert sum(sizes[:-1]) > 0.5 * out.size  # most of it was streamed, not flushed at the end
+    np.testing.assert_allclose(out, offline, rtol=0, atol=1e-5)
+    # with a short hold-back it is no longer exact (the last frames of the look-ahead weigh very little:
+    # one token less still gives 1e-7)
+    short = dataclasses.replace(schedule, holdback_tokens=2)
+    assert np.abs(stream_decode(tiny, codes, short, feed)[0] - offline).max() > 1e-4
+
+
+def test_running_statistics_differ_from_offline(tiny, codes):
+    stats = norm_statistics(tiny, [codes])
+    assert stats.var1 > 0 and stats.var2 > 0
+    with pytest.raises(ValueError, match="prior"):
+        DecodeSchedule(norm="prior")
+    with pytest.raises(ValueError, match="prior"):
+        DecodeSchedule(prior=stats)
