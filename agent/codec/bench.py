@@ -37,8 +37,18 @@ ORACLE_WEIGHT = 10**9
 DEFAULT_AUDIO = Path(__file__).resolve().parents[2] / "tests" / "data" / "codec" / "speech_en.wav"
 
 
-def fidelity_schedules() -> list[DecodeSchedule]:
+def fidelity_schedules(grid: str = "full") -> list[DecodeSchedule]:
     """The schedules of the fidelity table: the official one, then both designs over a grid."""
+    if grid == "small":
+        return [
+            DecodeSchedule.official(),
+            DecodeSchedule(mode="window"),
+            DecodeSchedule(mode="window", left_context_tokens=160),
+            DecodeSchedule(holdback_tokens=0),
+            DecodeSchedule(),
+            DecodeSchedule(holdback_tokens=4),
+            DecodeSchedule(norm="frozen"),
+        ]
     out = [DecodeSchedule.official()]
     for mode in ("window", "cached"):
         for left in (16, 50, 160):
@@ -71,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add("--repeat", type=int, default=3, help="timing repetitions (the median is shown)")
     add("--streams", type=int, default=8, help="streams decoded together in the batching test")
     add("--skip", nargs="*", default=[], choices=["speed", "chunks", "batch", "fidelity", "incremental"])
+    add("--grid", choices=["full", "small"], default="full", help="schedules in the fidelity table")
     add("--clock", choices=["wall", "cpu"], default="wall",
         help="time with the wall clock, or with this process's CPU time (steadier on a shared CPU machine)")
     add("--json", type=Path, help="also write the figures to this JSON file")
@@ -244,7 +255,7 @@ def run(args) -> int:
         # two diagnostic rows: the default with the offline statistics of each file (an oracle: what
         # is left is the vocoder's missing look-ahead), and with a prior from the other files
         oracle = [norm_statistics(tok, [c]) for c in codes]
-        variants = [(s, None) for s in fidelity_schedules()]
+        variants = [(s, None) for s in fidelity_schedules(args.grid)]
         fixed = dataclasses.replace(DecodeSchedule(), norm="prior", prior=oracle[0],
                                     prior_tokens=ORACLE_WEIGHT)
         variants.append((fixed, lambda i: oracle[i]))
