@@ -71,6 +71,9 @@ class DecodeSchedule:
     - ``norm``: cached mode's GroupNorm statistics: ``"running"`` over everything so far;
       ``"frozen"`` once ``freeze_after_tokens`` have been seen; ``"prior"``: running, starting
       from ``prior`` (calibrated :class:`NormStatistics`) weighted as ``prior_tokens`` tokens.
+    - ``refresh_from``: cached mode re-runs the decoder over the segment's history with the current
+      statistics once it holds ``refresh_from`` tokens, then at each doubling (8, 16, 32, ...):
+      the early chunks were normalised with few frames' statistics. At most doubles the work.
 
     The default (cached, N = M = 1 patch, L = 50, R = 2, 10 ms cross-fade) was chosen by
     ``mimo-agent bench-codec``: first audio after one patch, and the closest to the offline decode
@@ -87,6 +90,7 @@ class DecodeSchedule:
     freeze_after_tokens: int = 25
     prior: NormStatistics | None = None
     prior_tokens: int = 25
+    refresh_from: int | None = None
     group_size: int = GROUP_SIZE
 
     def __post_init__(self) -> None:
@@ -100,7 +104,7 @@ class DecodeSchedule:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"schedule {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("left_context_tokens", "holdback_tokens", "crossfade_samples"):
+        for name in ("left_context_tokens", "holdback_tokens", "crossfade_samples", "refresh_from"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"schedule {name} must not be negative, got {value}")
@@ -132,6 +136,8 @@ class DecodeSchedule:
         hold = "all" if self.holdback_tokens is None else self.holdback_tokens
         extra = f", norm {self.norm}" + {"frozen": f"@{self.freeze_after_tokens}",
                                           "prior": f" x{self.prior_tokens}t"}.get(self.norm, "")
+        if self.refresh_from:
+            extra += f", refresh {self.refresh_from}t x2"
         return (f"{self.mode}: first {self.first_chunk_patches}p, then {self.chunk_patches}p, "
                 f"left {left}t, hold {hold}t, xfade {self.crossfade_samples}"
                 + (extra if self.mode == "cached" else ""))
@@ -158,6 +164,7 @@ class _Segment:
     prev_hidden: torch.Tensor | None = None  # last 50 Hz transformer output, for dconv2's overlap
     mel: torch.Tensor | None = None  # coarse mel frames kept, the first being frame ``mel_offset``
     mel_offset: int = 0
+    next_refresh: int | None = None  # token count at which the history is re-normalised next
 
 
 class DecodeStream:
@@ -277,8 +284,12 @@ def _window_pass(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
     return out
 
 
-def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
-    """Run the new tokens of each segment through dconv1, the cached transformer and dconv2."""
+def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job], rebuild: bool = False) -> None:
+    """Run the new tokens of each segment through dconv1, the cached transformer and dconv2.
+
+    ``rebuild``: the segments were reset to re-run their whole history; their dconv1 statistics
+    already count it and are not updated again (dconv2's are recomputed from the new frames).
+    """
     dec = tok.decoder
     todo = [(s, seg) for s, seg, _ in jobs if seg.received > seg.advanced]
     if not todo:
@@ -289,7 +300,7 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
 
     # dconv1 (kernel = stride: chunks do not overlap), GroupNorm with running statistics
     y, len50 = dec.dconv1.upsample(emb, n)  # (B, 2 n_max, d), no trim
-    x = _normalise(y, len50, todo, "moments1", dec.dconv1.norm, frames_per_token=dec.dconv1.stride)
+    x = _normalise(y, len50, todo, "moments1", dec.dconv1.norm, dec.dconv1.stride, update=not rebuild)
 
     # the causal transformer, continuing each segment's KV cache
     caches, past = _gather_kv(tok, [seg for _, seg in todo])
@@ -304,7 +315,7 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
     len100 = len50 * s
     y2 = y2[:, s : s + int(len100.max())]  # frames of the new 50 Hz inputs only, (B, 4 n_max, n_mels)
     fpt = tok.config.mel_frames_per_token
-    mel = _normalise(y2, len100, todo, "moments2", dec.dconv2.norm, frames_per_token=fpt)
+    mel = _normalise(y2, len100, todo, "moments2", dec.dconv2.norm, fpt, update=True)
 
     for b, (stream, seg) in enumerate(todo):
         seg.prev_hidden = h[b, int(len50[b]) - 1]
@@ -315,10 +326,38 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
             seg.frozen = True
 
 
+def _refresh(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
+    """Re-run the decoder over the history of the segments that reached their refresh point, with
+    the statistics of everything received so far (the early chunks saw only a few frames' worth)."""
+    due = []
+    for stream, seg, final in jobs:
+        start = stream.schedule.refresh_from
+        if not start or final:
+            continue
+        if seg.next_refresh is None:
+            seg.next_refresh = start
+        if seg.received >= seg.next_refresh:
+            while seg.next_refresh <= seg.received:
+                seg.next_refresh *= 2
+            seg.kv, seg.frames50, seg.prev_hidden, seg.mel, seg.mel_offset = None, 0, None, None, 0
+            seg.moments2 = None if not seg.frozen else seg.moments2
+            seg.advanced = 0
+            due.append((stream, seg, final))
+    if due:
+        _advance_decoder(tok, due, rebuild=True)
+
+
 def _normalise(
-    y: torch.Tensor, lengths: torch.Tensor, todo, which: str, norm: nn.GroupNorm, frames_per_token: int
+    y: torch.Tensor,
+    lengths: torch.Tensor,
+    todo,
+    which: str,
+    norm: nn.GroupNorm,
+    frames_per_token: int,
+    update: bool,
 ) -> torch.Tensor:
-    """GroupNorm y (B, T, C) with each segment's running moments, first updated with y unless frozen."""
+    """GroupNorm y (B, T, C) with each segment's running moments, first updated with y (if
+    ``update`` and not frozen)."""
     count, total, squares = group_norm_moments(y, lengths)
     C = y.shape[-1]
     segs = [seg for _, seg in todo]
@@ -334,7 +373,7 @@ def _normalise(
             setattr(seg, which, current)
         if current is None:
             setattr(seg, which, (count[b], total[b], squares[b]))
-        elif not seg.frozen:
+        elif update and not seg.frozen:
             setattr(seg, which, (current[0] + count[b], current[1] + total[b], current[2] + squares[b]))
     stats = [moments_to_stats(*getattr(seg, which)) for seg in segs]
     mean = torch.stack([m for m, _ in stats])
@@ -383,6 +422,7 @@ def _scatter_kv(caches: list[LayerKV], past: torch.Tensor, new: torch.Tensor, se
 def _cached_pass(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
     """Advance the cached decoder, then re-run the vocoder over each segment's window (batched)."""
     _advance_decoder(tok, jobs)
+    _refresh(tok, jobs)
     spt, fpt = tok.samples_per_token, tok.config.mel_frames_per_token
     starts = [_window_start(seg, s.schedule, spt) for s, seg, _ in jobs]
     mels = [seg.mel[w0 * fpt - seg.mel_offset : seg.received * fpt - seg.mel_offset]
@@ -396,7 +436,8 @@ def _cached_pass(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
         end = _emit_end(seg, stream.schedule, final, spt)
         out.append(emit(seg, audio, w0 * spt, end, final, stream.schedule.crossfade_samples))
         seg.mel, seg.mel_offset = seg.mel[w0 * fpt - seg.mel_offset :], w0 * fpt
-        seg.codes, seg.codes_offset = seg.codes[seg.advanced - seg.codes_offset :], seg.advanced
+        if not stream.schedule.refresh_from:  # a refresh re-reads the whole segment's codes
+            seg.codes, seg.codes_offset = seg.codes[seg.advanced - seg.codes_offset :], seg.advanced
     return out
 
 

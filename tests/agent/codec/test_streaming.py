@@ -90,8 +90,8 @@ def test_streaming_is_causal(tiny, codes, mode):
 
 
 def test_batched_streams_equal_separate_streams(tiny, codes):
-    schedules = [DecodeSchedule(), DecodeSchedule(mode="window"), DecodeSchedule(holdback_tokens=2)]
-    schedules.append(DecodeSchedule())
+    schedules = [DecodeSchedule(), DecodeSchedule(mode="window"), DecodeSchedule(refresh_from=4)]
+    schedules.append(DecodeSchedule(holdback_tokens=0))
     starts = [0, 3, 10, 17]  # streams join at different times and get different amounts per call
     alone = [stream_decode(tiny, codes[s:], sch)[0] for s, sch in zip(starts, schedules, strict=True)]
     streams = [tiny.new_decode_stream(s) for s in schedules]
@@ -173,8 +173,10 @@ def test_schedule_latencies():
     assert DecodeSchedule.infinite().first_audio_tokens() is None
 
 
-@pytest.mark.parametrize("feed", [1, 3, 4])
-def test_cached_design_is_exact_given_the_offline_statistics_and_enough_lookahead(tiny, codes, offline, feed):
+@pytest.mark.parametrize(("feed", "refresh"), [(1, None), (3, None), (4, None), (4, 4), (3, 8)])
+def test_cached_design_is_exact_given_the_offline_statistics_and_enough_lookahead(
+    tiny, codes, offline, feed, refresh
+):
     """The cached path (KV cache, chunked up-sampling convolutions, windowed vocoder, seams) adds
     no error of its own: with the GroupNorm statistics of the whole sequence, a hold-back of the
     vocoder's look-ahead and a left context of its look-back, it reproduces the offline decode."""
@@ -182,7 +184,8 @@ def test_cached_design_is_exact_given_the_offline_statistics_and_enough_lookahea
     lookahead = -(-voc.lookahead_frames // 4)  # tokens: 4 vocoder frames each
     lookback = -(-voc.lookback_frames // 4)
     schedule = DecodeSchedule(mode="cached", norm="prior", prior=norm_statistics(tiny, [codes]),
-                              prior_tokens=10**9, holdback_tokens=lookahead, left_context_tokens=lookback + 1)
+                              prior_tokens=10**9, holdback_tokens=lookahead, left_context_tokens=lookback + 1,
+                              refresh_from=refresh)
     out, sizes = stream_decode(tiny, codes, schedule, feed)
     assert sum(sizes[:-1]) > 0.5 * out.size  # most of it was streamed, not flushed at the end
     np.testing.assert_allclose(out, offline, rtol=0, atol=1e-5)
