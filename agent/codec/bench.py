@@ -45,6 +45,7 @@ def fidelity_schedules(grid: str = "full") -> list[DecodeSchedule]:
             DecodeSchedule(mode="window"),
             DecodeSchedule(mode="window", left_context_tokens=160),
             DecodeSchedule(holdback_tokens=0),
+            DecodeSchedule(refresh_from=None),
             DecodeSchedule(),
             DecodeSchedule(holdback_tokens=4),
             DecodeSchedule(norm="frozen"),
@@ -55,6 +56,7 @@ def fidelity_schedules(grid: str = "full") -> list[DecodeSchedule]:
             for hold in (0, 2):
                 out.append(DecodeSchedule(mode=mode, left_context_tokens=left, holdback_tokens=hold))
     out += [
+        DecodeSchedule(mode="cached", refresh_from=None),
         DecodeSchedule(mode="cached", norm="frozen", freeze_after_tokens=25),
         DecodeSchedule(mode="cached", holdback_tokens=4),
         DecodeSchedule(mode="window", holdback_tokens=4),

@@ -71,11 +71,12 @@ class DecodeSchedule:
     - ``norm``: cached mode's GroupNorm statistics: ``"running"`` over everything so far;
       ``"frozen"`` once ``freeze_after_tokens`` have been seen; ``"prior"``: running, starting
       from ``prior`` (calibrated :class:`NormStatistics`) weighted as ``prior_tokens`` tokens.
-    - ``refresh_from``: cached mode re-runs the decoder over the segment's history with the current
-      statistics once it holds ``refresh_from`` tokens, then at each doubling (8, 16, 32, ...):
-      the early chunks were normalised with few frames' statistics. At most doubles the work.
+    - ``refresh_from``, ``refresh_until``: cached mode re-runs the decoder over the segment's
+      history with the current statistics once it holds ``refresh_from`` tokens, then at each
+      doubling up to ``refresh_until`` (8, 16, ..., 256): the early chunks were normalised with
+      few frames' statistics. At most doubles the decoder's work; None: never.
 
-    The default (cached, N = M = 1 patch, L = 50, R = 2, 10 ms cross-fade) was chosen by
+    The default (cached with refresh, N = M = 1 patch, L = 50, R = 2, 10 ms cross-fade) was chosen by
     ``mimo-agent bench-codec``: first audio after one patch, and the closest to the offline decode
     of the schedules with that latency (BENCHMARKS.md).
     """
@@ -90,7 +91,8 @@ class DecodeSchedule:
     freeze_after_tokens: int = 25
     prior: NormStatistics | None = None
     prior_tokens: int = 25
-    refresh_from: int | None = None
+    refresh_from: int | None = 8
+    refresh_until: int = 256
     group_size: int = GROUP_SIZE
 
     def __post_init__(self) -> None:
@@ -137,7 +139,7 @@ class DecodeSchedule:
         extra = f", norm {self.norm}" + {"frozen": f"@{self.freeze_after_tokens}",
                                           "prior": f" x{self.prior_tokens}t"}.get(self.norm, "")
         if self.refresh_from:
-            extra += f", refresh {self.refresh_from}t x2"
+            extra += f", refresh {self.refresh_from}..{self.refresh_until}t"
         return (f"{self.mode}: first {self.first_chunk_patches}p, then {self.chunk_patches}p, "
                 f"left {left}t, hold {hold}t, xfade {self.crossfade_samples}"
                 + (extra if self.mode == "cached" else ""))
@@ -336,7 +338,7 @@ def _refresh(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
             continue
         if seg.next_refresh is None:
             seg.next_refresh = start
-        if seg.received >= seg.next_refresh:
+        if seg.next_refresh <= min(seg.received, stream.schedule.refresh_until):
             while seg.next_refresh <= seg.received:
                 seg.next_refresh *= 2
             seg.kv, seg.frames50, seg.prev_hidden, seg.mel, seg.mel_offset = None, 0, None, None, 0
