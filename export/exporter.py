@@ -326,6 +326,7 @@ def export_graph(gdef: GraphDef, out_dir: Path, opset: int = DEFAULT_OPSET) -> G
             )
         except Exception as exc:
             raise ExportError(f"graph {gdef.name!r} failed to export: {exc}\n{quiet.getvalue()[-2000:]}") from exc
+        _strip_metadata(program.model)
         program.save(str(path), external_data=True)
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -335,6 +336,19 @@ def export_graph(gdef: GraphDef, out_dir: Path, opset: int = DEFAULT_OPSET) -> G
     data = sorted({e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"})
     return GraphSpec(file=path.name, sha256=file_sha256(path), data={d: (out_dir / d).stat().st_size for d in data},
                      inputs=_specs(model.graph.input), outputs=_specs(model.graph.output))
+
+
+def _strip_metadata(model: Any) -> None:
+    """Drop the exporter's per-node metadata (source stack traces with absolute paths, FX node text):
+    it makes re-exports from another checkout differ, and serves no one at run time."""
+    import onnx_ir
+
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        graph.metadata_props.clear()
+        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.clear()
+            node.doc_string = None
 
 
 def validate_graph(gdef: GraphDef, path: Path, seed: int = 1234) -> dict[str, Any]:

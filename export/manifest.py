@@ -203,3 +203,45 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
             sample = sample.float().to(torch.bfloat16).view(torch.int16)
         h.update(sample.to(torch.int64).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+#: ``load_audio_tokenizer``'s default weight seed, which ``load_runtime`` uses for codec presets
+CODEC_PRESET_SEED = 0
+
+
+def runtime_sources(runtime: Any, model_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None
+                    ) -> dict[str, Source]:
+    """The :class:`Source` of the LM and the codec of an ``agent.runtime.Runtime``.
+
+    A part is a preset when the runtime was built from one and no checkpoint directory is given
+    for it (a preset LM may run with a checkpoint tokenizer). ``model_dir``/``tokenizer_dir`` add
+    the checkpoints' file fingerprints (:func:`agent.checkpoint.checkpoint_fingerprint`); without
+    them a checkpoint is identified by its weights fingerprint alone (a running server does not
+    know its checkpoint directory).
+    """
+    from agent.checkpoint import checkpoint_fingerprint
+    from agent.codec.config import preset as codec_preset
+    from agent.lm.config import preset as lm_preset
+    from agent.runtime import CODEC_PRESET
+
+    sources = {}
+    lm_weights, codec_weights = weights_fingerprint(runtime.lm), weights_fingerprint(runtime.codec)
+    if runtime.preset is not None and model_dir is None:
+        p = lm_preset(runtime.preset)
+        sources["lm"] = Source("preset", p.name, preset_fingerprint(p.name, p.config.to_dict(), p.seed), lm_weights)
+    else:
+        sources["lm"] = _checkpoint_source(model_dir, runtime.name, lm_weights, checkpoint_fingerprint)
+    codec_name = CODEC_PRESET.get(runtime.preset or "")
+    codec_config = runtime.codec.config.to_dict()
+    if codec_name is not None and tokenizer_dir is None and codec_config == codec_preset(codec_name).to_dict():
+        fingerprint = preset_fingerprint(codec_name, codec_config, CODEC_PRESET_SEED)
+        sources["codec"] = Source("preset", codec_name, fingerprint, codec_weights)
+    else:
+        sources["codec"] = _checkpoint_source(tokenizer_dir, "audio tokenizer", codec_weights, checkpoint_fingerprint)
+    return sources
+
+
+def _checkpoint_source(directory, fallback_name: str, weights: str, fingerprint_of) -> Source:
+    if directory is None:
+        return Source("checkpoint", fallback_name, "", weights)
+    return Source("checkpoint", str(Path(directory).resolve()), fingerprint_of(directory), weights)

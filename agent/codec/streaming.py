@@ -23,6 +23,7 @@ the offline decode is measured by ``mimo-agent bench-codec`` (BENCHMARKS.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -443,10 +444,16 @@ def _cached_pass(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
     return out
 
 
-def _run(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
+#: a pass decodes a batch of jobs of one mode: (tokenizer, jobs) -> audio to play per job
+Pass = Callable[["MiMoAudioTokenizer", list[Job]], list[np.ndarray]]
+#: the PyTorch pass of each mode; ``decode_streams(..., passes=...)`` may replace some (ONNX Runtime)
+PASSES: dict[str, Pass] = {"window": _window_pass, "cached": _cached_pass}
+
+
+def _run(tok: MiMoAudioTokenizer, jobs: list[Job], passes: Mapping[str, Pass] | None = None) -> list[np.ndarray]:
     """Run passes, one batched call per mode; results in the order of ``jobs``."""
     results: list[np.ndarray | None] = [None] * len(jobs)
-    for mode, run in (("window", _window_pass), ("cached", _cached_pass)):
+    for mode, run in {**PASSES, **(passes or {})}.items():
         idx = [i for i, (s, seg, _) in enumerate(jobs) if s.schedule.mode == mode and seg.received > 0]
         if idx:
             for i, audio in zip(idx, run(tok, [jobs[i] for i in idx]), strict=True):
@@ -469,11 +476,12 @@ def _due(stream: DecodeStream, seg: _Segment) -> bool:
 
 
 @torch.no_grad()
-def decode_streams(tok: MiMoAudioTokenizer, items) -> list[np.ndarray]:
+def decode_streams(tok: MiMoAudioTokenizer, items, *, passes: Mapping[str, Pass] | None = None) -> list[np.ndarray]:
     """``[(stream, codes (n, q)), ...]`` -> the audio each stream can play now (float32, maybe empty).
 
     Segments completed by these codes are finished, then every stream whose next chunk is due is
-    advanced; all the work of one kind is done in one batched forward.
+    advanced; all the work of one kind is done in one batched forward. ``passes`` replaces the
+    PyTorch pass of some modes (:data:`PASSES`) while the schedule logic stays here.
     """
     streams = [s for s, _ in items]
     if len({id(s) for s in streams}) != len(streams):
@@ -486,12 +494,12 @@ def decode_streams(tok: MiMoAudioTokenizer, items) -> list[np.ndarray]:
         closed += [(i, seg) for seg in stream._append(codes)]
     pieces: list[list[np.ndarray]] = [[] for _ in items]
     if closed:
-        audios = _run(tok, [(items[i][0], seg, True) for i, seg in closed])
+        audios = _run(tok, [(items[i][0], seg, True) for i, seg in closed], passes)
         for (i, _), audio in zip(closed, audios, strict=True):
             pieces[i].append(audio)
     due = [i for i, s in enumerate(streams) if _due(s, s.segment)]
     if due:
-        audios = _run(tok, [(streams[i], streams[i].segment, False) for i in due])
+        audios = _run(tok, [(streams[i], streams[i].segment, False) for i in due], passes)
         for i, audio in zip(due, audios, strict=True):
             pieces[i].append(audio)
     out = []
@@ -503,14 +511,16 @@ def decode_streams(tok: MiMoAudioTokenizer, items) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def finish_streams(tok: MiMoAudioTokenizer, streams: list[DecodeStream]) -> list[np.ndarray]:
+def finish_streams(
+    tok: MiMoAudioTokenizer, streams: list[DecodeStream], *, passes: Mapping[str, Pass] | None = None
+) -> list[np.ndarray]:
     """Decode and return everything the streams still hold; they cannot be fed afterwards."""
     if len({id(s) for s in streams}) != len(streams):
         raise ValueError("a stream appears twice in one finish_streams call")
     for stream in streams:
         if stream.finished:
             raise RuntimeError("this decode stream is already finished")
-    audios = _run(tok, [(s, s.segment, True) for s in streams])
+    audios = _run(tok, [(s, s.segment, True) for s in streams], passes)
     for stream, audio in zip(streams, audios, strict=True):
         stream.samples_emitted += audio.shape[0]
         stream.finished = True
