@@ -24,7 +24,7 @@ Runtime's DFT kernel is a direct O(n^2) transform for n_fft = 960: 60x slower th
 the codec's per-stream bookkeeping (schedule, cross-fades).
 
 Host-side branches of the PyTorch code become graph inputs or dense masks: ``all_greedy`` and
-``any_filter`` are boolean inputs selecting between results computed by the same
+``any_filter`` are boolean inputs selecting between the results of the branches of
 :func:`agent.lm.sampling.sample`; the codec's attention uses dense masks where PyTorch picks
 "no mask" or a blockwise sliding window from the lengths (the same keys are visible either way).
 Every module here is checked against the PyTorch path by :mod:`export.exporter` right after export.
@@ -38,14 +38,7 @@ from torch import nn
 
 from agent.codec.decoder import apply_group_norm, group_norm_moments, moments_to_stats, valid_mask
 from agent.codec.transformer import AttentionMask, LayerKV, rope_cos_sin
-from agent.lm.sampling import GREEDY, SamplingBatch, SamplingParams, sample
 from agent.lm.transformer import attend
-
-# SamplingBatch's host flags (all_greedy, any_filter) pick code paths inside `sample`; these fix
-# them at trace time, and the graph chooses between the traced paths with its boolean inputs.
-_TRACE_GREEDY = (GREEDY,)
-_TRACE_SAMPLE = (SamplingParams(),)
-_TRACE_FILTER = (SamplingParams(top_p=0.5),)
 
 
 def _warm_rope_tables(*stacks: nn.Module) -> None:
@@ -120,7 +113,13 @@ class PatchDecoder(nn.Module):
     Inputs after ``h``: ``uniform`` (B, codes per patch, max vocab) fp32, the noise
     ``decode_patch`` draws from the rows' generators (ignored when ``all_greedy``);
     ``temperature`` (B,) fp32, ``top_k`` (B,) int64, ``top_p`` (B,) fp32, ``greedy`` (B,) bool;
-    ``all_greedy`` and ``any_filter`` () bool, the host flags of :class:`SamplingBatch`.
+    ``all_greedy`` and ``any_filter`` () bool, the host flags of :class:`SamplingBatch`, which
+    choose the branch to run (ONNX ``If``), as they choose the code path in PyTorch.
+
+    Each step samples its channels in groups of equal vocabulary size, over that size:
+    ``decode_patch`` pads every channel to the largest vocabulary with -inf, which adds exact zeros
+    to the softmax and its cumulative sums and never wins an argmax, so the codes are the same, and
+    the top-p sort of the 129-entry channels costs an eighth of the padded one.
     """
 
     def __init__(self, lm: nn.Module) -> None:
@@ -128,13 +127,19 @@ class PatchDecoder(nn.Module):
         self.lm = lm
         _warm_rope_tables(lm.local_transformer)
         sched = lm.schedule
-        col = torch.arange(sched.max_vocab)
-        # per step: (n_t, V) masks of padding ids and of each channel's empty id, as buffers
+        #: per step: groups of (positions in the step's channel list, channels, vocabulary size)
+        self.groups: list[list[tuple[list[int], list[int], int]]] = []
         for t, chans in enumerate(sched.channels):
-            sizes = torch.tensor([sched.vocab_sizes[c] for c in chans])
-            empties = torch.tensor([sched.empty_ids[c] for c in chans])
-            self.register_buffer(f"padding_{t}", col >= sizes[:, None], persistent=False)
-            self.register_buffer(f"empty_{t}", col == empties[:, None], persistent=False)
+            groups = []
+            for size in dict.fromkeys(sched.vocab_sizes[c] for c in chans):
+                pos = [i for i, c in enumerate(chans) if sched.vocab_sizes[c] == size]
+                cs = [chans[i] for i in pos]
+                empties = torch.tensor([sched.empty_ids[c] for c in cs])
+                # (n, V) each channel's empty id, banned after filtering (as ``decode_patch`` does)
+                self.register_buffer(f"empty_{t}_{len(groups)}", torch.arange(size) == empties[:, None],
+                                     persistent=False)
+                groups.append((pos, cs, size))
+            self.groups.append(groups)
 
     def forward(
         self,
@@ -151,7 +156,6 @@ class PatchDecoder(nn.Module):
         sched = lm.schedule
         stack = lm.local_transformer
         B, _ = h.shape
-        V = sched.max_vocab
         cos_table, sin_table = stack.rope.get(h.device)
         x = lm.hidden_states_downcast(h.to(lm.dtype)).unsqueeze(1)  # (B, 1, D)
         keys: list[torch.Tensor | None] = [None] * len(stack.layers)
@@ -169,38 +173,73 @@ class PatchDecoder(nn.Module):
                 x = layer.feed_forward(x)
             hidden = stack.norm(x)[:, 0]  # (B, D)
 
-            n = len(chans)
-            logits = torch.stack(
-                [F.pad(lm.local_transformer_lm_heads[c](hidden).float(), (0, V - sched.vocab_sizes[c]))
-                 for c in chans],
-                dim=1,
-            )  # (B, n, V)
-            logits = logits.masked_fill(getattr(self, f"padding_{t}"), float("-inf")).reshape(B * n, V)
-            removed = getattr(self, f"empty_{t}").unsqueeze(0).expand(B, n, V).reshape(B * n, V)
-            noise = uniform[:, sched.offsets[t] : sched.offsets[t] + n].reshape(B * n, V)
-            rows = [r.repeat_interleave(n) for r in (temperature, top_k, top_p, greedy)]
-            tokens = self._sample(logits, rows, noise, removed, all_greedy, any_filter).view(B, n)
-            for i, (c, f) in enumerate(zip(chans, frames, strict=True)):
-                tokens_at[(f, c)] = tokens[:, i]
+            step_tokens: dict[int, torch.Tensor] = {}
+            for g, (pos, cs, V) in enumerate(self.groups[t]):
+                n = len(cs)
+                logits = torch.stack([lm.local_transformer_lm_heads[c](hidden).float() for c in cs], dim=1)
+                removed = getattr(self, f"empty_{t}_{g}").expand(B, n, V).reshape(B * n, V)
+                rows = sched.offsets[t] + torch.tensor(pos, device=h.device)
+                noise = uniform.index_select(1, rows)[..., :V].reshape(B * n, V)  # this patch's draws
+                per_row = [r.repeat_interleave(n) for r in (temperature, top_k, top_p, greedy)]
+                tokens = torch.cond(all_greedy, _greedy, _sampled,
+                                    (logits.reshape(B * n, V), removed, noise, *per_row, any_filter)).view(B, n)
+                for j, c in enumerate(cs):
+                    step_tokens[c] = tokens[:, j]
+            for c, f in zip(chans, frames, strict=True):
+                tokens_at[(f, c)] = step_tokens[c]
             if t + 1 < sched.steps:
-                x = sum(lm.speech_embeddings[c](tokens[:, i]) for i, c in enumerate(chans)).unsqueeze(1)
+                x = sum(lm.speech_embeddings[c](step_tokens[c]) for c in chans).unsqueeze(1)
         G, C = sched.group_size, len(sched.vocab_sizes)
         return torch.stack(
             [torch.stack([tokens_at[(f, c)] for c in range(C)], dim=1) for f in range(G)], dim=1
         )  # (B, G, C)
 
-    @staticmethod
-    def _sample(logits, rows, noise, removed, all_greedy, any_filter) -> torch.Tensor:
-        """``sample`` as ``decode_patch`` calls it, each host-flag path traced and one selected."""
-        temperature, top_k, top_p, greedy = rows
 
-        def batch(flags: tuple[SamplingParams, ...]) -> SamplingBatch:
-            return SamplingBatch(temperature, top_k, top_p, greedy, flags)
+def _greedy(logits, removed, noise, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
+    """``sample``'s all-greedy branch: the argmax without temperature or filters."""
+    return logits.masked_fill(removed, float("-inf")).argmax(dim=-1)
 
-        filtered = sample(logits, batch(_TRACE_FILTER), noise, removed)
-        plain = sample(logits, batch(_TRACE_SAMPLE), noise, removed)
-        best = sample(logits, batch(_TRACE_GREEDY), None, removed)
-        return torch.where(all_greedy, best, torch.where(any_filter, filtered, plain))
+
+def _sampled(logits, removed, noise, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
+    """``sample``'s other branch, the same operations in the same order: temperature, top-k/top-p
+    (when ``any_filter``), the banned tokens, the fallback of rows left empty, Gumbel-max with the
+    row's noise, and the argmax for greedy rows."""
+    scores = logits / temperature.unsqueeze(-1)
+    scores = torch.cond(any_filter, top_filter, _unfiltered, (scores, top_k, top_p))
+    scores = scores.masked_fill(removed, float("-inf"))
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    scores = torch.where(empty, logits.masked_fill(removed, float("-inf")), scores)
+    gumbel = -torch.log(-torch.log(noise))
+    sampled = (scores + gumbel).argmax(dim=-1)
+    return torch.where(greedy, scores.argmax(dim=-1), sampled)
+
+
+def _unfiltered(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    return scores.clone()  # a branch may not return its input itself
+
+
+def top_filter(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p of each row of ``scores`` (N, V), as :func:`agent.lm.sampling.filter_logits`.
+
+    That function sorts, masks in sorted order and scatters back. The removed tokens are always the
+    ones below a per-row threshold (the smallest score kept), so here the threshold is read from
+    the sorted scores and compared in vocabulary order: the same tokens removed without the scatter,
+    a third of the sampling time on ONNX Runtime. (With exact ties at the threshold the sorted
+    version removes an arbitrary subset of the tied tokens, which torch's unstable sort leaves
+    unspecified anyway; this one keeps them all.)
+    """
+    V = scores.shape[-1]
+    sorted_scores, _ = scores.sort(dim=-1)  # ascending, as the official top-p
+    k = top_k.clamp(max=V)
+    kth = sorted_scores.gather(1, (V - k).clamp(max=V - 1).unsqueeze(-1))  # (N, 1)
+    kth = torch.where(k.unsqueeze(-1) > 0, kth, torch.full_like(kth, float("-inf")))
+    sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    not_last = torch.arange(V, device=scores.device) < V - 1  # the most likely token always stays
+    tail = (cumulative <= (1 - top_p).unsqueeze(-1)) & not_last  # a prefix: cumulative never decreases
+    first_kept = tail.sum(dim=-1, keepdim=True)  # (N, 1)
+    threshold = sorted_scores.gather(1, first_kept)  # finite: kept tokens have probability > 0
+    return scores.masked_fill(scores < threshold, float("-inf"))
 
 
 # ------------------------------------------------------------------------------------- audio codec
