@@ -1,0 +1,136 @@
+"""The ONNX Runtime backend against the PyTorch path: same codes, same audio, same chunking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent.codec.audio import load_wav
+from agent.codec.streaming import DecodeSchedule
+from agent.lm.sampling import SamplingBatch, SamplingParams
+from export.codec import OnnxCodec
+from export.runtime import OnnxPatchDecoder, onnx_backend
+from tests.streaming.realtime_client import DATA
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def backend(runtime, export_dir):
+    return onnx_backend(runtime, export_dir, providers="cpu")
+
+
+def _gens(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+SETTINGS = {
+    "greedy": [SamplingParams(greedy=True)],
+    "official speech": [SamplingParams(0.9, top_p=0.95)],
+    "mixed rows": [SamplingParams(0.9, top_p=0.95), SamplingParams(greedy=True), SamplingParams(0.7, top_k=20),
+                   SamplingParams(1.2)],
+    "temperature only": [SamplingParams(0.8)],
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_decode_patch_gives_the_same_codes(runtime, backend, setting, batch):
+    decode_patch, _ = backend
+    assert isinstance(decode_patch, OnnxPatchDecoder)
+    rows = (SETTINGS[setting] * batch)[:batch]
+    g = torch.Generator().manual_seed(batch)
+    for patch in range(3):
+        h = torch.randn(batch, runtime.lm.config.hidden_size, generator=g) * (1 + patch)
+        seeds = [100 * patch + b for b in range(batch)]
+        params = SamplingBatch.from_params(rows)
+        want = runtime.lm.decode_patch(h, params, _gens(seeds))
+        got = decode_patch(h, params, _gens(seeds))
+        assert got.dtype == torch.int64 and got.shape == (batch, 4, 8)
+        assert torch.equal(got, want), (setting, batch, patch)
+
+
+def test_decode_patch_default_arguments_are_greedy(runtime, backend):
+    decode_patch, _ = backend
+    h = torch.randn(2, runtime.lm.config.hidden_size)
+    assert torch.equal(decode_patch(h), runtime.lm.decode_patch(h))
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(runtime, backend):
+    """A row's codes come from its own generator, alone or batched (as in PyTorch)."""
+    decode_patch, _ = backend
+    h = torch.randn(4, runtime.lm.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(0.9, top_p=0.95)] * 4
+    batched = decode_patch(h, params, _gens([5, 6, 7, 8]))
+    alone = decode_patch(h[2:3], params[:1], _gens([7]))
+    assert torch.equal(batched[2:3], alone)
+
+
+def test_encode_batch_gives_the_same_codes(runtime, backend):
+    _, codec = backend
+    assert isinstance(codec, OnnxCodec)
+    speech = load_wav(DATA / "speech_hello_padded.wav")
+    turns = [speech, speech[:20_000], load_wav(DATA / "speech_yes.wav"), np.zeros(0, np.float32)]
+    want = runtime.codec.encode_batch(turns)
+    got = codec.encode_batch(turns)
+    for w, g in zip(want, got, strict=True):
+        assert g.dtype == torch.int64 and torch.equal(g, w)
+    assert got[0].shape[0] > 0 and got[3].shape == (0, 8)
+    with pytest.raises(ValueError, match="n_q=9"):
+        codec.encode_batch(turns[:1], n_q=9)
+
+
+SCHEDULES = {
+    "default": DecodeSchedule(),
+    "frozen norm": DecodeSchedule(norm="frozen", freeze_after_tokens=12),
+    "bigger chunks, short context": DecodeSchedule(first_chunk_patches=3, chunk_patches=2, left_context_tokens=10),
+    "no cross-fade, more hold-back": DecodeSchedule(holdback_tokens=5, crossfade_samples=0),
+    "window mode (PyTorch pass)": DecodeSchedule(mode="window", left_context_tokens=20),
+    "unbounded context (PyTorch pass past the graph's window)": DecodeSchedule(left_context_tokens=None),
+}
+
+
+def _stream(codec, streams_codes: list[torch.Tensor], schedule: DecodeSchedule, step: int):
+    """Feed several streams together ``step`` tokens at a time; per stream, the audio of each call."""
+    streams = [codec.new_decode_stream(schedule) for _ in streams_codes]
+    pieces: list[list[np.ndarray]] = [[] for _ in streams]
+    longest = max(c.shape[0] for c in streams_codes)
+    for i in range(0, longest, step):
+        live = [(b, s) for b, s in enumerate(streams) if i < streams_codes[b].shape[0]]
+        out = codec.decode_streams([(s, streams_codes[b][i : i + step]) for b, s in live])
+        for (b, _), audio in zip(live, out, strict=True):
+            pieces[b].append(audio)
+    for b, s in enumerate(streams):
+        pieces[b].append(codec.finish_stream(s))
+    return pieces
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_streaming_decode_matches_pytorch(runtime, backend, schedule):
+    """Same chunk sizes at the same calls, same samples within fp32 rounding, for a batch of streams
+    of different lengths and start times."""
+    _, codec = backend
+    g = torch.Generator().manual_seed(11)
+    codes = [torch.stack([torch.randint(0, 1024 if q < 2 else 128, (n,), generator=g) for q in range(8)], dim=1)
+             for n in (96, 52, 8)]
+    for step in (4, 8):
+        want = _stream(runtime.codec, codes, SCHEDULES[schedule], step)
+        got = _stream(codec, codes, SCHEDULES[schedule], step)
+        for w, o in zip(want, got, strict=True):
+            assert [a.shape for a in o] == [a.shape for a in w]
+            ref, out = np.concatenate(w), np.concatenate(o)
+            assert ref.shape[0] > 0 and np.abs(ref).max() > 0
+            assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_stream_is_causal_on_onnx(backend):
+    """Appending codes never changes audio already emitted."""
+    _, codec = backend
+    g = torch.Generator().manual_seed(5)
+    codes = torch.stack([torch.randint(0, 128, (40,), generator=g) for _ in range(8)], dim=1)
+    short, long = codec.new_decode_stream(), codec.new_decode_stream()
+    a = [codec.decode_streams([(short, codes[i : i + 4])])[0] for i in range(0, 20, 4)]
+    b = [codec.decode_streams([(long, codes[i : i + 4])])[0] for i in range(0, 40, 4)]
+    emitted = np.concatenate(a)
+    np.testing.assert_array_equal(np.concatenate(b)[: emitted.shape[0]], emitted)
