@@ -28,6 +28,7 @@ from agent.codec import streaming
 from agent.codec.config import ENCODE_SEGMENT_MEL_FRAMES, LM_CODEBOOKS
 from agent.codec.tokenizer import MAX_MEL_FRAMES_PER_CALL, _group_by_budget, pad_codes_to_group
 from agent.codec.transformer import LayerKV
+from agent.codec.vocoder import overlap_add
 
 from .runtime import GraphRunner
 
@@ -49,6 +50,7 @@ class OnnxCodec:
         self.heads = cfg.decoder_attention_heads
         self.head_dim = cfg.d_model // cfg.decoder_attention_heads
         self.passes = {"cached": self._cached_pass}
+        self.istft = WindowTailISTFT(cfg.nfft, cfg.hop_length)
 
     # --- the tokenizer's attributes -------------------------------------------------------------
     @property
@@ -172,15 +174,20 @@ class OnnxCodec:
             "left_mel": nn.utils.rnn.pad_sequence(left, batch_first=True),
             "left_frames": torch.tensor([m.shape[0] for m in left], device=device),
         }
+        # the spectrum of the frames whose samples ``emit`` can read: from the cross-fade tail on
+        window = [m.shape[0] + 4 * count for m, count in zip(left, n, strict=True)]
+        first = [self.istft.first_frame(max(0, seg.covered - seg.tail.shape[0] - w0 * spt), frames)
+                 for seg, w0, frames in zip(segs, starts, window, strict=True)]
+        K = max(1, *(frames - t0 for frames, t0 in zip(window, first, strict=True)))
+        feeds["spectrum_index"] = torch.tensor(window, device=device)[:, None] - K + torch.arange(K, device=device)
         P = max(past)
         for i in range(self.layers):
             for kind in ("k", "v"):
                 name = f"past_{'key' if kind == 'k' else 'value'}_{i}"
                 caches = [getattr(seg.kv[i], kind) if seg.kv is not None else None for seg in segs]
                 feeds[name] = self._past(caches, P, device, dtype)
-        Tw = int(feeds["left_mel"].shape[1]) + 4 * N
         F = tok.config.nfft // 2 + 1
-        shapes = {"spectrum_real": (B, F, Tw), "spectrum_imag": (B, F, Tw), "mel": (B, 4 * N, tok.config.n_mels),
+        shapes = {"spectrum_real": (B, F, K), "spectrum_imag": (B, F, K), "mel": (B, 4 * N, tok.config.n_mels),
                   "moments1_out": (B, 3), "moments2_out": (B, 3), "last_hidden": (B, tok.config.d_model)}
         for i in range(self.layers):
             shapes[f"new_key_{i}"] = shapes[f"new_value_{i}"] = (B, self.heads, 2 * N, self.head_dim)
@@ -206,16 +213,14 @@ class OnnxCodec:
             if stream.schedule.norm == "frozen" and seg.received >= stream.schedule.freeze_after_tokens:
                 seg.frozen = True
 
-        # the vocoder's inverse STFT (torch), then emission exactly as the PyTorch pass
-        window = feeds["left_frames"] + 4 * feeds["new_tokens"]
-        T = int(window.max())
-        spectrum = torch.complex(out["spectrum_real"][:, :, :T].float(), out["spectrum_imag"][:, :, :T].float())
-        wav = tok.decoder.vocoder.head.istft(spectrum.to(device), window).float().cpu().numpy()
+        # the inverse STFT of each row's last frames (torch), then emission as the PyTorch pass does
+        spectrum = torch.complex(out["spectrum_real"].float(), out["spectrum_imag"].float()).to(device)
         audio_out = []
         for b, ((stream, seg, final), w0) in enumerate(zip(jobs, starts, strict=True)):
-            audio = wav[b, : int(window[b]) * tok.config.hop_length]
+            offset, audio = self.istft(spectrum[b, :, K - (window[b] - first[b]) :], first[b], window[b])
             end = streaming._emit_end(seg, stream.schedule, final, spt)
-            audio_out.append(streaming.emit(seg, audio, w0 * spt, end, final, stream.schedule.crossfade_samples))
+            audio_out.append(streaming.emit(seg, audio, w0 * spt + offset, end, final,
+                                            stream.schedule.crossfade_samples))
             seg.mel, seg.mel_offset = seg.mel[w0 * fpt - seg.mel_offset :], w0 * fpt
             seg.codes, seg.codes_offset = seg.codes[seg.advanced - seg.codes_offset :], seg.advanced
         return audio_out
@@ -232,6 +237,50 @@ class OnnxCodec:
             if cache is not None:
                 out[b, :, : cache.shape[2]] = cache[0]
         return out
+
+
+class WindowTailISTFT:
+    """The vocoder's inverse STFT (``agent.codec.vocoder.ISTFT``) of a window's last frames only.
+
+    A sample of the overlap-add depends on the frames that overlap it: synthesised from frames
+    ``t0..T-1``, every sample from ``t0 * hop + n_fft - hop - pad`` on is the sum of the same frame
+    contributions, in the same order, divided by the same envelope, as in the whole window's
+    synthesis. The streaming decode plays only the last few tokens of each window, so this skips
+    most of the work (and the vocoder head's, in the graph) of every chunk.
+    """
+
+    def __init__(self, n_fft: int, hop: int) -> None:
+        self.n_fft, self.hop = n_fft, hop
+        self.pad = (n_fft - hop) // 2  # "same" padding, trimmed at the window's start
+        self._window: dict[torch.device, torch.Tensor] = {}
+        self._envelopes: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def first_frame(self, sample: int, frames: int) -> int:
+        """The first frame to synthesise for samples from ``sample`` on, in a window of ``frames``."""
+        if frames == 0:
+            return 0
+        return min(frames - 1, max(0, (sample + self.pad - self.n_fft + self.hop) // self.hop))
+
+    def __call__(self, spec: torch.Tensor, t0: int, T: int) -> tuple[int, np.ndarray]:
+        """spec (n_fft/2+1, T - t0) complex, frames t0..T-1 of a T-frame window ->
+        (first sample, samples from there to the window's end T * hop), float32."""
+        if T == 0:
+            return 0, np.zeros(0, np.float32)
+        device = spec.device
+        if device not in self._window:
+            self._window[device] = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32, device=device)
+        window = self._window[device]
+        K = T - t0
+        frames = torch.fft.irfft(spec[None], n=self.n_fft, dim=1) * window[None, :, None]  # (1, n_fft, K)
+        ola = overlap_add(frames.transpose(1, 2), self.hop)[0]  # ((K - 1) * hop + n_fft,)
+        key = (K, device)
+        if key not in self._envelopes:
+            self._envelopes[key] = overlap_add(window.square()[None, None, :].expand(1, K, -1), self.hop)[0]
+        envelope = self._envelopes[key]
+        begin = self.pad if t0 == 0 else self.n_fft - self.hop  # the first complete sample
+        stop = T * self.hop + self.pad - t0 * self.hop
+        audio = (ola[begin:stop] / envelope[begin:stop]).float().cpu().numpy()
+        return t0 * self.hop + begin - self.pad, audio
 
 
 def _pad(rows: list[torch.Tensor], length: int, tail: tuple[int, ...], dtype: torch.dtype, device: torch.device

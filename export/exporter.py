@@ -204,7 +204,7 @@ def codec_encoder_def(tok: nn.Module, n_q: int = LM_CODEBOOKS) -> GraphDef:
 
 def chunk_input_names(layers: int) -> list[str]:
     names = ["codes", "new_tokens", "past_frames", "moments1", "moments2", "frozen", "prev_hidden",
-             "left_mel", "left_frames"]
+             "left_mel", "left_frames", "spectrum_index"]
     for i in range(layers):
         names += [f"past_key_{i}", f"past_value_{i}"]
     return names
@@ -227,9 +227,10 @@ def _random_moments(frames: list[int], channels: int, g: torch.Generator) -> tor
 
 
 def chunk_inputs(tok: nn.Module, new: list[int], past: list[int], left: list[int], g: torch.Generator,
-                 frozen: list[bool] | None = None) -> dict[str, torch.Tensor]:
+                 frozen: list[bool] | None = None, spectrum: int | None = None) -> dict[str, torch.Tensor]:
     """Random but consistent inputs of the codec chunk graph for rows with ``new`` tokens, ``past``
-    cached 50 Hz frames and ``left`` frames of mel context."""
+    cached 50 Hz frames and ``left`` frames of mel context; the spectrum of the last ``spectrum``
+    frames of each window (default: whole windows)."""
     cfg = tok.config
     B, N, P, Tl = len(new), max(new), max(past), max(left)
     H, D = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
@@ -242,6 +243,9 @@ def chunk_inputs(tok: nn.Module, new: list[int], past: list[int], left: list[int
         "prev_hidden": torch.randn(B, cfg.d_model, generator=g) * torch.tensor([p > 0 for p in past])[:, None],
         "left_mel": torch.randn(B, Tl, cfg.n_mels, generator=g), "left_frames": torch.tensor(left),
     }
+    window = torch.tensor(left) + 4 * torch.tensor(new)
+    K = spectrum or int(window.max())
+    inputs["spectrum_index"] = window[:, None] - K + torch.arange(K)[None, :]  # right-aligned
     for i in range(cfg.decoder_layers):
         inputs[f"past_key_{i}"] = torch.randn(B, H, P, D, generator=g)
         inputs[f"past_value_{i}"] = torch.randn(B, H, P, D, generator=g)
@@ -255,9 +259,9 @@ def codec_decoder_chunk_def(tok: nn.Module) -> GraphDef:
 
     def cases(g: torch.Generator) -> list[Case]:
         out = []
-        for new, past, left, frozen in (([4, 0, 2], [6, 0, 3], [8, 0, 5], [False, False, True]),
-                                        ([4], [0], [0], None), ([1, 3], [40, 2], [30, 1], None)):
-            inputs = chunk_inputs(tok, new, past, left, g, frozen)
+        for new, past, left, frozen, spectrum in (([4, 0, 2], [6, 0, 3], [8, 0, 5], [False, False, True], None),
+                                                  ([4], [0], [0], None, None), ([1, 3], [40, 2], [30, 1], None, 9)):
+            inputs = chunk_inputs(tok, new, past, left, g, frozen, spectrum)
             with torch.no_grad():
                 expected = module(*[inputs[n] for n in names_in])
             out.append(({n: _np(t) for n, t in inputs.items()},
@@ -269,17 +273,21 @@ def codec_decoder_chunk_def(tok: nn.Module) -> GraphDef:
             return [np.take(array[b], range(length(inputs, b)), axis=axis - 1) for b in range(array.shape[0])]
         return valid
 
-    window = rows(lambda i, b: int(i["left_frames"][b] + 4 * i["new_tokens"][b]), 2)
-    valid = {"spectrum_real": window, "spectrum_imag": window,
+    def spectrum_columns(inputs: dict[str, np.ndarray], array: np.ndarray) -> list[np.ndarray]:
+        index = inputs["spectrum_index"]  # frames before the window (index < 0) are undefined
+        return [array[b][:, index[b] >= 0] for b in range(array.shape[0])]
+
+    valid = {"spectrum_real": spectrum_columns, "spectrum_imag": spectrum_columns,
              "mel": rows(lambda i, b: int(4 * i["new_tokens"][b]), 1)}
     for i in range(L):
         for kind in ("key", "value"):
             valid[f"new_{kind}_{i}"] = rows(lambda i, b: int(2 * i["new_tokens"][b]), 2)
 
-    example = chunk_inputs(tok, [3, 2], [4, 2], [5, 3], torch.Generator().manual_seed(0))
+    example = chunk_inputs(tok, [3, 2], [4, 2], [5, 3], torch.Generator().manual_seed(0), spectrum=6)
     batch, tokens, past, left = _dim("batch"), _dim("tokens"), _dim("past_frames"), _dim("left_frames")
+    spectrum = _dim("spectrum_frames")
     dyn: list[Any] = [{0: batch, 1: tokens}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, {0: batch},
-                      {0: batch, 1: left}, {0: batch}]
+                      {0: batch, 1: left}, {0: batch}, {0: batch, 1: spectrum}]
     dyn.append(tuple({0: batch, 2: past} for _ in range(2 * L)))  # the *past varargs, one entry
     return GraphDef("codec_decoder_chunk", module, tuple(example[n] for n in names_in), names_in, names_out,
                     tuple(dyn), cases, valid=valid)

@@ -312,16 +312,19 @@ class CodecDecoderChunk(nn.Module):
     """One "cached"-mode streaming decode pass for B streams (``_advance_decoder`` + the vocoder).
 
     Inputs: ``codes`` (B, N, q) new tokens, ``new_tokens`` (B,) how many are real (0: the row only
-    re-runs its vocoder window); per decoder layer ``past_key_i``/``past_value_i`` (B, H, P, d)
-    with ``past_frames`` (B,) valid; GroupNorm moments ``moments1``/``moments2`` (B, 3) fp64
-    (count, sum, sum of squares; zeros for a new stream) and ``frozen`` (B,) bool;
-    ``prev_hidden`` (B, d) (the last transformer frame, zeros for a new stream); the vocoder's
-    left context ``left_mel`` (B, L, n_mels) with ``left_frames`` (B,) valid.
+    re-runs its vocoder window); ``past_frames`` (B,) cached 50 Hz frames per row; GroupNorm moments
+    ``moments1``/``moments2`` (B, 3) fp64 (count, sum, sum of squares; zeros for a new stream) and
+    ``frozen`` (B,) bool; ``prev_hidden`` (B, d) (the last transformer frame, zeros for a new
+    stream); the vocoder's left context ``left_mel`` (B, L, n_mels) with ``left_frames`` (B,)
+    valid; ``spectrum_index`` (B, K) the window frames whose spectrum to return; then per decoder layer
+    ``past_key_i``/``past_value_i`` (B, H, P, d), valid on each row's first ``past_frames``.
 
-    Outputs: ``spectrum_real``/``spectrum_imag`` (B, n_fft/2+1, L + 4N), the vocoder head's
-    spectrum of each window (left context then the new frames; ``left_frames + 4 * new_tokens``
-    valid), ``mel`` (B, 4N, n_mels) the new coarse-mel frames, ``new_key_i``/``new_value_i``
-    (B, H, 2N, d), ``moments1_out``/``moments2_out`` and ``last_hidden`` (B, d).
+    Outputs: ``spectrum_real``/``spectrum_imag`` (B, n_fft/2+1, K), the vocoder head's spectrum of
+    the frames ``spectrum_index`` of each window (window: left context then the new frames,
+    ``left_frames + 4 * new_tokens`` long): the vocoder's transformer needs the whole window, but
+    only the frames whose samples are played need the head and the inverse STFT; ``mel``
+    (B, 4N, n_mels) the new coarse-mel frames, ``moments1_out``/``moments2_out``, ``last_hidden``
+    (B, d) and per layer ``new_key_i``/``new_value_i`` (B, H, 2N, d).
     """
 
     def __init__(self, tok: nn.Module) -> None:
@@ -344,6 +347,7 @@ class CodecDecoderChunk(nn.Module):
         prev_hidden: torch.Tensor,
         left_mel: torch.Tensor,
         left_frames: torch.Tensor,
+        spectrum_index: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         dec = self.decoder
@@ -387,7 +391,10 @@ class CodecDecoderChunk(nn.Module):
         window = both.gather(1, source[..., None].expand(B, Tw, both.shape[2]))  # (B, Tw, n_mels)
         window_frames = left_frames + len100
         window = window.masked_fill(~valid_mask(window_frames, Tw)[..., None], 0.0)
-        spectrum = dec.vocoder.head.spectrum(self._vocoder_hidden(window, window_frames))
+        hidden = self._vocoder_hidden(window, window_frames)  # (B, Tw, dim)
+        index = spectrum_index.clamp(0, Tw - 1)  # (B, K)
+        hidden = hidden.gather(1, index[..., None].expand(B, index.shape[1], hidden.shape[2]))  # (B, K, dim)
+        spectrum = dec.vocoder.head.spectrum(hidden)  # (B, n_fft/2+1, K)
         return (spectrum.real, spectrum.imag, mel, moments1_out, moments2_out, last_hidden, *new_kv)
 
     @staticmethod

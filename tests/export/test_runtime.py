@@ -87,7 +87,7 @@ SCHEDULES = {
     "bigger chunks, short context": DecodeSchedule(first_chunk_patches=3, chunk_patches=2, left_context_tokens=10),
     "no cross-fade, more hold-back": DecodeSchedule(holdback_tokens=5, crossfade_samples=0),
     "window mode (PyTorch pass)": DecodeSchedule(mode="window", left_context_tokens=20),
-    "unbounded context (PyTorch pass past the graph's window)": DecodeSchedule(left_context_tokens=None),
+    "unbounded left context": DecodeSchedule(left_context_tokens=None),
 }
 
 
@@ -122,6 +122,27 @@ def test_streaming_decode_matches_pytorch(runtime, backend, schedule):
             ref, out = np.concatenate(w), np.concatenate(o)
             assert ref.shape[0] > 0 and np.abs(ref).max() > 0
             assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_streams_move_to_the_pytorch_pass_past_the_graph_window(runtime, backend, monkeypatch):
+    """A window longer than the graph takes goes to PyTorch mid-stream; the state carries over."""
+    import export.codec
+
+    monkeypatch.setattr(export.codec, "MAX_GRAPH_WINDOW", 64)  # 16 tokens: the switch comes early
+    _, codec = backend
+    calls = []
+    graph_pass = codec._graph_pass
+    monkeypatch.setattr(codec, "_graph_pass", lambda tok, jobs: calls.append(len(jobs)) or graph_pass(tok, jobs))
+    g = torch.Generator().manual_seed(12)
+    codes = [torch.stack([torch.randint(0, 128, (n,), generator=g) for _ in range(8)], dim=1) for n in (60, 24)]
+    schedule = DecodeSchedule(left_context_tokens=None)
+    want = _stream(runtime.codec, codes, schedule, 4)
+    got = _stream(codec, codes, schedule, 4)
+    assert calls[0] > 0 and calls[-1] == 0  # the graph ran the first chunks, PyTorch the last ones
+    for w, o in zip(want, got, strict=True):
+        assert [a.shape for a in o] == [a.shape for a in w]
+        ref, out = np.concatenate(w), np.concatenate(o)
+        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_a_stream_is_causal_on_onnx(backend):
