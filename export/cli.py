@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--tokenizer", help="MiMo-Audio-Tokenizer checkpoint: a local directory or a hub id")
     parser.add_argument("--preset", choices=["tiny", "mimo-audio-7b"],
                         help="built-in model with random weights (default: tiny, when no --model)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                        help="weights and activations of the graphs (default fp32; fp16 is for GPU providers)")
+    parser.add_argument("--dtype", choices=["fp32"], default="fp32",
+                        help="weights and activations of the graphs: fp32 (validated on the CPU); half precision "
+                             "is the provider's job (TensorRT builds fp16 engines from them: MIMO_AGENT_TRT_FP16=1)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--graphs", default=None,
                         help=f"comma-separated subset of {','.join(GRAPH_NAMES)} (default: all)")

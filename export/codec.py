@@ -93,7 +93,9 @@ class OnnxCodec:
         for group in _group_by_budget(segments, MAX_MEL_FRAMES_PER_CALL):
             lengths = torch.tensor([seg.shape[0] for _, seg in group], device=tok.device)
             batch = nn.utils.rnn.pad_sequence([seg for _, seg in group], batch_first=True)
-            out = self.encoder({"mel": batch, "mel_frames": lengths})
+            T25 = (batch.shape[1] + 3) // 4  # conv2 (stride 2) then the pooling (2), both rounding up
+            out = self.encoder({"mel": batch, "mel_frames": lengths},
+                               {"codes": (len(group), T25, self.codebooks), "tokens": (len(group),)})
             codes, tokens = out["codes"].cpu(), out["tokens"].tolist()
             for b, (turn, _) in enumerate(group):
                 per_turn[turn].append(codes[b, : tokens[b], :n_q])

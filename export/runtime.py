@@ -121,8 +121,7 @@ def make_session(path: str | os.PathLike, config: SessionConfig) -> Any:
         elif name == "cuda":
             cuda: dict[str, Any] = {"device_id": config.device_id}
             if torch.cuda.is_available():  # one stream with torch: bound tensors need no extra sync
-                stream = torch.cuda.current_stream(config.device_id).cuda_stream
-                cuda.update(has_user_compute_stream=True, user_compute_stream=str(stream))
+                cuda["user_compute_stream"] = str(torch.cuda.current_stream(config.device_id).cuda_stream)
             providers.append((PROVIDERS[name], cuda))
         else:
             providers.append(PROVIDERS[name])
@@ -273,7 +272,9 @@ def onnx_backend(
 
     ``export_dir`` holds a ``mimo-agent export`` of the same weights; ``providers`` as
     :func:`resolve_providers`; ``options`` set :class:`SessionConfig` fields (threads, TensorRT cache,
-    fp16 ...). Raises :class:`ExportMismatch` for a missing, stale or foreign export.
+    fp16 ...). TensorRT caches its engines in ``export_dir/tensorrt`` unless ``trt_cache_dir`` (or
+    ``$MIMO_AGENT_TRT_CACHE``) says otherwise, and builds fp16 engines when ``trt_fp16`` (or
+    ``$MIMO_AGENT_TRT_FP16=1``). Raises :class:`ExportMismatch` for a missing, stale or foreign export.
     """
     from .codec import OnnxCodec
 
@@ -282,6 +283,8 @@ def onnx_backend(
     manifest = read_manifest(export_dir)
     verify_sources(manifest, runtime, export_dir)
     paths = check_graph_files(export_dir, manifest, list(SERVING_GRAPHS))
+    options.setdefault("trt_cache_dir", os.environ.get("MIMO_AGENT_TRT_CACHE") or str(Path(export_dir) / "tensorrt"))
+    options.setdefault("trt_fp16", os.environ.get("MIMO_AGENT_TRT_FP16", "0") == "1")
     config = session_config(runtime, providers, **options)
     decode_patch = OnnxPatchDecoder(GraphRunner(paths["patch_decoder"], config), manifest.settings)
     codec = OnnxCodec(runtime.codec, GraphRunner(paths["codec_encoder"], config),
