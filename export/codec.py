@@ -147,55 +147,94 @@ class OnnxCodec:
 
     @torch.no_grad()
     def _graph_pass(self, tok: nn.Module, jobs: list[streaming.Job]) -> list[np.ndarray]:
-        """``streaming._cached_pass`` with the decoder and vocoder in one graph run for all jobs."""
+        """``streaming._cached_pass`` on the chunk graph: the decoder advance and the vocoder in one
+        run for all jobs; a second run re-decodes the history of the streams due for a refresh
+        (``streaming._refresh``, which keeps the bookkeeping); then emission as in PyTorch."""
         if not jobs:
             return []
         spt, fpt = tok.samples_per_token, tok.config.mel_frames_per_token
+        audio = dict(zip((id(seg) for _, seg, _ in jobs), self._decode(tok, jobs), strict=True))
+
+        def rebuild(tok: nn.Module, due: list[streaming.Job], rebuild: bool) -> None:
+            audio.update(zip((id(seg) for _, seg, _ in due), self._decode(tok, due, rebuild=rebuild), strict=True))
+
+        streaming._refresh(tok, jobs, advance=rebuild)
+        out = []
+        for stream, seg, final in jobs:
+            w0 = streaming._window_start(seg, stream.schedule, spt)
+            offset, samples = audio[id(seg)]
+            end = streaming._emit_end(seg, stream.schedule, final, spt)
+            out.append(streaming.emit(seg, samples, w0 * spt + offset, end, final, stream.schedule.crossfade_samples))
+            seg.mel, seg.mel_offset = seg.mel[w0 * fpt - seg.mel_offset :], w0 * fpt
+            if not stream.schedule.refresh_from:  # a refresh re-reads the whole segment's codes
+                seg.codes, seg.codes_offset = seg.codes[seg.advanced - seg.codes_offset :], seg.advanced
+        return out
+
+    def _decode(self, tok: nn.Module, jobs: list[streaming.Job], rebuild: bool = False) -> list[tuple[int, np.ndarray]]:
+        """Run the tokens each segment has not advanced through yet (``_advance_decoder``), update
+        its state, and synthesise its vocoder window: per job (first sample, samples to the end).
+
+        ``rebuild``: the segments were reset to re-run their history; dconv1's statistics already
+        count it (kept as they are), dconv2's start again.
+        """
+        spt, fpt = tok.samples_per_token, tok.config.mel_frames_per_token
+        cfg = tok.config
         device, dtype = tok.device, tok.decoder.dtype
         B = len(jobs)
         segs = [seg for _, seg, _ in jobs]
         new = [seg.codes[seg.advanced - seg.codes_offset :, : self.codebooks] for seg in segs]
         n = [int(c.shape[0]) for c in new]
-        starts = [streaming._window_start(seg, s.schedule, spt) for s, seg, _ in jobs]
-        empty_mel = torch.zeros(0, tok.config.n_mels, dtype=dtype, device=device)
-        left = [seg.mel[w0 * fpt - seg.mel_offset :] if seg.mel is not None else empty_mel
-                for seg, w0 in zip(segs, starts, strict=True)]
-        past = [seg.frames50 for seg in segs]
+        N = max(1, *n)  # rows with nothing new (a finish) still run the vocoder: one padded token
 
-        N = max(1, *n)  # a chunk of rows with nothing new (a finish) still runs the vocoder: one padded token
+        # each row's vocoder window: segment frames [w0 * fpt, received * fpt), from the mel it keeps
+        # (up to ``advanced``) and the frames this run makes
+        left, new_from, window, first = [], [], [], []
+        for stream, seg, _ in jobs:
+            w0 = streaming._window_start(seg, stream.schedule, spt)
+            lo, kept_end = w0 * fpt, seg.advanced * fpt
+            kept = seg.mel[lo - seg.mel_offset :] if seg.mel is not None and lo < kept_end else None
+            left.append(kept if kept is not None else torch.zeros(0, cfg.n_mels, dtype=dtype, device=device))
+            new_from.append(max(0, lo - kept_end))
+            window.append(left[-1].shape[0] + seg.received * fpt - max(lo, kept_end))
+            # the frames whose samples ``emit`` can read: from the previous cross-fade tail on
+            first.append(self.istft.first_frame(max(0, seg.covered - seg.tail.shape[0] - w0 * spt), window[-1]))
+        left_mel = nn.utils.rnn.pad_sequence(left, batch_first=True)
+        Lmax, W = left_mel.shape[1], max(window)
+        index = torch.zeros(B, max(W, 1), dtype=torch.int64)
+        for b, (m, start, frames) in enumerate(zip(left, new_from, window, strict=True)):
+            index[b, : frames] = torch.cat([torch.arange(m.shape[0]),
+                                            Lmax + start + torch.arange(frames - m.shape[0])])
+        K = max(1, *(frames - t0 for frames, t0 in zip(window, first, strict=True)))
+        windows = torch.tensor(window, device=device)
+        keep1 = [True if rebuild else seg.frozen for seg in segs]
         feeds: dict[str, torch.Tensor] = {
             "codes": _pad(new, N, (self.codebooks,), torch.int64, device),
             "new_tokens": torch.tensor(n, device=device),
-            "past_frames": torch.tensor(past, device=device),
-            "moments1": _moments([seg.moments1 for seg in segs], device),
-            "moments2": _moments([seg.moments2 for seg in segs], device),
-            "frozen": torch.tensor([seg.frozen for seg in segs], device=device),
+            "past_frames": torch.tensor([seg.frames50 for seg in segs], device=device),
+            "moments1": torch.stack([self._moments(s, seg.moments1, 1, device) for s, seg, _ in jobs]),
+            "moments2": torch.stack([self._moments(s, seg.moments2, 2, device) for s, seg, _ in jobs]),
+            "keep_moments1": torch.tensor(keep1, device=device),
+            "keep_moments2": torch.tensor([seg.frozen for seg in segs], device=device),
             "prev_hidden": torch.stack([seg.prev_hidden if seg.prev_hidden is not None
-                                        else torch.zeros(tok.config.d_model, dtype=dtype, device=device)
-                                        for seg in segs]),
-            "left_mel": nn.utils.rnn.pad_sequence(left, batch_first=True),
-            "left_frames": torch.tensor([m.shape[0] for m in left], device=device),
+                                        else torch.zeros(cfg.d_model, dtype=dtype, device=device) for seg in segs]),
+            "left_mel": left_mel,
+            "window_index": index.to(device),
+            "window_frames": windows,
+            "spectrum_index": windows[:, None] - K + torch.arange(K, device=device),  # each window's last K
         }
-        # the spectrum of the frames whose samples ``emit`` can read: from the cross-fade tail on
-        window = [m.shape[0] + 4 * count for m, count in zip(left, n, strict=True)]
-        first = [self.istft.first_frame(max(0, seg.covered - seg.tail.shape[0] - w0 * spt), frames)
-                 for seg, w0, frames in zip(segs, starts, window, strict=True)]
-        K = max(1, *(frames - t0 for frames, t0 in zip(window, first, strict=True)))
-        feeds["spectrum_index"] = torch.tensor(window, device=device)[:, None] - K + torch.arange(K, device=device)
-        P = max(past)
+        P = max(seg.frames50 for seg in segs)
         for i in range(self.layers):
-            for kind in ("k", "v"):
-                name = f"past_{'key' if kind == 'k' else 'value'}_{i}"
-                caches = [getattr(seg.kv[i], kind) if seg.kv is not None else None for seg in segs]
-                feeds[name] = self._past(caches, P, device, dtype)
-        F = tok.config.nfft // 2 + 1
-        shapes = {"spectrum_real": (B, F, K), "spectrum_imag": (B, F, K), "mel": (B, 4 * N, tok.config.n_mels),
-                  "moments1_out": (B, 3), "moments2_out": (B, 3), "last_hidden": (B, tok.config.d_model)}
+            for kind, name in (("k", f"past_key_{i}"), ("v", f"past_value_{i}")):
+                feeds[name] = self._past([getattr(seg.kv[i], kind) if seg.kv is not None else None for seg in segs],
+                                         P, device, dtype)
+        F = cfg.nfft // 2 + 1
+        shapes = {"spectrum_real": (B, F, K), "spectrum_imag": (B, F, K), "mel": (B, 4 * N, cfg.n_mels),
+                  "moments1_out": (B, 3), "moments2_out": (B, 3), "last_hidden": (B, cfg.d_model)}
         for i in range(self.layers):
             shapes[f"new_key_{i}"] = shapes[f"new_value_{i}"] = (B, self.heads, 2 * N, self.head_dim)
         out = self.chunk(feeds, shapes)
 
-        # the new state of each stream that received tokens
+        # the new state of each segment that ran tokens (as ``_advance_decoder`` leaves it)
         for b, ((stream, seg, _), count) in enumerate(zip(jobs, n, strict=True)):
             if count == 0:
                 continue
@@ -215,17 +254,26 @@ class OnnxCodec:
             if stream.schedule.norm == "frozen" and seg.received >= stream.schedule.freeze_after_tokens:
                 seg.frozen = True
 
-        # the inverse STFT of each row's last frames (torch), then emission as the PyTorch pass does
+        # the inverse STFT of each window's last frames (torch)
         spectrum = torch.complex(out["spectrum_real"].float(), out["spectrum_imag"].float()).to(device)
-        audio_out = []
-        for b, ((stream, seg, final), w0) in enumerate(zip(jobs, starts, strict=True)):
-            offset, audio = self.istft(spectrum[b, :, K - (window[b] - first[b]) :], first[b], window[b])
-            end = streaming._emit_end(seg, stream.schedule, final, spt)
-            audio_out.append(streaming.emit(seg, audio, w0 * spt + offset, end, final,
-                                            stream.schedule.crossfade_samples))
-            seg.mel, seg.mel_offset = seg.mel[w0 * fpt - seg.mel_offset :], w0 * fpt
-            seg.codes, seg.codes_offset = seg.codes[seg.advanced - seg.codes_offset :], seg.advanced
-        return audio_out
+        return [self.istft(spectrum[b, :, K - (window[b] - first[b]) :], first[b], window[b]) for b in range(B)]
+
+    def _moments(self, stream: streaming.DecodeStream, moments: tuple[torch.Tensor, ...] | None, which: int,
+                 device: torch.device) -> torch.Tensor:
+        """A segment's GroupNorm moments (count, sum, sum of squares) fp64 (3,); for none yet, zeros
+        (the graph adds the chunk's to them: exactly its own moments), or the schedule's prior as
+        pseudo-moments worth ``prior_tokens`` tokens of frames (``streaming._normalise``)."""
+        if moments is not None:
+            return torch.stack(list(moments)).to(device=device, dtype=torch.float64)
+        schedule = stream.schedule
+        if schedule.norm != "prior":
+            return torch.zeros(3, dtype=torch.float64, device=device)
+        prior, cfg = schedule.prior, self.tok.config
+        mean, var = (prior.mean1, prior.var1) if which == 1 else (prior.mean2, prior.var2)
+        frames, channels = (self.tok.decoder.dconv1.stride, cfg.d_model) if which == 1 else \
+            (cfg.mel_frames_per_token, cfg.n_mels)
+        n = torch.tensor(float(schedule.prior_tokens * frames * channels), dtype=torch.float64, device=device)
+        return torch.stack([n, n * mean, n * (var + mean * mean)])
 
     def _past(self, caches: list[torch.Tensor | None], P: int, device: torch.device, dtype: torch.dtype
               ) -> torch.Tensor:
@@ -292,10 +340,3 @@ def _pad(rows: list[torch.Tensor], length: int, tail: tuple[int, ...], dtype: to
     for b, row in enumerate(rows):
         out[b, : row.shape[0]] = row
     return out
-
-
-def _moments(values: list[tuple[torch.Tensor, ...] | None], device: torch.device) -> torch.Tensor:
-    """GroupNorm moments (count, sum, sum of squares) per stream as (B, 3) fp64; zeros for none yet."""
-    rows = [torch.zeros(3, dtype=torch.float64, device=device) if v is None else torch.stack(list(v)).double()
-            for v in values]
-    return torch.stack(rows).to(device)

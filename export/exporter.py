@@ -121,7 +121,7 @@ def patch_decoder_step_def(lm: nn.Module) -> GraphDef:
                     ({0: batch}, None, {1: batch}, {1: batch}), cases)
 
 
-def sampling_inputs(params: SamplingBatch, uniform: torch.Tensor | None, B: int, shape: tuple[int, int]
+def sampling_inputs(params: SamplingBatch, uniform: torch.Tensor | None, B: int, shape: tuple[int, ...]
                     ) -> dict[str, np.ndarray]:
     """The patch decoder graph's sampling inputs for a :class:`SamplingBatch` (zeros as noise when greedy)."""
     if uniform is None:
@@ -138,7 +138,7 @@ PATCH_DECODER_INPUTS = ["h", "uniform", "temperature", "top_k", "top_p", "greedy
 
 def patch_decoder_def(lm: nn.Module) -> GraphDef:
     sched = lm.schedule
-    shape = (sched.num_codes, sched.max_vocab)
+    shape = (sched.num_codes,)  # one uniform number per code
     hidden = lm.config.hidden_size
     settings = {
         "greedy": [SamplingParams(greedy=True)] * 3,
@@ -203,8 +203,8 @@ def codec_encoder_def(tok: nn.Module, n_q: int = LM_CODEBOOKS) -> GraphDef:
 
 
 def chunk_input_names(layers: int) -> list[str]:
-    names = ["codes", "new_tokens", "past_frames", "moments1", "moments2", "frozen", "prev_hidden",
-             "left_mel", "left_frames", "spectrum_index"]
+    names = ["codes", "new_tokens", "past_frames", "moments1", "moments2", "keep_moments1", "keep_moments2",
+             "prev_hidden", "left_mel", "window_index", "window_frames", "spectrum_index"]
     for i in range(layers):
         names += [f"past_key_{i}", f"past_value_{i}"]
     return names
@@ -227,25 +227,33 @@ def _random_moments(frames: list[int], channels: int, g: torch.Generator) -> tor
 
 
 def chunk_inputs(tok: nn.Module, new: list[int], past: list[int], left: list[int], g: torch.Generator,
-                 frozen: list[bool] | None = None, spectrum: int | None = None) -> dict[str, torch.Tensor]:
+                 keep: tuple[list[bool], list[bool]] | None = None, spectrum: int | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Random but consistent inputs of the codec chunk graph for rows with ``new`` tokens, ``past``
-    cached 50 Hz frames and ``left`` frames of mel context; the spectrum of the last ``spectrum``
-    frames of each window (default: whole windows)."""
+    cached 50 Hz frames and ``left`` frames of mel context (the window: those, then the new
+    frames); the spectrum of the last ``spectrum`` frames of each window (default: whole windows)."""
     cfg = tok.config
     B, N, P, Tl = len(new), max(new), max(past), max(left)
     H, D = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
     codes = torch.stack([torch.randint(0, cfg.codebook_size[q], (B, N), generator=g) for q in range(LM_CODEBOOKS)], -1)
+    keep1, keep2 = keep or ([False] * B, [False] * B)
+    window = torch.tensor(left) + 4 * torch.tensor(new)
+    W = int(window.max())
+    j = torch.arange(W)[None, :]
+    lefts = torch.tensor(left)[:, None]
+    K = spectrum or W
     inputs = {
         "codes": codes, "new_tokens": torch.tensor(new), "past_frames": torch.tensor(past),
         "moments1": _random_moments(past, cfg.d_model, g),
         "moments2": _random_moments([2 * p for p in past], cfg.n_mels, g),
-        "frozen": torch.tensor(frozen or [False] * B),
+        # distinct tensors: the exporter would take one tensor passed twice for a single input
+        "keep_moments1": torch.tensor(keep1), "keep_moments2": torch.tensor(keep2),
         "prev_hidden": torch.randn(B, cfg.d_model, generator=g) * torch.tensor([p > 0 for p in past])[:, None],
-        "left_mel": torch.randn(B, Tl, cfg.n_mels, generator=g), "left_frames": torch.tensor(left),
+        "left_mel": torch.randn(B, Tl, cfg.n_mels, generator=g),
+        "window_index": torch.where(j < lefts, j, Tl + j - lefts),  # left context, then the new frames
+        "window_frames": window,
+        "spectrum_index": window[:, None] - K + torch.arange(K)[None, :],  # right-aligned
     }
-    window = torch.tensor(left) + 4 * torch.tensor(new)
-    K = spectrum or int(window.max())
-    inputs["spectrum_index"] = window[:, None] - K + torch.arange(K)[None, :]  # right-aligned
     for i in range(cfg.decoder_layers):
         inputs[f"past_key_{i}"] = torch.randn(B, H, P, D, generator=g)
         inputs[f"past_value_{i}"] = torch.randn(B, H, P, D, generator=g)
@@ -259,9 +267,12 @@ def codec_decoder_chunk_def(tok: nn.Module) -> GraphDef:
 
     def cases(g: torch.Generator) -> list[Case]:
         out = []
-        for new, past, left, frozen, spectrum in (([4, 0, 2], [6, 0, 3], [8, 0, 5], [False, False, True], None),
-                                                  ([4], [0], [0], None, None), ([1, 3], [40, 2], [30, 1], None, 9)):
-            inputs = chunk_inputs(tok, new, past, left, g, frozen, spectrum)
+        for new, past, left, keep, spectrum in (
+            ([4, 0, 2], [6, 0, 3], [8, 0, 5], ([False, False, True], [True, False, False]), None),
+            ([4], [0], [0], None, None),
+            ([1, 3], [40, 2], [30, 1], ([True, False], [False, True]), 9),
+        ):
+            inputs = chunk_inputs(tok, new, past, left, g, keep, spectrum)
             with torch.no_grad():
                 expected = module(*[inputs[n] for n in names_in])
             out.append(({n: _np(t) for n, t in inputs.items()},
@@ -283,11 +294,13 @@ def codec_decoder_chunk_def(tok: nn.Module) -> GraphDef:
         for kind in ("key", "value"):
             valid[f"new_{kind}_{i}"] = rows(lambda i, b: int(2 * i["new_tokens"][b]), 2)
 
-    example = chunk_inputs(tok, [3, 2], [4, 2], [5, 3], torch.Generator().manual_seed(0), spectrum=6)
+    example = chunk_inputs(tok, [3, 2], [4, 2], [5, 3], torch.Generator().manual_seed(0),
+                           keep=([False, True], [True, False]), spectrum=6)
     batch, tokens, past, left = _dim("batch"), _dim("tokens"), _dim("past_frames"), _dim("left_frames")
     spectrum = _dim("spectrum_frames")
+    window = _dim("window_frames")
     dyn: list[Any] = [{0: batch, 1: tokens}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, {0: batch},
-                      {0: batch, 1: left}, {0: batch}, {0: batch, 1: spectrum}]
+                      {0: batch}, {0: batch, 1: left}, {0: batch, 1: window}, {0: batch}, {0: batch, 1: spectrum}]
     dyn.append(tuple({0: batch, 2: past} for _ in range(2 * L)))  # the *past varargs, one entry
     return GraphDef("codec_decoder_chunk", module, tuple(example[n] for n in names_in), names_in, names_out,
                     tuple(dyn), cases, valid=valid)
@@ -328,6 +341,10 @@ def export_graph(gdef: GraphDef, out_dir: Path, opset: int = DEFAULT_OPSET) -> G
     """
     import onnxruntime as ort
 
+    flat = [t for item in gdef.example for t in (item if isinstance(item, tuple) else (item,))]
+    storages = [t.untyped_storage().data_ptr() for t in flat if t.numel()]
+    if len(set(storages)) != len(storages):  # torch.export would fold aliased inputs into one
+        raise ExportError(f"graph {gdef.name!r}: two example inputs share memory; give each its own tensor")
     path = out_dir / f"{gdef.name}.onnx"
     raw = out_dir / f".{gdef.name}.raw.onnx"
     for stale in (path, raw):
@@ -453,8 +470,8 @@ def export_all(
     settings: dict[str, Any] = {}
     if lm is not None:
         sched = lm.schedule
-        settings.update(patch_codes=sched.num_codes, max_vocab=sched.max_vocab, group_size=sched.group_size,
-                        channels=len(sched.vocab_sizes), local_steps=sched.steps)
+        settings.update(patch_codes=sched.num_codes, group_size=sched.group_size, channels=len(sched.vocab_sizes),
+                        local_steps=sched.steps)
     if codec is not None:
         settings.update(codec_codebooks=LM_CODEBOOKS, codec_layers=codec.config.decoder_layers)
     manifest = Manifest(

@@ -110,16 +110,12 @@ class PatchDecoderStep(nn.Module):
 class PatchDecoder(nn.Module):
     """The whole patch decoder: h (B, hidden) and the rows' sampling inputs -> codes (B, group, channels).
 
-    Inputs after ``h``: ``uniform`` (B, codes per patch, max vocab) fp32, the noise
+    Inputs after ``h``: ``uniform`` (B, codes per patch) fp32, the one uniform number per code that
     ``decode_patch`` draws from the rows' generators (ignored when ``all_greedy``);
     ``temperature`` (B,) fp32, ``top_k`` (B,) int64, ``top_p`` (B,) fp32, ``greedy`` (B,) bool;
     ``all_greedy`` and ``any_filter`` () bool, the host flags of :class:`SamplingBatch`, which
-    choose the branch to run (ONNX ``If``), as they choose the code path in PyTorch.
-
-    Each step samples its channels in groups of equal vocabulary size, over that size:
-    ``decode_patch`` pads every channel to the largest vocabulary with -inf, which adds exact zeros
-    to the softmax and its cumulative sums and never wins an argmax, so the codes are the same, and
-    the top-p sort of the 129-entry channels costs an eighth of the padded one.
+    choose the branch to run (ONNX ``If``), as they choose the code path in PyTorch. Each step
+    samples its channels in the schedule's groups of equal vocabulary size, at that size.
     """
 
     def __init__(self, lm: nn.Module) -> None:
@@ -127,19 +123,11 @@ class PatchDecoder(nn.Module):
         self.lm = lm
         _warm_rope_tables(lm.local_transformer)
         sched = lm.schedule
-        #: per step: groups of (positions in the step's channel list, channels, vocabulary size)
-        self.groups: list[list[tuple[list[int], list[int], int]]] = []
-        for t, chans in enumerate(sched.channels):
-            groups = []
-            for size in dict.fromkeys(sched.vocab_sizes[c] for c in chans):
-                pos = [i for i, c in enumerate(chans) if sched.vocab_sizes[c] == size]
-                cs = [chans[i] for i in pos]
-                empties = torch.tensor([sched.empty_ids[c] for c in cs])
-                # (n, V) each channel's empty id, banned after filtering (as ``decode_patch`` does)
-                self.register_buffer(f"empty_{t}_{len(groups)}", torch.arange(size) == empties[:, None],
-                                     persistent=False)
-                groups.append((pos, cs, size))
-            self.groups.append(groups)
+        for t, groups in enumerate(sched.groups):
+            for i in range(len(groups)):
+                # (n, V): each channel's empty id, banned after filtering (as ``decode_patch`` does)
+                _, _, empty = sched.group_tensors(t, i, torch.device("cpu"))
+                self.register_buffer(f"empty_{t}_{i}", empty.clone(), persistent=False)
 
     def forward(
         self,
@@ -155,13 +143,12 @@ class PatchDecoder(nn.Module):
         lm = self.lm
         sched = lm.schedule
         stack = lm.local_transformer
-        B, _ = h.shape
         cos_table, sin_table = stack.rope.get(h.device)
         x = lm.hidden_states_downcast(h.to(lm.dtype)).unsqueeze(1)  # (B, 1, D)
         keys: list[torch.Tensor | None] = [None] * len(stack.layers)
         values: list[torch.Tensor | None] = [None] * len(stack.layers)
         tokens_at: dict[tuple[int, int], torch.Tensor] = {}  # (frame, channel) -> (B,)
-        for t, (chans, frames) in enumerate(zip(sched.channels, sched.frames, strict=True)):
+        for t in range(sched.steps):
             # one position; the steps are unrolled, so the cache simply grows (t + 1 keys, no mask)
             cos = cos_table[t : t + 1].to(x.dtype).unsqueeze(0)  # (1, 1, d)
             sin = sin_table[t : t + 1].to(x.dtype).unsqueeze(0)
@@ -173,73 +160,79 @@ class PatchDecoder(nn.Module):
                 x = layer.feed_forward(x)
             hidden = stack.norm(x)[:, 0]  # (B, D)
 
-            step_tokens: dict[int, torch.Tensor] = {}
-            for g, (pos, cs, V) in enumerate(self.groups[t]):
-                n = len(cs)
-                logits = torch.stack([lm.local_transformer_lm_heads[c](hidden).float() for c in cs], dim=1)
-                removed = getattr(self, f"empty_{t}_{g}").expand(B, n, V).reshape(B * n, V)
-                rows = sched.offsets[t] + torch.tensor(pos, device=h.device)
-                noise = uniform.index_select(1, rows)[..., :V].reshape(B * n, V)  # this patch's draws
-                per_row = [r.repeat_interleave(n) for r in (temperature, top_k, top_p, greedy)]
-                tokens = torch.cond(all_greedy, _greedy, _sampled,
-                                    (logits.reshape(B * n, V), removed, noise, *per_row, any_filter)).view(B, n)
-                for j, c in enumerate(cs):
-                    step_tokens[c] = tokens[:, j]
-            for c, f in zip(chans, frames, strict=True):
-                tokens_at[(f, c)] = step_tokens[c]
-            if t + 1 < sched.steps:
-                x = sum(lm.speech_embeddings[c](step_tokens[c]) for c in chans).unsqueeze(1)
+            x = None
+            for i, g in enumerate(sched.groups[t]):
+                n = len(g.channels)
+                logits = torch.stack([lm.local_transformer_lm_heads[c](hidden) for c in g.channels], dim=1)
+                noise = uniform[:, g.offset : g.offset + n]  # (B, n): this group's draws
+                operands = (logits.float(), getattr(self, f"empty_{t}_{i}"), noise, temperature, top_k, top_p,
+                            greedy, any_filter)
+                tokens = torch.cond(all_greedy, _greedy, _sampled, operands)  # (B, n)
+                for j, (c, f) in enumerate(zip(g.channels, g.frames, strict=True)):
+                    tokens_at[(f, c)] = tokens[:, j]
+                    emb = lm.speech_embeddings[c](tokens[:, j])
+                    x = emb if x is None else x + emb
+            assert x is not None
+            x = x.unsqueeze(1)  # the input of step t+1 (unused after the last step)
         G, C = sched.group_size, len(sched.vocab_sizes)
         return torch.stack(
             [torch.stack([tokens_at[(f, c)] for c in range(C)], dim=1) for f in range(G)], dim=1
         )  # (B, G, C)
 
 
-def _greedy(logits, removed, noise, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
+# The branches of ``agent.lm.sampling.sample`` for logits (B, n, V), one settings row per b, the
+# operations in the same order. Branches of ``torch.cond`` must be functional, so the in-place
+# steps of ``sample`` are written as selections here.
+def _greedy(logits, removed, uniform, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
     """``sample``'s all-greedy branch: the argmax without temperature or filters."""
     return logits.masked_fill(removed, float("-inf")).argmax(dim=-1)
 
 
-def _sampled(logits, removed, noise, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
-    """``sample``'s other branch, the same operations in the same order: temperature, top-k/top-p
-    (when ``any_filter``), the banned tokens, the fallback of rows left empty, Gumbel-max with the
-    row's noise, and the argmax for greedy rows."""
-    scores = logits / temperature.unsqueeze(-1)
-    scores = torch.cond(any_filter, top_filter, _unfiltered, (scores, top_k, top_p))
-    scores = scores.masked_fill(removed, float("-inf"))
-    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    scores = torch.where(empty, logits.masked_fill(removed, float("-inf")), scores)
-    gumbel = -torch.log(-torch.log(noise))
-    sampled = (scores + gumbel).argmax(dim=-1)
-    return torch.where(greedy, scores.argmax(dim=-1), sampled)
+def _sampled(logits, removed, uniform, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
+    """``sample``'s other branch: temperature, then the draw (filtered in sorted order when
+    ``any_filter``), then the argmax for the greedy rows."""
+    scores = logits / temperature.view(-1, 1, 1)
+    drawn = torch.cond(any_filter, _draw_filtered, _draw_plain, (scores, removed, uniform, top_k, top_p))
+    masked = logits.masked_fill(removed, float("-inf"))
+    return torch.where(greedy.view(-1, 1), masked.argmax(dim=-1), drawn)
 
 
-def _unfiltered(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    return scores.clone()  # a branch may not return its input itself
+def _draw_plain(scores, removed, uniform, top_k, top_p) -> torch.Tensor:
+    return _invert_cdf(scores.masked_fill(removed, float("-inf")), uniform)
 
 
-def top_filter(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-k then top-p of each row of ``scores`` (N, V), as :func:`agent.lm.sampling.filter_logits`.
+def _draw_filtered(scores, removed, uniform, top_k, top_p) -> torch.Tensor:
+    sorted_scores, order = scores.sort(dim=-1)  # ascending, as the official top-p
+    filtered = _filter_sorted(sorted_scores, top_k, top_p)
+    removed_sorted = removed.expand_as(scores).gather(-1, order)
+    filtered = filtered.masked_fill(removed_sorted, float("-inf"))
+    # a row the filters and the ban empty falls back to its scores minus the banned tokens
+    nothing = torch.isneginf(filtered).all(dim=-1, keepdim=True)
+    filtered = torch.where(nothing, sorted_scores.masked_fill(removed_sorted, float("-inf")), filtered)
+    pick = _invert_cdf(filtered, uniform)
+    return order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
-    That function sorts, masks in sorted order and scatters back. The removed tokens are always the
-    ones below a per-row threshold (the smallest score kept), so here the threshold is read from
-    the sorted scores and compared in vocabulary order: the same tokens removed without the scatter,
-    a third of the sampling time on ONNX Runtime. (With exact ties at the threshold the sorted
-    version removes an arbitrary subset of the tied tokens, which torch's unstable sort leaves
-    unspecified anyway; this one keeps them all.)
-    """
-    V = scores.shape[-1]
-    sorted_scores, _ = scores.sort(dim=-1)  # ascending, as the official top-p
-    k = top_k.clamp(max=V)
-    kth = sorted_scores.gather(1, (V - k).clamp(max=V - 1).unsqueeze(-1))  # (N, 1)
-    kth = torch.where(k.unsqueeze(-1) > 0, kth, torch.full_like(kth, float("-inf")))
+
+def _filter_sorted(sorted_scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``sampling._filter_sorted``: top-k then top-p on ascending scores (B, n, V). Top-k always
+    runs: a row without it (k = 0) keeps everything, as when PyTorch skips it."""
+    V = sorted_scores.shape[-1]
+    k = top_k.view(-1, 1, 1).clamp(max=V)
+    kth = sorted_scores.gather(-1, (V - k).clamp(max=V - 1).expand(*sorted_scores.shape[:-1], 1))
+    kth = kth.masked_fill(k == 0, float("-inf"))
     sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    not_last = torch.arange(V, device=scores.device) < V - 1  # the most likely token always stays
-    tail = (cumulative <= (1 - top_p).unsqueeze(-1)) & not_last  # a prefix: cumulative never decreases
-    first_kept = tail.sum(dim=-1, keepdim=True)  # (N, 1)
-    threshold = sorted_scores.gather(1, first_kept)  # finite: kept tokens have probability > 0
-    return scores.masked_fill(scores < threshold, float("-inf"))
+    tail = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p.view(-1, 1, 1)
+    tail = tail & (torch.arange(V, device=sorted_scores.device) < V - 1)  # the top token always stays
+    return sorted_scores.masked_fill(tail, float("-inf"))
+
+
+def _invert_cdf(filtered: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token whose cumulative probability first exceeds ``uniform`` x total: ``sample``'s
+    ``searchsorted(cdf, target, right=True)``, as the count of entries <= target (the cdf never
+    decreases), which ONNX can express."""
+    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
+    target = (uniform.float() * cdf[..., -1]).unsqueeze(-1)
+    return (cdf <= target).sum(dim=-1).clamp(max=cdf.shape[-1] - 1)
 
 
 # ------------------------------------------------------------------------------------- audio codec
@@ -309,22 +302,28 @@ class CodecEncoder(nn.Module):
 
 
 class CodecDecoderChunk(nn.Module):
-    """One "cached"-mode streaming decode pass for B streams (``_advance_decoder`` + the vocoder).
+    """A "cached"-mode streaming decode pass for B streams: ``_advance_decoder``, then the vocoder.
 
-    Inputs: ``codes`` (B, N, q) new tokens, ``new_tokens`` (B,) how many are real (0: the row only
-    re-runs its vocoder window); ``past_frames`` (B,) cached 50 Hz frames per row; GroupNorm moments
-    ``moments1``/``moments2`` (B, 3) fp64 (count, sum, sum of squares; zeros for a new stream) and
-    ``frozen`` (B,) bool; ``prev_hidden`` (B, d) (the last transformer frame, zeros for a new
-    stream); the vocoder's left context ``left_mel`` (B, L, n_mels) with ``left_frames`` (B,)
-    valid; ``spectrum_index`` (B, K) the window frames whose spectrum to return; then per decoder layer
-    ``past_key_i``/``past_value_i`` (B, H, P, d), valid on each row's first ``past_frames``.
+    Inputs:
 
-    Outputs: ``spectrum_real``/``spectrum_imag`` (B, n_fft/2+1, K), the vocoder head's spectrum of
-    the frames ``spectrum_index`` of each window (window: left context then the new frames,
-    ``left_frames + 4 * new_tokens`` long): the vocoder's transformer needs the whole window, but
-    only the frames whose samples are played need the head and the inverse STFT; ``mel``
-    (B, 4N, n_mels) the new coarse-mel frames, ``moments1_out``/``moments2_out``, ``last_hidden``
-    (B, d) and per layer ``new_key_i``/``new_value_i`` (B, H, 2N, d).
+    - ``codes`` (B, N, q) the tokens to run, ``new_tokens`` (B,) how many are real (0: the row only
+      re-runs its vocoder window);
+    - ``past_frames`` (B,) 50 Hz frames in each row's KV cache, whose keys and values come last,
+      per decoder layer ``past_key_i``/``past_value_i`` (B, H, P, d);
+    - the GroupNorm moments ``moments1``/``moments2`` (B, 3) fp64 (count, sum, sum of squares:
+      zeros, or a prior's pseudo-moments, for a new stream), and ``keep_moments1``/``keep_moments2``
+      (B,) bool: normalise with them as they are (frozen statistics; a refresh that re-runs
+      history already counted) instead of adding this chunk's first;
+    - ``prev_hidden`` (B, d) the last transformer frame (zeros for a new stream);
+    - the vocoder's window: frames ``window_index`` (B, W) of [``left_mel`` (B, L, n_mels), then
+      the new coarse-mel frames], ``window_frames`` (B,) of them valid; ``spectrum_index`` (B, K)
+      the window frames whose spectrum to return.
+
+    Outputs: ``spectrum_real``/``spectrum_imag`` (B, n_fft/2+1, K) the vocoder head's spectrum of
+    those frames (the vocoder's transformer needs the whole window, but only the frames whose
+    samples are played need the head and the inverse STFT); ``mel`` (B, 4N, n_mels) the new
+    coarse-mel frames, ``moments1_out``/``moments2_out``, ``last_hidden`` (B, d) and per layer
+    ``new_key_i``/``new_value_i`` (B, H, 2N, d).
     """
 
     def __init__(self, tok: nn.Module) -> None:
@@ -343,10 +342,12 @@ class CodecDecoderChunk(nn.Module):
         past_frames: torch.Tensor,
         moments1: torch.Tensor,
         moments2: torch.Tensor,
-        frozen: torch.Tensor,
+        keep_moments1: torch.Tensor,
+        keep_moments2: torch.Tensor,
         prev_hidden: torch.Tensor,
         left_mel: torch.Tensor,
-        left_frames: torch.Tensor,
+        window_index: torch.Tensor,
+        window_frames: torch.Tensor,
         spectrum_index: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
@@ -363,7 +364,7 @@ class CodecDecoderChunk(nn.Module):
         # dconv1 (kernel = stride: chunks do not overlap), GroupNorm with running moments
         y, len50 = dec.dconv1.upsample(emb, new_tokens)  # (B, 2N, d)
         len50 = torch.where(has_new, len50, torch.zeros_like(len50))
-        x, moments1_out = self._normalise(y, len50, moments1, frozen | ~has_new, dec.dconv1.norm)
+        x, moments1_out = self._normalise(y, len50, moments1, keep_moments1 | ~has_new, dec.dconv1.norm)
 
         # the causal transformer, continuing each row's KV cache
         caches = [LayerKV(past[2 * i], past[2 * i + 1]) for i in range(L)]
@@ -378,21 +379,18 @@ class CodecDecoderChunk(nn.Module):
         s = dec.dconv2.stride
         len100 = len50 * s
         y2 = y2[:, s : s + h.shape[1] * s]  # (B, 4N, n_mels)
-        mel, moments2_out = self._normalise(y2, len100, moments2, frozen | ~has_new, dec.dconv2.norm)
+        mel, moments2_out = self._normalise(y2, len100, moments2, keep_moments2 | ~has_new, dec.dconv2.norm)
         last = h.gather(1, (len50 - 1).clamp_min(0)[:, None, None].expand(B, 1, h.shape[2]))[:, 0]
         last_hidden = torch.where(has_new[:, None], last, prev_hidden.to(h.dtype))
 
-        # the vocoder over each window: left context, then the new frames
-        Tl = left_mel.shape[1]
-        both = torch.cat([left_mel.to(mel.dtype), mel], dim=1)  # (B, Tl + 4N, n_mels)
-        Tw = both.shape[1]
-        j = torch.arange(Tw, device=codes.device)[None, :]
-        source = torch.where(j < left_frames[:, None], j, Tl + j - left_frames[:, None]).clamp(0, Tw - 1)
-        window = both.gather(1, source[..., None].expand(B, Tw, both.shape[2]))  # (B, Tw, n_mels)
-        window_frames = left_frames + len100
-        window = window.masked_fill(~valid_mask(window_frames, Tw)[..., None], 0.0)
-        hidden = self._vocoder_hidden(window, window_frames)  # (B, Tw, dim)
-        index = spectrum_index.clamp(0, Tw - 1)  # (B, K)
+        # the vocoder over each row's window, gathered from its left context and the new frames
+        both = torch.cat([left_mel.to(mel.dtype), mel], dim=1)  # (B, L + 4N, n_mels)
+        W = window_index.shape[1]
+        source = window_index.clamp(0, both.shape[1] - 1)
+        window = both.gather(1, source[..., None].expand(B, W, both.shape[2]))  # (B, W, n_mels)
+        window = window.masked_fill(~valid_mask(window_frames, W)[..., None], 0.0)
+        hidden = self._vocoder_hidden(window, window_frames)  # (B, W, dim)
+        index = spectrum_index.clamp(0, W - 1)  # (B, K)
         hidden = hidden.gather(1, index[..., None].expand(B, index.shape[1], hidden.shape[2]))  # (B, K, dim)
         spectrum = dec.vocoder.head.spectrum(hidden)  # (B, n_fft/2+1, K)
         return (spectrum.real, spectrum.imag, mel, moments1_out, moments2_out, last_hidden, *new_kv)

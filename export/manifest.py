@@ -11,7 +11,7 @@ manifest::
         "lm":    {"kind": "preset", "name": "tiny", "fingerprint": "<16 hex>", "weights": "<16 hex>"},
         "codec": {"kind": "checkpoint", "name": "/path/to/MiMo-Audio-Tokenizer", ...}
       },
-      "settings": {"codec_codebooks": 8, "patch_codes": 32, "max_vocab": 1025, ...},
+      "settings": {"codec_codebooks": 8, "patch_codes": 32, "group_size": 4, "channels": 8, ...},
       "graphs": {
         "patch_decoder": {
           "file": "patch_decoder.onnx", "sha256": "...", "data": {"patch_decoder.onnx.data": 1234},

@@ -197,13 +197,13 @@ class OnnxPatchDecoder:
     """``decode_patch(h (B, hidden), speech_sampling, generators) -> codes (B, 4, 8)`` on ONNX Runtime.
 
     The noise is drawn exactly as ``agent.lm.patch_decoder.decode_patch`` draws it (one uniform
-    tensor per patch and row, from the row's generator), so seeded sessions get the same codes on
-    either backend.
+    number per code, a patch's worth at once from each row's generator), so seeded sessions get
+    the same codes on either backend.
     """
 
     def __init__(self, runner: GraphRunner, settings: Mapping[str, Any]) -> None:
         self.runner = runner
-        self.noise_shape = (int(settings["patch_codes"]), int(settings["max_vocab"]))
+        self.noise_shape = (int(settings["patch_codes"]),)  # one uniform number per code
         self.codes_shape = (int(settings["group_size"]), int(settings["channels"]))
         self._zeros: dict[tuple[int, torch.device], torch.Tensor] = {}
 

@@ -329,9 +329,11 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job], rebuild: bool = F
             seg.frozen = True
 
 
-def _refresh(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
+def _refresh(tok: MiMoAudioTokenizer, jobs: list[Job], advance: Callable[..., None] | None = None) -> list[Job]:
     """Re-run the decoder over the history of the segments that reached their refresh point, with
-    the statistics of everything received so far (the early chunks saw only a few frames' worth)."""
+    the statistics of everything received so far (the early chunks saw only a few frames' worth).
+    ``advance`` runs the decoder (default :func:`_advance_decoder`; another backend's pass gives
+    its own). Returns the jobs refreshed."""
     due = []
     for stream, seg, final in jobs:
         start = stream.schedule.refresh_from
@@ -347,7 +349,8 @@ def _refresh(tok: MiMoAudioTokenizer, jobs: list[Job]) -> None:
             seg.advanced = 0
             due.append((stream, seg, final))
     if due:
-        _advance_decoder(tok, due, rebuild=True)
+        (advance or _advance_decoder)(tok, due, rebuild=True)
+    return due
 
 
 def _normalise(

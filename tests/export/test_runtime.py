@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agent.codec.audio import load_wav
-from agent.codec.streaming import DecodeSchedule
+from agent.codec.streaming import DecodeSchedule, NormStatistics, norm_statistics
 from agent.lm.sampling import SamplingBatch, SamplingParams
 from export.codec import OnnxCodec
 from export.runtime import OnnxPatchDecoder, onnx_backend
@@ -81,13 +81,22 @@ def test_encode_batch_gives_the_same_codes(runtime, backend):
         codec.encode_batch(turns[:1], n_q=9)
 
 
+def _prior(tok) -> NormStatistics:
+    g = torch.Generator().manual_seed(21)
+    return norm_statistics(tok, [torch.stack([torch.randint(0, 128, (40,), generator=g) for _ in range(8)], dim=1)])
+
+
 SCHEDULES = {
-    "default": DecodeSchedule(),
-    "frozen norm": DecodeSchedule(norm="frozen", freeze_after_tokens=12),
-    "bigger chunks, short context": DecodeSchedule(first_chunk_patches=3, chunk_patches=2, left_context_tokens=10),
-    "no cross-fade, more hold-back": DecodeSchedule(holdback_tokens=5, crossfade_samples=0),
-    "window mode (PyTorch pass)": DecodeSchedule(mode="window", left_context_tokens=20),
-    "unbounded left context": DecodeSchedule(left_context_tokens=None),
+    "default (refreshes at 8, 16, 32, 64 tokens)": lambda tok: DecodeSchedule(),
+    "no refresh": lambda tok: DecodeSchedule(refresh_from=None),
+    "refresh from 4 to 16 tokens": lambda tok: DecodeSchedule(refresh_from=4, refresh_until=16),
+    "frozen norm": lambda tok: DecodeSchedule(norm="frozen", freeze_after_tokens=12),
+    "prior statistics": lambda tok: DecodeSchedule(norm="prior", prior=_prior(tok), prior_tokens=10),
+    "bigger chunks, short context": lambda tok: DecodeSchedule(first_chunk_patches=3, chunk_patches=2,
+                                                               left_context_tokens=10),
+    "no cross-fade, more hold-back": lambda tok: DecodeSchedule(holdback_tokens=5, crossfade_samples=0),
+    "window mode (PyTorch pass)": lambda tok: DecodeSchedule(mode="window", left_context_tokens=20),
+    "unbounded left context": lambda tok: DecodeSchedule(left_context_tokens=None),
 }
 
 
@@ -114,9 +123,10 @@ def test_streaming_decode_matches_pytorch(runtime, backend, schedule):
     g = torch.Generator().manual_seed(11)
     codes = [torch.stack([torch.randint(0, 1024 if q < 2 else 128, (n,), generator=g) for q in range(8)], dim=1)
              for n in (96, 52, 8)]
+    made = SCHEDULES[schedule](runtime.codec)
     for step in (4, 8):
-        want = _stream(runtime.codec, codes, SCHEDULES[schedule], step)
-        got = _stream(codec, codes, SCHEDULES[schedule], step)
+        want = _stream(runtime.codec, codes, made, step)
+        got = _stream(codec, codes, made, step)
         for w, o in zip(want, got, strict=True):
             assert [a.shape for a in o] == [a.shape for a in w]
             ref, out = np.concatenate(w), np.concatenate(o)
