@@ -7,8 +7,9 @@ and inverse STFT) and replaces two things:
   stays in torch: ONNX Runtime's DFT is a direct O(n^2) transform for n_fft = 960);
 - the streaming decode of "cached" schedules (the server's default): each pass runs the
   ``codec_decoder_chunk`` graph for all due streams at once. The schedule logic (when a chunk is due,
-  what is held back, cross-fades, 60 s segments) is ``agent.codec.streaming``'s own, so both
-  backends emit the same chunk sizes at the same moments; only the pass is ours.
+  what is held back, cross-fades, 60 s segments, when the history is refreshed) is
+  ``agent.codec.streaming``'s own, so both backends emit the same chunk sizes at the same moments;
+  only the decoding in the pass is ours.
 
 Streams with a "window" schedule, and the offline ``decode``, run on PyTorch (the server never asks
 for them; they re-decode a whole window and need other graphs). Per-stream state lives in the
@@ -117,7 +118,12 @@ class OnnxCodec:
         return streaming.decode_streams(self.tok, items, passes=self.passes)
 
     def finish_stream(self, stream: streaming.DecodeStream) -> np.ndarray:
-        return streaming.finish_streams(self.tok, [stream], passes=self.passes)[0]
+        """End a stream: decode and return all audio it still holds back."""
+        return self.finish_streams([stream])[0]
+
+    def finish_streams(self, streams: Sequence[streaming.DecodeStream]) -> list[np.ndarray]:
+        """End several streams in one batched pass; the held-back audio of each."""
+        return streaming.finish_streams(self.tok, list(streams), passes=self.passes)
 
     def decode(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
         """Offline decode (PyTorch)."""

@@ -13,10 +13,10 @@ one fixed graph with symbolic batch and length axes:
                       exactly ``decode_patch``'s for the same generators
                       (``agent.lm.patch_decoder.decode_patch``).
 ``CodecEncoder``      log-mel (B, T, n_mels) -> RVQ codes (``AudioEncoder.encode``).
-``CodecDecoderChunk`` one chunk of the "cached" streaming decode (``agent.codec.streaming``): new
-                      codes, the 50 Hz transformer's KV cache, the GroupNorm running moments, the
+``CodecDecoderChunk`` a pass of the "cached" streaming decode (``agent.codec.streaming``): codes,
+                      the 50 Hz transformer's KV cache, the GroupNorm running moments, the
                       previous frame and the vocoder's mel left context in; the new state and the
-                      vocoder's complex spectrum of the whole window out.
+                      vocoder head's spectrum of the window's played frames out.
 
 What stays on the host, and why: sampling noise (drawn from the sessions' generators, so seeded
 results do not depend on the backend); the log-mel STFT and the vocoder's inverse STFT (ONNX

@@ -231,6 +231,30 @@ class OnnxPatchDecoder:
         return codes.to(h.device)
 
 
+class OnnxPatchEncoder:
+    """``embed_patches(text_ids (B, P), codes (B, P, 4, 8)) -> (B, P, hidden)`` with the speech
+    patches' embeddings from the ``patch_encoder`` graph and the text patches' from the model's
+    embedding table (a lookup), combined as ``agent.lm.patch_encoder.embed_patches`` does."""
+
+    def __init__(self, runner: GraphRunner, lm: Any) -> None:
+        self.runner = runner
+        self.lm = lm
+
+    @torch.no_grad()
+    def __call__(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        cfg = self.lm.config
+        B, P = text_ids.shape
+        G, C = cfg.group_size, cfg.audio_channels
+        if codes.shape != (B, P, G, C):
+            raise ValueError(f"codes must have shape (B, P, {G}, {C}) = {(B, P, G, C)}, got {tuple(codes.shape)}")
+        is_speech = (text_ids == cfg.empty_token_id).unsqueeze(-1)  # (B, P, 1)
+        text = self.lm.model.embed_tokens(text_ids).masked_fill(is_speech, 0.0)  # (B, P, hidden)
+        flat = codes.reshape(B * P, G, C)  # each patch on its own
+        speech = self.runner({"codes": flat}, {"speech_embedding": (B * P, cfg.hidden_size)})["speech_embedding"]
+        speech = speech.to(device=text.device, dtype=text.dtype).view(B, P, -1) * is_speech  # (B, P, hidden)
+        return text + speech
+
+
 # ---------------------------------------------------------------------------------------- backend
 def verify_sources(manifest: Manifest, runtime: Any, export_dir: str | os.PathLike) -> None:
     """Refuse an export made from other weights than the runtime's (:class:`ExportMismatch`)."""
@@ -291,4 +315,14 @@ def onnx_backend(
                       GraphRunner(paths["codec_decoder_chunk"], config), manifest.settings)
     log.info("ONNX Runtime backend: %s on %s", ", ".join(SERVING_GRAPHS), ", ".join(config.providers))
     return decode_patch, codec
+
+
+def onnx_patch_encoder(runtime: Any, export_dir: str | os.PathLike, providers: str | Sequence[str] | None = None,
+                       **options: Any) -> OnnxPatchEncoder:
+    """An ``embed_patches`` drop-in on the ``patch_encoder`` graph, checked like :func:`onnx_backend`
+    (the engine calls ``lm.embed_patches`` itself today; this is for callers that can inject it)."""
+    manifest = read_manifest(export_dir)
+    verify_sources(manifest, runtime, export_dir)
+    path = check_graph_files(export_dir, manifest, ["patch_encoder"])["patch_encoder"]
+    return OnnxPatchEncoder(GraphRunner(path, session_config(runtime, providers, **options)), runtime.lm)
 

@@ -10,7 +10,7 @@ from agent.codec.audio import load_wav
 from agent.codec.streaming import DecodeSchedule, NormStatistics, norm_statistics
 from agent.lm.sampling import SamplingBatch, SamplingParams
 from export.codec import OnnxCodec
-from export.runtime import OnnxPatchDecoder, onnx_backend
+from export.runtime import OnnxPatchDecoder, onnx_backend, onnx_patch_encoder
 from tests.streaming.realtime_client import DATA
 
 pytestmark = pytest.mark.timeout(600)
@@ -67,6 +67,23 @@ def test_seeded_sampling_does_not_depend_on_the_batch(runtime, backend):
     assert torch.equal(batched[2:3], alone)
 
 
+def test_patch_encoder_gives_the_same_embeddings(runtime, export_dir):
+    """Text and speech patches mixed, as ``embed_patches`` sees them in a prompt."""
+    embed = onnx_patch_encoder(runtime, export_dir, "cpu")
+    cfg = runtime.lm.config
+    g = torch.Generator().manual_seed(4)
+    text_ids = torch.randint(0, cfg.vocab_size, (3, 7), generator=g)
+    text_ids[:, ::2] = cfg.empty_token_id  # every other patch is speech
+    codes = torch.stack([torch.randint(0, v, (3, 7, 4), generator=g) for v in cfg.speech_vocab_sizes], dim=-1)
+    want = runtime.lm.embed_patches(text_ids, codes)
+    got = embed(text_ids, codes)
+    assert got.shape == want.shape == (3, 7, cfg.hidden_size)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert torch.equal(got[:, 1::2], want[:, 1::2])  # text patches: the same lookup
+    with pytest.raises(ValueError, match="codes must have shape"):
+        embed(text_ids, codes[:, :, :2])
+
+
 def test_encode_batch_gives_the_same_codes(runtime, backend):
     _, codec = backend
     assert isinstance(codec, OnnxCodec)
@@ -110,8 +127,8 @@ def _stream(codec, streams_codes: list[torch.Tensor], schedule: DecodeSchedule, 
         out = codec.decode_streams([(s, streams_codes[b][i : i + step]) for b, s in live])
         for (b, _), audio in zip(live, out, strict=True):
             pieces[b].append(audio)
-    for b, s in enumerate(streams):
-        pieces[b].append(codec.finish_stream(s))
+    for b, audio in enumerate(codec.finish_streams(streams)):  # one batched pass
+        pieces[b].append(audio)
     return pieces
 
 
@@ -165,3 +182,5 @@ def test_a_stream_is_causal_on_onnx(backend):
     b = [codec.decode_streams([(long, codes[i : i + 4])])[0] for i in range(0, 40, 4)]
     emitted = np.concatenate(a)
     np.testing.assert_array_equal(np.concatenate(b)[: emitted.shape[0]], emitted)
+    for stream, tokens in ((short, 20), (long, 40)):  # finishing plays out every token's samples
+        assert stream.samples_emitted + codec.finish_stream(stream).shape[0] == tokens * 960
