@@ -163,11 +163,18 @@ class GraphRunner:
 
     def _run_bound(self, feeds: dict[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]] | None):
         """IO binding on the GPU: ONNX Runtime reads and writes torch's device tensors in place."""
+        import onnxruntime as ort
+
         device = torch.device("cuda", self.config.device_id)
         binding = self.session.io_binding()
         for name, tensor in feeds.items():
             tensor = tensor.to(device)
             feeds[name] = tensor  # keep it alive until the run ends
+            if tensor.numel() == 0:  # no memory to point at (a new stream's empty KV cache)
+                empty = ort.OrtValue.ortvalue_from_shape_and_type(tuple(tensor.shape), _np_dtype(tensor.dtype), "cuda",
+                                                                  self.config.device_id)
+                binding.bind_ortvalue_input(name, empty)
+                continue
             binding.bind_input(name, "cuda", self.config.device_id, _np_dtype(tensor.dtype), tuple(tensor.shape),
                                tensor.data_ptr())
         results: dict[str, torch.Tensor] = {}
@@ -279,7 +286,8 @@ def session_config(runtime: Any, providers: str | Sequence[str] | None = None, *
     """A :class:`SessionConfig` for ``runtime``'s device; ``options`` override its fields."""
     device = torch.device(runtime.device)
     names = resolve_providers(providers, device)
-    config = SessionConfig(providers=names, device_id=device.index or 0, **options)
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    config = SessionConfig(providers=names, device_id=index, **options)
     if config.on_gpu and device.type != "cuda":
         raise RuntimeError(f"ONNX Runtime provider {names[0]} needs the model on a CUDA device, not {device}: "
                            "serve with --device cuda, or use --providers cpu")
