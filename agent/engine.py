@@ -16,7 +16,13 @@ with ``loop.call_soon_threadsafe``). Each tick of the engine loop:
 5. runs the batched streaming codec decode of the new speech patches, and sends the audio.
 
 A session generates ahead of real time by at most ``max_audio_lead_s`` seconds of audio (flow
-control): generation far ahead of the listener is wasted on barge-in.
+control): generation far ahead of the listener is wasted on barge-in. While every response is that
+far ahead the loop sleeps on the job queue rather than polling. A response with little audio ahead
+of its listener (``urgent_lead_s``; a new turn waiting for its first audio has none) has priority:
+sessions comfortably ahead (``yield_lead_s``) skip decode steps meanwhile, so a new turn's latency,
+and its first second of playback, do not depend on how many sessions are already talking.
+A session comfortably ahead also lets a few speech patches gather before its codec pass, which
+costs about the same for one patch as for four.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +40,7 @@ import torch
 
 from agent.conversation import ConversationRenderer, Item, Rendering, Role, common_prefix, speech_ms, truncate_patches
 from agent.lm.generation import ControlState, GenerationControls, Mode, mask_text_logits
+from agent.lm.graphs import DecodeGraphs
 from agent.lm.kv_cache import KVCache
 from agent.lm.model import MiMoAudioLM
 from agent.lm.prompts import Prompt, PromptBuilder
@@ -68,10 +75,22 @@ class EngineConfig:
     prefill_chunk: int = 256  # prefill positions per tick, all sessions together
     max_batch: int = 64  # sessions per decode step; 1 turns batching off
     max_audio_lead_s: float = 3.0  # generated audio ahead of real time, per session
+    # while a response is less than urgent_lead_s ahead of its listener (a new turn waiting for its
+    # first audio is 0 s ahead), sessions at least yield_lead_s ahead sit out the decode step, so
+    # the urgent one's steps are short ones (yield_lead_s 0: off)
+    urgent_lead_s: float = 0.3
+    yield_lead_s: float = 1.0
+    # a session lets its speech patches gather (up to codec_max_patches) and decodes them in one
+    # codec pass while its listener keeps at least codec_defer_margin_s of audio meanwhile: each
+    # pass re-runs the vocoder over its left context, so a pass of 8 patches costs little more than
+    # a pass of 1 (margin 0: decode every patch at once)
+    codec_defer_margin_s: float = 0.3
+    codec_max_patches: int = 8
     job_queue_size: int = 4096
     min_context_room: int = 128  # positions kept free for a response when trimming old turns
     min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
     idle_wait_s: float = 0.05
+    cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -234,6 +253,7 @@ class _Response:
     detok: Any
     stream: Any  # codec decode stream (audio responses)
     t0: float
+    cpu0: float = 0.0  # the engine thread's CPU clock when this turn's work began (its encode included)
     phase: str = "prefill"  # prefill -> generate -> done
     prefill: Prompt | None = None  # positions still to prefill
     prefill_positions: int = 0
@@ -266,6 +286,7 @@ class _Session:
     response: _Response | None = None
     pending_audio: list[tuple[str, np.ndarray]] = field(default_factory=list)
     last_encode_ms: float = 0.0
+    last_encode_cpu_s: float = 0.0
     text_generator: torch.Generator | None = None
     speech_generator: torch.Generator | None = None
     closed: bool = False
@@ -306,7 +327,11 @@ class Engine:
         *,
         decode_patch: Callable | None = None,
         metrics: Callable[[str, float, dict], None] | None = None,
+        graphs: bool | None = None,
     ) -> None:
+        """``graphs``: run the backbone step and the patch decoder through :class:`DecodeGraphs`
+        (default: ``config.cuda_graphs`` on a CUDA device; True on a CPU runs their static-shape
+        path eagerly, for tests). ``decode_patch`` replaces the patch decoder (ONNX Runtime)."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.codec = codec
@@ -316,8 +341,16 @@ class Engine:
         self.builder = PromptBuilder(tokenizer, lm.config)
         self.renderer = ConversationRenderer(self.builder)
         self.max_positions = min(self.config.max_positions, lm.config.max_position_embeddings)
-        self.cache: KVCache = lm.allocate_cache(self.config.max_sessions, self.max_positions)
-        self.decode_patch = decode_patch or lm.decode_patch
+        use_graphs = graphs if graphs is not None else self.config.cuda_graphs and self.device.type == "cuda"
+        # graphs pad batches with rows that write to a slot no session owns
+        slots = self.config.max_sessions + (1 if use_graphs else 0)
+        self.cache: KVCache = lm.allocate_cache(slots, self.max_positions)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
+                                       scratch_slot=self.config.max_sessions)
+        self.decode_step = self.graphs.decode_step if self.graphs else lm.decode_step
+        self.decode_patch = decode_patch or (self.graphs.decode_patch if self.graphs else lm.decode_patch)
         self._metrics = metrics
         self._jobs: queue.Queue = queue.Queue(maxsize=self.config.job_queue_size)
         self._lock = threading.Lock()
@@ -326,8 +359,9 @@ class Engine:
         self._next_sid = 0
         self._thread: threading.Thread | None = None
         self._running = False
-        self._rr = 0  # round-robin offset over generating sessions when max_batch < their number
+        self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
+        self._step_s = 0.05  # moving average of a tick that steps (seconds)
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
 
@@ -383,8 +417,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while self._running:
-            busy = self._has_work()
-            self._drain_jobs(block=not busy)
+            self._drain_jobs(self._wait_s())
             try:
                 self.tick()
             except Exception:  # never let one bad step kill the engine: fail the sessions involved
@@ -395,14 +428,37 @@ class Engine:
         for s in list(self._sessions.values()):
             self._close_session(s)
 
-    def _has_work(self) -> bool:
-        return any(s.pending_audio or s.response is not None for s in self._sessions.values())
+    def _wait_s(self) -> float:
+        """How long the loop may block on the job queue before the next tick: 0 when a tick has work
+        now; else until the first flow-controlled response may step (or decode what it holds)
+        again, at most ``idle_wait_s``. Busy-polling meanwhile would take the CPU from the event
+        loop and from the other sessions."""
+        now = time.perf_counter()
+        wait = self.config.idle_wait_s
+        for s in self._sessions.values():
+            if s.pending_audio:
+                return 0.0
+            r = s.response
+            if r is None:
+                continue
+            if r.phase != "generate" or r.cancel_reason is not None:
+                return 0.0
+            lead = self._lead_s(r, now)
+            if r.new_codes:
+                if self._codec_due(r, lead):
+                    return 0.0
+                wait = min(wait, lead - self.config.codec_defer_margin_s - self._pass_wait_s(r))  # > 0: not due
+            if lead <= self.config.max_audio_lead_s:
+                return 0.0
+            wait = min(wait, lead - self.config.max_audio_lead_s)
+        return max(wait, 0.0)
 
-    def _drain_jobs(self, block: bool) -> None:
-        timeout = self.config.idle_wait_s
+    def _drain_jobs(self, wait_s: float) -> None:
+        """Handle every queued job; block up to ``wait_s`` for the first when there is none."""
+        block = wait_s > 0
         while True:
             try:
-                entry = self._jobs.get(timeout=timeout) if block else self._jobs.get_nowait()
+                entry = self._jobs.get(timeout=wait_s) if block else self._jobs.get_nowait()
             except queue.Empty:
                 return
             block = False
@@ -424,10 +480,13 @@ class Engine:
     def tick(self) -> None:
         """One round of work: encode, prefill, decode step, codec decode."""
         self.ticks += 1
+        t = time.perf_counter()
         self._encode_pending()
         self._prefill()
-        self._decode_step()
+        stepped = self._decode_step()
         self._codec_step()
+        if stepped:  # how often a generating session steps, for the codec's deferral
+            self._step_s += 0.2 * (time.perf_counter() - t - self._step_s)
 
     # ------------------------------------------------------------------------------ sessions
     def _init_session(self, s: _Session) -> None:
@@ -521,7 +580,7 @@ class Engine:
             return
         for s in self._sessions.values():
             s.pending_audio = []
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time()
         try:
             codes = self._encode([pcm for _, _, pcm in work])
         except ValueError as exc:  # bad audio: fail those items alone
@@ -529,9 +588,10 @@ class Engine:
                 self._emit(s, EngineError("invalid_audio", str(exc), item_id=item_id))
             return
         ms = (time.perf_counter() - t) * 1000
+        cpu = time.thread_time() - cpu
         self._observe("encode", ms / 1000, {"batch": len(work)})
         for (s, item_id, _), c in zip(work, codes, strict=True):
-            s.last_encode_ms = ms
+            s.last_encode_ms, s.last_encode_cpu_s = ms, cpu
             self._add_item(s, Item(item_id, Role.USER, codes=c), encode_ms=ms)
 
     # ------------------------------------------------------------------------------ response
@@ -553,6 +613,7 @@ class Engine:
             self._emit(s, EngineError("response_in_progress", "a response is already running",
                                       response_id=job.response_id))
             return
+        cpu0 = time.thread_time()
         if s.pending_audio:  # the turn being answered is still being encoded: do it now
             self._encode_pending()
         p = job.params
@@ -572,10 +633,11 @@ class Engine:
             text_params=p.sampling.text, speech_params=p.sampling.speech,
             detok=self.tokenizer.detokenizer(), stream=stream,
             t0=job.requested_at if job.requested_at is not None else time.perf_counter(),
+            cpu0=min(cpu0, time.thread_time() - s.last_encode_cpu_s),
         )
         s.response = r
         r.timings["encode_ms"] = round(s.last_encode_ms, 3)
-        s.last_encode_ms = 0.0
+        s.last_encode_ms, s.last_encode_cpu_s = 0.0, 0.0
         cached = self._sync_cache(s, rendering)
         r.cached_positions = cached
         r.prefill = rendering.prompt[cached:]
@@ -639,7 +701,8 @@ class Engine:
             return 0.0
         return r.audio_samples / SAMPLE_RATE - (now - r.t_first_audio)
 
-    def _decode_step(self) -> None:
+    def _decode_step(self) -> bool:
+        """One batched step for the sessions ready to generate; returns whether it ran."""
         now = time.perf_counter()
         ready = []
         for s in self._sessions.values():
@@ -653,11 +716,15 @@ class Engine:
                 continue  # far enough ahead of the listener
             ready.append(s)
         if not ready:
-            return
+            return False
+        if self.config.yield_lead_s > 0 and len(ready) > 1:
+            leads = [self._lead_s(s.response, now) for s in ready]
+            if min(leads) < self.config.urgent_lead_s:
+                ready = [s for s, lead in zip(ready, leads, strict=True) if lead < self.config.yield_lead_s]
         n = max(1, self.config.max_batch)
-        if len(ready) > n:
+        if len(ready) > n:  # the rows closest to running dry first (round-robin order breaks ties)
             start = self._rr % len(ready)
-            ready = (ready[start:] + ready[:start])[:n]
+            ready = sorted(ready[start:] + ready[:start], key=lambda s: self._lead_s(s.response, now))[:n]
             self._rr += n
         t = time.perf_counter()
         hidden = self._backbone(ready)
@@ -680,6 +747,7 @@ class Engine:
         for i, s in enumerate(ready):
             patch_codes = codes[speech_rows.index(i)] if i in speech_rows else self._empty_codes
             self._accept_patch(s, tokens[i], patch_codes)
+        return True
 
     def _backbone(self, ready: list[_Session]) -> torch.Tensor:
         """Hidden states (B, hidden) for the rows: fed patches go through one batched decode step;
@@ -689,7 +757,7 @@ class Engine:
         if feed:
             text_ids = torch.stack([s.response.feed.text_ids for s in feed]).to(self.device)  # (B, 1)
             codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
-            h = self.lm.decode_step(self.cache, [s.slot for s in feed], self.lm.embed_patches(text_ids, codes))
+            h = self.decode_step(self.cache, [s.slot for s in feed], self.lm.embed_patches(text_ids, codes))
             for b, s in enumerate(feed):
                 s.cached = s.cached + s.response.feed
                 s.response.feed = None
@@ -727,9 +795,34 @@ class Engine:
             r.feed = patch
 
     # --------------------------------------------------------------------------------- codec
+    def _pass_wait_s(self, r: _Response) -> float:
+        """How long until ``r`` has a full codec pass: one decode step per missing speech patch, with
+        room for the text patches of an interleave between them."""
+        return (self.config.codec_max_patches - len(r.new_codes)) * self._step_s * 1.5
+
+    def _codec_due(self, r: _Response, lead: float) -> bool:
+        """Decode ``r``'s new speech patches now, or let more gather (see ``codec_defer_margin_s``)?"""
+        margin = self.config.codec_defer_margin_s
+        return (margin <= 0 or r.t_first_audio is None or len(r.new_codes) >= self.config.codec_max_patches
+                or lead - self._pass_wait_s(r) < margin)
+
     def _codec_step(self) -> None:
-        work = [s for s in self._sessions.values()
-                if s.response is not None and s.response.stream is not None and s.response.new_codes]
+        now = time.perf_counter()
+        holding = [s for s in self._sessions.values()
+                   if s.response is not None and s.response.stream is not None and s.response.new_codes]
+        leads = {s.sid: self._lead_s(s.response, now) for s in holding}
+        due = sorted((s for s in holding if self._codec_due(s.response, leads[s.sid])), key=lambda s: leads[s.sid])
+        # Sessions stepping in one batch fill their passes on the same tick; decoding them all then
+        # would make every 8th tick long (a stall for everyone). Pass at the rate that keeps up (one
+        # pass per codec_max_patches steps of each session), closest to running dry first; a session
+        # that must decode now (waiting for its first audio, or short of the margin) always does.
+        budget = -(-len(holding) // max(1, self.config.codec_max_patches)) + 1
+        work = [s for i, s in enumerate(due) if i < budget or s.response.t_first_audio is None
+                or leads[s.sid] < self.config.codec_defer_margin_s]
+        if self.config.yield_lead_s > 0 and any(
+                s.response is not None and s.response.t_first_audio is None for s in self._sessions.values()):
+            # a new turn is waiting for its first audio: sessions comfortably ahead decode later
+            work = [s for s in work if s.response.t_first_audio is None or leads[s.sid] < self.config.yield_lead_s]
         if not work:
             return
         t = time.perf_counter()
@@ -750,6 +843,10 @@ class Engine:
         if r.t_first_audio is None:
             r.t_first_audio = time.perf_counter()
             r.mark("first_audio_ms")
+            # the engine thread's CPU time for this turn's first audio, which other processes on
+            # the machine cannot inflate (exact with one intra-op thread; it also counts work for
+            # other sessions batched in the same steps)
+            r.timings["first_audio_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
         r.audio_samples += len(pcm)
         self._emit(s, AudioDelta(r.job.response_id, r.item.item_id, np.asarray(pcm, dtype=np.float32)))
 
@@ -796,8 +893,10 @@ class Engine:
                 log.exception("metrics callback failed")
 
     # -------------------------------------------------------------------------------- warmup
-    def warmup(self) -> float:
-        """Run every model path once (before :meth:`start`); return the seconds it took."""
+    def warmup(self, speech_sampling: Sequence[SamplingParams] = ()) -> float:
+        """Run every model path once (before :meth:`start`), and capture the CUDA graphs (the patch
+        decoder's for greedy and for ``speech_sampling``, the sessions' default); return the seconds
+        it took."""
         t = time.perf_counter()
         with torch.inference_mode():
             slot = 0
@@ -808,9 +907,13 @@ class Engine:
             codes = self.decode_patch(h, None, None).cpu()
             emb = self.lm.embed_patches(torch.tensor([[self.specials.empty]], device=self.device),
                                         codes.unsqueeze(1).to(self.device))
-            self.lm.decode_step(self.cache, [slot], emb)
+            self.decode_step(self.cache, [slot], emb)
             stream = self.codec.new_decode_stream()
             self.codec.decode_streams([(stream, codes[0])])
             self.codec.finish_stream(stream)
             self.cache.reset(slot)
+            if self.graphs is not None:
+                seconds = self.graphs.capture_all(speech_sampling)
+                if self.graphs.capture:
+                    log.info("captured %d CUDA graphs in %.1f s", self.graphs.captures, seconds)
         return time.perf_counter() - t

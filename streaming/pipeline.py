@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
 DEFAULT_MAX_OUTPUT_PATCHES = 1024  # 164 s of speech: the engine's own cap for "inf"
+MAX_DELTA_SAMPLES = 4800  # 200 ms: larger engine chunks go out as several audio deltas
 
 
 @dataclass
@@ -195,7 +196,7 @@ class SessionBridge:
         return eng.ResponseParams(
             audio=params.audio,
             max_output_patches=max_patches,
-            sampling=ChannelSampling(_sampling(params.text_sampling), _sampling(params.speech_sampling)),
+            sampling=ChannelSampling(model_sampling(params.text_sampling), model_sampling(params.speech_sampling)),
             interleave=params.interleave,
             min_patches=min(params.min_output_tokens, max_patches),
             in_conversation=params.conversation == "auto",
@@ -250,10 +251,13 @@ class SessionBridge:
             if clock is not None and clock.first_audio_sent is None:
                 clock.first_audio_sent = time.perf_counter()
             return
-        self.session.response_audio(ev.response_id, pcm)
-        for event in self.session.take_events():
-            audio_s = len(pcm) / SAMPLE_RATE if isinstance(event, p.ResponseOutputAudioDelta) else 0.0
-            self._send(event, audio_s)
+        # the engine may decode several patches in one codec pass; the client gets them as deltas of
+        # at most MAX_DELTA_SAMPLES, so the outbox's pacing (and what a barge-in must flush) stays fine
+        for piece in np.array_split(pcm, -(-len(pcm) // MAX_DELTA_SAMPLES)) if len(pcm) else [pcm]:
+            self.session.response_audio(ev.response_id, piece)
+            for event in self.session.take_events():
+                audio_s = len(piece) / SAMPLE_RATE if isinstance(event, p.ResponseOutputAudioDelta) else 0.0
+                self._send(event, audio_s)
 
     def output_audio_drained(self, response_id: str) -> None:
         """WebRTC: the media track played the last sample of ``response_id``; the session emits
@@ -288,7 +292,7 @@ class SessionBridge:
                 mimo.timings = {**(mimo.timings or {}), "server_first_audio_ms": round(ms, 3)}
 
 
-def _sampling(params: Any) -> Any:
+def model_sampling(params: Any) -> Any:
     """Protocol sampling (temperature 0 or None: greedy) -> the model's SamplingParams."""
     from agent.lm.sampling import GREEDY, SamplingParams
 

@@ -23,6 +23,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="built-in model with random weights (default: tiny, when no --model)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: on a CPU all cores but one, left to the event loop)")
     e = parser.add_argument_group("engine")
     e.add_argument("--max-sessions", type=int, default=8, help="KV-cache slots: concurrent sessions (default 8)")
     e.add_argument("--max-positions", type=int, default=2048,
@@ -39,6 +41,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--providers", default=None,
                    help="ONNX Runtime providers in order, comma-separated (default: best available)")
     e.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass at start")
+    e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
+                        "start (default on; ignored on a CPU)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -77,7 +82,8 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
     from agent.engine import Engine, EngineConfig
     from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
 
-    rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype)
+    rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
+                      threads=getattr(args, "threads", None))
     decode_patch, codec = None, rt.codec
     if args.backend == "onnx":
         from export.runtime import onnx_backend
@@ -85,11 +91,13 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
         decode_patch, codec = onnx_backend(rt, args.export_dir, providers=args.providers)
     config = EngineConfig(max_sessions=args.max_sessions, max_positions=args.max_positions,
                           max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                          min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0)
+                          min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0,
+                          cuda_graphs=getattr(args, "cuda_graphs", True))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, decode_patch=decode_patch,
                     metrics=None if metrics is None else metrics.engine_observer)
+    rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
     if not args.no_warmup:
-        rt.info["warmup_s"] = round(engine.warmup(), 3)
+        rt.info["warmup_s"] = round(engine.warmup(default_speech_sampling()), 3)
     engine.start()
     interleave = args.interleave or (PRESET_INTERLEAVE if rt.preset else None)
     defaults: dict = {"mimo": {"interleave": None if interleave in (None, "off") else interleave}}
@@ -99,6 +107,14 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
         defaults["mimo"]["codec"] = {"first_chunk_patches": args.codec_first_chunk,
                                      "chunk_patches": args.codec_chunk}
     return engine, rt, defaults
+
+
+def default_speech_sampling() -> list[Any]:
+    """The speech sampler of a session that changes nothing (its CUDA graph is captured at start)."""
+    from streaming.config import default_session_config
+    from streaming.pipeline import model_sampling
+
+    return [model_sampling(default_session_config().mimo.sampling.speech)]
 
 
 def codec_schedule_factory(codec: Any) -> Any:

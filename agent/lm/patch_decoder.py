@@ -123,13 +123,18 @@ def decode_patch(
     h: torch.Tensor,
     speech_sampling: SamplingBatch | SamplingParams | Sequence[SamplingParams] | None,
     generators: Sequence[torch.Generator | None] | None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Backbone hidden states (B, hidden) -> codes (B, group, channels), int64."""
+    """Backbone hidden states (B, hidden) -> codes (B, group, channels), int64.
+
+    ``uniform`` (B, 32): the draws, when the caller made them from the rows' generators already
+    (a CUDA graph replays with its noise copied in); otherwise they are drawn here."""
     B, _ = h.shape
     sched = lm.schedule
     params = SamplingBatch.coerce(speech_sampling, B, h.device)
     # one uniform number per code to draw, the whole patch at once: (B, 32)
-    uniform = None if params.all_greedy else draw_uniform(generators, B, (sched.num_codes,), h.device)
+    if uniform is None and not params.all_greedy:
+        uniform = draw_uniform(generators, B, (sched.num_codes,), h.device)
     k_cache, v_cache = new_local_cache(lm, B)
     codes = torch.zeros(B, sched.group_size, len(sched.vocab_sizes), dtype=torch.int64, device=h.device)
 

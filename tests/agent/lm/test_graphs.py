@@ -1,0 +1,105 @@
+"""The CUDA-graph path's static-shape functions, run eagerly on the CPU: padded batches, span
+buckets and the scratch slot must give what the model's own decode_step and decode_patch give.
+(The capture and replay themselves need a CUDA device.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agent.lm.graphs import DecodeGraphs, bucket_of, buckets
+from agent.lm.sampling import GREEDY, SamplingParams
+
+SLOTS, MAX_BATCH, POSITIONS = 6, 4, 200  # slot 5 is the scratch slot
+
+
+def _caches(lm, lengths: list[int]):
+    """Two identical caches, each slot prefilled with its own random history."""
+    a = lm.allocate_cache(SLOTS, POSITIONS)
+    g = torch.Generator().manual_seed(0)
+    for slot, n in enumerate(lengths):
+        if n:
+            lm.prefill(a, slot, torch.randn(1, n, lm.config.hidden_size, generator=g))
+    b = lm.allocate_cache(SLOTS, POSITIONS)
+    b.k.copy_(a.k)
+    b.v.copy_(a.v)
+    b.lengths.copy_(a.lengths)
+    b.host_lengths = list(a.host_lengths)
+    return a, b
+
+
+def test_buckets() -> None:
+    assert buckets(8) == [1, 2, 4, 8] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
+    assert buckets(200, 64) == [64, 128, 200]
+    assert bucket_of(3, [1, 2, 4]) == 4 and bucket_of(64, [64, 128]) == 64
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        bucket_of(5, [1, 2, 4])
+
+
+@pytest.mark.parametrize("slots", [[0], [2, 0, 4], [3, 1, 0, 2]])
+def test_decode_step_equals_the_model(tiny, slots) -> None:
+    lm, _, _ = tiny
+    eager, static = _caches(lm, [70, 5, 130, 0, 64])  # spans fall in different buckets; slot 3 is empty
+    graphs = DecodeGraphs(lm, static, max_batch=MAX_BATCH, scratch_slot=SLOTS - 1, capture=False)
+    emb = torch.randn(len(slots), 1, lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):  # a few steps: the lengths advance identically
+        want = lm.decode_step(eager, slots, emb)
+        got = graphs.decode_step(static, slots, emb)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert static.host_lengths == eager.host_lengths
+        assert static.lengths.tolist() == eager.lengths.tolist()
+    for s in slots:
+        n = eager.length(s)
+        torch.testing.assert_close(static.k[:, s, :, :n], eager.k[:, s, :, :n], rtol=1e-5, atol=1e-5)
+    assert static.length(SLOTS - 1) == 0  # padding rows never advance the scratch slot
+
+
+def test_decode_step_refuses_the_scratch_slot_and_a_foreign_cache(tiny) -> None:
+    lm, _, _ = tiny
+    cache, other = _caches(lm, [4, 4, 0, 0, 0])
+    graphs = DecodeGraphs(lm, cache, max_batch=MAX_BATCH, scratch_slot=SLOTS - 1, capture=False)
+    emb = torch.zeros(1, 1, lm.config.hidden_size)
+    with pytest.raises(ValueError, match="distinct session slots"):
+        graphs.decode_step(cache, [SLOTS - 1], emb)
+    with pytest.raises(ValueError, match="another KV cache"):
+        graphs.decode_step(other, [0], emb)
+    with pytest.raises(ValueError, match="leaves no scratch slot"):
+        DecodeGraphs(lm, cache, max_batch=SLOTS, scratch_slot=SLOTS - 1, capture=False)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(0.9, top_p=0.95), SamplingParams(0.8, top_k=20)])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_decode_patch_equals_the_model(tiny, sampling, rows) -> None:
+    lm, _, _ = tiny
+    cache = lm.allocate_cache(SLOTS, POSITIONS)
+    graphs = DecodeGraphs(lm, cache, max_batch=MAX_BATCH, scratch_slot=SLOTS - 1, capture=False)
+    h = torch.randn(rows, lm.config.hidden_size, generator=torch.Generator().manual_seed(rows))
+    params = [sampling] * rows
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(rows)]
+
+    want = lm.decode_patch(h, params, gens())
+    got = graphs.decode_patch(h, params, gens())
+    assert got.shape == want.shape == (rows, lm.config.group_size, len(lm.config.speech_vocab_sizes))
+    assert torch.equal(got, want)
+
+
+def test_mixed_sampling_rows_match_too(tiny) -> None:
+    lm, _, _ = tiny
+    graphs = DecodeGraphs(lm, lm.allocate_cache(SLOTS, POSITIONS), max_batch=MAX_BATCH, scratch_slot=SLOTS - 1,
+                          capture=False)
+    h = torch.randn(3, lm.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    params = [GREEDY, SamplingParams(0.9, top_p=0.95), SamplingParams(1.2, top_k=5)]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    want = lm.decode_patch(h, params, gens)
+    got = graphs.decode_patch(h, params, [torch.Generator().manual_seed(i) for i in range(3)])
+    assert torch.equal(got, want)
+
+
+def test_capture_needs_cuda(tiny) -> None:
+    lm, _, _ = tiny
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        DecodeGraphs(lm, lm.allocate_cache(SLOTS, POSITIONS), max_batch=MAX_BATCH, scratch_slot=SLOTS - 1,
+                     capture=True)
