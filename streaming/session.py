@@ -515,6 +515,7 @@ class RealtimeSession:
         parts: list[p.ContentPart] = []
         actions: list[act.Action] = []
         audio: list[np.ndarray] = []
+        transcribe = False
         for i, part in enumerate(spec.content):  # validate every part before anything happens
             where = f"item.content[{i}]"
             if part.type in ("input_text", "output_text"):
@@ -539,8 +540,7 @@ class RealtimeSession:
                 )
                 pcm = np.concatenate([pcm, decoder.flush()])
                 audio.append(pcm)
-                transcribe = self._transcribing() and not part.transcript
-                actions.append(act.AppendUserAudio(item_id, pcm, transcribe=transcribe))
+                transcribe = transcribe or (self._transcribing() and not part.transcript)
                 parts.append(p.ContentPart(type="input_audio", transcript=part.transcript))
             else:  # output_audio
                 raise ProtocolError(
@@ -556,6 +556,8 @@ class RealtimeSession:
             parts=parts,
             audio=np.concatenate(audio) if audio else None,
         )
+        if audio:  # the audio parts of an item are one utterance for the model: one action
+            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe))
         previous = self._add_item(item)
         self._announce_item(item, previous)
         self._actions.extend(actions)
