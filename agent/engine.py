@@ -46,6 +46,7 @@ from agent.lm.model import MiMoAudioLM
 from agent.lm.prompts import Prompt, PromptBuilder
 from agent.lm.sampling import ChannelSampling, SamplingBatch, SamplingParams, draw_uniform, sample
 from agent.lm.tokenizer import TextTokenizer
+from agent.transcriber import Transcriber, TranscriptionDelta, TranscriptionDone
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class EngineConfig:
     codec_max_patches: int = 8
     job_queue_size: int = 4096
     min_context_room: int = 128  # positions kept free for a response when trimming old turns
+    transcription_positions: int = 1024  # context of the input-transcription pass (its own 1-slot cache)
     min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
     idle_wait_s: float = 0.05
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
@@ -109,8 +111,11 @@ class ResponseParams:
 # ----------------------------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
 class AddUserAudio:
+    """User speech; several jobs with the same ``item_id`` in a row are parts of one item."""
+
     item_id: str
     pcm: np.ndarray  # float32 mono 24 kHz
+    transcribe: bool = False  # also transcribe it (the model's ASR task): Transcription* events
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,7 @@ class EngineError:
 
 EngineEvent = (
     ItemAdded | ResponseStarted | TextDelta | AudioDelta | ResponseDone | ItemTruncated | ItemsDropped | EngineError
+    | TranscriptionDelta | TranscriptionDone
 )
 
 
@@ -285,6 +291,7 @@ class _Session:
     cached: Prompt | None = None  # what the slot's KV cache holds, position by position
     response: _Response | None = None
     pending_audio: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    transcribe: set[str] = field(default_factory=set)  # pending audio items to transcribe
     last_encode_ms: float = 0.0
     last_encode_cpu_s: float = 0.0
     text_generator: torch.Generator | None = None
@@ -350,6 +357,7 @@ class Engine:
             self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
                                        scratch_slot=self.config.max_sessions)
         self.decode_step = self.graphs.decode_step if self.graphs else lm.decode_step
+        self.transcriber = Transcriber(lm, tokenizer, self.builder, max_positions=self.config.transcription_positions)
         self.decode_patch = decode_patch or (self.graphs.decode_patch if self.graphs else lm.decode_patch)
         self._metrics = metrics
         self._jobs: queue.Queue = queue.Queue(maxsize=self.config.job_queue_size)
@@ -428,6 +436,11 @@ class Engine:
         for s in list(self._sessions.values()):
             self._close_session(s)
 
+    def _responses_waiting(self) -> bool:
+        """Whether a response is still before its first audio: transcripts wait for it."""
+        return any(s.response is not None and s.response.t_first_audio is None
+                   and s.response.cancel_reason is None for s in self._sessions.values())
+
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work
         now; else until the first flow-controlled response may step (or decode what it holds)
@@ -435,6 +448,8 @@ class Engine:
         loop and from the other sessions."""
         now = time.perf_counter()
         wait = self.config.idle_wait_s
+        if self.transcriber.pending and not self._responses_waiting():
+            return 0.0
         for s in self._sessions.values():
             if s.pending_audio:
                 return 0.0
@@ -485,6 +500,8 @@ class Engine:
         self._prefill()
         stepped = self._decode_step()
         self._codec_step()
+        if self.transcriber.pending and not self._responses_waiting():
+            self.transcriber.step()
         if stepped:  # how often a generating session steps, for the codec's deferral
             self._step_s += 0.2 * (time.perf_counter() - t - self._step_s)
 
@@ -500,6 +517,7 @@ class Engine:
         if s.closed:
             return
         s.closed = True
+        self.transcriber.forget(s.sid)
         s.response = None
         self._sessions.pop(s.sid, None)
         self.cache.reset(s.slot)
@@ -519,7 +537,12 @@ class Engine:
         if isinstance(job, _Close):
             self._close_session(s)
         elif isinstance(job, AddUserAudio):
-            s.pending_audio.append((job.item_id, np.asarray(job.pcm, dtype=np.float32)))
+            pcm = np.asarray(job.pcm, dtype=np.float32)
+            if s.pending_audio and s.pending_audio[-1][0] == job.item_id:  # another part of the same item
+                pcm = np.concatenate([s.pending_audio.pop()[1], pcm])
+            s.pending_audio.append((job.item_id, pcm))
+            if job.transcribe:
+                s.transcribe.add(job.item_id)
         elif isinstance(job, AddUserText):
             self._add_item(s, Item(job.item_id, Role.USER, text=job.text))
         elif isinstance(job, AddSystemText):
@@ -545,6 +568,7 @@ class Engine:
         elif isinstance(job, Truncate):
             self._truncate(s, job)
         elif isinstance(job, DeleteItem):
+            self.transcriber.forget(s.sid, job.item_id)
             if s.response is not None and s.response.item.item_id == job.item_id:
                 self._finish(s, "cancelled", "item_deleted")
             s.items = [it for it in s.items if it.item_id != job.item_id]
@@ -593,6 +617,9 @@ class Engine:
         for (s, item_id, _), c in zip(work, codes, strict=True):
             s.last_encode_ms, s.last_encode_cpu_s = ms, cpu
             self._add_item(s, Item(item_id, Role.USER, codes=c), encode_ms=ms)
+            if item_id in s.transcribe:
+                s.transcribe.discard(item_id)
+                self.transcriber.add(s.sid, item_id, c, lambda e, s=s: self._emit(s, e))
 
     # ------------------------------------------------------------------------------ response
     def _controls(self, params: ResponseParams) -> GenerationControls:

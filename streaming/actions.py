@@ -49,6 +49,7 @@ class AppendUserAudio:
 
     item_id: str
     pcm: np.ndarray  # int16, 24 kHz, mono
+    transcribe: bool = False  # report its transcript (``transcription_delta`` / ``_done`` / ``_failed``)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -146,7 +146,7 @@ class SessionBridge:
 
         submit = self.handle.submit
         if isinstance(a, act.AppendUserAudio):
-            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm)))
+            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe))
         elif isinstance(a, act.AppendUserText):
             submit(eng.AddUserText(a.item_id, a.text))
         elif isinstance(a, act.AppendSystemText):
@@ -234,6 +234,10 @@ class SessionBridge:
                     self._send(p.ErrorEvent(error=p.ErrorDetail(
                         type="invalid_request_error" if ev.code != "job_failed" else "server_error",
                         code=ev.code, message=ev.message)))
+            elif isinstance(ev, eng.TranscriptionDelta):
+                s.transcription_delta(ev.item_id, ev.text)
+            elif isinstance(ev, eng.TranscriptionDone):
+                s.transcription_done(ev.item_id, ev.transcript)
             elif isinstance(ev, eng.ItemsDropped):
                 for item_id in ev.item_ids:
                     s.drop_item(item_id)

@@ -460,7 +460,7 @@ class RealtimeSession:
         self._emit(p.InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
         self._announce_item(item, previous)
         if len(pcm):
-            self._actions.append(act.AppendUserAudio(item_id, pcm))
+            self._actions.append(act.AppendUserAudio(item_id, pcm, transcribe=self._transcribing()))
 
     def _idle_timeout(self) -> None:
         item_id, start_ms, end_ms, pcm = self.input.take()
@@ -515,6 +515,7 @@ class RealtimeSession:
         parts: list[p.ContentPart] = []
         actions: list[act.Action] = []
         audio: list[np.ndarray] = []
+        transcribe = False
         for i, part in enumerate(spec.content):  # validate every part before anything happens
             where = f"item.content[{i}]"
             if part.type in ("input_text", "output_text"):
@@ -539,7 +540,7 @@ class RealtimeSession:
                 )
                 pcm = np.concatenate([pcm, decoder.flush()])
                 audio.append(pcm)
-                actions.append(act.AppendUserAudio(item_id, pcm))
+                transcribe = transcribe or (self._transcribing() and not part.transcript)
                 parts.append(p.ContentPart(type="input_audio", transcript=part.transcript))
             else:  # output_audio
                 raise ProtocolError(
@@ -555,6 +556,8 @@ class RealtimeSession:
             parts=parts,
             audio=np.concatenate(audio) if audio else None,
         )
+        if audio:  # the audio parts of an item are one utterance for the model: one action
+            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe))
         previous = self._add_item(item)
         self._announce_item(item, previous)
         self._actions.extend(actions)
@@ -802,6 +805,31 @@ class RealtimeSession:
                 ErrorCode.RESPONSE_FAILED, f"Response {run.id} failed: {message}", type=ErrorType.SERVER
             )
         )
+
+    def _transcribing(self) -> bool:
+        return self.config.audio.input.transcription is not None
+
+    # --- input transcription feedback (the engine's ASR pass over a user audio item) ---
+
+    def transcription_delta(self, item_id: str, delta: str) -> None:
+        if delta and self.conversation.get(item_id) is not None:
+            self._emit(p.InputAudioTranscriptionDelta(item_id=item_id, delta=delta))
+
+    def transcription_done(self, item_id: str, transcript: str) -> None:
+        item = self.conversation.get(item_id)
+        if item is None:
+            return  # deleted meanwhile
+        for part in item.parts:
+            if part.type == "input_audio":
+                part.transcript = transcript
+                break
+        self._emit(p.InputAudioTranscriptionCompleted(item_id=item_id, transcript=transcript))
+
+    def transcription_failed(self, item_id: str, message: str) -> None:
+        if self.conversation.get(item_id) is None:
+            return
+        detail = p.ErrorDetail(type=ErrorType.SERVER.value, code="transcription_failed", message=message)
+        self._emit(p.InputAudioTranscriptionFailed(item_id=item_id, error=detail))
 
     def drop_item(self, item_id: str) -> None:
         """The engine removed an item to fit the context (``truncation: auto``): the client is told

@@ -84,6 +84,7 @@ function number(id) {
 function readSession() {
   const settings = {
     turnDetection: $("turn-detection").value,
+    transcribe: $("transcribe").checked,
     text: { temperature: number("text-temperature"), top_p: number("text-top-p") },
     speech: { temperature: number("speech-temperature"), top_p: number("speech-top-p") },
   };

@@ -3,6 +3,8 @@ offline and streaming. See :class:`MiMoAudioTokenizer`."""
 
 from .audio import AudioError, load_wav, write_wav
 from .config import PRESETS, AudioTokenizerConfig, ConfigError, preset
+from .incremental import IncrementalEncodeConfig, IncrementalEncoder
+from .streaming import DecodeSchedule, DecodeStream, NormStatistics, norm_statistics
 from .tokenizer import (
     GROUP_SIZE,
     LM_CODEBOOKS,
@@ -19,9 +21,15 @@ __all__ = [
     "AudioError",
     "AudioTokenizerConfig",
     "ConfigError",
+    "DecodeSchedule",
+    "DecodeStream",
+    "IncrementalEncodeConfig",
+    "IncrementalEncoder",
     "MiMoAudioTokenizer",
+    "NormStatistics",
     "load_audio_tokenizer",
     "load_wav",
+    "norm_statistics",
     "pad_codes_to_group",
     "preset",
     "save_audio_tokenizer",

@@ -28,6 +28,7 @@ from .config import preset as preset_config
 from .decoder import AudioDecoder
 from .encoder import AudioEncoder
 from .mel import MelFrontEnd
+from .streaming import DecodeSchedule, DecodeStream, decode_streams, finish_streams
 
 #: Mel frames per encoder call (the official ``encode_batch`` budget), bounding memory.
 MAX_MEL_FRAMES_PER_CALL = 256_000
@@ -171,25 +172,23 @@ class MiMoAudioTokenizer(nn.Module):
         return [wav[i, : int(n)] for i, n in enumerate(wav_lengths.tolist())]
 
     # --- streaming decode (see streaming.py) -----------------------------------------------------
-    def new_decode_stream(self, schedule=None):
-        """A fresh per-stream decoding state; ``schedule`` is a :class:`DecodeSchedule` (None: default)."""
-        from .streaming import DecodeSchedule, DecodeStream
-
+    def new_decode_stream(self, schedule: DecodeSchedule | None = None) -> DecodeStream:
+        """A fresh per-stream decoding state (one response); ``schedule=None``: the default."""
         return DecodeStream(self, schedule or DecodeSchedule())
 
-    def decode_streams(self, items) -> list[np.ndarray]:
-        """Feed new codes to several streams at once: ``[(stream, codes (n, 8)), ...]`` -> one float32
-        array per stream (empty when that stream has nothing to play yet). Due chunks of all the
-        streams are decoded in batched forwards."""
-        from .streaming import decode_streams
+    def decode_streams(self, items: Sequence[tuple[DecodeStream, torch.Tensor]]) -> list[np.ndarray]:
+        """Feed new codes to several streams at once: ``[(stream, codes (n, q)), ...]`` -> one float32
+        array per stream (empty when that stream has nothing to play yet). The chunks that fall due
+        are decoded in batched forwards, one per design."""
+        return decode_streams(self, list(items))
 
-        return decode_streams(self, items)
-
-    def finish_stream(self, stream) -> np.ndarray:
+    def finish_stream(self, stream: DecodeStream) -> np.ndarray:
         """End a stream: decode and return all audio it still holds back."""
-        from .streaming import finish_streams
+        return self.finish_streams([stream])[0]
 
-        return finish_streams(self, [stream])[0]
+    def finish_streams(self, streams: Sequence[DecodeStream]) -> list[np.ndarray]:
+        """End several streams in batched forwards; the held-back audio of each."""
+        return finish_streams(self, list(streams))
 
 
 def pad_codes_to_group(codes: torch.Tensor, group: int = GROUP_SIZE) -> torch.Tensor:

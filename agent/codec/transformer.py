@@ -98,7 +98,7 @@ def sliding_window_attention(
     left: int,
     right: int,
     lengths: torch.Tensor | None = None,
-    block: int = 128,
+    block: int = 32,
 ) -> torch.Tensor:
     """Exact attention where query i sees keys i-left..i+right (and < lengths[b]); (B, H, T, D).
 

@@ -78,6 +78,35 @@ class ConversationItemDeleted(ServerEventBase):
     item_id: str
 
 
+class InputAudioTranscriptionDelta(ServerEventBase):
+    """A piece of a user audio item's transcript (``audio.input.transcription`` is set)."""
+
+    type: Literal["conversation.item.input_audio_transcription.delta"] = (
+        "conversation.item.input_audio_transcription.delta"
+    )
+    item_id: str
+    content_index: int = 0
+    delta: str
+
+
+class InputAudioTranscriptionCompleted(ServerEventBase):
+    type: Literal["conversation.item.input_audio_transcription.completed"] = (
+        "conversation.item.input_audio_transcription.completed"
+    )
+    item_id: str
+    content_index: int = 0
+    transcript: str
+
+
+class InputAudioTranscriptionFailed(ServerEventBase):
+    type: Literal["conversation.item.input_audio_transcription.failed"] = (
+        "conversation.item.input_audio_transcription.failed"
+    )
+    item_id: str
+    content_index: int = 0
+    error: ErrorDetail
+
+
 class InputAudioBufferCommitted(ServerEventBase):
     type: Literal["input_audio_buffer.committed"] = "input_audio_buffer.committed"
     item_id: str
@@ -231,6 +260,9 @@ SERVER_EVENTS: dict[str, type[Any]] = {
         ConversationItemRetrieved,
         ConversationItemTruncated,
         ConversationItemDeleted,
+        InputAudioTranscriptionDelta,
+        InputAudioTranscriptionCompleted,
+        InputAudioTranscriptionFailed,
         InputAudioBufferCommitted,
         InputAudioBufferCleared,
         InputAudioBufferSpeechStarted,

@@ -119,7 +119,8 @@ class NoiseReduction(StrictModel):
 class AudioInputConfig(StrictModel):
     format: AudioFormat | None = None
     turn_detection: TurnDetection | None = None
-    # accepted and echoed: input transcription is not produced by this server (no separate ASR pass)
+    # set (any object, e.g. {"model": "mimo-asr"}): user audio items are transcribed by the model's
+    # own ASR task, reported with conversation.item.input_audio_transcription.* events
     transcription: dict[str, Any] | None = None
     noise_reduction: NoiseReduction | None = None
 

@@ -339,3 +339,26 @@ def test_a_turn_larger_than_the_context_fails_its_response_clearly(runtime):
         assert done.status in ("completed", "incomplete")
     finally:
         engine.stop()
+
+
+def test_user_audio_is_transcribed_when_asked(runtime):
+    from agent.engine import TranscriptionDelta, TranscriptionDone
+
+    engine = make_engine(runtime)
+    try:
+        c = Client(engine)
+        c.submit(AddUserAudio("u1", speech(1.3), transcribe=True))
+        events, done = c.until(TranscriptionDone)
+        assert done.item_id == "u1"
+        deltas = "".join(e.text for e in events if isinstance(e, TranscriptionDelta))
+        assert deltas.strip() == done.transcript and done.transcript
+        added = [e for e in events if isinstance(e, ItemAdded)]
+        assert len(added) == 1 and added[0].patches == len(engine.renderer.render(c.state.items[:1]).prompt)
+        # the pass used its own cache: the session's slot holds nothing yet
+        assert engine.cache.length(c.state.slot) == 0
+        # the conversation goes on as before
+        c.submit(AddUserAudio("u2", speech(0.5)))
+        _, response = c.respond("r1", audio=False)
+        assert response.status in ("completed", "incomplete")
+    finally:
+        engine.stop()

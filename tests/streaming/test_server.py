@@ -346,3 +346,24 @@ async def test_voice_prompt_conditions_the_conversation(server):
         await ws.close()
     assert voice_patches > 10
     assert with_voice["input_tokens"] - without["input_tokens"] == voice_patches
+
+
+async def test_input_audio_transcription_when_asked(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.update(ws, audio={"input": {"turn_detection": None, "transcription": {"model": "mimo-asr"}}})
+        events = await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav"))
+        committed = next(e for e in events if e["type"] == "input_audio_buffer.committed")
+        if not any(e["type"] == "conversation.item.input_audio_transcription.completed" for e in events):
+            events.append(await rc.until(ws, "conversation.item.input_audio_transcription.completed", events=events))
+        done = next(e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed")
+        assert done["item_id"] == committed["item_id"]
+        deltas = "".join(e["delta"] for e in events
+                         if e["type"] == "conversation.item.input_audio_transcription.delta")
+        assert done["transcript"] and deltas.strip() == done["transcript"]
+        # the item now carries its transcript
+        await rc.send(ws, {"type": "conversation.item.retrieve", "item_id": committed["item_id"]})
+        item = (await rc.until(ws, "conversation.item.retrieved"))["item"]
+        assert item["content"][0]["transcript"] == done["transcript"]
+    finally:
+        await ws.close()

@@ -29,7 +29,8 @@ ANSWERED = """(transport) => {
     const agent = d.transcript.find((e) => e.role === "assistant" && e.final && e.text);
     const turn = d.latencies.find((t) => t.vadToPlayedMs !== null && t.micToPlayedMs !== null);
     const drained = transport === "websocket" || (d.eventCounts["output_audio_buffer.stopped"] ?? 0) > 0;
-    return Boolean(agent && turn && drained);
+    const heard = (d.eventCounts["conversation.item.input_audio_transcription.completed"] ?? 0) > 0;
+    return Boolean(agent && turn && drained && heard);
 }"""
 
 
@@ -95,7 +96,8 @@ def test_the_demo_holds_a_spoken_turn(browser: Chromium, live, transport: str) -
             assert state["callId"] is None
             assert counts["response.output_audio.delta"] >= 1 and demo["audio"]["msPlayed"] > 0
         for kind in ("session.created", "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                     "response.created", "response.done", "client.playback_started"):
+                     "response.created", "response.done", "client.playback_started",
+                     "conversation.item.input_audio_transcription.completed"):
             assert counts.get(kind, 0) >= 1, kind
 
         user = [e for e in demo["transcript"] if e["role"] == "user"]

@@ -54,6 +54,7 @@ function sampling(group, name) {
  * @param {object} [settings.speech] speech sampling {temperature, top_k, top_p}
  * @param {string} [settings.task]
  * @param {string} [settings.voicePrompt] base64 pcm16 24 kHz mono
+ * @param {boolean} [settings.transcribe] ask for input transcription (user-side transcript events)
  * @returns {object} a partial GA session (without `type`; sessionUpdate adds it)
  */
 export function buildSession(settings = {}) {
@@ -66,6 +67,9 @@ export function buildSession(settings = {}) {
     audio.input = { turn_detection: null };
   } else if (settings.turnDetection === "server_vad" || settings.vad) {
     audio.input = { turn_detection: { type: "server_vad", ...(settings.vad ?? {}) } };
+  }
+  if (settings.transcribe !== undefined) {
+    audio.input = { ...(audio.input ?? {}), transcription: settings.transcribe ? { model: "mimo-asr" } : null };
   }
   if (settings.voice) audio.output = { voice: settings.voice };
   if (Object.keys(audio).length) session.audio = audio;
