@@ -63,7 +63,7 @@ def test_flow_controlled_response_does_not_spin(runtime) -> None:
     assert audio_s > 1.0
     # generation is paced (it cannot run more than 0.2 s ahead of real time), and the loop ticks only
     # when it has work: about once per patch and codec chunk, not thousands of polls while it waits
-    assert done.timings["total_ms"] > (audio_s - 0.2 - 0.2) * 1000
+    assert done.timings["total_ms"] > 0.6 * audio_s * 1000  # unpaced, it would take a few hundred ms
     assert engine.ticks < 200, f"{engine.ticks} ticks for a 16-patch response: the engine loop busy-polls"
 
 
