@@ -448,9 +448,15 @@ class RealtimeClient:
 
 
 def realtime_url(url: str, model: str | None = None) -> str:
-    """Add ``?model=`` (kept if already there); ``http(s)`` becomes ``ws(s)``."""
+    """The WebSocket URL of a server given as its origin, its ``/v1`` base or the full
+    ``/v1/realtime`` URL (as the JavaScript SDK accepts): ``http(s)`` becomes ``ws(s)``, and
+    ``?model=`` is added (kept if already there)."""
     parts = urllib.parse.urlsplit(url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    if path in ("", "/v1"):
+        path = (path or "/v1") + "/realtime"
+    parts = parts._replace(path=path)
     query = urllib.parse.parse_qsl(parts.query)
     if model is not None and not any(k == "model" for k, _ in query):
         query.append(("model", model))

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
     t = parser.add_argument_group("target")
     where = t.add_mutually_exclusive_group()
-    where.add_argument("--url", help="a running server's realtime URL, e.g. ws://127.0.0.1:8000/v1/realtime")
+    where.add_argument("--url", help="a running server: its origin (http://127.0.0.1:8000) or realtime URL (ws://.../v1/realtime)")
     where.add_argument("--spawn", action="store_true",
                        help="start a server (mimo-agent serve with the model options below) on 127.0.0.1")
     t.add_argument("--api-key", default=None, help="the server's API key (--url)")

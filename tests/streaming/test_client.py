@@ -41,6 +41,8 @@ def test_realtime_url_and_auth():
     assert realtime_url("http://h:8000/v1/realtime", "m") == "ws://h:8000/v1/realtime?model=m"
     assert realtime_url("wss://h/v1/realtime?model=x", "m") == "wss://h/v1/realtime?model=x"
     assert realtime_url("ws://h/v1/realtime") == "ws://h/v1/realtime"
+    assert realtime_url("http://h:8000") == realtime_url("http://h:8000/") == "ws://h:8000/v1/realtime"
+    assert realtime_url("https://h/v1/", "m") == "wss://h/v1/realtime?model=m"
     assert auth_options("sk-1", "header") == {
         "additional_headers": {"Authorization": "Bearer sk-1"},
         "subprotocols": ["realtime"],
