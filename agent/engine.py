@@ -333,12 +333,14 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         decode_patch: Callable | None = None,
+        embed_patches: Callable | None = None,
         metrics: Callable[[str, float, dict], None] | None = None,
         graphs: bool | None = None,
     ) -> None:
         """``graphs``: run the backbone step and the patch decoder through :class:`DecodeGraphs`
         (default: ``config.cuda_graphs`` on a CUDA device; True on a CPU runs their static-shape
-        path eagerly, for tests). ``decode_patch`` replaces the patch decoder (ONNX Runtime)."""
+        path eagerly, for tests). ``decode_patch`` replaces the patch decoder and ``embed_patches`` the
+        patch encoder (ONNX Runtime), with the model's signatures."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.codec = codec
@@ -357,6 +359,7 @@ class Engine:
             self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
                                        scratch_slot=self.config.max_sessions)
         self.decode_step = self.graphs.decode_step if self.graphs else lm.decode_step
+        self.embed_patches = embed_patches or lm.embed_patches
         self.transcriber = Transcriber(lm, tokenizer, self.builder, max_positions=self.config.transcription_positions)
         self.decode_patch = decode_patch or (self.graphs.decode_patch if self.graphs else lm.decode_patch)
         self._metrics = metrics
@@ -712,7 +715,7 @@ class Engine:
             t = time.perf_counter()
             chunk, r.prefill = r.prefill[:budget], r.prefill[budget:]
             budget -= len(chunk)
-            emb = self.lm.embed_patches(*chunk.batch(self.device))
+            emb = self.embed_patches(*chunk.batch(self.device))
             r.hidden = self.lm.prefill(self.cache, s.slot, emb)
             s.cached = s.cached + chunk
             r.timings["prefill_ms"] = round(r.timings.get("prefill_ms", 0.0) + (time.perf_counter() - t) * 1000, 3)
@@ -784,7 +787,7 @@ class Engine:
         if feed:
             text_ids = torch.stack([s.response.feed.text_ids for s in feed]).to(self.device)  # (B, 1)
             codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
-            h = self.decode_step(self.cache, [s.slot for s in feed], self.lm.embed_patches(text_ids, codes))
+            h = self.decode_step(self.cache, [s.slot for s in feed], self.embed_patches(text_ids, codes))
             for b, s in enumerate(feed):
                 s.cached = s.cached + s.response.feed
                 s.response.feed = None
@@ -929,10 +932,10 @@ class Engine:
             slot = 0
             prompt = self.builder.text("<|im_start|>user\n") + self.builder.audio(
                 self._encode([np.zeros(SAMPLE_RATE // 2, dtype=np.float32)])[0])
-            h = self.lm.prefill(self.cache, slot, self.lm.embed_patches(*prompt.batch(self.device)))
+            h = self.lm.prefill(self.cache, slot, self.embed_patches(*prompt.batch(self.device)))
             self.lm.text_logits(h)
             codes = self.decode_patch(h, None, None).cpu()
-            emb = self.lm.embed_patches(torch.tensor([[self.specials.empty]], device=self.device),
+            emb = self.embed_patches(torch.tensor([[self.specials.empty]], device=self.device),
                                         codes.unsqueeze(1).to(self.device))
             self.decode_step(self.cache, [slot], emb)
             stream = self.codec.new_decode_stream()

@@ -5,6 +5,8 @@
 ``MiMoAudioLM.decode_patch`` and runs the fused patch-decoder graph; ``codec`` has the engine's
 codec interface (``encode_batch``, ``new_decode_stream``, ``decode_streams``, ``finish_stream``)
 with the encoder graph and the streaming-decoder chunk graph (:mod:`export.codec`).
+``onnx_patch_encoder(runtime, export_dir)`` is the engine's ``embed_patches`` on the patch-encoder
+graph (prefill and the per-patch feedback both go through it).
 
 Providers are tried in the order asked (``tensorrt,cuda,cpu``); by default TensorRT, CUDA, CPU
 when the model runs on a CUDA device, else the CPU. On a GPU provider, inputs and outputs are bound
@@ -315,9 +317,7 @@ def onnx_backend(
     manifest = read_manifest(export_dir)
     verify_sources(manifest, runtime, export_dir)
     paths = check_graph_files(export_dir, manifest, list(SERVING_GRAPHS))
-    options.setdefault("trt_cache_dir", os.environ.get("MIMO_AGENT_TRT_CACHE") or str(Path(export_dir) / "tensorrt"))
-    options.setdefault("trt_fp16", os.environ.get("MIMO_AGENT_TRT_FP16", "0") == "1")
-    config = session_config(runtime, providers, **options)
+    config = session_config(runtime, providers, **_serving_options(export_dir, options))
     decode_patch = OnnxPatchDecoder(GraphRunner(paths["patch_decoder"], config), manifest.settings)
     codec = OnnxCodec(runtime.codec, GraphRunner(paths["codec_encoder"], config),
                       GraphRunner(paths["codec_decoder_chunk"], config), manifest.settings)
@@ -327,10 +327,22 @@ def onnx_backend(
 
 def onnx_patch_encoder(runtime: Any, export_dir: str | os.PathLike, providers: str | Sequence[str] | None = None,
                        **options: Any) -> OnnxPatchEncoder:
-    """An ``embed_patches`` drop-in on the ``patch_encoder`` graph, checked like :func:`onnx_backend`
-    (the engine calls ``lm.embed_patches`` itself today; this is for callers that can inject it)."""
+    """An ``embed_patches`` drop-in on the ``patch_encoder`` graph (the engine's ``embed_patches=``),
+    checked and configured like :func:`onnx_backend`."""
+    if export_dir is None:
+        raise ExportMismatch("--backend onnx needs --export-dir DIR (made by `mimo-agent export --out DIR`)")
     manifest = read_manifest(export_dir)
     verify_sources(manifest, runtime, export_dir)
     path = check_graph_files(export_dir, manifest, ["patch_encoder"])["patch_encoder"]
-    return OnnxPatchEncoder(GraphRunner(path, session_config(runtime, providers, **options)), runtime.lm)
+    config = session_config(runtime, providers, **_serving_options(export_dir, options))
+    return OnnxPatchEncoder(GraphRunner(path, config), runtime.lm)
+
+
+def _serving_options(export_dir: str | os.PathLike, options: dict[str, Any]) -> dict[str, Any]:
+    """TensorRT defaults: engines cached in ``export_dir/tensorrt`` unless ``trt_cache_dir`` (or
+    ``$MIMO_AGENT_TRT_CACHE``) says otherwise, fp16 when ``trt_fp16`` (or ``$MIMO_AGENT_TRT_FP16=1``)."""
+    options = dict(options)
+    options.setdefault("trt_cache_dir", os.environ.get("MIMO_AGENT_TRT_CACHE") or str(Path(export_dir) / "tensorrt"))
+    options.setdefault("trt_fp16", os.environ.get("MIMO_AGENT_TRT_FP16", "0") == "1")
+    return options
 

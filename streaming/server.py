@@ -84,16 +84,17 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
 
     rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
                       threads=getattr(args, "threads", None))
-    decode_patch, codec = None, rt.codec
+    decode_patch, embed_patches, codec = None, None, rt.codec
     if args.backend == "onnx":
-        from export.runtime import onnx_backend
+        from export.runtime import onnx_backend, onnx_patch_encoder
 
         decode_patch, codec = onnx_backend(rt, args.export_dir, providers=args.providers)
+        embed_patches = onnx_patch_encoder(rt, args.export_dir, providers=args.providers)
     config = EngineConfig(max_sessions=args.max_sessions, max_positions=args.max_positions,
                           max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                           min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0,
                           cuda_graphs=getattr(args, "cuda_graphs", True))
-    engine = Engine(rt.lm, rt.tokenizer, codec, config, decode_patch=decode_patch,
+    engine = Engine(rt.lm, rt.tokenizer, codec, config, decode_patch=decode_patch, embed_patches=embed_patches,
                     metrics=None if metrics is None else metrics.engine_observer)
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
     if not args.no_warmup:

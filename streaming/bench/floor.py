@@ -60,10 +60,12 @@ class Floor:
         rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
                           threads=getattr(args, "threads", None))
         self.rt, self.lm, self.codec, self.decode_patch = rt, rt.lm, rt.codec, rt.lm.decode_patch
+        self.embed_patches = rt.lm.embed_patches
         if getattr(args, "backend", "torch") == "onnx":
-            from export.runtime import onnx_backend
+            from export.runtime import onnx_backend, onnx_patch_encoder
 
             self.decode_patch, self.codec = onnx_backend(rt, args.export_dir, providers=args.providers)
+            self.embed_patches = onnx_patch_encoder(rt, args.export_dir, providers=args.providers)
         self.dev = self.lm.device
         self.sp = sp = rt.tokenizer.specials
         self.builder = PromptBuilder(rt.tokenizer, self.lm.config)
@@ -123,7 +125,7 @@ class Floor:
         if keep < len(cached):
             self.cache.rollback(0, keep)
         new = prompt[keep:]
-        h = lm.prefill(self.cache, 0, lm.embed_patches(*new.batch(dev)))
+        h = lm.prefill(self.cache, 0, self.embed_patches(*new.batch(dev)))
         cached = prompt
         t2 = time.perf_counter()
         state = ControlState(self.controls, eot_id=sp.eot)
@@ -133,7 +135,7 @@ class Floor:
         while chunk is None or len(chunk) == 0:
             ts = time.perf_counter()
             if steps:  # the previous patch goes through the backbone first
-                h = lm.decode_step(self.cache, [0], lm.embed_patches(*fed.batch(dev)))
+                h = lm.decode_step(self.cache, [0], self.embed_patches(*fed.batch(dev)))
                 cached = cached + fed
             logits = mask_text_logits(lm.text_logits(h), [state], sp.empty)
             uniform = None
