@@ -334,13 +334,15 @@ class Engine:
         *,
         decode_patch: Callable | None = None,
         embed_patches: Callable | None = None,
+        decode_step: Callable | None = None,
         metrics: Callable[[str, float, dict], None] | None = None,
         graphs: bool | None = None,
     ) -> None:
         """``graphs``: run the backbone step and the patch decoder through :class:`DecodeGraphs`
         (default: ``config.cuda_graphs`` on a CUDA device; True on a CPU runs their static-shape
-        path eagerly, for tests). ``decode_patch`` replaces the patch decoder and ``embed_patches`` the
-        patch encoder (ONNX Runtime), with the model's signatures."""
+        path eagerly, for tests). ``decode_patch``, ``embed_patches`` and ``decode_step`` replace the
+        patch decoder, the patch encoder and the backbone step (ONNX Runtime), with the model's
+        signatures; a replaced step or patch decoder is not captured in graphs."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.codec = codec
@@ -350,7 +352,9 @@ class Engine:
         self.builder = PromptBuilder(tokenizer, lm.config)
         self.renderer = ConversationRenderer(self.builder)
         self.max_positions = min(self.config.max_positions, lm.config.max_position_embeddings)
-        use_graphs = graphs if graphs is not None else self.config.cuda_graphs and self.device.type == "cuda"
+        replaced = decode_step is not None and decode_patch is not None  # nothing left to capture
+        use_graphs = graphs if graphs is not None else (
+            self.config.cuda_graphs and self.device.type == "cuda" and not replaced)
         # graphs pad batches with rows that write to a slot no session owns
         slots = self.config.max_sessions + (1 if use_graphs else 0)
         self.cache: KVCache = lm.allocate_cache(slots, self.max_positions)
@@ -358,7 +362,7 @@ class Engine:
         if use_graphs:
             self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
                                        scratch_slot=self.config.max_sessions)
-        self.decode_step = self.graphs.decode_step if self.graphs else lm.decode_step
+        self.decode_step = decode_step or (self.graphs.decode_step if self.graphs else lm.decode_step)
         self.embed_patches = embed_patches or lm.embed_patches
         self.transcriber = Transcriber(lm, tokenizer, self.builder, max_positions=self.config.transcription_positions)
         self.decode_patch = decode_patch or (self.graphs.decode_patch if self.graphs else lm.decode_patch)

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"exporting {rt.name} to {export_dir} ...", flush=True)
         export_all(rt.lm, rt.codec, export_dir, runtime_sources(rt), report=lambda line: None)
     options = {"threads": args.threads, "optimization": args.optimization, "spinning": args.spinning}
-    decode_patch, codec = onnx_backend(rt, export_dir, "cpu", **options)
+    backend = onnx_backend(rt, export_dir, "cpu", **options)
     config = SessionConfig(**options)
     rss_ort = _rss_mib()
 
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("| graph | batch | PyTorch ms | ONNX Runtime ms | speed-up |")
     print("|---|---:|---:|---:|---:|")
-    for name, batch, torch_fn, ort_fn in _cases(rt, export_dir, config, decode_patch, codec, batches):
+    for name, batch, torch_fn, ort_fn in _cases(rt, export_dir, config, backend, batches):
         medians = interleaved({"torch": torch_fn, "ort": ort_fn}, args.reps)
         t, o = medians["torch"] * 1e3, medians["ort"] * 1e3
         print(f"| {name} | {batch} | {t:.2f} | {o:.2f} | {t / o:.2f}x |", flush=True)
@@ -115,7 +115,7 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def _cases(rt, export_dir: Path, config, decode_patch, codec, batches: list[int]):
+def _cases(rt, export_dir: Path, config, backend, batches: list[int]):
     """(graph, batch, PyTorch call, ONNX Runtime call) for every graph and batch size."""
     import torch
 
@@ -129,6 +129,7 @@ def _cases(rt, export_dir: Path, config, decode_patch, codec, batches: list[int]
     cfg = lm.config
     encoder = GraphRunner(export_dir / "patch_encoder.onnx", config)
     step = GraphRunner(export_dir / "patch_decoder_step.onnx", config)
+    decode_patch, codec = backend.decode_patch, backend.codec
     mel_encoder = codec.encoder
     g = torch.Generator().manual_seed(0)
     for B in batches:
@@ -147,6 +148,10 @@ def _cases(rt, export_dir: Path, config, decode_patch, codec, batches: list[int]
                 return local_step(lm, x[:, None], 5, k, v)
 
         yield "patch-decoder step (1 of 11)", B, torch_step, lambda f=feeds: step(f)
+    for context in (64, 1024):
+        for B in batches:
+            yield (f"backbone step ({context} positions of history)", B,
+                   *_backbone_cases(lm, backend.decode_step, B, context, g))
     for label, params in (("speech sampling", SamplingParams(0.9, top_p=0.95)),
                           ("greedy", SamplingParams(greedy=True))):
         for B in batches:
@@ -162,6 +167,29 @@ def _cases(rt, export_dir: Path, config, decode_patch, codec, batches: list[int]
                lambda m=mel, n=lengths: mel_encoder({"mel": m, "mel_frames": n}))
     for B in batches:
         yield ("codec decode chunk (1 patch per stream)", B, *_stream_cases(tok, codec, B, g))
+
+
+def _backbone_cases(lm, onnx_step, B: int, context: int, g):
+    """One decode step for B sessions of ``context`` patches each, on the server's slotted cache
+    (``decode_step``'s contract: write, advance), rolled back after each call."""
+    import torch
+
+    cache = lm.allocate_cache(B, context + 1)
+    with torch.inference_mode():
+        for b in range(B):
+            lm.prefill(cache, b, torch.randn(1, context, lm.config.hidden_size, generator=g))
+    emb = torch.randn(B, 1, lm.config.hidden_size, generator=g)
+
+    def stepper(decode_step):
+        def run():
+            with torch.inference_mode():
+                h = decode_step(cache, list(range(B)), emb)
+            for b in range(B):
+                cache.rollback(b, context)
+            return h
+        return run
+
+    return stepper(lm.decode_step), stepper(onnx_step)
 
 
 def _stream_cases(tok, codec, B: int, g):

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
 #: the graphs must match PyTorch to this relative error (max |onnx - torch| / max |torch|), fp32
 RTOL = 1e-4
-GRAPH_NAMES = ("patch_encoder", "patch_decoder_step", "patch_decoder", "codec_encoder", "codec_decoder_chunk")
+GRAPH_NAMES = ("patch_encoder", "backbone_step", "patch_decoder_step", "patch_decoder", "codec_encoder",
+               "codec_decoder_chunk")
 
 
 class ExportError(RuntimeError):
@@ -94,6 +95,36 @@ def patch_encoder_def(lm: nn.Module) -> GraphDef:
     g = torch.Generator().manual_seed(0)
     return GraphDef("patch_encoder", graphs.PatchEncoder(lm), (_random_codes(cfg, (3, G), g),),
                     ["codes"], ["speech_embedding"], ({0: _dim("patches")},), cases)
+
+
+def backbone_step_def(lm: nn.Module) -> GraphDef:
+    cfg = lm.config
+
+    def case(lengths: list[int], g: torch.Generator) -> Case:
+        """Rows with histories of ``lengths`` patches in a fresh cache, one ``decode_step`` for all."""
+        B, span = len(lengths), max(max(lengths), 1)
+        cache = lm.allocate_cache(B, span + 1)
+        with torch.inference_mode():
+            for b, n in enumerate(lengths):
+                if n:
+                    lm.prefill(cache, b, torch.randn(1, n, cfg.hidden_size, generator=g).to(lm.dtype))
+            past_k, past_v = cache.k[:, :, :, :span].clone(), cache.v[:, :, :, :span].clone()
+            emb = torch.randn(B, 1, cfg.hidden_size, generator=g).to(lm.dtype)
+            hidden = lm.decode_step(cache, list(range(B)), emb)
+        rows, pos = torch.arange(B), torch.tensor(lengths)
+        inputs = {"emb": _np(emb), "pos": _np(pos), "past_k": _np(past_k), "past_v": _np(past_v)}
+        return inputs, {"hidden": _np(hidden), "new_k": _np(cache.k[:, rows, :, pos].transpose(0, 1)),
+                        "new_v": _np(cache.v[:, rows, :, pos].transpose(0, 1))}
+
+    def cases(g: torch.Generator) -> list[Case]:
+        return [case(lengths, g) for lengths in ([1], [6], [2, 9, 5], [0, 4])]
+
+    g = torch.Generator().manual_seed(0)
+    example = case([3, 2], g)[0]
+    batch, span = _dim("batch"), _dim("span")
+    return GraphDef("backbone_step", graphs.BackboneStep(lm), tuple(torch.from_numpy(example[n]) for n in example),
+                    list(example), ["hidden", "new_k", "new_v"],
+                    ({0: batch}, {0: batch}, {1: batch, 3: span}, {1: batch, 3: span}), cases)
 
 
 def patch_decoder_step_def(lm: nn.Module) -> GraphDef:
@@ -309,7 +340,8 @@ def codec_decoder_chunk_def(tok: nn.Module) -> GraphDef:
 
 # -------------------------------------------------------------------------------------------- export
 def graph_defs(lm: nn.Module | None, codec: nn.Module | None, names: list[str] | None = None) -> list[GraphDef]:
-    makers = {"patch_encoder": (lm, patch_encoder_def), "patch_decoder_step": (lm, patch_decoder_step_def),
+    makers = {"patch_encoder": (lm, patch_encoder_def), "backbone_step": (lm, backbone_step_def),
+              "patch_decoder_step": (lm, patch_decoder_step_def),
               "patch_decoder": (lm, patch_decoder_def), "codec_encoder": (codec, codec_encoder_def),
               "codec_decoder_chunk": (codec, codec_decoder_chunk_def)}
     names = list(names or GRAPH_NAMES)

@@ -6,6 +6,10 @@ one fixed graph with symbolic batch and length axes:
 
 ``PatchEncoder``      codes (N, 4, 8) -> backbone input embedding of a speech patch (N, hidden):
                       what ``embed_patches`` computes for a patch whose text id is ``<|empty|>``.
+``BackboneStep``      one backbone decode position for B sessions: the patch embeddings, each
+                      row's position and history in; the hidden state and the new position's
+                      keys and values out (``MiMoAudioLM.decode_step``; the slotted cache stays
+                      on the host, which gathers the histories and writes the new entries).
 ``PatchDecoderStep``  one position of the 11-step patch decoder, its KV cache in and out
                       (``agent.lm.patch_decoder.local_step``).
 ``PatchDecoder``      the whole patch: 11 steps, the 8 heads, the delay pattern and sampling, with
@@ -72,6 +76,40 @@ class PatchEncoder(nn.Module):
         assert frames is not None
         encoded = lm.input_local_transformer(frames, causal=not cfg.input_full_attention)  # (N, G, D)
         return lm.speech_group_downcast(encoded.reshape(N, G * encoded.shape[-1]))  # (N, hidden)
+
+
+class BackboneStep(nn.Module):
+    """emb (B, 1, hidden), pos (B,) int64, past_k/past_v (layers, B, kv_heads, span, head_dim) ->
+    (hidden (B, hidden), new_k/new_v (layers, B, kv_heads, head_dim)).
+
+    Row b sits at position ``pos[b]``; its history is the first ``pos[b]`` entries of its past
+    (rows of different lengths share one span, the rest masked), and it attends to that history
+    and to its own new key, as ``decode_step`` does with the cache's slot prefix.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        _warm_rope_tables(lm.model)
+
+    def forward(
+        self, emb: torch.Tensor, pos: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stack = self.lm.model
+        B, S = emb.shape[0], past_k.shape[3]
+        cos, sin = stack.rope.at(pos.view(B, 1), emb.dtype)  # (B, 1, d)
+        past = torch.arange(S, device=emb.device) < pos.view(B, 1)  # (B, S)
+        mask = torch.cat([past, torch.ones_like(past[:, :1])], dim=1).view(B, 1, 1, S + 1)
+        x = emb
+        new_k, new_v = [], []
+        for layer, k_l, v_l in zip(stack.layers, past_k, past_v, strict=True):
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)  # k, v (B, Hkv, 1, d)
+            keys, values = torch.cat([k_l, k], dim=2), torch.cat([v_l, v], dim=2)
+            x = x + layer.self_attn.out(attend(q, keys, values, mask))
+            x = layer.feed_forward(x)
+            new_k.append(k[:, :, 0])
+            new_v.append(v[:, :, 0])
+        return stack.norm(x[:, -1]), torch.stack(new_k), torch.stack(new_v)
 
 
 class PatchDecoderStep(nn.Module):

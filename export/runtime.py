@@ -1,12 +1,12 @@
 """Serve the exported graphs on ONNX Runtime: sessions, providers, and the engine's drop-ins.
 
-``onnx_backend(runtime, export_dir, providers=None) -> (decode_patch, codec)`` is what
-``mimo-agent serve --backend onnx`` calls. ``decode_patch`` has the signature of
-``MiMoAudioLM.decode_patch`` and runs the fused patch-decoder graph; ``codec`` has the engine's
-codec interface (``encode_batch``, ``new_decode_stream``, ``decode_streams``, ``finish_stream``)
-with the encoder graph and the streaming-decoder chunk graph (:mod:`export.codec`).
-``onnx_patch_encoder(runtime, export_dir)`` is the engine's ``embed_patches`` on the patch-encoder
-graph (prefill and the per-patch feedback both go through it).
+``onnx_backend(runtime, export_dir, providers=None) -> OnnxBackend`` is what ``mimo-agent serve
+--backend onnx`` calls. Its drop-ins have the model's signatures: ``embed_patches`` (the patch
+encoder graph for speech patches, the embedding table for text), ``decode_step`` (the backbone step
+graph; the slotted KV cache stays a torch tensor), ``decode_patch`` (the fused patch-decoder
+graph); ``codec`` has the engine's codec interface (``encode_batch``, ``new_decode_stream``,
+``decode_streams``, ``finish_stream``) with the encoder graph and the streaming-decoder chunk graph
+(:mod:`export.codec`). The backbone's prefill stays on PyTorch.
 
 Providers are tried in the order asked (``tensorrt,cuda,cpu``); by default TensorRT, CUDA, CPU
 when the model runs on a CUDA device, else the CPU. On a GPU provider, inputs and outputs are bound
@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from agent.lm.host import to_device
+from agent.lm.model import decode_slots
 from agent.lm.sampling import SamplingBatch, SamplingParams, draw_uniform
 
 from .manifest import ExportMismatch, Manifest, Source, check_graph_files, read_manifest, runtime_sources
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 #: short provider names -> ONNX Runtime execution providers, in the default order of preference
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 #: the graphs the server needs
-SERVING_GRAPHS = ("patch_decoder", "codec_encoder", "codec_decoder_chunk")
+SERVING_GRAPHS = ("patch_encoder", "backbone_step", "patch_decoder", "codec_encoder", "codec_decoder_chunk")
 
 _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,
                  "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
@@ -240,6 +242,41 @@ class OnnxPatchDecoder:
         return codes.to(h.device)
 
 
+# --------------------------------------------------------------------------------------- backbone
+class OnnxBackboneStep:
+    """``decode_step(cache, slots, emb (B, 1, hidden)) -> (B, hidden)`` on the ``backbone_step`` graph,
+    with ``MiMoAudioLM.decode_step``'s contract: each row written at its slot's next position, the
+    lengths advanced. The slotted cache stays a torch tensor: the rows' histories are gathered
+    (one copy of the longest row's span) for the graph, and its new keys and values written back.
+    """
+
+    def __init__(self, runner: GraphRunner, lm: Any) -> None:
+        self.runner = runner
+        cfg = lm.config
+        self.new_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        self.hidden_size = cfg.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, cache: Any, slots: torch.Tensor | Sequence[int], emb: torch.Tensor) -> torch.Tensor:
+        slot_list = decode_slots(emb, slots)
+        B = len(slot_list)
+        cache.reserve(slot_list, 1)
+        span = max(1, max(cache.length(s) for s in slot_list))  # positions past a row's length are masked
+        slots_dev = to_device(slot_list, cache.device)
+        pos = cache.lengths.index_select(0, slots_dev)  # (B,)
+        L, Hkv, d = self.new_shape
+        past_k, past_v = cache.k[:, slots_dev, :, :span], cache.v[:, slots_dev, :, :span]  # gathered copies
+        out = self.runner(
+            {"emb": emb, "pos": pos, "past_k": past_k, "past_v": past_v},
+            {"hidden": (B, self.hidden_size), "new_k": (L, B, Hkv, d), "new_v": (L, B, Hkv, d)},
+        )
+        # advanced indices on dims 1 and 3 put the rows first: (B, L, Hkv, d)
+        cache.k[:, slots_dev, :, pos] = out["new_k"].to(cache.device, cache.k.dtype).transpose(0, 1)
+        cache.v[:, slots_dev, :, pos] = out["new_v"].to(cache.device, cache.v.dtype).transpose(0, 1)
+        cache.advance(slot_list, slots_dev, 1)
+        return out["hidden"].to(device=emb.device, dtype=emb.dtype)
+
+
 class OnnxPatchEncoder:
     """``embed_patches(text_ids (B, P), codes (B, P, 4, 8)) -> (B, P, hidden)`` with the speech
     patches' embeddings from the ``patch_encoder`` graph and the text patches' from the model's
@@ -299,10 +336,23 @@ def session_config(runtime: Any, providers: str | Sequence[str] | None = None, *
     return config
 
 
+@dataclass
+class OnnxBackend:
+    """The engine's drop-ins on ONNX Runtime: ``Engine(..., codec=backend.codec, **backend.engine_kwargs())``."""
+
+    embed_patches: OnnxPatchEncoder
+    decode_step: OnnxBackboneStep
+    decode_patch: OnnxPatchDecoder
+    codec: Any  # export.codec.OnnxCodec
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"embed_patches": self.embed_patches, "decode_step": self.decode_step, "decode_patch": self.decode_patch}
+
+
 def onnx_backend(
     runtime: Any, export_dir: str | os.PathLike | None, providers: str | Sequence[str] | None = None, **options: Any
-) -> tuple[OnnxPatchDecoder, Any]:
-    """``(decode_patch, codec)`` on ONNX Runtime for ``runtime`` (an ``agent.runtime.Runtime``).
+) -> OnnxBackend:
+    """The serving graphs of ``export_dir`` on ONNX Runtime for ``runtime`` (an ``agent.runtime.Runtime``).
 
     ``export_dir`` holds a ``mimo-agent export`` of the same weights; ``providers`` as
     :func:`resolve_providers`; ``options`` set :class:`SessionConfig` fields (threads, TensorRT cache,
@@ -317,32 +367,15 @@ def onnx_backend(
     manifest = read_manifest(export_dir)
     verify_sources(manifest, runtime, export_dir)
     paths = check_graph_files(export_dir, manifest, list(SERVING_GRAPHS))
-    config = session_config(runtime, providers, **_serving_options(export_dir, options))
-    decode_patch = OnnxPatchDecoder(GraphRunner(paths["patch_decoder"], config), manifest.settings)
-    codec = OnnxCodec(runtime.codec, GraphRunner(paths["codec_encoder"], config),
-                      GraphRunner(paths["codec_decoder_chunk"], config), manifest.settings)
-    log.info("ONNX Runtime backend: %s on %s", ", ".join(SERVING_GRAPHS), ", ".join(config.providers))
-    return decode_patch, codec
-
-
-def onnx_patch_encoder(runtime: Any, export_dir: str | os.PathLike, providers: str | Sequence[str] | None = None,
-                       **options: Any) -> OnnxPatchEncoder:
-    """An ``embed_patches`` drop-in on the ``patch_encoder`` graph (the engine's ``embed_patches=``),
-    checked and configured like :func:`onnx_backend`."""
-    if export_dir is None:
-        raise ExportMismatch("--backend onnx needs --export-dir DIR (made by `mimo-agent export --out DIR`)")
-    manifest = read_manifest(export_dir)
-    verify_sources(manifest, runtime, export_dir)
-    path = check_graph_files(export_dir, manifest, ["patch_encoder"])["patch_encoder"]
-    config = session_config(runtime, providers, **_serving_options(export_dir, options))
-    return OnnxPatchEncoder(GraphRunner(path, config), runtime.lm)
-
-
-def _serving_options(export_dir: str | os.PathLike, options: dict[str, Any]) -> dict[str, Any]:
-    """TensorRT defaults: engines cached in ``export_dir/tensorrt`` unless ``trt_cache_dir`` (or
-    ``$MIMO_AGENT_TRT_CACHE``) says otherwise, fp16 when ``trt_fp16`` (or ``$MIMO_AGENT_TRT_FP16=1``)."""
-    options = dict(options)
     options.setdefault("trt_cache_dir", os.environ.get("MIMO_AGENT_TRT_CACHE") or str(Path(export_dir) / "tensorrt"))
     options.setdefault("trt_fp16", os.environ.get("MIMO_AGENT_TRT_FP16", "0") == "1")
-    return options
-
+    config = session_config(runtime, providers, **options)
+    backend = OnnxBackend(
+        embed_patches=OnnxPatchEncoder(GraphRunner(paths["patch_encoder"], config), runtime.lm),
+        decode_step=OnnxBackboneStep(GraphRunner(paths["backbone_step"], config), runtime.lm),
+        decode_patch=OnnxPatchDecoder(GraphRunner(paths["patch_decoder"], config), manifest.settings),
+        codec=OnnxCodec(runtime.codec, GraphRunner(paths["codec_encoder"], config),
+                        GraphRunner(paths["codec_decoder_chunk"], config), manifest.settings),
+    )
+    log.info("ONNX Runtime backend: %s on %s", ", ".join(SERVING_GRAPHS), ", ".join(config.providers))
+    return backend

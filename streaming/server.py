@@ -84,18 +84,19 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
 
     rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
                       threads=getattr(args, "threads", None))
-    decode_patch, embed_patches, codec = None, None, rt.codec
+    drop_ins: dict[str, Any] = {}
+    codec = rt.codec
     if args.backend == "onnx":
-        from export.runtime import onnx_backend, onnx_patch_encoder
+        from export.runtime import onnx_backend
 
-        decode_patch, codec = onnx_backend(rt, args.export_dir, providers=args.providers)
-        embed_patches = onnx_patch_encoder(rt, args.export_dir, providers=args.providers)
+        backend = onnx_backend(rt, args.export_dir, providers=args.providers)
+        drop_ins, codec = backend.engine_kwargs(), backend.codec
     config = EngineConfig(max_sessions=args.max_sessions, max_positions=args.max_positions,
                           max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                           min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0,
                           cuda_graphs=getattr(args, "cuda_graphs", True))
-    engine = Engine(rt.lm, rt.tokenizer, codec, config, decode_patch=decode_patch, embed_patches=embed_patches,
-                    metrics=None if metrics is None else metrics.engine_observer)
+    engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
+                    **drop_ins)
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
     if not args.no_warmup:
         rt.info["warmup_s"] = round(engine.warmup(default_speech_sampling()), 3)

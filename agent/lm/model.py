@@ -130,15 +130,8 @@ class MiMoAudioLM(nn.Module):
         history only; rows may have different lengths. ``slots`` are host values (a CPU tensor or
         a list): the attention span comes from the cache's host lengths, so no device sync.
         """
-        B, T, _ = emb.shape
-        slot_list = [int(s) for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots)]
-        if T != 1 or len(slot_list) != B:
-            raise ValueError(
-                f"decode_step takes emb (B, 1, hidden) with B = len(slots) = {len(slot_list)}; "
-                f"got {tuple(emb.shape)}"
-            )
-        if len(set(slot_list)) != B:
-            raise ValueError(f"decode_step slots must be distinct, got {slot_list}")
+        B = emb.shape[0]
+        slot_list = decode_slots(emb, slots)
         cache.reserve(slot_list, 1)
         span = max(cache.length(s) for s in slot_list) + 1  # keys any row may need
         lo = slot_list[0]
@@ -187,6 +180,19 @@ class MiMoAudioLM(nn.Module):
         one seeded generator per row (None: torch's default generator).
         """
         return patch_decoder.decode_patch(self, h, speech_sampling, generators)
+
+
+def decode_slots(emb: torch.Tensor, slots: torch.Tensor | Sequence[int]) -> list[int]:
+    """The host list of a decode step's slots, checked against its embeddings (B, 1, hidden)."""
+    B, T, _ = emb.shape
+    slot_list = [int(s) for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots)]
+    if T != 1 or len(slot_list) != B:
+        raise ValueError(
+            f"decode_step takes emb (B, 1, hidden) with B = len(slots) = {len(slot_list)}; got {tuple(emb.shape)}"
+        )
+    if len(set(slot_list)) != B:
+        raise ValueError(f"decode_step slots must be distinct, got {slot_list}")
+    return slot_list
 
 
 def init_weights(lm: MiMoAudioLM, seed: int) -> None:

@@ -59,13 +59,15 @@ class Floor:
         torch.set_grad_enabled(False)
         rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
                           threads=getattr(args, "threads", None))
-        self.rt, self.lm, self.codec, self.decode_patch = rt, rt.lm, rt.codec, rt.lm.decode_patch
-        self.embed_patches = rt.lm.embed_patches
-        if getattr(args, "backend", "torch") == "onnx":
-            from export.runtime import onnx_backend, onnx_patch_encoder
+        self.rt, self.lm, self.codec = rt, rt.lm, rt.codec
+        lm = rt.lm
+        self.embed_patches, self.decode_step, self.decode_patch = lm.embed_patches, lm.decode_step, lm.decode_patch
+        if getattr(args, "backend", "torch") == "onnx":  # the server's ONNX drop-ins
+            from export.runtime import onnx_backend
 
-            self.decode_patch, self.codec = onnx_backend(rt, args.export_dir, providers=args.providers)
-            self.embed_patches = onnx_patch_encoder(rt, args.export_dir, providers=args.providers)
+            backend = onnx_backend(rt, args.export_dir, providers=args.providers)
+            self.embed_patches, self.decode_step = backend.embed_patches, backend.decode_step
+            self.decode_patch, self.codec = backend.decode_patch, backend.codec
         self.dev = self.lm.device
         self.sp = sp = rt.tokenizer.specials
         self.builder = PromptBuilder(rt.tokenizer, self.lm.config)
@@ -135,7 +137,7 @@ class Floor:
         while chunk is None or len(chunk) == 0:
             ts = time.perf_counter()
             if steps:  # the previous patch goes through the backbone first
-                h = lm.decode_step(self.cache, [0], self.embed_patches(*fed.batch(dev)))
+                h = self.decode_step(self.cache, [0], self.embed_patches(*fed.batch(dev)))
                 cached = cached + fed
             logits = mask_text_logits(lm.text_logits(h), [state], sp.empty)
             uniform = None
@@ -223,7 +225,8 @@ def copy_bandwidth_gbs(device: Any, mib: int, repeats: int = 5) -> float:
 def backbone_report(floor: Floor, *, context: int = 256, repeats: int = 20) -> dict[str, Any]:
     """The backbone decode step (one session, ``context`` positions of history) against the
     memory-bandwidth floor (the bytes of the weights it reads over the measured copy bandwidth),
-    and on CUDA the backbone step and the patch decoder with CUDA graphs on and off."""
+    and on CUDA the backbone step and the patch decoder with CUDA graphs on and off. The step and
+    the patch decoder are the floor's, so ``--backend onnx`` times the ONNX Runtime graphs."""
     import torch
 
     from agent.lm.graphs import DecodeGraphs
@@ -249,8 +252,9 @@ def backbone_report(floor: Floor, *, context: int = 256, repeats: int = 20) -> d
         return run
 
     with torch.inference_mode():
-        out["backbone_step_ms"] = round(_median_ms(step(lm.decode_step), dev, repeats), 3)
-        out["patch_decoder_ms"] = round(_median_ms(lambda: lm.decode_patch(h, speech, None), dev, repeats), 3)
+        # the serving backend's step and patch decoder (ONNX Runtime with --backend onnx)
+        out["backbone_step_ms"] = round(_median_ms(step(floor.decode_step), dev, repeats), 3)
+        out["patch_decoder_ms"] = round(_median_ms(lambda: floor.decode_patch(h, speech, None), dev, repeats), 3)
         if dev.type == "cuda":
             graphs = DecodeGraphs(lm, cache, max_batch=1, scratch_slot=1)
             out["backbone_step_graphs_ms"] = round(_median_ms(step(graphs.decode_step), dev, repeats), 3)

@@ -42,6 +42,10 @@ def test_dynamic_axes_are_symbolic(export_dir, runtime):
     assert shape["patch_decoder", "codes"] == ["batch", 4, 8]
     assert shape["patch_decoder", "all_greedy"] == []
     assert shape["patch_decoder_step", "x"] == ["batch", local]
+    cfg = runtime.lm.config
+    assert shape["backbone_step", "past_k"] == [cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "span",
+                                                 cfg.head_dim]
+    assert shape["backbone_step", "hidden"] == ["batch", hidden]
     assert shape["patch_encoder", "codes"] == ["patches", 4, 8]
     assert shape["codec_encoder", "mel"] == ["batch", "mel_frames", 128]
     chunk = {name: dims for (g, name), dims in shape.items() if g == "codec_decoder_chunk"}

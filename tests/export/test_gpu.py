@@ -47,7 +47,8 @@ def _check_backend(runtime, export_dir, providers: str, **options) -> None:
     from agent.codec.streaming import stream_decode
     from export.runtime import onnx_backend
 
-    decode_patch, codec = onnx_backend(runtime, export_dir, providers=providers, **options)
+    backend = onnx_backend(runtime, export_dir, providers=providers, **options)
+    decode_patch, codec = backend.decode_patch, backend.codec
     h = torch.randn(4, runtime.lm.config.hidden_size, device="cuda")
     params = SamplingBatch.from_params([SamplingParams(0.9, top_p=0.95)] * 4, "cuda")
     gens = [torch.Generator(device="cuda").manual_seed(i) for i in range(4)]

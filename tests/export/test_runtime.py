@@ -10,7 +10,7 @@ from agent.codec.audio import load_wav
 from agent.codec.streaming import DecodeSchedule, NormStatistics, norm_statistics
 from agent.lm.sampling import SamplingBatch, SamplingParams
 from export.codec import OnnxCodec
-from export.runtime import OnnxPatchDecoder, onnx_backend, onnx_patch_encoder
+from export.runtime import OnnxBackboneStep, OnnxPatchDecoder, onnx_backend
 from tests.streaming.realtime_client import DATA
 
 pytestmark = pytest.mark.timeout(600)
@@ -37,7 +37,7 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_decode_patch_gives_the_same_codes(runtime, backend, setting, batch):
-    decode_patch, _ = backend
+    decode_patch = backend.decode_patch
     assert isinstance(decode_patch, OnnxPatchDecoder)
     rows = (SETTINGS[setting] * batch)[:batch]
     g = torch.Generator().manual_seed(batch)
@@ -52,14 +52,14 @@ def test_decode_patch_gives_the_same_codes(runtime, backend, setting, batch):
 
 
 def test_decode_patch_default_arguments_are_greedy(runtime, backend):
-    decode_patch, _ = backend
+    decode_patch = backend.decode_patch
     h = torch.randn(2, runtime.lm.config.hidden_size)
     assert torch.equal(decode_patch(h), runtime.lm.decode_patch(h))
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(runtime, backend):
     """A row's codes come from its own generator, alone or batched (as in PyTorch)."""
-    decode_patch, _ = backend
+    decode_patch = backend.decode_patch
     h = torch.randn(4, runtime.lm.config.hidden_size, generator=torch.Generator().manual_seed(3))
     params = [SamplingParams(0.9, top_p=0.95)] * 4
     batched = decode_patch(h, params, _gens([5, 6, 7, 8]))
@@ -67,9 +67,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch(runtime, backend):
     assert torch.equal(batched[2:3], alone)
 
 
-def test_patch_encoder_gives_the_same_embeddings(runtime, export_dir):
+def test_patch_encoder_gives_the_same_embeddings(runtime, backend):
     """Text and speech patches mixed, as ``embed_patches`` sees them in a prompt."""
-    embed = onnx_patch_encoder(runtime, export_dir, "cpu")
+    embed = backend.embed_patches
     cfg = runtime.lm.config
     g = torch.Generator().manual_seed(4)
     text_ids = torch.randint(0, cfg.vocab_size, (3, 7), generator=g)
@@ -84,8 +84,39 @@ def test_patch_encoder_gives_the_same_embeddings(runtime, export_dir):
         embed(text_ids, codes[:, :, :2])
 
 
+def test_backbone_step_follows_decode_step(runtime, backend):
+    """Slots out of order with histories of different lengths, several steps in a row: the same
+    hidden states, the same keys and values written at the same positions, the same lengths."""
+    lm, step = runtime.lm, backend.decode_step
+    assert isinstance(step, OnnxBackboneStep)
+    cfg = lm.config
+    g = torch.Generator().manual_seed(8)
+    want_cache, got_cache = lm.allocate_cache(4, 32), lm.allocate_cache(4, 32)
+    with torch.inference_mode():
+        for slot, n in ((0, 9), (2, 5), (3, 1)):
+            emb = torch.randn(1, n, cfg.hidden_size, generator=g)
+            lm.prefill(want_cache, slot, emb)
+            lm.prefill(got_cache, slot, emb)
+        for slots in ([2, 0, 3], [3, 2], [0], [1, 3]):  # slot 1 starts with no history at all
+            emb = torch.randn(len(slots), 1, cfg.hidden_size, generator=g)
+            want = lm.decode_step(want_cache, slots, emb)
+            got = step(got_cache, slots, emb)
+            assert got.shape == want.shape == (len(slots), cfg.hidden_size)
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max(), slots
+    assert got_cache.host_lengths == want_cache.host_lengths == [11, 1, 7, 4]
+    assert torch.equal(got_cache.lengths, want_cache.lengths)
+    for slot, n in enumerate(want_cache.host_lengths):
+        for name in ("k", "v"):
+            w, o = getattr(want_cache, name)[:, slot, :, :n], getattr(got_cache, name)[:, slot, :, :n]
+            assert (o - w).abs().max() <= 1e-4 * w.abs().max(), (slot, name)
+    with pytest.raises(ValueError, match="distinct"):
+        step(got_cache, [0, 0], torch.zeros(2, 1, cfg.hidden_size))
+    with pytest.raises(ValueError, match=r"emb \(B, 1, hidden\)"):
+        step(got_cache, [0], torch.zeros(1, 2, cfg.hidden_size))
+
+
 def test_encode_batch_gives_the_same_codes(runtime, backend):
-    _, codec = backend
+    codec = backend.codec
     assert isinstance(codec, OnnxCodec)
     speech = load_wav(DATA / "speech_hello_padded.wav")
     turns = [speech, speech[:20_000], load_wav(DATA / "speech_yes.wav"), np.zeros(0, np.float32)]
@@ -136,7 +167,7 @@ def _stream(codec, streams_codes: list[torch.Tensor], schedule: DecodeSchedule, 
 def test_streaming_decode_matches_pytorch(runtime, backend, schedule):
     """Same chunk sizes at the same calls, same samples within fp32 rounding, for a batch of streams
     of different lengths and start times."""
-    _, codec = backend
+    codec = backend.codec
     g = torch.Generator().manual_seed(11)
     codes = [torch.stack([torch.randint(0, 1024 if q < 2 else 128, (n,), generator=g) for q in range(8)], dim=1)
              for n in (96, 52, 8)]
@@ -156,7 +187,7 @@ def test_streams_move_to_the_pytorch_pass_past_the_graph_window(runtime, backend
     import export.codec
 
     monkeypatch.setattr(export.codec, "MAX_GRAPH_WINDOW", 64)  # 16 tokens: the switch comes early
-    _, codec = backend
+    codec = backend.codec
     calls = []
     graph_pass = codec._graph_pass
     monkeypatch.setattr(codec, "_graph_pass", lambda tok, jobs: calls.append(len(jobs)) or graph_pass(tok, jobs))
@@ -174,7 +205,7 @@ def test_streams_move_to_the_pytorch_pass_past_the_graph_window(runtime, backend
 
 def test_a_stream_is_causal_on_onnx(backend):
     """Appending codes never changes audio already emitted."""
-    _, codec = backend
+    codec = backend.codec
     g = torch.Generator().manual_seed(5)
     codes = torch.stack([torch.randint(0, 128, (40,), generator=g) for _ in range(8)], dim=1)
     short, long = codec.new_decode_stream(), codec.new_decode_stream()

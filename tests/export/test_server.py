@@ -7,7 +7,7 @@ import pytest
 
 from export.codec import OnnxCodec
 from export.manifest import ExportMismatch
-from export.runtime import OnnxPatchDecoder, OnnxPatchEncoder
+from export.runtime import OnnxBackboneStep, OnnxPatchDecoder, OnnxPatchEncoder
 from tests.streaming import realtime_client as rc
 from tests.streaming.live_server import start_server
 
@@ -24,6 +24,7 @@ def server(export_dir):
 async def test_a_turn_on_the_onnx_backend(server):
     assert isinstance(server.engine.decode_patch, OnnxPatchDecoder)
     assert isinstance(server.engine.embed_patches, OnnxPatchEncoder)
+    assert isinstance(server.engine.decode_step, OnnxBackboneStep)
     assert isinstance(server.engine.codec, OnnxCodec)
     ws = await rc.connect(server.ws_url)
     try:
