@@ -123,7 +123,7 @@ def _cases(rt, export_dir: Path, config, backend, batches: list[int]):
     from agent.lm.sampling import SamplingBatch, SamplingParams
 
     from .exporter import _random_codes
-    from .runtime import GraphRunner
+    from .runtime import GraphRunner, OnnxBackboneStep
 
     lm, tok = rt.lm, rt.codec
     cfg = lm.config
@@ -148,10 +148,11 @@ def _cases(rt, export_dir: Path, config, backend, batches: list[int]):
                 return local_step(lm, x[:, None], 5, k, v)
 
         yield "patch-decoder step (1 of 11)", B, torch_step, lambda f=feeds: step(f)
+    graph_step = OnnxBackboneStep(GraphRunner(export_dir / "backbone_step.onnx", config), lm, max_rows=None)
     for context in (64, 1024):
-        for B in batches:
+        for B in batches:  # the graph at every size (the server falls back to PyTorch past MAX_ROWS)
             yield (f"backbone step ({context} positions of history)", B,
-                   *_backbone_cases(lm, backend.decode_step, B, context, g))
+                   *_backbone_cases(lm, graph_step, B, context, g))
     for label, params in (("speech sampling", SamplingParams(0.9, top_p=0.95)),
                           ("greedy", SamplingParams(greedy=True))):
         for B in batches:

@@ -248,10 +248,22 @@ class OnnxBackboneStep:
     with ``MiMoAudioLM.decode_step``'s contract: each row written at its slot's next position, the
     lengths advanced. The slotted cache stays a torch tensor: the rows' histories are gathered
     (one copy of the longest row's span) for the graph, and its new keys and values written back.
+
+    That copy is what PyTorch's step avoids (it attends over a view of the cache), so the graph
+    wins only while the gathered history is small: on a CPU, 1.5-2.3x at up to 1024 positions for
+    one session or 64 for eight, and 0.7-0.9x at 1024 positions for four to eight sessions
+    (``mimo-agent bench-onnx``). Steps whose rows x span exceed ``max_rows`` therefore run
+    ``fallback`` (the model's own ``decode_step``) instead; ``max_rows=None`` always uses the graph.
     """
 
-    def __init__(self, runner: GraphRunner, lm: Any) -> None:
+    #: rows x span up to which the graph beats PyTorch's view-based step on a CPU (bench-onnx)
+    MAX_ROWS = 2048
+
+    def __init__(self, runner: GraphRunner, lm: Any, max_rows: int | None = MAX_ROWS) -> None:
         self.runner = runner
+        self.fallback = lm.decode_step
+        self.max_rows = max_rows
+        self.graph_steps = self.fallback_steps = 0  # how often each path ran
         cfg = lm.config
         self.new_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
         self.hidden_size = cfg.hidden_size
@@ -260,8 +272,12 @@ class OnnxBackboneStep:
     def __call__(self, cache: Any, slots: torch.Tensor | Sequence[int], emb: torch.Tensor) -> torch.Tensor:
         slot_list = decode_slots(emb, slots)
         B = len(slot_list)
-        cache.reserve(slot_list, 1)
         span = max(1, max(cache.length(s) for s in slot_list))  # positions past a row's length are masked
+        if self.max_rows is not None and B * span > self.max_rows:
+            self.fallback_steps += 1
+            return self.fallback(cache, slot_list, emb)
+        self.graph_steps += 1
+        cache.reserve(slot_list, 1)
         slots_dev = to_device(slot_list, cache.device)
         pos = cache.lengths.index_select(0, slots_dev)  # (B,)
         L, Hkv, d = self.new_shape

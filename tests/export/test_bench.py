@@ -20,9 +20,9 @@ def test_bench_prints_every_graph(export_dir, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     names = {row.split("|")[1].strip() for row in rows}
     assert names == {"patch encoder", "backbone step (64 positions of history)",
-                     "backbone step (1024 positions of history)", "patch-decoder step (1 of 11)", "patch decoder, 11 steps (speech sampling)",
-                     "patch decoder, 11 steps (greedy)", "codec encoder (2 s of mel)",
-                     "codec decode chunk (1 patch per stream)"}
+                     "backbone step (1024 positions of history)", "patch-decoder step (1 of 11)",
+                     "patch decoder, 11 steps (speech sampling)", "patch decoder, 11 steps (greedy)",
+                     "codec encoder (2 s of mel)", "codec decode chunk (1 patch per stream)"}
     for row in rows:
         torch_ms, ort_ms = (float(cell) for cell in row.split("|")[3:5])
         assert torch_ms > 0 and ort_ms > 0

@@ -104,6 +104,7 @@ def test_backbone_step_follows_decode_step(runtime, backend):
             assert got.shape == want.shape == (len(slots), cfg.hidden_size)
             assert (got - want).abs().max() <= 1e-4 * want.abs().max(), slots
     assert got_cache.host_lengths == want_cache.host_lengths == [11, 1, 7, 4]
+    assert step.graph_steps >= 4 and step.fallback_steps == 0
     assert torch.equal(got_cache.lengths, want_cache.lengths)
     for slot, n in enumerate(want_cache.host_lengths):
         for name in ("k", "v"):
@@ -113,6 +114,26 @@ def test_backbone_step_follows_decode_step(runtime, backend):
         step(got_cache, [0, 0], torch.zeros(2, 1, cfg.hidden_size))
     with pytest.raises(ValueError, match=r"emb \(B, 1, hidden\)"):
         step(got_cache, [0], torch.zeros(1, 2, cfg.hidden_size))
+
+
+def test_backbone_step_falls_back_to_pytorch_past_its_size(runtime, backend):
+    """Past ``max_rows`` rows x span the model's own step runs (the graph's history copy would
+    cost more than it saves): bit for bit PyTorch's result."""
+    lm = runtime.lm
+    step = OnnxBackboneStep(backend.decode_step.runner, lm, max_rows=8)
+    g = torch.Generator().manual_seed(9)
+    want_cache, got_cache = lm.allocate_cache(2, 16), lm.allocate_cache(2, 16)
+    with torch.inference_mode():
+        for slot in (0, 1):
+            emb = torch.randn(1, 5, lm.config.hidden_size, generator=g)
+            lm.prefill(want_cache, slot, emb)
+            lm.prefill(got_cache, slot, emb)
+        emb = torch.randn(2, 1, lm.config.hidden_size, generator=g)
+        assert torch.equal(step(got_cache, [0, 1], emb), lm.decode_step(want_cache, [0, 1], emb))  # 2 x 5 > 8
+        assert (step.fallback_steps, step.graph_steps) == (1, 0)
+        step(got_cache, [1], emb[:1])  # 1 x 6 <= 8: the graph
+        assert (step.fallback_steps, step.graph_steps) == (1, 1)
+    assert got_cache.host_lengths == [6, 7]
 
 
 def test_encode_batch_gives_the_same_codes(runtime, backend):
