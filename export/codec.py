@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from agent.codec import streaming
-from agent.codec.config import ENCODE_SEGMENT_MEL_FRAMES, LM_CODEBOOKS
-from agent.codec.tokenizer import MAX_MEL_FRAMES_PER_CALL, _group_by_budget, pad_codes_to_group
+from agent.codec.config import LM_CODEBOOKS
 from agent.codec.transformer import LayerKV
 from agent.codec.vocoder import overlap_add
 
@@ -83,28 +82,14 @@ class OnnxCodec:
         """As ``MiMoAudioTokenizer.encode_batch``: codes (T, n_q) int64 on the CPU per turn."""
         if not 1 <= n_q <= self.codebooks:
             raise ValueError(f"n_q={n_q} is outside 1..{self.codebooks} (the exported encoder's codebooks)")
-        tok = self.tok
-        audios = [tok.prepare(w, sample_rate) for w in wavs]
-        segments = []  # (turn index, mel segment)
-        for i, audio in enumerate(audios):
-            if audio.size:
-                mel = tok.front_end(torch.from_numpy(audio).to(tok.device))
-                segments += [(i, seg) for seg in mel.split(ENCODE_SEGMENT_MEL_FRAMES)]
-        per_turn: list[list[torch.Tensor]] = [[] for _ in wavs]
-        for group in _group_by_budget(segments, MAX_MEL_FRAMES_PER_CALL):
-            lengths = torch.tensor([seg.shape[0] for _, seg in group], device=tok.device)
-            batch = nn.utils.rnn.pad_sequence([seg for _, seg in group], batch_first=True)
-            T25 = (batch.shape[1] + 3) // 4  # conv2 (stride 2) then the pooling (2), both rounding up
-            out = self.encoder({"mel": batch, "mel_frames": lengths},
-                               {"codes": (len(group), T25, self.codebooks), "tokens": (len(group),)})
+        def encode_group(mel: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+            T25 = (mel.shape[1] + 3) // 4  # conv2 (stride 2) then the pooling (2), both rounding up
+            out = self.encoder({"mel": mel, "mel_frames": lengths},
+                               {"codes": (len(lengths), T25, self.codebooks), "tokens": (len(lengths),)})
             codes, tokens = out["codes"].cpu(), out["tokens"].tolist()
-            for b, (turn, _) in enumerate(group):
-                per_turn[turn].append(codes[b, : tokens[b], :n_q])
-        result = []
-        for parts in per_turn:
-            codes = torch.cat(parts) if parts else torch.zeros(0, n_q, dtype=torch.long)
-            result.append(pad_codes_to_group(codes) if pad_to_group else codes)
-        return result
+            return [codes[b, : tokens[b], :n_q] for b in range(len(tokens))]
+
+        return self.tok.encode_segments(wavs, sample_rate, encode_group, n_q=n_q, pad_to_group=pad_to_group)
 
     def encode(self, wav: np.ndarray | torch.Tensor, sample_rate: int | None = None, **kwargs: Any) -> torch.Tensor:
         return self.encode_batch([wav], sample_rate, **kwargs)[0]

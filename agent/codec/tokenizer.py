@@ -7,7 +7,7 @@ The module tree and parameter names are those of the official checkpoint (``enco
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +109,33 @@ class MiMoAudioTokenizer(nn.Module):
         :meth:`encode` of that turn alone (padding never reaches another sequence)."""
         if not 1 <= n_q <= self.config.num_quantizers:
             raise ValueError(f"n_q={n_q} is outside 1..{self.config.num_quantizers}")
+        return self.encode_segments(wavs, sample_rate, lambda mel, lengths: self.encoder.encode(mel, lengths, n_q),
+                                    n_q=n_q, pad_to_group=pad_to_group)
+
+    def encode_segments(
+        self,
+        wavs: Sequence[np.ndarray | torch.Tensor],
+        sample_rate: int | None,
+        encode_group: Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]],
+        *,
+        n_q: int,
+        pad_to_group: bool,
+    ) -> list[torch.Tensor]:
+        """The batching of :meth:`encode_batch` around any encoder: the turns' log-mels cut into 60 s
+        segments, grouped under a frame budget, each group padded into one call of
+        ``encode_group(mel (B, T, n_mels), lengths (B,)) -> codes (T_b, n_q) per row``, the parts
+        joined per turn (the ONNX Runtime codec passes its encoder graph here)."""
         audios = [self.prepare(w, sample_rate) for w in wavs]
-        mels = [self.front_end(torch.from_numpy(a).to(self.device)) if a.size else None for a in audios]
         segments: list[Segment] = []  # (turn index, mel segment)
-        for i, mel in enumerate(mels):
-            if mel is not None:
+        for i, audio in enumerate(audios):
+            if audio.size:
+                mel = self.front_end(torch.from_numpy(audio).to(self.device))
                 segments += [(i, seg) for seg in mel.split(ENCODE_SEGMENT_MEL_FRAMES)]
         per_turn: list[list[torch.Tensor]] = [[] for _ in wavs]
         for group in _group_by_budget(segments, MAX_MEL_FRAMES_PER_CALL):
             lengths = torch.tensor([seg.shape[0] for _, seg in group], device=self.device)
             batch = nn.utils.rnn.pad_sequence([seg for _, seg in group], batch_first=True)
-            for (turn, _), codes in zip(group, self.encoder.encode(batch, lengths, n_q), strict=True):
+            for (turn, _), codes in zip(group, encode_group(batch, lengths), strict=True):
                 per_turn[turn].append(codes)
         out = []
         for parts in per_turn:
