@@ -96,14 +96,19 @@ function readSession() {
   return buildSession(settings);
 }
 
-function applySettings() {
-  let session;
+/** The form's session, or null after showing what is wrong with it. */
+function sessionOrReport() {
   try {
-    session = readSession();
+    return readSession();
   } catch (err) {
     addError("settings", err.message);
-    return;
+    return null;
   }
+}
+
+function applySettings() {
+  const session = sessionOrReport();
+  if (!session) return;
   if (client) {
     try {
       client.updateSession(session);
@@ -412,13 +417,8 @@ function iceServers() {
 
 async function doConnect() {
   if (client || demo.state.status === "connecting") return;
-  let session;
-  try {
-    session = readSession();
-  } catch (err) {
-    addError("settings", err.message);
-    return;
-  }
+  const session = sessionOrReport();
+  if (!session) return;
   demo.state.transport = transportChoice();
   setStatus("connecting");
   tracker = new TurnLatencyTracker({ onUpdate: renderLatency });
