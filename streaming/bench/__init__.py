@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import sys
@@ -331,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
             result["floor"] = floor.summary()
             result["backbone"] = backbone_report(floor)
         result["ratios"] = ratios(result)
-        result["machine"]["load_avg_1m_end"] = round(__import__("os").getloadavg()[0], 2)
+        result["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
         result["peak_rss_mb"]["bench"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except BenchError as exc:
         print(f"mimo-agent bench: {exc}", file=sys.stderr)
