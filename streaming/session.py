@@ -725,6 +725,7 @@ class RealtimeSession:
                 self._error(err)
             else:
                 self._announce_item(item, previous, done=False)
+                run.fill_item(item, "in_progress")  # the item holds the part announced below from now on
         self._emit(run.part_added())
 
     def response_started(self, response_id: str) -> None:

@@ -516,6 +516,24 @@ def test_truncate_validation_and_transcript():
     assert errors(s.take_events())[0].param == "audio_end_ms"
 
 
+def test_an_audio_item_without_transcript_text_can_be_truncated_while_it_plays():
+    """Speech whose text patches decoded to nothing yet (no transcript delta) is still an audio item:
+    a barge-in truncates it (the browser demo's interrupt hit this with the tiny model)."""
+    s, _ = make(**MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    s.response_started(create.response_id)
+    s.response_audio(create.response_id, YES[:4800])  # 200 ms, no text
+    s.take_events()
+    send(s, {"type": "response.cancel"})
+    send(s, {"type": "conversation.item.truncate", "item_id": create.item_id, "content_index": 0,
+             "audio_end_ms": 100})
+    events = s.take_events()
+    assert errors(events) == []
+    assert "conversation.item.truncated" in types(events)
+    assert act.TruncateItem(create.item_id, 100, "") in s.take_actions()
+
+
 def test_truncate_refuses_user_items():
     s, _ = make(**MANUAL)
     send(
