@@ -940,7 +940,7 @@ class Engine:
             self.lm.text_logits(h)
             codes = self.decode_patch(h, None, None).cpu()
             emb = self.embed_patches(torch.tensor([[self.specials.empty]], device=self.device),
-                                        codes.unsqueeze(1).to(self.device))
+                                     codes.unsqueeze(1).to(self.device))
             self.decode_step(self.cache, [slot], emb)
             stream = self.codec.new_decode_stream()
             self.codec.decode_streams([(stream, codes[0])])
