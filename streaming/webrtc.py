@@ -488,9 +488,10 @@ async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
         session = None
         if parts["session"]:
             try:
-                session = json.loads(parts["session"])
-            except json.JSONDecodeError as exc:
-                raise OfferError(400, f"the 'session' part is not valid JSON: {exc}", param="session") from None
+                session = p.decode_json(parts["session"])
+            except p.ProtocolError as err:
+                raise OfferError(400, f"the 'session' part is not valid JSON: {err.message}", code=err.code.value,
+                                 param="session") from None
             if not isinstance(session, dict):
                 raise OfferError(400, "the 'session' part must be a JSON object (a session configuration)",
                                  param="session")

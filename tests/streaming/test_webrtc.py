@@ -23,6 +23,7 @@ from streaming.webrtc import (
 )
 from tests.streaming import realtime_client as rc
 from tests.streaming import rtc_client as rtc
+from tests.streaming.helpers import MALFORMED_JSON
 from tests.streaming.live_server import start_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -277,6 +278,7 @@ async def test_bad_offers_are_refused_naming_the_problem(server):
         (dict(files={"session": (None, "{}")}), 400, "no 'sdp' part"),
         (dict(files={"sdp": (None, good), "session": (None, "{not json")}), 400, "'session' part is not valid JSON"),
         (dict(files={"sdp": (None, good), "session": (None, "[1]")}), 400, "must be a JSON object"),
+        (dict(files={"sdp": (None, good), "session": (None, "[" * 1000 + "]" * 1000)}), 400, "nested too deeply"),
         (dict(files={"sdp": (None, good), "session": (None, '{"type": "realtime", "colour": 1}')}), 400,
          "invalid 'session' part"),
     ]
@@ -294,6 +296,25 @@ async def test_bad_offers_are_refused_naming_the_problem(server):
             "sdp": (None, good), "session": (None, '{"type": "realtime", "audio": {"output": {"speed": "x"}}}')})
         assert bad_field.status_code == 400 and bad_field.json()["error"]["param"].startswith("session.audio")
     assert server.engine.active_sessions == 0 and server.app.state.calls == {}
+
+
+async def test_pathological_json_on_the_channel_gets_an_error_and_the_call_goes_on(server):
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url, mic=False,
+                                session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    try:
+        for name, message, needle in MALFORMED_JSON:
+            call.channel.send(message)
+            error = await call.until("error")
+            assert error["error"]["code"] == "invalid_json", (name, error)
+            assert needle in error["error"]["message"], (name, error)
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}})
+        call.send({"type": "response.create"})
+        done = await call.until("response.done")
+        assert done["response"]["status"] in ("completed", "incomplete")
+    finally:
+        await call.close()
 
 
 async def test_oversized_event_becomes_an_error_on_the_channel(server):
