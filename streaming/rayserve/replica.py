@@ -118,6 +118,7 @@ class RealtimeReplica:
         self.server.state.new_call_id = lambda: new_call_id(self.replica_id)
         self.server.state.health_extras.append(self._fleet)
         self.peers: list[dict] = []
+        self.serving = False  # Serve routes to this replica: set by the first record_routing_stats call
         self.registry = registry(context.app_name)
         self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())
         log.info("replica %s (pid %d) serving %s with %d slots", self.replica_id, os.getpid(),
@@ -163,6 +164,7 @@ class RealtimeReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's hook: the load the router ranks replicas by (:mod:`streaming.rayserve.router`)."""
+        self.serving = True  # the controller asks running replicas only, and has told the proxies about it
         status = self.status()
         return {k: status[k] for k in ("sessions", "slots", "opened")}
 
@@ -179,6 +181,9 @@ class RealtimeReplica:
 
     async def _report_forever(self) -> None:
         while True:
+            if not self.serving:  # not listed before the proxies can route to it
+                await asyncio.sleep(HEARTBEAT_S / 5)
+                continue
             try:
                 everyone = await self.registry.report.remote(self.status(), self.metrics.own())
                 self.peers = [s for s, _ in everyone]
