@@ -83,12 +83,17 @@ class SessionBridge:
 
     # --------------------------------------------------------------------------------- lifecycle
     def open(self) -> None:
-        """Claim an engine slot; raises ``ServerBusy`` when none is free."""
+        """Claim an engine slot; raises ``ServerBusy`` when none is free. What a session started
+        before (a WebRTC call validated at its offer, connected later) goes out now."""
         self.handle = self.engine.open_session(self._on_engine_event_threadsafe)
+        self.pump()
 
     def start(self, config: dict | None = None, *, model: str | None = None) -> None:
+        """Start the session (``session.created``); raises ``ValidationError`` for settings it
+        refuses. Without a slot yet, its events and actions wait for :meth:`open`."""
         self.session.start(config, model=model)
-        self.pump()
+        if self.handle is not None:
+            self.pump()
 
     def close(self, reason: str = "closed") -> None:
         """The connection is gone: cancel what runs and free the slot (idempotent)."""
@@ -146,13 +151,13 @@ class SessionBridge:
 
         submit = self.handle.submit
         if isinstance(a, act.AppendUserAudio):
-            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe))
+            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe, after=a.after))
         elif isinstance(a, act.AppendUserText):
-            submit(eng.AddUserText(a.item_id, a.text))
+            submit(eng.AddUserText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.AppendSystemText):
-            submit(eng.AddSystemText(a.item_id, a.text))
+            submit(eng.AddSystemText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.AppendAssistantText):
-            submit(eng.AddAssistantText(a.item_id, a.text))
+            submit(eng.AddAssistantText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.CreateResponse):
             now = time.perf_counter()
             self._clocks[a.response_id] = _Clock(requested_at=now)
