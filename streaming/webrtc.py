@@ -311,7 +311,7 @@ class RealtimeCall:
     def __init__(self, app: FastAPI, options: WebRTCOptions) -> None:
         self.app = app
         self.options = options
-        self.id = p.new_id("rtc")
+        self.id = app.state.new_call_id()
         config: ServerConfig = app.state.config
         self.outbox = Outbox(lead_s=config.audio_lead_s, pace_audio=False)  # no audio events over WebRTC
         self.track = AgentAudioTrack(self._drained, max_buffer_s=options.max_output_buffer_s)
@@ -651,6 +651,7 @@ def add_webrtc_routes(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     app.state.webrtc = WebRTCOptions(ice_servers=ice_servers(config.ice_servers))
     app.state.calls = {}
+    app.state.new_call_id = lambda: p.new_id("rtc")  # behind Ray Serve the id also names the replica
 
     @app.post(CALLS_PATH)
     async def create_call(request: Request) -> Response:
