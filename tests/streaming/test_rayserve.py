@@ -207,18 +207,24 @@ async def test_a_killed_replica_closes_only_its_sessions_and_is_replaced(ray_ser
         await close_all(sockets)
 
 
-async def test_webrtc_calls_name_their_replica_and_hang_up_there(ray_server):
+async def test_webrtc_calls_name_their_replica_and_hang_up_and_sideband_reach_it(ray_server):
     replicas = await fleet_where(ray_server, idle, "every replica idle")
     calls = [await rtc_client.place_call(ray_server.url, mic=False) for _ in range(REPLICAS)]
     try:
         owners = Counter(call_replica(c.call_id) for c in calls)
         assert set(owners) == {r["id"] for r in replicas}, owners  # one call on each: calls count as load
         await fleet_where(ray_server, lambda rs: [r["calls"] for r in rs] == [1] * REPLICAS, "one call each")
+        for call in calls:  # the sideband WebSocket joins the call on its replica
+            async with websockets.connect(f"{ray_server.ws_url}?call_id={call.call_id}",
+                                          subprotocols=["realtime"]) as side:
+                created = await rc.recv(side)
+                assert created["type"] == "session.created", created
+                assert created["session"]["id"] == call.log[0]["session"]["id"]
         async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as http:
             for call in calls:
                 assert (await http.delete(call.location)).status_code == 204, call.call_id
             again = await http.delete(calls[0].location)
-            assert again.status_code == 404 and again.json()["error"]["code"] == "call_not_found"
+            assert again.status_code == 404 and again.json()["error"]["code"] == "call_id_not_found"
             missing = await http.post("/v1/realtime/calls/rtc_nosuchreplica_0123/hangup")
             assert missing.status_code == 404
         await fleet_where(ray_server, lambda rs: all(r["calls"] == 0 for r in rs), "the calls ended")
