@@ -87,6 +87,8 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
             "status": "ok",
             "model": config.model_name,
             "sessions": len(app.state.bridges),
+            # WebRTC calls answered whose peer has not connected yet: they hold no engine slot
+            "calls_connecting": sum(not call.connected for call in getattr(app.state, "calls", {}).values()),
             "max_sessions": getattr(getattr(engine, "config", None), "max_sessions", None),
             "uptime_s": round(time.time() - started, 1),
             **config.description,

@@ -87,12 +87,17 @@ class SessionBridge:
 
     # --------------------------------------------------------------------------------- lifecycle
     def open(self) -> None:
-        """Claim an engine slot; raises ``ServerBusy`` when none is free."""
+        """Claim an engine slot; raises ``ServerBusy`` when none is free. What a session started
+        before (a WebRTC call validated at its offer, connected later) goes out now."""
         self.handle = self.engine.open_session(self._on_engine_event_threadsafe)
+        self.pump()
 
     def start(self, config: dict | None = None, *, model: str | None = None) -> None:
+        """Start the session (``session.created``); raises ``ValidationError`` for settings it
+        refuses. Without a slot yet, its events and actions wait for :meth:`open`."""
         self.session.start(config, model=model)
-        self.pump()
+        if self.handle is not None:
+            self.pump()
 
     def close(self, reason: str = "closed") -> None:
         """The connection is gone: cancel what runs and free the slot (idempotent)."""

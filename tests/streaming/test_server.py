@@ -12,6 +12,7 @@ import pytest
 import websockets
 
 from tests.streaming import realtime_client as rc
+from tests.streaming.helpers import MALFORMED_JSON
 from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,6 +225,22 @@ async def test_bad_input_gets_an_error_and_the_session_goes_on(server):
         # ... and the session still works
         events = await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav"))
         assert events[-1]["response"]["status"] in ("completed", "incomplete")
+    finally:
+        await ws.close()
+
+
+async def test_pathological_json_gets_an_error_and_the_session_goes_on(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.update(ws, audio={"input": {"turn_detection": None}})
+        for name, message, needle in MALFORMED_JSON:
+            await ws.send(message)
+            error = await rc.until(ws, "error", timeout=10)
+            assert error["error"]["code"] == "invalid_json", (name, error)
+            assert needle in error["error"]["message"], (name, error)
+        events = await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav"))
+        assert events[-1]["response"]["status"] in ("completed", "incomplete")
+        assert not [e for e in events if e["type"] == "error"], events
     finally:
         await ws.close()
 

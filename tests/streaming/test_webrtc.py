@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import re
 
 import httpx
 import numpy as np
 import pytest
+from aiortc import RTCSessionDescription
 
 from streaming.webrtc import (
     FRAME_SAMPLES,
+    MAX_OFFER_BYTES,
     AgentAudioTrack,
     MicrophoneReader,
     WebRTCOptions,
@@ -23,6 +26,7 @@ from streaming.webrtc import (
 )
 from tests.streaming import realtime_client as rc
 from tests.streaming import rtc_client as rtc
+from tests.streaming.helpers import MALFORMED_JSON
 from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,21 +228,109 @@ async def test_a_peer_whose_media_stops_is_dropped(server):
         await call.close()
 
 
-async def test_a_peer_that_never_connects_is_dropped(server):
+async def test_offers_that_never_connect_hold_no_slot(server):
+    """One POST per slot used to keep the server full: an offer holds an engine slot only once its
+    peer connects, and one that never does is dropped at the connect deadline."""
     assert await _settled(server) == 0
     options = server.app.state.webrtc
     saved = options.channel_open_timeout_s
-    options.channel_open_timeout_s = 1.0
-    pc, _ = await rtc.make_offer()
+    options.channel_open_timeout_s = 3.0
+    vanished = [await rtc.make_offer() for _ in range(MAX_SESSIONS)]
+    call = None
     try:
-        answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
-        assert answered.status_code == 201  # ... and the client never applies the answer
+        for pc, _ in vanished:
+            answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
+            assert answered.status_code == 201  # ... and the client never applies the answer
+        assert server.engine.active_sessions == 0
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            health = (await http.get("/healthz")).json()
+        assert (health["sessions"], health["calls_connecting"]) == (0, MAX_SESSIONS)
+        call = await rtc.place_call(server.url, mic=False)  # a real caller still gets in
         assert server.engine.active_sessions == 1
-        assert await _settled(server) == 0
-        assert server.app.state.calls == {}
+        for _ in range(100):  # the connect deadline drops the vanished offers (bounded wait)
+            if len(server.app.state.calls) == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert list(server.app.state.calls) == [call.call_id]
     finally:
         options.channel_open_timeout_s = saved
+        for pc, _ in vanished:
+            await pc.close()
+        if call is not None:
+            await call.close()
+    assert await _settled(server) == 0
+
+
+async def test_a_call_that_connects_when_every_slot_is_taken_is_told_so(server):
+    assert await _settled(server) == 0
+    pc, dc = await rtc.make_offer(mic=False)
+    sockets = []
+    try:
+        answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        assert answered.status_code == 201
+        sockets = [await rc.connect(server.ws_url) for _ in range(MAX_SESSIONS)]  # the slots go meanwhile
+        received: asyncio.Queue = asyncio.Queue()
+        dc.on("message", received.put_nowait)
+        closed = asyncio.Event()
+        dc.on("close", closed.set)
+        await pc.setRemoteDescription(RTCSessionDescription(answered.text, "answer"))
+        event = json.loads(await asyncio.wait_for(received.get(), 30))
+        assert event["type"] == "error" and event["error"]["code"] == "server_busy", event
+        await asyncio.wait_for(closed.wait(), 30)  # ... and the call ends
+    finally:
         await pc.close()
+        for ws in sockets:
+            await ws.close()
+    assert await _settled(server) == 0
+    assert server.app.state.calls == {}
+
+
+async def _raw_post(server, head: str, body: bytes = b"", *, chunked: bool = False) -> tuple[int, dict]:
+    """POST over a bare socket that sends ``body`` and then waits (never finishing a long body):
+    the status and JSON of the response, which must come while the client still holds the rest."""
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"POST /v1/realtime/calls HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode())
+        if body:
+            writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n" if chunked else body)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        headers = {}
+        while (line := await asyncio.wait_for(reader.readline(), 30)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        payload = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 30)
+        return int(status_line.split()[1]), json.loads(payload)
+    finally:
+        writer.close()
+
+
+async def test_offer_bodies_are_limited_while_reading(server):
+    limit = MAX_OFFER_BYTES
+    # a declared length over the limit: refused before any of the body is read
+    status, body = await _raw_post(server, "Content-Type: application/sdp\r\nContent-Length: 209715200\r\n")
+    assert status == 413 and body["error"]["code"] == "request_too_large", body
+    assert "209715200" in body["error"]["message"] and str(limit) in body["error"]["message"]
+    # no declared length (chunked): refused once the limit is passed, not at the end of the body
+    part = b'--x\r\nContent-Disposition: form-data; name="sdp"\r\n\r\n'
+    for ctype, start in (("application/sdp", b""), ("multipart/form-data; boundary=x", part)):
+        status, body = await _raw_post(server, f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n",
+                                       start + b"v" * (4 * limit), chunked=True)
+        assert status == 413 and body["error"]["code"] == "request_too_large", (ctype, body)
+    # a client that sends everything before it reads (httpx) gets the 413 too, not a reset
+    good = await _offer_without()
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        too_long = good + "a=x-padding:" + "p" * (limit + 1) + "\r\n"
+        sdp_type = {"Content-Type": "application/sdp"}
+        for response in (
+            await http.post("/v1/realtime/calls", content=b"v" * (8 << 20), headers=sdp_type),
+            await http.post("/v1/realtime/calls", files={"sdp": (None, b"v" * (8 << 20), "application/sdp")}),
+            await http.post("/v1/realtime/calls", files={"sdp": (None, too_long, "application/sdp")}),
+        ):
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "request_too_large"
+    assert server.engine.active_sessions == 0 and server.app.state.calls == {}
 
 
 async def test_hang_up(server):
@@ -314,12 +406,17 @@ async def test_bad_offers_are_refused_naming_the_problem(server):
         (dict(content=""), 400, "empty SDP offer"),
         (dict(content="v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"), 400, "no media sections"),
         (dict(content="v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF x\r\n"), 400, "invalid SDP offer"),
+        (dict(content=good.replace("UDP/TLS/RTP/SAVPF", "udp/tls/rtp/savpf")), 400,
+         "udp/tls/rtp/savpf"),
+        (dict(content=good.replace("a=fingerprint:", "a=candidate:1 1 udp\r\na=fingerprint:", 1)), 400,
+         "'a=candidate:1 1 udp'"),
         (dict(content=no_audio), 400, "no audio m-line"),
         (dict(content=no_channel), 400, "no data channel"),
         (dict(content=good, ctype="text/plain"), 415, "application/sdp, or multipart/form-data"),
         (dict(files={"session": (None, "{}")}), 400, "no 'sdp' part"),
         (dict(files={"sdp": (None, good), "session": (None, "{not json")}), 400, "'session' part is not valid JSON"),
         (dict(files={"sdp": (None, good), "session": (None, "[1]")}), 400, "must be a JSON object"),
+        (dict(files={"sdp": (None, good), "session": (None, "[" * 1000 + "]" * 1000)}), 400, "nested too deeply"),
         (dict(files={"sdp": (None, good), "session": (None, '{"type": "realtime", "colour": 1}')}), 400,
          "invalid 'session' part"),
     ]
@@ -337,6 +434,25 @@ async def test_bad_offers_are_refused_naming_the_problem(server):
             "sdp": (None, good), "session": (None, '{"type": "realtime", "audio": {"output": {"speed": "x"}}}')})
         assert bad_field.status_code == 400 and bad_field.json()["error"]["param"].startswith("session.audio")
     assert server.engine.active_sessions == 0 and server.app.state.calls == {}
+
+
+async def test_pathological_json_on_the_channel_gets_an_error_and_the_call_goes_on(server):
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url, mic=False,
+                                session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    try:
+        for name, message, needle in MALFORMED_JSON:
+            call.channel.send(message)
+            error = await call.until("error")
+            assert error["error"]["code"] == "invalid_json", (name, error)
+            assert needle in error["error"]["message"], (name, error)
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}})
+        call.send({"type": "response.create"})
+        done = await call.until("response.done")
+        assert done["response"]["status"] in ("completed", "incomplete")
+    finally:
+        await call.close()
 
 
 async def test_oversized_event_becomes_an_error_on_the_channel(server):
