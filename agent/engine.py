@@ -109,6 +109,12 @@ class ResponseParams:
 
 
 # ----------------------------------------------------------------------------------------- jobs
+# The Add* jobs put their item after the item ``after``: None appends, ``""`` (``AT_START``) puts it
+# first, an id puts it right after that item (appended if that item is gone). An insertion before
+# cached positions rolls the slot's cache back when the next response syncs it.
+AT_START = ""
+
+
 @dataclass(frozen=True)
 class AddUserAudio:
     """User speech; several jobs with the same ``item_id`` in a row are parts of one item."""
@@ -116,24 +122,28 @@ class AddUserAudio:
     item_id: str
     pcm: np.ndarray  # float32 mono 24 kHz
     transcribe: bool = False  # also transcribe it (the model's ASR task): Transcription* events
+    after: str | None = None
 
 
 @dataclass(frozen=True)
 class AddUserText:
     item_id: str
     text: str
+    after: str | None = None
 
 
 @dataclass(frozen=True)
 class AddSystemText:
     item_id: str
     text: str
+    after: str | None = None
 
 
 @dataclass(frozen=True)
 class AddAssistantText:
     item_id: str
     text: str
+    after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -290,7 +300,7 @@ class _Session:
     voice_codes: torch.Tensor | None = None
     cached: Prompt | None = None  # what the slot's KV cache holds, position by position
     response: _Response | None = None
-    pending_audio: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    pending_audio: list[tuple[Item, np.ndarray]] = field(default_factory=list)  # items in place, not yet encoded
     transcribe: set[str] = field(default_factory=set)  # pending audio items to transcribe
     last_encode_ms: float = 0.0
     last_encode_cpu_s: float = 0.0
@@ -319,6 +329,10 @@ class SessionHandle:
         if not self.closed:
             self.closed = True
             self._engine._put((self.sid, _Close()), force=True)
+
+
+def _holds(s: _Session, item: Item) -> bool:
+    return any(it is item for it in s.items)
 
 
 # ------------------------------------------------------------------------------------- engine
@@ -545,18 +559,23 @@ class Engine:
             self._close_session(s)
         elif isinstance(job, AddUserAudio):
             pcm = np.asarray(job.pcm, dtype=np.float32)
-            if s.pending_audio and s.pending_audio[-1][0] == job.item_id:  # another part of the same item
-                pcm = np.concatenate([s.pending_audio.pop()[1], pcm])
-            s.pending_audio.append((job.item_id, pcm))
+            if s.pending_audio and s.pending_audio[-1][0].item_id == job.item_id:  # another part of the same item
+                item, first = s.pending_audio.pop()
+                pcm = np.concatenate([first, pcm])
+            else:  # the item takes its place now (later items follow it); its codes come with the encode
+                item = Item(job.item_id, Role.USER)
+                self._insert(s, item, job.after)
+            s.pending_audio.append((item, pcm))
             if job.transcribe:
                 s.transcribe.add(job.item_id)
         elif isinstance(job, AddUserText):
-            self._add_item(s, Item(job.item_id, Role.USER, text=job.text))
+            self._add_item(s, Item(job.item_id, Role.USER, text=job.text), job.after)
         elif isinstance(job, AddSystemText):
-            self._add_item(s, Item(job.item_id, Role.SYSTEM, text=job.text))
+            self._add_item(s, Item(job.item_id, Role.SYSTEM, text=job.text), job.after)
         elif isinstance(job, AddAssistantText):
             patches = self.builder.text(job.text)
-            self._add_item(s, Item(job.item_id, Role.ASSISTANT, patches=patches, audio_output=False, complete=True))
+            self._add_item(s, Item(job.item_id, Role.ASSISTANT, patches=patches, audio_output=False, complete=True),
+                           job.after)
         elif isinstance(job, Configure):
             if job.instructions is not None:
                 s.instructions = job.instructions or None
@@ -581,9 +600,19 @@ class Engine:
         else:
             raise TypeError(f"unknown job {job!r}")
 
-    def _add_item(self, s: _Session, item: Item, encode_ms: float = 0.0) -> None:
-        # items land before a running response's assistant item would be wrong: they follow it
-        s.items.append(item)
+    def _insert(self, s: _Session, item: Item, after: str | None) -> None:
+        index = len(s.items)
+        if after == AT_START:
+            index = 0
+        elif after is not None:
+            index = next((i + 1 for i, it in enumerate(s.items) if it.item_id == after), index)
+        s.items.insert(index, item)
+
+    def _add_item(self, s: _Session, item: Item, after: str | None = None) -> None:
+        self._insert(s, item, after)
+        self._item_added(s, item)
+
+    def _item_added(self, s: _Session, item: Item, encode_ms: float = 0.0) -> None:
         n = len(self.renderer.render([item]).prompt) if item.role is not Role.ASSISTANT else len(item.patches or [])
         self._emit(s, ItemAdded(item.item_id, n, round(encode_ms, 3)))
 
@@ -605,27 +634,30 @@ class Engine:
         return [torch.as_tensor(c, dtype=torch.int64).cpu() for c in self.codec.encode_batch(pcms)]
 
     def _encode_pending(self) -> None:
-        work = [(s, item_id, pcm) for s in self._sessions.values() for item_id, pcm in s.pending_audio]
+        work = []
+        for s in self._sessions.values():
+            work += [(s, item, pcm) for item, pcm in s.pending_audio if _holds(s, item)]  # else deleted meanwhile
+            s.pending_audio = []
         if not work:
             return
-        for s in self._sessions.values():
-            s.pending_audio = []
         t, cpu = time.perf_counter(), time.thread_time()
         try:
             codes = self._encode([pcm for _, _, pcm in work])
         except ValueError as exc:  # bad audio: fail those items alone
-            for s, item_id, _ in work:
-                self._emit(s, EngineError("invalid_audio", str(exc), item_id=item_id))
+            for s, item, _ in work:
+                s.items = [it for it in s.items if it is not item]
+                self._emit(s, EngineError("invalid_audio", str(exc), item_id=item.item_id))
             return
         ms = (time.perf_counter() - t) * 1000
         cpu = time.thread_time() - cpu
         self._observe("encode", ms / 1000, {"batch": len(work)})
-        for (s, item_id, _), c in zip(work, codes, strict=True):
+        for (s, item, _), c in zip(work, codes, strict=True):
             s.last_encode_ms, s.last_encode_cpu_s = ms, cpu
-            self._add_item(s, Item(item_id, Role.USER, codes=c), encode_ms=ms)
-            if item_id in s.transcribe:
-                s.transcribe.discard(item_id)
-                self.transcriber.add(s.sid, item_id, c, lambda e, s=s: self._emit(s, e))
+            item.codes = c
+            self._item_added(s, item, encode_ms=ms)
+            if item.item_id in s.transcribe:
+                s.transcribe.discard(item.item_id)
+                self.transcriber.add(s.sid, item.item_id, c, lambda e, s=s: self._emit(s, e))
 
     # ------------------------------------------------------------------------------ response
     def _controls(self, params: ResponseParams) -> GenerationControls:

@@ -181,13 +181,13 @@ class SessionBridge:
 
         submit = self.handle.submit
         if isinstance(a, act.AppendUserAudio):
-            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe))
+            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe, after=a.after))
         elif isinstance(a, act.AppendUserText):
-            submit(eng.AddUserText(a.item_id, a.text))
+            submit(eng.AddUserText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.AppendSystemText):
-            submit(eng.AddSystemText(a.item_id, a.text))
+            submit(eng.AddSystemText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.AppendAssistantText):
-            submit(eng.AddAssistantText(a.item_id, a.text))
+            submit(eng.AddAssistantText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.CreateResponse):
             self._response_items[a.item_id] = a.response_id
             now = time.perf_counter()

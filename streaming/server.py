@@ -22,7 +22,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", choices=["tiny", "mimo-audio-7b"],
                    help="built-in model with random weights (default: tiny, when no --model)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="default: bf16 on CUDA, fp32 on CPU (fp16 is refused: MiMo-Audio's LM runs in bf16)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: on a CPU all cores but one, left to the event loop)")
     e = parser.add_argument_group("engine")
