@@ -154,6 +154,12 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
         await websocket.close(code=WS_CLOSE_POLICY, reason="invalid API key")
         return
     subprotocol = "realtime" if "realtime" in offered else None
+    call_id = websocket.query_params.get("call_id")
+    if call_id is not None:  # a sideband: join a WebRTC call's session
+        from streaming.sideband import serve_sideband
+
+        await serve_sideband(app, websocket, call_id, subprotocol)
+        return
     outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes)
     bridge = new_bridge(app, Transport.WEBSOCKET, outbox)
     try:

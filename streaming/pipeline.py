@@ -270,12 +270,14 @@ class SessionBridge:
                     s.response_failed(ev.response_id, ev.message)
                 else:
                     self._send(p.ErrorEvent(error=p.ErrorDetail(
-                        type="invalid_request_error" if ev.code != "job_failed" else "server_error",
+                        type="server_error" if ev.code == "session_failed" else "invalid_request_error",
                         code=ev.code, message=ev.message)))
             elif isinstance(ev, eng.TranscriptionDelta):
                 s.transcription_delta(ev.item_id, ev.text)
             elif isinstance(ev, eng.TranscriptionDone):
                 s.transcription_done(ev.item_id, ev.transcript)
+            elif isinstance(ev, eng.TranscriptionFailed):
+                s.transcription_failed(ev.item_id, ev.message)
             elif isinstance(ev, eng.ItemsDropped):
                 for item_id in ev.item_ids:
                     s.drop_item(item_id)
