@@ -79,11 +79,12 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     app.state.config = config
     app.state.metrics = metrics
     app.state.bridges = set()
+    app.state.health_extras = []  # callables returning more /healthz fields (a Ray replica lists its peers)
     started = time.time()
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {
+        health = {
             "status": "ok",
             "model": config.model_name,
             "sessions": len(app.state.bridges),
@@ -93,6 +94,9 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
             "uptime_s": round(time.time() - started, 1),
             **config.description,
         }
+        for extra in app.state.health_extras:
+            health.update(extra())
+        return health
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -324,7 +324,7 @@ class RealtimeCall:
     def __init__(self, app: FastAPI, options: WebRTCOptions) -> None:
         self.app = app
         self.options = options
-        self.id = p.new_id("rtc")
+        self.id = app.state.new_call_id()
         config: ServerConfig = app.state.config
         # no audio events over WebRTC: nothing to pace
         self.outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes, pace_audio=False)
@@ -664,6 +664,7 @@ def add_webrtc_routes(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     app.state.webrtc = WebRTCOptions(ice_servers=ice_servers(config.ice_servers))
     app.state.calls = {}
+    app.state.new_call_id = lambda: p.new_id("rtc")  # behind Ray Serve the id also names the replica
 
     @app.post(CALLS_PATH)
     async def create_call(request: Request) -> Response:
