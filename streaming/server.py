@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     lim.add_argument("--session-max-s", type=float, default=None, help="session duration limit (default 1800)")
     lim.add_argument("--events-per-second", type=float, default=None, help="client events per second")
     lim.add_argument("--audio-lead", type=float, default=None, help="output audio sent ahead of real time (s)")
+    lim.add_argument("--send-queue-mib", type=float, default=None,
+                     help="events waiting to be sent, per session, before it is closed (MiB, default 32)")
     parser.add_argument("--ice-server", dest="ice_servers", action="append", type=_ice_server, metavar="URL",
                         default=None,
                         help="WebRTC STUN/TURN server, repeatable: stun:HOST:PORT, turn:USER:PASSWORD@HOST:PORT"
@@ -182,6 +184,8 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
                           cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
+    if args.send_queue_mib is not None:
+        config.max_queued_bytes = int(args.send_queue_mib * 2**20)
     return config
 
 

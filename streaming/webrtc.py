@@ -19,8 +19,11 @@ One call is one :class:`~streaming.pipeline.SessionBridge`, exactly as a WebSock
   WebSocket path does not have.
 * agent audio: :class:`AgentAudioTrack`, 20 ms frames at 48 kHz on a fixed media clock, silence
   when idle; ``response.output_audio.delta`` is never sent on the data channel. The track owns the
-  playout buffer: barge-in flushes it (``output_audio_buffer.cleared`` comes from the session), and
-  when a response's last sample has left it the session emits ``output_audio_buffer.stopped``.
+  playout buffer: an interrupt (barge-in, ``response.cancel``, ``output_audio_buffer.clear``)
+  flushes it, and the server truncates the assistant item to what the track had played
+  (``conversation.item.truncated``; the model's context rolls back to it), which a WebSocket client
+  does itself; when a response's last sample has left it the session emits
+  ``output_audio_buffer.stopped``.
 * events: the same JSON events as the WebSocket, on the ``oai-events`` data channel that the
   client creates before its offer. One event is one message. An event larger than the peer's
   SCTP message-size limit (``a=max-message-size``, 256 KiB in Chrome) is not split (a private
@@ -77,7 +80,7 @@ from streaming.app import (
 )
 from streaming.audio import Overflow, PcmBuffer, StreamResampler
 from streaming.config import merge_client_session
-from streaming.outbox import Outbox, OutboxFull
+from streaming.outbox import Outbox, goodbye_deadline
 from streaming.session import Transport
 
 log = logging.getLogger(__name__)
@@ -170,7 +173,8 @@ class AgentAudioTrack(MediaStreamTrack):
     ``push`` (24 kHz pcm16 from the engine) upsamples into a bounded buffer that drops its oldest
     audio beyond ``max_buffer_s``; ``end_response`` marks where a response's audio ends, and
     ``on_drained(response_id)`` is called once the frame holding its last sample has been sent;
-    ``flush`` drops everything (barge-in)."""
+    ``flush`` drops everything (an interrupt) and says how much of each response it cut short had
+    been played."""
 
     kind = "audio"
 
@@ -179,6 +183,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.on_drained = on_drained
         self._buffer = PcmBuffer(int(max_buffer_s * RTC_RATE), Overflow.DROP_OLDEST)
         self._ends: collections.deque[tuple[int, str]] = collections.deque()  # (absolute position, response)
+        self._starts: dict[str, int] = {}  # response -> absolute position of its first sample
         self._upsampler = StreamResampler(WIRE_RATE, RTC_RATE)
         self._current: str | None = None  # the response being upsampled
         self._start: float | None = None
@@ -198,6 +203,7 @@ class AgentAudioTrack(MediaStreamTrack):
         if response_id != self._current:
             self._finish_current()
             self._current = response_id
+            self._starts[response_id] = self._buffer.end
         self.samples_dropped += self._buffer.write(self._upsampler.process(pcm16))
 
     def end_response(self, response_id: str) -> None:
@@ -213,12 +219,18 @@ class AgentAudioTrack(MediaStreamTrack):
         self._ends.append((self._buffer.end, self._current))
         self._current = None
 
-    def flush(self) -> None:
-        """Drop all audio not yet sent (barge-in, ``output_audio_buffer.clear``)."""
+    def flush(self) -> dict[str, int]:
+        """Drop all audio not yet sent (an interrupt). Returns, for each response whose audio was
+        still buffered, how many of its samples (24 kHz) had been played."""
+        played_to = self._buffer.start
+        cut = [response_id for _, response_id in self._ends] + [self._current] * (self._current is not None)
+        played = {r: max(0, played_to - self._starts.get(r, played_to)) * WIRE_RATE // RTC_RATE for r in cut}
         self.samples_dropped += self._buffer.clear()
         self._ends.clear()
+        self._starts.clear()
         self._upsampler.reset()
         self._current = None
+        return played
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -246,6 +258,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.audio_samples_sent += len(chunk)
         while self._ends and self._ends[0][0] <= self._buffer.start:
             _, response_id = self._ends.popleft()
+            self._starts.pop(response_id, None)
             try:
                 self.on_drained(response_id)
             except Exception:  # never let the session's bookkeeping stop the media
@@ -322,7 +335,8 @@ class RealtimeCall:
         self.options = options
         self.id = app.state.new_call_id()
         config: ServerConfig = app.state.config
-        self.outbox = Outbox(lead_s=config.audio_lead_s, pace_audio=False)  # no audio events over WebRTC
+        # no audio events over WebRTC: nothing to pace
+        self.outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes, pace_audio=False)
         self.track = AgentAudioTrack(self._drained, max_buffer_s=options.max_output_buffer_s)
         self.bridge = new_bridge(app, Transport.WEBRTC, self.outbox, audio_sink=self.track.push,
                                  flush_sink=self.track.flush, on_close=self._on_session_close)
@@ -382,10 +396,7 @@ class RealtimeCall:
 
     def on_client_message(self, message: str | bytes) -> None:
         """A client event from the data channel or a sideband connection."""
-        try:
-            self.bridge.receive(message)
-        except OutboxFull:  # called from aiortc's SCTP receive path: end the call, never raise there
-            self._end("the client stopped reading events")
+        self.bridge.receive(message)
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -467,7 +478,8 @@ class RealtimeCall:
 
     async def _serve(self) -> None:
         tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._ticks()),
-                 asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait())]
+                 asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait()),
+                 asyncio.create_task(self._goodbye())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -476,11 +488,8 @@ class RealtimeCall:
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 exc = t.exception()
-                if isinstance(exc, OutboxFull):
-                    self._end("the client stopped reading events")
-                else:
-                    log.error("call %s failed", self.id, exc_info=exc)
-                    self._end(f"failed: {exc}")
+                log.error("call %s failed", self.id, exc_info=exc)
+                self._end(f"failed: {exc}")
 
     async def _events(self) -> None:
         while True:
@@ -514,6 +523,10 @@ class RealtimeCall:
                 message=f"{kind} ({size} bytes) was not sent: it exceeds the data channel's message size "
                         f"limit ({exc}). Events are not split; use the WebSocket transport for it."))
             self.channel.send(error.to_json())
+
+    async def _goodbye(self) -> None:
+        await goodbye_deadline(self.outbox)
+        self._end("the session ended and the peer did not take its last events")
 
     async def _ticks(self) -> None:
         while True:
