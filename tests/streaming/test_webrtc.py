@@ -27,7 +27,7 @@ from streaming.webrtc import (
 from tests.streaming import realtime_client as rc
 from tests.streaming import rtc_client as rtc
 from tests.streaming.helpers import MALFORMED_JSON
-from tests.streaming.live_server import start_server
+from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,12 +124,55 @@ async def test_barge_in_clears_the_playout_buffer(server):
     finally:
         await call.close()
     assert done["response"]["id"] == started["response_id"] == cleared["response_id"]
+    # the server cut the item to what the track had played (it owns playback over WebRTC)
+    truncated = next(e for e in events if e["type"] == "conversation.item.truncated")
+    assert truncated["item_id"] == done["response"]["output"][0]["id"]
+    assert 0 < truncated["audio_end_ms"] < done["response"]["mimo"]["audio_ms"]
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["status_details"]["reason"] == "turn_detected"
     assert "output_audio_buffer.stopped" not in rtc.types(events)
     # the response was generated ahead of playback: what was buffered was dropped, nothing plays after
     assert dropped > 0 and buffered_after == 0
     late = call.frames[frames_at_clear + 15:]  # 300 ms for frames already in flight
+    assert len(late) > 25 and max(f.peak for f in late) <= 64
+
+
+async def test_cancel_truncates_the_item_to_what_the_track_played(server):
+    """Over WebRTC the server owns playback: after an interrupt it cuts the assistant item to what
+    went out on the track, as a WebSocket client would with conversation.item.truncate."""
+    assert await _settled(server) == 0
+    session = {"type": "realtime", **LONG_RESPONSE, "audio": {"input": {"turn_detection": None}}}
+    call = await rtc.place_call(server.url, mic=False, session=session)
+    try:
+        server_call = _call_of(server, call)
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}})
+        call.send({"type": "response.create"})
+        events: list[dict] = []
+        started = await call.until("output_audio_buffer.started", events=events)
+        for _ in range(400):  # the engine gets ahead: its audio waits in the track
+            if server_call.track.buffered_s >= 1.0:
+                break
+            await asyncio.sleep(0.05)
+        assert server_call.track.buffered_s >= 1.0
+        call.send({"type": "response.cancel"})
+        truncated = await call.until("conversation.item.truncated", events=events)
+        played_samples = server_call.track.audio_samples_sent  # 48 kHz, all of this response
+        frames_at_cut = len([f for f in call.frames if f.at <= truncated["_at"]])
+        await asyncio.sleep(1.0)  # the engine applies the truncate on its thread; the track stays quiet
+        assert server_call.track.audio_samples_sent == played_samples  # nothing plays after the cut
+        assert_heard_in_context(server, truncated["item_id"], truncated["audio_end_ms"])
+    finally:
+        await call.close()
+    kinds = rtc.types(events)
+    done = events[kinds.index("response.done")]["response"]
+    assert done["status"] == "cancelled" and done["id"] == started["response_id"]
+    assert kinds.index("output_audio_buffer.cleared") < kinds.index("response.done") < kinds.index(
+        "conversation.item.truncated")
+    assert done["output"][0]["id"] == truncated["item_id"]
+    assert truncated["audio_end_ms"] == played_samples // 48 > 0
+    assert done["mimo"]["audio_ms"] - truncated["audio_end_ms"] >= 900  # what was buffered was never heard
+    late = call.frames[frames_at_cut + 15:]  # 300 ms for frames already in flight
     assert len(late) > 25 and max(f.peak for f in late) <= 64
 
 
