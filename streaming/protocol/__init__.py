@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from streaming.protocol.base import (
+from .base import (
     ClientEventBase,
     ErrorCode,
     ErrorType,
@@ -27,7 +27,7 @@ from streaming.protocol.base import (
     error_from_validation,
     new_id,
 )
-from streaming.protocol.client_events import (
+from .client_events import (
     CLIENT_EVENTS,
     ClientEvent,
     ConversationItemCreate,
@@ -42,7 +42,7 @@ from streaming.protocol.client_events import (
     ResponseCreate,
     SessionUpdate,
 )
-from streaming.protocol.items import (
+from .items import (
     ContentPart,
     ConversationItem,
     ErrorDetail,
@@ -57,7 +57,7 @@ from streaming.protocol.items import (
     TokenDetails,
     Usage,
 )
-from streaming.protocol.server_events import (
+from .server_events import (
     SERVER_EVENTS,
     ConversationItemAdded,
     ConversationItemCreated,
@@ -95,7 +95,7 @@ from streaming.protocol.server_events import (
     SessionUpdated,
     UnknownServerEvent,
 )
-from streaming.protocol.session_config import (
+from .session_config import (
     G711_RATE,
     MAX_VOICE_PROMPT_MS,
     PCM_RATE,
