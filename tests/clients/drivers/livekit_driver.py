@@ -9,7 +9,6 @@ LiveKit logs at ERROR. Usage: python livekit_driver.py WS_URL WAV"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
@@ -70,10 +69,7 @@ async def scenario(report: Report) -> None:
                     session.interrupt()
                     session.truncate(message_id=message.message_id, modalities=["audio"],
                                      audio_end_ms=int(report.speech_audio_ms))
-        for _ in range(300):
-            if report.transcripts:
-                break
-            await asyncio.sleep(0.1)
+        await report.transcript()
         report.notes["remote_items"] = len(session.chat_ctx.items)
     finally:
         await session.aclose()

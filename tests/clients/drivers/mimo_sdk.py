@@ -49,10 +49,7 @@ async def scenario(report: Report) -> None:
         report.after_interrupt_audio_ms = result.audio_ms - report.speech_audio_ms
         report.notes["status"] = result.status
         report.notes["truncated_ms"] = (await asyncio.wait_for(truncated, 30)).audio_end_ms
-        for _ in range(300):
-            if report.transcripts:
-                break
-            await asyncio.sleep(0.1)
+        await report.transcript()
         report.notes["torch_importable"] = importlib.util.find_spec("torch") is not None
 
 

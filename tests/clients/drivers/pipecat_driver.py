@@ -105,9 +105,7 @@ async def scenario(report: Report) -> None:
     await asyncio.wait_for(downstream.got_audio.wait(), 60)
     await worker.queue_frame(InterruptionFrame())
     report.notes["status"] = await asyncio.wait_for(done.get(), 60)
-    deadline = asyncio.get_running_loop().time() + 30
-    while not report.transcripts and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
+    await report.transcript()
     await worker.queue_frame(EndFrame())
     await asyncio.wait_for(runner, 30)
 

@@ -43,6 +43,14 @@ class Report:
     notes: dict = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.monotonic)
 
+    async def transcript(self, seconds: float = 30) -> None:
+        """Wait for the first input transcript (it follows the answer's first audio)."""
+        for _ in range(int(seconds * 10)):
+            if self.transcripts:
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError("no input transcript")
+
     def emit(self) -> None:
         out = dataclasses.asdict(self)
         out["wall_s"] = round(time.monotonic() - out.pop("started"), 2)
