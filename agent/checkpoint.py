@@ -9,10 +9,15 @@ Everything here is model-agnostic: the language model and the audio tokenizer bo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -36,8 +41,78 @@ _DTYPE_NAMES = {
 }
 
 
+#: what a checkpoint holds, as error messages name it (``--model`` and ``--tokenizer`` of ``serve``)
+LM_CHECKPOINT = "language model checkpoint"
+CODEC_CHECKPOINT = "audio tokenizer checkpoint"
+
+#: ``config.json`` markers of each kind of checkpoint, to name a mix-up instead of failing on keys
+_KIND_MARKERS = {
+    LM_CHECKPOINT: ({"qwen2"}, {"MiMoAudioForCausalLM", "MiMoAudioModel"}),
+    CODEC_CHECKPOINT: ({"mimo_audio_tokenizer"}, {"MiMoAudioTokenizer"}),
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or key at fault."""
+
+
+def check_field_types(config: object, error: type[Exception], counts: Iterable[str] = (),
+                      skip: Iterable[str] = ()) -> None:
+    """Check each field of a config dataclass against its annotation, so that a JSON ``"big"`` for
+    a size is named here instead of surfacing as a torch error far from the file. ``counts`` must
+    be at least 1; float fields must be finite. Raises ``error`` naming the field."""
+    hints = typing.get_type_hints(type(config))
+    counts, skip = set(counts), set(skip)
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) if union else (hint,)))
+        value = getattr(config, f.name)
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool):
+            ok = bool in allowed
+        elif isinstance(value, int):
+            ok = int in allowed or float in allowed
+        elif isinstance(value, float):
+            ok = float in allowed and math.isfinite(value)
+        else:
+            ok = isinstance(value, tuple(t for t in allowed if isinstance(t, type)))
+        if not ok:
+            kinds = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+            raise error(f"{f.name}={value!r} must be {'a finite ' if isinstance(value, float) else ''}{kinds}")
+        if f.name in counts and value < 1:
+            raise error(f"{f.name}={value!r} must be at least 1")
+
+
+def check_lm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Refuse fp16 for the language model: the official code runs it in bf16 only (it builds the
+    speech embeddings in bf16, so an fp16 model fails there) and Qwen2-7B's activations are not
+    kept within fp16's range (65504) by its bf16 training."""
+    if dtype == torch.float16:
+        raise CheckpointError(
+            "fp16 is not supported for the language model: MiMo-Audio runs in bf16 (the official code "
+            "builds its speech embeddings in bf16) and a Qwen2-7B in fp16 risks overflow; use bf16 or fp32"
+        )
+    return dtype
+
+
+def check_kind(directory: Path, config: Mapping, want: str) -> None:
+    """Raise when ``config.json`` says the directory holds the other kind of checkpoint."""
+
+    def marked(kind: str) -> bool:
+        model_types, architectures = _KIND_MARKERS[kind]
+        return config.get("model_type") in model_types or bool(set(config.get("architectures") or ()) & architectures)
+
+    for other in _KIND_MARKERS:
+        if other != want and marked(other) and not marked(want):
+            flag = "--model" if other == LM_CHECKPOINT else "--tokenizer"
+            raise CheckpointError(
+                f"{directory} is a {other} ({CONFIG_NAME} has model_type={config.get('model_type')!r}), "
+                f"not a {want}; pass it as {flag}"
+            )
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -92,38 +167,71 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, *, revision: str | N
     return Path(local)
 
 
-def read_config(directory: str | os.PathLike) -> dict:
+def read_json(path: Path, what: str = "checkpoint") -> dict:
+    """A JSON object file of a checkpoint; errors name the file, the kind of checkpoint and, for
+    bad JSON, the line and column."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what} {path} cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def read_config(directory: str | os.PathLike, what: str = "checkpoint") -> dict:
     """The parsed ``config.json`` of a checkpoint directory."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"missing file: {path} (a checkpoint directory needs {CONFIG_NAME})")
+        raise CheckpointError(f"missing file: {path} (a {what} directory needs {CONFIG_NAME})")
+    return read_json(path, what)
+
+
+@contextlib.contextmanager
+def open_weights(path: Path, what: str = "checkpoint") -> Iterator:
+    """``safe_open`` whose failures (a truncated download, a Git LFS pointer, another format)
+    raise :class:`CheckpointError` naming the file and the kind of checkpoint."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:
+        raise CheckpointError(f"{what} {path} is not a readable safetensors file: {exc}{_hint(path)}") from None
+    with handle as f:
+        yield f
 
 
-def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
+def _hint(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return ""
+    if head.startswith(b"version https://git-lfs"):
+        return " (it is a Git LFS pointer: fetch the weights with `git lfs pull` or huggingface_hub)"
+    return " (a truncated or corrupted download? fetch it again)"
+
+
+def weight_files(directory: str | os.PathLike, what: str = "checkpoint") -> dict[str, Path]:
     """Map each tensor name to the safetensors file holding it (single file or sharded)."""
     directory = Path(directory)
     index = directory / INDEX_NAME
     single = directory / WEIGHTS_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs 'weight_map')") from exc
+        weight_map = read_json(index, what).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{what} {index} is not a valid safetensors index (needs a 'weight_map' object)")
         files = {}
         for key, shard in weight_map.items():
-            shard_path = directory / shard
+            shard_path = directory / str(shard)
             if not shard_path.is_file():
                 raise CheckpointError(f"missing file: {shard_path} (listed in {INDEX_NAME} for key {key!r})")
             files[key] = shard_path
         return files
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with open_weights(single, what) as f:
             return {key: single for key in f.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
-    raise CheckpointError(f"missing file: no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+    raise CheckpointError(f"missing file: no {WEIGHTS_NAME} or {INDEX_NAME} in {directory} ({what})")
 
 
 def load_state_dict(
@@ -131,9 +239,10 @@ def load_state_dict(
     *,
     keys: Iterable[str] | None = None,
     prefix: str = "",
+    what: str = "checkpoint",
 ) -> dict[str, torch.Tensor]:
     """Read tensors from a checkpoint directory (all of them, or ``keys``, or those under ``prefix``)."""
-    files = weight_files(directory)
+    files = weight_files(directory, what)
     wanted = set(keys) if keys is not None else None
     by_file: dict[Path, list[str]] = {}
     for key, path in files.items():
@@ -141,8 +250,11 @@ def load_state_dict(
             by_file.setdefault(path, []).append(key)
     state: dict[str, torch.Tensor] = {}
     for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
+        with open_weights(path, what) as f:
+            stored = set(f.keys())
             for name in names:
+                if name not in stored:
+                    raise CheckpointError(f"{what} {path} lacks tensor {name!r}, which {INDEX_NAME} puts there")
                 state[name] = f.get_tensor(name)
     return state
 
@@ -160,9 +272,11 @@ def load_into_module(
 
     Raises :class:`CheckpointError` naming the first problems found: keys the module needs that
     the checkpoint lacks, keys the checkpoint has that the module does not know, a tensor whose
-    shape differs (both shapes named), or a tensor stored in an unsupported dtype. ``ignore_*``
-    are regular expressions for keys to skip (training-only buffers, say). Tensors are cast to
-    the dtype of the destination, except those matching ``keep_fp32``, which stay fp32.
+    shape differs (both shapes named), a tensor stored in an unsupported dtype, or NaN/Inf values
+    (checked on the destination, so a value that overflows the load dtype counts too; one
+    device-side reduction per tensor and a single host sync). ``ignore_*`` are regular expressions
+    for keys to skip (training-only buffers, say). Tensors are cast to the dtype of the
+    destination, except those matching ``keep_fp32``, which stay fp32.
     """
     targets = dict(module.state_dict(keep_vars=True))
     ignore_unexpected_re = [re.compile(p) for p in ignore_unexpected]
@@ -195,6 +309,7 @@ def load_into_module(
     if problems:
         raise CheckpointError("; ".join(problems))
 
+    finite: list[tuple[str, torch.Tensor]] = []
     with torch.no_grad():
         for key, tensor in state.items():
             if key not in targets:
@@ -204,6 +319,17 @@ def load_into_module(
                 dest.data = tensor.to(device=dest.device, dtype=torch.float32).clone()
             else:
                 dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
+            if dest.is_floating_point():
+                finite.append((key, torch.isfinite(dest.data).all()))
+    if finite:
+        flags = torch.stack([ok.to("cpu") for _, ok in finite]).tolist()
+        bad = [key for (key, _), ok in zip(finite, flags, strict=True) if not ok]
+        if bad:
+            raise CheckpointError(
+                f"non-finite values (NaN or Inf) in tensor(s) of {source}: {_first(bad)}"
+                + ("" if all(state[k].dtype == targets[k].dtype for k in bad) else
+                   " (after conversion to the load dtype: a value beyond its range?)")
+            )
 
 
 def save_checkpoint(
@@ -306,7 +432,9 @@ def load_lm(
     from agent.lm.tokenizer import TextTokenizer, TokenizerError
 
     directory = resolve_checkpoint_dir(name_or_path, revision=revision)
-    raw = read_config(directory)
+    torch_dtype, torch_device = check_lm_dtype(parse_dtype(dtype)), parse_device(device)
+    raw = read_config(directory, LM_CHECKPOINT)
+    check_kind(directory, raw, LM_CHECKPOINT)
     text_tokenizer = None
     try:
         if tokenizer is True:
@@ -324,13 +452,15 @@ def load_lm(
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from exc
     if text_tokenizer is not None and text_tokenizer.vocab_size > config.vocab_size:
+        added = text_tokenizer.added_tokens
         raise CheckpointError(
-            f"the tokenizer has ids up to {text_tokenizer.vocab_size - 1}, "
-            f"beyond the model's vocab_size={config.vocab_size}"
+            f"the tokenizer of {directory} has ids up to {text_tokenizer.vocab_size - 1}, beyond the model's "
+            f"vocab_size={config.vocab_size}"
+            + (f"; it lacked {', '.join(added)}, which were added (as the official code does) at ids "
+               f"{', '.join(map(str, added.values()))}" if added else "")
         )
-    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     lm = empty_model(config, torch_dtype, torch_device)
-    load_into_module(lm, load_state_dict(directory), source=str(directory))
+    load_into_module(lm, load_state_dict(directory, what=LM_CHECKPOINT), source=f"{LM_CHECKPOINT} {directory}")
     return lm, config, text_tokenizer
 
 

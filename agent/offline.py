@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
-        "--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"
+        "--dtype", default=None, help="bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU; fp16 is refused for the LM)"
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(

@@ -5,7 +5,8 @@ The app holds no model: it is given a running engine (``agent.engine.Engine`` or
 its ``open_session``) and talks to it only through :class:`~streaming.pipeline.SessionBridge`.
 Each WebSocket connection runs three tasks in one task group (receive, send, timers); whichever
 ends first ends the others, and cleanup (cancel the response, free the slot) happens in
-``finally``.
+``finally``. A session that ended (its outbox closed) gets ``GOODBYE_S`` to send its last events,
+then the connection is closed whether the client read them or not.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 from streaming import protocol as p
 from streaming.metrics import ServerMetrics
-from streaming.outbox import DEFAULT_LEAD_S, Outbox, OutboxFull
+from streaming.outbox import DEFAULT_LEAD_S, DEFAULT_MAX_BYTES, GOODBYE_S, Outbox, goodbye_deadline
 from streaming.pipeline import SessionBridge
 from streaming.session import RealtimeSession, SessionLimits, SessionOptions, Transport
 
@@ -46,6 +47,7 @@ class ServerConfig:
     limits: SessionLimits = field(default_factory=SessionLimits)
     session_defaults: dict[str, Any] = field(default_factory=dict)  # merged over the protocol defaults
     audio_lead_s: float = DEFAULT_LEAD_S  # output audio sent ahead of real time
+    max_queued_bytes: int = DEFAULT_MAX_BYTES  # per session: events waiting to be sent, serialized
     web_root: str | None = None  # directory of the demo; None: the packaged ``web``
     description: dict[str, Any] = field(default_factory=dict)  # /healthz extras: device, preset ...
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs (streaming.webrtc.parse_ice_server); none: host only
@@ -77,18 +79,24 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     app.state.config = config
     app.state.metrics = metrics
     app.state.bridges = set()
+    app.state.health_extras = []  # callables returning more /healthz fields (a Ray replica lists its peers)
     started = time.time()
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {
+        health = {
             "status": "ok",
             "model": config.model_name,
             "sessions": len(app.state.bridges),
+            # WebRTC calls answered whose peer has not connected yet: they hold no engine slot
+            "calls_connecting": sum(not call.connected for call in getattr(app.state, "calls", {}).values()),
             "max_sessions": getattr(getattr(engine, "config", None), "max_sessions", None),
             "uptime_s": round(time.time() - started, 1),
             **config.description,
         }
+        for extra in app.state.health_extras:
+            health.update(extra())
+        return health
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -99,7 +107,7 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.send_queue.set(sum(len(b.outbox) for b in app.state.bridges))
+        metrics.send_queue.set(sum(b.outbox.queued_bytes for b in app.state.bridges))
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
     @app.websocket("/v1/realtime")
@@ -150,7 +158,13 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
         await websocket.close(code=WS_CLOSE_POLICY, reason="invalid API key")
         return
     subprotocol = "realtime" if "realtime" in offered else None
-    outbox = Outbox(lead_s=config.audio_lead_s)
+    call_id = websocket.query_params.get("call_id")
+    if call_id is not None:  # a sideband: join a WebRTC call's session
+        from streaming.sideband import serve_sideband
+
+        await serve_sideband(app, websocket, call_id, subprotocol)
+        return
+    outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes)
     bridge = new_bridge(app, Transport.WEBSOCKET, outbox)
     try:
         bridge.open()
@@ -169,7 +183,8 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(_receive_loop(websocket, bridge)),
                      tg.create_task(_send_loop(websocket, bridge)),
-                     tg.create_task(_tick_loop(bridge))]
+                     tg.create_task(_tick_loop(bridge)),
+                     tg.create_task(goodbye_deadline(outbox))]
             done = asyncio.Event()
             for t in tasks:
                 t.add_done_callback(lambda _t: done.set())
@@ -178,8 +193,6 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
                 t.cancel()
     except* (WebSocketDisconnect, ConnectionError):
         pass
-    except* OutboxFull:
-        log.warning("closing a session whose client stopped reading")
     except* Exception:
         log.exception("session failed")
     finally:
@@ -187,7 +200,7 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
         app.state.bridges.discard(bridge)
         metrics.sessions_active.labels("websocket").dec()
         with contextlib.suppress(Exception):
-            await websocket.close()
+            await asyncio.wait_for(websocket.close(), GOODBYE_S)
 
 
 async def _receive_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
@@ -205,8 +218,11 @@ async def _receive_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
 async def _send_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
     while True:
         event = await bridge.outbox.get()
-        if event is None:  # the session closed itself (duration limit): say goodbye
-            await websocket.close(code=1000)
+        if event is None:  # the session closed itself (duration limit, a client not reading): say goodbye
+            if bridge.outbox.failed:
+                await websocket.close(code=WS_CLOSE_POLICY, reason="send queue full: the client is not reading")
+            else:
+                await websocket.close(code=1000)
             return
         bridge.before_send(event)
         await websocket.send_text(event.to_json())

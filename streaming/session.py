@@ -7,7 +7,7 @@ Driving it (the transport and the engine bridge)::
     session.start(server_defaults)          # PENDING -> ACTIVE, emits session.created
     session.receive(text)                   # one client message (str or bytes)
     session.push_audio(pcm16_24k)           # audio from a media track (WebRTC), no JSON
-    session.tick()                          # timers: session duration, idle timeout, cancel grace
+    session.tick()                          # timers: session duration, idle timeout
     session.response_audio(rid, pcm)        # engine feedback (the methods under "engine feedback")
     for event in session.take_events(): send(event.to_json())
     for action in session.take_actions(): bridge.apply(action)   # streaming.actions
@@ -17,11 +17,14 @@ States. ``SessionState``: PENDING until the bridge calls :meth:`start` (which em
 ``session.update`` messages are queued (bounded) and applied right after ``session.created``;
 every other client event, and :meth:`push_audio`, is refused with ``session_not_ready`` (a bridge
 that starts the session before reading the socket never sees this). In CLOSED, input is ignored.
-Per response (``ResponseState``): IN_PROGRESS; CANCELLING once a ``CancelResponse`` went out
-(further engine output is dropped until the engine confirms with ``response_done``, or
-``cancel_grace_s`` passes); DONE. One response at a time: ``response.create`` during another is
-refused (``conversation_already_has_active_response``); a VAD turn that ends while a response is
-active queues its response until that one is done.
+Per response (``ResponseState``): IN_PROGRESS, then DONE. A cancel (``response.cancel``, a
+barge-in, a truncate of the item being generated) finishes the response at once: ``response.done``
+(``cancelled``) goes out with the ``CancelResponse`` and ``FlushOutputAudio`` actions, without
+waiting for the engine, so a ``conversation.item.truncate`` or ``.delete`` right behind the cancel
+acts on the finished item; later engine output for it is dropped and its own ``response_done``
+ignored. One response at a time: ``response.create`` during another is refused
+(``conversation_already_has_active_response``); a VAD turn that ends while a response is active
+queues its response until that one is done.
 
 Every refusal is an :class:`IllegalTransition` (well-formed but not allowed now) or another
 :class:`ProtocolError`, raised inside the handler and sent as an ``error`` event; the session
@@ -61,7 +64,7 @@ from streaming.audio import (
     b64decode_audio,
 )
 from streaming.config import canonical_session, default_session_config, fully_set, resolve_response_params
-from streaming.conversation import Conversation, ConversationFullError, Item
+from streaming.conversation import AT_START, Conversation, ConversationFullError, Item
 from streaming.input_audio import InputAudio, TurnStarted
 from streaming.protocol import ErrorCode, ErrorType, ProtocolError
 from streaming.responses import ResponseRun, ResponseState
@@ -109,7 +112,6 @@ class SessionLimits:
     max_items: int = 4096
     max_retained_audio_ms: int = 600_000  # user audio kept for conversation.item.retrieve
     max_pending_messages: int = 32  # session.update messages queued before start()
-    cancel_grace_s: float = 5.0  # how long to wait for the engine to confirm a cancel
     finished_responses_kept: int = 16  # so that late engine feedback for them is recognised
 
 
@@ -225,7 +227,7 @@ class RealtimeSession:
         self._actions.append(act.Close(reason))
 
     def tick(self, now: float | None = None) -> None:
-        """Run the timers: session duration, cancel confirmation grace, server-VAD idle timeout."""
+        """Run the timers: session duration, server-VAD idle timeout."""
         now = self.clock() if now is None else now
         if self.state is not SessionState.ACTIVE:
             return
@@ -239,13 +241,6 @@ class RealtimeSession:
             )
             self.close("session_expired")
             return
-        active = self._active
-        if (
-            active
-            and active.state is ResponseState.CANCELLING
-            and now - active.cancel_at >= self.limits.cancel_grace_s
-        ):
-            self._finish(active, "cancelled", active.cancel_reason)
         if (
             self._idle_deadline is not None
             and now >= self._idle_deadline
@@ -293,11 +288,15 @@ class RealtimeSession:
         except ProtocolError as err:
             self._error(err)
 
-    def _rate_limit(self) -> None:
+    def _refill(self) -> None:
         now = self.clock()
-        rate, burst = self.limits.max_events_per_second, self.limits.max_events_burst
-        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens = min(self.limits.max_events_burst,
+                           self._tokens + (now - self._tokens_at) * self.limits.max_events_per_second)
         self._tokens_at = now
+
+    def _rate_limit(self) -> None:
+        rate, burst = self.limits.max_events_per_second, self.limits.max_events_burst
+        self._refill()
         if self._tokens < 1:
             raise ProtocolError(
                 ErrorCode.RATE_LIMIT_EXCEEDED,
@@ -321,7 +320,8 @@ class RealtimeSession:
         for server_owned in ("id", "object", "model", "expires_at"):  # read-only for clients
             patch.pop(server_owned, None)
         voice = _dig(patch, "audio", "output", "voice")
-        if voice is not None and voice != self.config.audio.output.voice and self._audio_out_started:
+        current = self.config.audio.output.model_dump(mode="json")["voice"]
+        if voice is not None and voice != current and self._audio_out_started:
             raise ProtocolError(
                 ErrorCode.INVALID_VALUE,
                 "Cannot update voice: the model has already responded with audio in this session.",
@@ -429,13 +429,10 @@ class RealtimeSession:
         run = next((r for r in reversed(self._responses.values()) if r.in_conversation), None)
         if run is None:
             return
-        cancelled = run.state is ResponseState.IN_PROGRESS
-        if cancelled:
+        if run.state is ResponseState.IN_PROGRESS:
             self._cancel(run, "turn_detected")
-        # cancel first, then flush: nothing generated in between can slip into the output queue
-        if cancelled or run.may_be_playing(self.clock()):
-            self._actions.append(act.FlushOutputAudio(run.id))
-            self._clear_playout(run)
+        elif run.may_be_playing(self.clock()):
+            self._cut_playout(run)
 
     def _on_commit(self, event: p.InputAudioBufferCommit) -> None:
         self.input.flush_decoder()
@@ -455,7 +452,7 @@ class RealtimeSession:
 
     def _commit_user_audio(self, item_id: str, pcm: np.ndarray) -> None:
         parts = [p.ContentPart(type="input_audio", transcript=None)]
-        item = Item(id=item_id, role="user", status="completed", parts=parts, audio=pcm)
+        item = Item(id=item_id, role="user", status="completed", parts=parts, audio=pcm, audio_samples=len(pcm))
         previous = self._add_item(item)
         self._emit(p.InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
         self._announce_item(item, previous)
@@ -472,9 +469,9 @@ class RealtimeSession:
 
     # --- conversation items ---
 
-    def _add_item(self, item: Item) -> str | None:
+    def _add_item(self, item: Item, after: str | None = None) -> str | None:
         try:
-            return self.conversation.add(item)
+            return self.conversation.add(item, after)
         except ConversationFullError as exc:
             raise ProtocolError(ErrorCode.CONVERSATION_FULL, str(exc)) from None
 
@@ -487,18 +484,13 @@ class RealtimeSession:
             self._emit(p.ConversationItemDone(previous_item_id=previous, item=model))
 
     def _on_item_create(self, event: p.ConversationItemCreate) -> None:
-        previous_id = event.previous_item_id
-        if previous_id is not None and previous_id not in self.conversation:
+        # absent: append; "root": first; an item's id: right after it (OpenAI's GA semantics)
+        after = AT_START if event.previous_item_id == "root" else event.previous_item_id
+        if after and after not in self.conversation:
             raise ProtocolError(
-                ErrorCode.INVALID_VALUE,
-                f"Invalid 'previous_item_id': no item {previous_id!r} in the conversation.",
-                param="previous_item_id",
-            )
-        if previous_id is not None and previous_id != self.conversation.last_id:
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED_FEATURE,
-                "Inserting an item before the end of the conversation is not supported: "
-                "previous_item_id must be the last item's id (or omitted).",
+                ErrorCode.ITEM_CREATE_INVALID_PREVIOUS_ITEM_ID,
+                f"Invalid 'previous_item_id': no item {after!r} in the conversation (use an existing "
+                "item's id, 'root' to insert first, or omit it to append).",
                 param="previous_item_id",
             )
         spec = event.item
@@ -525,7 +517,7 @@ class RealtimeSession:
                         f"Missing required parameter: '{where}.text'.",
                         param=f"{where}.text",
                     )
-                actions.append(text_action[spec.role](item_id, part.text))
+                actions.append(text_action[spec.role](item_id, part.text, after=after))
                 parts.append(p.ContentPart(type=part.type, text=part.text))
             elif part.type == "input_audio":
                 if part.audio is None:
@@ -555,19 +547,22 @@ class RealtimeSession:
             status="completed",
             parts=parts,
             audio=np.concatenate(audio) if audio else None,
+            audio_samples=sum(len(a) for a in audio),
         )
         if audio:  # the audio parts of an item are one utterance for the model: one action
-            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe))
-        previous = self._add_item(item)
+            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe, after=after))
+        previous = self._add_item(item, after)
         self._announce_item(item, previous)
         self._actions.extend(actions)
 
     def _on_item_truncate(self, event: p.ConversationItemTruncate) -> None:
         self.truncate_item(event.item_id, event.audio_end_ms, content_index=event.content_index)
 
-    def truncate_item(self, item_id: str, audio_end_ms: int, *, content_index: int | None = None) -> None:
-        """Truncate an assistant audio item: the client's ``conversation.item.truncate``; a bridge
-        that knows what was played (WebRTC) may call it directly. Raises :class:`ProtocolError`."""
+    def truncate_item(self, item_id: str, audio_end_ms: int, *, content_index: int | None = None,
+                      stop_audio: bool = True) -> None:
+        """Truncate an assistant audio item: the client's ``conversation.item.truncate`` (its
+        response is cancelled, and with ``stop_audio`` its audio still queued is dropped: the
+        listener stopped there). Raises :class:`ProtocolError`."""
         item = self.conversation.get(item_id)
         if item is None:
             raise ProtocolError(
@@ -595,9 +590,11 @@ class RealtimeSession:
                 f"({item.audio_ms:.0f} ms).",
                 param="audio_end_ms",
             )
-        active = self._active
-        if active and active.item_id == item_id and active.state is ResponseState.IN_PROGRESS:
-            self._cancel(active, "client_cancelled")
+        run = self._responses.get(item.response_id) if item.response_id else None
+        if run is not None and run.state is ResponseState.IN_PROGRESS:
+            self._cancel(run, "client_cancelled", cut=False)
+        elif stop_audio and run is not None and run.may_be_playing(self.clock()):
+            self._cut_playout(run, cut=False)  # the listener stopped at audio_end_ms: so does its audio
         transcript = Conversation.truncate(item, audio_end_ms)
         self._emit(
             p.ConversationItemTruncated(item_id=item_id, content_index=index, audio_end_ms=audio_end_ms)
@@ -651,11 +648,28 @@ class RealtimeSession:
         self._active = run
         self._idle_deadline = None
         self._emit(p.ResponseCreated(response=run.response(self.conversation_id)))
+        self._emit(self._rate_limits())
         self._actions.append(act.CreateResponse(run.id, run.item_id, run.params))
+
+    def _rate_limits(self) -> p.RateLimitsUpdated:
+        """OpenAI sends ``rate_limits.updated`` after each ``response.created``. This server's limit
+        is the client event rate (``max_events_per_second``, burst ``max_events_burst``): a bucket
+        that refills continuously, reported as ``requests``."""
+        rate, burst = self.limits.max_events_per_second, self.limits.max_events_burst
+        self._refill()
+        return p.RateLimitsUpdated(rate_limits=[p.RateLimit(
+            name="requests", limit=burst, remaining=int(self._tokens),
+            reset_seconds=round((burst - self._tokens) / rate, 3))])
 
     def _on_response_cancel(self, event: p.ResponseCancel) -> None:
         active = self._active
-        if active is None or active.state is not ResponseState.IN_PROGRESS:
+        if active is None:
+            last = self._last_response()
+            if last is not None and event.response_id in (None, last.id) and last.may_be_playing(self.clock()):
+                # generated, but its audio (and response.done) may still wait in the paced output:
+                # for the client it is still running, so the cancel stops its audio
+                self._cut_playout(last)
+                return
             raise IllegalTransition(
                 ErrorCode.RESPONSE_CANCEL_NOT_ACTIVE, "Cancellation failed: no active response found."
             )
@@ -668,16 +682,25 @@ class RealtimeSession:
             )
         self._cancel(active, "client_cancelled")
 
-    def _cancel(self, run: ResponseRun, reason: act.CancelReason) -> None:
-        run.state, run.cancel_reason, run.cancel_at = ResponseState.CANCELLING, reason, self.clock()
+    def _cancel(self, run: ResponseRun, reason: act.CancelReason, *, cut: bool = True) -> None:
+        """Stop ``run`` now: the engine is told, its queued audio dropped (``cut``: truncated to what
+        was played, where the transport knows it), and it finishes ``cancelled`` at once."""
         self._actions.append(act.CancelResponse(run.id, reason))
+        self._cut_playout(run, cut=cut)
+        self._finish(run, "cancelled", reason)
+
+    def _cut_playout(self, run: ResponseRun, *, cut: bool = True) -> None:
+        """Drop ``run``'s output audio not yet sent or played (the bridge truncates the item to what
+        was played when ``cut`` and it knows); WebRTC: ``output_audio_buffer.cleared``."""
+        self._actions.append(act.FlushOutputAudio(run.id, cut=cut))
+        self._clear_playout(run)
 
     def _on_output_clear(self, event: p.OutputAudioBufferClear) -> None:
         last = self._active or self._last_response()
         self._actions.append(act.FlushOutputAudio(last.id if last else None))
-        if last is not None:
+        if last is not None:  # before any response there was nothing to clear, nor a response to name
             last.playing = False
-        self._emit(p.OutputAudioBufferCleared(response_id=last.id if last else None))
+            self._emit(p.OutputAudioBufferCleared(response_id=last.id))
 
     def _clear_playout(self, run: ResponseRun) -> None:
         """WebRTC: tell the client that playback of ``run`` was cut off (barge-in)."""
@@ -782,13 +805,11 @@ class RealtimeSession:
         timings: dict[str, float] | None = None,
     ) -> None:
         """The engine finished: ``completed``, or ``incomplete`` with reason ``max_output_tokens``.
-        After a ``CancelResponse`` any status is reported as ``cancelled`` with the cancel's reason.
+        A cancelled response was finished when it was cancelled: its confirmation is ignored.
         ``usage`` is OpenAI's usage object; ``timings`` (ms per stage) go to ``response.mimo``."""
         run = self._run(response_id)
         if run.state is ResponseState.DONE:
-            return  # already finished (the cancel grace expired)
-        if run.state is ResponseState.CANCELLING:
-            status, reason = "cancelled", run.cancel_reason
+            return  # already finished (cancelled: the engine confirms late)
         if status not in ("completed", "incomplete", "cancelled", "failed"):
             raise SessionStateError(f"invalid response status {status!r}")
         self._finish(run, status, reason, usage, timings)
@@ -820,11 +841,11 @@ class RealtimeSession:
         item = self.conversation.get(item_id)
         if item is None:
             return  # deleted meanwhile
-        for part in item.parts:
-            if part.type == "input_audio":
-                part.transcript = transcript
-                break
-        self._emit(p.InputAudioTranscriptionCompleted(item_id=item_id, transcript=transcript))
+        index = next(i for i, part in enumerate(item.parts) if part.type == "input_audio")
+        item.parts[index].transcript = transcript
+        usage = p.TranscriptionUsage(type="duration", seconds=round(item.audio_ms / 1000, 3))
+        self._emit(p.InputAudioTranscriptionCompleted(item_id=item_id, content_index=index, transcript=transcript,
+                                                      usage=usage))
 
     def transcription_failed(self, item_id: str, message: str) -> None:
         if self.conversation.get(item_id) is None:
@@ -839,6 +860,20 @@ class RealtimeSession:
             return
         self.conversation.remove(item_id)
         self._emit(p.ConversationItemDeleted(item_id=item_id))
+
+    def output_audio_cut(self, response_id: str, played_samples: int) -> None:
+        """WebRTC: the transport dropped the unplayed rest of ``response_id``'s audio after
+        ``played_samples`` (24 kHz) had been played. The server owns playback there, so it does what a
+        WebSocket client does after an interrupt: the assistant item is truncated to what was heard
+        (``conversation.item.truncated``; the model's context rolls back to it)."""
+        run = self._responses.get(response_id)
+        item = self.conversation.get(run.item_id) if run is not None and run.in_conversation else None
+        if item is None or played_samples >= item.audio_samples:
+            return
+        try:
+            self.truncate_item(item.id, played_samples * 1000 // p.PCM_RATE, stop_audio=False)
+        except ProtocolError as err:  # e.g. a text-only item: nothing to cut
+            self._error(err)
 
     def output_audio_drained(self, response_id: str) -> None:
         """The transport played all of a response's audio: ``output_audio_buffer.stopped``
@@ -862,7 +897,8 @@ class RealtimeSession:
     ) -> None:
         output: list[p.ConversationItem] = []
         if run.opened:
-            for event in run.closing_events(audio_events=self.options.transport is Transport.WEBSOCKET):
+            for event in run.closing_events(audio_events=self.options.transport is Transport.WEBSOCKET,
+                                            tail=status != "cancelled"):
                 self._emit(event)
             stored = self.conversation.get(run.item_id) if run.in_conversation else None
             item = run.fill_item(
@@ -883,9 +919,8 @@ class RealtimeSession:
             "status_details": {"type": status, "reason": reason, "error": error},
             "output": output,
             "mimo": {"timings": dict(timings) if timings else None, "audio_ms": run.audio_ms},
+            "usage": usage if usage is not None else p.ZERO_USAGE,
         }
-        if usage is not None:
-            fields["usage"] = usage
         self._emit(p.ResponseDone(response=run.response(self.conversation_id, **fields)))
         if self._active is run:
             self._active = None

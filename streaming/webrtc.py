@@ -19,14 +19,23 @@ One call is one :class:`~streaming.pipeline.SessionBridge`, exactly as a WebSock
   WebSocket path does not have.
 * agent audio: :class:`AgentAudioTrack`, 20 ms frames at 48 kHz on a fixed media clock, silence
   when idle; ``response.output_audio.delta`` is never sent on the data channel. The track owns the
-  playout buffer: barge-in flushes it (``output_audio_buffer.cleared`` comes from the session), and
-  when a response's last sample has left it the session emits ``output_audio_buffer.stopped``.
+  playout buffer: an interrupt (barge-in, ``response.cancel``, ``output_audio_buffer.clear``)
+  flushes it, and the server truncates the assistant item to what the track had played
+  (``conversation.item.truncated``; the model's context rolls back to it), which a WebSocket client
+  does itself; when a response's last sample has left it the session emits
+  ``output_audio_buffer.stopped``.
 * events: the same JSON events as the WebSocket, on the ``oai-events`` data channel that the
   client creates before its offer. One event is one message. An event larger than the peer's
   SCTP message-size limit (``a=max-message-size``, 256 KiB in Chrome) is not split (a private
   fragmentation scheme would break other clients); it is replaced by an ``error`` event
   (``message_too_large``) naming it. Only ``conversation.item.retrieved`` of long user audio gets
   there. aiortc (>= 1.16) keeps SCTP packets within the IPv6 minimum MTU itself.
+
+A call takes an engine slot only once its peer has connected (the data channel opened), so an
+offer whose peer never connects holds none; until then it is one of at most ``max_pending_calls``
+calls connecting, dropped ``channel_open_timeout_s`` after its answer. A peer that connects when
+every slot is taken gets a ``server_busy`` error on the data channel and the call ends. Offer
+bodies are limited while they are read (``413`` past the limit, never buffered whole).
 
 A call ends, and its engine slot is freed, on hang-up (``DELETE /v1/realtime/calls/{id}`` or
 ``POST /v1/realtime/calls/{id}/hangup``), when the peer connection fails or closes, when the data
@@ -44,7 +53,7 @@ import fractions
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,15 +61,17 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcicetransport import parse_stun_turn_uri
+from aiortc.sdp import SessionDescription
 from av import AudioFrame
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from streaming import protocol as p
-from streaming.app import TICK_S, ServerConfig, _unauthorized, authorized, new_bridge
+from streaming.app import TICK_S, ServerConfig, _unauthorized, authorized, busy_error, new_bridge
 from streaming.audio import Overflow, PcmBuffer, StreamResampler
-from streaming.outbox import Outbox, OutboxFull
+from streaming.outbox import Outbox, goodbye_deadline
 from streaming.session import Transport
 
 log = logging.getLogger(__name__)
@@ -72,6 +83,7 @@ RTC_RATE = 48_000  # Opus's clock; aiortc's encoder and decoder run at it
 FRAME_SAMPLES = RTC_RATE // 50  # 20 ms
 TIME_BASE = fractions.Fraction(1, RTC_RATE)
 MAX_OFFER_BYTES = 64 * 1024  # an offer is a few KB
+MAX_CALL_BODY_BYTES = 3 * MAX_OFFER_BYTES  # multipart: the offer, the session part and the framing
 MAX_CLOCK_LAG_S = 0.2  # the output clock skips ahead rather than burst after a longer stall
 
 
@@ -80,7 +92,8 @@ class WebRTCOptions:
     """Per-server WebRTC settings (``app.state.webrtc``); tests may shorten the timeouts."""
 
     ice_servers: list[RTCIceServer] = field(default_factory=list)
-    channel_open_timeout_s: float = 15.0  # answer sent -> the oai-events channel must be open
+    channel_open_timeout_s: float = 10.0  # answer sent -> the oai-events channel must be open
+    max_pending_calls: int = 32  # answered calls whose peer has not connected yet (they hold no slot)
     media_timeout_s: float = 10.0  # no microphone frame for this long: the peer is gone
     max_output_buffer_s: float = 180.0  # agent audio waiting to play (> the longest response)
     max_input_backlog_frames: int = 10  # decoded microphone frames waiting (200 ms)
@@ -151,7 +164,8 @@ class AgentAudioTrack(MediaStreamTrack):
     ``push`` (24 kHz pcm16 from the engine) upsamples into a bounded buffer that drops its oldest
     audio beyond ``max_buffer_s``; ``end_response`` marks where a response's audio ends, and
     ``on_drained(response_id)`` is called once the frame holding its last sample has been sent;
-    ``flush`` drops everything (barge-in)."""
+    ``flush`` drops everything (an interrupt) and says how much of each response it cut short had
+    been played."""
 
     kind = "audio"
 
@@ -160,6 +174,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.on_drained = on_drained
         self._buffer = PcmBuffer(int(max_buffer_s * RTC_RATE), Overflow.DROP_OLDEST)
         self._ends: collections.deque[tuple[int, str]] = collections.deque()  # (absolute position, response)
+        self._starts: dict[str, int] = {}  # response -> absolute position of its first sample
         self._upsampler = StreamResampler(WIRE_RATE, RTC_RATE)
         self._current: str | None = None  # the response being upsampled
         self._start: float | None = None
@@ -179,6 +194,7 @@ class AgentAudioTrack(MediaStreamTrack):
         if response_id != self._current:
             self._finish_current()
             self._current = response_id
+            self._starts[response_id] = self._buffer.end
         self.samples_dropped += self._buffer.write(self._upsampler.process(pcm16))
 
     def end_response(self, response_id: str) -> None:
@@ -194,12 +210,18 @@ class AgentAudioTrack(MediaStreamTrack):
         self._ends.append((self._buffer.end, self._current))
         self._current = None
 
-    def flush(self) -> None:
-        """Drop all audio not yet sent (barge-in, ``output_audio_buffer.clear``)."""
+    def flush(self) -> dict[str, int]:
+        """Drop all audio not yet sent (an interrupt). Returns, for each response whose audio was
+        still buffered, how many of its samples (24 kHz) had been played."""
+        played_to = self._buffer.start
+        cut = [response_id for _, response_id in self._ends] + [self._current] * (self._current is not None)
+        played = {r: max(0, played_to - self._starts.get(r, played_to)) * WIRE_RATE // RTC_RATE for r in cut}
         self.samples_dropped += self._buffer.clear()
         self._ends.clear()
+        self._starts.clear()
         self._upsampler.reset()
         self._current = None
+        return played
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -227,6 +249,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.audio_samples_sent += len(chunk)
         while self._ends and self._ends[0][0] <= self._buffer.start:
             _, response_id = self._ends.popleft()
+            self._starts.pop(response_id, None)
             try:
                 self.on_drained(response_id)
             except Exception:  # never let the session's bookkeeping stop the media
@@ -301,9 +324,10 @@ class RealtimeCall:
     def __init__(self, app: FastAPI, options: WebRTCOptions) -> None:
         self.app = app
         self.options = options
-        self.id = p.new_id("rtc")
+        self.id = app.state.new_call_id()
         config: ServerConfig = app.state.config
-        self.outbox = Outbox(lead_s=config.audio_lead_s, pace_audio=False)  # no audio events over WebRTC
+        # no audio events over WebRTC: nothing to pace
+        self.outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes, pace_audio=False)
         self.track = AgentAudioTrack(self._drained, max_buffer_s=options.max_output_buffer_s)
         self.bridge = new_bridge(app, Transport.WEBRTC, self.outbox, audio_sink=self.track.push,
                                  flush_sink=self.track.flush, on_close=self._on_session_close)
@@ -316,6 +340,10 @@ class RealtimeCall:
         self._writable = asyncio.Event()
         self._writable.set()
         self.task: asyncio.Task | None = None
+        self.connected = False  # the peer connected and the call holds an engine slot
+        self.serving = asyncio.Event()  # connected: client events reach the session from now on
+        self.listeners: set[Callable[[str], None]] = set()  # sideband connections: every event sent
+        self.created_sent = False  # session.created went out (a later sideband gets its own)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -327,7 +355,7 @@ class RealtimeCall:
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:  # aiortc's SDP parser raises ValueError, KeyError ... on bad input
-            raise OfferError(400, f"invalid SDP offer: {exc or type(exc).__name__}", param="sdp") from None
+            raise OfferError(400, f"invalid SDP offer: {sdp_problem(offer_sdp, exc)}", param="sdp") from None
         audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
         if not audio:
             raise OfferError(400, "the SDP offer has no audio m-line: add the microphone track, or an audio "
@@ -349,7 +377,7 @@ class RealtimeCall:
             return
         self.channel = channel
         channel.bufferedAmountLowThreshold = self.options.max_buffered_bytes // 2
-        channel.on("message", self._on_message)
+        channel.on("message", self.on_client_message)
         channel.on("close", lambda: self._end("the data channel closed"))
         channel.on("bufferedamountlow", self._writable.set)
         if channel.readyState == "open":  # aiortc announces remote channels already open
@@ -357,11 +385,9 @@ class RealtimeCall:
         else:
             channel.on("open", self.channel_open.set)
 
-    def _on_message(self, message: str | bytes) -> None:
-        try:
-            self.bridge.receive(message)
-        except OutboxFull:  # called from aiortc's SCTP receive path: end the call, never raise there
-            self._end("the client stopped reading events")
+    def on_client_message(self, message: str | bytes) -> None:
+        """A client event from the data channel or a sideband connection."""
+        self.bridge.receive(message)
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -384,41 +410,79 @@ class RealtimeCall:
     # --- running -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the call until it ends, then free everything (the engine slot first)."""
+        """Wait for the peer to connect, take an engine slot, serve the call until it ends, then
+        free everything (the engine slot first)."""
         calls: dict[str, RealtimeCall] = self.app.state.calls
         try:
-            tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._ticks()),
-                     asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait())]
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in tasks:
-                    t.cancel()
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    exc = t.exception()
-                    if isinstance(exc, OutboxFull):
-                        self._end("the client stopped reading events")
-                    else:
-                        log.error("call %s failed", self.id, exc_info=exc)
-                        self._end(f"failed: {exc}")
+            if await self._connect():
+                await self._serve()
         finally:
             log.info("call %s ended: %s", self.id, self.end_reason or "server shutdown")
             self.bridge.close()
-            self.app.state.bridges.discard(self.bridge)
             calls.pop(self.id, None)
-            self.app.state.metrics.sessions_active.labels("webrtc").dec()
+            if self.connected:
+                self.app.state.bridges.discard(self.bridge)
+                self.app.state.metrics.sessions_active.labels("webrtc").dec()
             self.track.stop()
             with contextlib.suppress(Exception):
                 await self.pc.close()
 
-    async def _events(self) -> None:
+    async def _connect(self) -> bool:
+        """The data channel opens within the deadline (else the call ends); then the slot."""
+        opened = asyncio.ensure_future(self.channel_open.wait())
+        ended = asyncio.ensure_future(self.ended.wait())
         try:
-            await asyncio.wait_for(self.channel_open.wait(), self.options.channel_open_timeout_s)
-        except TimeoutError:
+            await asyncio.wait([opened, ended], timeout=self.options.channel_open_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+            ended.cancel()
+        if self.ended.is_set():
+            return False
+        if not self.channel_open.is_set():
             self._end(f"the {EVENTS_CHANNEL!r} data channel did not open within "
                       f"{self.options.channel_open_timeout_s:g} s")
-            return
+            return False
+        metrics = self.app.state.metrics
+        try:
+            self.bridge.open()
+        except Exception as exc:  # ServerBusy (every slot taken since the offer), or the engine is down
+            metrics.sessions_rejected.labels("busy").inc()
+            self.channel.send(busy_error(str(exc)).to_json())
+            await self._flushed()
+            self._end(f"no free slot: {exc}")
+            return False
+        self.connected = True
+        self.serving.set()
+        self.app.state.bridges.add(self.bridge)
+        metrics.sessions_total.labels("webrtc").inc()
+        metrics.sessions_active.labels("webrtc").inc()
+        return True
+
+    async def _flushed(self, timeout_s: float = 1.0) -> None:
+        """Give what was sent on the channel a moment to leave before the connection closes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.channel.bufferedAmount and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # bufferedAmount counts what SCTP has not sent, not what was acknowledged
+
+    async def _serve(self) -> None:
+        tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._ticks()),
+                 asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait()),
+                 asyncio.create_task(self._goodbye())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                log.error("call %s failed", self.id, exc_info=exc)
+                self._end(f"failed: {exc}")
+
+    async def _events(self) -> None:
         while True:
             event = await self.outbox.get()
             if event is None:
@@ -430,7 +494,11 @@ class RealtimeCall:
             if self.channel.readyState != "open":
                 self._end("the data channel closed")
                 return
-            self._send(event.to_json(), event.type)
+            text = event.to_json()
+            self._send(text, event.type)
+            self.created_sent = self.created_sent or isinstance(event, p.SessionCreated)
+            for listen in list(self.listeners):
+                listen(text)
             if self.channel.bufferedAmount > self.options.max_buffered_bytes:
                 self._writable.clear()
                 await self._writable.wait()
@@ -447,6 +515,10 @@ class RealtimeCall:
                         f"limit ({exc}). Events are not split; use the WebSocket transport for it."))
             self.channel.send(error.to_json())
 
+    async def _goodbye(self) -> None:
+        await goodbye_deadline(self.outbox)
+        self._end("the session ended and the peer did not take its last events")
+
     async def _ticks(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
@@ -456,7 +528,6 @@ class RealtimeCall:
         if self.mic is None:  # receive-only client: ICE consent checks find a vanished peer
             await self.ended.wait()
             return
-        await self.channel_open.wait()  # media flows once connected; a peer that never connects times out above
         self._end(await self.mic.run())
 
 
@@ -468,15 +539,16 @@ async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
     """(SDP offer, session settings or None) from an ``application/sdp`` or multipart body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/sdp":
-        body = await request.body()
-        if len(body) > MAX_OFFER_BYTES:
-            raise OfferError(413, f"SDP offer of {len(body)} bytes; at most {MAX_OFFER_BYTES}", param="sdp")
+        body = b"".join([chunk async for chunk in limited_body(request, MAX_OFFER_BYTES)])
         return _text(body, "the SDP offer"), None
     if content_type == "multipart/form-data":
         try:
-            form = await request.form(max_files=2, max_fields=4, max_part_size=MAX_OFFER_BYTES)
-        except Exception as exc:  # malformed multipart, or a part over the size limit
-            raise OfferError(400, f"cannot read the multipart body: {getattr(exc, 'detail', exc)}") from None
+            # the whole body is limited as it streams in, so the parts need no limit of their own
+            parser = MultiPartParser(request.headers, limited_body(request, MAX_CALL_BODY_BYTES),
+                                     max_files=2, max_fields=4, max_part_size=MAX_CALL_BODY_BYTES)
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise OfferError(400, f"cannot read the multipart body: {exc.message}") from None
         parts = {}
         for name in ("sdp", "session"):
             value = form.get(name)
@@ -485,12 +557,16 @@ async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
             parts[name] = value
         if not parts["sdp"]:
             raise OfferError(400, "the multipart body has no 'sdp' part (the SDP offer)", param="sdp")
+        if len(parts["sdp"]) > MAX_OFFER_BYTES:
+            raise OfferError(413, f"the 'sdp' part is {len(parts['sdp'])} bytes; an SDP offer is at most "
+                                  f"{MAX_OFFER_BYTES}", code="request_too_large", param="sdp")
         session = None
         if parts["session"]:
             try:
-                session = json.loads(parts["session"])
-            except json.JSONDecodeError as exc:
-                raise OfferError(400, f"the 'session' part is not valid JSON: {exc}", param="session") from None
+                session = p.decode_json(parts["session"])
+            except p.ProtocolError as err:
+                raise OfferError(400, f"the 'session' part is not valid JSON: {err.message}", code=err.code.value,
+                                 param="session") from None
             if not isinstance(session, dict):
                 raise OfferError(400, "the 'session' part must be a JSON object (a session configuration)",
                                  param="session")
@@ -498,6 +574,52 @@ async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
     raise OfferError(415, f"unsupported Content-Type {content_type or '(none)'!r}: send the SDP offer as "
                           "application/sdp, or multipart/form-data with 'sdp' and 'session' parts",
                      code="unsupported_media_type")
+
+
+async def limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives; ``OfferError`` 413 as soon as it is known to be over
+    ``limit`` bytes: from ``Content-Length`` before reading, else once the bytes read pass it.
+    The rest is never buffered (the server discards it, so the client still reads the 413)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"Content-Length {declared}", limit)
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(f"more than {limit} bytes", limit)
+        yield chunk
+
+
+def _too_large(size: str, limit: int) -> OfferError:
+    return OfferError(413, f"the request body is too large ({size}): an SDP offer, with its session, is at "
+                           f"most {limit} bytes", code="request_too_large")
+
+
+def sdp_problem(sdp: str, exc: Exception) -> str:
+    """What is wrong with an offer aiortc refused. Its parser often fails on a bare ``assert`` or
+    ``int()`` with no word of where: the first line at which a prefix of the offer no longer
+    parses is named (found by bisection)."""
+    reason = str(exc) or type(exc).__name__
+    lines = sdp.splitlines()
+
+    def parses(n: int) -> bool:
+        try:
+            SessionDescription.parse("\r\n".join(lines[:n]) + "\r\n")
+        except Exception:
+            return False
+        return True
+
+    if parses(len(lines)):  # the parser took it: the description itself was refused
+        return reason
+    good, bad = 0, len(lines)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if parses(mid):
+            good = mid
+        else:
+            bad = mid
+    return f"line {bad}, {lines[bad - 1][:100]!r}, is malformed ({reason})"
 
 
 def _text(data: bytes, what: str) -> str:
@@ -542,6 +664,7 @@ def add_webrtc_routes(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     app.state.webrtc = WebRTCOptions(ice_servers=ice_servers(config.ice_servers))
     app.state.calls = {}
+    app.state.new_call_id = lambda: p.new_id("rtc")  # behind Ray Serve the id also names the replica
 
     @app.post(CALLS_PATH)
     async def create_call(request: Request) -> Response:
@@ -563,6 +686,7 @@ def add_webrtc_routes(app: FastAPI) -> None:
 async def _create_call(app: FastAPI, request: Request) -> Response:
     config: ServerConfig = app.state.config
     metrics = app.state.metrics
+    options: WebRTCOptions = app.state.webrtc
     if not authorized(config.api_key, request.headers, []):
         metrics.sessions_rejected.labels("unauthorized").inc()
         return _unauthorized()
@@ -571,14 +695,16 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
         sdp, session = await read_offer(request)
         sdp = check_offer(sdp)
         settings = session_settings(app, session)
-        call = RealtimeCall(app, app.state.webrtc)
-        try:
-            call.bridge.open()
-        except Exception as exc:  # ServerBusy (every slot taken), or the engine is down
+        if _engine_full(app.state.engine):
             metrics.sessions_rejected.labels("busy").inc()
-            raise OfferError(503, f"server_busy: {exc}", code="server_busy") from None
+            raise OfferError(503, "server_busy: every session slot is in use", code="server_busy")
+        if len(app.state.calls) - sum(c.connected for c in app.state.calls.values()) >= options.max_pending_calls:
+            metrics.sessions_rejected.labels("busy").inc()
+            raise OfferError(503, f"server_busy: {options.max_pending_calls} calls are already connecting",
+                             code="server_busy")
+        call = RealtimeCall(app, options)
         try:
-            call.bridge.start(settings, model=config.model_name)
+            call.bridge.start(settings, model=config.model_name)  # no slot yet: it waits for the peer
         except ValidationError as exc:  # a combination of settings the session refuses
             err = p.error_from_validation(exc, prefix="session")
             raise OfferError(400, f"invalid 'session' part: {err.message}", code=err.code.value,
@@ -595,12 +721,23 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
             await call.pc.close()
         raise
     app.state.calls[call.id] = call
-    app.state.bridges.add(call.bridge)
-    metrics.sessions_total.labels("webrtc").inc()
-    metrics.sessions_active.labels("webrtc").inc()
     call.task = asyncio.create_task(call.run(), name=f"call-{call.id}")
     return Response(answer, status_code=201, media_type="application/sdp",
                     headers={"Location": f"{CALLS_PATH}/{call.id}"})
+
+
+def call_not_found(call_id: str) -> OfferError:
+    """OpenAI's answer to an unknown call id (hang-up, sideband)."""
+    return OfferError(404, f"No session found for the provided call_id {call_id!r} (the call ended, or "
+                           "never existed).", code="call_id_not_found", param="call_id")
+
+
+def _engine_full(engine: Any) -> bool:
+    """No free slot now (an engine that does not say is never full here; opening the slot tells)."""
+    try:
+        return engine.active_sessions >= engine.config.max_sessions
+    except AttributeError:
+        return False
 
 
 async def _hangup(app: FastAPI, request: Request, call_id: str, *, status: int) -> Response:
@@ -608,7 +745,7 @@ async def _hangup(app: FastAPI, request: Request, call_id: str, *, status: int) 
         return _unauthorized()
     call: RealtimeCall | None = app.state.calls.get(call_id)
     if call is None:
-        return OfferError(404, f"no active call {call_id!r}", code="call_not_found", param="call_id").response()
+        return call_not_found(call_id).response()
     call.hangup()
     if call.task is not None:
         with contextlib.suppress(Exception):

@@ -71,6 +71,15 @@ class ConfigError(ValueError):
     """A tokenizer configuration this implementation cannot run; the message names the key."""
 
 
+#: integer fields that count something: at least 1
+_COUNTS = (
+    "sampling_rate", "n_mels", "nfft", "window_size", "hop_length", "d_model", "encoder_layers",
+    "encoder_attention_heads", "encoder_ffn_dim", "kernel_size", "stride_size", "avg_pooler", "num_quantizers",
+    "decoder_layers", "decoder_attention_heads", "decoder_ffn_dim", "decoder_kernel_size", "decoder_stride_size",
+    "vocoder_dim", "vocoder_intermediate_dim", "vocoder_num_layers", "vocoder_attention_heads", "max_audio_seconds",
+)
+
+
 @dataclass
 class AudioTokenizerConfig:
     """Hyper-parameters of the audio tokenizer, under their official ``config.json`` names."""
@@ -123,6 +132,15 @@ class AudioTokenizerConfig:
     max_audio_seconds: int = 1800
 
     def __post_init__(self) -> None:
+        from agent.checkpoint import check_field_types
+
+        lists = ("codebook_size", "encoder_attn_window_size", "decoder_attn_window_size", "vocoder_attn_window_size")
+        check_field_types(self, ConfigError, counts=_COUNTS, skip=lists)
+        for name in lists:
+            value = getattr(self, name)
+            items = value if isinstance(value, list | tuple) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+                raise ConfigError(f"{name}={value!r} must be a list of integers")
         sizes = self.codebook_size
         sizes = list(sizes) if isinstance(sizes, list | tuple) else [sizes]
         if not sizes:

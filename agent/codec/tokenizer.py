@@ -279,16 +279,19 @@ def load_audio_tokenizer(
         raise ckpt.CheckpointError(f"give a checkpoint or a preset, not both ({path!r}, preset {preset!r})")
     directory = ckpt.resolve_checkpoint_dir(path)
 
+    what = ckpt.CODEC_CHECKPOINT
+    raw = ckpt.read_config(directory, what)
+    ckpt.check_kind(Path(directory), raw, what)
     try:
-        config = AudioTokenizerConfig.from_dict(ckpt.read_config(directory))
+        config = AudioTokenizerConfig.from_dict(raw)
     except ConfigError as exc:
         raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG_NAME}: {exc}") from exc
     with torch.device("meta"):
         tok = MiMoAudioTokenizer(config)
     tok = tok.to(dtype=dtype).to_empty(device=device)
-    state = ckpt.load_state_dict(directory)
+    state = ckpt.load_state_dict(directory, what=what)
     ckpt.load_into_module(
-        tok, state, source=str(directory), ignore_unexpected=TRAINING_ONLY_KEYS, keep_fp32=CODEBOOK_KEYS
+        tok, state, source=f"{what} {directory}", ignore_unexpected=TRAINING_ONLY_KEYS, keep_fp32=CODEBOOK_KEYS
     )
     return tok.eval()
 

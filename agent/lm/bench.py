@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument(
-        "--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on CUDA)"
+        "--dtype", default=None, help="bf16 or fp32 (default: fp32 on CPU, bf16 on CUDA; fp16 is refused for the LM)"
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")

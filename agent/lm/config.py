@@ -18,9 +18,36 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.checkpoint import check_field_types
+
 #: the ``<|empty|>`` id of the real MiMo tokenizer (spec 2.2); ``load_lm`` resolves it from the
 #: checkpoint's tokenizer, so this default only matters for configs built by hand.
 MIMO_EMPTY_TOKEN_ID = 151667
+
+
+#: keys ``config.json`` must have: they size the weights (or, for ``rope_theta``, change every
+#: output), and the official code would silently give a missing one Qwen2's generic default.
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rope_theta",
+)
+
+#: what the official code gives the other keys when ``config.json`` lacks them: ``Qwen2Config``'s
+#: defaults, then ``MiMoAudioConfig``'s (``head_dim`` 128 whatever the width; ``input_full_attention``
+#: None, which makes the patch encoder causal: ``is_causal=not config.input_full_attention``).
+OFFICIAL_CODE_DEFAULTS: dict[str, Any] = {
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "head_dim": 128,
+    "input_full_attention": None,
+}
 
 
 class ConfigError(ValueError):
@@ -92,7 +119,9 @@ class MiMoAudioConfig:
     local_attn_dropout: float = 0.1
     input_local_layers: int = 6
     input_local_dim: int | None = None
-    input_full_attention: bool | None = True
+    #: bidirectional attention inside a patch in the patch encoder; None (the official default) is
+    #: causal. The shipped checkpoints set true.
+    input_full_attention: bool | None = None
     #: not an official config field: the text id of ``<|empty|>``, which marks speech patches.
     #: ``load_lm`` takes it from the checkpoint's tokenizer.
     empty_token_id: int = MIMO_EMPTY_TOKEN_ID
@@ -167,6 +196,12 @@ class MiMoAudioConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first inconsistent field."""
+        # the dash-separated speech fields are checked by parse_int_list below
+        check_field_types(self, ConfigError, counts=_COUNTS,
+                          skip=("extra", "speech_vocab_size", "speech_zeroemb_idx", "delay_pattern"))
+        for name in ("rope_theta", "rms_norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be positive")
         sizes, empties, delays = self.speech_vocab_sizes, self.speech_empty_ids, self.delays
         for c, (size, empty) in enumerate(zip(sizes, empties, strict=True)):
             if not 0 <= empty < size:
@@ -200,11 +235,16 @@ class MiMoAudioConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> MiMoAudioConfig:
         """Build from a parsed official ``config.json``; unknown keys are kept in ``extra``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"the config must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "empty_token_id"}
-        known = {k: v for k, v in data.items() if k in names}
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ConfigError(
+                f"missing key(s) {', '.join(missing)}: they size the model and have no safe default"
+            )
+        known = {**OFFICIAL_CODE_DEFAULTS, **{k: v for k, v in data.items() if k in names}}
         extra = {k: v for k, v in data.items() if k not in names}
-        if "head_dim" not in data and "hidden_size" in data and "num_attention_heads" in data:
-            known["head_dim"] = data["hidden_size"] // data["num_attention_heads"]
         if extra.get("use_sliding_window"):
             raise ConfigError("use_sliding_window=true is not supported (MiMo-Audio uses full attention)")
         if extra.get("rope_scaling"):
@@ -235,6 +275,11 @@ class MiMoAudioConfig:
         return text
 
 
+#: integer fields that count something: at least 1
+_COUNTS = (*REQUIRED_KEYS[:-1], "head_dim", "max_position_embeddings", "group_size", "audio_channels",
+           "local_dim", "local_layers", "local_attn_heads", "local_ffn_dim", "input_local_layers", "input_local_dim")
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named config and the seed of its random weights."""
@@ -263,6 +308,7 @@ def _tiny() -> MiMoAudioConfig:
         local_ffn_dim=256,
         input_local_layers=1,
         input_local_dim=64,
+        input_full_attention=True,
         empty_token_id=ByteTokenizer().specials.empty,
     )
 
@@ -273,7 +319,7 @@ def preset(name: str) -> Preset:
         return Preset("tiny", _tiny(), seed=20250921)
     if name == "mimo-audio-7b":
         # the real sizes (spec 2.1) with the real text vocabulary; weights are random.
-        return Preset("mimo-audio-7b", MiMoAudioConfig(), seed=7)
+        return Preset("mimo-audio-7b", MiMoAudioConfig(input_full_attention=True), seed=7)
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
 
 

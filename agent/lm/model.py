@@ -222,7 +222,11 @@ def init_weights(lm: MiMoAudioLM, seed: int) -> None:
 
 
 def empty_model(config: MiMoAudioConfig, dtype: torch.dtype, device: torch.device | str) -> MiMoAudioLM:
-    """A model with uninitialised weights of ``dtype`` on ``device`` (no extra copy on the way)."""
+    """A model with uninitialised weights of ``dtype`` on ``device`` (no extra copy on the way).
+    fp16 is refused (:func:`agent.checkpoint.check_lm_dtype`)."""
+    from agent.checkpoint import check_lm_dtype
+
+    check_lm_dtype(dtype)
     with torch.device("meta"):
         lm = MiMoAudioLM(config)
     return lm.to(dtype).to_empty(device=device).eval()

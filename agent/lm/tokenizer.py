@@ -2,8 +2,11 @@
 
 Text is encoded without added BOS/EOS (the official code passes ``add_special_tokens=False``);
 special strings inside text, such as ``<|im_start|>``, become their single special token. The
-MiMo special tokens are resolved by string (spec 2.2) and a tokenizer that lacks one is refused
-with its name.
+special tokens are resolved by string (spec 2.2) following the official loader
+(``MimoAudio.__init__``): the chat tokens of the Qwen2 vocabulary must be there; the MiMo tokens
+that are missing are added as special tokens in the official order (so a plain Qwen2.5 tokenizer
+gets them at the ids right after its last one, where MiMo-Audio has them); ``<think>`` and
+``</think>`` are plain prompt text, never looked up.
 
 :class:`ByteTokenizer` is the presets' tokenizer: byte-level (GPT-2 byte alphabet, ids 0..255 are
 the bytes), no merges, the same special tokens after the bytes. It is a regular ``tokenizers``
@@ -38,18 +41,24 @@ SPECIAL_TOKEN_STRINGS: dict[str, str] = {
     "sostm": "<|sostm|>",
     "eostm": "<|eostm|>",
     "eot": "<|eot|>",
-    "think": "<think>",
-    "think_end": "</think>",
 }
 
-#: added by the official code too but never used by it; the byte tokenizer has them for parity.
-_UNUSED_SPECIALS = ("<|Human|>", "<|SpeechLM|>")
+#: tokens of the Qwen2 vocabulary the prompts use; the official code does not add them, so a
+#: tokenizer without them is refused.
+REQUIRED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+#: the MiMo tokens the official loader adds when missing, in this order (``<|Human|>`` and
+#: ``<|SpeechLM|>`` are never used, but adding them keeps the later ids where MiMo has them).
+MIMO_ADDED_TOKENS = (
+    "<|sosp|>", "<|eosp|>", "<|empty|>", "<|Human|>", "<|SpeechLM|>", "<|sostm|>", "<|eostm|>", "<|eot|>",
+)
+#: in the byte tokenizer only, as single tokens, so the presets' prompts stay short
+_THINK_TOKENS = ("<think>", "</think>")
 
 #: vocabulary of the byte tokenizer with the default ids: 256 bytes, 13 specials, padding.
 BYTE_VOCAB_SIZE = 272
 
 #: the real MiMo-Audio ids (spec 2.2), used by the `mimo-audio-7b` preset. `<think>`/`</think>`
-#: are unverified there; the preset only needs them distinct.
+#: are unverified there (possibly plain text); the preset only needs them distinct.
 MIMO_SPECIAL_IDS: dict[str, int] = {
     "<|endoftext|>": 151643,
     "<|im_start|>": 151644,
@@ -84,8 +93,6 @@ class SpecialTokens:
     sostm: int
     eostm: int
     eot: int
-    think: int
-    think_end: int
     #: the tokenizer's end-of-sequence token (``eos_token`` of tokenizer_config.json, else endoftext)
     eos: int
 
@@ -100,16 +107,20 @@ class TextTokenizer:
         self, tokenizer: Tokenizer, *, eos_token: str | None = None, source: str = "tokenizer"
     ) -> None:
         self._tok = tokenizer
-        ids: dict[str, int] = {}
-        missing = []
-        for name, text in SPECIAL_TOKEN_STRINGS.items():
-            token_id = tokenizer.token_to_id(text)
-            if token_id is None:
-                missing.append(text)
-            else:
-                ids[name] = token_id
+        self.source = source
+        missing = [t for t in REQUIRED_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:
-            raise TokenizerError(f"{source} lacks the MiMo special token(s): {', '.join(missing)}")
+            raise TokenizerError(
+                f"{source} lacks the chat token(s) {', '.join(missing)} (a MiMo-Audio tokenizer is Qwen2's "
+                "vocabulary, which has them; only the MiMo tokens are added when missing)"
+            )
+        #: MiMo tokens this tokenizer lacked, added in the official order: token -> new id
+        self.added_tokens: dict[str, int] = {}
+        for token in MIMO_ADDED_TOKENS:
+            if tokenizer.token_to_id(token) is None:
+                tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+                self.added_tokens[token] = tokenizer.token_to_id(token)
+        ids = {name: tokenizer.token_to_id(text) for name, text in SPECIAL_TOKEN_STRINGS.items()}
         eos_id = ids["endoftext"]
         if eos_token is not None:
             resolved = tokenizer.token_to_id(eos_token)
@@ -135,8 +146,18 @@ class TextTokenizer:
         eos_token = None
         config_path = directory / TOKENIZER_CONFIG_NAME
         if config_path.is_file():
-            eos = json.loads(config_path.read_text()).get("eos_token")
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise TokenizerError(f"{config_path} is not valid JSON: {exc}") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TokenizerError(f"cannot read {config_path}: {exc}") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_path} must hold a JSON object, not {type(config).__name__}")
+            eos = config.get("eos_token")
             eos_token = eos.get("content") if isinstance(eos, dict) else eos
+            if eos_token is not None and not isinstance(eos_token, str):
+                raise TokenizerError(f"{config_path}: eos_token must be a token string, got {eos_token!r}")
         return cls(tokenizer, eos_token=eos_token, source=str(path))
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -232,11 +253,10 @@ class ByteTokenizer(TextTokenizer):
     """
 
     def __init__(self, special_ids: Mapping[str, int] | None = None) -> None:
-        names = list(SPECIAL_TOKEN_STRINGS.values())
-        specials = names[:6] + list(_UNUSED_SPECIALS) + names[6:]  # the official order (spec 2.2)
+        specials = [*REQUIRED_TOKENS, *MIMO_ADDED_TOKENS, *_THINK_TOKENS]  # the official order (spec 2.2)
         if special_ids is None:
             special_ids = {s: 256 + i for i, s in enumerate(specials)}
-        missing = [s for s in SPECIAL_TOKEN_STRINGS.values() if s not in special_ids]
+        missing = [s for s in [*SPECIAL_TOKEN_STRINGS.values(), *_THINK_TOKENS] if s not in special_ids]
         if missing:
             raise TokenizerError(f"byte tokenizer special_ids lack: {', '.join(missing)}")
         if min(special_ids.values()) < 256 or len(set(special_ids.values())) != len(special_ids):

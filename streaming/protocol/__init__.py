@@ -13,10 +13,10 @@ the JSON shapes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from .base import (
     ClientEventBase,
@@ -43,6 +43,7 @@ from .client_events import (
     SessionUpdate,
 )
 from .items import (
+    ZERO_USAGE,
     ContentPart,
     ConversationItem,
     ErrorDetail,
@@ -55,6 +56,7 @@ from .items import (
     ResponsePart,
     ResponseStatusDetails,
     TokenDetails,
+    TranscriptionUsage,
     Usage,
 )
 from .server_events import (
@@ -111,6 +113,8 @@ from .session_config import (
     SamplingParams,
     SessionConfig,
     TurnDetection,
+    Voice,
+    VoiceId,
     merge_session_update,
     parse_interleave,
     resolve_modalities,
@@ -121,22 +125,39 @@ from .session_config import (
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
 
 
-def _decode_json(data: str | bytes | bytearray | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(data, dict):
-        return data
+#: jiter's terse messages, explained: (words in its message, what they mean)
+_JSON_HINTS = (
+    (("recursion limit exceeded",), "the message is nested too deeply"),
+    (("surrogate", "end of hex escape"), "an unpaired UTF-16 surrogate escape, \\uD800-\\uDFFF, is no character"),
+)
+
+
+def decode_json(data: str | bytes | bytearray) -> Any:
+    """Decode one JSON document from a client, refusing what the standard library lets through or
+    fails on with something other than a decode error: nesting deep enough to overflow the stack
+    (``RecursionError``), integers too long to convert (``ValueError``), ``NaN``/``Infinity``
+    (not JSON), unpaired surrogate escapes (no character; the echo would fail to encode). Raises
+    :class:`ProtocolError` (``invalid_json``) naming the problem and where it is. pydantic's own
+    parser (jiter) does all of this with a fixed recursion limit."""
     if isinstance(data, bytes | bytearray):
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ProtocolError(ErrorCode.INVALID_JSON, f"Message is not valid UTF-8: {exc}.") from None
     try:
-        obj = json.loads(data)
-    except json.JSONDecodeError as exc:
+        return from_json(data, allow_inf_nan=False, cache_strings="keys")
+    except ValueError as exc:
+        reason = str(exc)
+        hint = next((h for needles, h in _JSON_HINTS if any(n in reason for n in needles)), None)
+        if hint:
+            reason += f" ({hint})"
         raise ProtocolError(
-            ErrorCode.INVALID_JSON,
-            f"We could not parse the JSON body of your request: {exc.msg} "
-            f"(line {exc.lineno}, column {exc.colno}).",
+            ErrorCode.INVALID_JSON, f"We could not parse the JSON body of your request: {reason}."
         ) from None
+
+
+def _decode_json(data: str | bytes | bytearray | dict[str, Any]) -> dict[str, Any]:
+    obj = data if isinstance(data, dict) else decode_json(data)
     if not isinstance(obj, dict):
         raise ProtocolError(
             ErrorCode.INVALID_TYPE, f"An event must be a JSON object, but got {type(obj).__name__} instead."
@@ -212,6 +233,7 @@ __all__ = [
     "PCM_RATE",
     "SERVER_EVENTS",
     "VOICE_DESCRIPTOR_PREFIX",
+    "ZERO_USAGE",
     "AudioConfig",
     "AudioFormat",
     "AudioInputConfig",
@@ -285,9 +307,13 @@ __all__ = [
     "SessionUpdate",
     "SessionUpdated",
     "TokenDetails",
+    "TranscriptionUsage",
     "TurnDetection",
     "UnknownServerEvent",
     "Usage",
+    "Voice",
+    "VoiceId",
+    "decode_json",
     "error_from_validation",
     "merge_session_update",
     "new_id",

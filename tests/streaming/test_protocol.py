@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from streaming import protocol as p
-from tests.streaming.helpers import FIXTURES, ROOT, load_json
+from tests.streaming.helpers import FIXTURES, MALFORMED_JSON, ROOT, load_json
 
 CLIENT_FILES = sorted((FIXTURES / "client").glob("*.json"))
 SERVER_FILES = sorted((FIXTURES / "server").glob("*.json"))
@@ -85,6 +85,15 @@ def test_invalid_messages_name_the_value():
     with pytest.raises(p.ProtocolError) as info:
         p.parse_client_event('{"type":"session.update","session":{"foo":1}}')
     assert info.value.message == "Unknown parameter: 'session.foo'."
+
+
+@pytest.mark.parametrize(("name", "message", "needle"), MALFORMED_JSON, ids=[c[0] for c in MALFORMED_JSON])
+def test_pathological_json_is_refused_naming_the_problem(name, message, needle):
+    for data in (message, message.encode()):
+        with pytest.raises(p.ProtocolError) as info:
+            p.parse_client_event(data)
+        assert info.value.code == p.ErrorCode.INVALID_JSON, info.value.message
+        assert needle in info.value.message, info.value.message
 
 
 def test_oversized_and_binary_messages():

@@ -12,7 +12,8 @@ import pytest
 import websockets
 
 from tests.streaming import realtime_client as rc
-from tests.streaming.live_server import start_server
+from tests.streaming.helpers import MALFORMED_JSON
+from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,9 +131,44 @@ async def test_text_input_item(server):
         await ws.close()
 
 
-async def test_barge_in_cancels_and_rolls_back(server):
-    from agent.conversation import common_prefix
+async def test_previous_item_id_root_and_after_an_item_place_items_in_the_model_context(server):
+    """LiveKit sends ``previous_item_id: "root"`` whenever the remote conversation is empty (a first
+    ``generate_reply``, an initial chat context, its history replay); GA inserts such items first.
+    The engine's context follows: the next response sees the items in conversation order."""
+    ws = await rc.connect(server.ws_url)
 
+    async def create(item_id: str, role: str, text: str, **where) -> dict:
+        kind = "output_text" if role == "assistant" else "input_text"
+        await rc.send(ws, {"type": "conversation.item.create", **where, "item": {
+            "id": item_id, "type": "message", "role": role, "content": [{"type": kind, "text": text}]}})
+        return await rc.until(ws, "conversation.item.done")
+
+    try:
+        await rc.update(ws, output_modalities=["text"], audio={"input": {"turn_detection": None}})
+        first = await create("item_hist_0001", "user", "What is the capital of France?", previous_item_id="root")
+        assert first["previous_item_id"] is None
+        await create("item_hist_0003", "user", "And of Italy?")
+        second = await create("item_hist_0002", "assistant", "Paris.", previous_item_id="item_hist_0001")
+        assert second["previous_item_id"] == "item_hist_0001"
+        system = await create("item_hist_0000", "system", "Answer in one word.", previous_item_id="root")
+        assert system["previous_item_id"] is None
+        await rc.send(ws, {"type": "conversation.item.create", "previous_item_id": "item_nope", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "lost"}]}})
+        error = (await rc.until(ws, "error"))["error"]
+        assert error["code"] == "item_create_invalid_previous_item_id" and "item_nope" in error["message"]
+        await rc.send(ws, {"type": "response.create"})
+        done = (await rc.until(ws, "response.done"))["response"]
+        assert done["status"] in ("completed", "incomplete")
+        (engine_session,) = [s for s in server.engine._sessions.values()
+                             if any(it.item_id == "item_hist_0000" for it in s.items)]
+        order = [it.item_id for it in engine_session.items]
+        assert order == ["item_hist_0000", "item_hist_0001", "item_hist_0002", "item_hist_0003",
+                         done["output"][0]["id"]]
+    finally:
+        await ws.close()
+
+
+async def test_barge_in_cancels_and_rolls_back(server):
     ws = await rc.connect(server.ws_url)
     try:
         vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
@@ -157,17 +193,7 @@ async def test_barge_in_cancels_and_rolls_back(server):
         truncated = await rc.until(ws, "conversation.item.truncated")
         assert truncated["item_id"] == item_id and truncated["audio_end_ms"] == heard_ms
         await asyncio.sleep(0.5)  # the engine applies the truncate on its thread
-        session = next(s for s in server.engine._sessions.values()
-                       if any(it.item_id == item_id for it in s.items))
-        item = next(it for it in session.items if it.item_id == item_id)
-        empty = server.engine.specials.empty
-        assert int((item.patches.text_ids == empty).sum()) == heard_ms // 160
-        # the KV cache holds the conversation as heard: up to the end of the truncated item, and no more
-        rendering = server.engine.renderer.render(session.items, instructions=session.instructions)
-        start, end = rendering.spans[item_id]
-        assert server.engine.cache.length(session.slot) == len(session.cached) <= end
-        assert common_prefix(session.cached, rendering.prompt) == len(session.cached)
-        assert len(session.cached) > start
+        assert_heard_in_context(server, item_id, heard_ms)
     finally:
         await ws.close()
 
@@ -236,6 +262,22 @@ async def test_bad_input_gets_an_error_and_the_session_goes_on(server):
         # ... and the session still works
         events = await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav"))
         assert events[-1]["response"]["status"] in ("completed", "incomplete")
+    finally:
+        await ws.close()
+
+
+async def test_pathological_json_gets_an_error_and_the_session_goes_on(server):
+    ws = await rc.connect(server.ws_url)
+    try:
+        await rc.update(ws, audio={"input": {"turn_detection": None}})
+        for name, message, needle in MALFORMED_JSON:
+            await ws.send(message)
+            error = await rc.until(ws, "error", timeout=10)
+            assert error["error"]["code"] == "invalid_json", (name, error)
+            assert needle in error["error"]["message"], (name, error)
+        events = await _manual_turn(ws, rc.wav_pcm16("speech_yes.wav"))
+        assert events[-1]["response"]["status"] in ("completed", "incomplete")
+        assert not [e for e in events if e["type"] == "error"], events
     finally:
         await ws.close()
 

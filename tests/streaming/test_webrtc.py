@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import re
 
 import httpx
 import numpy as np
 import pytest
+from aiortc import RTCSessionDescription
 
 from streaming.webrtc import (
     FRAME_SAMPLES,
+    MAX_OFFER_BYTES,
     AgentAudioTrack,
     MicrophoneReader,
     WebRTCOptions,
@@ -23,7 +26,8 @@ from streaming.webrtc import (
 )
 from tests.streaming import realtime_client as rc
 from tests.streaming import rtc_client as rtc
-from tests.streaming.live_server import start_server
+from tests.streaming.helpers import MALFORMED_JSON
+from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,12 +124,55 @@ async def test_barge_in_clears_the_playout_buffer(server):
     finally:
         await call.close()
     assert done["response"]["id"] == started["response_id"] == cleared["response_id"]
+    # the server cut the item to what the track had played (it owns playback over WebRTC)
+    truncated = next(e for e in events if e["type"] == "conversation.item.truncated")
+    assert truncated["item_id"] == done["response"]["output"][0]["id"]
+    assert 0 < truncated["audio_end_ms"] < done["response"]["mimo"]["audio_ms"]
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["status_details"]["reason"] == "turn_detected"
     assert "output_audio_buffer.stopped" not in rtc.types(events)
     # the response was generated ahead of playback: what was buffered was dropped, nothing plays after
     assert dropped > 0 and buffered_after == 0
     late = call.frames[frames_at_clear + 15:]  # 300 ms for frames already in flight
+    assert len(late) > 25 and max(f.peak for f in late) <= 64
+
+
+async def test_cancel_truncates_the_item_to_what_the_track_played(server):
+    """Over WebRTC the server owns playback: after an interrupt it cuts the assistant item to what
+    went out on the track, as a WebSocket client would with conversation.item.truncate."""
+    assert await _settled(server) == 0
+    session = {"type": "realtime", **LONG_RESPONSE, "audio": {"input": {"turn_detection": None}}}
+    call = await rtc.place_call(server.url, mic=False, session=session)
+    try:
+        server_call = _call_of(server, call)
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}})
+        call.send({"type": "response.create"})
+        events: list[dict] = []
+        started = await call.until("output_audio_buffer.started", events=events)
+        for _ in range(400):  # the engine gets ahead: its audio waits in the track
+            if server_call.track.buffered_s >= 1.0:
+                break
+            await asyncio.sleep(0.05)
+        assert server_call.track.buffered_s >= 1.0
+        call.send({"type": "response.cancel"})
+        truncated = await call.until("conversation.item.truncated", events=events)
+        played_samples = server_call.track.audio_samples_sent  # 48 kHz, all of this response
+        frames_at_cut = len([f for f in call.frames if f.at <= truncated["_at"]])
+        await asyncio.sleep(1.0)  # the engine applies the truncate on its thread; the track stays quiet
+        assert server_call.track.audio_samples_sent == played_samples  # nothing plays after the cut
+        assert_heard_in_context(server, truncated["item_id"], truncated["audio_end_ms"])
+    finally:
+        await call.close()
+    kinds = rtc.types(events)
+    done = events[kinds.index("response.done")]["response"]
+    assert done["status"] == "cancelled" and done["id"] == started["response_id"]
+    assert kinds.index("output_audio_buffer.cleared") < kinds.index("response.done") < kinds.index(
+        "conversation.item.truncated")
+    assert done["output"][0]["id"] == truncated["item_id"]
+    assert truncated["audio_end_ms"] == played_samples // 48 > 0
+    assert done["mimo"]["audio_ms"] - truncated["audio_end_ms"] >= 900  # what was buffered was never heard
+    late = call.frames[frames_at_cut + 15:]  # 300 ms for frames already in flight
     assert len(late) > 25 and max(f.peak for f in late) <= 64
 
 
@@ -181,21 +228,109 @@ async def test_a_peer_whose_media_stops_is_dropped(server):
         await call.close()
 
 
-async def test_a_peer_that_never_connects_is_dropped(server):
+async def test_offers_that_never_connect_hold_no_slot(server):
+    """One POST per slot used to keep the server full: an offer holds an engine slot only once its
+    peer connects, and one that never does is dropped at the connect deadline."""
     assert await _settled(server) == 0
     options = server.app.state.webrtc
     saved = options.channel_open_timeout_s
-    options.channel_open_timeout_s = 1.0
-    pc, _ = await rtc.make_offer()
+    options.channel_open_timeout_s = 3.0
+    vanished = [await rtc.make_offer() for _ in range(MAX_SESSIONS)]
+    call = None
     try:
-        answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
-        assert answered.status_code == 201  # ... and the client never applies the answer
+        for pc, _ in vanished:
+            answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
+            assert answered.status_code == 201  # ... and the client never applies the answer
+        assert server.engine.active_sessions == 0
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            health = (await http.get("/healthz")).json()
+        assert (health["sessions"], health["calls_connecting"]) == (0, MAX_SESSIONS)
+        call = await rtc.place_call(server.url, mic=False)  # a real caller still gets in
         assert server.engine.active_sessions == 1
-        assert await _settled(server) == 0
-        assert server.app.state.calls == {}
+        for _ in range(100):  # the connect deadline drops the vanished offers (bounded wait)
+            if len(server.app.state.calls) == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert list(server.app.state.calls) == [call.call_id]
     finally:
         options.channel_open_timeout_s = saved
+        for pc, _ in vanished:
+            await pc.close()
+        if call is not None:
+            await call.close()
+    assert await _settled(server) == 0
+
+
+async def test_a_call_that_connects_when_every_slot_is_taken_is_told_so(server):
+    assert await _settled(server) == 0
+    pc, dc = await rtc.make_offer(mic=False)
+    sockets = []
+    try:
+        answered = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        assert answered.status_code == 201
+        sockets = [await rc.connect(server.ws_url) for _ in range(MAX_SESSIONS)]  # the slots go meanwhile
+        received: asyncio.Queue = asyncio.Queue()
+        dc.on("message", received.put_nowait)
+        closed = asyncio.Event()
+        dc.on("close", closed.set)
+        await pc.setRemoteDescription(RTCSessionDescription(answered.text, "answer"))
+        event = json.loads(await asyncio.wait_for(received.get(), 30))
+        assert event["type"] == "error" and event["error"]["code"] == "server_busy", event
+        await asyncio.wait_for(closed.wait(), 30)  # ... and the call ends
+    finally:
         await pc.close()
+        for ws in sockets:
+            await ws.close()
+    assert await _settled(server) == 0
+    assert server.app.state.calls == {}
+
+
+async def _raw_post(server, head: str, body: bytes = b"", *, chunked: bool = False) -> tuple[int, dict]:
+    """POST over a bare socket that sends ``body`` and then waits (never finishing a long body):
+    the status and JSON of the response, which must come while the client still holds the rest."""
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"POST /v1/realtime/calls HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode())
+        if body:
+            writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n" if chunked else body)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        headers = {}
+        while (line := await asyncio.wait_for(reader.readline(), 30)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        payload = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 30)
+        return int(status_line.split()[1]), json.loads(payload)
+    finally:
+        writer.close()
+
+
+async def test_offer_bodies_are_limited_while_reading(server):
+    limit = MAX_OFFER_BYTES
+    # a declared length over the limit: refused before any of the body is read
+    status, body = await _raw_post(server, "Content-Type: application/sdp\r\nContent-Length: 209715200\r\n")
+    assert status == 413 and body["error"]["code"] == "request_too_large", body
+    assert "209715200" in body["error"]["message"] and str(limit) in body["error"]["message"]
+    # no declared length (chunked): refused once the limit is passed, not at the end of the body
+    part = b'--x\r\nContent-Disposition: form-data; name="sdp"\r\n\r\n'
+    for ctype, start in (("application/sdp", b""), ("multipart/form-data; boundary=x", part)):
+        status, body = await _raw_post(server, f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n",
+                                       start + b"v" * (4 * limit), chunked=True)
+        assert status == 413 and body["error"]["code"] == "request_too_large", (ctype, body)
+    # a client that sends everything before it reads (httpx) gets the 413 too, not a reset
+    good = await _offer_without()
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        too_long = good + "a=x-padding:" + "p" * (limit + 1) + "\r\n"
+        sdp_type = {"Content-Type": "application/sdp"}
+        for response in (
+            await http.post("/v1/realtime/calls", content=b"v" * (8 << 20), headers=sdp_type),
+            await http.post("/v1/realtime/calls", files={"sdp": (None, b"v" * (8 << 20), "application/sdp")}),
+            await http.post("/v1/realtime/calls", files={"sdp": (None, too_long, "application/sdp")}),
+        ):
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "request_too_large"
+    assert server.engine.active_sessions == 0 and server.app.state.calls == {}
 
 
 async def test_hang_up(server):
@@ -207,12 +342,74 @@ async def test_hang_up(server):
             assert (await http.delete(first.location)).status_code == 204
             assert first.call_id not in server.app.state.calls
             missing = await http.delete(first.location)
-            assert missing.status_code == 404 and missing.json()["error"]["code"] == "call_not_found"
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "call_id_not_found"
             assert (await http.post(second.location + "/hangup")).status_code == 200
         assert await _settled(server) == 0
     finally:
         await first.close()
         await second.close()
+
+
+async def _until(connection, kind: str, seen: list, timeout: float = 30.0):
+    """Events of an official-SDK connection until one of type ``kind``."""
+    async def read():
+        async for event in connection:
+            seen.append(event)
+            if event.type == kind:
+                return event
+        raise AssertionError(f"closed before {kind}")
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_sideband_joins_the_call_and_steers_it(server):
+    """OpenAI's sideband: the application server joins the browser's call by its id with the
+    official SDK (``realtime.connect(call_id=...)``): it takes no slot, sees the call's events, and
+    its session.update and response.create steer the call (the answer plays on the call's track)."""
+    from openai import AsyncOpenAI
+
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url, session={"type": "realtime", "max_output_tokens": 8,
+                                                     "audio": {"input": {"turn_detection": None}}})
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+    seen: list = []
+    try:
+        async with client.realtime.connect(call_id=call.call_id) as side:
+            created = await _until(side, "session.created", seen)
+            assert created.session.id == call.log[0]["session"]["id"] and created.session.max_output_tokens == 8
+            assert server.engine.active_sessions == 1  # the call's slot only
+            await side.session.update(session={"type": "realtime", "instructions": "Answer in French."})
+            updated = await _until(side, "session.updated", seen)
+            on_call = await call.until("session.updated")
+            assert updated.session.instructions == on_call["session"]["instructions"] == "Answer in French."
+            frames_before = len(call.frames)
+            await side.response.create()
+            done = await _until(side, "response.done", seen)
+            on_call = await call.until("response.done")
+            assert done.response.id == on_call["response"]["id"] and done.response.status in ("completed",
+                                                                                             "incomplete")
+            await call.until("output_audio_buffer.stopped")
+            assert any(f.peak > 64 for f in call.frames[frames_before:])  # the answer played on the call
+            kinds = [e.type for e in seen]
+            assert "output_audio_buffer.started" in kinds and "response.output_audio.delta" not in kinds
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                assert (await http.delete(call.location)).status_code == 204
+            with pytest.raises(AssertionError, match="closed before"):  # the call ended: so does the sideband
+                await _until(side, "never", seen, timeout=10)
+    finally:
+        await call.close()
+    assert await _settled(server) == 0
+
+
+async def test_sideband_to_an_unknown_call_is_refused(server):
+    import websockets
+
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(server.ws_url + "?call_id=rtc_nope", subprotocols=["realtime"])
+    assert refused.value.response.status_code == 404
+    error = json.loads(refused.value.response.body)["error"]
+    assert error["code"] == "call_id_not_found" and "rtc_nope" in error["message"]
+    assert server.engine.active_sessions == 0
 
 
 async def test_server_busy_is_a_clear_503(server):
@@ -271,12 +468,17 @@ async def test_bad_offers_are_refused_naming_the_problem(server):
         (dict(content=""), 400, "empty SDP offer"),
         (dict(content="v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"), 400, "no media sections"),
         (dict(content="v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF x\r\n"), 400, "invalid SDP offer"),
+        (dict(content=good.replace("UDP/TLS/RTP/SAVPF", "udp/tls/rtp/savpf")), 400,
+         "udp/tls/rtp/savpf"),
+        (dict(content=good.replace("a=fingerprint:", "a=candidate:1 1 udp\r\na=fingerprint:", 1)), 400,
+         "'a=candidate:1 1 udp'"),
         (dict(content=no_audio), 400, "no audio m-line"),
         (dict(content=no_channel), 400, "no data channel"),
         (dict(content=good, ctype="text/plain"), 415, "application/sdp, or multipart/form-data"),
         (dict(files={"session": (None, "{}")}), 400, "no 'sdp' part"),
         (dict(files={"sdp": (None, good), "session": (None, "{not json")}), 400, "'session' part is not valid JSON"),
         (dict(files={"sdp": (None, good), "session": (None, "[1]")}), 400, "must be a JSON object"),
+        (dict(files={"sdp": (None, good), "session": (None, "[" * 1000 + "]" * 1000)}), 400, "nested too deeply"),
         (dict(files={"sdp": (None, good), "session": (None, '{"type": "realtime", "colour": 1}')}), 400,
          "invalid 'session' part"),
     ]
@@ -294,6 +496,25 @@ async def test_bad_offers_are_refused_naming_the_problem(server):
             "sdp": (None, good), "session": (None, '{"type": "realtime", "audio": {"output": {"speed": "x"}}}')})
         assert bad_field.status_code == 400 and bad_field.json()["error"]["param"].startswith("session.audio")
     assert server.engine.active_sessions == 0 and server.app.state.calls == {}
+
+
+async def test_pathological_json_on_the_channel_gets_an_error_and_the_call_goes_on(server):
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url, mic=False,
+                                session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    try:
+        for name, message, needle in MALFORMED_JSON:
+            call.channel.send(message)
+            error = await call.until("error")
+            assert error["error"]["code"] == "invalid_json", (name, error)
+            assert needle in error["error"]["message"], (name, error)
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}})
+        call.send({"type": "response.create"})
+        done = await call.until("response.done")
+        assert done["response"]["status"] in ("completed", "incomplete")
+    finally:
+        await call.close()
 
 
 async def test_oversized_event_becomes_an_error_on_the_channel(server):

@@ -9,6 +9,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from agent.lm.config import preset
 from agent.lm.tokenizer import (
+    MIMO_ADDED_TOKENS,
     SPECIAL_TOKEN_STRINGS,
     ByteTokenizer,
     TextTokenizer,
@@ -84,13 +85,65 @@ def test_byte_tokenizer_fits_the_tiny_preset_and_reloads(tmp_path) -> None:
     assert again.specials == tok.specials and again.encode("héllo") == tok.encode("héllo")
 
 
-def test_missing_specials_are_named() -> None:
-    with pytest.raises(
-        TokenizerError, match=r"lacks the MiMo special token\(s\): <\|endoftext\|>, <\|im_end\|>"
-    ):
+def test_missing_chat_tokens_are_named_exactly() -> None:
+    with pytest.raises(TokenizerError, match=r"lacks the chat token\(s\) <\|endoftext\|>, <\|im_end\|> \("):
         _bpe(with_specials=False)
     with pytest.raises(TokenizerError, match="special_ids lack"):
         ByteTokenizer({"<|sosp|>": 300})
+
+
+def _qwen25_like(path, extra=()) -> None:
+    """A tokenizer.json laid out like Qwen2.5's: a byte-level BPE, then its added tokens
+    (<|endoftext|>, <|im_start|>, <|im_end|>, ...), and no MiMo tokens, no <think>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(["think about the answer, then speak"] * 20, trainer)
+    added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", *extra]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in added])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+def test_qwen25_tokenizer_gets_the_mimo_tokens_added_in_official_order(tmp_path) -> None:
+    """The official loader adds each missing MiMo token in order: on a Qwen2.5 vocabulary they land
+    right after its last id (where MiMo-Audio has them); <think> is plain text, not required."""
+    _qwen25_like(tmp_path)
+    base = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    last = max(base.get_vocab(with_added_tokens=True).values())
+    assert base.token_to_id("<think>") is None
+    tok = TextTokenizer.from_dir(tmp_path)
+    assert list(tok.added_tokens) == list(MIMO_ADDED_TOKENS)
+    assert list(tok.added_tokens.values()) == list(range(last + 1, last + 1 + len(MIMO_ADDED_TOKENS)))
+    s = tok.specials
+    assert (s.sosp, s.eosp, s.empty) == (last + 1, last + 2, last + 3)
+    assert (s.sostm, s.eostm, s.eot) == (last + 6, last + 7, last + 8)
+    assert s.eos == s.im_end
+    for token in MIMO_ADDED_TOKENS:
+        assert tok.encode(token) == [tok.added_tokens[token]]
+    think = tok.encode("<think>\n\n</think>\n")  # the prompts' empty think block, as text
+    assert len(think) > 3 and tok.decode(think) == "<think>\n\n</think>\n"
+    # a tokenizer that has some of them keeps their ids and gets only the others
+    _qwen25_like(tmp_path, extra=["<|sosp|>", "<|eosp|>", "<|empty|>"])
+    partial = TextTokenizer.from_dir(tmp_path)
+    assert list(partial.added_tokens) == list(MIMO_ADDED_TOKENS[3:])
+    assert partial.specials.empty == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id("<|empty|>")
+
+
+def test_broken_tokenizer_config_names_the_file_and_position(tmp_path) -> None:
+    _qwen25_like(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>",\n "pad_token": }')
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json is not valid JSON: .*line 2 column 15"):
+        TextTokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": 7}')
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: eos_token must be a token string, got 7"):
+        TextTokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json is not a valid tokenizers file"):
+        TextTokenizer.from_dir(tmp_path)
 
 
 def test_eos_token_from_tokenizer_config(tmp_path) -> None:
