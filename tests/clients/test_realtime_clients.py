@@ -1,6 +1,6 @@
 """Realtime clients people use, each running its own code against the live server (see harness.py):
-the official ``openai`` SDK, openai-agents-js's ``RealtimeSession`` in Node, and this project's SDK
-installed on its own."""
+the official ``openai`` SDK, Pipecat's OpenAI Realtime service, LiveKit Agents' OpenAI realtime
+plugin, openai-agents-js's ``RealtimeSession`` in Node, and this project's SDK installed on its own."""
 
 from __future__ import annotations
 
@@ -36,6 +36,21 @@ def test_openai_sdk(server):
     report = run_driver([sys.executable, str(DRIVERS / "openai_sdk.py")], server.ws_url)
     check_report(report)
     assert report["notes"]["status"] == "cancelled"
+
+
+def test_pipecat(server):
+    env = client_env("pipecat", "bin/python")
+    report = run_driver([python_of(env), str(DRIVERS / "pipecat_driver.py")], server.ws_url)
+    check_report(report)
+    assert (report["notes"]["text_status"], report["notes"]["status"]) == ("completed", "cancelled")
+
+
+def test_livekit_agents(server):
+    env = client_env("livekit", "bin/python")
+    report = run_driver([python_of(env), str(DRIVERS / "livekit_driver.py")], server.ws_url)
+    check_report(report)
+    # LiveKit reports a refused chat-context item only as a warning, and carries on without it
+    assert report["notes"]["warnings"] == [], report["notes"]["warnings"]
 
 
 def test_openai_agents_js(server):

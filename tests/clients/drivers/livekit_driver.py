@@ -15,7 +15,7 @@ import sys
 from livekit import rtc
 from livekit.plugins.openai.realtime import RealtimeModel
 from openai.types.realtime import AudioTranscription
-from report import RATE, Report, audio_ms, chunks, http_base, run, speech
+from report import INTERRUPT_AT_MS, RATE, Report, audio_ms, chunks, http_base, run, speech
 
 
 class Logged(logging.Handler):
@@ -64,7 +64,7 @@ async def scenario(report: Report) -> None:
                     report.after_interrupt_audio_ms += ms
                     continue
                 report.speech_audio_ms += ms
-                if report.speech_audio_ms >= 400:
+                if report.speech_audio_ms >= INTERRUPT_AT_MS:
                     report.interrupted = True
                     session.interrupt()
                     session.truncate(message_id=message.message_id, modalities=["audio"],

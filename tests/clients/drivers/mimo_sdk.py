@@ -9,7 +9,7 @@ import importlib.util
 import sys
 
 from mimo_realtime.client import connect
-from report import RATE, Report, audio_ms, run, speech
+from report import INTERRUPT_AT_MS, RATE, Report, audio_ms, run, speech
 
 
 async def scenario(report: Report) -> None:
@@ -37,7 +37,7 @@ async def scenario(report: Report) -> None:
         def on_audio(event) -> None:
             if event.response_id == response_id:
                 received[0] += audio_ms(len(base64.b64decode(event.delta)))
-                if received[0] >= 400:
+                if received[0] >= INTERRUPT_AT_MS:
                     enough.set()
 
         client.on("response.output_audio.delta", on_audio)

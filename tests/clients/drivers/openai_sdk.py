@@ -12,7 +12,7 @@ import sys
 import time
 
 from openai import AsyncOpenAI
-from report import Report, audio_ms, chunks, http_base, run, speech
+from report import INTERRUPT_AT_MS, Report, audio_ms, chunks, http_base, run, speech
 
 API_KEY = "sk-clients"
 
@@ -69,7 +69,7 @@ async def scenario(report: Report) -> None:
                 continue
             report.speech_audio_ms += ms
             item_id = event.item_id
-            if report.speech_audio_ms >= 400:
+            if report.speech_audio_ms >= INTERRUPT_AT_MS:
                 report.interrupted = True
                 await conn.response.cancel()
                 await conn.conversation.item.truncate(item_id=item_id, content_index=0,

@@ -31,7 +31,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.openai.realtime import events
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
-from report import RATE, Report, audio_ms, chunks, run, speech
+from report import INTERRUPT_AT_MS, RATE, Report, audio_ms, chunks, run, speech
 
 
 class Service(OpenAIRealtimeLLMService):
@@ -65,7 +65,7 @@ class Recorder(FrameProcessor):
                 r.after_interrupt_audio_ms += ms
             else:
                 r.speech_audio_ms += ms
-                if r.speech_audio_ms >= 400:
+                if r.speech_audio_ms >= INTERRUPT_AT_MS:
                     self.got_audio.set()
         elif isinstance(frame, InterruptionFrame) and self.after_service and self.turn[0] == "speech":
             r.interrupted = True

@@ -12,6 +12,8 @@ import wave
 from collections.abc import Awaitable, Callable
 
 RATE = 24_000
+#: the drivers interrupt the spoken turn's answer once this much of its audio arrived
+INTERRUPT_AT_MS = 400
 
 
 def speech(path: str) -> bytes:
