@@ -656,12 +656,11 @@ class Engine:
                 s.voice_codes = self._encode([job.voice_pcm])[0]
         elif isinstance(job, Respond):
             self._start_response(s, job)
-        elif isinstance(job, Cancel):
+        elif isinstance(job, Cancel):  # at once: the session has finished it, a new one may follow
             r = s.response
             if r is not None and (job.response_id is None or job.response_id == r.job.response_id):
                 r.cancel_reason = job.reason
-                if r.phase == "prefill":
-                    self._finish(s, "cancelled", job.reason)
+                self._finish(s, "cancelled", job.reason)
         elif isinstance(job, Truncate):
             self._truncate(s, job)
         elif isinstance(job, DeleteItem):
