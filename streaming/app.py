@@ -21,10 +21,12 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from streaming import protocol as p
+from streaming.client_secrets import add_client_secret_routes
 from streaming.metrics import ServerMetrics
 from streaming.outbox import DEFAULT_LEAD_S, DEFAULT_MAX_BYTES, GOODBYE_S, Outbox, goodbye_deadline
 from streaming.pipeline import SessionBridge
@@ -51,23 +53,49 @@ class ServerConfig:
     web_root: str | None = None  # directory of the demo; None: the packaged ``web``
     description: dict[str, Any] = field(default_factory=dict)  # /healthz extras: device, preset ...
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs (streaming.webrtc.parse_ice_server); none: host only
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-origin (the SDK, calls, client secrets)
 
 
 class ServerBusyError(Exception):
     pass
 
 
-def authorized(api_key: str | None, headers: Any, subprotocols: list[str]) -> bool:
-    """``Authorization: Bearer <key>`` or the ``openai-insecure-api-key.<key>`` subprotocol."""
-    if not api_key:
-        return True
+def _presented(headers: Any, subprotocols: list[str]) -> list[str]:
+    """The keys a request presents: ``Authorization: Bearer <key>``, ``openai-insecure-api-key.<key>``."""
     auth = headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].strip(), api_key):
-        return True
-    for proto in subprotocols:
-        if proto.startswith(API_KEY_SUBPROTOCOL) and hmac.compare_digest(proto[len(API_KEY_SUBPROTOCOL):], api_key):
-            return True
-    return False
+    keys = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
+    return keys + [proto[len(API_KEY_SUBPROTOCOL):] for proto in subprotocols if proto.startswith(API_KEY_SUBPROTOCOL)]
+
+
+def authorized(api_key: str | None, headers: Any, subprotocols: list[str]) -> bool:
+    """The server's API key (or none is configured): what creating client secrets, listing models
+    and hanging up need."""
+    return not api_key or any(hmac.compare_digest(key, api_key) for key in _presented(headers, subprotocols))
+
+
+class Unauthorized(Exception):
+    """No valid key; the message (or None: the standard one) says what is wrong."""
+
+
+def authenticate(app: FastAPI, headers: Any, subprotocols: list[str]) -> Any:
+    """What opens a session: the API key (returns None), or an ephemeral client secret (returns
+    the :class:`~streaming.client_secrets.ClientSecret`, whose session settings apply). An
+    ``ek_`` key that is unknown or expired is refused even on a server without an API key."""
+    from streaming.client_secrets import PREFIX
+
+    api_key = app.state.config.api_key
+    problem = None
+    for key in _presented(headers, subprotocols):
+        if api_key and hmac.compare_digest(key, api_key):
+            return None
+        if key.startswith(PREFIX):
+            try:
+                return app.state.client_secrets.check(key)
+            except LookupError as exc:
+                problem = str(exc)
+    if problem is not None or api_key:
+        raise Unauthorized(problem)
+    return None
 
 
 def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: ServerMetrics | None = None) -> FastAPI:
@@ -114,6 +142,13 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     async def realtime(websocket: WebSocket) -> None:
         await serve_websocket(app, websocket)
 
+    add_client_secret_routes(app)
+    if config.cors_origins:
+        # pages on these origins may import /sdk/, post WebRTC offers (and read the Location that
+        # names the call), mint client secrets and list models; WebSockets are not subject to CORS
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Location"], max_age=600)
     try:  # WebRTC (aiortc) is optional at import time so the WebSocket path never depends on it
         from streaming.webrtc import add_webrtc_routes
     except ImportError:
@@ -126,10 +161,11 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     return app
 
 
-def _unauthorized() -> Response:
+def _unauthorized(message: str | None = None) -> Response:
     body = {"error": {"type": "invalid_request_error", "code": "invalid_api_key",
-                      "message": "Missing or invalid API key: send 'Authorization: Bearer <key>' "
-                                 "or the 'openai-insecure-api-key.<key>' subprotocol."}}
+                      "message": message or "Missing or invalid API key: send 'Authorization: Bearer <key>' "
+                                            "(the API key or a client secret) or the "
+                                            "'openai-insecure-api-key.<key>' subprotocol."}}
     return JSONResponse(body, status_code=401)
 
 
@@ -150,10 +186,12 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
     config: ServerConfig = app.state.config
     metrics: ServerMetrics = app.state.metrics
     offered = list(websocket.scope.get("subprotocols") or [])
-    if not authorized(config.api_key, websocket.headers, offered):
+    try:
+        secret = authenticate(app, websocket.headers, offered)
+    except Unauthorized as exc:
         metrics.sessions_rejected.labels("unauthorized").inc()
         with contextlib.suppress(Exception):
-            await websocket.send_denial_response(_unauthorized())
+            await websocket.send_denial_response(_unauthorized(exc.args[0]))
             return
         await websocket.close(code=WS_CLOSE_POLICY, reason="invalid API key")
         return
@@ -179,7 +217,7 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
     metrics.sessions_total.labels("websocket").inc()
     metrics.sessions_active.labels("websocket").inc()
     try:
-        bridge.start(config.session_defaults, model=config.model_name)
+        bridge.start(secret.settings if secret is not None else config.session_defaults, model=config.model_name)
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(_receive_loop(websocket, bridge)),
                      tg.create_task(_send_loop(websocket, bridge)),

@@ -50,7 +50,6 @@ import asyncio
 import collections
 import contextlib
 import fractions
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -69,8 +68,18 @@ from pydantic import ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from streaming import protocol as p
-from streaming.app import TICK_S, ServerConfig, _unauthorized, authorized, busy_error, new_bridge
+from streaming.app import (
+    TICK_S,
+    ServerConfig,
+    Unauthorized,
+    _unauthorized,
+    authenticate,
+    authorized,
+    busy_error,
+    new_bridge,
+)
 from streaming.audio import Overflow, PcmBuffer, StreamResampler
+from streaming.config import merge_client_session
 from streaming.outbox import Outbox, goodbye_deadline
 from streaming.session import Transport
 
@@ -652,21 +661,14 @@ def check_offer(sdp: str) -> str:
     return sdp.replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
 
 
-def session_settings(app: FastAPI, session: dict[str, Any] | None) -> dict[str, Any]:
-    """The server's session defaults with the call's ``session`` part over them, validated as a
-    ``session.update`` would be (OfferError naming the field otherwise)."""
-    config: ServerConfig = app.state.config
-    if not session:
-        return config.session_defaults
+def session_settings(base: dict[str, Any], session: dict[str, Any] | None) -> dict[str, Any]:
+    """``base`` (the server's defaults, or a client secret's session) with the call's ``session``
+    part over them, validated as a ``session.update`` would be (OfferError naming the field)."""
     try:
-        event = p.parse_client_event(json.dumps({"type": "session.update", "session": session}))
+        return merge_client_session(base, session)
     except p.ProtocolError as err:
         raise OfferError(400, f"invalid 'session' part: {err.message}", code=err.code.value,
                          param=err.param or "session") from None
-    patch = event.session.model_dump(mode="json", exclude_unset=True)
-    for server_owned in ("id", "object", "model", "expires_at"):
-        patch.pop(server_owned, None)
-    return p.merge_session_update(config.session_defaults, patch)
 
 
 def add_webrtc_routes(app: FastAPI) -> None:
@@ -698,14 +700,16 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
     config: ServerConfig = app.state.config
     metrics = app.state.metrics
     options: WebRTCOptions = app.state.webrtc
-    if not authorized(config.api_key, request.headers, []):
+    try:
+        secret = authenticate(app, request.headers, [])
+    except Unauthorized as exc:
         metrics.sessions_rejected.labels("unauthorized").inc()
-        return _unauthorized()
+        return _unauthorized(exc.args[0])
     call = None
     try:
         sdp, session = await read_offer(request)
         sdp = check_offer(sdp)
-        settings = session_settings(app, session)
+        settings = session_settings(secret.settings if secret is not None else config.session_defaults, session)
         if _engine_full(app.state.engine):
             metrics.sessions_rejected.labels("busy").inc()
             raise OfferError(503, "server_busy: every session slot is in use", code="server_busy")

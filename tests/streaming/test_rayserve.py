@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 
 SLOTS = 2  # per replica
 REPLICAS = 2
+DRAIN_S = 120  # longer than any test's session: the drain test ends its session itself
 START_TIMEOUT_S = 240  # cluster, controller, proxy and two replicas loading the tiny model on 2 busy cores
 
 
@@ -53,7 +54,7 @@ def ray_server(tmp_path_factory):
         process = subprocess.Popen(
             [sys.executable, "-m", "streaming.cli", "serve", "--ray", "--replicas", str(REPLICAS), "--preset", "tiny",
              "--device", "cpu", "--threads", "1", "--max-sessions", str(SLOTS), "--no-warmup", "--port", "0",
-             "--port-file", str(port_file), "--drain-timeout", "5", "--log-level", "warning"],
+             "--port-file", str(port_file), "--drain-timeout", str(DRAIN_S), "--log-level", "warning"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -233,7 +234,16 @@ async def test_webrtc_calls_name_their_replica_and_hang_up_and_sideband_reach_it
             await call.close()
 
 
-def test_the_command_stops_its_cluster(ray_server):
-    """Last: SIGTERM ends ``mimo-agent serve --ray`` and the Ray processes it started."""
-    _stop(ray_server.process)
+async def test_sigterm_drains_the_sessions_then_stops_the_cluster(ray_server):
+    """Last: SIGTERM (what Kubernetes and systemd send) lets the open sessions finish, up to
+    ``--drain-timeout``, then ``mimo-agent serve --ray`` stops with the Ray processes it started."""
+    await fleet_where(ray_server, idle, "every replica idle")
+    ws = await rc.connect(ray_server.ws_url)
+    try:
+        ray_server.process.send_signal(signal.SIGTERM)
+        assert await _turn(ws) in FINISHED  # the replica is draining: its session goes on
+        assert ray_server.process.poll() is None  # and the command waits for it
+    finally:
+        await ws.close()
+    await asyncio.to_thread(ray_server.process.wait, 120)
     assert ray_server.process.returncode == 0, ray_server.log.read_text()[-4000:]
