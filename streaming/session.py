@@ -833,25 +833,32 @@ class RealtimeSession:
 
     # --- input transcription feedback (the engine's ASR pass over a user audio item) ---
 
+    # (each event names the item's audio part; an item deleted meanwhile gets none)
+
+    def _transcribed_part(self, item_id: str) -> tuple[Item | None, int]:
+        item = self.conversation.get(item_id)
+        return item, (item.part_index("input_audio") or 0) if item is not None else 0
+
     def transcription_delta(self, item_id: str, delta: str) -> None:
-        if delta and self.conversation.get(item_id) is not None:
-            self._emit(p.InputAudioTranscriptionDelta(item_id=item_id, delta=delta))
+        item, index = self._transcribed_part(item_id)
+        if delta and item is not None:
+            self._emit(p.InputAudioTranscriptionDelta(item_id=item_id, content_index=index, delta=delta))
 
     def transcription_done(self, item_id: str, transcript: str) -> None:
-        item = self.conversation.get(item_id)
+        item, index = self._transcribed_part(item_id)
         if item is None:
-            return  # deleted meanwhile
-        index = next(i for i, part in enumerate(item.parts) if part.type == "input_audio")
+            return
         item.parts[index].transcript = transcript
         usage = p.TranscriptionUsage(type="duration", seconds=round(item.audio_ms / 1000, 3))
         self._emit(p.InputAudioTranscriptionCompleted(item_id=item_id, content_index=index, transcript=transcript,
                                                       usage=usage))
 
     def transcription_failed(self, item_id: str, message: str) -> None:
-        if self.conversation.get(item_id) is None:
+        item, index = self._transcribed_part(item_id)
+        if item is None:
             return
         detail = p.ErrorDetail(type=ErrorType.SERVER.value, code="transcription_failed", message=message)
-        self._emit(p.InputAudioTranscriptionFailed(item_id=item_id, error=detail))
+        self._emit(p.InputAudioTranscriptionFailed(item_id=item_id, content_index=index, error=detail))
 
     def drop_item(self, item_id: str) -> None:
         """The engine removed an item to fit the context (``truncation: auto``): the client is told

@@ -706,6 +706,24 @@ def test_previous_item_id_appends_inserts_first_or_after_an_item():
     assert audio.after == "" and next(i.id for i in s.conversation) == added.item.id
 
 
+def test_input_transcription_events_name_the_audio_part_and_carry_usage():
+    """GA's transcription events: ``content_index`` of the item's audio part (here the second part,
+    after a text part), and ``completed`` with the audio's duration as usage."""
+    s, _ = make(audio={"input": {"turn_detection": None, "transcription": {"model": "mimo-asr"}}})
+    send(s, {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "Listen:"}, {"type": "input_audio", "audio": A.b64encode_audio(YES)}]}})
+    item_id = s.take_events()[0].item.id
+    (audio,) = [a for a in s.take_actions() if isinstance(a, act.AppendUserAudio)]
+    assert audio.transcribe
+    s.transcription_delta(item_id, "Ye")
+    s.transcription_done(item_id, "Yes")
+    s.transcription_failed(item_id, "a later pass failed")
+    delta, completed, failed = (e.to_wire() for e in s.take_events())
+    assert delta["content_index"] == completed["content_index"] == failed["content_index"] == 1
+    assert completed["usage"] == {"type": "duration", "seconds": round(len(YES) / 24000, 3)}
+    assert s.conversation.get(item_id).parts[1].transcript == "Yes"
+
+
 def test_out_of_band_response_stays_out_of_the_conversation():
     s, _ = make(**MANUAL)
     send(s, {"type": "response.create", "response": {"conversation": "none", "output_modalities": ["text"]}})

@@ -426,6 +426,40 @@ async def test_sideband_joins_the_call_and_steers_it(server):
     assert await _settled(server) == 0
 
 
+async def test_sideband_that_joins_before_the_peer_connects(server):
+    """OpenAI's flow: the application server posts the browser's offer, hands back the answer and
+    opens the sideband at once, before the browser's peer has connected. The sideband sees the
+    call's own session.created (once), and what it sent meanwhile applies once the call runs."""
+    import websockets
+
+    assert await _settled(server) == 0
+    pc, dc = await rtc.make_offer(mic=False)
+    answer = await rtc.post_offer(server.url, pc.localDescription.sdp,
+                                  session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    assert answer.status_code == 201
+    call_id = answer.headers["location"].rsplit("/", 1)[-1]
+    side = await websockets.connect(server.ws_url + f"?call_id={call_id}", subprotocols=["realtime"])
+    received: list[dict] = []
+    dc.on("message", lambda m: received.append(json.loads(m)))
+    try:
+        await side.send(json.dumps({"type": "session.update", "session": {"type": "realtime",
+                                                                          "instructions": "Early words."}}))
+        assert server.engine.active_sessions == 0  # the peer has not connected: no slot yet
+        await pc.setRemoteDescription(rtc.RTCSessionDescription(answer.text, "answer"))
+        seen = [json.loads(await asyncio.wait_for(side.recv(), 30)) for _ in range(2)]
+        assert [e["type"] for e in seen] == ["session.created", "session.updated"]
+        assert seen[1]["session"]["instructions"] == "Early words."
+        for _ in range(200):
+            if len(received) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [e["event_id"] for e in received[:2]] == [e["event_id"] for e in seen]  # the same events
+    finally:
+        await side.close()
+        await pc.close()
+    assert await _settled(server) == 0
+
+
 async def test_sideband_to_an_unknown_call_is_refused(server):
     import websockets
 
