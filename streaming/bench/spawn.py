@@ -89,13 +89,13 @@ class SpawnedServer:
         self.url = f"ws://127.0.0.1:{self.port}/v1/realtime"
         self.health = fetch_health(self.url)
 
-    def rss_mb(self) -> float | None:
-        """The server's peak resident memory so far (VmHWM, Linux)."""
+    def rss_mb(self, key: str = "VmHWM") -> float | None:
+        """The server's resident memory (Linux): its peak so far (``VmHWM``), or now (``VmRSS``)."""
         if self.proc is None:
             return None
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
         except OSError:
             return None
