@@ -461,11 +461,10 @@ class Engine:
             self._drain_jobs(self._wait_s())
             try:
                 self.tick()
-            except Exception:  # never let one bad step kill the engine: fail the sessions involved
-                log.exception("engine tick failed")
+            except Exception as exc:  # outside any one session's work: fail every response, the engine goes on
                 for s in list(self._sessions.values()):
                     if s.response is not None:
-                        self._finish(s, "failed", "engine_error")
+                        self._fail(s, "engine tick", exc)
         for s in list(self._sessions.values()):
             self._close_session(s)
 
