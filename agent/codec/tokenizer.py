@@ -70,7 +70,7 @@ class MiMoAudioTokenizer(nn.Module):
 
     # --- encoding --------------------------------------------------------------------------------
     def prepare(self, wav: np.ndarray | torch.Tensor, sample_rate: int | None = None) -> np.ndarray:
-        """Any mono or (samples, channels) float/int16 audio -> float32 mono at 24 kHz (soxr)."""
+        """Any mono or (samples, channels) float/int16 audio -> float32 mono at 24 kHz (the official filter)."""
         return prepare_audio(wav, sample_rate, self.sample_rate)
 
     @torch.no_grad()
