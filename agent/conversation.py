@@ -50,7 +50,7 @@ class Item:
     item_id: str
     role: Role
     text: str | None = None
-    codes: torch.Tensor | None = None  # user audio, (T, channels), T a multiple of 4
+    codes: torch.Tensor | None = None  # user audio, (T, channels), T a multiple of 4 (None while being encoded)
     patches: Prompt | None = None  # assistant: the patches generated (stop patch included)
     audio_output: bool = True  # assistant: interleaved speech stream vs text-only answer
     complete: bool = False  # assistant: the response has ended

@@ -26,7 +26,7 @@ class ResponseParams:
     max_output_tokens: int | None  # None: no limit ("inf")
     conversation: Literal["auto", "none"]  # "none": out of band, the output joins no conversation
     metadata: dict[str, str] | None
-    voice: str | None
+    voice: str | None  # a name or a custom voice's id, echoed only: MiMo has no named voices
     speed: float  # as requested; applying it (a post-processing time stretch) is up to the bridge
     output_format: str  # wire format of this response's audio deltas (informational)
     interleave: tuple[int, int] | None  # (text patches, speech patches), or None: the model decides
@@ -42,32 +42,40 @@ class ResponseParams:
         return "audio" in self.output_modalities
 
 
+# The Append* actions add an item after the item ``after``: None appends, ``""`` puts it first
+# (``previous_item_id: "root"``), an item id inserts it right after that item.
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AppendUserAudio:
-    """Append user speech to the conversation (a committed turn or a created ``input_audio`` part).
+    """Add user speech to the conversation (a committed turn or a created ``input_audio`` part).
     Several actions with the same ``item_id`` are parts of one item, in order."""
 
     item_id: str
     pcm: np.ndarray  # int16, 24 kHz, mono
     transcribe: bool = False  # report its transcript (``transcription_delta`` / ``_done`` / ``_failed``)
+    after: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class AppendUserText:
     item_id: str
     text: str
+    after: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class AppendSystemText:
     item_id: str
     text: str
+    after: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class AppendAssistantText:
     item_id: str
     text: str
+    after: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

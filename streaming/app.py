@@ -77,11 +77,12 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     app.state.config = config
     app.state.metrics = metrics
     app.state.bridges = set()
+    app.state.health_extras = []  # callables returning more /healthz fields (a Ray replica lists its peers)
     started = time.time()
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {
+        health = {
             "status": "ok",
             "model": config.model_name,
             "sessions": len(app.state.bridges),
@@ -91,6 +92,9 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
             "uptime_s": round(time.time() - started, 1),
             **config.description,
         }
+        for extra in app.state.health_extras:
+            health.update(extra())
+        return health
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -152,6 +156,12 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
         await websocket.close(code=WS_CLOSE_POLICY, reason="invalid API key")
         return
     subprotocol = "realtime" if "realtime" in offered else None
+    call_id = websocket.query_params.get("call_id")
+    if call_id is not None:  # a sideband: join a WebRTC call's session
+        from streaming.sideband import serve_sideband
+
+        await serve_sideband(app, websocket, call_id, subprotocol)
+        return
     outbox = Outbox(lead_s=config.audio_lead_s)
     bridge = new_bridge(app, Transport.WEBSOCKET, outbox)
     try:

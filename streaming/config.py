@@ -92,6 +92,12 @@ def fully_set(model: Any) -> Any:
     return type(model).model_validate(model.model_dump())
 
 
+def _voice_name(voice: p.Voice | None) -> str | None:
+    """The response object names its voice with a string (GA's ``RealtimeResponse``): a custom
+    voice ``{"id": ...}`` by its id."""
+    return voice.id if isinstance(voice, p.VoiceId) else voice
+
+
 def resolve_response_params(
     config: p.SessionConfig, override: p.ResponseCreateParams | None
 ) -> ResponseParams:
@@ -112,7 +118,7 @@ def resolve_response_params(
         max_output_tokens=None if max_tokens in (None, "inf") else max_tokens,
         conversation=o.conversation or "auto",
         metadata=o.metadata,
-        voice=out.voice if out and out.voice else config.audio.output.voice,
+        voice=_voice_name(out.voice if out and out.voice else config.audio.output.voice),
         speed=config.audio.output.speed or 1.0,
         output_format=fmt,
         interleave=p.parse_interleave(mimo_cfg.interleave) if mimo_cfg.interleave else None,

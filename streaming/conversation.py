@@ -66,6 +66,11 @@ class Item:
         )
 
 
+#: ``Conversation.add(item, after=AT_START)`` puts the item first (the protocol's ``previous_item_id:
+#: "root"``); an item id is never empty
+AT_START = ""
+
+
 class ConversationFullError(Exception):
     pass
 
@@ -101,17 +106,24 @@ class Conversation:
             previous = key
         return None
 
+    def _index(self, item_id: str | None) -> int:
+        return -1 if item_id is None else list(self._items).index(item_id)
+
     def get(self, item_id: str) -> Item | None:
         return self._items.get(item_id)
 
-    def add(self, item: Item) -> str | None:
-        """Append ``item``; returns the id of the item before it."""
+    def add(self, item: Item, after: str | None = None) -> str | None:
+        """Insert ``item`` after the item ``after`` (None: append; :data:`AT_START`: first); returns
+        the id of the item before it. ``after`` must be in the conversation."""
         if len(self._items) >= self.max_items:
             raise ConversationFullError(
                 f"the conversation holds its maximum of {self.max_items} items; delete some first"
             )
-        previous = self.last_id
+        previous = self.last_id if after is None else after or None
         self._items[item.id] = item
+        if previous != self.previous_id(item.id):  # an insertion: the items after it move down
+            for key in list(self._items)[self._index(previous) + 1 : -1]:
+                self._items.move_to_end(key)
         if item.audio is not None:
             self._retained_samples += len(item.audio)
             self._release_old_audio()

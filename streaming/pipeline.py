@@ -151,13 +151,13 @@ class SessionBridge:
 
         submit = self.handle.submit
         if isinstance(a, act.AppendUserAudio):
-            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe))
+            submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe, after=a.after))
         elif isinstance(a, act.AppendUserText):
-            submit(eng.AddUserText(a.item_id, a.text))
+            submit(eng.AddUserText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.AppendSystemText):
-            submit(eng.AddSystemText(a.item_id, a.text))
+            submit(eng.AddSystemText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.AppendAssistantText):
-            submit(eng.AddAssistantText(a.item_id, a.text))
+            submit(eng.AddAssistantText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.CreateResponse):
             now = time.perf_counter()
             self._clocks[a.response_id] = _Clock(requested_at=now)
@@ -237,12 +237,14 @@ class SessionBridge:
                     s.response_failed(ev.response_id, ev.message)
                 else:
                     self._send(p.ErrorEvent(error=p.ErrorDetail(
-                        type="invalid_request_error" if ev.code != "job_failed" else "server_error",
+                        type="server_error" if ev.code == "session_failed" else "invalid_request_error",
                         code=ev.code, message=ev.message)))
             elif isinstance(ev, eng.TranscriptionDelta):
                 s.transcription_delta(ev.item_id, ev.text)
             elif isinstance(ev, eng.TranscriptionDone):
                 s.transcription_done(ev.item_id, ev.transcript)
+            elif isinstance(ev, eng.TranscriptionFailed):
+                s.transcription_failed(ev.item_id, ev.message)
             elif isinstance(ev, eng.ItemsDropped):
                 for item_id in ev.item_ids:
                     s.drop_item(item_id)

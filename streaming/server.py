@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "host candidates only, for localhost and LANs)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--port-file", help="write the bound port to this file once listening (for scripts)")
+    if command == "serve":
+        from streaming.rayserve.cli import add_ray_arguments
+
+        add_ray_arguments(parser)
 
 
 def _ice_server(url: str) -> str:
@@ -165,23 +169,35 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
     return config
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def build_server(args: argparse.Namespace, metrics: Any = None) -> Any:
+    """The app of one server (engine started, ``app.state.runtime`` set) from the parsed options: what
+    ``serve`` runs on uvicorn and what each Ray Serve replica runs (``streaming.rayserve``)."""
     from streaming.app import create_app
     from streaming.metrics import ServerMetrics
 
+    metrics = metrics or ServerMetrics()
+    engine, rt, defaults = build_engine(args, metrics)
+    metrics.engine_queue.set_function(lambda: engine.queue_depth)
+    app = create_app(engine, make_server_config(args, rt, defaults), metrics=metrics)
+    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    app.state.runtime = rt
+    return app
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics = ServerMetrics()
+    if getattr(args, "ray", False):
+        from streaming.rayserve.cli import run_ray
+
+        return run_ray(args)
     try:
-        engine, rt, defaults = build_engine(args, metrics)
+        app = build_server(args)
     except Exception as exc:  # checkpoint errors and the like: one clear line, no traceback
         print(f"mimo-agent serve: {exc}", file=sys.stderr)
         return 2
-    metrics.engine_queue.set_function(lambda: engine.queue_depth)
-    config = make_server_config(args, rt, defaults)
-    app = create_app(engine, config, metrics=metrics)
-    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    engine, rt, config = app.state.engine, app.state.runtime, app.state.config
     log.info("serving %s (preset %s) on %s %s, %d session slots, %d positions each; loaded in %.1f s%s",
              rt.name, rt.preset or "-", rt.device, rt.info["dtype"], engine.config.max_sessions,
              engine.max_positions, rt.load_s,
@@ -208,9 +224,13 @@ def _write_port_when_listening(server: Any, path: str) -> None:
 
     async def startup(sockets: Any = None) -> None:
         await original(sockets=sockets)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with open(path + ".tmp", "w") as f:
-            f.write(str(port))
-        os.replace(path + ".tmp", path)
+        write_port_file(path, server.servers[0].sockets[0].getsockname()[1])
 
     server.startup = startup
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Atomically, so that a script polling for the file never reads half of it."""
+    with open(path + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(path + ".tmp", path)

@@ -61,7 +61,7 @@ from streaming.audio import (
     b64decode_audio,
 )
 from streaming.config import canonical_session, default_session_config, fully_set, resolve_response_params
-from streaming.conversation import Conversation, ConversationFullError, Item
+from streaming.conversation import AT_START, Conversation, ConversationFullError, Item
 from streaming.input_audio import InputAudio, TurnStarted
 from streaming.protocol import ErrorCode, ErrorType, ProtocolError
 from streaming.responses import ResponseRun, ResponseState
@@ -293,11 +293,15 @@ class RealtimeSession:
         except ProtocolError as err:
             self._error(err)
 
-    def _rate_limit(self) -> None:
+    def _refill(self) -> None:
         now = self.clock()
-        rate, burst = self.limits.max_events_per_second, self.limits.max_events_burst
-        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens = min(self.limits.max_events_burst,
+                           self._tokens + (now - self._tokens_at) * self.limits.max_events_per_second)
         self._tokens_at = now
+
+    def _rate_limit(self) -> None:
+        rate, burst = self.limits.max_events_per_second, self.limits.max_events_burst
+        self._refill()
         if self._tokens < 1:
             raise ProtocolError(
                 ErrorCode.RATE_LIMIT_EXCEEDED,
@@ -321,7 +325,8 @@ class RealtimeSession:
         for server_owned in ("id", "object", "model", "expires_at"):  # read-only for clients
             patch.pop(server_owned, None)
         voice = _dig(patch, "audio", "output", "voice")
-        if voice is not None and voice != self.config.audio.output.voice and self._audio_out_started:
+        current = self.config.audio.output.model_dump(mode="json")["voice"]
+        if voice is not None and voice != current and self._audio_out_started:
             raise ProtocolError(
                 ErrorCode.INVALID_VALUE,
                 "Cannot update voice: the model has already responded with audio in this session.",
@@ -455,7 +460,7 @@ class RealtimeSession:
 
     def _commit_user_audio(self, item_id: str, pcm: np.ndarray) -> None:
         parts = [p.ContentPart(type="input_audio", transcript=None)]
-        item = Item(id=item_id, role="user", status="completed", parts=parts, audio=pcm)
+        item = Item(id=item_id, role="user", status="completed", parts=parts, audio=pcm, audio_samples=len(pcm))
         previous = self._add_item(item)
         self._emit(p.InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
         self._announce_item(item, previous)
@@ -472,9 +477,9 @@ class RealtimeSession:
 
     # --- conversation items ---
 
-    def _add_item(self, item: Item) -> str | None:
+    def _add_item(self, item: Item, after: str | None = None) -> str | None:
         try:
-            return self.conversation.add(item)
+            return self.conversation.add(item, after)
         except ConversationFullError as exc:
             raise ProtocolError(ErrorCode.CONVERSATION_FULL, str(exc)) from None
 
@@ -487,18 +492,13 @@ class RealtimeSession:
             self._emit(p.ConversationItemDone(previous_item_id=previous, item=model))
 
     def _on_item_create(self, event: p.ConversationItemCreate) -> None:
-        previous_id = event.previous_item_id
-        if previous_id is not None and previous_id not in self.conversation:
+        # absent: append; "root": first; an item's id: right after it (OpenAI's GA semantics)
+        after = AT_START if event.previous_item_id == "root" else event.previous_item_id
+        if after and after not in self.conversation:
             raise ProtocolError(
-                ErrorCode.INVALID_VALUE,
-                f"Invalid 'previous_item_id': no item {previous_id!r} in the conversation.",
-                param="previous_item_id",
-            )
-        if previous_id is not None and previous_id != self.conversation.last_id:
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED_FEATURE,
-                "Inserting an item before the end of the conversation is not supported: "
-                "previous_item_id must be the last item's id (or omitted).",
+                ErrorCode.ITEM_CREATE_INVALID_PREVIOUS_ITEM_ID,
+                f"Invalid 'previous_item_id': no item {after!r} in the conversation (use an existing "
+                "item's id, 'root' to insert first, or omit it to append).",
                 param="previous_item_id",
             )
         spec = event.item
@@ -525,7 +525,7 @@ class RealtimeSession:
                         f"Missing required parameter: '{where}.text'.",
                         param=f"{where}.text",
                     )
-                actions.append(text_action[spec.role](item_id, part.text))
+                actions.append(text_action[spec.role](item_id, part.text, after=after))
                 parts.append(p.ContentPart(type=part.type, text=part.text))
             elif part.type == "input_audio":
                 if part.audio is None:
@@ -555,10 +555,11 @@ class RealtimeSession:
             status="completed",
             parts=parts,
             audio=np.concatenate(audio) if audio else None,
+            audio_samples=sum(len(a) for a in audio),
         )
         if audio:  # the audio parts of an item are one utterance for the model: one action
-            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe))
-        previous = self._add_item(item)
+            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe, after=after))
+        previous = self._add_item(item, after)
         self._announce_item(item, previous)
         self._actions.extend(actions)
 
@@ -651,7 +652,18 @@ class RealtimeSession:
         self._active = run
         self._idle_deadline = None
         self._emit(p.ResponseCreated(response=run.response(self.conversation_id)))
+        self._emit(self._rate_limits())
         self._actions.append(act.CreateResponse(run.id, run.item_id, run.params))
+
+    def _rate_limits(self) -> p.RateLimitsUpdated:
+        """OpenAI sends ``rate_limits.updated`` after each ``response.created``. This server's limit
+        is the client event rate (``max_events_per_second``, burst ``max_events_burst``): a bucket
+        that refills continuously, reported as ``requests``."""
+        rate, burst = self.limits.max_events_per_second, self.limits.max_events_burst
+        self._refill()
+        return p.RateLimitsUpdated(rate_limits=[p.RateLimit(
+            name="requests", limit=burst, remaining=int(self._tokens),
+            reset_seconds=round((burst - self._tokens) / rate, 3))])
 
     def _on_response_cancel(self, event: p.ResponseCancel) -> None:
         active = self._active
@@ -675,9 +687,9 @@ class RealtimeSession:
     def _on_output_clear(self, event: p.OutputAudioBufferClear) -> None:
         last = self._active or self._last_response()
         self._actions.append(act.FlushOutputAudio(last.id if last else None))
-        if last is not None:
+        if last is not None:  # before any response there was nothing to clear, nor a response to name
             last.playing = False
-        self._emit(p.OutputAudioBufferCleared(response_id=last.id if last else None))
+            self._emit(p.OutputAudioBufferCleared(response_id=last.id))
 
     def _clear_playout(self, run: ResponseRun) -> None:
         """WebRTC: tell the client that playback of ``run`` was cut off (barge-in)."""
@@ -820,11 +832,11 @@ class RealtimeSession:
         item = self.conversation.get(item_id)
         if item is None:
             return  # deleted meanwhile
-        for part in item.parts:
-            if part.type == "input_audio":
-                part.transcript = transcript
-                break
-        self._emit(p.InputAudioTranscriptionCompleted(item_id=item_id, transcript=transcript))
+        index = next(i for i, part in enumerate(item.parts) if part.type == "input_audio")
+        item.parts[index].transcript = transcript
+        usage = p.TranscriptionUsage(type="duration", seconds=round(item.audio_ms / 1000, 3))
+        self._emit(p.InputAudioTranscriptionCompleted(item_id=item_id, content_index=index, transcript=transcript,
+                                                      usage=usage))
 
     def transcription_failed(self, item_id: str, message: str) -> None:
         if self.conversation.get(item_id) is None:
@@ -883,9 +895,8 @@ class RealtimeSession:
             "status_details": {"type": status, "reason": reason, "error": error},
             "output": output,
             "mimo": {"timings": dict(timings) if timings else None, "audio_ms": run.audio_ms},
+            "usage": usage if usage is not None else p.ZERO_USAGE,
         }
-        if usage is not None:
-            fields["usage"] = usage
         self._emit(p.ResponseDone(response=run.response(self.conversation_id, **fields)))
         if self._active is run:
             self._active = None

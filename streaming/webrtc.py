@@ -312,7 +312,7 @@ class RealtimeCall:
     def __init__(self, app: FastAPI, options: WebRTCOptions) -> None:
         self.app = app
         self.options = options
-        self.id = p.new_id("rtc")
+        self.id = app.state.new_call_id()
         config: ServerConfig = app.state.config
         self.outbox = Outbox(lead_s=config.audio_lead_s, pace_audio=False)  # no audio events over WebRTC
         self.track = AgentAudioTrack(self._drained, max_buffer_s=options.max_output_buffer_s)
@@ -328,6 +328,9 @@ class RealtimeCall:
         self._writable.set()
         self.task: asyncio.Task | None = None
         self.connected = False  # the peer connected and the call holds an engine slot
+        self.serving = asyncio.Event()  # connected: client events reach the session from now on
+        self.listeners: set[Callable[[str], None]] = set()  # sideband connections: every event sent
+        self.created_sent = False  # session.created went out (a later sideband gets its own)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -361,7 +364,7 @@ class RealtimeCall:
             return
         self.channel = channel
         channel.bufferedAmountLowThreshold = self.options.max_buffered_bytes // 2
-        channel.on("message", self._on_message)
+        channel.on("message", self.on_client_message)
         channel.on("close", lambda: self._end("the data channel closed"))
         channel.on("bufferedamountlow", self._writable.set)
         if channel.readyState == "open":  # aiortc announces remote channels already open
@@ -369,7 +372,8 @@ class RealtimeCall:
         else:
             channel.on("open", self.channel_open.set)
 
-    def _on_message(self, message: str | bytes) -> None:
+    def on_client_message(self, message: str | bytes) -> None:
+        """A client event from the data channel or a sideband connection."""
         try:
             self.bridge.receive(message)
         except OutboxFull:  # called from aiortc's SCTP receive path: end the call, never raise there
@@ -439,6 +443,7 @@ class RealtimeCall:
             self._end(f"no free slot: {exc}")
             return False
         self.connected = True
+        self.serving.set()
         self.app.state.bridges.add(self.bridge)
         metrics.sessions_total.labels("webrtc").inc()
         metrics.sessions_active.labels("webrtc").inc()
@@ -481,7 +486,11 @@ class RealtimeCall:
             if self.channel.readyState != "open":
                 self._end("the data channel closed")
                 return
-            self._send(event.to_json(), event.type)
+            text = event.to_json()
+            self._send(text, event.type)
+            self.created_sent = self.created_sent or isinstance(event, p.SessionCreated)
+            for listen in list(self.listeners):
+                listen(text)
             if self.channel.bufferedAmount > self.options.max_buffered_bytes:
                 self._writable.clear()
                 await self._writable.wait()
@@ -643,6 +652,7 @@ def add_webrtc_routes(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     app.state.webrtc = WebRTCOptions(ice_servers=ice_servers(config.ice_servers))
     app.state.calls = {}
+    app.state.new_call_id = lambda: p.new_id("rtc")  # behind Ray Serve the id also names the replica
 
     @app.post(CALLS_PATH)
     async def create_call(request: Request) -> Response:
@@ -704,6 +714,12 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
                     headers={"Location": f"{CALLS_PATH}/{call.id}"})
 
 
+def call_not_found(call_id: str) -> OfferError:
+    """OpenAI's answer to an unknown call id (hang-up, sideband)."""
+    return OfferError(404, f"No session found for the provided call_id {call_id!r} (the call ended, or "
+                           "never existed).", code="call_id_not_found", param="call_id")
+
+
 def _engine_full(engine: Any) -> bool:
     """No free slot now (an engine that does not say is never full here; opening the slot tells)."""
     try:
@@ -717,7 +733,7 @@ async def _hangup(app: FastAPI, request: Request, call_id: str, *, status: int) 
         return _unauthorized()
     call: RealtimeCall | None = app.state.calls.get(call_id)
     if call is None:
-        return OfferError(404, f"no active call {call_id!r}", code="call_not_found", param="call_id").response()
+        return call_not_found(call_id).response()
     call.hangup()
     if call.task is not None:
         with contextlib.suppress(Exception):

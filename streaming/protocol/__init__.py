@@ -43,6 +43,7 @@ from streaming.protocol.client_events import (
     SessionUpdate,
 )
 from streaming.protocol.items import (
+    ZERO_USAGE,
     ContentPart,
     ConversationItem,
     ErrorDetail,
@@ -55,6 +56,7 @@ from streaming.protocol.items import (
     ResponsePart,
     ResponseStatusDetails,
     TokenDetails,
+    TranscriptionUsage,
     Usage,
 )
 from streaming.protocol.server_events import (
@@ -111,6 +113,8 @@ from streaming.protocol.session_config import (
     SamplingParams,
     SessionConfig,
     TurnDetection,
+    Voice,
+    VoiceId,
     merge_session_update,
     parse_interleave,
     resolve_modalities,
@@ -229,6 +233,7 @@ __all__ = [
     "PCM_RATE",
     "SERVER_EVENTS",
     "VOICE_DESCRIPTOR_PREFIX",
+    "ZERO_USAGE",
     "AudioConfig",
     "AudioFormat",
     "AudioInputConfig",
@@ -302,9 +307,12 @@ __all__ = [
     "SessionUpdate",
     "SessionUpdated",
     "TokenDetails",
+    "TranscriptionUsage",
     "TurnDetection",
     "UnknownServerEvent",
     "Usage",
+    "Voice",
+    "VoiceId",
     "decode_json",
     "error_from_validation",
     "merge_session_update",

@@ -65,6 +65,7 @@ class ErrorCode(enum.StrEnum):
     SESSION_NOT_READY = "session_not_ready"
     UNSUPPORTED_FEATURE = "unsupported_feature"
     ITEM_ID_CONFLICT = "item_id_conflict"
+    ITEM_CREATE_INVALID_PREVIOUS_ITEM_ID = "item_create_invalid_previous_item_id"  # named like OpenAI's
     ITEM_IN_ACTIVE_RESPONSE = "item_in_active_response"
     CONVERSATION_FULL = "conversation_full"
     RESPONSE_FAILED = "response_failed"
@@ -186,13 +187,15 @@ def error_from_validation(
 
 
 class ServerEventBase(LenientModel):
-    """Base of server events. ``type`` and ``event_id`` always count as set, so
-    ``model_dump(exclude_unset=True)`` (what goes on the wire) always carries them."""
+    """Base of server events. Every field of an event counts as set, so
+    ``model_dump(exclude_unset=True)`` (what goes on the wire) carries them all, defaults and
+    nulls included: clients that parse without defaults (Pipecat) need ``content_index: 0`` and
+    ``previous_item_id: null`` as OpenAI sends them. Nested objects keep their own set fields."""
 
     event_id: str = Field(default_factory=lambda: new_id("event"))
 
     def model_post_init(self, context: Any, /) -> None:
-        self.__pydantic_fields_set__.update(("type", "event_id"))
+        self.__pydantic_fields_set__.update(type(self).model_fields)
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object sent to the client: fields that were set, explicit ``null`` kept."""

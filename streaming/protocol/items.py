@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from streaming.protocol.base import LenientModel, StrictModel
-from streaming.protocol.session_config import AudioFormat, MimoConfig, Modality, unsupported
+from streaming.protocol.session_config import AudioFormat, MimoConfig, Modality, Voice, unsupported
 
 ContentType = Literal["input_text", "input_audio", "output_text", "output_audio"]
 Role = Literal["user", "assistant", "system"]
@@ -78,7 +78,7 @@ class ConversationItem(StrictModel):
 
 class ResponseAudioOutput(StrictModel):
     format: AudioFormat | None = None
-    voice: str | None = None
+    voice: Voice | None = None
 
 
 class ResponseAudio(StrictModel):
@@ -174,6 +174,21 @@ class Usage(LenientModel):
     output_tokens: int | None = None
     input_token_details: TokenDetails | None = None
     output_token_details: TokenDetails | None = None
+
+
+#: ``response.done``'s usage when the engine reported none (cancelled before it started, failed):
+#: OpenAI sends zeros rather than null, and clients read ``usage.input_tokens`` unguarded
+ZERO_USAGE = {"total_tokens": 0, "input_tokens": 0, "output_tokens": 0,
+              "input_token_details": {"text_tokens": 0, "audio_tokens": 0, "cached_tokens": 0},
+              "output_token_details": {"text_tokens": 0, "audio_tokens": 0}}
+
+
+class TranscriptionUsage(LenientModel):
+    """Usage of an input transcription. This server reports the audio's duration (GA's ``{"type":
+    "duration", "seconds": ...}``); OpenAI's token-billed models send ``"tokens"`` with counts."""
+
+    type: Literal["duration", "tokens"]
+    seconds: float | None = None
 
 
 class ResponseMimo(LenientModel):

@@ -15,6 +15,7 @@ from streaming.protocol.items import (
     RateLimit,
     RealtimeResponse,
     ResponsePart,
+    TranscriptionUsage,
 )
 from streaming.protocol.session_config import SessionConfig
 
@@ -96,6 +97,7 @@ class InputAudioTranscriptionCompleted(ServerEventBase):
     item_id: str
     content_index: int = 0
     transcript: str
+    usage: TranscriptionUsage | None = None  # this server always sends it; optional for reading others
 
 
 class InputAudioTranscriptionFailed(ServerEventBase):
@@ -238,7 +240,7 @@ class OutputAudioBufferCleared(ServerEventBase):
     """Queued output audio was dropped (barge-in or ``output_audio_buffer.clear``)."""
 
     type: Literal["output_audio_buffer.cleared"] = "output_audio_buffer.cleared"
-    response_id: str | None = None
+    response_id: str | None = None  # this server always names the response; optional for reading others
 
 
 class UnknownServerEvent(ServerEventBase):

@@ -125,9 +125,20 @@ class AudioInputConfig(StrictModel):
     noise_reduction: NoiseReduction | None = None
 
 
+class VoiceId(StrictModel):
+    """A custom voice by id (GA's ``{"id": "voice_1234"}``): accepted and echoed. MiMo speaks in
+    the voice of ``session.mimo.voice_prompt``, or its own default."""
+
+    id: str
+
+
+#: ``audio.output.voice``: a name (built-in voices are names) or a custom voice's id object
+Voice = str | VoiceId
+
+
 class AudioOutputConfig(StrictModel):
     format: AudioFormat | None = None
-    voice: str | None = None
+    voice: Voice | None = None
     speed: float | None = Field(default=None, ge=0.25, le=1.5)
 
 

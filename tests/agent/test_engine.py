@@ -13,6 +13,7 @@ import torch
 
 from agent.conversation import common_prefix, truncate_patches
 from agent.engine import (
+    AT_START,
     AddSystemText,
     AddUserAudio,
     AddUserText,
@@ -204,6 +205,60 @@ def test_rollback_then_regenerate_equals_a_fresh_run(runtime):
         engine.stop()
 
 
+def test_inserted_items_take_their_place_in_the_context(runtime):
+    """Items added at the start (``previous_item_id: "root"``) or after an item render in that order:
+    the same response as a session that received them in order. User audio takes its place when
+    its job arrives, not when it is encoded, so a text item sent after it follows it."""
+    engine = make_engine(runtime)
+    try:
+        a = Client(engine, seed=5)
+        a.submit(AddUserText("u2", "What did I say?"))
+        a.submit(AddUserAudio("u1", speech(0.7), after=AT_START))
+        a.submit(AddSystemText("s1", "Be brief.", after="u1"))
+        a.submit(AddUserText("u3", "Answer now."))  # appended after u2
+        _, inserted = a.respond("r", audio=False)
+        assert [it.item_id for it in a.state.items] == ["u1", "s1", "u2", "u3", "a_r"]
+
+        b = Client(engine, seed=5)
+        b.submit(AddUserAudio("u1", speech(0.7)))
+        b.submit(AddSystemText("s1", "Be brief."))
+        b.submit(AddUserText("u2", "What did I say?"))
+        b.submit(AddUserText("u3", "Answer now."))
+        _, in_order = b.respond("r", audio=False)
+        assert [it.item_id for it in b.state.items] == ["u1", "s1", "u2", "u3", "a_r"]
+        assert inserted.transcript == in_order.transcript
+        assert torch.equal(a.state.items[-1].patches.text_ids, b.state.items[-1].patches.text_ids)
+    finally:
+        engine.stop()
+
+
+def test_insert_before_cached_items_rolls_the_cache_back(runtime):
+    """An item inserted at the start of a conversation the cache already holds: the next response
+    re-prefills from the insertion and equals a fresh session's."""
+    engine = make_engine(runtime)
+    try:
+        a = Client(engine, seed=7)
+        a.submit(AddUserText("u1", "Tell me about rivers"))
+        _, first = a.respond("r1", audio=False)
+        a.submit(AddUserText("u0", "I like maps.", after=AT_START))
+        a.submit(DeleteItem("a_r1"))
+        _, again = a.respond("r2", audio=False)
+        s = a.state
+        rendering = engine.renderer.render(s.items, instructions=s.instructions)
+        assert first.usage["total_tokens"] > rendering.spans["u0"][1]  # the cache held more than that
+        assert again.usage["input_token_details"]["cached_tokens"] < rendering.spans["u0"][1]
+        assert common_prefix(s.cached, rendering.prompt) == len(s.cached)
+
+        b = Client(engine, seed=7)
+        b.submit(AddUserText("u0", "I like maps."))
+        b.submit(AddUserText("u1", "Tell me about rivers"))
+        _, fresh = b.respond("r2", audio=False)
+        assert again.transcript == fresh.transcript
+        assert torch.equal(a.state.items[-1].patches.text_ids, b.state.items[-1].patches.text_ids)
+    finally:
+        engine.stop()
+
+
 def test_cancel_stops_between_patches(runtime):
     engine = make_engine(runtime, max_audio_lead_s=0.5)
     try:
@@ -239,7 +294,7 @@ def test_flow_control_keeps_generation_near_real_time(runtime):
 
 
 def test_oldest_turns_are_dropped_at_the_context_limit(runtime):
-    engine = make_engine(runtime, max_positions=160, min_context_room=16)
+    engine = make_engine(runtime, max_positions=160)
     try:
         c = Client(engine)
         dropped = []
@@ -326,7 +381,7 @@ def test_invalid_audio_fails_the_item_not_the_engine(runtime):
 def test_a_turn_larger_than_the_context_fails_its_response_clearly(runtime):
     from agent.engine import EngineError
 
-    engine = make_engine(runtime, max_positions=64, min_context_room=16)
+    engine = make_engine(runtime, max_positions=64)
     try:
         c = Client(engine)
         c.submit(AddUserText("u1", "x" * 100))

@@ -15,9 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from streaming.app import create_app
-from streaming.metrics import ServerMetrics
-from streaming.server import add_arguments, build_engine, codec_schedule_factory, make_server_config
+from streaming.server import add_arguments, build_server
 
 
 @dataclass
@@ -45,13 +43,8 @@ def serve_args(*argv: str) -> argparse.Namespace:
 
 
 def start_server(*argv: str) -> LiveServer:
-    args = serve_args(*argv)
-    metrics = ServerMetrics()
-    engine, rt, defaults = build_engine(args, metrics)
-    metrics.engine_queue.set_function(lambda: engine.queue_depth)
-    config = make_server_config(args, rt, defaults)
-    app = create_app(engine, config, metrics=metrics)
-    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    app = build_server(serve_args(*argv))
+    engine, rt, config = app.state.engine, app.state.runtime, app.state.config
     uv = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", loop="asyncio",
                         ws="websockets", ws_max_size=2 * config.limits.max_message_bytes,
                         ws_per_message_deflate=False, lifespan="off")

@@ -131,6 +131,43 @@ async def test_text_input_item(server):
         await ws.close()
 
 
+async def test_previous_item_id_root_and_after_an_item_place_items_in_the_model_context(server):
+    """LiveKit sends ``previous_item_id: "root"`` whenever the remote conversation is empty (a first
+    ``generate_reply``, an initial chat context, its history replay); GA inserts such items first.
+    The engine's context follows: the next response sees the items in conversation order."""
+    ws = await rc.connect(server.ws_url)
+
+    async def create(item_id: str, role: str, text: str, **where) -> dict:
+        kind = "output_text" if role == "assistant" else "input_text"
+        await rc.send(ws, {"type": "conversation.item.create", **where, "item": {
+            "id": item_id, "type": "message", "role": role, "content": [{"type": kind, "text": text}]}})
+        return await rc.until(ws, "conversation.item.done")
+
+    try:
+        await rc.update(ws, output_modalities=["text"], audio={"input": {"turn_detection": None}})
+        first = await create("item_hist_0001", "user", "What is the capital of France?", previous_item_id="root")
+        assert first["previous_item_id"] is None
+        await create("item_hist_0003", "user", "And of Italy?")
+        second = await create("item_hist_0002", "assistant", "Paris.", previous_item_id="item_hist_0001")
+        assert second["previous_item_id"] == "item_hist_0001"
+        system = await create("item_hist_0000", "system", "Answer in one word.", previous_item_id="root")
+        assert system["previous_item_id"] is None
+        await rc.send(ws, {"type": "conversation.item.create", "previous_item_id": "item_nope", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "lost"}]}})
+        error = (await rc.until(ws, "error"))["error"]
+        assert error["code"] == "item_create_invalid_previous_item_id" and "item_nope" in error["message"]
+        await rc.send(ws, {"type": "response.create"})
+        done = (await rc.until(ws, "response.done"))["response"]
+        assert done["status"] in ("completed", "incomplete")
+        (engine_session,) = [s for s in server.engine._sessions.values()
+                             if any(it.item_id == "item_hist_0000" for it in s.items)]
+        order = [it.item_id for it in engine_session.items]
+        assert order == ["item_hist_0000", "item_hist_0001", "item_hist_0002", "item_hist_0003",
+                         done["output"][0]["id"]]
+    finally:
+        await ws.close()
+
+
 async def test_barge_in_cancels_and_rolls_back(server):
     from agent.conversation import common_prefix
 

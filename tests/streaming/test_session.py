@@ -249,8 +249,9 @@ def test_server_vad_turn_and_audio_response():
         "conversation.item.added",
         "conversation.item.done",
         "response.created",
+        "rate_limits.updated",
     ]
-    started, stopped, committed, added, _, created = events
+    started, stopped, committed, added, _, created, rate = events
     assert 250 <= started.audio_start_ms <= 400  # 600 ms onset minus 300 ms padding
     assert 3250 <= stopped.audio_end_ms <= 3500  # 2.87 s offset plus the 500 ms window
     item_id = started.item_id
@@ -258,6 +259,10 @@ def test_server_vad_turn_and_audio_response():
     assert committed.previous_item_id is None
     assert added.item.role == "user" and added.item.content[0].type == "input_audio"
     assert created.response.status == "in_progress" and created.response.output == []
+    # OpenAI's rate_limits.updated follows every response.created; here the client event bucket
+    (limit,) = rate.rate_limits
+    assert limit.name == "requests" and limit.limit == SessionLimits().max_events_burst
+    assert 0 < limit.remaining <= limit.limit and limit.reset_seconds >= 0
 
     user_audio, create = s.take_actions()
     assert isinstance(user_audio, act.AppendUserAudio) and user_audio.item_id == item_id
@@ -346,7 +351,7 @@ def test_manual_commit_and_text_only_response():
             },
         },
     )
-    (created,) = s.take_events()
+    created, _rate = s.take_events()
     (create,) = s.take_actions()
     assert create.params.output_modalities == ("text",) and create.params.instructions == "Be terse."
     assert create.params.max_output_tokens == 64 and created.response.metadata == {"k": "v"}
@@ -401,7 +406,7 @@ def test_one_response_at_a_time_and_cancel():
     assert done.status == "cancelled" and done.status_details.reason == "client_cancelled"
     assert done.output[0].status == "incomplete" and done.output[0].content[0].transcript == "Yes"
     send(s, {"type": "response.create"})
-    assert types(s.take_events()) == ["response.created"]  # free again
+    assert types(s.take_events()) == ["response.created", "rate_limits.updated"]  # free again
 
 
 def test_cancel_grace_when_the_engine_never_confirms():
@@ -446,7 +451,7 @@ def test_barge_in_cancels_flushes_and_the_next_turn_follows():
     events = s.take_events()
     done = next(e for e in events if e.type == "response.done").response
     assert done.status == "cancelled" and done.status_details.reason == "turn_detected"
-    assert types(events)[-1] == "response.created"  # the queued VAD response
+    assert types(events)[-2:] == ["response.created", "rate_limits.updated"]  # the queued VAD response
     (create2,) = s.take_actions()
     assert isinstance(create2, act.CreateResponse) and create2.response_id != rid
 
@@ -600,25 +605,47 @@ def test_item_create_kinds_delete_and_retrieve():
         },
     )
     assert errors(s.take_events())[0].code == "item_id_conflict"
-    send(
-        s,
-        {
-            "type": "conversation.item.create",
-            "previous_item_id": ids[0],
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]},
-        },
-    )
-    assert errors(s.take_events())[0].code == "unsupported_feature"
     send(s, {"type": "conversation.item.delete", "item_id": ids[1]})
     (deleted,) = s.take_events()
     assert deleted.item_id == ids[1] and s.take_actions() == [act.DeleteItem(ids[1])]
     assert [i.id for i in s.conversation] == [ids[0], ids[2], ids[3]]
 
 
+def test_previous_item_id_appends_inserts_first_or_after_an_item():
+    """GA semantics: absent appends, "root" inserts first, an id inserts right after it, an
+    unknown id is refused and nothing is added."""
+    s, _ = make(**MANUAL)
+
+    def create(text: str, **where) -> tuple[list, list]:
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        send(s, {"type": "conversation.item.create", "item": {"id": text, **item}, **where})
+        return s.take_events(), s.take_actions()
+
+    create("b")
+    events, actions = create("a", previous_item_id="root")
+    assert types(events) == ["conversation.item.added", "conversation.item.done"]
+    assert events[0].previous_item_id is None and events[0].to_wire()["previous_item_id"] is None
+    assert actions == [act.AppendUserText("a", "a", after="")]
+    events, actions = create("a2", previous_item_id="a")
+    assert events[0].previous_item_id == "a" and actions == [act.AppendUserText("a2", "a2", after="a")]
+    events, actions = create("c")
+    assert events[0].previous_item_id == "b" and actions == [act.AppendUserText("c", "c")]
+    events, actions = create("x", previous_item_id="nope")
+    (err,) = errors(events)
+    assert err.code == "item_create_invalid_previous_item_id" and err.param == "previous_item_id"
+    assert "'nope'" in err.message and actions == []
+    assert [i.id for i in s.conversation] == ["a", "a2", "b", "c"]
+    send(s, {"type": "conversation.item.create", "previous_item_id": "root", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_audio", "audio": A.b64encode_audio(YES)}]}})
+    added = s.take_events()[0]
+    (audio,) = s.take_actions()
+    assert audio.after == "" and next(i.id for i in s.conversation) == added.item.id
+
+
 def test_out_of_band_response_stays_out_of_the_conversation():
     s, _ = make(**MANUAL)
     send(s, {"type": "response.create", "response": {"conversation": "none", "output_modalities": ["text"]}})
-    (created,) = s.take_events()
+    created, _rate = s.take_events()
     assert created.response.conversation_id is None
     (create,) = s.take_actions()
     s.response_text(create.response_id, "Summary.")
@@ -648,7 +675,7 @@ def test_g711_in_and_out():
     corr = np.corrcoef(audio.pcm[:n].astype(float), YES[:n].astype(float))[0, 1]
     assert corr > 0.9
     send(s, {"type": "response.create"})
-    (created,) = s.take_events()[-1:]
+    created, _rate = s.take_events()[-2:]
     assert created.response.audio.output.format.type == "audio/pcma"
     (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
     play_audio_response(s, create.response_id, text=("Yes",))
@@ -730,6 +757,7 @@ def test_idle_timeout_prompts_a_response():
         "conversation.item.added",
         "conversation.item.done",
         "response.created",
+        "rate_limits.updated",
     ]
     assert events[0].item_id == events[1].item_id
     clock.advance(10)

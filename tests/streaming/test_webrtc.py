@@ -299,12 +299,74 @@ async def test_hang_up(server):
             assert (await http.delete(first.location)).status_code == 204
             assert first.call_id not in server.app.state.calls
             missing = await http.delete(first.location)
-            assert missing.status_code == 404 and missing.json()["error"]["code"] == "call_not_found"
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "call_id_not_found"
             assert (await http.post(second.location + "/hangup")).status_code == 200
         assert await _settled(server) == 0
     finally:
         await first.close()
         await second.close()
+
+
+async def _until(connection, kind: str, seen: list, timeout: float = 30.0):
+    """Events of an official-SDK connection until one of type ``kind``."""
+    async def read():
+        async for event in connection:
+            seen.append(event)
+            if event.type == kind:
+                return event
+        raise AssertionError(f"closed before {kind}")
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_sideband_joins_the_call_and_steers_it(server):
+    """OpenAI's sideband: the application server joins the browser's call by its id with the
+    official SDK (``realtime.connect(call_id=...)``): it takes no slot, sees the call's events, and
+    its session.update and response.create steer the call (the answer plays on the call's track)."""
+    from openai import AsyncOpenAI
+
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url, session={"type": "realtime", "max_output_tokens": 8,
+                                                     "audio": {"input": {"turn_detection": None}}})
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+    seen: list = []
+    try:
+        async with client.realtime.connect(call_id=call.call_id) as side:
+            created = await _until(side, "session.created", seen)
+            assert created.session.id == call.log[0]["session"]["id"] and created.session.max_output_tokens == 8
+            assert server.engine.active_sessions == 1  # the call's slot only
+            await side.session.update(session={"type": "realtime", "instructions": "Answer in French."})
+            updated = await _until(side, "session.updated", seen)
+            on_call = await call.until("session.updated")
+            assert updated.session.instructions == on_call["session"]["instructions"] == "Answer in French."
+            frames_before = len(call.frames)
+            await side.response.create()
+            done = await _until(side, "response.done", seen)
+            on_call = await call.until("response.done")
+            assert done.response.id == on_call["response"]["id"] and done.response.status in ("completed",
+                                                                                             "incomplete")
+            await call.until("output_audio_buffer.stopped")
+            assert any(f.peak > 64 for f in call.frames[frames_before:])  # the answer played on the call
+            kinds = [e.type for e in seen]
+            assert "output_audio_buffer.started" in kinds and "response.output_audio.delta" not in kinds
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                assert (await http.delete(call.location)).status_code == 204
+            with pytest.raises(AssertionError, match="closed before"):  # the call ended: so does the sideband
+                await _until(side, "never", seen, timeout=10)
+    finally:
+        await call.close()
+    assert await _settled(server) == 0
+
+
+async def test_sideband_to_an_unknown_call_is_refused(server):
+    import websockets
+
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(server.ws_url + "?call_id=rtc_nope", subprotocols=["realtime"])
+    assert refused.value.response.status_code == 404
+    error = json.loads(refused.value.response.body)["error"]
+    assert error["code"] == "call_id_not_found" and "rtc_nope" in error["message"]
+    assert server.engine.active_sessions == 0
 
 
 async def test_server_busy_is_a_clear_503(server):
