@@ -160,7 +160,7 @@ class _Segment:
     # cached mode
     advanced: int = 0  # tokens run through the decoder transformer
     kv: list[LayerKV] | None = None  # views of kv_store, one per layer (None: empty, to be set up)
-    kv_store: torch.Tensor | None = None  # (layers, 2, 1, H, capacity, D), allocated once per segment
+    kv_store: torch.Tensor | None = None  # (layers, 2, 1, H, capacity, D): the stream's, while this segment runs
     frames50: int = 0  # 50 Hz frames in the KV cache
     moments1: tuple[torch.Tensor, ...] | None = None  # running GroupNorm moments, dconv1
     moments2: tuple[torch.Tensor, ...] | None = None  # and dconv2
@@ -186,6 +186,9 @@ class DecodeStream:
         self.samples_per_token = tok.samples_per_token
         self.device = tok.device
         self.n_codebooks: int | None = None
+        #: the decoder's KV storage, one segment's worth, handed from each segment to the next
+        self.kv_store: torch.Tensor | None = None
+        self._kv_owner: _Segment | None = None
         self.tokens_received = 0
         self.samples_emitted = 0
         self.finished = False
@@ -402,18 +405,36 @@ def decode_cache_bytes(config: AudioTokenizerConfig, dtype: torch.dtype,
 
 
 def segment_kv(tok: MiMoAudioTokenizer, stream: DecodeStream, seg: _Segment) -> list[LayerKV]:
-    """The segment's per-layer KV caches: preallocated once for a whole segment (what the decoder
-    attends to), so a chunk appends in place and the memory of a stream is bounded from its first
-    chunk; a refresh (``seg.kv = None``) empties them and reuses the storage."""
+    """The segment's per-layer KV caches, in the stream's storage: preallocated once for a whole
+    segment (what the decoder attends to), so a chunk appends in place and a stream's memory is
+    bounded from its first chunk. A refresh (``seg.kv = None``) empties them; a finished segment
+    hands the storage to the next (one that starts while another is still unfinished, when one
+    call brings more than a segment of codes, gets its own)."""
     if seg.kv is None:
-        cfg = tok.config
-        heads = cfg.decoder_attention_heads
         if seg.kv_store is None:
-            frames = stream.segment_tokens * cfg.avg_pooler
-            seg.kv_store = torch.empty(cfg.decoder_layers, 2, 1, heads, frames, cfg.d_model // heads,
-                                       dtype=tok.decoder.dtype, device=tok.device)
+            if stream._kv_owner is not None and stream._kv_owner is not seg:
+                seg.kv_store = _allocate_kv(tok, stream)
+            else:
+                if stream.kv_store is None:
+                    stream.kv_store = _allocate_kv(tok, stream)
+                seg.kv_store, stream._kv_owner = stream.kv_store, seg
         seg.kv = [BoundedKV(layer[0], layer[1]) for layer in seg.kv_store]
     return seg.kv
+
+
+def _allocate_kv(tok: MiMoAudioTokenizer, stream: DecodeStream) -> torch.Tensor:
+    cfg = tok.config
+    heads = cfg.decoder_attention_heads
+    frames = stream.segment_tokens * cfg.avg_pooler
+    return torch.empty(cfg.decoder_layers, 2, 1, heads, frames, cfg.d_model // heads,
+                       dtype=tok.decoder.dtype, device=tok.device)
+
+
+def _release_kv(stream: DecodeStream, seg: _Segment) -> None:
+    """A finished segment gives its KV storage back to the stream (or drops its own)."""
+    seg.kv = seg.kv_store = None
+    if stream._kv_owner is seg:
+        stream._kv_owner = None
 
 
 class _BatchKV(LayerKV):
@@ -500,11 +521,13 @@ def _run(tok: MiMoAudioTokenizer, jobs: list[Job], passes: Mapping[str, Pass] | 
         if idx:
             for i, audio in zip(idx, run(tok, [jobs[i] for i in idx]), strict=True):
                 results[i] = audio
-    for i, (_, seg, _) in enumerate(jobs):
+    for i, (stream, seg, final) in enumerate(jobs):
         if results[i] is None:
             results[i] = np.zeros(0, np.float32)
         seg.since_chunk = 0
         seg.chunks += 1
+        if final:
+            _release_kv(stream, seg)
     return results  # type: ignore[return-value]
 
 
@@ -567,6 +590,7 @@ def finish_streams(
         stream.samples_emitted += audio.shape[0]
         stream.finished = True
         stream.segment = stream._new_segment(stream.n_codebooks or 0)
+        stream.kv_store = None  # the memory goes as soon as the stream ends
         if stream.samples_emitted != stream.tokens_received * stream.samples_per_token:  # an invariant
             raise RuntimeError(
                 f"internal error: stream emitted {stream.samples_emitted} samples for "
