@@ -1,11 +1,11 @@
-"""Audio utilities for the streaming layer (numpy and soxr only, plus :mod:`agent.resample`).
+"""Audio utilities for the streaming layer (numpy and soxr only).
 
 - pcm16 <-> float32, little-endian bytes, base64 with validation;
 - G.711 mu-law and A-law (ITU-T G.711, bit-exact with the classic reference coder that Python's
   former ``audioop`` module used);
 - resampling with soxr, one-shot and streaming (chunking does not change the output); audio on its
   way to the model (G.711 input here, WebRTC and SDK input elsewhere) goes through
-  :class:`agent.resample.SincResampler` instead: the official pipeline's filter;
+  :class:`SincResampler` (:mod:`.resample`) instead: the official pipeline's filter;
 - fixed-size framing with a remainder carry;
 - :class:`PcmBuffer`, a bounded sample FIFO with absolute positions that either drops the oldest
   samples (real-time output) or refuses writes (input that must not be lost silently);
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from agent.resample import SincResampler
+from .resample import SincResampler
 
 SAMPLE_RATE = 24000  # the session's internal rate (and the only audio/pcm rate on the wire)
 G711_RATE = 8000

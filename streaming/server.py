@@ -59,17 +59,34 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     lim.add_argument("--session-max-s", type=float, default=None, help="session duration limit (default 1800)")
     lim.add_argument("--events-per-second", type=float, default=None, help="client events per second")
     lim.add_argument("--audio-lead", type=float, default=None, help="output audio sent ahead of real time (s)")
+    lim.add_argument("--send-queue-mib", type=float, default=None,
+                     help="events waiting to be sent, per session, before it is closed (MiB, default 32)")
     parser.add_argument("--ice-server", dest="ice_servers", action="append", type=_ice_server, metavar="URL",
                         default=None,
                         help="WebRTC STUN/TURN server, repeatable: stun:HOST:PORT, turn:USER:PASSWORD@HOST:PORT"
                              "[?transport=udp|tcp] (default: $MIMO_AGENT_ICE_SERVERS, space-separated; none: "
                              "host candidates only, for localhost and LANs)")
+    parser.add_argument("--cors-origin", dest="cors_origins", action="append", type=_origin, metavar="ORIGIN",
+                        default=[], help="let pages on this origin (scheme://host[:port]) use the server from a "
+                                         "browser: import /sdk/, place WebRTC calls, mint client secrets; "
+                                         "repeatable (default: none, same origin only)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--port-file", help="write the bound port to this file once listening (for scripts)")
     if command == "serve":
         from streaming.rayserve.cli import add_ray_arguments
 
         add_ray_arguments(parser)
+
+
+def _origin(origin: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(origin)
+    if origin != "*" and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path
+                          or parts.query or parts.fragment or parts.username):
+        raise argparse.ArgumentTypeError(f"{origin!r} is not an origin: use scheme://host[:port], e.g. "
+                                         "https://app.example.com or http://localhost:3000 (no path)")
+    return origin
 
 
 def _ice_server(url: str) -> str:
@@ -185,9 +202,12 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
     if ice_servers is None:
         ice_servers = os.environ.get("MIMO_AGENT_ICE_SERVERS", "").split()
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
-                          session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers))
+                          session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
+                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
+    if args.send_queue_mib is not None:
+        config.max_queued_bytes = int(args.send_queue_mib * 2**20)
     return config
 
 

@@ -19,8 +19,11 @@ One call is one :class:`~streaming.pipeline.SessionBridge`, exactly as a WebSock
   WebSocket path does not have.
 * agent audio: :class:`AgentAudioTrack`, 20 ms frames at 48 kHz on a fixed media clock, silence
   when idle; ``response.output_audio.delta`` is never sent on the data channel. The track owns the
-  playout buffer: barge-in flushes it (``output_audio_buffer.cleared`` comes from the session), and
-  when a response's last sample has left it the session emits ``output_audio_buffer.stopped``.
+  playout buffer: an interrupt (barge-in, ``response.cancel``, ``output_audio_buffer.clear``)
+  flushes it, and the server truncates the assistant item to what the track had played
+  (``conversation.item.truncated``; the model's context rolls back to it), which a WebSocket client
+  does itself; when a response's last sample has left it the session emits
+  ``output_audio_buffer.stopped``.
 * events: the same JSON events as the WebSocket, on the ``oai-events`` data channel that the
   client creates before its offer. One event is one message. An event larger than the peer's
   SCTP message-size limit (``a=max-message-size``, 256 KiB in Chrome) is not split (a private
@@ -47,7 +50,6 @@ import asyncio
 import collections
 import contextlib
 import fractions
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -65,11 +67,20 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from agent.resample import SincResampler
 from streaming import protocol as p
-from streaming.app import TICK_S, ServerConfig, _unauthorized, authorized, busy_error, new_bridge
-from streaming.audio import Overflow, PcmBuffer, StreamResampler
-from streaming.outbox import Outbox, OutboxFull
+from streaming.app import (
+    TICK_S,
+    ServerConfig,
+    Unauthorized,
+    _unauthorized,
+    authenticate,
+    authorized,
+    busy_error,
+    new_bridge,
+)
+from streaming.audio import Overflow, PcmBuffer, SincResampler, StreamResampler
+from streaming.config import merge_client_session
+from streaming.outbox import Outbox, goodbye_deadline
 from streaming.session import Transport
 
 log = logging.getLogger(__name__)
@@ -96,6 +107,7 @@ class WebRTCOptions:
     max_output_buffer_s: float = 180.0  # agent audio waiting to play (> the longest response)
     max_input_backlog_frames: int = 10  # decoded microphone frames waiting (200 ms)
     max_buffered_bytes: int = 1 << 20  # data channel backlog before the sender waits
+    max_early_messages: int = 64  # client events held while the call takes its engine slot
 
 
 class OfferError(Exception):
@@ -162,7 +174,8 @@ class AgentAudioTrack(MediaStreamTrack):
     ``push`` (24 kHz pcm16 from the engine) upsamples into a bounded buffer that drops its oldest
     audio beyond ``max_buffer_s``; ``end_response`` marks where a response's audio ends, and
     ``on_drained(response_id)`` is called once the frame holding its last sample has been sent;
-    ``flush`` drops everything (barge-in)."""
+    ``flush`` drops everything (an interrupt) and says how much of each response it cut short had
+    been played."""
 
     kind = "audio"
 
@@ -171,6 +184,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.on_drained = on_drained
         self._buffer = PcmBuffer(int(max_buffer_s * RTC_RATE), Overflow.DROP_OLDEST)
         self._ends: collections.deque[tuple[int, str]] = collections.deque()  # (absolute position, response)
+        self._starts: dict[str, int] = {}  # response -> absolute position of its first sample
         self._upsampler = StreamResampler(WIRE_RATE, RTC_RATE)
         self._current: str | None = None  # the response being upsampled
         self._start: float | None = None
@@ -190,6 +204,7 @@ class AgentAudioTrack(MediaStreamTrack):
         if response_id != self._current:
             self._finish_current()
             self._current = response_id
+            self._starts[response_id] = self._buffer.end
         self.samples_dropped += self._buffer.write(self._upsampler.process(pcm16))
 
     def end_response(self, response_id: str) -> None:
@@ -205,12 +220,18 @@ class AgentAudioTrack(MediaStreamTrack):
         self._ends.append((self._buffer.end, self._current))
         self._current = None
 
-    def flush(self) -> None:
-        """Drop all audio not yet sent (barge-in, ``output_audio_buffer.clear``)."""
+    def flush(self) -> dict[str, int]:
+        """Drop all audio not yet sent (an interrupt). Returns, for each response whose audio was
+        still buffered, how many of its samples (24 kHz) had been played."""
+        played_to = self._buffer.start
+        cut = [response_id for _, response_id in self._ends] + [self._current] * (self._current is not None)
+        played = {r: max(0, played_to - self._starts.get(r, played_to)) * WIRE_RATE // RTC_RATE for r in cut}
         self.samples_dropped += self._buffer.clear()
         self._ends.clear()
+        self._starts.clear()
         self._upsampler.reset()
         self._current = None
+        return played
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -238,6 +259,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.audio_samples_sent += len(chunk)
         while self._ends and self._ends[0][0] <= self._buffer.start:
             _, response_id = self._ends.popleft()
+            self._starts.pop(response_id, None)
             try:
                 self.on_drained(response_id)
             except Exception:  # never let the session's bookkeeping stop the media
@@ -314,7 +336,8 @@ class RealtimeCall:
         self.options = options
         self.id = app.state.new_call_id()
         config: ServerConfig = app.state.config
-        self.outbox = Outbox(lead_s=config.audio_lead_s, pace_audio=False)  # no audio events over WebRTC
+        # no audio events over WebRTC: nothing to pace
+        self.outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes, pace_audio=False)
         self.track = AgentAudioTrack(self._drained, max_buffer_s=options.max_output_buffer_s)
         self.bridge = new_bridge(app, Transport.WEBRTC, self.outbox, audio_sink=self.track.push,
                                  flush_sink=self.track.flush, on_close=self._on_session_close)
@@ -329,6 +352,7 @@ class RealtimeCall:
         self.task: asyncio.Task | None = None
         self.connected = False  # the peer connected and the call holds an engine slot
         self.serving = asyncio.Event()  # connected: client events reach the session from now on
+        self._early: list[str | bytes] = []  # client events that arrived before
         self.listeners: set[Callable[[str], None]] = set()  # sideband connections: every event sent
         self.created_sent = False  # session.created went out (a later sideband gets its own)
         self.pc.on("datachannel", self._on_datachannel)
@@ -373,11 +397,14 @@ class RealtimeCall:
             channel.on("open", self.channel_open.set)
 
     def on_client_message(self, message: str | bytes) -> None:
-        """A client event from the data channel or a sideband connection."""
-        try:
+        """A client event from the data channel or a sideband connection. Those that arrive before
+        the call holds its engine slot (a client may send as soon as its channel opens) wait for it."""
+        if self.serving.is_set():
             self.bridge.receive(message)
-        except OutboxFull:  # called from aiortc's SCTP receive path: end the call, never raise there
-            self._end("the client stopped reading events")
+        elif len(self._early) < self.options.max_early_messages:
+            self._early.append(message)
+        else:
+            self._end(f"the peer sent more than {self.options.max_early_messages} events before the call connected")
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -444,6 +471,9 @@ class RealtimeCall:
             return False
         self.connected = True
         self.serving.set()
+        early, self._early = self._early, []
+        for message in early:
+            self.bridge.receive(message)
         self.app.state.bridges.add(self.bridge)
         metrics.sessions_total.labels("webrtc").inc()
         metrics.sessions_active.labels("webrtc").inc()
@@ -459,7 +489,8 @@ class RealtimeCall:
 
     async def _serve(self) -> None:
         tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._ticks()),
-                 asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait())]
+                 asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait()),
+                 asyncio.create_task(self._goodbye())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -468,11 +499,8 @@ class RealtimeCall:
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 exc = t.exception()
-                if isinstance(exc, OutboxFull):
-                    self._end("the client stopped reading events")
-                else:
-                    log.error("call %s failed", self.id, exc_info=exc)
-                    self._end(f"failed: {exc}")
+                log.error("call %s failed", self.id, exc_info=exc)
+                self._end(f"failed: {exc}")
 
     async def _events(self) -> None:
         while True:
@@ -506,6 +534,10 @@ class RealtimeCall:
                 message=f"{kind} ({size} bytes) was not sent: it exceeds the data channel's message size "
                         f"limit ({exc}). Events are not split; use the WebSocket transport for it."))
             self.channel.send(error.to_json())
+
+    async def _goodbye(self) -> None:
+        await goodbye_deadline(self.outbox)
+        self._end("the session ended and the peer did not take its last events")
 
     async def _ticks(self) -> None:
         while True:
@@ -629,21 +661,14 @@ def check_offer(sdp: str) -> str:
     return sdp.replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
 
 
-def session_settings(app: FastAPI, session: dict[str, Any] | None) -> dict[str, Any]:
-    """The server's session defaults with the call's ``session`` part over them, validated as a
-    ``session.update`` would be (OfferError naming the field otherwise)."""
-    config: ServerConfig = app.state.config
-    if not session:
-        return config.session_defaults
+def session_settings(base: dict[str, Any], session: dict[str, Any] | None) -> dict[str, Any]:
+    """``base`` (the server's defaults, or a client secret's session) with the call's ``session``
+    part over them, validated as a ``session.update`` would be (OfferError naming the field)."""
     try:
-        event = p.parse_client_event(json.dumps({"type": "session.update", "session": session}))
+        return merge_client_session(base, session)
     except p.ProtocolError as err:
         raise OfferError(400, f"invalid 'session' part: {err.message}", code=err.code.value,
                          param=err.param or "session") from None
-    patch = event.session.model_dump(mode="json", exclude_unset=True)
-    for server_owned in ("id", "object", "model", "expires_at"):
-        patch.pop(server_owned, None)
-    return p.merge_session_update(config.session_defaults, patch)
 
 
 def add_webrtc_routes(app: FastAPI) -> None:
@@ -675,14 +700,16 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
     config: ServerConfig = app.state.config
     metrics = app.state.metrics
     options: WebRTCOptions = app.state.webrtc
-    if not authorized(config.api_key, request.headers, []):
+    try:
+        secret = authenticate(app, request.headers, [])
+    except Unauthorized as exc:
         metrics.sessions_rejected.labels("unauthorized").inc()
-        return _unauthorized()
+        return _unauthorized(exc.args[0])
     call = None
     try:
         sdp, session = await read_offer(request)
         sdp = check_offer(sdp)
-        settings = session_settings(app, session)
+        settings = session_settings(secret.settings if secret is not None else config.session_defaults, session)
         if _engine_full(app.state.engine):
             metrics.sessions_rejected.labels("busy").inc()
             raise OfferError(503, "server_busy: every session slot is in use", code="server_busy")

@@ -1,7 +1,7 @@
 """Audio in: read files, check samples, down-mix to mono and resample to the tokenizer's rate.
 
 As the official pipeline: the channels are averaged and the audio resampled with torchaudio's
-default windowed sinc (:mod:`agent.resample`, the same filter without torchaudio).
+default windowed sinc (:mod:`streaming.resample`, the same filter without torchaudio).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import wave
 import numpy as np
 import torch
 
-from agent.resample import resample as sinc_resample
+from streaming.resample import resample as sinc_resample
 
 #: Sample rates accepted as input (anything a sound card or codec produces).
 MIN_SAMPLE_RATE = 1000
@@ -68,7 +68,7 @@ def check_sample_rate(sample_rate: int) -> int:
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """Resample mono float32 audio as the official pipeline does (torchaudio's default windowed
-    sinc, :func:`agent.resample.resample`); a no-op when the rates agree."""
+    sinc, :func:`streaming.resample.resample`); a no-op when the rates agree."""
     from_rate, to_rate = check_sample_rate(from_rate), check_sample_rate(to_rate)
     if from_rate == to_rate or audio.size == 0:
         return audio

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -63,6 +64,17 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def drain(app_name: str, timeout_s: float) -> None:
+    """Delete the application: each replica finishes its sessions, up to ``timeout_s``. SIGTERM
+    (Kubernetes, systemd) drains; Ctrl-C, which also reaches the local Ray processes, does not."""
+    from ray import serve
+
+    log.info("draining: sessions may run for up to %g s", timeout_s)
+    deleting = threading.Thread(target=serve.delete, args=(app_name,), daemon=True)
+    deleting.start()
+    deleting.join(timeout_s + 30)  # Serve kills a replica at the deadline; never wait on a broken cluster
+
+
 def run_ray(args: argparse.Namespace) -> int:
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -76,13 +88,16 @@ def run_ray(args: argparse.Namespace) -> int:
     if args.port == 0:
         args.port = free_port(args.host)
     if local:
-        ray.init(include_dashboard=False, object_store_memory=args.object_store_mb << 20, logging_level="warning",
-                 num_gpus=None)
+        ray.init(include_dashboard=False, object_store_memory=args.object_store_mb << 20, logging_level="warning")
     else:
         ray.init(address=args.ray_address, logging_level="warning")
 
+    terminated = threading.Event()
+
     def stop(*_: Any) -> None:
-        raise KeyboardInterrupt
+        if not terminated.is_set():  # a second SIGTERM does not cut the drain short
+            terminated.set()
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -98,8 +113,8 @@ def run_ray(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if terminated.is_set() or not local:
+            drain(APP_NAME, args.drain_timeout)
         if local:  # the cluster and every replica go with it
             ray.shutdown()
-        else:
-            serve.delete(APP_NAME)
     return 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agent.codec.audio import load_wav, prepare_audio, read_audio_file
-from agent.resample import SincResampler, resample
+from streaming.resample import SincResampler, resample
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GOLDEN = DATA / "resample_torchaudio.npz"

@@ -65,3 +65,19 @@ def start_server(*argv: str) -> LiveServer:
     port = server.servers[0].sockets[0].getsockname()[1]
     return LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/realtime", engine, app, rt,
                       server, thread)
+
+
+def assert_heard_in_context(live: LiveServer, item_id: str, heard_ms: int) -> None:
+    """The engine holds assistant item ``item_id`` cut at ``heard_ms`` (the speech patches at least
+    partly heard, one per 160 ms) and its KV cache holds the conversation as heard: up to the end of
+    that item, and no more."""
+    from agent.conversation import common_prefix
+
+    session = next(s for s in live.engine._sessions.values() if any(it.item_id == item_id for it in s.items))
+    item = next(it for it in session.items if it.item_id == item_id)
+    assert int((item.patches.text_ids == live.engine.specials.empty).sum()) == -(-heard_ms // 160)
+    rendering = live.engine.renderer.render(session.items, instructions=session.instructions)
+    start, end = rendering.spans[item_id]
+    assert live.engine.cache.length(session.slot) == len(session.cached) <= end
+    assert common_prefix(session.cached, rendering.prompt) == len(session.cached)
+    assert len(session.cached) > start

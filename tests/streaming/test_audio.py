@@ -162,7 +162,7 @@ def test_test_audio_is_24k_mono_with_padding():
 @pytest.mark.parametrize("kind", ["audio/pcmu", "audio/pcma"])
 def test_g711_input_is_upsampled_with_the_official_filter(kind):
     """G.711 input goes to the model: 8 -> 24 kHz with the official pipeline's filter, not soxr."""
-    from agent.resample import SincResampler
+    from streaming.resample import SincResampler
 
     yes, _ = A.read_wav(DATA / "speech_yes.wav")
     pcm8k = A.resample(yes, 24000, 8000)

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 
 SLOTS = 2  # per replica
 REPLICAS = 2
+DRAIN_S = 120  # longer than any test's session: the drain test ends its session itself
 START_TIMEOUT_S = 240  # cluster, controller, proxy and two replicas loading the tiny model on 2 busy cores
 
 
@@ -53,7 +54,7 @@ def ray_server(tmp_path_factory):
         process = subprocess.Popen(
             [sys.executable, "-m", "streaming.cli", "serve", "--ray", "--replicas", str(REPLICAS), "--preset", "tiny",
              "--device", "cpu", "--threads", "1", "--max-sessions", str(SLOTS), "--no-warmup", "--port", "0",
-             "--port-file", str(port_file), "--drain-timeout", "5", "--log-level", "warning"],
+             "--port-file", str(port_file), "--drain-timeout", str(DRAIN_S), "--log-level", "warning"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -137,13 +138,35 @@ async def test_sessions_spread_over_replicas_and_the_extra_one_is_refused(ray_se
         await close_all(sockets)
 
 
+async def test_a_client_secret_opens_sessions_on_every_replica(ray_server):
+    """An ephemeral key minted by one replica opens sessions wherever the router puts them."""
+    await fleet_where(ray_server, idle, "every replica idle")
+    async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as http:
+        minted = await http.post("/v1/realtime/client_secrets", json={"session": {"type": "realtime",
+                                                                                 "instructions": "Be brief."}})
+    assert minted.status_code == 200, minted.text
+    key = minted.json()["value"]
+    sockets = []
+    try:
+        for _ in range(REPLICAS):
+            ws = await websockets.connect(ray_server.ws_url, subprotocols=["realtime",
+                                                                           f"openai-insecure-api-key.{key}"])
+            sockets.append(ws)
+            created = await rc.recv(ws)
+            assert created["type"] == "session.created", created
+            assert created["session"]["instructions"] == "Be brief."
+        await fleet_where(ray_server, lambda rs: [r["sessions"] for r in rs] == [1] * REPLICAS, "one session each")
+    finally:
+        await close_all(sockets)
+
+
 async def test_healthz_and_metrics_name_every_replica(ray_server):
     replicas = await fleet_where(ray_server, idle, "every replica idle")
     body = await health(ray_server)
     assert body["replica"] in {r["id"] for r in replicas}
     assert len({r["pid"] for r in replicas}) == REPLICAS and all(r["pid"] > 0 for r in replicas)
-    # the test above opened sessions on both; the others' figures are as of their last report
-    wanted = [f'mimo_sessions_total{{replica="{r["id"]}",transport="websocket"}} {SLOTS}' for r in replicas]
+    # the tests above opened SLOTS + 1 sessions on each; the others' figures are as of their last report
+    wanted = [f'mimo_sessions_total{{replica="{r["id"]}",transport="websocket"}} {SLOTS + 1}' for r in replicas]
     async with httpx.AsyncClient(base_url=ray_server.url, timeout=10) as http:
         for _ in range(40):
             metrics = (await http.get("/metrics")).text
@@ -233,7 +256,16 @@ async def test_webrtc_calls_name_their_replica_and_hang_up_and_sideband_reach_it
             await call.close()
 
 
-def test_the_command_stops_its_cluster(ray_server):
-    """Last: SIGTERM ends ``mimo-agent serve --ray`` and the Ray processes it started."""
-    _stop(ray_server.process)
+async def test_sigterm_drains_the_sessions_then_stops_the_cluster(ray_server):
+    """Last: SIGTERM (what Kubernetes and systemd send) lets the open sessions finish, up to
+    ``--drain-timeout``, then ``mimo-agent serve --ray`` stops with the Ray processes it started."""
+    await fleet_where(ray_server, idle, "every replica idle")
+    ws = await rc.connect(ray_server.ws_url)
+    try:
+        ray_server.process.send_signal(signal.SIGTERM)
+        assert await _turn(ws) in FINISHED  # the replica is draining: its session goes on
+        assert ray_server.process.poll() is None  # and the command waits for it
+    finally:
+        await ws.close()
+    await asyncio.to_thread(ray_server.process.wait, 120)
     assert ray_server.process.returncode == 0, ray_server.log.read_text()[-4000:]

@@ -27,7 +27,7 @@ from streaming.webrtc import (
 from tests.streaming import realtime_client as rc
 from tests.streaming import rtc_client as rtc
 from tests.streaming.helpers import MALFORMED_JSON
-from tests.streaming.live_server import start_server
+from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,6 +124,10 @@ async def test_barge_in_clears_the_playout_buffer(server):
     finally:
         await call.close()
     assert done["response"]["id"] == started["response_id"] == cleared["response_id"]
+    # the server cut the item to what the track had played (it owns playback over WebRTC)
+    truncated = next(e for e in events if e["type"] == "conversation.item.truncated")
+    assert truncated["item_id"] == done["response"]["output"][0]["id"]
+    assert 0 < truncated["audio_end_ms"] < done["response"]["mimo"]["audio_ms"]
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["status_details"]["reason"] == "turn_detected"
     assert "output_audio_buffer.stopped" not in rtc.types(events)
@@ -131,6 +135,70 @@ async def test_barge_in_clears_the_playout_buffer(server):
     assert dropped > 0 and buffered_after == 0
     late = call.frames[frames_at_clear + 15:]  # 300 ms for frames already in flight
     assert len(late) > 25 and max(f.peak for f in late) <= 64
+
+
+async def test_cancel_truncates_the_item_to_what_the_track_played(server):
+    """Over WebRTC the server owns playback: after an interrupt it cuts the assistant item to what
+    went out on the track, as a WebSocket client would with conversation.item.truncate."""
+    assert await _settled(server) == 0
+    session = {"type": "realtime", **LONG_RESPONSE, "audio": {"input": {"turn_detection": None}}}
+    call = await rtc.place_call(server.url, mic=False, session=session)
+    try:
+        server_call = _call_of(server, call)
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}})
+        call.send({"type": "response.create"})
+        events: list[dict] = []
+        started = await call.until("output_audio_buffer.started", events=events)
+        for _ in range(400):  # the engine gets ahead: its audio waits in the track
+            if server_call.track.buffered_s >= 1.0:
+                break
+            await asyncio.sleep(0.05)
+        assert server_call.track.buffered_s >= 1.0
+        call.send({"type": "response.cancel"})
+        truncated = await call.until("conversation.item.truncated", events=events)
+        played_samples = server_call.track.audio_samples_sent  # 48 kHz, all of this response
+        frames_at_cut = len([f for f in call.frames if f.at <= truncated["_at"]])
+        await asyncio.sleep(1.0)  # the engine applies the truncate on its thread; the track stays quiet
+        assert server_call.track.audio_samples_sent == played_samples  # nothing plays after the cut
+        assert_heard_in_context(server, truncated["item_id"], truncated["audio_end_ms"])
+    finally:
+        await call.close()
+    kinds = rtc.types(events)
+    done = events[kinds.index("response.done")]["response"]
+    assert done["status"] == "cancelled" and done["id"] == started["response_id"]
+    assert kinds.index("output_audio_buffer.cleared") < kinds.index("response.done") < kinds.index(
+        "conversation.item.truncated")
+    assert done["output"][0]["id"] == truncated["item_id"]
+    assert truncated["audio_end_ms"] == played_samples // 48 > 0
+    assert done["mimo"]["audio_ms"] - truncated["audio_end_ms"] >= 900  # what was buffered was never heard
+    late = call.frames[frames_at_cut + 15:]  # 300 ms for frames already in flight
+    assert len(late) > 25 and max(f.peak for f in late) <= 64
+
+
+async def test_events_sent_as_the_channel_opens_wait_for_the_slot(server):
+    """A client may send as soon as its data channel opens, before the server's side of the call has
+    taken its engine slot (a race the server loses under load): the events wait for the slot."""
+    assert await _settled(server) == 0
+    pc, channel = await rtc.make_offer(mic=False)
+    got: list[dict] = []
+    channel.on("message", lambda message: got.append(json.loads(message)))
+    update = {"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}}
+    try:
+        answer = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        call = server.app.state.calls[answer.headers["location"].rsplit("/", 1)[-1]]
+        # the event reaches the call before its peer connected, as in the race
+        call.task.get_loop().call_soon_threadsafe(call.on_client_message, json.dumps(update))
+        await pc.setRemoteDescription(RTCSessionDescription(answer.text, "answer"))
+        for _ in range(600):
+            if {"session.updated", "error"} & set(rtc.types(got)):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await pc.close()
+    assert "error" not in rtc.types(got), got
+    assert rtc.types(got)[:2] == ["session.created", "session.updated"]
+    assert got[1]["session"]["instructions"] == "Be brief."
 
 
 async def test_multipart_offer_configures_the_session_and_receive_only_works(server):
@@ -358,6 +426,40 @@ async def test_sideband_joins_the_call_and_steers_it(server):
     assert await _settled(server) == 0
 
 
+async def test_sideband_that_joins_before_the_peer_connects(server):
+    """OpenAI's flow: the application server posts the browser's offer, hands back the answer and
+    opens the sideband at once, before the browser's peer has connected. The sideband sees the
+    call's own session.created (once), and what it sent meanwhile applies once the call runs."""
+    import websockets
+
+    assert await _settled(server) == 0
+    pc, dc = await rtc.make_offer(mic=False)
+    answer = await rtc.post_offer(server.url, pc.localDescription.sdp,
+                                  session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    assert answer.status_code == 201
+    call_id = answer.headers["location"].rsplit("/", 1)[-1]
+    side = await websockets.connect(server.ws_url + f"?call_id={call_id}", subprotocols=["realtime"])
+    received: list[dict] = []
+    dc.on("message", lambda m: received.append(json.loads(m)))
+    try:
+        await side.send(json.dumps({"type": "session.update", "session": {"type": "realtime",
+                                                                          "instructions": "Early words."}}))
+        assert server.engine.active_sessions == 0  # the peer has not connected: no slot yet
+        await pc.setRemoteDescription(rtc.RTCSessionDescription(answer.text, "answer"))
+        seen = [json.loads(await asyncio.wait_for(side.recv(), 30)) for _ in range(2)]
+        assert [e["type"] for e in seen] == ["session.created", "session.updated"]
+        assert seen[1]["session"]["instructions"] == "Early words."
+        for _ in range(200):
+            if len(received) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [e["event_id"] for e in received[:2]] == [e["event_id"] for e in seen]  # the same events
+    finally:
+        await side.close()
+        await pc.close()
+    assert await _settled(server) == 0
+
+
 async def test_sideband_to_an_unknown_call_is_refused(server):
     import websockets
 
@@ -573,7 +675,7 @@ async def test_microphone_input_is_resampled_with_the_official_filter():
     """48 kHz from the browser goes to the model: the official pipeline's filter, not soxr."""
     from aiortc.rtcrtpreceiver import RemoteStreamTrack
 
-    from agent.resample import SincResampler
+    from streaming.resample import SincResampler
 
     track = RemoteStreamTrack(kind="audio")
     t = np.arange(3 * FRAME_SAMPLES) / 48_000

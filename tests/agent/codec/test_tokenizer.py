@@ -8,7 +8,7 @@ import soxr
 import torch
 
 from agent.codec import AudioError, load_wav, pad_codes_to_group
-from agent.resample import resample
+from streaming.resample import resample
 
 from .conftest import DATA
 

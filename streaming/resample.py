@@ -1,5 +1,8 @@
 """Resampling as the official MiMo-Audio pipeline does it (numpy only, no torchaudio).
 
+Here, in the streaming layer, so that the standalone client SDK (``clients/python``) ships it;
+``agent.codec`` uses it for files and arrays at other rates.
+
 The official code brings every input to 24 kHz with ``torchaudio.functional.resample`` at its
 defaults: band-limited interpolation with a Hann-windowed sinc (``lowpass_filter_width=6``,
 ``rolloff=0.99``, ``sinc_interp_hann``). That is the filter the tokenizer was trained behind, so
