@@ -9,6 +9,8 @@ import base64
 import itertools
 import json
 import re
+import urllib.error
+import urllib.request
 
 import httpx
 import numpy as np
@@ -331,6 +333,13 @@ async def _raw_post(server, head: str, body: bytes = b"", *, chunked: bool = Fal
         writer.close()
 
 
+def _urllib_post(url: str, body: bytes) -> urllib.error.HTTPError:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/sdp"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    return refused.value
+
+
 async def test_offer_bodies_are_limited_while_reading(server):
     limit = MAX_OFFER_BYTES
     # a declared length over the limit: refused before any of the body is read
@@ -355,6 +364,9 @@ async def test_offer_bodies_are_limited_while_reading(server):
         ):
             assert response.status_code == 413, response.text
             assert response.json()["error"]["code"] == "request_too_large"
+    # ... and one that asks to close the connection after the answer (urllib does)
+    refused = await asyncio.to_thread(_urllib_post, server.url + "/v1/realtime/calls", b"v" * (8 << 20))
+    assert refused.code == 413 and json.loads(refused.read())["error"]["code"] == "request_too_large"
     assert server.engine.active_sessions == 0 and server.app.state.calls == {}
 
 
