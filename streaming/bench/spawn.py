@@ -50,8 +50,10 @@ def serve_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
 class SpawnedServer:
     """``with SpawnedServer(argv) as server: server.url ...``"""
 
-    def __init__(self, serve_args: list[str], *, timeout_s: float = START_TIMEOUT_S) -> None:
+    def __init__(self, serve_args: list[str], *, timeout_s: float = START_TIMEOUT_S,
+                 env: dict[str, str] | None = None) -> None:
         self.serve_args = serve_args
+        self.env = env  # added to this process's environment (PYTHONPATH: another source tree)
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -73,7 +75,8 @@ class SpawnedServer:
         cmd = [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--port-file", str(port_file), "--log-level", "warning", *self.serve_args]
         with open(self._log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + self.timeout_s
         while not port_file.exists():
             if self.proc.poll() is not None:
