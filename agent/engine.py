@@ -665,8 +665,8 @@ class Engine:
         index = len(s.items)
         if after == AT_START:
             index = 0
-        elif after is not None:
-            index = next((i + 1 for i, it in enumerate(s.items) if it.item_id == after), index)
+        elif after is not None:  # after the last of that id (an item's parts may be several items here)
+            index = next((i + 1 for i in range(len(s.items) - 1, -1, -1) if s.items[i].item_id == after), index)
         s.items.insert(index, item)
 
     def _add_item(self, s: _Session, item: Item, after: str | None = None) -> None:
