@@ -461,11 +461,10 @@ class Engine:
             self._drain_jobs(self._wait_s())
             try:
                 self.tick()
-            except Exception:  # never let one bad step kill the engine: fail the sessions involved
-                log.exception("engine tick failed")
+            except Exception as exc:  # outside any one session's work: fail every response, the engine goes on
                 for s in list(self._sessions.values()):
                     if s.response is not None:
-                        self._finish(s, "failed", "engine_error")
+                        self._fail(s, "engine tick", exc)
         for s in list(self._sessions.values()):
             self._close_session(s)
 
@@ -555,18 +554,19 @@ class Engine:
             self._free_slots.append(s.slot)
 
     # ----------------------------------------------------------------------------- isolation
-    def _fail(self, s: _Session, stage: str, exc: BaseException) -> None:
+    def _fail(self, s: _Session, stage: str, exc: BaseException, response_id: str | None = None) -> None:
         """``stage`` raised while serving ``s``: fail ``s`` alone. An error names the session and the
-        stage, its response ends ``failed``, and its slot is reset (a step that raised may have
-        left half-written positions behind), so its next response prefills the whole conversation
-        again. The session stays open; every other session goes on."""
+        stage (and the running response, or ``response_id``), the response ends ``failed``, and the
+        slot is reset (a step that raised may have left half-written positions behind), so the next
+        response prefills the whole conversation again. The session stays open; every other
+        session goes on."""
         log.error("session %d: %s failed", s.sid, stage, exc_info=exc)
         self.cache.reset(s.slot)
         s.cached = self.builder.tokens([])
         r = s.response
         self._emit(s, EngineError(
             "session_failed", f"engine session {s.sid}: {stage} failed: {type(exc).__name__}: {exc}",
-            response_id=r.job.response_id if r is not None else None,
+            response_id=r.job.response_id if r is not None else response_id,
             item_id=r.item.item_id if r is not None else None))
         if r is not None:
             r.stream, r.new_codes = None, []  # its codec state may be half-updated: never decoded again
@@ -583,6 +583,15 @@ class Engine:
             yield
         except Exception as exc:
             self._fail(s, stage, exc)
+
+    def _each(self, stage: str, rows: list[tuple[_Session, Any]], work: Callable[[_Session, Any], None]) -> None:
+        """``work(s, value)`` for each row; one that raises fails its session alone (a plain
+        ``try`` per row: this runs for every row of every step)."""
+        for s, value in rows:
+            try:
+                work(s, value)
+            except Exception as exc:
+                self._fail(s, stage, exc)
 
     def _isolated(self, stage: str, sessions: list[_Session], run: Callable[[list[_Session]], list],
                   undo: Callable[[list[_Session]], None] | None = None) -> list[tuple[_Session, Any]]:
@@ -754,6 +763,16 @@ class Engine:
         p = job.params
         item = Item(job.item_id, Role.ASSISTANT, patches=self.builder.tokens([]), audio_output=p.audio)
         s.items.append(item)
+        try:
+            self._begin_response(s, job, item, cpu0)
+        except Exception as exc:
+            if s.response is not None:
+                raise  # it runs: it fails like any running response
+            s.items = [it for it in s.items if it is not item]  # it never started: its item goes too
+            self._fail(s, "starting the response", exc, response_id=job.response_id)
+
+    def _begin_response(self, s: _Session, job: Respond, item: Item, cpu0: float) -> None:
+        p = job.params
         rendering = self._fit_context(s, p, job.response_id)
         if rendering is None:
             s.items.remove(item)
@@ -888,20 +907,28 @@ class Engine:
             ready = sorted(ready[start:] + ready[:start], key=lambda s: self._lead_s(s.response, now))[:n]
             self._rr += n
         t = time.perf_counter()
-        before = {s.sid: (self.cache.length(s.slot), s.cached, s.response.feed, s.response.hidden) for s in ready}
-
-        def undo(rows: list[_Session]) -> None:  # a step that raised: as if it never ran for these rows
-            for s in rows:
-                length, s.cached, s.response.feed, s.response.hidden = before[s.sid]
-                self.cache.rollback(s.slot, min(length, self.cache.length(s.slot)))
-
-        stepped = self._isolated("decode step", ready, self._step_rows, undo)
+        stepped = self._isolated("decode step", ready, self._step_rows, self._unstep)
         self._observe("decode_step", time.perf_counter() - t,
                       {"batch": len(ready), "speech": sum(tok == self.specials.empty for _, (tok, _) in stepped)})
-        for s, (token, codes) in stepped:
-            with self._guard(s, "decode step"):
-                self._accept_patch(s, token, codes)
+        self._each("decode step", stepped, self._stepped)
         return True
+
+    def _unstep(self, rows: list[_Session]) -> None:
+        """A step that raised, undone for these rows: the slots forget what it wrote (the step's
+        input, ``feed`` or ``hidden``, is only consumed by :meth:`_stepped`)."""
+        for s in rows:
+            if self.cache.length(s.slot) > len(s.cached):
+                self.cache.rollback(s.slot, len(s.cached))
+
+    def _stepped(self, s: _Session, patch: tuple[int, torch.Tensor]) -> None:
+        """The step ran for ``s``: its input is in the cache now; then its new patch."""
+        r = s.response
+        if r.hidden is not None:
+            r.hidden = None
+        else:
+            s.cached = s.cached + r.feed
+            r.feed = None
+        self._accept_patch(s, *patch)
 
     def _step_rows(self, ready: list[_Session]) -> list[tuple[int, torch.Tensor]]:
         """One patch for each session: the batched backbone step, text sampling, then the batched
@@ -927,7 +954,8 @@ class Engine:
 
     def _backbone(self, ready: list[_Session]) -> torch.Tensor:
         """Hidden states (B, hidden) for the rows: fed patches go through one batched decode step;
-        rows fresh from prefill already have theirs."""
+        rows fresh from prefill already have theirs. The rows' ``feed`` and ``hidden`` stay until
+        :meth:`_stepped` (a step that raises is run again)."""
         feed = [s for s in ready if s.response.hidden is None]
         out: dict[int, torch.Tensor] = {}
         if feed:
@@ -935,13 +963,10 @@ class Engine:
             codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
             h = self.decode_step(self.cache, [s.slot for s in feed], self.embed_patches(text_ids, codes))
             for b, s in enumerate(feed):
-                s.cached = s.cached + s.response.feed
-                s.response.feed = None
                 out[s.sid] = h[b]
         for s in ready:
             if s.response.hidden is not None:
                 out[s.sid] = s.response.hidden[0]
-                s.response.hidden = None
         return torch.stack([out[s.sid] for s in ready])
 
     def _accept_patch(self, s: _Session, token: int, codes: torch.Tensor) -> None:
@@ -1016,9 +1041,7 @@ class Engine:
 
         decoded = self._isolated("codec pass", work, run)
         self._observe("codec_decode", time.perf_counter() - t, {"batch": len(work)})
-        for s, pcm in decoded:
-            with self._guard(s, "codec pass"):
-                self._send_audio(s, pcm)
+        self._each("codec pass", decoded, self._send_audio)
 
     def _send_audio(self, s: _Session, pcm: np.ndarray | None) -> None:
         r = s.response

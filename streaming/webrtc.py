@@ -107,6 +107,7 @@ class WebRTCOptions:
     max_output_buffer_s: float = 180.0  # agent audio waiting to play (> the longest response)
     max_input_backlog_frames: int = 10  # decoded microphone frames waiting (200 ms)
     max_buffered_bytes: int = 1 << 20  # data channel backlog before the sender waits
+    max_early_messages: int = 64  # client events held while the call takes its engine slot
 
 
 class OfferError(Exception):
@@ -351,6 +352,7 @@ class RealtimeCall:
         self.task: asyncio.Task | None = None
         self.connected = False  # the peer connected and the call holds an engine slot
         self.serving = asyncio.Event()  # connected: client events reach the session from now on
+        self._early: list[str | bytes] = []  # client events that arrived before
         self.listeners: set[Callable[[str], None]] = set()  # sideband connections: every event sent
         self.created_sent = False  # session.created went out (a later sideband gets its own)
         self.pc.on("datachannel", self._on_datachannel)
@@ -395,8 +397,14 @@ class RealtimeCall:
             channel.on("open", self.channel_open.set)
 
     def on_client_message(self, message: str | bytes) -> None:
-        """A client event from the data channel or a sideband connection."""
-        self.bridge.receive(message)
+        """A client event from the data channel or a sideband connection. Those that arrive before
+        the call holds its engine slot (a client may send as soon as its channel opens) wait for it."""
+        if self.serving.is_set():
+            self.bridge.receive(message)
+        elif len(self._early) < self.options.max_early_messages:
+            self._early.append(message)
+        else:
+            self._end(f"the peer sent more than {self.options.max_early_messages} events before the call connected")
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -463,6 +471,9 @@ class RealtimeCall:
             return False
         self.connected = True
         self.serving.set()
+        early, self._early = self._early, []
+        for message in early:
+            self.bridge.receive(message)
         self.app.state.bridges.add(self.bridge)
         metrics.sessions_total.labels("webrtc").inc()
         metrics.sessions_active.labels("webrtc").inc()

@@ -25,6 +25,7 @@ from prometheus_client.samples import Sample
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from streaming.client_secrets import ClientSecret, ClientSecretStore
 from streaming.metrics import ServerMetrics
 from streaming.rayserve.router import SlotRouter
 from streaming.rayserve.routes import RequestKind, classify, new_call_id
@@ -37,6 +38,7 @@ REGISTRY_NAMESPACE = "mimo_agent"
 HEARTBEAT_S = 0.5  # replicas report to the registry this often
 STALE_S = 3.0  # a replica silent this long is left out of /healthz and /metrics (it died)
 STATS_PERIOD_S = 0.5  # record_routing_stats period: how fresh the router's load figures are
+REGISTRY_TIMEOUT_S = 5.0  # a client secret's record or look-up (milliseconds when the cluster is well)
 HEADROOM_REQUESTS = 16  # ongoing requests beyond the session slots: refusals, health, metrics, the demo
 
 
@@ -47,6 +49,7 @@ class ReplicaRegistry:
 
     def __init__(self) -> None:
         self._replicas: dict[str, tuple[float, dict, bytes]] = {}
+        self._secrets: dict[str, Any] = {}  # client secret value -> ClientSecret (FleetSecrets)
 
     def report(self, status: dict, metrics: bytes) -> list[tuple[dict, bytes]]:
         now = time.monotonic()
@@ -59,10 +62,43 @@ class ReplicaRegistry:
     def remove(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
 
+    def add_secret(self, secret: Any) -> None:
+        now = time.time()
+        self._secrets = {v: s for v, s in self._secrets.items() if s.expires_at > now}
+        self._secrets[secret.value] = secret
+
+    def find_secret(self, value: str) -> Any:
+        return self._secrets.get(value)
+
 
 def registry(app_name: str) -> Any:
     return ReplicaRegistry.options(name=f"replicas:{app_name}", namespace=REGISTRY_NAMESPACE, lifetime="detached",
                                    get_if_exists=True).remote()
+
+
+class FleetSecrets(ClientSecretStore):
+    """Ephemeral client secrets shared by every replica: the one that mints a key records it in the
+    registry, and a replica that does not know a key presented to it looks it up there, so a key
+    opens sessions on whichever replica has a free slot."""
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def create(self, settings: dict[str, Any], ttl_s: int) -> ClientSecret:
+        secret = super().create(settings, ttl_s)
+        ray.get(self.registry.add_secret.remote(secret), timeout=REGISTRY_TIMEOUT_S)
+        return secret
+
+    def check(self, value: str) -> ClientSecret:
+        try:
+            return super().check(value)
+        except LookupError:
+            found = ray.get(self.registry.find_secret.remote(value), timeout=REGISTRY_TIMEOUT_S)
+            if found is None:
+                raise
+            self._secrets[found.value] = found  # known here from now on; the expiry is checked as usual
+            return super().check(value)
 
 
 class FleetMetrics(ServerMetrics):
@@ -117,9 +153,10 @@ class RealtimeReplica:
         self.server = build_server(args, self.metrics)
         self.server.state.new_call_id = lambda: new_call_id(self.replica_id)
         self.server.state.health_extras.append(self._fleet)
+        self.registry = registry(context.app_name)
+        self.server.state.client_secrets = FleetSecrets(self.registry)
         self.peers: list[dict] = []
         self.serving = False  # Serve routes to this replica: set by the first record_routing_stats call
-        self.registry = registry(context.app_name)
         self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())
         log.info("replica %s (pid %d) serving %s with %d slots", self.replica_id, os.getpid(),
                  self.server.state.config.model_name, self.slots)

@@ -307,3 +307,27 @@ class _Proxy:
 
     def __getattr__(self, name):
         return getattr(self._target, name)
+
+
+def test_a_response_that_cannot_start_fails_alone(runtime):
+    engine = make_engine(runtime)
+    try:
+        a = Client(engine)
+        calls: list[int] = []
+
+        def new_decode_stream(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise Injected("no stream for the victim")
+            return runtime.codec.new_decode_stream(*args)
+
+        engine.codec = _Proxy(runtime.codec, new_decode_stream=new_decode_stream)
+        a.submit(AddUserText("ua", "Hello"))
+        a.submit(Respond("ra", "a_ra", ResponseParams(sampling=GREEDY_BOTH)))
+        _, err = a.until(EngineError)
+        assert err.response_id == "ra" and err.code == "session_failed" and "starting the response" in err.message
+        assert [it.item_id for it in a.state.items] == ["ua"]  # the answer that never started is gone
+        _, done = a.respond("rb", max_output_patches=8)
+        assert done.status in ("completed", "incomplete") and done.timings["speech_patches"] >= 0
+    finally:
+        engine.stop()

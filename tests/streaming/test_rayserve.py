@@ -138,13 +138,35 @@ async def test_sessions_spread_over_replicas_and_the_extra_one_is_refused(ray_se
         await close_all(sockets)
 
 
+async def test_a_client_secret_opens_sessions_on_every_replica(ray_server):
+    """An ephemeral key minted by one replica opens sessions wherever the router puts them."""
+    await fleet_where(ray_server, idle, "every replica idle")
+    async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as http:
+        minted = await http.post("/v1/realtime/client_secrets", json={"session": {"type": "realtime",
+                                                                                 "instructions": "Be brief."}})
+    assert minted.status_code == 200, minted.text
+    key = minted.json()["value"]
+    sockets = []
+    try:
+        for _ in range(REPLICAS):
+            ws = await websockets.connect(ray_server.ws_url, subprotocols=["realtime",
+                                                                           f"openai-insecure-api-key.{key}"])
+            sockets.append(ws)
+            created = await rc.recv(ws)
+            assert created["type"] == "session.created", created
+            assert created["session"]["instructions"] == "Be brief."
+        await fleet_where(ray_server, lambda rs: [r["sessions"] for r in rs] == [1] * REPLICAS, "one session each")
+    finally:
+        await close_all(sockets)
+
+
 async def test_healthz_and_metrics_name_every_replica(ray_server):
     replicas = await fleet_where(ray_server, idle, "every replica idle")
     body = await health(ray_server)
     assert body["replica"] in {r["id"] for r in replicas}
     assert len({r["pid"] for r in replicas}) == REPLICAS and all(r["pid"] > 0 for r in replicas)
-    # the test above opened sessions on both; the others' figures are as of their last report
-    wanted = [f'mimo_sessions_total{{replica="{r["id"]}",transport="websocket"}} {SLOTS}' for r in replicas]
+    # the tests above opened SLOTS + 1 sessions on each; the others' figures are as of their last report
+    wanted = [f'mimo_sessions_total{{replica="{r["id"]}",transport="websocket"}} {SLOTS + 1}' for r in replicas]
     async with httpx.AsyncClient(base_url=ray_server.url, timeout=10) as http:
         for _ in range(40):
             metrics = (await http.get("/metrics")).text

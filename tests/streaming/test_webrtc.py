@@ -176,6 +176,31 @@ async def test_cancel_truncates_the_item_to_what_the_track_played(server):
     assert len(late) > 25 and max(f.peak for f in late) <= 64
 
 
+async def test_events_sent_as_the_channel_opens_wait_for_the_slot(server):
+    """A client may send as soon as its data channel opens, before the server's side of the call has
+    taken its engine slot (a race the server loses under load): the events wait for the slot."""
+    assert await _settled(server) == 0
+    pc, channel = await rtc.make_offer(mic=False)
+    got: list[dict] = []
+    channel.on("message", lambda message: got.append(json.loads(message)))
+    update = {"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}}
+    try:
+        answer = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        call = server.app.state.calls[answer.headers["location"].rsplit("/", 1)[-1]]
+        # the event reaches the call before its peer connected, as in the race
+        call.task.get_loop().call_soon_threadsafe(call.on_client_message, json.dumps(update))
+        await pc.setRemoteDescription(RTCSessionDescription(answer.text, "answer"))
+        for _ in range(600):
+            if {"session.updated", "error"} & set(rtc.types(got)):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await pc.close()
+    assert "error" not in rtc.types(got), got
+    assert rtc.types(got)[:2] == ["session.created", "session.updated"]
+    assert got[1]["session"]["instructions"] == "Be brief."
+
+
 async def test_multipart_offer_configures_the_session_and_receive_only_works(server):
     assert await _settled(server) == 0
     session = {"type": "realtime", "model": "ignored", "instructions": "Answer briefly.",
