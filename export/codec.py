@@ -95,6 +95,9 @@ class OnnxCodec:
         return self.encode_batch([wav], sample_rate, **kwargs)[0]
 
     # --- decoding ---------------------------------------------------------------------------------
+    def decode_cache_bytes(self) -> int:
+        return self.tok.decode_cache_bytes()
+
     def new_decode_stream(self, schedule: streaming.DecodeSchedule | None = None) -> streaming.DecodeStream:
         return self.tok.new_decode_stream(schedule)
 
@@ -232,9 +235,9 @@ class OnnxCodec:
             if seg.kv is None:
                 none = torch.zeros(1, self.heads, 0, self.head_dim, dtype=dtype, device=device)
                 seg.kv = [LayerKV(none, none) for _ in range(self.layers)]
-            for i, kv in enumerate(seg.kv):
-                kv.k = torch.cat([kv.k, out[f"new_key_{i}"][b : b + 1, :, : 2 * count].to(dtype)], dim=2)
-                kv.v = torch.cat([kv.v, out[f"new_value_{i}"][b : b + 1, :, : 2 * count].to(dtype)], dim=2)
+            for i, kv in enumerate(seg.kv):  # (a PyTorch pass's bounded cache appends in place)
+                kv.append(out[f"new_key_{i}"][b : b + 1, :, : 2 * count].to(dtype),
+                          out[f"new_value_{i}"][b : b + 1, :, : 2 * count].to(dtype))
             seg.frames50 += 2 * count
             seg.moments1 = tuple(out["moments1_out"][b])
             seg.moments2 = tuple(out["moments2_out"][b])
