@@ -11,7 +11,8 @@ session exactly like events from the data channel: ``session.update``, ``respons
 wait until it has (the session gets its engine slot then). Several sidebands may join one call.
 
 It ends when the call ends (closed with code 1000), when it disconnects (the call goes on), or when
-it stops reading (closed with 1008 once ``max_queued_events`` wait; the call goes on). An unknown
+it stops reading (closed with 1008 once more than the server's per-session send budget,
+``--send-queue-mib``, waits for it; the call goes on). An unknown
 call id is refused before the handshake with 404 ``call_id_not_found``, as OpenAI does.
 """
 
@@ -29,7 +30,6 @@ from streaming.config import fully_set
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED_EVENTS = 4096
 WS_CLOSE_POLICY = 1008
 
 
@@ -46,19 +46,23 @@ async def serve_sideband(app: FastAPI, websocket: WebSocket, call_id: str, subpr
         return
     await websocket.accept(subprotocol=subprotocol)
     queue: asyncio.Queue[str | None] = asyncio.Queue()
+    budget = app.state.config.max_queued_bytes
+    queued = [0]  # bytes waiting in ``queue``
 
     def listen(text: str) -> None:
-        if queue.qsize() >= MAX_QUEUED_EVENTS:
+        if queued[0] + len(text) > budget:
             call.listeners.discard(listen)
             queue.put_nowait(None)  # it stopped reading: let it go, the call goes on
             return
+        queued[0] += len(text)
         queue.put_nowait(text)
 
     if call.created_sent:
         queue.put_nowait(p.SessionCreated(session=fully_set(call.bridge.session.config)).to_json())
     call.listeners.add(listen)
     log.info("call %s: sideband joined", call.id)
-    receiving, sending = asyncio.create_task(_forward(websocket, call)), asyncio.create_task(_send(websocket, queue))
+    receiving, sending = (asyncio.create_task(_forward(websocket, call)),
+                          asyncio.create_task(_send(websocket, queue, queued)))
     tasks = [receiving, sending, asyncio.create_task(call.ended.wait())]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -67,7 +71,7 @@ async def serve_sideband(app: FastAPI, websocket: WebSocket, call_id: str, subpr
                 log.info("call %s: sideband ended: %r", call.id, t.exception())
         code, reason = 1000, "call ended"
         if not call.ended.is_set() and sending in done:
-            code, reason = WS_CLOSE_POLICY, f"more than {MAX_QUEUED_EVENTS} events not read"
+            code, reason = WS_CLOSE_POLICY, f"more than {budget} bytes of events not read"
     finally:
         call.listeners.discard(listen)
         for t in tasks:
@@ -92,9 +96,10 @@ async def _forward(websocket: WebSocket, call: Any) -> None:
         call.on_client_message(data)
 
 
-async def _send(websocket: WebSocket, queue: asyncio.Queue[str | None]) -> None:
+async def _send(websocket: WebSocket, queue: asyncio.Queue[str | None], queued: list[int]) -> None:
     while True:
         text = await queue.get()
         if text is None:
             return
+        queued[0] -= len(text)
         await websocket.send_text(text)

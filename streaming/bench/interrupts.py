@@ -15,7 +15,9 @@ client's clock from the moment the cancel was sent:
 
 Against a running server (``--url``) or one it starts (``--spawn``, with ``serve``'s model
 options); ``--before DIR`` also starts a server from another source tree (a checkout of an older
-commit) with the same options and measures it in the same run, for before/after figures.
+commit) with the same options and measures it in the same run, for before/after figures: both
+servers run side by side and are measured in alternating blocks (``--blocks``), so a change in the
+machine's load during the run weighs on both alike.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     w = parser.add_argument_group("workload")
     w.add_argument("--sessions", type=int, default=4, help="concurrent sessions (default 4)")
     w.add_argument("--interrupts", type=int, default=50, help="interrupts in all, per transport (default 50)")
+    w.add_argument("--blocks", type=int, default=5,
+                   help="with --before: measure the servers in this many alternating blocks (default 5)")
     w.add_argument("--after", default="0.8,1.6",
                    help="MIN,MAX seconds of the answer's audio received before the cancel (default 0.8,1.6)")
     w.add_argument("--answer-patches", type=int, default=200, help="every answer this many patches (default 200)")
@@ -195,9 +199,9 @@ async def _open(url: str, transport: str, api_key: str | None) -> Any:
     return await WebSocketLink.open(url, api_key=api_key)
 
 
-async def measure(url: str, args: argparse.Namespace, server: str, transport: str) -> list[Interrupt]:
-    """``args.interrupts`` interrupts over ``args.sessions`` concurrent sessions."""
-    counts = [args.interrupts // args.sessions + (i < args.interrupts % args.sessions) for i in range(args.sessions)]
+async def measure(url: str, args: argparse.Namespace, server: str, transport: str, total: int) -> list[Interrupt]:
+    """``total`` interrupts over ``args.sessions`` concurrent sessions."""
+    counts = [total // args.sessions + (i < total % args.sessions) for i in range(args.sessions)]
     try:
         links = await asyncio.gather(*(_open(url, transport, args.api_key) for _ in counts))
     except BenchError:
@@ -259,20 +263,25 @@ def run(args: argparse.Namespace) -> int:
         targets: list[tuple[str, dict[str, str] | None]] = [("after", None)]
         if args.before:
             targets.insert(0, ("before", {"PYTHONPATH": os.path.abspath(args.before)}))
-        for label, env in targets if args.spawn else [("server", None)]:
-            if args.spawn:
-                server = SpawnedServer(serve_argv(args, max_sessions=max(args.sessions, args.max_sessions)), env=env)
-                context: Any = server
-            else:
-                server, context = None, contextlib.nullcontext()
-            with context:
-                url = server.url if server is not None else args.url
-                result.setdefault("servers", {})[label] = fetch_health(url, args.api_key)
-                for transport in transports:
-                    print(f"{label}: {args.interrupts} interrupts over {transport} ...", file=sys.stderr)
-                    records = asyncio.run(measure(url, args, label, transport))
-                    result["runs"].append({"server": label, "transport": transport, "summary": summarize(records),
-                                           "interrupts": [asdict(r) | r.figures() for r in records]})
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            for label, env in targets if args.spawn else []:
+                argv = serve_argv(args, max_sessions=max(args.sessions, args.max_sessions))
+                urls[label] = stack.enter_context(SpawnedServer(argv, env=env)).url
+            if not args.spawn:
+                urls["server"] = args.url
+            result["servers"] = {label: fetch_health(url, args.api_key) for label, url in urls.items()}
+            blocks = max(1, min(args.blocks, args.interrupts // args.sessions)) if len(urls) > 1 else 1
+            sizes = [args.interrupts // blocks + (b < args.interrupts % blocks) for b in range(blocks)]
+            for transport in transports:
+                records: dict[str, list[Interrupt]] = {label: [] for label in urls}
+                for size in sizes:
+                    for label, url in urls.items():
+                        print(f"{label}: {size} interrupts over {transport} ...", file=sys.stderr)
+                        records[label] += asyncio.run(measure(url, args, label, transport, size))
+                for label, recs in records.items():
+                    result["runs"].append({"server": label, "transport": transport, "summary": summarize(recs),
+                                           "interrupts": [asdict(r) | r.figures() for r in recs]})
         result["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     except BenchError as exc:
         print(f"mimo-agent bench-interrupts: {exc}", file=sys.stderr)

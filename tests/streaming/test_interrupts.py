@@ -7,6 +7,7 @@ server without bound."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -229,3 +230,16 @@ async def test_an_event_from_the_engine_that_does_not_fit_closes_the_session(ser
     finally:
         bridge.close()
     assert await outbox.get() is None
+
+
+async def test_the_interrupt_benchmark_measures_each_cancel(server):
+    """``mimo-agent bench-interrupts``' measurement on this server: two interrupts in one session."""
+    from streaming.bench.interrupts import measure, summarize
+
+    args = argparse.Namespace(sessions=1, after="0.2,0.3", answer_patches=200, seed=0, timeout=60.0, api_key=None)
+    records = await measure(server.url, args, "server", "websocket", 2)
+    summary = summarize(records)
+    assert summary["interrupts"] == 2 and summary["statuses"] == ["cancelled"]
+    assert all(r.cancel_at < r.done_at for r in records)
+    assert records[0].next_first_audio_at > records[0].done_at  # the next answer, after the cancelled one
+    assert summary["cancel_to_done_ms"]["n"] == 2 and summary["audio_after_cancel_ms"]["n"] == 2
