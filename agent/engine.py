@@ -673,7 +673,10 @@ class Engine:
             if job.clear_voice:
                 s.voice_codes = None
             elif job.voice_pcm is not None:
-                s.voice_codes = self._encode([job.voice_pcm])[0]
+                try:
+                    s.voice_codes = self._encode([job.voice_pcm])[0]
+                except ValueError as exc:  # bad audio: refused, the session (and its response) go on
+                    self._emit(s, EngineError("invalid_audio", f"voice prompt: {exc}"))
         elif isinstance(job, Respond):
             self._start_response(s, job)
         elif isinstance(job, Cancel):  # at once: the session has finished it, a new one may follow
@@ -695,8 +698,8 @@ class Engine:
         index = len(s.items)
         if after == AT_START:
             index = 0
-        elif after is not None:
-            index = next((i + 1 for i, it in enumerate(s.items) if it.item_id == after), index)
+        elif after is not None:  # after the last of that id (an item's parts may be several items here)
+            index = next((i + 1 for i in range(len(s.items) - 1, -1, -1) if s.items[i].item_id == after), index)
         s.items.insert(index, item)
 
     def _add_item(self, s: _Session, item: Item, after: str | None = None) -> None:

@@ -27,7 +27,6 @@ from torch import nn
 
 from agent.codec import streaming
 from agent.codec.config import LM_CODEBOOKS
-from agent.codec.transformer import LayerKV
 from agent.codec.vocoder import overlap_add
 
 from .runtime import GraphRunner
@@ -232,10 +231,7 @@ class OnnxCodec:
         for b, ((stream, seg, _), count) in enumerate(zip(jobs, n, strict=True)):
             if count == 0:
                 continue
-            if seg.kv is None:
-                none = torch.zeros(1, self.heads, 0, self.head_dim, dtype=dtype, device=device)
-                seg.kv = [LayerKV(none, none) for _ in range(self.layers)]
-            for i, kv in enumerate(seg.kv):  # (a PyTorch pass's bounded cache appends in place)
+            for i, kv in enumerate(streaming.segment_kv(tok, stream, seg)):
                 kv.append(out[f"new_key_{i}"][b : b + 1, :, : 2 * count].to(dtype),
                           out[f"new_value_{i}"][b : b + 1, :, : 2 * count].to(dtype))
             seg.frames50 += 2 * count
