@@ -78,7 +78,7 @@ from streaming.app import (
     busy_error,
     new_bridge,
 )
-from streaming.audio import Overflow, PcmBuffer, StreamResampler
+from streaming.audio import Overflow, PcmBuffer, SincResampler, StreamResampler
 from streaming.config import merge_client_session
 from streaming.outbox import Outbox, goodbye_deadline
 from streaming.session import Transport
@@ -93,6 +93,8 @@ FRAME_SAMPLES = RTC_RATE // 50  # 20 ms
 TIME_BASE = fractions.Fraction(1, RTC_RATE)
 MAX_OFFER_BYTES = 64 * 1024  # an offer is a few KB
 MAX_CALL_BODY_BYTES = 3 * MAX_OFFER_BYTES  # multipart: the offer, the session part and the framing
+MAX_DISCARD_BYTES = 256 * 2**20  # the rest of a refused body read and dropped so the client reads the answer
+DISCARD_TIMEOUT_S = 30.0  # ... for at most this long
 MAX_CLOCK_LAG_S = 0.2  # the output clock skips ahead rather than burst after a longer stall
 
 
@@ -277,7 +279,7 @@ class MicrophoneReader:
 
     def __init__(self, track: MediaStreamTrack, push: Callable[[np.ndarray], None], options: WebRTCOptions) -> None:
         self.track, self.push, self.options = track, push, options
-        self._resampler: StreamResampler | None = None
+        self._resampler: SincResampler | None = None  # to the model: the official pipeline's filter
         self._rate = 0
         self.frames = 0
         self.frames_dropped = 0
@@ -306,7 +308,7 @@ class MicrophoneReader:
             mono = pcm.reshape(-1, channels).astype(np.float32).mean(axis=1)  # (samples, channels) -> (samples,)
         if frame.sample_rate != self._rate:
             self._rate = frame.sample_rate
-            self._resampler = StreamResampler(self._rate, WIRE_RATE)
+            self._resampler = SincResampler(self._rate, WIRE_RATE)
         return self._resampler.process(np.rint(mono).astype(np.int16))
 
     def _drop_backlog(self) -> None:
@@ -555,16 +557,16 @@ class RealtimeCall:
 # routes
 
 
-async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
+async def read_offer(body: OfferBody) -> tuple[str, dict[str, Any] | None]:
     """(SDP offer, session settings or None) from an ``application/sdp`` or multipart body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    headers = body.request.headers
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/sdp":
-        body = b"".join([chunk async for chunk in limited_body(request, MAX_OFFER_BYTES)])
-        return _text(body, "the SDP offer"), None
+        return _text(b"".join([chunk async for chunk in body.read(MAX_OFFER_BYTES)]), "the SDP offer"), None
     if content_type == "multipart/form-data":
         try:
             # the whole body is limited as it streams in, so the parts need no limit of their own
-            parser = MultiPartParser(request.headers, limited_body(request, MAX_CALL_BODY_BYTES),
+            parser = MultiPartParser(headers, body.read(MAX_CALL_BODY_BYTES),
                                      max_files=2, max_fields=4, max_part_size=MAX_CALL_BODY_BYTES)
             form = await parser.parse()
         except MultiPartException as exc:
@@ -596,19 +598,66 @@ async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
                      code="unsupported_media_type")
 
 
-async def limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives; ``OfferError`` 413 as soon as it is known to be over
-    ``limit`` bytes: from ``Content-Length`` before reading, else once the bytes read pass it.
-    The rest is never buffered (the server discards it, so the client still reads the 413)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(f"Content-Length {declared}", limit)
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise _too_large(f"more than {limit} bytes", limit)
-        yield chunk
+class OfferBody:
+    """A call request's body, read as it arrives and never buffered past a limit.
+
+    :meth:`read` raises ``OfferError`` 413 as soon as the body is known to be over its limit: from
+    ``Content-Length`` before reading, else once the bytes read pass it. :meth:`discard` reads and
+    drops what is left after a refusal was sent (:class:`RefusalResponse`), bounded in bytes and
+    time: a client that sends its whole body before it reads (urllib, httpx) would otherwise find
+    the connection reset under the answer when the server closes it (RFC 9112, section 9.6)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.complete = False  # the last of the body has been received
+
+    async def read(self, limit: int) -> AsyncIterator[bytes]:
+        declared = self.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(f"Content-Length {declared}", limit)
+        received = 0
+        while not self.complete:
+            message = await self.request.receive()
+            if message["type"] != "http.request":  # the client went away
+                raise OfferError(400, "the request body ended early: the client disconnected")
+            self.complete = not message.get("more_body", False)
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise _too_large(f"more than {limit} bytes", limit)
+            if chunk:
+                yield chunk
+
+    async def discard(self) -> None:
+        headers = self.request.headers
+        declared = headers.get("content-length", "")
+        if (self.complete or headers.get("expect", "").lower() == "100-continue"  # it waits: nothing was sent
+                or (declared.isdigit() and int(declared) > MAX_DISCARD_BYTES)):
+            return
+        discarded = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DISCARD_TIMEOUT_S):
+                while not self.complete and discarded <= MAX_DISCARD_BYTES:
+                    message = await self.request.receive()
+                    if message["type"] != "http.request":
+                        return
+                    self.complete = not message.get("more_body", False)
+                    discarded += len(message.get("body", b""))
+
+
+class RefusalResponse(Response):
+    """``answer`` sent at once, and completed (the connection closed, if it is to be) only once
+    the rest of the request body has been read and dropped."""
+
+    def __init__(self, answer: Response, body: OfferBody) -> None:
+        super().__init__(answer.body, answer.status_code, headers=dict(answer.headers))
+        self.offer_body = body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        await self.offer_body.discard()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _too_large(size: str, limit: int) -> OfferError:
@@ -700,14 +749,15 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
     config: ServerConfig = app.state.config
     metrics = app.state.metrics
     options: WebRTCOptions = app.state.webrtc
+    body = OfferBody(request)
     try:
         secret = authenticate(app, request.headers, [])
     except Unauthorized as exc:
         metrics.sessions_rejected.labels("unauthorized").inc()
-        return _unauthorized(exc.args[0])
+        return RefusalResponse(_unauthorized(exc.args[0]), body)
     call = None
     try:
-        sdp, session = await read_offer(request)
+        sdp, session = await read_offer(body)
         sdp = check_offer(sdp)
         settings = session_settings(secret.settings if secret is not None else config.session_defaults, session)
         if _engine_full(app.state.engine):
@@ -729,7 +779,7 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
         if call is not None:
             call.bridge.close()
             await call.pc.close()
-        return err.response()
+        return RefusalResponse(err.response(), body)
     except BaseException:
         if call is not None:
             call.bridge.close()

@@ -75,8 +75,11 @@ class SpawnedServer:
         cmd = [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--port-file", str(port_file), "--log-level", "warning", *self.serve_args]
         with open(self._log, "wb") as log:
+            # run from the tree given as PYTHONPATH: ``-m`` puts the working directory first on sys.path,
+            # and a source tree there (this one) would shadow it
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env} if self.env else None)
+                                         env={**os.environ, **self.env} if self.env else None,
+                                         cwd=(self.env or {}).get("PYTHONPATH"))
         deadline = time.monotonic() + self.timeout_s
         while not port_file.exists():
             if self.proc.poll() is not None:

@@ -9,6 +9,8 @@ import base64
 import itertools
 import json
 import re
+import urllib.error
+import urllib.request
 
 import httpx
 import numpy as np
@@ -331,6 +333,13 @@ async def _raw_post(server, head: str, body: bytes = b"", *, chunked: bool = Fal
         writer.close()
 
 
+def _urllib_post(url: str, body: bytes) -> urllib.error.HTTPError:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/sdp"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    return refused.value
+
+
 async def test_offer_bodies_are_limited_while_reading(server):
     limit = MAX_OFFER_BYTES
     # a declared length over the limit: refused before any of the body is read
@@ -355,6 +364,9 @@ async def test_offer_bodies_are_limited_while_reading(server):
         ):
             assert response.status_code == 413, response.text
             assert response.json()["error"]["code"] == "request_too_large"
+    # ... and one that asks to close the connection after the answer (urllib does)
+    refused = await asyncio.to_thread(_urllib_post, server.url + "/v1/realtime/calls", b"v" * (8 << 20))
+    assert refused.code == 413 and json.loads(refused.read())["error"]["code"] == "request_too_large"
     assert server.engine.active_sessions == 0 and server.app.state.calls == {}
 
 
@@ -669,6 +681,25 @@ async def test_microphone_reader_downmixes_resamples_and_bounds_the_backlog():
     # the end of the track ends the reader
     await track._queue.put(None)
     assert await reader.run() == "the peer's audio track ended"
+
+
+async def test_microphone_input_is_resampled_with_the_official_filter():
+    """48 kHz from the browser goes to the model: the official pipeline's filter, not soxr."""
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    from streaming.resample import SincResampler
+
+    track = RemoteStreamTrack(kind="audio")
+    t = np.arange(3 * FRAME_SAMPLES) / 48_000
+    tone = np.round(6000 * np.sin(2 * np.pi * 300 * t) + 3000 * np.sin(2 * np.pi * 7000 * t)).astype(np.int16)
+    for i in range(3):
+        cut = slice(i * FRAME_SAMPLES, (i + 1) * FRAME_SAMPLES)
+        await track._queue.put(_stereo_frame(i * FRAME_SAMPLES, tone[cut], tone[cut]))
+    pushed: list[np.ndarray] = []
+    reader = MicrophoneReader(track, pushed.append, WebRTCOptions(media_timeout_s=0.2))
+    await reader.run()
+    want = SincResampler(48_000, 24_000).process(tone)
+    assert np.array_equal(np.concatenate(pushed), want)
 
 
 def test_ice_server_urls():
