@@ -5,12 +5,16 @@ no o_proj bias, SwiGLU MLP: numerically the Qwen2 of transformers 4.49 (norms in
 tables computed in fp32 and cast to the activation dtype). Attribute names are the official
 checkpoint key names (``self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...).
 
-The blocks hold weights only. Attention takes keys and values from the caller: each user of a
-stack (backbone with its slot KV cache, patch decoder with its 11-step cache, patch encoder with
-no cache) decides where keys live and which positions a query may see.
+The blocks hold weights only, and the decoder-layer loop exists once, :meth:`TransformerStack.run`:
+every user of a stack (the backbone's prefill and decode step with its slot KV cache, the CUDA-graph
+step, the patch decoder with its 11-step cache, the patch encoder with no cache, and the ONNX
+graphs built from them) passes it an attention function that decides where keys live and which
+positions a query may see.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,8 +142,13 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+#: (layer index, q (B, H, T, d), k, v (B, Hkv, T, d) of the new positions) -> attention (B, H, T, d).
+#: The callable stores the new keys and values where its user keeps them and attends to them.
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class DecoderLayer(nn.Module):
-    """One pre-norm Qwen2 layer. ``forward`` is the cache-free path; cached users call the parts."""
+    """One pre-norm Qwen2 layer; :meth:`TransformerStack.run` chains them."""
 
     def __init__(self, cfg: StackConfig) -> None:
         super().__init__()
@@ -152,10 +161,12 @@ class DecoderLayer(nn.Module):
         """The second residual half: x + mlp(norm(x))."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool) -> torch.Tensor:
-        """Self-attention over the T positions of x (B, T, C) alone; no cache."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attention: AttentionFn
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); ``attention(index, q, k, v)`` sees the new positions' q, k, v."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-        x = x + self.self_attn.out(attend(q, k, v, causal=causal))
+        x = x + self.self_attn.out(attention(index, q, k, v))
         return self.feed_forward(x)
 
 
@@ -171,11 +182,15 @@ class TransformerStack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, max_positions)
 
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """The decoder-layer loop: x (B, T, C) at the rotary angles cos/sin (B or 1, T, d) through
+        every layer, then the final norm. ``attention`` keeps each layer's keys and values."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, attention)
+        return self.norm(x)
+
     def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
         """All T positions of x (B, T, C) at positions 0..T-1, no cache (the patch encoder)."""
         _, T, _ = x.shape
         cos, sin = self.rope.at(torch.arange(T, device=x.device), x.dtype)
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # (1, T, d)
-        for layer in self.layers:
-            x = layer(x, cos, sin, causal)
-        return self.norm(x)
+        return self.run(x, cos.unsqueeze(0), sin.unsqueeze(0), lambda _, q, k, v: attend(q, k, v, causal=causal))
