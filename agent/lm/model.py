@@ -26,7 +26,7 @@ from agent.lm.host import to_device
 from agent.lm.kv_cache import KVCache
 from agent.lm.sampling import SamplingBatch, SamplingParams
 from agent.lm.tokenizer import TextTokenizer
-from agent.lm.transformer import TransformerStack, attend
+from agent.lm.transformer import TransformerStack, attend, attention_bias
 
 
 class MiMoAudioLM(nn.Module):
@@ -106,7 +106,8 @@ class MiMoAudioLM(nn.Module):
         mask = (
             None
             if start == 0
-            else (torch.arange(end, device=emb.device)[None, :] <= positions[:, None]).view(1, 1, P, end)
+            else attention_bias(
+                (torch.arange(end, device=emb.device)[None, :] <= positions[:, None]).view(1, 1, P, end), emb.dtype)
         )
 
         def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,8 @@ def slot_step(lm: MiMoAudioLM, cache: KVCache, slots: torch.Tensor, emb: torch.T
     mask = None
     if masked:
         lengths = pos if window is None else cache.lengths[window : window + N]
-        mask = (torch.arange(span, device=emb.device) <= lengths[:, None]).view(N, 1, 1, span)
+        mask = attention_bias((torch.arange(span, device=emb.device) <= lengths[:, None]).view(N, 1, 1, span),
+                              emb.dtype)
 
     def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = cache.k[i], cache.v[i]

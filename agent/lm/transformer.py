@@ -24,7 +24,8 @@ from agent.lm.config import StackConfig
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in fp32, scale in the activation dtype."""
+    """Qwen2 RMSNorm: normalise in fp32, scale in the activation dtype. ``F.rms_norm`` is one fused
+    kernel on CUDA (its decomposition on a CPU); in fp32 it takes the weight too."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -32,10 +33,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        shape = (x.shape[-1],)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryTable:
@@ -50,7 +51,8 @@ class RotaryTable:
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each fp32 [max_positions, head_dim]."""
+        """(cos, sin), each fp32 [max_positions, head_dim]; the first half of ``sin`` is negated
+        (see :func:`apply_rope`)."""
         device = torch.device(device)
         if device not in self._tables:
             d = self.head_dim
@@ -58,7 +60,9 @@ class RotaryTable:
             pos = torch.arange(self.max_positions, dtype=torch.int64).float()
             freqs = pos[:, None] * inv_freq[None, :]  # (T, d/2), one fp32 product as in HF
             emb = torch.cat([freqs, freqs], dim=-1)  # (T, d)
-            self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
+            sin = emb.sin()
+            sin[:, : d // 2] *= -1  # rotate_half's sign, folded into the table
+            self._tables[device] = (emb.cos().to(device), sin.to(device))
         return self._tables[device]
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +72,10 @@ class RotaryTable:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE; ``cos``/``sin`` broadcast against ``x`` (..., head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotate-half RoPE, ``x * cos + rotate_half(x) * sin``; ``cos``/``sin`` broadcast against ``x``
+    (..., head_dim), ``sin`` with its first half negated (:meth:`RotaryTable.get`), so
+    ``rotate_half(x) * sin`` is the halves of x swapped (one roll) times that table: three kernels."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
@@ -96,10 +100,16 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def out(self, attn: torch.Tensor) -> torch.Tensor:
-        """attn (B, H, T, d) -> (B, T, C)."""
+    def out(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + o_proj(attn): attn (B, H, T, d), residual (B, T, C) -> (B, T, C)."""
         B, H, T, d = attn.shape
-        return self.o_proj(attn.transpose(1, 2).reshape(B, T, H * d))
+        return add_linear(residual, attn.transpose(1, 2).reshape(B, T, H * d), self.o_proj.weight)
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive bias SDPA turns it into: built once per
+    step by the caller instead of once per layer inside SDPA (three kernels a layer)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def attend(
@@ -112,7 +122,8 @@ def attend(
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads, without repeating keys.
 
-    q (B, H, T, d); k, v (B, Hkv, S, d); mask (B or 1, 1, T, S) bool, True = may attend;
+    q (B, H, T, d); k, v (B, Hkv, S, d); mask (B or 1, 1, T, S) bool, True = may attend, or its
+    :func:`attention_bias`;
     ``causal`` (without a mask) aligns query i with key i. For one query position (decoding) the
     H query heads are folded onto their Hkv key heads as extra query rows, so each key head is
     read once per group and one mask row serves them all; longer queries (prefill) use SDPA's
@@ -129,6 +140,13 @@ def attend(
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, T, d)
 
 
+def add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``residual + x @ weight.T`` as one matmul that accumulates onto the residual (``addmm``):
+    the residual add rides in the matmul's epilogue instead of a kernel of its own."""
+    C = residual.shape[-1]
+    return torch.addmm(residual.reshape(-1, C), x.reshape(-1, x.shape[-1]), weight.t()).view(residual.shape)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -138,8 +156,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + down(silu(gate(x)) * up(x))."""
+        return add_linear(residual, F.silu(self.gate_proj(x)) * self.up_proj(x), self.down_proj.weight)
 
 
 #: (layer index, q (B, H, T, d), k, v (B, Hkv, T, d) of the new positions) -> attention (B, H, T, d).
@@ -157,17 +176,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The second residual half: x + mlp(norm(x))."""
-        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attention: AttentionFn
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); ``attention(index, q, k, v)`` sees the new positions' q, k, v."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-        x = x + self.self_attn.out(attention(index, q, k, v))
-        return self.feed_forward(x)
+        x = self.self_attn.out(attention(index, q, k, v), residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class TransformerStack(nn.Module):
