@@ -23,10 +23,17 @@ sessions comfortably ahead (``yield_lead_s``) skip decode steps meanwhile, so a 
 and its first second of playback, do not depend on how many sessions are already talking.
 A session comfortably ahead also lets a few speech patches gather before its codec pass, which
 costs about the same for one patch as for four.
+
+Sessions share batches but not failures: an exception while serving one session (its job, its
+prefill, its row of a decode step or of a codec pass, its transcript) fails that session alone
+(:meth:`Engine._fail`: an error naming it, its response ``failed``, its slot reset) and every other
+session goes on. When a batched stage raises, its rows are run again one by one to find the one
+that raises (:meth:`Engine._isolated`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -46,7 +53,7 @@ from agent.lm.model import MiMoAudioLM
 from agent.lm.prompts import Prompt, PromptBuilder
 from agent.lm.sampling import ChannelSampling, SamplingBatch, SamplingParams, draw_uniform, sample
 from agent.lm.tokenizer import TextTokenizer
-from agent.transcriber import Transcriber, TranscriptionDelta, TranscriptionDone
+from agent.transcriber import Transcriber, TranscriptionDelta, TranscriptionDone, TranscriptionFailed
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,12 @@ class EngineConfig:
     codec_defer_margin_s: float = 0.3
     codec_max_patches: int = 8
     job_queue_size: int = 4096
-    min_context_room: int = 128  # positions kept free for a response when trimming old turns
+    # the oldest turns are dropped when the conversation leaves a response too little room: the room
+    # kept is the response's max_output_patches, up to response_room of the context; a trim then
+    # frees trim_headroom of the context besides, so the next turns fit without one (a trim changes
+    # the conversation's start: all that remains is prefilled again)
+    response_room: float = 0.25
+    trim_headroom: float = 0.25
     transcription_positions: int = 1024  # context of the input-transcription pass (its own 1-slot cache)
     min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
     idle_wait_s: float = 0.05
@@ -254,7 +266,7 @@ class EngineError:
 
 EngineEvent = (
     ItemAdded | ResponseStarted | TextDelta | AudioDelta | ResponseDone | ItemTruncated | ItemsDropped | EngineError
-    | TranscriptionDelta | TranscriptionDone
+    | TranscriptionDelta | TranscriptionDone | TranscriptionFailed
 )
 
 
@@ -451,11 +463,10 @@ class Engine:
             self._drain_jobs(self._wait_s())
             try:
                 self.tick()
-            except Exception:  # never let one bad step kill the engine: fail the sessions involved
-                log.exception("engine tick failed")
+            except Exception as exc:  # outside any one session's work: fail every response, the engine goes on
                 for s in list(self._sessions.values()):
                     if s.response is not None:
-                        self._finish(s, "failed", "engine_error")
+                        self._fail(s, "engine tick", exc)
         for s in list(self._sessions.values()):
             self._close_session(s)
 
@@ -509,11 +520,8 @@ class Engine:
             session = self._sessions.get(sid)
             if session is None:
                 continue
-            try:
+            with self._guard(session, f"{type(job).__name__} job"):
                 self._handle(session, job)
-            except Exception as exc:  # a bad job fails that job, not the engine
-                log.exception("job %s failed", type(job).__name__)
-                self._emit(session, EngineError("job_failed", f"{type(job).__name__} failed: {exc}"))
 
     def tick(self) -> None:
         """One round of work: encode, prefill, decode step, codec decode."""
@@ -546,6 +554,68 @@ class Engine:
         self.cache.reset(s.slot)
         with self._lock:
             self._free_slots.append(s.slot)
+
+    # ----------------------------------------------------------------------------- isolation
+    def _fail(self, s: _Session, stage: str, exc: BaseException, response_id: str | None = None) -> None:
+        """``stage`` raised while serving ``s``: fail ``s`` alone. An error names the session and the
+        stage (and the running response, or ``response_id``), the response ends ``failed``, and the
+        slot is reset (a step that raised may have left half-written positions behind), so the next
+        response prefills the whole conversation again. The session stays open; every other
+        session goes on."""
+        log.error("session %d: %s failed", s.sid, stage, exc_info=exc)
+        self.cache.reset(s.slot)
+        s.cached = self.builder.tokens([])
+        r = s.response
+        self._emit(s, EngineError(
+            "session_failed", f"engine session {s.sid}: {stage} failed: {type(exc).__name__}: {exc}",
+            response_id=r.job.response_id if r is not None else response_id,
+            item_id=r.item.item_id if r is not None else None))
+        if r is not None:
+            r.stream, r.new_codes = None, []  # its codec state may be half-updated: never decoded again
+            try:
+                self._finish(s, "failed", "engine_error")
+            except Exception:
+                log.exception("session %d: finishing the failed response failed too", s.sid)
+                s.response = None
+
+    @contextlib.contextmanager
+    def _guard(self, s: _Session, stage: str):
+        """Run a block of work for ``s`` alone: an exception in it fails ``s`` (:meth:`_fail`)."""
+        try:
+            yield
+        except Exception as exc:
+            self._fail(s, stage, exc)
+
+    def _each(self, stage: str, rows: list[tuple[_Session, Any]], work: Callable[[_Session, Any], None]) -> None:
+        """``work(s, value)`` for each row; one that raises fails its session alone (a plain
+        ``try`` per row: this runs for every row of every step)."""
+        for s, value in rows:
+            try:
+                work(s, value)
+            except Exception as exc:
+                self._fail(s, stage, exc)
+
+    def _isolated(self, stage: str, sessions: list[_Session], run: Callable[[list[_Session]], list],
+                  undo: Callable[[list[_Session]], None] | None = None) -> list[tuple[_Session, Any]]:
+        """``run(sessions)`` -> one result per session, in one batch. When the batch raises,
+        ``undo(rows)`` puts back what the failed call changed for those rows and each session runs
+        alone: the one that raises again fails by itself (:meth:`_fail`), the others go on.
+        Returns (session, result) for the sessions that succeeded."""
+        try:
+            return list(zip(sessions, run(sessions), strict=True))
+        except Exception as exc:
+            if len(sessions) == 1:
+                self._fail(sessions[0], stage, exc)
+                return []
+            log.warning("%s of %d sessions failed (%s: %s); running them one by one", stage, len(sessions),
+                        type(exc).__name__, exc)
+        done = []
+        for s in sessions:
+            if undo is not None:
+                undo([s])
+            with self._guard(s, stage):
+                done.append((s, run([s])[0]))
+        return done
 
     def _emit(self, s: _Session, event: EngineEvent) -> None:
         try:
@@ -587,12 +657,11 @@ class Engine:
                 s.voice_codes = self._encode([job.voice_pcm])[0]
         elif isinstance(job, Respond):
             self._start_response(s, job)
-        elif isinstance(job, Cancel):
+        elif isinstance(job, Cancel):  # at once: the session has finished it, a new one may follow
             r = s.response
             if r is not None and (job.response_id is None or job.response_id == r.job.response_id):
                 r.cancel_reason = job.reason
-                if r.phase == "prefill":
-                    self._finish(s, "cancelled", job.reason)
+                self._finish(s, "cancelled", job.reason)
         elif isinstance(job, Truncate):
             self._truncate(s, job)
         elif isinstance(job, DeleteItem):
@@ -629,7 +698,9 @@ class Engine:
             self._finish(s, "cancelled", s.response.cancel_reason)
         if item.patches is not None:
             item.patches = truncate_patches(item.patches, self.specials.empty, job.audio_end_ms)
-        self._sync_cache(s)  # roll back now: the unheard part leaves the KV cache at once
+        if s.response is None:  # roll back now: the unheard part leaves the KV cache at once
+            self._sync_cache(s)
+        # else a response runs on the positions behind it: the rollback waits for the next response
         self._emit(s, ItemTruncated(item.item_id, job.audio_end_ms, self.renderer.assistant_text(item)))
 
     # -------------------------------------------------------------------------------- encode
@@ -645,16 +716,23 @@ class Engine:
             return
         t, cpu = time.perf_counter(), time.thread_time()
         try:
-            codes = self._encode([pcm for _, _, pcm in work])
-        except ValueError as exc:  # bad audio: fail those items alone
-            for s, item, _ in work:
-                s.items = [it for it in s.items if it is not item]
-                self._emit(s, EngineError("invalid_audio", str(exc), item_id=item.item_id))
-            return
+            encoded = list(zip(work, self._encode([pcm for _, _, pcm in work]), strict=True))
+        except Exception:  # one turn's audio made the batch fail: encode them one by one
+            encoded = []
+            for turn in work:
+                s, item, pcm = turn
+                try:
+                    encoded.append((turn, self._encode([pcm])[0]))
+                except Exception as exc:
+                    s.items = [it for it in s.items if it is not item]
+                    if isinstance(exc, ValueError):  # bad audio: the item is refused, the session goes on
+                        self._emit(s, EngineError("invalid_audio", str(exc), item_id=item.item_id))
+                    else:
+                        self._fail(s, f"encoding item {item.item_id}", exc)
         ms = (time.perf_counter() - t) * 1000
         cpu = time.thread_time() - cpu
         self._observe("encode", ms / 1000, {"batch": len(work)})
-        for (s, item, _), c in zip(work, codes, strict=True):
+        for (s, item, _), c in encoded:
             s.last_encode_ms, s.last_encode_cpu_s = ms, cpu
             item.codes = c
             self._item_added(s, item, encode_ms=ms)
@@ -687,6 +765,16 @@ class Engine:
         p = job.params
         item = Item(job.item_id, Role.ASSISTANT, patches=self.builder.tokens([]), audio_output=p.audio)
         s.items.append(item)
+        try:
+            self._begin_response(s, job, item, cpu0)
+        except Exception as exc:
+            if s.response is not None:
+                raise  # it runs: it fails like any running response
+            s.items = [it for it in s.items if it is not item]  # it never started: its item goes too
+            self._fail(s, "starting the response", exc, response_id=job.response_id)
+
+    def _begin_response(self, s: _Session, job: Respond, item: Item, cpu0: float) -> None:
+        p = job.params
         rendering = self._fit_context(s, p, job.response_id)
         if rendering is None:
             s.items.remove(item)
@@ -706,38 +794,58 @@ class Engine:
         s.response = r
         r.timings["encode_ms"] = round(s.last_encode_ms, 3)
         s.last_encode_ms, s.last_encode_cpu_s = 0.0, 0.0
-        cached = self._sync_cache(s, rendering)
+        # a response needs the hidden state of the rendering's last position: when the cache holds
+        # all of it already (a regenerated answer), that position is computed again (vLLM's rule)
+        cached = self._sync_cache(s, rendering, limit=len(rendering) - 1)
         r.cached_positions = cached
         r.prefill = rendering.prompt[cached:]
         r.prefill_positions = len(r.prefill)
         self._emit(s, ResponseStarted(job.response_id, item.item_id))
 
     def _fit_context(self, s: _Session, p: ResponseParams, response_id: str) -> Rendering | None:
-        """Render the conversation; drop the oldest items while it leaves too little room."""
-        room = min(p.max_output_patches, self.config.min_context_room)
+        """Render the conversation; drop the oldest turns when it leaves the response too little room
+        (see ``EngineConfig.response_room``)."""
+        room = max(1, min(p.max_output_patches, int(self.max_positions * self.config.response_room)))
+        limit = self.max_positions - room
+        target = limit - int(self.max_positions * self.config.trim_headroom)
         dropped: list[str] = []
-        while True:
-            rendering = self.renderer.render(s.items, instructions=s.instructions, voice_codes=s.voice_codes)
-            if len(rendering) + room <= self.max_positions:
-                break
-            if len(s.items) <= 2:  # the new turn and its response alone do not fit
+        rendering = self._render(s)
+        while len(rendering) > limit:
+            most = len(s.items) - 2  # the new turn and its response stay
+            if most < 1:
                 self._emit(s, EngineError(
                     "context_length_exceeded",
                     f"the turn needs {len(rendering)} positions plus {room} for the response; "
                     f"the session's context holds {self.max_positions}",
                     response_id=response_id, item_id=s.items[-1].item_id))
                 return None
-            dropped.append(s.items.pop(0).item_id)
+            # down to the target, by the rendering's spans (the first user turn gains the
+            # instructions: the next round drops more if that overshoots), never leaving an answer
+            # without its question at the start
+            spans, head = rendering.spans, rendering.spans[s.items[0].item_id][0]
+            k = 1
+            while k < most and (s.items[k].role is Role.ASSISTANT
+                                or head + len(rendering) - spans[s.items[k].item_id][0] > target):
+                k += 1
+            dropped += [it.item_id for it in s.items[:k]]
+            del s.items[:k]
+            rendering = self._render(s)
         if dropped:
             self._emit(s, ItemsDropped(tuple(dropped), "context_limit"))
         return rendering
 
-    def _sync_cache(self, s: _Session, rendering: Rendering | None = None) -> int:
-        """Roll the slot back to the common prefix of its cache and the rendering; return it."""
+    def _render(self, s: _Session) -> Rendering:
+        return self.renderer.render(s.items, instructions=s.instructions, voice_codes=s.voice_codes)
+
+    def _sync_cache(self, s: _Session, rendering: Rendering | None = None, limit: int | None = None) -> int:
+        """Roll the slot back to the common prefix of its cache and the rendering (at most ``limit``
+        positions); return its length."""
         if rendering is None:
-            rendering = self.renderer.render(s.items, instructions=s.instructions, voice_codes=s.voice_codes)
+            rendering = self._render(s)
         assert s.cached is not None
         keep = common_prefix(s.cached, rendering.prompt)
+        if limit is not None:
+            keep = min(keep, limit)
         if keep < len(s.cached):
             self.cache.rollback(s.slot, keep)
             s.cached = s.cached[:keep]
@@ -750,18 +858,23 @@ class Engine:
             if r is None or r.phase != "prefill" or budget <= 0:
                 continue
             assert r.prefill is not None
-            t = time.perf_counter()
-            chunk, r.prefill = r.prefill[:budget], r.prefill[budget:]
+            chunk = r.prefill[:budget]
             budget -= len(chunk)
-            emb = self.embed_patches(*chunk.batch(self.device))
-            r.hidden = self.lm.prefill(self.cache, s.slot, emb)
-            s.cached = s.cached + chunk
-            r.timings["prefill_ms"] = round(r.timings.get("prefill_ms", 0.0) + (time.perf_counter() - t) * 1000, 3)
-            self._observe("prefill", time.perf_counter() - t, {"positions": len(chunk)})
-            if len(r.prefill) == 0:
-                r.prefill = None
-                r.phase = "generate"
-                r.mark("prefill_done_ms")
+            with self._guard(s, "prefill"):
+                self._prefill_chunk(s, r, chunk)
+
+    def _prefill_chunk(self, s: _Session, r: _Response, chunk: Prompt) -> None:
+        t = time.perf_counter()
+        emb = self.embed_patches(*chunk.batch(self.device))
+        r.hidden = self.lm.prefill(self.cache, s.slot, emb)
+        s.cached = s.cached + chunk
+        r.prefill = r.prefill[len(chunk):]
+        r.timings["prefill_ms"] = round(r.timings.get("prefill_ms", 0.0) + (time.perf_counter() - t) * 1000, 3)
+        self._observe("prefill", time.perf_counter() - t, {"positions": len(chunk)})
+        if len(r.prefill) == 0:
+            r.prefill = None
+            r.phase = "generate"
+            r.mark("prefill_done_ms")
 
     # -------------------------------------------------------------------------------- decode
     def _lead_s(self, r: _Response, now: float) -> float:
@@ -778,7 +891,8 @@ class Engine:
             if r is None or r.phase != "generate":
                 continue
             if r.cancel_reason is not None:
-                self._finish(s, "cancelled", r.cancel_reason)
+                with self._guard(s, "cancel"):
+                    self._finish(s, "cancelled", r.cancel_reason)
                 continue
             if self._lead_s(r, now) > self.config.max_audio_lead_s:
                 continue  # far enough ahead of the listener
@@ -795,6 +909,32 @@ class Engine:
             ready = sorted(ready[start:] + ready[:start], key=lambda s: self._lead_s(s.response, now))[:n]
             self._rr += n
         t = time.perf_counter()
+        stepped = self._isolated("decode step", ready, self._step_rows, self._unstep)
+        self._observe("decode_step", time.perf_counter() - t,
+                      {"batch": len(ready), "speech": sum(tok == self.specials.empty for _, (tok, _) in stepped)})
+        self._each("decode step", stepped, self._stepped)
+        return True
+
+    def _unstep(self, rows: list[_Session]) -> None:
+        """A step that raised, undone for these rows: the slots forget what it wrote (the step's
+        input, ``feed`` or ``hidden``, is only consumed by :meth:`_stepped`)."""
+        for s in rows:
+            if self.cache.length(s.slot) > len(s.cached):
+                self.cache.rollback(s.slot, len(s.cached))
+
+    def _stepped(self, s: _Session, patch: tuple[int, torch.Tensor]) -> None:
+        """The step ran for ``s``: its input is in the cache now; then its new patch."""
+        r = s.response
+        if r.hidden is not None:
+            r.hidden = None
+        else:
+            s.cached = s.cached + r.feed
+            r.feed = None
+        self._accept_patch(s, *patch)
+
+    def _step_rows(self, ready: list[_Session]) -> list[tuple[int, torch.Tensor]]:
+        """One patch for each session: the batched backbone step, text sampling, then the batched
+        patch decoder for the rows whose text token is ``<|empty|>``. Returns (token, codes) per row."""
         hidden = self._backbone(ready)
         logits = mask_text_logits(self.lm.text_logits(hidden), [s.response.controls for s in ready],
                                   self.specials.empty)
@@ -804,22 +944,20 @@ class Engine:
             uniform = draw_uniform([s.text_generator for s in ready], len(ready), (), self.device)
         tokens = sample(logits, text_params, uniform).tolist()  # host sync: text or speech decides the path
         speech_rows = [i for i, tok in enumerate(tokens) if tok == self.specials.empty]
-        codes = None
+        codes = {}
         if speech_rows:
             rows = torch.tensor(speech_rows, device=self.device)
             speech_params = SamplingBatch.from_params([ready[i].response.speech_params for i in speech_rows],
                                                       self.device)
-            codes = self.decode_patch(hidden.index_select(0, rows), speech_params,
-                                      [ready[i].speech_generator for i in speech_rows]).cpu()
-        self._observe("decode_step", time.perf_counter() - t, {"batch": len(ready), "speech": len(speech_rows)})
-        for i, s in enumerate(ready):
-            patch_codes = codes[speech_rows.index(i)] if i in speech_rows else self._empty_codes
-            self._accept_patch(s, tokens[i], patch_codes)
-        return True
+            decoded = self.decode_patch(hidden.index_select(0, rows), speech_params,
+                                        [ready[i].speech_generator for i in speech_rows]).cpu()
+            codes = dict(zip(speech_rows, decoded, strict=True))
+        return [(tok, codes.get(i, self._empty_codes)) for i, tok in enumerate(tokens)]
 
     def _backbone(self, ready: list[_Session]) -> torch.Tensor:
         """Hidden states (B, hidden) for the rows: fed patches go through one batched decode step;
-        rows fresh from prefill already have theirs."""
+        rows fresh from prefill already have theirs. The rows' ``feed`` and ``hidden`` stay until
+        :meth:`_stepped` (a step that raises is run again)."""
         feed = [s for s in ready if s.response.hidden is None]
         out: dict[int, torch.Tensor] = {}
         if feed:
@@ -827,13 +965,10 @@ class Engine:
             codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
             h = self.decode_step(self.cache, [s.slot for s in feed], self.embed_patches(text_ids, codes))
             for b, s in enumerate(feed):
-                s.cached = s.cached + s.response.feed
-                s.response.feed = None
                 out[s.sid] = h[b]
         for s in ready:
             if s.response.hidden is not None:
                 out[s.sid] = s.response.hidden[0]
-                s.response.hidden = None
         return torch.stack([out[s.sid] for s in ready])
 
     def _accept_patch(self, s: _Session, token: int, codes: torch.Tensor) -> None:
@@ -894,15 +1029,21 @@ class Engine:
         if not work:
             return
         t = time.perf_counter()
-        batch = []
+        frames, received = {}, {}
         for s in work:
-            frames = torch.cat(s.response.new_codes)  # (4k, 8) 25 Hz frames
+            frames[s.sid] = torch.cat(s.response.new_codes)  # (4k, 8) 25 Hz frames
+            received[s.sid] = s.response.stream.tokens_received
             s.response.new_codes = []
-            batch.append((s.response.stream, frames))
-        chunks = self.codec.decode_streams(batch)
+
+        def run(rows: list[_Session]) -> list[np.ndarray]:
+            # a pass that raised may have taken some streams' codes already: each gets the rest
+            return self.codec.decode_streams(
+                [(s.response.stream, frames[s.sid][s.response.stream.tokens_received - received[s.sid]:])
+                 for s in rows])
+
+        decoded = self._isolated("codec pass", work, run)
         self._observe("codec_decode", time.perf_counter() - t, {"batch": len(work)})
-        for s, pcm in zip(work, chunks, strict=True):
-            self._send_audio(s, pcm)
+        self._each("codec pass", decoded, self._send_audio)
 
     def _send_audio(self, s: _Session, pcm: np.ndarray | None) -> None:
         r = s.response

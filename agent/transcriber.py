@@ -8,12 +8,14 @@ weights write the transcript, greedily, until ``<|im_end|>``.
 The pass runs in its own small one-slot KV cache so it never disturbs a session's conversation,
 one patch per engine tick, after the tick's real work, and only while no response waits for its
 first audio: transcripts are for display, first audio is what the listener waits for. Items are
-transcribed one at a time, in commit order.
+transcribed one at a time, in commit order. A pass that raises fails its own item
+(:class:`TranscriptionFailed`) and the next item goes on.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ from agent.lm.prompts import PromptBuilder
 from agent.lm.sampling import GREEDY, ChannelSampling
 from agent.lm.session import LMSession, Patch
 from agent.lm.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 #: text patches allowed per second of audio (fast speech is about 4 tokens/s), plus a margin
 PATCHES_PER_SECOND = 8
@@ -41,6 +45,12 @@ class TranscriptionDelta:
 class TranscriptionDone:
     item_id: str
     transcript: str
+
+
+@dataclass(frozen=True)
+class TranscriptionFailed:
+    item_id: str
+    message: str
 
 
 @dataclass
@@ -84,6 +94,15 @@ class Transcriber:
         if not self._jobs:
             return
         job = self._jobs[0]
+        try:
+            self._step(job)
+        except Exception as exc:  # this item's pass failed: the next one starts on a reset cache
+            log.exception("transcription of item %s failed", job.item_id)
+            if self._jobs and self._jobs[0] is job:
+                self._jobs.popleft()
+            job.emit(TranscriptionFailed(job.item_id, f"{type(exc).__name__}: {exc}"))
+
+    def _step(self, job: _Job) -> None:
         if job.patches is None:
             prompt = self.builder.asr(job.codes)
             seconds = len(job.codes) / 25

@@ -91,8 +91,8 @@ class CreateResponse:
 
 @dataclasses.dataclass(frozen=True)
 class CancelResponse:
-    """Stop generating ``response_id`` and drop its output not yet sent; then call
-    ``response_done`` for it (any status: the session reports ``cancelled``)."""
+    """Stop generating ``response_id``. The session has already finished it; its late output and
+    ``response_done`` are ignored."""
 
     response_id: str
     reason: CancelReason
@@ -116,9 +116,12 @@ class DeleteItem:
 
 @dataclasses.dataclass(frozen=True)
 class FlushOutputAudio:
-    """Drop queued output audio now (barge-in, ``output_audio_buffer.clear``)."""
+    """Drop queued output audio now (a cancel, barge-in, ``output_audio_buffer.clear``). With
+    ``cut``, a transport that plays the audio itself (WebRTC) reports what it played of each response
+    it cut short (``output_audio_cut``), so the item is truncated to what was heard."""
 
     response_id: str | None
+    cut: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,8 @@ The app holds no model: it is given a running engine (``agent.engine.Engine`` or
 its ``open_session``) and talks to it only through :class:`~streaming.pipeline.SessionBridge`.
 Each WebSocket connection runs three tasks in one task group (receive, send, timers); whichever
 ends first ends the others, and cleanup (cancel the response, free the slot) happens in
-``finally``.
+``finally``. A session that ended (its outbox closed) gets ``GOODBYE_S`` to send its last events,
+then the connection is closed whether the client read them or not.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from streaming import protocol as p
+from streaming.client_secrets import add_client_secret_routes
 from streaming.metrics import ServerMetrics
-from streaming.outbox import DEFAULT_LEAD_S, Outbox, OutboxFull
+from streaming.outbox import DEFAULT_LEAD_S, DEFAULT_MAX_BYTES, GOODBYE_S, Outbox, goodbye_deadline
 from streaming.pipeline import SessionBridge
 from streaming.session import RealtimeSession, SessionLimits, SessionOptions, Transport
 
@@ -46,26 +49,53 @@ class ServerConfig:
     limits: SessionLimits = field(default_factory=SessionLimits)
     session_defaults: dict[str, Any] = field(default_factory=dict)  # merged over the protocol defaults
     audio_lead_s: float = DEFAULT_LEAD_S  # output audio sent ahead of real time
+    max_queued_bytes: int = DEFAULT_MAX_BYTES  # per session: events waiting to be sent, serialized
     web_root: str | None = None  # directory of the demo; None: the packaged ``web``
     description: dict[str, Any] = field(default_factory=dict)  # /healthz extras: device, preset ...
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs (streaming.webrtc.parse_ice_server); none: host only
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-origin (the SDK, calls, client secrets)
 
 
 class ServerBusyError(Exception):
     pass
 
 
-def authorized(api_key: str | None, headers: Any, subprotocols: list[str]) -> bool:
-    """``Authorization: Bearer <key>`` or the ``openai-insecure-api-key.<key>`` subprotocol."""
-    if not api_key:
-        return True
+def _presented(headers: Any, subprotocols: list[str]) -> list[str]:
+    """The keys a request presents: ``Authorization: Bearer <key>``, ``openai-insecure-api-key.<key>``."""
     auth = headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].strip(), api_key):
-        return True
-    for proto in subprotocols:
-        if proto.startswith(API_KEY_SUBPROTOCOL) and hmac.compare_digest(proto[len(API_KEY_SUBPROTOCOL):], api_key):
-            return True
-    return False
+    keys = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
+    return keys + [proto[len(API_KEY_SUBPROTOCOL):] for proto in subprotocols if proto.startswith(API_KEY_SUBPROTOCOL)]
+
+
+def authorized(api_key: str | None, headers: Any, subprotocols: list[str]) -> bool:
+    """The server's API key (or none is configured): what creating client secrets, listing models
+    and hanging up need."""
+    return not api_key or any(hmac.compare_digest(key, api_key) for key in _presented(headers, subprotocols))
+
+
+class Unauthorized(Exception):
+    """No valid key; the message (or None: the standard one) says what is wrong."""
+
+
+def authenticate(app: FastAPI, headers: Any, subprotocols: list[str]) -> Any:
+    """What opens a session: the API key (returns None), or an ephemeral client secret (returns
+    the :class:`~streaming.client_secrets.ClientSecret`, whose session settings apply). An
+    ``ek_`` key that is unknown or expired is refused even on a server without an API key."""
+    from streaming.client_secrets import PREFIX
+
+    api_key = app.state.config.api_key
+    problem = None
+    for key in _presented(headers, subprotocols):
+        if api_key and hmac.compare_digest(key, api_key):
+            return None
+        if key.startswith(PREFIX):
+            try:
+                return app.state.client_secrets.check(key)
+            except LookupError as exc:
+                problem = str(exc)
+    if problem is not None or api_key:
+        raise Unauthorized(problem)
+    return None
 
 
 def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: ServerMetrics | None = None) -> FastAPI:
@@ -77,11 +107,12 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     app.state.config = config
     app.state.metrics = metrics
     app.state.bridges = set()
+    app.state.health_extras = []  # callables returning more /healthz fields (a Ray replica lists its peers)
     started = time.time()
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {
+        health = {
             "status": "ok",
             "model": config.model_name,
             "sessions": len(app.state.bridges),
@@ -91,6 +122,9 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
             "uptime_s": round(time.time() - started, 1),
             **config.description,
         }
+        for extra in app.state.health_extras:
+            health.update(extra())
+        return health
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -101,13 +135,20 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.send_queue.set(sum(len(b.outbox) for b in app.state.bridges))
+        metrics.send_queue.set(sum(b.outbox.queued_bytes for b in app.state.bridges))
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket) -> None:
         await serve_websocket(app, websocket)
 
+    add_client_secret_routes(app)
+    if config.cors_origins:
+        # pages on these origins may import /sdk/, post WebRTC offers (and read the Location that
+        # names the call), mint client secrets and list models; WebSockets are not subject to CORS
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Location"], max_age=600)
     try:  # WebRTC (aiortc) is optional at import time so the WebSocket path never depends on it
         from streaming.webrtc import add_webrtc_routes
     except ImportError:
@@ -120,10 +161,11 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     return app
 
 
-def _unauthorized() -> Response:
+def _unauthorized(message: str | None = None) -> Response:
     body = {"error": {"type": "invalid_request_error", "code": "invalid_api_key",
-                      "message": "Missing or invalid API key: send 'Authorization: Bearer <key>' "
-                                 "or the 'openai-insecure-api-key.<key>' subprotocol."}}
+                      "message": message or "Missing or invalid API key: send 'Authorization: Bearer <key>' "
+                                            "(the API key or a client secret) or the "
+                                            "'openai-insecure-api-key.<key>' subprotocol."}}
     return JSONResponse(body, status_code=401)
 
 
@@ -144,15 +186,23 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
     config: ServerConfig = app.state.config
     metrics: ServerMetrics = app.state.metrics
     offered = list(websocket.scope.get("subprotocols") or [])
-    if not authorized(config.api_key, websocket.headers, offered):
+    try:
+        secret = authenticate(app, websocket.headers, offered)
+    except Unauthorized as exc:
         metrics.sessions_rejected.labels("unauthorized").inc()
         with contextlib.suppress(Exception):
-            await websocket.send_denial_response(_unauthorized())
+            await websocket.send_denial_response(_unauthorized(exc.args[0]))
             return
         await websocket.close(code=WS_CLOSE_POLICY, reason="invalid API key")
         return
     subprotocol = "realtime" if "realtime" in offered else None
-    outbox = Outbox(lead_s=config.audio_lead_s)
+    call_id = websocket.query_params.get("call_id")
+    if call_id is not None:  # a sideband: join a WebRTC call's session
+        from streaming.sideband import serve_sideband
+
+        await serve_sideband(app, websocket, call_id, subprotocol)
+        return
+    outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes)
     bridge = new_bridge(app, Transport.WEBSOCKET, outbox)
     try:
         bridge.open()
@@ -167,11 +217,12 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
     metrics.sessions_total.labels("websocket").inc()
     metrics.sessions_active.labels("websocket").inc()
     try:
-        bridge.start(config.session_defaults, model=config.model_name)
+        bridge.start(secret.settings if secret is not None else config.session_defaults, model=config.model_name)
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(_receive_loop(websocket, bridge)),
                      tg.create_task(_send_loop(websocket, bridge)),
-                     tg.create_task(_tick_loop(bridge))]
+                     tg.create_task(_tick_loop(bridge)),
+                     tg.create_task(goodbye_deadline(outbox))]
             done = asyncio.Event()
             for t in tasks:
                 t.add_done_callback(lambda _t: done.set())
@@ -180,8 +231,6 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
                 t.cancel()
     except* (WebSocketDisconnect, ConnectionError):
         pass
-    except* OutboxFull:
-        log.warning("closing a session whose client stopped reading")
     except* Exception:
         log.exception("session failed")
     finally:
@@ -189,7 +238,7 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
         app.state.bridges.discard(bridge)
         metrics.sessions_active.labels("websocket").dec()
         with contextlib.suppress(Exception):
-            await websocket.close()
+            await asyncio.wait_for(websocket.close(), GOODBYE_S)
 
 
 async def _receive_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
@@ -207,8 +256,11 @@ async def _receive_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
 async def _send_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
     while True:
         event = await bridge.outbox.get()
-        if event is None:  # the session closed itself (duration limit): say goodbye
-            await websocket.close(code=1000)
+        if event is None:  # the session closed itself (duration limit, a client not reading): say goodbye
+            if bridge.outbox.failed:
+                await websocket.close(code=WS_CLOSE_POLICY, reason="send queue full: the client is not reading")
+            else:
+                await websocket.close(code=1000)
             return
         bridge.before_send(event)
         await websocket.send_text(event.to_json())

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("streaming.server", "run the realtime server (WebSocket, WebRTC, browser demo)"),
     "talk": ("streaming.talk", "talk to a server through this machine's microphone and speaker"),
     "bench": ("streaming.bench", "first-audio latency benchmark against a running or spawned server"),
+    "bench-interrupts": ("streaming.bench.interrupts", "how fast a cancel stops the answer (WebSocket, WebRTC)"),
+    "bench-limits": ("streaming.bench.limits", "what vanished WebRTC offers and oversized offer bodies cost a server"),
     "export": ("export.cli", "export the hot paths to ONNX"),
     "bench-onnx": ("export.bench", "ONNX Runtime vs PyTorch timings of the exported graphs (CPU)"),
     "tts": ("agent.offline", "text to speech, offline"),

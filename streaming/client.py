@@ -2,16 +2,25 @@
 
 ::
 
-    from streaming.client import connect
+    from streaming.client import connect        # or, client-only install: mimo_realtime.client
 
-    async with await connect("ws://127.0.0.1:8000/v1/realtime", model="mimo-audio") as client:
+    async with connect("ws://127.0.0.1:8000/v1/realtime", model="mimo-audio") as client:
         await client.send_audio(samples, sample_rate=16000)   # any rate: resampled to 24 kHz
         result = await client.collect_response()               # server VAD answers on its own
         result.audio, result.transcript, result.status, result.timings
 
 Events arrive as the same pydantic models the server uses (``streaming.protocol``), through an
 async iterator (``async for event in client.events()``) and callbacks
-(``client.on("response.output_audio.delta", fn)``, ``"*"`` for all). Imports without torch.
+(``client.on("response.output_audio.delta", fn)``, ``"*"`` for all). An event those models do not
+fit (an item type or event type this server never sends, as OpenAI's function calls) arrives as
+``UnknownServerEvent`` with its fields as received; the client's own bookkeeping reads the JSON, so
+such events never end the session. What the client sends is not validated here: the server judges
+it and answers with an ``error`` naming the problem (the one source of truth, and OpenAI's GA
+events this server does not support still reach a server that does).
+
+Imports without torch; ``clients/python`` packages this module, ``streaming.audio`` and
+``streaming.protocol`` as the ``mimo-realtime-client`` distribution (numpy, soxr, pydantic and
+websockets only), importable as ``mimo_realtime.client``. Imports inside them are relative for that.
 
 The client is transport-agnostic: :class:`RealtimeClient` needs only an object with
 ``async send(str)``, ``async recv() -> str`` and ``async close()`` (a websockets connection is
@@ -27,16 +36,17 @@ import collections
 import contextlib
 import dataclasses
 import inspect
+import json
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from streaming import protocol as p
-from streaming.audio import (
+from . import protocol as p
+from .audio import (
     SAMPLE_RATE,
     StreamResampler,
     WireAudioDecoder,
@@ -63,7 +73,38 @@ class Connection(Protocol):
 
 
 class RealtimeClientError(RuntimeError):
-    """The connection closed, or the server did not answer as expected."""
+    """The connection closed, or the server answered a request with an ``error`` (kept in
+    ``error``: the server's ``{"type", "code", "message", "param", "event_id"}``)."""
+
+    def __init__(self, message: str, error: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def _field(obj: Any, *path: str) -> Any:
+    """``obj[path[0]][path[1]]...`` of a JSON object, None where any step is missing or not an
+    object: the client reads whatever a server sends without failing on it."""
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _error_of(event: p.ServerEventBase, event_id: str) -> dict[str, Any] | None:
+    """The ``error`` object of an ``error`` event that answers the client event ``event_id``."""
+    error = event.to_wire().get("error")
+    return error if _field(error, "event_id") == event_id else None
+
+
+def _lenient(model: type[Any], value: Any) -> Any:
+    """``value`` as ``model`` when it fits, else None."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        return model.model_validate(value)
+    except ValueError:
+        return None
 
 
 @dataclasses.dataclass
@@ -101,32 +142,35 @@ class _ResponseAccumulator:
     def audio_ms(self) -> float:
         return self._samples * 1000 / SAMPLE_RATE
 
-    def feed(self, event: p.ServerEventBase, now: float) -> bool:
-        """Returns True when the response is done."""
+    def feed(self, event: dict[str, Any], now: float) -> bool:
+        """Reads one server event (its JSON object); returns True when the response is done."""
         r = self.result
-        kind = event.type
-        if kind == "response.output_item.added":
-            r.item_id = event.item.id
+        kind = event.get("type")
+        delta = event.get("delta") if isinstance(event.get("delta"), str) else ""
+        if kind == "response.output_item.added" and _field(event, "item", "type") in ("message", None):
+            r.item_id = _field(event, "item", "id")  # the message; function calls are other items
         elif kind == "response.output_audio.delta":
-            pcm = self._decoder.decode(b64decode_audio(event.delta))
+            pcm = self._decoder.decode(b64decode_audio(delta))
             if r.first_audio_at is None:
                 r.first_audio_at = now
             self._audio.append(pcm)
             self._samples += len(pcm)
         elif kind == "response.output_audio_transcript.delta":
-            r.transcript += event.delta
+            r.transcript += delta
         elif kind == "response.output_text.delta":
-            r.text += event.delta
+            r.text += delta
         elif kind == "response.output_audio_transcript.done":
-            r.transcript = event.transcript
+            r.transcript = event.get("transcript") or r.transcript
         elif kind == "response.output_text.done":
-            r.text = event.text
+            r.text = event.get("text") or r.text
         elif kind == "response.done":
-            resp = event.response
+            resp = event.get("response") if isinstance(event.get("response"), dict) else {}
             self._audio.append(self._decoder.flush())
             r.audio = np.concatenate(self._audio)
-            r.status, r.status_details, r.usage = resp.status, resp.status_details, resp.usage
-            r.timings = resp.mimo.timings if resp.mimo is not None else None
+            r.status = resp.get("status")
+            r.status_details = _lenient(p.ResponseStatusDetails, resp.get("status_details"))
+            r.usage = _lenient(p.Usage, resp.get("usage"))
+            r.timings = _field(resp, "mimo", "timings")
             r.done_at = now
             return True
         return False
@@ -149,7 +193,8 @@ class RealtimeClient:
     def __init__(self, connection: Connection, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.connection = connection
         self.clock = clock
-        self.session: p.SessionConfig | None = None
+        self.session: p.SessionConfig | None = None  # None while the server's does not fit the model
+        self.session_wire: dict[str, Any] = {}  # the session as the server last sent it
         self.closed = False
         self._handlers: dict[str, list[Handler]] = collections.defaultdict(list)
         self._queue: asyncio.Queue[p.ServerEventBase | None] = asyncio.Queue()
@@ -173,7 +218,7 @@ class RealtimeClient:
     # ------------------------------------------------------------------------------------------
     # lifecycle
 
-    async def start(self, timeout: float = 10.0) -> p.SessionConfig:
+    async def start(self, timeout: float = 10.0) -> p.SessionConfig | None:
         """Start reading and wait for ``session.created``."""
         created = self.wait_for("session.created")
         self._reader = asyncio.create_task(self._read_loop(), name="realtime-client-reader")
@@ -198,30 +243,46 @@ class RealtimeClient:
     # sending
 
     async def send(self, event: p.ClientEventBase | dict[str, Any]) -> None:
-        """Send one client event (a model, or a dict validated as one first)."""
+        """Send one client event, a model or a JSON object, as it is: the server judges it (an
+        invalid or unsupported event gets an ``error`` naming the problem, and the session goes on)."""
         if self.closed:
             raise RealtimeClientError("the connection is closed")
-        if isinstance(event, dict):
-            event = p.parse_client_event(event)
-        await self.connection.send(event.to_json())
+        await self.connection.send(json.dumps(event) if isinstance(event, dict) else event.to_json())
+
+    async def request(
+        self, event: dict[str, Any], reply: str, timeout: float | None = 10.0
+    ) -> p.ServerEventBase:
+        """Send ``event`` and wait for its answer: the next ``reply`` event, or the ``error`` whose
+        ``event_id`` is this event's (given one here if it has none), which raises
+        :class:`RealtimeClientError`. Errors about other events are not taken for the answer."""
+        event_id = event.get("event_id") or p.new_id("event")
+        event = {**event, "event_id": event_id}
+        answer = self.wait_for(lambda e: e.type == reply or (e.type == "error" and _error_of(e, event_id)))
+        try:
+            await self.send(event)
+            result = await asyncio.wait_for(answer, timeout)
+        finally:
+            answer.cancel()
+        if result.type == "error":
+            error = _error_of(result, event_id)
+            raise RealtimeClientError(
+                f"{event.get('type')} refused: {error.get('code')}: {error.get('message')}", error
+            )
+        return result
 
     async def update_session(
         self, wait: bool = True, timeout: float = 10.0, **fields: Any
     ) -> p.SessionConfig | None:
         """``session.update`` with the given session fields (GA shape, ``mimo`` included); waits
-        for ``session.updated`` unless ``wait=False``. Invalid fields raise ``ProtocolError``
-        before anything is sent."""
+        for ``session.updated`` unless ``wait=False``, and raises :class:`RealtimeClientError`
+        with the server's message if it refuses them."""
         fields.setdefault("type", "realtime")
-        event = p.parse_client_event({"type": "session.update", "session": fields})
+        event = {"type": "session.update", "session": fields}
         if not wait:
             await self.send(event)
             return None
-        updated = self.wait_for(lambda e: e.type in ("session.updated", "error"))
-        await self.send(event)
-        answer = await asyncio.wait_for(updated, timeout)
-        if answer.type == "error":
-            raise RealtimeClientError(f"session.update refused: {answer.error.code}: {answer.error.message}")
-        return answer.session
+        await self.request(event, "session.updated", timeout)
+        return self.session
 
     async def send_audio(
         self, audio: np.ndarray | bytes, sample_rate: int = SAMPLE_RATE, chunk_ms: int = DEFAULT_CHUNK_MS
@@ -283,14 +344,8 @@ class RealtimeClient:
         )
 
     def _input_format(self) -> str:
-        if (
-            self.session
-            and self.session.audio
-            and self.session.audio.input
-            and self.session.audio.input.format
-        ):
-            return self.session.audio.input.format.type
-        return "audio/pcm"
+        kind = _field(self.session_wire, "audio", "input", "format", "type")
+        return kind if isinstance(kind, str) else "audio/pcm"
 
     # ------------------------------------------------------------------------------------------
     # receiving
@@ -343,11 +398,14 @@ class RealtimeClient:
             while True:
                 message = await self.connection.recv()
                 try:
-                    event = p.parse_server_event(message)
-                except p.ProtocolError as exc:
-                    log.warning("ignoring a server message that is not a JSON object: %s", exc.message)
+                    wire = json.loads(message)
+                except ValueError as exc:
+                    log.warning("ignoring a server message that is not JSON: %s", exc)
                     continue
-                await self._dispatch(event)
+                if not isinstance(wire, dict) or not isinstance(wire.get("type"), str):
+                    log.warning("ignoring a server message that is not an event: %.200s", message)
+                    continue
+                await self._dispatch(wire, p.parse_server_event(wire))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # ConnectionClosed and friends end the session
@@ -376,8 +434,8 @@ class RealtimeClient:
             self._queue_dropped += 1
         self._queue.put_nowait(event)
 
-    async def _dispatch(self, event: p.ServerEventBase) -> None:
-        self._track(event)
+    async def _dispatch(self, wire: dict[str, Any], event: p.ServerEventBase) -> None:
+        self._track(wire, event)
         self._put(event)
         for handler in (*self._handlers.get(event.type, ()), *self._handlers.get("*", ())):
             try:
@@ -396,29 +454,30 @@ class RealtimeClient:
                 still.append((predicate, future))
         self._waiters = still
 
-    def _track(self, event: p.ServerEventBase) -> None:
-        """Session config, response results, and the last assistant audio (for ``interrupt``)."""
+    def _track(self, wire: dict[str, Any], event: p.ServerEventBase) -> None:
+        """Session config, response results, and the last assistant audio (for ``interrupt``),
+        read from the event's JSON so that events the models do not fit are followed too."""
         now = self.clock()
-        kind = event.type
-        if kind in ("session.created", "session.updated"):
-            self.session = event.session
-        elif kind == "response.created":
-            rid, fmt = event.response.id, "audio/pcm"
-            audio = event.response.audio
-            if audio is not None and audio.output is not None and audio.output.format is not None:
-                fmt = audio.output.format.type
-            self._accumulators[rid] = _ResponseAccumulator(rid, fmt, now)
-            self._active_response = rid
+        kind = wire["type"]
+        if kind in ("session.created", "session.updated") and isinstance(wire.get("session"), dict):
+            self.session_wire = wire["session"]
+            self.session = event.session if isinstance(event, p.SessionCreated | p.SessionUpdated) else None
         if kind in ("response.created", "response.done"):
-            rid = event.response.id
+            rid = _field(wire, "response", "id")
         else:
-            rid = getattr(event, "response_id", None)
-        acc = self._accumulators.get(rid) if rid else None
+            rid = wire.get("response_id")
+        if not isinstance(rid, str):
+            return
+        if kind == "response.created":
+            fmt = _field(wire, "response", "audio", "output", "format", "type")
+            self._accumulators[rid] = _ResponseAccumulator(rid, fmt if isinstance(fmt, str) else "audio/pcm", now)
+            self._active_response = rid
+        acc = self._accumulators.get(rid)
         if acc is None:
             return
-        done = acc.feed(event, now)
-        if kind == "response.output_audio.delta":
-            self._last_audio_item = (event.item_id, acc.result.first_audio_at, acc.audio_ms)
+        done = acc.feed(wire, now)
+        if kind == "response.output_audio.delta" and isinstance(wire.get("item_id"), str):
+            self._last_audio_item = (wire["item_id"], acc.result.first_audio_at, acc.audio_ms)
         if done:
             self._finish_result(acc.result)
 
@@ -475,7 +534,27 @@ def auth_options(api_key: str | None, auth: Literal["header", "subprotocol"]) ->
     return {"additional_headers": headers, "subprotocols": subprotocols}
 
 
-async def connect(
+class Connecting:
+    """What :func:`connect` returns: ``await`` it for the client, or enter it with ``async with``
+    (the client is closed on the way out), as with the official SDK's ``realtime.connect()``."""
+
+    def __init__(self, opening: Coroutine[Any, Any, RealtimeClient]) -> None:
+        self._opening = opening
+        self._client: RealtimeClient | None = None
+
+    def __await__(self) -> Generator[Any, None, RealtimeClient]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> RealtimeClient:
+        self._client = await self._opening
+        return self._client
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def connect(
     url: str,
     api_key: str | None = None,
     model: str | None = None,
@@ -484,9 +563,22 @@ async def connect(
     open_timeout: float = 10.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE,
     **session: Any,
-) -> RealtimeClient:
+) -> Connecting:
     """Open a WebSocket to ``url`` (e.g. ``ws://127.0.0.1:8000/v1/realtime``), wait for
-    ``session.created``, and apply ``session`` fields (GA shape) with a ``session.update``."""
+    ``session.created``, and apply ``session`` fields (GA shape) with a ``session.update``:
+    ``async with connect(...) as client`` or ``client = await connect(...)``."""
+    return Connecting(_open(url, api_key, model, auth, open_timeout, max_message_bytes, session))
+
+
+async def _open(
+    url: str,
+    api_key: str | None,
+    model: str | None,
+    auth: Literal["header", "subprotocol"],
+    open_timeout: float,
+    max_message_bytes: int,
+    session: dict[str, Any],
+) -> RealtimeClient:
     from websockets.asyncio.client import connect as ws_connect
 
     connection = await ws_connect(
@@ -508,6 +600,7 @@ async def connect(
 
 
 __all__ = [
+    "Connecting",
     "Connection",
     "RealtimeClient",
     "RealtimeClientError",

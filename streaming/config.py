@@ -3,6 +3,7 @@ and the resolution of per-response parameters."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from streaming import protocol as p
@@ -85,6 +86,23 @@ def canonical_session(config: p.SessionConfig, session_id: str) -> p.SessionConf
     if data.get("mimo") is None:
         data["mimo"] = default_session_config().mimo.model_dump(mode="json")
     return p.SessionConfig.model_validate(data)
+
+
+#: session fields only the server sets; a client's session object may carry them back (ignored)
+SERVER_OWNED = ("id", "object", "model", "expires_at")
+
+
+def merge_client_session(base: dict[str, Any], session: dict[str, Any] | None) -> dict[str, Any]:
+    """``base`` (session settings) with a client's session object over it, validated as a
+    ``session.update`` would be: a WebRTC call's ``session`` part, a client secret's ``session``.
+    Raises :class:`~streaming.protocol.ProtocolError` naming the field."""
+    if not session:
+        return base
+    event = p.parse_client_event(json.dumps({"type": "session.update", "session": session}))
+    patch = event.session.model_dump(mode="json", exclude_unset=True)
+    for server_owned in SERVER_OWNED:
+        patch.pop(server_owned, None)
+    return p.merge_session_update(base, patch)
 
 
 def fully_set(model: Any) -> Any:

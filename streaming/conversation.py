@@ -37,11 +37,12 @@ class Item:
     def audio_ms(self) -> float:
         return self.audio_samples * 1000 / SAMPLE_RATE
 
+    def part_index(self, kind: str) -> int | None:
+        """The index of the first content part of type ``kind``."""
+        return next((i for i, part in enumerate(self.parts) if part.type == kind), None)
+
     def audio_part_index(self) -> int | None:
-        for i, part in enumerate(self.parts):
-            if part.type == "output_audio":
-                return i
-        return None
+        return self.part_index("output_audio")
 
     def to_model(self, *, audio_format: str | None = None) -> ConversationItem:
         """The wire form. With ``audio_format`` (retrieve), retained user audio is included,

@@ -35,7 +35,7 @@ class ServerMetrics:
         self.first_audio_seconds = Histogram(
             "mimo_first_audio_seconds", "Server first-audio time: commit to first audio delta sent",
             buckets=LATENCY_BUCKETS, registry=r)
-        self.send_queue = Gauge("mimo_send_queue_events", "Events waiting in session send queues", registry=r)
+        self.send_queue = Gauge("mimo_send_queue_bytes", "Bytes of events waiting in session send queues", registry=r)
         self.engine_queue = Gauge("mimo_engine_queue_jobs", "Jobs waiting for the engine thread", registry=r)
         if queue_depth is not None:
             self.engine_queue.set_function(queue_depth)

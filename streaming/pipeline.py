@@ -3,9 +3,12 @@
 It runs on the event loop and does no model work: session actions become engine jobs, engine
 events (delivered on the engine thread) are handed to the loop with ``call_soon_threadsafe`` and
 fed back into the session, and the session's server events go to the transport's
-:class:`~streaming.outbox.Outbox`. Transports (WebSocket, WebRTC) stay thin: they feed client
-messages and audio in with :meth:`SessionBridge.receive` / :meth:`push_audio`, call
-:meth:`tick` periodically, and send what the outbox yields after :meth:`before_send`.
+:class:`~streaming.outbox.Outbox` (a response's events on its response stream, the rest as control
+events). An event that does not fit in the outbox ends the session with an ``error`` saying why
+(``send_queue_full``): nothing is dropped from a session that stays open. Transports (WebSocket,
+WebRTC) stay thin: they feed client messages and audio in with :meth:`SessionBridge.receive` /
+:meth:`push_audio`, call :meth:`tick` periodically, and send what the outbox yields after
+:meth:`before_send`.
 
 Per response it keeps the clocks the benchmark reads: ``requested_at`` (the commit, or the
 ``response.create``) and the moment the first audio delta actually left (the outbox paces audio),
@@ -27,7 +30,7 @@ import numpy as np
 from streaming import actions as act
 from streaming import protocol as p
 from streaming.audio import pcm16_to_float32
-from streaming.outbox import Outbox
+from streaming.outbox import Outbox, OutboxFull
 from streaming.session import RealtimeSession, SessionStateError
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ class SessionBridge:
         metrics: Any = None,
         on_close: Callable[[str], None] | None = None,
         audio_sink: Callable[[str, np.ndarray], None] | None = None,
-        flush_sink: Callable[[], None] | None = None,
+        flush_sink: Callable[[], dict[str, int]] | None = None,
         codec_schedule: Callable[[Any], Any] | None = None,
     ) -> None:
         self.engine = engine
@@ -73,13 +76,14 @@ class SessionBridge:
         self.metrics = metrics
         self.on_close = on_close
         self.audio_sink = audio_sink  # WebRTC: response audio goes to the media track
-        self.flush_sink = flush_sink  # WebRTC: barge-in clears the track's buffer
+        self.flush_sink = flush_sink  # WebRTC: an interrupt clears the track's buffer
         self.codec_schedule = codec_schedule  # protocol CodecSchedule -> the codec's schedule
         self.handle = None
         self.closed = False
         self.stats = BridgeStats()
         self._clocks: dict[str, _Clock] = {}
         self._instructions: str | None = None
+        self._response_items: dict[str, str] = {}  # assistant item -> the response generating it
 
     # --------------------------------------------------------------------------------- lifecycle
     def open(self) -> None:
@@ -143,8 +147,34 @@ class SessionBridge:
             return
         if isinstance(event, p.ErrorEvent) and self.metrics is not None:
             self.metrics.client_errors.labels(event.error.code or "unknown").inc()
+        try:
+            self.outbox.put(event, audio_s=audio_s, response_id=self._response_of(event))
+        except OutboxFull as exc:
+            self._overflow(exc)
+
+    def _response_of(self, event: Any) -> str | None:
+        """The response ``event`` belongs to (its place on the outbox's response stream), if any."""
         response_id = getattr(event, "response_id", None)
-        self.outbox.put(event, audio_s=audio_s, response_id=response_id)
+        if response_id is not None:
+            return response_id
+        if isinstance(event, p.ResponseCreated | p.ResponseDone):
+            if isinstance(event, p.ResponseDone):  # its item's events are all out
+                rid = event.response.id
+                self._response_items = {i: r for i, r in self._response_items.items() if r != rid}
+            return event.response.id
+        if isinstance(event, p.ConversationItemAdded | p.ConversationItemDone | p.ConversationItemCreated):
+            return self._response_items.get(event.item.id)
+        return None
+
+    def _overflow(self, exc: OutboxFull) -> None:
+        """The client stopped reading: end the session, with the reason as its last event."""
+        log.warning("closing a session whose client stopped reading: %s", exc)
+        if self.metrics is not None:
+            self.metrics.client_errors.labels(p.ErrorCode.SEND_QUEUE_FULL.value).inc()
+        self.outbox.fail(p.ErrorEvent(error=p.ErrorDetail(
+            type="invalid_request_error", code=p.ErrorCode.SEND_QUEUE_FULL.value,
+            message=f"The session was closed: {exc}.")))
+        self.close(p.ErrorCode.SEND_QUEUE_FULL.value)
 
     def _apply(self, a: act.Action) -> None:
         from agent import engine as eng  # the bridge itself must import without torch
@@ -159,6 +189,7 @@ class SessionBridge:
         elif isinstance(a, act.AppendAssistantText):
             submit(eng.AddAssistantText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.CreateResponse):
+            self._response_items[a.item_id] = a.response_id
             now = time.perf_counter()
             self._clocks[a.response_id] = _Clock(requested_at=now)
             if a.params.instructions != self._instructions:
@@ -174,7 +205,9 @@ class SessionBridge:
         elif isinstance(a, act.FlushOutputAudio):
             self.outbox.flush_audio(a.response_id)
             if self.flush_sink is not None:
-                self.flush_sink()
+                played = self.flush_sink()  # WebRTC: {response: samples played} of what it cut short
+                for response_id, samples in played.items() if a.cut else ():
+                    self.session.output_audio_cut(response_id, samples)
         elif isinstance(a, act.UpdateSession):
             if a.config.instructions != self._instructions:
                 self._instructions = a.config.instructions
@@ -237,12 +270,14 @@ class SessionBridge:
                     s.response_failed(ev.response_id, ev.message)
                 else:
                     self._send(p.ErrorEvent(error=p.ErrorDetail(
-                        type="invalid_request_error" if ev.code != "job_failed" else "server_error",
+                        type="server_error" if ev.code == "session_failed" else "invalid_request_error",
                         code=ev.code, message=ev.message)))
             elif isinstance(ev, eng.TranscriptionDelta):
                 s.transcription_delta(ev.item_id, ev.text)
             elif isinstance(ev, eng.TranscriptionDone):
                 s.transcription_done(ev.item_id, ev.transcript)
+            elif isinstance(ev, eng.TranscriptionFailed):
+                s.transcription_failed(ev.item_id, ev.message)
             elif isinstance(ev, eng.ItemsDropped):
                 for item_id in ev.item_ids:
                     s.drop_item(item_id)

@@ -21,7 +21,6 @@ from streaming.conversation import Item
 
 class ResponseState(enum.Enum):
     IN_PROGRESS = "in_progress"
-    CANCELLING = "cancelling"  # CancelResponse sent; engine output is dropped until it confirms
     DONE = "done"
 
 
@@ -34,8 +33,6 @@ class ResponseRun:
     opened: bool = False  # output item and content part announced
     text: str = ""
     audio_samples: int = 0
-    cancel_reason: str | None = None
-    cancel_at: float | None = None
     first_audio_at: float | None = None
     playing: bool = False  # WebRTC: output_audio_buffer.started sent, not yet stopped or cleared
     encoder: WireAudioEncoder | None = None
@@ -111,12 +108,13 @@ class ResponseRun:
             p.ResponseOutputAudioDelta(**self._address(), delta=b64encode_audio(payload)) if payload else None
         )
 
-    def closing_events(self, *, audio_events: bool) -> list[p.ServerEventBase]:
-        """The events that close the content part (the output item and response.done follow)."""
+    def closing_events(self, *, audio_events: bool, tail: bool = True) -> list[p.ServerEventBase]:
+        """The events that close the content part (the output item and response.done follow);
+        ``tail``: the encoder's last samples too (not for a cancelled response)."""
         addr = self._address()
         events: list[p.ServerEventBase] = []
         if self.params.audio:
-            tail = self.encoder.flush() if self.state is ResponseState.IN_PROGRESS else b""
+            tail = self.encoder.flush() if tail else b""
             if tail and audio_events:
                 events.append(p.ResponseOutputAudioDelta(**addr, delta=b64encode_audio(tail)))
             events.append(p.ResponseOutputAudioDone(**addr))

@@ -59,13 +59,34 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     lim.add_argument("--session-max-s", type=float, default=None, help="session duration limit (default 1800)")
     lim.add_argument("--events-per-second", type=float, default=None, help="client events per second")
     lim.add_argument("--audio-lead", type=float, default=None, help="output audio sent ahead of real time (s)")
+    lim.add_argument("--send-queue-mib", type=float, default=None,
+                     help="events waiting to be sent, per session, before it is closed (MiB, default 32)")
     parser.add_argument("--ice-server", dest="ice_servers", action="append", type=_ice_server, metavar="URL",
                         default=None,
                         help="WebRTC STUN/TURN server, repeatable: stun:HOST:PORT, turn:USER:PASSWORD@HOST:PORT"
                              "[?transport=udp|tcp] (default: $MIMO_AGENT_ICE_SERVERS, space-separated; none: "
                              "host candidates only, for localhost and LANs)")
+    parser.add_argument("--cors-origin", dest="cors_origins", action="append", type=_origin, metavar="ORIGIN",
+                        default=[], help="let pages on this origin (scheme://host[:port]) use the server from a "
+                                         "browser: import /sdk/, place WebRTC calls, mint client secrets; "
+                                         "repeatable (default: none, same origin only)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--port-file", help="write the bound port to this file once listening (for scripts)")
+    if command == "serve":
+        from streaming.rayserve.cli import add_ray_arguments
+
+        add_ray_arguments(parser)
+
+
+def _origin(origin: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(origin)
+    if origin != "*" and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path
+                          or parts.query or parts.fragment or parts.username):
+        raise argparse.ArgumentTypeError(f"{origin!r} is not an origin: use scheme://host[:port], e.g. "
+                                         "https://app.example.com or http://localhost:3000 (no path)")
+    return origin
 
 
 def _ice_server(url: str) -> str:
@@ -159,29 +180,44 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
     if ice_servers is None:
         ice_servers = os.environ.get("MIMO_AGENT_ICE_SERVERS", "").split()
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
-                          session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers))
+                          session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
+                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
+    if args.send_queue_mib is not None:
+        config.max_queued_bytes = int(args.send_queue_mib * 2**20)
     return config
+
+
+def build_server(args: argparse.Namespace, metrics: Any = None) -> Any:
+    """The app of one server (engine started, ``app.state.runtime`` set) from the parsed options: what
+    ``serve`` runs on uvicorn and what each Ray Serve replica runs (``streaming.rayserve``)."""
+    from streaming.app import create_app
+    from streaming.metrics import ServerMetrics
+
+    metrics = metrics or ServerMetrics()
+    engine, rt, defaults = build_engine(args, metrics)
+    metrics.engine_queue.set_function(lambda: engine.queue_depth)
+    app = create_app(engine, make_server_config(args, rt, defaults), metrics=metrics)
+    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    app.state.runtime = rt
+    return app
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from streaming.app import create_app
-    from streaming.metrics import ServerMetrics
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics = ServerMetrics()
+    if getattr(args, "ray", False):
+        from streaming.rayserve.cli import run_ray
+
+        return run_ray(args)
     try:
-        engine, rt, defaults = build_engine(args, metrics)
+        app = build_server(args)
     except Exception as exc:  # checkpoint errors and the like: one clear line, no traceback
         print(f"mimo-agent serve: {exc}", file=sys.stderr)
         return 2
-    metrics.engine_queue.set_function(lambda: engine.queue_depth)
-    config = make_server_config(args, rt, defaults)
-    app = create_app(engine, config, metrics=metrics)
-    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    engine, rt, config = app.state.engine, app.state.runtime, app.state.config
     log.info("serving %s (preset %s) on %s %s, %d session slots, %d positions each; loaded in %.1f s%s",
              rt.name, rt.preset or "-", rt.device, rt.info["dtype"], engine.config.max_sessions,
              engine.max_positions, rt.load_s,
@@ -208,9 +244,13 @@ def _write_port_when_listening(server: Any, path: str) -> None:
 
     async def startup(sockets: Any = None) -> None:
         await original(sockets=sockets)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with open(path + ".tmp", "w") as f:
-            f.write(str(port))
-        os.replace(path + ".tmp", path)
+        write_port_file(path, server.servers[0].sockets[0].getsockname()[1])
 
     server.startup = startup
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Atomically, so that a script polling for the file never reads half of it."""
+    with open(path + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(path + ".tmp", path)

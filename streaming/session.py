@@ -7,7 +7,7 @@ Driving it (the transport and the engine bridge)::
     session.start(server_defaults)          # PENDING -> ACTIVE, emits session.created
     session.receive(text)                   # one client message (str or bytes)
     session.push_audio(pcm16_24k)           # audio from a media track (WebRTC), no JSON
-    session.tick()                          # timers: session duration, idle timeout, cancel grace
+    session.tick()                          # timers: session duration, idle timeout
     session.response_audio(rid, pcm)        # engine feedback (the methods under "engine feedback")
     for event in session.take_events(): send(event.to_json())
     for action in session.take_actions(): bridge.apply(action)   # streaming.actions
@@ -17,11 +17,14 @@ States. ``SessionState``: PENDING until the bridge calls :meth:`start` (which em
 ``session.update`` messages are queued (bounded) and applied right after ``session.created``;
 every other client event, and :meth:`push_audio`, is refused with ``session_not_ready`` (a bridge
 that starts the session before reading the socket never sees this). In CLOSED, input is ignored.
-Per response (``ResponseState``): IN_PROGRESS; CANCELLING once a ``CancelResponse`` went out
-(further engine output is dropped until the engine confirms with ``response_done``, or
-``cancel_grace_s`` passes); DONE. One response at a time: ``response.create`` during another is
-refused (``conversation_already_has_active_response``); a VAD turn that ends while a response is
-active queues its response until that one is done.
+Per response (``ResponseState``): IN_PROGRESS, then DONE. A cancel (``response.cancel``, a
+barge-in, a truncate of the item being generated) finishes the response at once: ``response.done``
+(``cancelled``) goes out with the ``CancelResponse`` and ``FlushOutputAudio`` actions, without
+waiting for the engine, so a ``conversation.item.truncate`` or ``.delete`` right behind the cancel
+acts on the finished item; later engine output for it is dropped and its own ``response_done``
+ignored. One response at a time: ``response.create`` during another is refused
+(``conversation_already_has_active_response``); a VAD turn that ends while a response is active
+queues its response until that one is done.
 
 Every refusal is an :class:`IllegalTransition` (well-formed but not allowed now) or another
 :class:`ProtocolError`, raised inside the handler and sent as an ``error`` event; the session
@@ -109,7 +112,6 @@ class SessionLimits:
     max_items: int = 4096
     max_retained_audio_ms: int = 600_000  # user audio kept for conversation.item.retrieve
     max_pending_messages: int = 32  # session.update messages queued before start()
-    cancel_grace_s: float = 5.0  # how long to wait for the engine to confirm a cancel
     finished_responses_kept: int = 16  # so that late engine feedback for them is recognised
 
 
@@ -225,7 +227,7 @@ class RealtimeSession:
         self._actions.append(act.Close(reason))
 
     def tick(self, now: float | None = None) -> None:
-        """Run the timers: session duration, cancel confirmation grace, server-VAD idle timeout."""
+        """Run the timers: session duration, server-VAD idle timeout."""
         now = self.clock() if now is None else now
         if self.state is not SessionState.ACTIVE:
             return
@@ -239,13 +241,6 @@ class RealtimeSession:
             )
             self.close("session_expired")
             return
-        active = self._active
-        if (
-            active
-            and active.state is ResponseState.CANCELLING
-            and now - active.cancel_at >= self.limits.cancel_grace_s
-        ):
-            self._finish(active, "cancelled", active.cancel_reason)
         if (
             self._idle_deadline is not None
             and now >= self._idle_deadline
@@ -434,13 +429,10 @@ class RealtimeSession:
         run = next((r for r in reversed(self._responses.values()) if r.in_conversation), None)
         if run is None:
             return
-        cancelled = run.state is ResponseState.IN_PROGRESS
-        if cancelled:
+        if run.state is ResponseState.IN_PROGRESS:
             self._cancel(run, "turn_detected")
-        # cancel first, then flush: nothing generated in between can slip into the output queue
-        if cancelled or run.may_be_playing(self.clock()):
-            self._actions.append(act.FlushOutputAudio(run.id))
-            self._clear_playout(run)
+        elif run.may_be_playing(self.clock()):
+            self._cut_playout(run)
 
     def _on_commit(self, event: p.InputAudioBufferCommit) -> None:
         self.input.flush_decoder()
@@ -566,9 +558,11 @@ class RealtimeSession:
     def _on_item_truncate(self, event: p.ConversationItemTruncate) -> None:
         self.truncate_item(event.item_id, event.audio_end_ms, content_index=event.content_index)
 
-    def truncate_item(self, item_id: str, audio_end_ms: int, *, content_index: int | None = None) -> None:
-        """Truncate an assistant audio item: the client's ``conversation.item.truncate``; a bridge
-        that knows what was played (WebRTC) may call it directly. Raises :class:`ProtocolError`."""
+    def truncate_item(self, item_id: str, audio_end_ms: int, *, content_index: int | None = None,
+                      stop_audio: bool = True) -> None:
+        """Truncate an assistant audio item: the client's ``conversation.item.truncate`` (its
+        response is cancelled, and with ``stop_audio`` its audio still queued is dropped: the
+        listener stopped there). Raises :class:`ProtocolError`."""
         item = self.conversation.get(item_id)
         if item is None:
             raise ProtocolError(
@@ -596,9 +590,11 @@ class RealtimeSession:
                 f"({item.audio_ms:.0f} ms).",
                 param="audio_end_ms",
             )
-        active = self._active
-        if active and active.item_id == item_id and active.state is ResponseState.IN_PROGRESS:
-            self._cancel(active, "client_cancelled")
+        run = self._responses.get(item.response_id) if item.response_id else None
+        if run is not None and run.state is ResponseState.IN_PROGRESS:
+            self._cancel(run, "client_cancelled", cut=False)
+        elif stop_audio and run is not None and run.may_be_playing(self.clock()):
+            self._cut_playout(run, cut=False)  # the listener stopped at audio_end_ms: so does its audio
         transcript = Conversation.truncate(item, audio_end_ms)
         self._emit(
             p.ConversationItemTruncated(item_id=item_id, content_index=index, audio_end_ms=audio_end_ms)
@@ -667,7 +663,13 @@ class RealtimeSession:
 
     def _on_response_cancel(self, event: p.ResponseCancel) -> None:
         active = self._active
-        if active is None or active.state is not ResponseState.IN_PROGRESS:
+        if active is None:
+            last = self._last_response()
+            if last is not None and event.response_id in (None, last.id) and last.may_be_playing(self.clock()):
+                # generated, but its audio (and response.done) may still wait in the paced output:
+                # for the client it is still running, so the cancel stops its audio
+                self._cut_playout(last)
+                return
             raise IllegalTransition(
                 ErrorCode.RESPONSE_CANCEL_NOT_ACTIVE, "Cancellation failed: no active response found."
             )
@@ -680,9 +682,18 @@ class RealtimeSession:
             )
         self._cancel(active, "client_cancelled")
 
-    def _cancel(self, run: ResponseRun, reason: act.CancelReason) -> None:
-        run.state, run.cancel_reason, run.cancel_at = ResponseState.CANCELLING, reason, self.clock()
+    def _cancel(self, run: ResponseRun, reason: act.CancelReason, *, cut: bool = True) -> None:
+        """Stop ``run`` now: the engine is told, its queued audio dropped (``cut``: truncated to what
+        was played, where the transport knows it), and it finishes ``cancelled`` at once."""
         self._actions.append(act.CancelResponse(run.id, reason))
+        self._cut_playout(run, cut=cut)
+        self._finish(run, "cancelled", reason)
+
+    def _cut_playout(self, run: ResponseRun, *, cut: bool = True) -> None:
+        """Drop ``run``'s output audio not yet sent or played (the bridge truncates the item to what
+        was played when ``cut`` and it knows); WebRTC: ``output_audio_buffer.cleared``."""
+        self._actions.append(act.FlushOutputAudio(run.id, cut=cut))
+        self._clear_playout(run)
 
     def _on_output_clear(self, event: p.OutputAudioBufferClear) -> None:
         last = self._active or self._last_response()
@@ -794,13 +805,11 @@ class RealtimeSession:
         timings: dict[str, float] | None = None,
     ) -> None:
         """The engine finished: ``completed``, or ``incomplete`` with reason ``max_output_tokens``.
-        After a ``CancelResponse`` any status is reported as ``cancelled`` with the cancel's reason.
+        A cancelled response was finished when it was cancelled: its confirmation is ignored.
         ``usage`` is OpenAI's usage object; ``timings`` (ms per stage) go to ``response.mimo``."""
         run = self._run(response_id)
         if run.state is ResponseState.DONE:
-            return  # already finished (the cancel grace expired)
-        if run.state is ResponseState.CANCELLING:
-            status, reason = "cancelled", run.cancel_reason
+            return  # already finished (cancelled: the engine confirms late)
         if status not in ("completed", "incomplete", "cancelled", "failed"):
             raise SessionStateError(f"invalid response status {status!r}")
         self._finish(run, status, reason, usage, timings)
@@ -824,25 +833,32 @@ class RealtimeSession:
 
     # --- input transcription feedback (the engine's ASR pass over a user audio item) ---
 
+    # (each event names the item's audio part; an item deleted meanwhile gets none)
+
+    def _transcribed_part(self, item_id: str) -> tuple[Item | None, int]:
+        item = self.conversation.get(item_id)
+        return item, (item.part_index("input_audio") or 0) if item is not None else 0
+
     def transcription_delta(self, item_id: str, delta: str) -> None:
-        if delta and self.conversation.get(item_id) is not None:
-            self._emit(p.InputAudioTranscriptionDelta(item_id=item_id, delta=delta))
+        item, index = self._transcribed_part(item_id)
+        if delta and item is not None:
+            self._emit(p.InputAudioTranscriptionDelta(item_id=item_id, content_index=index, delta=delta))
 
     def transcription_done(self, item_id: str, transcript: str) -> None:
-        item = self.conversation.get(item_id)
+        item, index = self._transcribed_part(item_id)
         if item is None:
-            return  # deleted meanwhile
-        index = next(i for i, part in enumerate(item.parts) if part.type == "input_audio")
+            return
         item.parts[index].transcript = transcript
         usage = p.TranscriptionUsage(type="duration", seconds=round(item.audio_ms / 1000, 3))
         self._emit(p.InputAudioTranscriptionCompleted(item_id=item_id, content_index=index, transcript=transcript,
                                                       usage=usage))
 
     def transcription_failed(self, item_id: str, message: str) -> None:
-        if self.conversation.get(item_id) is None:
+        item, index = self._transcribed_part(item_id)
+        if item is None:
             return
         detail = p.ErrorDetail(type=ErrorType.SERVER.value, code="transcription_failed", message=message)
-        self._emit(p.InputAudioTranscriptionFailed(item_id=item_id, error=detail))
+        self._emit(p.InputAudioTranscriptionFailed(item_id=item_id, content_index=index, error=detail))
 
     def drop_item(self, item_id: str) -> None:
         """The engine removed an item to fit the context (``truncation: auto``): the client is told
@@ -851,6 +867,20 @@ class RealtimeSession:
             return
         self.conversation.remove(item_id)
         self._emit(p.ConversationItemDeleted(item_id=item_id))
+
+    def output_audio_cut(self, response_id: str, played_samples: int) -> None:
+        """WebRTC: the transport dropped the unplayed rest of ``response_id``'s audio after
+        ``played_samples`` (24 kHz) had been played. The server owns playback there, so it does what a
+        WebSocket client does after an interrupt: the assistant item is truncated to what was heard
+        (``conversation.item.truncated``; the model's context rolls back to it)."""
+        run = self._responses.get(response_id)
+        item = self.conversation.get(run.item_id) if run is not None and run.in_conversation else None
+        if item is None or played_samples >= item.audio_samples:
+            return
+        try:
+            self.truncate_item(item.id, played_samples * 1000 // p.PCM_RATE, stop_audio=False)
+        except ProtocolError as err:  # e.g. a text-only item: nothing to cut
+            self._error(err)
 
     def output_audio_drained(self, response_id: str) -> None:
         """The transport played all of a response's audio: ``output_audio_buffer.stopped``
@@ -874,7 +904,8 @@ class RealtimeSession:
     ) -> None:
         output: list[p.ConversationItem] = []
         if run.opened:
-            for event in run.closing_events(audio_events=self.options.transport is Transport.WEBSOCKET):
+            for event in run.closing_events(audio_events=self.options.transport is Transport.WEBSOCKET,
+                                            tail=status != "cancelled"):
                 self._emit(event)
             stored = self.conversation.get(run.item_id) if run.in_conversation else None
             item = run.fill_item(

@@ -19,8 +19,11 @@ One call is one :class:`~streaming.pipeline.SessionBridge`, exactly as a WebSock
   WebSocket path does not have.
 * agent audio: :class:`AgentAudioTrack`, 20 ms frames at 48 kHz on a fixed media clock, silence
   when idle; ``response.output_audio.delta`` is never sent on the data channel. The track owns the
-  playout buffer: barge-in flushes it (``output_audio_buffer.cleared`` comes from the session), and
-  when a response's last sample has left it the session emits ``output_audio_buffer.stopped``.
+  playout buffer: an interrupt (barge-in, ``response.cancel``, ``output_audio_buffer.clear``)
+  flushes it, and the server truncates the assistant item to what the track had played
+  (``conversation.item.truncated``; the model's context rolls back to it), which a WebSocket client
+  does itself; when a response's last sample has left it the session emits
+  ``output_audio_buffer.stopped``.
 * events: the same JSON events as the WebSocket, on the ``oai-events`` data channel that the
   client creates before its offer. One event is one message. An event larger than the peer's
   SCTP message-size limit (``a=max-message-size``, 256 KiB in Chrome) is not split (a private
@@ -47,7 +50,6 @@ import asyncio
 import collections
 import contextlib
 import fractions
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -66,9 +68,19 @@ from pydantic import ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from streaming import protocol as p
-from streaming.app import TICK_S, ServerConfig, _unauthorized, authorized, busy_error, new_bridge
+from streaming.app import (
+    TICK_S,
+    ServerConfig,
+    Unauthorized,
+    _unauthorized,
+    authenticate,
+    authorized,
+    busy_error,
+    new_bridge,
+)
 from streaming.audio import Overflow, PcmBuffer, StreamResampler
-from streaming.outbox import Outbox, OutboxFull
+from streaming.config import merge_client_session
+from streaming.outbox import Outbox, goodbye_deadline
 from streaming.session import Transport
 
 log = logging.getLogger(__name__)
@@ -81,6 +93,8 @@ FRAME_SAMPLES = RTC_RATE // 50  # 20 ms
 TIME_BASE = fractions.Fraction(1, RTC_RATE)
 MAX_OFFER_BYTES = 64 * 1024  # an offer is a few KB
 MAX_CALL_BODY_BYTES = 3 * MAX_OFFER_BYTES  # multipart: the offer, the session part and the framing
+MAX_DISCARD_BYTES = 256 * 2**20  # the rest of a refused body read and dropped so the client reads the answer
+DISCARD_TIMEOUT_S = 30.0  # ... for at most this long
 MAX_CLOCK_LAG_S = 0.2  # the output clock skips ahead rather than burst after a longer stall
 
 
@@ -95,6 +109,7 @@ class WebRTCOptions:
     max_output_buffer_s: float = 180.0  # agent audio waiting to play (> the longest response)
     max_input_backlog_frames: int = 10  # decoded microphone frames waiting (200 ms)
     max_buffered_bytes: int = 1 << 20  # data channel backlog before the sender waits
+    max_early_messages: int = 64  # client events held while the call takes its engine slot
 
 
 class OfferError(Exception):
@@ -161,7 +176,8 @@ class AgentAudioTrack(MediaStreamTrack):
     ``push`` (24 kHz pcm16 from the engine) upsamples into a bounded buffer that drops its oldest
     audio beyond ``max_buffer_s``; ``end_response`` marks where a response's audio ends, and
     ``on_drained(response_id)`` is called once the frame holding its last sample has been sent;
-    ``flush`` drops everything (barge-in)."""
+    ``flush`` drops everything (an interrupt) and says how much of each response it cut short had
+    been played."""
 
     kind = "audio"
 
@@ -170,6 +186,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.on_drained = on_drained
         self._buffer = PcmBuffer(int(max_buffer_s * RTC_RATE), Overflow.DROP_OLDEST)
         self._ends: collections.deque[tuple[int, str]] = collections.deque()  # (absolute position, response)
+        self._starts: dict[str, int] = {}  # response -> absolute position of its first sample
         self._upsampler = StreamResampler(WIRE_RATE, RTC_RATE)
         self._current: str | None = None  # the response being upsampled
         self._start: float | None = None
@@ -189,6 +206,7 @@ class AgentAudioTrack(MediaStreamTrack):
         if response_id != self._current:
             self._finish_current()
             self._current = response_id
+            self._starts[response_id] = self._buffer.end
         self.samples_dropped += self._buffer.write(self._upsampler.process(pcm16))
 
     def end_response(self, response_id: str) -> None:
@@ -204,12 +222,18 @@ class AgentAudioTrack(MediaStreamTrack):
         self._ends.append((self._buffer.end, self._current))
         self._current = None
 
-    def flush(self) -> None:
-        """Drop all audio not yet sent (barge-in, ``output_audio_buffer.clear``)."""
+    def flush(self) -> dict[str, int]:
+        """Drop all audio not yet sent (an interrupt). Returns, for each response whose audio was
+        still buffered, how many of its samples (24 kHz) had been played."""
+        played_to = self._buffer.start
+        cut = [response_id for _, response_id in self._ends] + [self._current] * (self._current is not None)
+        played = {r: max(0, played_to - self._starts.get(r, played_to)) * WIRE_RATE // RTC_RATE for r in cut}
         self.samples_dropped += self._buffer.clear()
         self._ends.clear()
+        self._starts.clear()
         self._upsampler.reset()
         self._current = None
+        return played
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -237,6 +261,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self.audio_samples_sent += len(chunk)
         while self._ends and self._ends[0][0] <= self._buffer.start:
             _, response_id = self._ends.popleft()
+            self._starts.pop(response_id, None)
             try:
                 self.on_drained(response_id)
             except Exception:  # never let the session's bookkeeping stop the media
@@ -311,9 +336,10 @@ class RealtimeCall:
     def __init__(self, app: FastAPI, options: WebRTCOptions) -> None:
         self.app = app
         self.options = options
-        self.id = p.new_id("rtc")
+        self.id = app.state.new_call_id()
         config: ServerConfig = app.state.config
-        self.outbox = Outbox(lead_s=config.audio_lead_s, pace_audio=False)  # no audio events over WebRTC
+        # no audio events over WebRTC: nothing to pace
+        self.outbox = Outbox(lead_s=config.audio_lead_s, max_bytes=config.max_queued_bytes, pace_audio=False)
         self.track = AgentAudioTrack(self._drained, max_buffer_s=options.max_output_buffer_s)
         self.bridge = new_bridge(app, Transport.WEBRTC, self.outbox, audio_sink=self.track.push,
                                  flush_sink=self.track.flush, on_close=self._on_session_close)
@@ -327,6 +353,10 @@ class RealtimeCall:
         self._writable.set()
         self.task: asyncio.Task | None = None
         self.connected = False  # the peer connected and the call holds an engine slot
+        self.serving = asyncio.Event()  # connected: client events reach the session from now on
+        self._early: list[str | bytes] = []  # client events that arrived before
+        self.listeners: set[Callable[[str], None]] = set()  # sideband connections: every event sent
+        self.created_sent = False  # session.created went out (a later sideband gets its own)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -360,7 +390,7 @@ class RealtimeCall:
             return
         self.channel = channel
         channel.bufferedAmountLowThreshold = self.options.max_buffered_bytes // 2
-        channel.on("message", self._on_message)
+        channel.on("message", self.on_client_message)
         channel.on("close", lambda: self._end("the data channel closed"))
         channel.on("bufferedamountlow", self._writable.set)
         if channel.readyState == "open":  # aiortc announces remote channels already open
@@ -368,11 +398,15 @@ class RealtimeCall:
         else:
             channel.on("open", self.channel_open.set)
 
-    def _on_message(self, message: str | bytes) -> None:
-        try:
+    def on_client_message(self, message: str | bytes) -> None:
+        """A client event from the data channel or a sideband connection. Those that arrive before
+        the call holds its engine slot (a client may send as soon as its channel opens) wait for it."""
+        if self.serving.is_set():
             self.bridge.receive(message)
-        except OutboxFull:  # called from aiortc's SCTP receive path: end the call, never raise there
-            self._end("the client stopped reading events")
+        elif len(self._early) < self.options.max_early_messages:
+            self._early.append(message)
+        else:
+            self._end(f"the peer sent more than {self.options.max_early_messages} events before the call connected")
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -438,6 +472,10 @@ class RealtimeCall:
             self._end(f"no free slot: {exc}")
             return False
         self.connected = True
+        self.serving.set()
+        early, self._early = self._early, []
+        for message in early:
+            self.bridge.receive(message)
         self.app.state.bridges.add(self.bridge)
         metrics.sessions_total.labels("webrtc").inc()
         metrics.sessions_active.labels("webrtc").inc()
@@ -453,7 +491,8 @@ class RealtimeCall:
 
     async def _serve(self) -> None:
         tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._ticks()),
-                 asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait())]
+                 asyncio.create_task(self._microphone()), asyncio.create_task(self.ended.wait()),
+                 asyncio.create_task(self._goodbye())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -462,11 +501,8 @@ class RealtimeCall:
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 exc = t.exception()
-                if isinstance(exc, OutboxFull):
-                    self._end("the client stopped reading events")
-                else:
-                    log.error("call %s failed", self.id, exc_info=exc)
-                    self._end(f"failed: {exc}")
+                log.error("call %s failed", self.id, exc_info=exc)
+                self._end(f"failed: {exc}")
 
     async def _events(self) -> None:
         while True:
@@ -480,7 +516,11 @@ class RealtimeCall:
             if self.channel.readyState != "open":
                 self._end("the data channel closed")
                 return
-            self._send(event.to_json(), event.type)
+            text = event.to_json()
+            self._send(text, event.type)
+            self.created_sent = self.created_sent or isinstance(event, p.SessionCreated)
+            for listen in list(self.listeners):
+                listen(text)
             if self.channel.bufferedAmount > self.options.max_buffered_bytes:
                 self._writable.clear()
                 await self._writable.wait()
@@ -496,6 +536,10 @@ class RealtimeCall:
                 message=f"{kind} ({size} bytes) was not sent: it exceeds the data channel's message size "
                         f"limit ({exc}). Events are not split; use the WebSocket transport for it."))
             self.channel.send(error.to_json())
+
+    async def _goodbye(self) -> None:
+        await goodbye_deadline(self.outbox)
+        self._end("the session ended and the peer did not take its last events")
 
     async def _ticks(self) -> None:
         while True:
@@ -513,16 +557,16 @@ class RealtimeCall:
 # routes
 
 
-async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
+async def read_offer(body: OfferBody) -> tuple[str, dict[str, Any] | None]:
     """(SDP offer, session settings or None) from an ``application/sdp`` or multipart body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    headers = body.request.headers
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/sdp":
-        body = b"".join([chunk async for chunk in limited_body(request, MAX_OFFER_BYTES)])
-        return _text(body, "the SDP offer"), None
+        return _text(b"".join([chunk async for chunk in body.read(MAX_OFFER_BYTES)]), "the SDP offer"), None
     if content_type == "multipart/form-data":
         try:
             # the whole body is limited as it streams in, so the parts need no limit of their own
-            parser = MultiPartParser(request.headers, limited_body(request, MAX_CALL_BODY_BYTES),
+            parser = MultiPartParser(headers, body.read(MAX_CALL_BODY_BYTES),
                                      max_files=2, max_fields=4, max_part_size=MAX_CALL_BODY_BYTES)
             form = await parser.parse()
         except MultiPartException as exc:
@@ -554,19 +598,66 @@ async def read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
                      code="unsupported_media_type")
 
 
-async def limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives; ``OfferError`` 413 as soon as it is known to be over
-    ``limit`` bytes: from ``Content-Length`` before reading, else once the bytes read pass it.
-    The rest is never buffered (the server discards it, so the client still reads the 413)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(f"Content-Length {declared}", limit)
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise _too_large(f"more than {limit} bytes", limit)
-        yield chunk
+class OfferBody:
+    """A call request's body, read as it arrives and never buffered past a limit.
+
+    :meth:`read` raises ``OfferError`` 413 as soon as the body is known to be over its limit: from
+    ``Content-Length`` before reading, else once the bytes read pass it. :meth:`discard` reads and
+    drops what is left after a refusal was sent (:class:`RefusalResponse`), bounded in bytes and
+    time: a client that sends its whole body before it reads (urllib, httpx) would otherwise find
+    the connection reset under the answer when the server closes it (RFC 9112, section 9.6)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.complete = False  # the last of the body has been received
+
+    async def read(self, limit: int) -> AsyncIterator[bytes]:
+        declared = self.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(f"Content-Length {declared}", limit)
+        received = 0
+        while not self.complete:
+            message = await self.request.receive()
+            if message["type"] != "http.request":  # the client went away
+                raise OfferError(400, "the request body ended early: the client disconnected")
+            self.complete = not message.get("more_body", False)
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise _too_large(f"more than {limit} bytes", limit)
+            if chunk:
+                yield chunk
+
+    async def discard(self) -> None:
+        headers = self.request.headers
+        declared = headers.get("content-length", "")
+        if (self.complete or headers.get("expect", "").lower() == "100-continue"  # it waits: nothing was sent
+                or (declared.isdigit() and int(declared) > MAX_DISCARD_BYTES)):
+            return
+        discarded = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DISCARD_TIMEOUT_S):
+                while not self.complete and discarded <= MAX_DISCARD_BYTES:
+                    message = await self.request.receive()
+                    if message["type"] != "http.request":
+                        return
+                    self.complete = not message.get("more_body", False)
+                    discarded += len(message.get("body", b""))
+
+
+class RefusalResponse(Response):
+    """``answer`` sent at once, and completed (the connection closed, if it is to be) only once
+    the rest of the request body has been read and dropped."""
+
+    def __init__(self, answer: Response, body: OfferBody) -> None:
+        super().__init__(answer.body, answer.status_code, headers=dict(answer.headers))
+        self.offer_body = body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        await self.offer_body.discard()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _too_large(size: str, limit: int) -> OfferError:
@@ -619,21 +710,14 @@ def check_offer(sdp: str) -> str:
     return sdp.replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
 
 
-def session_settings(app: FastAPI, session: dict[str, Any] | None) -> dict[str, Any]:
-    """The server's session defaults with the call's ``session`` part over them, validated as a
-    ``session.update`` would be (OfferError naming the field otherwise)."""
-    config: ServerConfig = app.state.config
-    if not session:
-        return config.session_defaults
+def session_settings(base: dict[str, Any], session: dict[str, Any] | None) -> dict[str, Any]:
+    """``base`` (the server's defaults, or a client secret's session) with the call's ``session``
+    part over them, validated as a ``session.update`` would be (OfferError naming the field)."""
     try:
-        event = p.parse_client_event(json.dumps({"type": "session.update", "session": session}))
+        return merge_client_session(base, session)
     except p.ProtocolError as err:
         raise OfferError(400, f"invalid 'session' part: {err.message}", code=err.code.value,
                          param=err.param or "session") from None
-    patch = event.session.model_dump(mode="json", exclude_unset=True)
-    for server_owned in ("id", "object", "model", "expires_at"):
-        patch.pop(server_owned, None)
-    return p.merge_session_update(config.session_defaults, patch)
 
 
 def add_webrtc_routes(app: FastAPI) -> None:
@@ -642,6 +726,7 @@ def add_webrtc_routes(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     app.state.webrtc = WebRTCOptions(ice_servers=ice_servers(config.ice_servers))
     app.state.calls = {}
+    app.state.new_call_id = lambda: p.new_id("rtc")  # behind Ray Serve the id also names the replica
 
     @app.post(CALLS_PATH)
     async def create_call(request: Request) -> Response:
@@ -664,14 +749,17 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
     config: ServerConfig = app.state.config
     metrics = app.state.metrics
     options: WebRTCOptions = app.state.webrtc
-    if not authorized(config.api_key, request.headers, []):
+    body = OfferBody(request)
+    try:
+        secret = authenticate(app, request.headers, [])
+    except Unauthorized as exc:
         metrics.sessions_rejected.labels("unauthorized").inc()
-        return _unauthorized()
+        return RefusalResponse(_unauthorized(exc.args[0]), body)
     call = None
     try:
-        sdp, session = await read_offer(request)
+        sdp, session = await read_offer(body)
         sdp = check_offer(sdp)
-        settings = session_settings(app, session)
+        settings = session_settings(secret.settings if secret is not None else config.session_defaults, session)
         if _engine_full(app.state.engine):
             metrics.sessions_rejected.labels("busy").inc()
             raise OfferError(503, "server_busy: every session slot is in use", code="server_busy")
@@ -691,7 +779,7 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
         if call is not None:
             call.bridge.close()
             await call.pc.close()
-        return err.response()
+        return RefusalResponse(err.response(), body)
     except BaseException:
         if call is not None:
             call.bridge.close()
@@ -701,6 +789,12 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
     call.task = asyncio.create_task(call.run(), name=f"call-{call.id}")
     return Response(answer, status_code=201, media_type="application/sdp",
                     headers={"Location": f"{CALLS_PATH}/{call.id}"})
+
+
+def call_not_found(call_id: str) -> OfferError:
+    """OpenAI's answer to an unknown call id (hang-up, sideband)."""
+    return OfferError(404, f"No session found for the provided call_id {call_id!r} (the call ended, or "
+                           "never existed).", code="call_id_not_found", param="call_id")
 
 
 def _engine_full(engine: Any) -> bool:
@@ -716,7 +810,7 @@ async def _hangup(app: FastAPI, request: Request, call_id: str, *, status: int) 
         return _unauthorized()
     call: RealtimeCall | None = app.state.calls.get(call_id)
     if call is None:
-        return OfferError(404, f"no active call {call_id!r}", code="call_not_found", param="call_id").response()
+        return call_not_found(call_id).response()
     call.hangup()
     if call.task is not None:
         with contextlib.suppress(Exception):

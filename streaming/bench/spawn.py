@@ -50,8 +50,10 @@ def serve_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
 class SpawnedServer:
     """``with SpawnedServer(argv) as server: server.url ...``"""
 
-    def __init__(self, serve_args: list[str], *, timeout_s: float = START_TIMEOUT_S) -> None:
+    def __init__(self, serve_args: list[str], *, timeout_s: float = START_TIMEOUT_S,
+                 env: dict[str, str] | None = None) -> None:
         self.serve_args = serve_args
+        self.env = env  # added to this process's environment (PYTHONPATH: another source tree)
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -73,7 +75,11 @@ class SpawnedServer:
         cmd = [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--port-file", str(port_file), "--log-level", "warning", *self.serve_args]
         with open(self._log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # run from the tree given as PYTHONPATH: ``-m`` puts the working directory first on sys.path,
+            # and a source tree there (this one) would shadow it
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env} if self.env else None,
+                                         cwd=(self.env or {}).get("PYTHONPATH"))
         deadline = time.monotonic() + self.timeout_s
         while not port_file.exists():
             if self.proc.poll() is not None:
@@ -86,13 +92,13 @@ class SpawnedServer:
         self.url = f"ws://127.0.0.1:{self.port}/v1/realtime"
         self.health = fetch_health(self.url)
 
-    def rss_mb(self) -> float | None:
-        """The server's peak resident memory so far (VmHWM, Linux)."""
+    def rss_mb(self, key: str = "VmHWM") -> float | None:
+        """The server's resident memory (Linux): its peak so far (``VmHWM``), or now (``VmRSS``)."""
         if self.proc is None:
             return None
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
         except OSError:
             return None

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from streaming.protocol.base import (
+from .base import (
     ClientEventBase,
     ErrorCode,
     ErrorType,
@@ -27,7 +27,7 @@ from streaming.protocol.base import (
     error_from_validation,
     new_id,
 )
-from streaming.protocol.client_events import (
+from .client_events import (
     CLIENT_EVENTS,
     ClientEvent,
     ConversationItemCreate,
@@ -42,7 +42,7 @@ from streaming.protocol.client_events import (
     ResponseCreate,
     SessionUpdate,
 )
-from streaming.protocol.items import (
+from .items import (
     ZERO_USAGE,
     ContentPart,
     ConversationItem,
@@ -59,7 +59,7 @@ from streaming.protocol.items import (
     TranscriptionUsage,
     Usage,
 )
-from streaming.protocol.server_events import (
+from .server_events import (
     SERVER_EVENTS,
     ConversationItemAdded,
     ConversationItemCreated,
@@ -97,7 +97,7 @@ from streaming.protocol.server_events import (
     SessionUpdated,
     UnknownServerEvent,
 )
-from streaming.protocol.session_config import (
+from .session_config import (
     G711_RATE,
     MAX_VOICE_PROMPT_MS,
     PCM_RATE,

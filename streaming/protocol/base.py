@@ -69,6 +69,7 @@ class ErrorCode(enum.StrEnum):
     ITEM_IN_ACTIVE_RESPONSE = "item_in_active_response"
     CONVERSATION_FULL = "conversation_full"
     RESPONSE_FAILED = "response_failed"
+    SEND_QUEUE_FULL = "send_queue_full"
 
 
 class ProtocolError(Exception):

@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from streaming.protocol.base import ClientEventBase
-from streaming.protocol.items import ConversationItem, ResponseCreateParams
-from streaming.protocol.session_config import SessionConfig
+from .base import ClientEventBase
+from .items import ConversationItem, ResponseCreateParams
+from .session_config import SessionConfig
 
 
 class SessionUpdate(ClientEventBase):

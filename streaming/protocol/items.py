@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from streaming.protocol.base import LenientModel, StrictModel
-from streaming.protocol.session_config import AudioFormat, MimoConfig, Modality, Voice, unsupported
+from .base import LenientModel, StrictModel
+from .session_config import AudioFormat, MimoConfig, Modality, Voice, unsupported
 
 ContentType = Literal["input_text", "input_audio", "output_text", "output_audio"]
 Role = Literal["user", "assistant", "system"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from streaming.protocol.base import ServerEventBase
-from streaming.protocol.items import (
+from .base import ServerEventBase
+from .items import (
     ConversationItem,
     ErrorDetail,
     RateLimit,
@@ -17,7 +17,7 @@ from streaming.protocol.items import (
     ResponsePart,
     TranscriptionUsage,
 )
-from streaming.protocol.session_config import SessionConfig
+from .session_config import SessionConfig
 
 
 class ErrorEvent(ServerEventBase):

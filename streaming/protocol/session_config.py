@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from streaming.protocol.base import StrictModel
+from .base import StrictModel
 
 PCM_RATE = 24000
 MAX_VOICE_PROMPT_MS = 20_000

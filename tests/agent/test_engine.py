@@ -294,7 +294,7 @@ def test_flow_control_keeps_generation_near_real_time(runtime):
 
 
 def test_oldest_turns_are_dropped_at_the_context_limit(runtime):
-    engine = make_engine(runtime, max_positions=160, min_context_room=16)
+    engine = make_engine(runtime, max_positions=160)
     try:
         c = Client(engine)
         dropped = []
@@ -381,7 +381,7 @@ def test_invalid_audio_fails_the_item_not_the_engine(runtime):
 def test_a_turn_larger_than_the_context_fails_its_response_clearly(runtime):
     from agent.engine import EngineError
 
-    engine = make_engine(runtime, max_positions=64, min_context_room=16)
+    engine = make_engine(runtime, max_positions=64)
     try:
         c = Client(engine)
         c.submit(AddUserText("u1", "x" * 100))

@@ -15,9 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from streaming.app import create_app
-from streaming.metrics import ServerMetrics
-from streaming.server import add_arguments, build_engine, codec_schedule_factory, make_server_config
+from streaming.server import add_arguments, build_server
 
 
 @dataclass
@@ -45,13 +43,8 @@ def serve_args(*argv: str) -> argparse.Namespace:
 
 
 def start_server(*argv: str) -> LiveServer:
-    args = serve_args(*argv)
-    metrics = ServerMetrics()
-    engine, rt, defaults = build_engine(args, metrics)
-    metrics.engine_queue.set_function(lambda: engine.queue_depth)
-    config = make_server_config(args, rt, defaults)
-    app = create_app(engine, config, metrics=metrics)
-    app.state.codec_schedule = codec_schedule_factory(rt.codec)
+    app = build_server(serve_args(*argv))
+    engine, rt, config = app.state.engine, app.state.runtime, app.state.config
     uv = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", loop="asyncio",
                         ws="websockets", ws_max_size=2 * config.limits.max_message_bytes,
                         ws_per_message_deflate=False, lifespan="off")
@@ -72,3 +65,19 @@ def start_server(*argv: str) -> LiveServer:
     port = server.servers[0].sockets[0].getsockname()[1]
     return LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/realtime", engine, app, rt,
                       server, thread)
+
+
+def assert_heard_in_context(live: LiveServer, item_id: str, heard_ms: int) -> None:
+    """The engine holds assistant item ``item_id`` cut at ``heard_ms`` (the speech patches at least
+    partly heard, one per 160 ms) and its KV cache holds the conversation as heard: up to the end of
+    that item, and no more."""
+    from agent.conversation import common_prefix
+
+    session = next(s for s in live.engine._sessions.values() if any(it.item_id == item_id for it in s.items))
+    item = next(it for it in session.items if it.item_id == item_id)
+    assert int((item.patches.text_ids == live.engine.specials.empty).sum()) == -(-heard_ms // 160)
+    rendering = live.engine.renderer.render(session.items, instructions=session.instructions)
+    start, end = rendering.spans[item_id]
+    assert live.engine.cache.length(session.slot) == len(session.cached) <= end
+    assert common_prefix(session.cached, rendering.prompt) == len(session.cached)
+    assert len(session.cached) > start

@@ -200,3 +200,14 @@ def test_bench_over_webrtc(tmp_path, capsys) -> None:
     assert 0 < turn["server_first_audio_ms"] < turn["user_first_audio_ms"]
     assert turn["vad_window_ms"] > 0 and turn["t_commit"] < turn["t_first_audio"] < turn["t_last_audio"]
     assert turn["audio_ms"] > 500  # 6 speech patches, about 960 ms, most of it heard
+
+
+def test_bench_limits_against_a_spawned_server(tmp_path, capsys) -> None:
+    out = tmp_path / "limits.json"
+    assert main(["bench-limits", "--body-mb", "4", "--json", str(out)]) == 0, capsys.readouterr()
+    figures = json.loads(out.read_text())["after"]
+    offer = figures["vanished_offer"]
+    assert offer["slot_held_s"] == 0 and offer["dropped_after_s"] is not None  # no slot, then forgotten
+    assert {kind: (b["status"], b["code"]) for kind, b in figures["bodies"].items()} == {
+        kind: (413, "request_too_large") for kind in ("declared", "streamed", "multipart")}
+    assert "vanished offer: slot held" in capsys.readouterr().out

@@ -76,7 +76,7 @@ def test_accumulator_reads_a_response_from_fixtures():
         "response.done",
     ]
     acc = _ResponseAccumulator("resp_0000000000000000001", "audio/pcm", now=1.0)
-    finished = [acc.feed(p.parse_server_event(server[name]), now=2.0 + i) for i, name in enumerate(sequence)]
+    finished = [acc.feed(server[name], now=2.0 + i) for i, name in enumerate(sequence)]
     assert finished == [False] * 9 + [True]
     r = acc.result
     assert r.item_id == "item_asst_0000000000001" and r.status == "completed"
@@ -222,10 +222,13 @@ async def test_interrupt_cancels_and_truncates(parrot):
 
 async def test_errors_surface_and_closing_ends_the_iterator(parrot):
     client = await connect(parrot.url)
-    with pytest.raises(p.ProtocolError, match="rate"):
+    # nothing is judged locally: the server's own refusal comes back, naming the problem
+    with pytest.raises(RealtimeClientError, match="rate") as refused:
         await client.update_session(audio={"input": {"format": {"type": "audio/pcm", "rate": 16000}}})
-    with pytest.raises(p.ProtocolError):
-        await client.send({"type": "no.such.event"})
+    assert refused.value.error["code"] == "invalid_value"
+    unknown = client.wait_for("error")
+    await client.send({"type": "no.such.event"})
+    assert (await asyncio.wait_for(unknown, 5)).error.code == "unknown_event_type"
     error = client.wait_for("error")
     await client.cancel()  # nothing in progress: the server answers with an error, the session lives
     assert (await asyncio.wait_for(error, 5)).error.code == "response_cancel_not_active"
@@ -308,3 +311,121 @@ async def test_the_official_openai_sdk_speaks_to_the_session(parrot):
         assert type(event).__name__ == "ResponseDoneEvent"  # parsed into the SDK's own GA types
         assert len(np.concatenate(audio)) > 24000
         assert parrot.headers[0]["authorization"] == "Bearer sk-official"
+
+
+# ----------------------------------------------------------------------------------------------
+# what the SDK leaves to the server, and what it tolerates from one
+
+
+async def test_connect_is_an_async_context_manager_like_the_official_sdks(parrot):
+    async with connect(parrot.url, api_key="sk-ctx", instructions="Hi.") as client:
+        assert client.session.instructions == "Hi." and not client.closed
+    assert client.closed
+
+
+async def test_ga_events_this_server_refuses_are_sent_and_answered_by_the_server(parrot):
+    async with connect(parrot.url) as client:
+        # tools, a function_call_output item and a voice object are valid GA: the SDK sends them
+        # and the answer is the server's (here: a refusal naming the parameter)
+        with pytest.raises(RealtimeClientError) as tools:
+            await client.update_session(tools=[{"type": "function", "name": "f", "parameters": {}}])
+        assert (tools.value.error["code"], tools.value.error["param"]) == ("unsupported_feature", "session.tools")
+        output = {"type": "function_call_output", "call_id": "call_1", "output": "{}"}
+        with pytest.raises(RealtimeClientError) as item:
+            await client.request({"type": "conversation.item.create", "item": output}, "conversation.item.added")
+        assert item.value.error["code"] == "unsupported_feature" and "function_call_output" in str(item.value)
+        try:
+            session = await client.update_session(audio={"output": {"voice": {"id": "marin"}}})
+        except RealtimeClientError as refused:  # the server's call, not the SDK's
+            assert refused.error["event_id"] and refused.error["param"].startswith("session.audio.output.voice")
+        else:
+            assert session is not None
+        assert not client.closed
+
+
+async def test_update_session_takes_only_its_own_error_for_an_answer(parrot):
+    async with connect(parrot.url, audio={"input": {"turn_detection": None}}) as client:
+        errors = []
+        client.on("error", errors.append)
+        await client.commit()  # nothing buffered: an error, about the commit, arrives first
+        session = await client.update_session(instructions="Still fine.")
+        assert session.instructions == "Still fine."
+        assert [e.error.code for e in errors] == ["input_audio_buffer_commit_empty"]
+
+
+def openai_function_call_turn(call_id: str = "call_abc") -> list[dict]:
+    """What OpenAI's GA server sends for a turn in which the model calls a function and then
+    speaks (shapes of the official SDK's types, checked in the test)."""
+    fc = {"id": "item_fc1", "object": "realtime.item", "type": "function_call", "status": "completed",
+          "name": "get_weather", "call_id": call_id, "arguments": '{"city":"Paris"}'}
+    msg = {"id": "item_msg1", "object": "realtime.item", "type": "message", "status": "completed",
+           "role": "assistant", "content": [{"type": "output_audio", "transcript": "Sunny."}]}
+    usage = {"total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
+             "input_token_details": {"text_tokens": 20, "audio_tokens": 0, "cached_tokens": 0},
+             "output_token_details": {"text_tokens": 5, "audio_tokens": 5}}
+
+    def response(rid: str, status: str, output: list) -> dict:
+        return {"id": rid, "object": "realtime.response", "status": status, "output": output,
+                "conversation_id": "conv_1", "output_modalities": ["audio"], "max_output_tokens": "inf",
+                "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin"}},
+                "usage": usage if status != "in_progress" else None, "metadata": None,
+                "status_details": None}
+
+    audio = A.b64encode_audio(np.full(2400, 1000, np.int16))
+    return [
+        {"type": "response.created", "event_id": "e1", "response": response("resp_1", "in_progress", [])},
+        {"type": "response.output_item.added", "event_id": "e2", "response_id": "resp_1", "output_index": 0,
+         "item": {**fc, "status": "in_progress", "arguments": ""}},
+        {"type": "response.function_call_arguments.delta", "event_id": "e3", "response_id": "resp_1",
+         "item_id": "item_fc1", "output_index": 0, "call_id": call_id, "delta": '{"city":"Paris"}'},
+        {"type": "response.function_call_arguments.done", "event_id": "e4", "response_id": "resp_1",
+         "item_id": "item_fc1", "output_index": 0, "call_id": call_id, "name": "get_weather",
+         "arguments": '{"city":"Paris"}'},
+        {"type": "response.output_item.done", "event_id": "e5", "response_id": "resp_1", "output_index": 0,
+         "item": fc},
+        {"type": "response.done", "event_id": "e6", "response": response("resp_1", "completed", [fc])},
+        {"type": "response.created", "event_id": "e7", "response": response("resp_2", "in_progress", [])},
+        {"type": "response.output_item.added", "event_id": "e8", "response_id": "resp_2", "output_index": 0,
+         "item": {**msg, "status": "in_progress", "content": []}},
+        {"type": "response.output_audio.delta", "event_id": "e9", "response_id": "resp_2",
+         "item_id": "item_msg1", "output_index": 0, "content_index": 0, "delta": audio},
+        {"type": "response.output_audio_transcript.done", "event_id": "e10", "response_id": "resp_2",
+         "item_id": "item_msg1", "output_index": 0, "content_index": 0, "transcript": "Sunny."},
+        {"type": "response.done", "event_id": "e11", "response": response("resp_2", "completed", [msg])},
+        {"type": "some.future_event", "event_id": "e12", "anything": [1, 2]},
+    ]
+
+
+async def test_function_calls_and_unknown_events_from_openai_do_not_end_the_session():
+    openai_types = pytest.importorskip("openai.types.realtime", reason="the official SDK is a dev dependency")
+    from pydantic import TypeAdapter
+
+    script = openai_function_call_turn()
+    official = TypeAdapter(openai_types.RealtimeServerEvent)
+    for event in script[:-1]:  # the fixture is what OpenAI sends: its own SDK's types accept it
+        official.validate_python(event)
+    session = RealtimeSession()
+    session.start()
+    created = json.loads(session.take_events()[0].to_json())
+    created["session"]["tools"] = [{"type": "function", "name": "get_weather", "parameters": {}}]
+
+    async def openai_like(ws) -> None:
+        await ws.send(json.dumps(created))
+        async for message in ws:
+            if json.loads(message)["type"] == "response.create":
+                for event in script:
+                    await ws.send(json.dumps(event))
+
+    async with serve(openai_like, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/v1/realtime") as client:
+            assert client.session is None and client.session_wire["tools"][0]["name"] == "get_weather"
+            unknown = client.wait_for("some.future_event")
+            await client.create_response()
+            first, second = await client.collect_response(timeout=5), await client.collect_response(timeout=5)
+            assert (first.status, first.usage.total_tokens, len(first.audio)) == ("completed", 30, 0)
+            assert (second.item_id, second.transcript, len(second.audio)) == ("item_msg1", "Sunny.", 2400)
+            event = await asyncio.wait_for(unknown, 5)
+            assert isinstance(event, p.UnknownServerEvent) and event.anything == [1, 2]
+            assert not client.closed
+            await client.send_text("still connected")

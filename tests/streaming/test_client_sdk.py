@@ -9,7 +9,6 @@ import pytest
 
 from streaming.audio import read_wav
 from streaming.client import RealtimeClientError, connect
-from streaming.protocol import ProtocolError
 from tests.streaming.live_server import start_server
 from tests.streaming.realtime_client import DATA
 
@@ -72,8 +71,8 @@ async def test_sdk_reports_refusals(server):
         await connect(server.ws_url, api_key="wrong")
     assert "401" in str(refused.value)
     async with await connect(server.ws_url, api_key="k3y") as client:
-        # invalid settings are caught before they are sent, with the server's own message
-        with pytest.raises(ProtocolError, match="supports only rate 24000"):
+        # invalid settings come back refused, with the server's own message
+        with pytest.raises(RealtimeClientError, match="supports only rate 24000"):
             await client.update_session(audio={"input": {"format": {"type": "audio/pcm", "rate": 16000}}})
         # what only the server can judge comes back as an error event, and the session goes on
         error = client.wait_for("error")

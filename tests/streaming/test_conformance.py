@@ -38,8 +38,6 @@ NOT_PRODUCED = {"logprobs", "languages"}
 NEVER_SENT = {
     "conversation.item.created": "beta-era twin of conversation.item.added; SessionOptions.emit_item_created "
                                  "is off in the server",
-    "conversation.item.input_audio_transcription.failed": "the engine's transcription pass has no failure "
-                                                          "it reports per item",
 }
 
 
@@ -104,7 +102,7 @@ async def _response(r: Recorder, **response: Any) -> dict:
     return (await r.until("response.done"))["response"]
 
 
-async def _websocket_events(server) -> dict[str, dict]:
+async def _websocket_events(server, monkeypatch) -> dict[str, dict]:
     import websockets
 
     ws = await websockets.connect(server.ws_url + "?model=mimo", subprotocols=["realtime"], max_size=2**24)
@@ -129,6 +127,17 @@ async def _websocket_events(server) -> dict[str, dict]:
             "conversation.item.input_audio_transcription.completed")
         assert completed["content_index"] == 0 and completed["usage"]["type"] == "duration"
         assert completed["usage"]["seconds"] > 0
+
+        # a transcription pass that fails (a fault injected into the engine's ASR prompt)
+        def broken_asr(codes):
+            raise RuntimeError("injected transcription fault")
+
+        monkeypatch.setattr(server.engine.transcriber.builder, "asr", broken_asr)
+        await rc.append(ws, rc.wav_pcm16("speech_stop.wav"))
+        await r.send({"type": "input_audio_buffer.commit"})
+        failed = await r.until("conversation.item.input_audio_transcription.failed")
+        assert "injected" in failed["error"]["message"]
+        monkeypatch.undo()
 
         # truncate, retrieve, a text turn, cancel, delete
         await r.send({"type": "conversation.item.truncate", "item_id": assistant_item, "content_index": 0,
@@ -203,8 +212,8 @@ async def _webrtc_events(server) -> dict[str, dict]:
     return seen
 
 
-async def test_every_server_event_conforms_to_the_sdk_ga_types(server):
-    seen = await _websocket_events(server)
+async def test_every_server_event_conforms_to_the_sdk_ga_types(server, monkeypatch):
+    seen = await _websocket_events(server, monkeypatch)
     rate = seen["rate_limits.updated"]["rate_limits"]
     assert rate and {limit["name"] for limit in rate} <= {"requests", "tokens"}
     seen.update(await _webrtc_events(server))

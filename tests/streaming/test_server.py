@@ -13,7 +13,7 @@ import websockets
 
 from tests.streaming import realtime_client as rc
 from tests.streaming.helpers import MALFORMED_JSON
-from tests.streaming.live_server import start_server
+from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -169,8 +169,6 @@ async def test_previous_item_id_root_and_after_an_item_place_items_in_the_model_
 
 
 async def test_barge_in_cancels_and_rolls_back(server):
-    from agent.conversation import common_prefix
-
     ws = await rc.connect(server.ws_url)
     try:
         vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
@@ -195,17 +193,7 @@ async def test_barge_in_cancels_and_rolls_back(server):
         truncated = await rc.until(ws, "conversation.item.truncated")
         assert truncated["item_id"] == item_id and truncated["audio_end_ms"] == heard_ms
         await asyncio.sleep(0.5)  # the engine applies the truncate on its thread
-        session = next(s for s in server.engine._sessions.values()
-                       if any(it.item_id == item_id for it in s.items))
-        item = next(it for it in session.items if it.item_id == item_id)
-        empty = server.engine.specials.empty
-        assert int((item.patches.text_ids == empty).sum()) == heard_ms // 160
-        # the KV cache holds the conversation as heard: up to the end of the truncated item, and no more
-        rendering = server.engine.renderer.render(session.items, instructions=session.instructions)
-        start, end = rendering.spans[item_id]
-        assert server.engine.cache.length(session.slot) == len(session.cached) <= end
-        assert common_prefix(session.cached, rendering.prompt) == len(session.cached)
-        assert len(session.cached) > start
+        assert_heard_in_context(server, item_id, heard_ms)
     finally:
         await ws.close()
 

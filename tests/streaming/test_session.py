@@ -392,38 +392,100 @@ def test_one_response_at_a_time_and_cancel():
     play_audio_response(s, create.response_id, audio=YES[:4800], text=("Yes",))
     s.take_events()
     send(s, {"type": "response.cancel"})
-    assert s.take_events() == []  # response.done waits for the engine's confirmation
-    assert s.take_actions() == [act.CancelResponse(create.response_id, "client_cancelled")]
-    send(s, {"type": "response.cancel"})
-    assert [e.code for e in errors(s.take_events())] == ["response_cancel_not_active"]
-    s.response_audio(create.response_id, YES[4800:9600])  # in flight before the engine saw the cancel
-    s.response_text(create.response_id, " more")
-    assert s.take_events() == []  # dropped
-    s.response_done(create.response_id, "completed")
+    # the cancel completes at once: response.done does not wait for the engine
     events = s.take_events()
-    assert types(events)[-1] == "response.done"
+    assert types(events) == ["response.output_audio.done", "response.output_audio_transcript.done",
+                             "response.content_part.done", "response.output_item.done",
+                             "conversation.item.done", "response.done"]
     done = events[-1].response
     assert done.status == "cancelled" and done.status_details.reason == "client_cancelled"
     assert done.output[0].status == "incomplete" and done.output[0].content[0].transcript == "Yes"
+    assert s.take_actions() == [act.CancelResponse(create.response_id, "client_cancelled"),
+                                act.FlushOutputAudio(create.response_id)]
+    s.response_audio(create.response_id, YES[4800:9600])  # in flight before the engine saw the cancel
+    s.response_text(create.response_id, " more")
+    s.response_done(create.response_id, "completed")  # the engine's late confirmation
+    assert s.take_events() == []  # all dropped
     send(s, {"type": "response.create"})
     assert types(s.take_events()) == ["response.created", "rate_limits.updated"]  # free again
 
 
-def test_cancel_grace_when_the_engine_never_confirms():
+def test_cancel_then_truncate_keeps_the_truncation():
+    """Clients send the pair back to back: the engine's late confirmation must not restore the item."""
+    s, _ = make(**MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, audio=YES[:9600], text=("Yes, ", "please."))
+    s.take_events()
+    send(s, {"type": "response.cancel"})
+    send(s, {"type": "conversation.item.truncate", "item_id": create.item_id, "content_index": 0,
+             "audio_end_ms": 200})
+    assert "conversation.item.truncated" in types(s.take_events())
+    s.response_audio(create.response_id, YES[9600:14400])
+    s.response_done(create.response_id, "completed", timings={"total_ms": 1.0})
+    assert s.take_events() == []
+    send(s, {"type": "conversation.item.retrieve", "item_id": create.item_id})
+    (retrieved,) = s.take_events()
+    assert retrieved.item.content[0].transcript == "Yes, "  # the truncation's transcript, not the full one
+    assert s.conversation.get(create.item_id).audio_ms == 200
+    # the item is 200 ms long now: a truncate to a later time is refused
+    send(s, {"type": "conversation.item.truncate", "item_id": create.item_id, "content_index": 0,
+             "audio_end_ms": 300})
+    assert errors(s.take_events())[0].param == "audio_end_ms"
+
+
+def test_cancel_then_delete_deletes():
+    """LiveKit's truncate(audio_end_ms=0) is a cancel then a delete of the item, in one breath."""
+    s, _ = make(**MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, audio=YES[:4800], text=("Yes",))
+    s.take_events(), s.take_actions()
+    send(s, {"type": "response.cancel"})
+    send(s, {"type": "conversation.item.delete", "item_id": create.item_id})
+    events = s.take_events()
+    assert errors(events) == []
+    assert types(events)[-2:] == ["response.done", "conversation.item.deleted"]
+    assert s.take_actions()[-1] == act.DeleteItem(create.item_id)
+    assert create.item_id not in s.conversation
+
+
+def test_cancel_while_the_finished_response_still_plays_stops_its_audio():
+    """The engine is ahead of real time: a response may be generated while its audio (and its
+    response.done) still wait in the paced output. For the client it is still running."""
     s, clock = make(**MANUAL)
     send(s, {"type": "response.create"})
     (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, audio=YES[:48000], text=("Yes",))  # 2 s
+    s.response_done(create.response_id)
+    s.take_events(), s.take_actions()
+    clock.advance(1.0)
     send(s, {"type": "response.cancel"})
+    assert s.take_events() == []  # no error: it was generated, and stops now
+    assert s.take_actions() == [act.FlushOutputAudio(create.response_id)]
+    clock.advance(1.5)  # played out: now it is over for the client too
+    send(s, {"type": "response.cancel"})
+    assert [e.code for e in errors(s.take_events())] == ["response_cancel_not_active"]
+
+
+def test_webrtc_cut_truncates_the_item_to_what_was_played():
+    s, _ = make(transport=Transport.WEBRTC, **MANUAL)
+    send(s, {"type": "response.create"})
+    (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
+    play_audio_response(s, create.response_id, audio=YES[:24000], text=("Yes, ", "please."))
     s.take_events()
-    clock.advance(4.9)
-    s.tick()
-    assert s.take_events() == []
-    clock.advance(0.2)
-    s.tick()
-    (done,) = s.take_events()
-    assert done.response.status == "cancelled" and done.response.output == []
-    s.response_done(create.response_id)  # a late confirmation is ignored
-    assert s.take_events() == []
+    send(s, {"type": "response.cancel"})
+    events = s.take_events()
+    assert types(events)[0] == "output_audio_buffer.cleared" and types(events)[-1] == "response.done"
+    (flush,) = [a for a in s.take_actions() if isinstance(a, act.FlushOutputAudio)]
+    assert flush.cut
+    s.output_audio_cut(create.response_id, 9600)  # the track had played 400 ms of it
+    (truncated,) = s.take_events()
+    assert truncated.type == "conversation.item.truncated" and truncated.audio_end_ms == 400
+    (truncate,) = s.take_actions()
+    assert isinstance(truncate, act.TruncateItem) and truncate.audio_end_ms == 400
+    s.output_audio_cut(create.response_id, 9600)  # nothing more to cut
+    assert s.take_events() == [] and s.take_actions() == []
 
 
 def test_barge_in_cancels_flushes_and_the_next_turn_follows():
@@ -435,24 +497,24 @@ def test_barge_in_cancels_flushes_and_the_next_turn_follows():
     s.take_events()
     append(s, np.concatenate([SILENCE_1S[:12000], STOP]))  # the user talks over the reply
     events = s.take_events()
-    assert types(events) == ["input_audio_buffer.speech_started"]
+    assert types(events)[0] == "input_audio_buffer.speech_started"
+    done = events[-1].response
+    assert done.status == "cancelled" and done.status_details.reason == "turn_detected"
     assert s.take_actions() == [act.CancelResponse(rid, "turn_detected"), act.FlushOutputAudio(rid)]
     s.response_audio(rid, YES[12000:14400])
     assert s.take_events() == []
-    append(s, SILENCE_1S)  # the user stops: the turn is committed, its response waits for the cancel
+    s.response_done(rid)
+    append(s, SILENCE_1S)  # the user stops: the turn is committed and answered
     assert types(s.take_events()) == [
         "input_audio_buffer.speech_stopped",
         "input_audio_buffer.committed",
         "conversation.item.added",
         "conversation.item.done",
+        "response.created",
+        "rate_limits.updated",
     ]
-    assert [type(a) for a in s.take_actions()] == [act.AppendUserAudio]
-    s.response_done(rid)
-    events = s.take_events()
-    done = next(e for e in events if e.type == "response.done").response
-    assert done.status == "cancelled" and done.status_details.reason == "turn_detected"
-    assert types(events)[-2:] == ["response.created", "rate_limits.updated"]  # the queued VAD response
-    (create2,) = s.take_actions()
+    append_audio, create2 = s.take_actions()
+    assert isinstance(append_audio, act.AppendUserAudio)
     assert isinstance(create2, act.CreateResponse) and create2.response_id != rid
 
 
@@ -510,7 +572,9 @@ def test_truncate_validation_and_transcript():
         "content_index": 0,
         "audio_end_ms": 400,
     }
-    assert s.take_actions() == [act.TruncateItem(item_id, 400, "Yes, ")]
+    # its audio may still be queued (the session's clock did not move): the listener stopped, so does it
+    assert s.take_actions() == [act.FlushOutputAudio(create.response_id, cut=False),
+                                act.TruncateItem(item_id, 400, "Yes, ")]
     send(s, {"type": "conversation.item.retrieve", "item_id": item_id})
     (retrieved,) = s.take_events()
     assert retrieved.item.content[0].transcript == "Yes, "
@@ -642,6 +706,24 @@ def test_previous_item_id_appends_inserts_first_or_after_an_item():
     assert audio.after == "" and next(i.id for i in s.conversation) == added.item.id
 
 
+def test_input_transcription_events_name_the_audio_part_and_carry_usage():
+    """GA's transcription events: ``content_index`` of the item's audio part (here the second part,
+    after a text part), and ``completed`` with the audio's duration as usage."""
+    s, _ = make(audio={"input": {"turn_detection": None, "transcription": {"model": "mimo-asr"}}})
+    send(s, {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "Listen:"}, {"type": "input_audio", "audio": A.b64encode_audio(YES)}]}})
+    item_id = s.take_events()[0].item.id
+    (audio,) = [a for a in s.take_actions() if isinstance(a, act.AppendUserAudio)]
+    assert audio.transcribe
+    s.transcription_delta(item_id, "Ye")
+    s.transcription_done(item_id, "Yes")
+    s.transcription_failed(item_id, "a later pass failed")
+    delta, completed, failed = (e.to_wire() for e in s.take_events())
+    assert delta["content_index"] == completed["content_index"] == failed["content_index"] == 1
+    assert completed["usage"] == {"type": "duration", "seconds": round(len(YES) / 24000, 3)}
+    assert s.conversation.get(item_id).parts[1].transcript == "Yes"
+
+
 def test_out_of_band_response_stays_out_of_the_conversation():
     s, _ = make(**MANUAL)
     send(s, {"type": "response.create", "response": {"conversation": "none", "output_modalities": ["text"]}})
@@ -701,8 +783,8 @@ def test_webrtc_output_buffer_events():
     assert kinds.index("output_audio_buffer.started") > kinds.index("response.content_part.added")
     s.push_audio(np.concatenate([SILENCE_1S[:12000], STOP]))  # barge-in over the track
     events = s.take_events()
-    assert types(events) == ["input_audio_buffer.speech_started", "output_audio_buffer.cleared"]
-    assert events[1].response_id == rid
+    assert types(events)[:2] == ["input_audio_buffer.speech_started", "output_audio_buffer.cleared"]
+    assert events[1].response_id == rid and types(events)[-1] == "response.done"
     s.response_done(rid)
     s.output_audio_drained(rid)  # already cleared: no stopped event
     assert "output_audio_buffer.stopped" not in types(s.take_events())
@@ -790,6 +872,7 @@ def test_close_cancels_the_active_response():
     s.close("client_disconnected")
     assert s.take_actions() == [
         act.CancelResponse(create.response_id, "client_cancelled"),
+        act.FlushOutputAudio(create.response_id),
         act.Close("client_disconnected"),
     ]
     assert s.state is SessionState.CLOSED

@@ -9,6 +9,8 @@ import base64
 import itertools
 import json
 import re
+import urllib.error
+import urllib.request
 
 import httpx
 import numpy as np
@@ -27,7 +29,7 @@ from streaming.webrtc import (
 from tests.streaming import realtime_client as rc
 from tests.streaming import rtc_client as rtc
 from tests.streaming.helpers import MALFORMED_JSON
-from tests.streaming.live_server import start_server
+from tests.streaming.live_server import assert_heard_in_context, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,6 +126,10 @@ async def test_barge_in_clears_the_playout_buffer(server):
     finally:
         await call.close()
     assert done["response"]["id"] == started["response_id"] == cleared["response_id"]
+    # the server cut the item to what the track had played (it owns playback over WebRTC)
+    truncated = next(e for e in events if e["type"] == "conversation.item.truncated")
+    assert truncated["item_id"] == done["response"]["output"][0]["id"]
+    assert 0 < truncated["audio_end_ms"] < done["response"]["mimo"]["audio_ms"]
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["status_details"]["reason"] == "turn_detected"
     assert "output_audio_buffer.stopped" not in rtc.types(events)
@@ -131,6 +137,70 @@ async def test_barge_in_clears_the_playout_buffer(server):
     assert dropped > 0 and buffered_after == 0
     late = call.frames[frames_at_clear + 15:]  # 300 ms for frames already in flight
     assert len(late) > 25 and max(f.peak for f in late) <= 64
+
+
+async def test_cancel_truncates_the_item_to_what_the_track_played(server):
+    """Over WebRTC the server owns playback: after an interrupt it cuts the assistant item to what
+    went out on the track, as a WebSocket client would with conversation.item.truncate."""
+    assert await _settled(server) == 0
+    session = {"type": "realtime", **LONG_RESPONSE, "audio": {"input": {"turn_detection": None}}}
+    call = await rtc.place_call(server.url, mic=False, session=session)
+    try:
+        server_call = _call_of(server, call)
+        call.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}})
+        call.send({"type": "response.create"})
+        events: list[dict] = []
+        started = await call.until("output_audio_buffer.started", events=events)
+        for _ in range(400):  # the engine gets ahead: its audio waits in the track
+            if server_call.track.buffered_s >= 1.0:
+                break
+            await asyncio.sleep(0.05)
+        assert server_call.track.buffered_s >= 1.0
+        call.send({"type": "response.cancel"})
+        truncated = await call.until("conversation.item.truncated", events=events)
+        played_samples = server_call.track.audio_samples_sent  # 48 kHz, all of this response
+        frames_at_cut = len([f for f in call.frames if f.at <= truncated["_at"]])
+        await asyncio.sleep(1.0)  # the engine applies the truncate on its thread; the track stays quiet
+        assert server_call.track.audio_samples_sent == played_samples  # nothing plays after the cut
+        assert_heard_in_context(server, truncated["item_id"], truncated["audio_end_ms"])
+    finally:
+        await call.close()
+    kinds = rtc.types(events)
+    done = events[kinds.index("response.done")]["response"]
+    assert done["status"] == "cancelled" and done["id"] == started["response_id"]
+    assert kinds.index("output_audio_buffer.cleared") < kinds.index("response.done") < kinds.index(
+        "conversation.item.truncated")
+    assert done["output"][0]["id"] == truncated["item_id"]
+    assert truncated["audio_end_ms"] == played_samples // 48 > 0
+    assert done["mimo"]["audio_ms"] - truncated["audio_end_ms"] >= 900  # what was buffered was never heard
+    late = call.frames[frames_at_cut + 15:]  # 300 ms for frames already in flight
+    assert len(late) > 25 and max(f.peak for f in late) <= 64
+
+
+async def test_events_sent_as_the_channel_opens_wait_for_the_slot(server):
+    """A client may send as soon as its data channel opens, before the server's side of the call has
+    taken its engine slot (a race the server loses under load): the events wait for the slot."""
+    assert await _settled(server) == 0
+    pc, channel = await rtc.make_offer(mic=False)
+    got: list[dict] = []
+    channel.on("message", lambda message: got.append(json.loads(message)))
+    update = {"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}}
+    try:
+        answer = await rtc.post_offer(server.url, pc.localDescription.sdp)
+        call = server.app.state.calls[answer.headers["location"].rsplit("/", 1)[-1]]
+        # the event reaches the call before its peer connected, as in the race
+        call.task.get_loop().call_soon_threadsafe(call.on_client_message, json.dumps(update))
+        await pc.setRemoteDescription(RTCSessionDescription(answer.text, "answer"))
+        for _ in range(600):
+            if {"session.updated", "error"} & set(rtc.types(got)):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await pc.close()
+    assert "error" not in rtc.types(got), got
+    assert rtc.types(got)[:2] == ["session.created", "session.updated"]
+    assert got[1]["session"]["instructions"] == "Be brief."
 
 
 async def test_multipart_offer_configures_the_session_and_receive_only_works(server):
@@ -263,6 +333,13 @@ async def _raw_post(server, head: str, body: bytes = b"", *, chunked: bool = Fal
         writer.close()
 
 
+def _urllib_post(url: str, body: bytes) -> urllib.error.HTTPError:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/sdp"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    return refused.value
+
+
 async def test_offer_bodies_are_limited_while_reading(server):
     limit = MAX_OFFER_BYTES
     # a declared length over the limit: refused before any of the body is read
@@ -287,6 +364,9 @@ async def test_offer_bodies_are_limited_while_reading(server):
         ):
             assert response.status_code == 413, response.text
             assert response.json()["error"]["code"] == "request_too_large"
+    # ... and one that asks to close the connection after the answer (urllib does)
+    refused = await asyncio.to_thread(_urllib_post, server.url + "/v1/realtime/calls", b"v" * (8 << 20))
+    assert refused.code == 413 and json.loads(refused.read())["error"]["code"] == "request_too_large"
     assert server.engine.active_sessions == 0 and server.app.state.calls == {}
 
 
@@ -299,12 +379,108 @@ async def test_hang_up(server):
             assert (await http.delete(first.location)).status_code == 204
             assert first.call_id not in server.app.state.calls
             missing = await http.delete(first.location)
-            assert missing.status_code == 404 and missing.json()["error"]["code"] == "call_not_found"
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "call_id_not_found"
             assert (await http.post(second.location + "/hangup")).status_code == 200
         assert await _settled(server) == 0
     finally:
         await first.close()
         await second.close()
+
+
+async def _until(connection, kind: str, seen: list, timeout: float = 30.0):
+    """Events of an official-SDK connection until one of type ``kind``."""
+    async def read():
+        async for event in connection:
+            seen.append(event)
+            if event.type == kind:
+                return event
+        raise AssertionError(f"closed before {kind}")
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_sideband_joins_the_call_and_steers_it(server):
+    """OpenAI's sideband: the application server joins the browser's call by its id with the
+    official SDK (``realtime.connect(call_id=...)``): it takes no slot, sees the call's events, and
+    its session.update and response.create steer the call (the answer plays on the call's track)."""
+    from openai import AsyncOpenAI
+
+    assert await _settled(server) == 0
+    call = await rtc.place_call(server.url, session={"type": "realtime", "max_output_tokens": 8,
+                                                     "audio": {"input": {"turn_detection": None}}})
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+    seen: list = []
+    try:
+        async with client.realtime.connect(call_id=call.call_id) as side:
+            created = await _until(side, "session.created", seen)
+            assert created.session.id == call.log[0]["session"]["id"] and created.session.max_output_tokens == 8
+            assert server.engine.active_sessions == 1  # the call's slot only
+            await side.session.update(session={"type": "realtime", "instructions": "Answer in French."})
+            updated = await _until(side, "session.updated", seen)
+            on_call = await call.until("session.updated")
+            assert updated.session.instructions == on_call["session"]["instructions"] == "Answer in French."
+            frames_before = len(call.frames)
+            await side.response.create()
+            done = await _until(side, "response.done", seen)
+            on_call = await call.until("response.done")
+            assert done.response.id == on_call["response"]["id"] and done.response.status in ("completed",
+                                                                                             "incomplete")
+            await call.until("output_audio_buffer.stopped")
+            assert any(f.peak > 64 for f in call.frames[frames_before:])  # the answer played on the call
+            kinds = [e.type for e in seen]
+            assert "output_audio_buffer.started" in kinds and "response.output_audio.delta" not in kinds
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                assert (await http.delete(call.location)).status_code == 204
+            with pytest.raises(AssertionError, match="closed before"):  # the call ended: so does the sideband
+                await _until(side, "never", seen, timeout=10)
+    finally:
+        await call.close()
+    assert await _settled(server) == 0
+
+
+async def test_sideband_that_joins_before_the_peer_connects(server):
+    """OpenAI's flow: the application server posts the browser's offer, hands back the answer and
+    opens the sideband at once, before the browser's peer has connected. The sideband sees the
+    call's own session.created (once), and what it sent meanwhile applies once the call runs."""
+    import websockets
+
+    assert await _settled(server) == 0
+    pc, dc = await rtc.make_offer(mic=False)
+    answer = await rtc.post_offer(server.url, pc.localDescription.sdp,
+                                  session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    assert answer.status_code == 201
+    call_id = answer.headers["location"].rsplit("/", 1)[-1]
+    side = await websockets.connect(server.ws_url + f"?call_id={call_id}", subprotocols=["realtime"])
+    received: list[dict] = []
+    dc.on("message", lambda m: received.append(json.loads(m)))
+    try:
+        await side.send(json.dumps({"type": "session.update", "session": {"type": "realtime",
+                                                                          "instructions": "Early words."}}))
+        assert server.engine.active_sessions == 0  # the peer has not connected: no slot yet
+        await pc.setRemoteDescription(rtc.RTCSessionDescription(answer.text, "answer"))
+        seen = [json.loads(await asyncio.wait_for(side.recv(), 30)) for _ in range(2)]
+        assert [e["type"] for e in seen] == ["session.created", "session.updated"]
+        assert seen[1]["session"]["instructions"] == "Early words."
+        for _ in range(200):
+            if len(received) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [e["event_id"] for e in received[:2]] == [e["event_id"] for e in seen]  # the same events
+    finally:
+        await side.close()
+        await pc.close()
+    assert await _settled(server) == 0
+
+
+async def test_sideband_to_an_unknown_call_is_refused(server):
+    import websockets
+
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(server.ws_url + "?call_id=rtc_nope", subprotocols=["realtime"])
+    assert refused.value.response.status_code == 404
+    error = json.loads(refused.value.response.body)["error"]
+    assert error["code"] == "call_id_not_found" and "rtc_nope" in error["message"]
+    assert server.engine.active_sessions == 0
 
 
 async def test_server_busy_is_a_clear_503(server):

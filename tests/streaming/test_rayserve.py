@@ -1,0 +1,271 @@
+"""Scale-out on Ray Serve, end to end: ``mimo-agent serve --ray`` starts a local Ray cluster with two
+tiny CPU replicas of ``SLOTS`` session slots each; the tests talk to its one endpoint over real
+WebSockets and WebRTC, kill a replica's process, and stop the cluster at the end.
+
+The tests of this module run in order on the same cluster (each leaves every session closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from streaming.rayserve.routes import call_replica
+from tests.streaming import realtime_client as rc
+from tests.streaming import rtc_client
+from tests.streaming.helpers import ROOT
+
+pytest.importorskip("ray.serve", reason="Ray Serve is the optional '.[ray]' extra (in '.[dev]')")
+
+pytestmark = pytest.mark.timeout(300)
+
+SLOTS = 2  # per replica
+REPLICAS = 2
+DRAIN_S = 120  # longer than any test's session: the drain test ends its session itself
+START_TIMEOUT_S = 240  # cluster, controller, proxy and two replicas loading the tiny model on 2 busy cores
+
+
+@dataclass
+class RayServer:
+    url: str
+    ws_url: str
+    process: subprocess.Popen
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray")
+    port_file, log = tmp / "port", tmp / "serve.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streaming.cli", "serve", "--ray", "--replicas", str(REPLICAS), "--preset", "tiny",
+             "--device", "cpu", "--threads", "1", "--max-sessions", str(SLOTS), "--no-warmup", "--port", "0",
+             "--port-file", str(port_file), "--drain-timeout", str(DRAIN_S), "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mimo-agent serve --ray did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        port = int(port_file.read_text())
+        yield RayServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/realtime", process, log)
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM: the command shuts its local cluster down; if it cannot, kill it and stop Ray."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                       check=False)
+
+
+async def health(server: RayServer) -> dict:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        response = await http.get("/healthz")
+    response.raise_for_status()
+    return response.json()
+
+
+async def fleet_where(server: RayServer, ok, what: str, attempts: int = 240) -> list[dict]:
+    """Poll ``/healthz`` until its replica list satisfies ``ok`` (replicas report every second)."""
+    replicas: list[dict] = []
+    for _ in range(attempts):
+        replicas = (await health(server))["replicas"]
+        if ok(replicas):
+            return replicas
+        await asyncio.sleep(0.5)
+    pytest.fail(f"the replicas never showed {what}: {replicas}")
+
+
+def idle(replicas: list[dict]) -> bool:
+    return len(replicas) == REPLICAS and all(r["sessions"] == 0 for r in replicas)
+
+
+async def open_sessions(server: RayServer, n: int) -> list:
+    return [await rc.connect(server.ws_url) for _ in range(n)]
+
+
+async def close_all(sockets: list) -> None:
+    for ws in sockets:
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+
+async def refused(server: RayServer) -> tuple[dict, int]:
+    """A session beyond every slot: its first event and the close code."""
+    async with websockets.connect(server.ws_url, subprotocols=["realtime"]) as ws:
+        first = await rc.recv(ws, timeout=30)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.recv()
+        return first, ws.close_code
+
+
+async def test_sessions_spread_over_replicas_and_the_extra_one_is_refused(ray_server):
+    replicas = await fleet_where(ray_server, idle, "every replica idle")
+    assert {r["slots"] for r in replicas} == {SLOTS}
+    sockets = await open_sessions(ray_server, REPLICAS * SLOTS)
+    try:
+        replicas = await fleet_where(ray_server, lambda rs: sum(r["sessions"] for r in rs) == REPLICAS * SLOTS,
+                                     "every session")
+        assert [r["sessions"] for r in replicas] == [SLOTS] * REPLICAS  # spread, none refused
+        event, code = await refused(ray_server)
+        assert event["type"] == "error" and event["error"]["code"] == "server_busy", event
+        assert code == 1013
+    finally:
+        await close_all(sockets)
+
+
+async def test_a_client_secret_opens_sessions_on_every_replica(ray_server):
+    """An ephemeral key minted by one replica opens sessions wherever the router puts them."""
+    await fleet_where(ray_server, idle, "every replica idle")
+    async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as http:
+        minted = await http.post("/v1/realtime/client_secrets", json={"session": {"type": "realtime",
+                                                                                 "instructions": "Be brief."}})
+    assert minted.status_code == 200, minted.text
+    key = minted.json()["value"]
+    sockets = []
+    try:
+        for _ in range(REPLICAS):
+            ws = await websockets.connect(ray_server.ws_url, subprotocols=["realtime",
+                                                                           f"openai-insecure-api-key.{key}"])
+            sockets.append(ws)
+            created = await rc.recv(ws)
+            assert created["type"] == "session.created", created
+            assert created["session"]["instructions"] == "Be brief."
+        await fleet_where(ray_server, lambda rs: [r["sessions"] for r in rs] == [1] * REPLICAS, "one session each")
+    finally:
+        await close_all(sockets)
+
+
+async def test_healthz_and_metrics_name_every_replica(ray_server):
+    replicas = await fleet_where(ray_server, idle, "every replica idle")
+    body = await health(ray_server)
+    assert body["replica"] in {r["id"] for r in replicas}
+    assert len({r["pid"] for r in replicas}) == REPLICAS and all(r["pid"] > 0 for r in replicas)
+    # the tests above opened SLOTS + 1 sessions on each; the others' figures are as of their last report
+    wanted = [f'mimo_sessions_total{{replica="{r["id"]}",transport="websocket"}} {SLOTS + 1}' for r in replicas]
+    async with httpx.AsyncClient(base_url=ray_server.url, timeout=10) as http:
+        for _ in range(40):
+            metrics = (await http.get("/metrics")).text
+            if all(line in metrics for line in wanted):
+                break
+            await asyncio.sleep(0.5)
+    assert all(line in metrics for line in wanted), metrics
+
+
+async def _turn(ws) -> str:
+    await rc.update(ws, audio={"input": {"turn_detection": None}})
+    await rc.append(ws, rc.wav_pcm16("speech_yes.wav"))
+    await rc.send(ws, {"type": "input_audio_buffer.commit"})
+    await rc.send(ws, {"type": "response.create", "response": {"max_output_tokens": 8}})
+    done = await rc.until(ws, "response.done", timeout=120)
+    return done["response"]["status"]
+
+
+FINISHED = {"completed", "incomplete"}  # incomplete: the 8-patch cap
+
+
+async def _fate(ws) -> tuple[dict | None, int | None]:
+    """The first event a session gets after its replica was killed, and its close code (None: alive)."""
+    try:
+        event = await rc.recv(ws, timeout=5)
+    except TimeoutError:
+        return None, None
+    with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
+        await rc.recv(ws, timeout=5)
+    return event, ws.close_code
+
+
+async def test_a_killed_replica_closes_only_its_sessions_and_is_replaced(ray_server):
+    await fleet_where(ray_server, idle, "every replica idle")
+    sockets = await open_sessions(ray_server, REPLICAS * SLOTS)
+    try:
+        replicas = await fleet_where(ray_server, lambda rs: [r["sessions"] for r in rs] == [SLOTS] * REPLICAS,
+                                     "the sessions spread")
+        victim, survivor = replicas
+        os.kill(victim["pid"], signal.SIGKILL)
+        fates = await asyncio.gather(*(_fate(ws) for ws in sockets))
+        lost = [(event, code) for event, code in fates if code is not None]
+        assert len(lost) == SLOTS, fates  # exactly the victim's sessions
+        for event, code in lost:
+            assert code == 1012 and event["type"] == "error" and event["error"]["code"] == "replica_failed", event
+        alive = [ws for ws, (_, code) in zip(sockets, fates, strict=True) if code is None]
+        done = await asyncio.gather(*(_turn(ws) for ws in alive))
+        assert len(done) == SLOTS and set(done) <= FINISHED, done
+    finally:
+        await close_all(sockets)
+
+    replaced = await fleet_where(
+        ray_server, lambda rs: len(rs) == REPLICAS and victim["pid"] not in {r["pid"] for r in rs} and idle(rs),
+        "a replacement replica")
+    assert survivor["id"] in {r["id"] for r in replaced}
+    sockets = await open_sessions(ray_server, REPLICAS * SLOTS)  # the full capacity is back
+    try:
+        assert len(sockets) == REPLICAS * SLOTS
+        assert await _turn(sockets[-1]) in FINISHED
+    finally:
+        await close_all(sockets)
+
+
+async def test_webrtc_calls_name_their_replica_and_hang_up_and_sideband_reach_it(ray_server):
+    replicas = await fleet_where(ray_server, idle, "every replica idle")
+    calls = [await rtc_client.place_call(ray_server.url, mic=False) for _ in range(REPLICAS)]
+    try:
+        owners = Counter(call_replica(c.call_id) for c in calls)
+        assert set(owners) == {r["id"] for r in replicas}, owners  # one call on each: calls count as load
+        await fleet_where(ray_server, lambda rs: [r["calls"] for r in rs] == [1] * REPLICAS, "one call each")
+        for call in calls:  # the sideband WebSocket joins the call on its replica
+            async with websockets.connect(f"{ray_server.ws_url}?call_id={call.call_id}",
+                                          subprotocols=["realtime"]) as side:
+                created = await rc.recv(side)
+                assert created["type"] == "session.created", created
+                assert created["session"]["id"] == call.log[0]["session"]["id"]
+        async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as http:
+            for call in calls:
+                assert (await http.delete(call.location)).status_code == 204, call.call_id
+            again = await http.delete(calls[0].location)
+            assert again.status_code == 404 and again.json()["error"]["code"] == "call_id_not_found"
+            missing = await http.post("/v1/realtime/calls/rtc_nosuchreplica_0123/hangup")
+            assert missing.status_code == 404
+        await fleet_where(ray_server, lambda rs: all(r["calls"] == 0 for r in rs), "the calls ended")
+    finally:
+        for call in calls:
+            await call.close()
+
+
+async def test_sigterm_drains_the_sessions_then_stops_the_cluster(ray_server):
+    """Last: SIGTERM (what Kubernetes and systemd send) lets the open sessions finish, up to
+    ``--drain-timeout``, then ``mimo-agent serve --ray`` stops with the Ray processes it started."""
+    await fleet_where(ray_server, idle, "every replica idle")
+    ws = await rc.connect(ray_server.ws_url)
+    try:
+        ray_server.process.send_signal(signal.SIGTERM)
+        assert await _turn(ws) in FINISHED  # the replica is draining: its session goes on
+        assert ray_server.process.poll() is None  # and the command waits for it
+    finally:
+        await ws.close()
+    await asyncio.to_thread(ray_server.process.wait, 120)
+    assert ray_server.process.returncode == 0, ray_server.log.read_text()[-4000:]
