@@ -384,6 +384,7 @@ class Engine:
         # graphs pad batches with rows that write to a slot no session owns
         slots = self.config.max_sessions + (1 if use_graphs else 0)
         self.cache: KVCache = lm.allocate_cache(slots, self.max_positions)
+        self.memory = self._admission_memory(codec)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
@@ -405,6 +406,26 @@ class Engine:
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
+
+    def _admission_memory(self, codec: Any) -> dict[str, int]:
+        """What each admitted session may hold beyond the weights: its slot of the LM's KV cache
+        (allocated here) and the codec decoder's KV cache of its response's stream (a bounded
+        block per 60 s segment, allocated when the response speaks). ``max_sessions`` admits that
+        many of both; on CUDA the codec's share must fit in the memory left now."""
+        slot = (self.cache.k.nbytes + self.cache.v.nbytes) // self.cache.k.shape[1]
+        codec_bytes = int(codec.decode_cache_bytes()) if hasattr(codec, "decode_cache_bytes") else 0
+        sessions = self.config.max_sessions
+        memory = {"lm_kv_bytes_per_session": slot, "codec_kv_bytes_per_session": codec_bytes,
+                  "max_sessions": sessions, "total_bytes": sessions * (slot + codec_bytes)}
+        if self.device.type == "cuda" and codec_bytes:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if sessions * codec_bytes > free:
+                raise ValueError(
+                    f"{sessions} sessions need {sessions * codec_bytes / 2**30:.1f} GiB for the codec decoders' "
+                    f"KV caches ({codec_bytes / 2**20:.0f} MiB per stream) but {free / 2**30:.1f} GiB of device "
+                    "memory is free after the model and its KV cache: lower --max-sessions"
+                )
+        return memory
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
@@ -652,7 +673,10 @@ class Engine:
             if job.clear_voice:
                 s.voice_codes = None
             elif job.voice_pcm is not None:
-                s.voice_codes = self._encode([job.voice_pcm])[0]
+                try:
+                    s.voice_codes = self._encode([job.voice_pcm])[0]
+                except ValueError as exc:  # bad audio: refused, the session (and its response) go on
+                    self._emit(s, EngineError("invalid_audio", f"voice prompt: {exc}"))
         elif isinstance(job, Respond):
             self._start_response(s, job)
         elif isinstance(job, Cancel):  # at once: the session has finished it, a new one may follow
@@ -674,8 +698,8 @@ class Engine:
         index = len(s.items)
         if after == AT_START:
             index = 0
-        elif after is not None:
-            index = next((i + 1 for i, it in enumerate(s.items) if it.item_id == after), index)
+        elif after is not None:  # after the last of that id (an item's parts may be several items here)
+            index = next((i + 1 for i in range(len(s.items) - 1, -1, -1) if s.items[i].item_id == after), index)
         s.items.insert(index, item)
 
     def _add_item(self, s: _Session, item: Item, after: str | None = None) -> None:

@@ -27,7 +27,6 @@ from torch import nn
 
 from agent.codec import streaming
 from agent.codec.config import LM_CODEBOOKS
-from agent.codec.transformer import LayerKV
 from agent.codec.vocoder import overlap_add
 
 from .runtime import GraphRunner
@@ -95,6 +94,9 @@ class OnnxCodec:
         return self.encode_batch([wav], sample_rate, **kwargs)[0]
 
     # --- decoding ---------------------------------------------------------------------------------
+    def decode_cache_bytes(self) -> int:
+        return self.tok.decode_cache_bytes()
+
     def new_decode_stream(self, schedule: streaming.DecodeSchedule | None = None) -> streaming.DecodeStream:
         return self.tok.new_decode_stream(schedule)
 
@@ -229,12 +231,9 @@ class OnnxCodec:
         for b, ((stream, seg, _), count) in enumerate(zip(jobs, n, strict=True)):
             if count == 0:
                 continue
-            if seg.kv is None:
-                none = torch.zeros(1, self.heads, 0, self.head_dim, dtype=dtype, device=device)
-                seg.kv = [LayerKV(none, none) for _ in range(self.layers)]
-            for i, kv in enumerate(seg.kv):
-                kv.k = torch.cat([kv.k, out[f"new_key_{i}"][b : b + 1, :, : 2 * count].to(dtype)], dim=2)
-                kv.v = torch.cat([kv.v, out[f"new_value_{i}"][b : b + 1, :, : 2 * count].to(dtype)], dim=2)
+            for i, kv in enumerate(streaming.segment_kv(tok, stream, seg)):
+                kv.append(out[f"new_key_{i}"][b : b + 1, :, : 2 * count].to(dtype),
+                          out[f"new_value_{i}"][b : b + 1, :, : 2 * count].to(dtype))
             seg.frames50 += 2 * count
             seg.moments1 = tuple(out["moments1_out"][b])
             seg.moments2 = tuple(out["moments2_out"][b])

@@ -3,7 +3,9 @@
 - pcm16 <-> float32, little-endian bytes, base64 with validation;
 - G.711 mu-law and A-law (ITU-T G.711, bit-exact with the classic reference coder that Python's
   former ``audioop`` module used);
-- resampling with soxr, one-shot and streaming (chunking does not change the output);
+- resampling with soxr, one-shot and streaming (chunking does not change the output); audio on its
+  way to the model (G.711 input here, WebRTC and SDK input elsewhere) goes through
+  :class:`SincResampler` (:mod:`.resample`) instead: the official pipeline's filter;
 - fixed-size framing with a remainder carry;
 - :class:`PcmBuffer`, a bounded sample FIFO with absolute positions that either drops the oldest
   samples (real-time output) or refuses writes (input that must not be lost silently);
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import soxr
+
+from .resample import SincResampler
 
 SAMPLE_RATE = 24000  # the session's internal rate (and the only audio/pcm rate on the wire)
 G711_RATE = 8000
@@ -372,7 +376,8 @@ WIRE_FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")
 
 class WireAudioDecoder:
     """Client audio payloads (already base64-decoded) in one wire format -> pcm16 at 24 kHz.
-    G.711 is upsampled with a streaming resampler, so consecutive appends join seamlessly."""
+    G.711 is upsampled with a streaming resampler, so consecutive appends join seamlessly; it
+    feeds the model, so it is the official pipeline's filter (:class:`SincResampler`)."""
 
     def __init__(self, format_type: str) -> None:
         if format_type not in WIRE_FORMATS:
@@ -380,7 +385,7 @@ class WireAudioDecoder:
                 f"unsupported audio format {format_type!r}; supported: {', '.join(WIRE_FORMATS)}"
             )
         self.format_type = format_type
-        self._resampler = None if format_type == "audio/pcm" else StreamResampler(G711_RATE, SAMPLE_RATE)
+        self._resampler = None if format_type == "audio/pcm" else SincResampler(G711_RATE, SAMPLE_RATE)
 
     def decode(self, payload: bytes) -> np.ndarray:
         if self.format_type == "audio/pcm":

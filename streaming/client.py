@@ -48,7 +48,7 @@ import numpy as np
 from . import protocol as p
 from .audio import (
     SAMPLE_RATE,
-    StreamResampler,
+    SincResampler,
     WireAudioDecoder,
     WireAudioEncoder,
     as_pcm16,
@@ -213,7 +213,7 @@ class RealtimeClient:
         self._last_audio_item: tuple[str, float, float] | None = (
             None  # (item id, first audio time, ms received)
         )
-        self._resamplers: dict[int, StreamResampler] = {}
+        self._resamplers: dict[int, SincResampler] = {}
 
     # ------------------------------------------------------------------------------------------
     # lifecycle
@@ -288,12 +288,12 @@ class RealtimeClient:
         self, audio: np.ndarray | bytes, sample_rate: int = SAMPLE_RATE, chunk_ms: int = DEFAULT_CHUNK_MS
     ) -> None:
         """Append audio: int16 or float samples (mono), or pcm16 bytes, at ``sample_rate``.
-        Resampled to 24 kHz with a streaming resampler per input rate (consecutive calls join
-        seamlessly; :meth:`commit` flushes its tail), encoded in the session's input format, and
-        sent in ``chunk_ms`` pieces."""
+        Resampled to 24 kHz with a streaming resampler per input rate, the official pipeline's
+        filter (consecutive calls join seamlessly; :meth:`commit` flushes its tail), encoded in
+        the session's input format, and sent in ``chunk_ms`` pieces."""
         pcm = as_pcm16(audio)
         if sample_rate != SAMPLE_RATE:
-            resampler = self._resamplers.setdefault(sample_rate, StreamResampler(sample_rate, SAMPLE_RATE))
+            resampler = self._resamplers.setdefault(sample_rate, SincResampler(sample_rate, SAMPLE_RATE))
             pcm = resampler.process(pcm)
         for event in audio_append_events(pcm, self._input_format(), chunk_ms):
             await self.send(event)

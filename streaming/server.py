@@ -120,6 +120,7 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
                     **drop_ins)
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
+    rt.info["memory"] = memory_summary(engine.memory)
     if not args.no_warmup:
         rt.info["warmup_s"] = round(engine.warmup(default_speech_sampling()), 3)
     engine.start()
@@ -131,6 +132,27 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
         defaults["mimo"]["codec"] = {"first_chunk_patches": args.codec_first_chunk,
                                      "chunk_patches": args.codec_chunk}
     return engine, rt, defaults
+
+
+def memory_summary(memory: dict[str, int]) -> dict[str, Any]:
+    """The engine's per-session memory (``Engine.memory``) for /healthz and the start-up line,
+    with the codec decoder's KV cache per stream at the real size (the shipped tokenizer, bf16)
+    beside the loaded one's."""
+    import torch
+
+    from agent.codec.config import preset
+    from agent.codec.streaming import decode_cache_bytes
+
+    return {**memory, "codec_kv_bytes_per_session_real_size": decode_cache_bytes(preset("mimo-audio-tokenizer"),
+                                                                                   torch.bfloat16)}
+
+
+def describe_memory(m: dict[str, Any]) -> str:
+    mib = 2**20
+    return (f"{m['max_sessions']} sessions x (LM KV {m['lm_kv_bytes_per_session'] / mib:.1f} MiB + codec decoder KV "
+            f"{m['codec_kv_bytes_per_session'] / mib:.1f} MiB per stream; "
+            f"{m['codec_kv_bytes_per_session_real_size'] / mib:.0f} MiB at the real size in bf16) = "
+            f"{m['total_bytes'] / 2**30:.2f} GiB")
 
 
 def default_speech_sampling() -> list[Any]:
@@ -222,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
              rt.name, rt.preset or "-", rt.device, rt.info["dtype"], engine.config.max_sessions,
              engine.max_positions, rt.load_s,
              f", warm-up {rt.info['warmup_s']} s" if "warmup_s" in rt.info else "")
+    log.info("memory admitted: %s", describe_memory(rt.info["memory"]))
     uv = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         loop="uvloop" if sys.platform != "win32" else "asyncio", ws="websockets",

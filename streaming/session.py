@@ -508,6 +508,11 @@ class RealtimeSession:
         actions: list[act.Action] = []
         audio: list[np.ndarray] = []
         transcribe = False
+
+        def place() -> str | None:
+            """The engine gets one action per part: the first goes where the item goes, each later
+            one right after the one before."""
+            return after if after is None or not actions else item_id
         for i, part in enumerate(spec.content):  # validate every part before anything happens
             where = f"item.content[{i}]"
             if part.type in ("input_text", "output_text"):
@@ -517,7 +522,7 @@ class RealtimeSession:
                         f"Missing required parameter: '{where}.text'.",
                         param=f"{where}.text",
                     )
-                actions.append(text_action[spec.role](item_id, part.text, after=after))
+                actions.append(text_action[spec.role](item_id, part.text, after=place()))
                 parts.append(p.ContentPart(type=part.type, text=part.text))
             elif part.type == "input_audio":
                 if part.audio is None:
@@ -550,7 +555,7 @@ class RealtimeSession:
             audio_samples=sum(len(a) for a in audio),
         )
         if audio:  # the audio parts of an item are one utterance for the model: one action
-            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe, after=after))
+            actions.append(act.AppendUserAudio(item_id, item.audio, transcribe=transcribe, after=place()))
         previous = self._add_item(item, after)
         self._announce_item(item, previous)
         self._actions.extend(actions)

@@ -78,7 +78,7 @@ from streaming.app import (
     busy_error,
     new_bridge,
 )
-from streaming.audio import Overflow, PcmBuffer, StreamResampler
+from streaming.audio import Overflow, PcmBuffer, SincResampler, StreamResampler
 from streaming.config import merge_client_session
 from streaming.outbox import Outbox, goodbye_deadline
 from streaming.session import Transport
@@ -279,7 +279,7 @@ class MicrophoneReader:
 
     def __init__(self, track: MediaStreamTrack, push: Callable[[np.ndarray], None], options: WebRTCOptions) -> None:
         self.track, self.push, self.options = track, push, options
-        self._resampler: StreamResampler | None = None
+        self._resampler: SincResampler | None = None  # to the model: the official pipeline's filter
         self._rate = 0
         self.frames = 0
         self.frames_dropped = 0
@@ -308,7 +308,7 @@ class MicrophoneReader:
             mono = pcm.reshape(-1, channels).astype(np.float32).mean(axis=1)  # (samples, channels) -> (samples,)
         if frame.sample_rate != self._rate:
             self._rate = frame.sample_rate
-            self._resampler = StreamResampler(self._rate, WIRE_RATE)
+            self._resampler = SincResampler(self._rate, WIRE_RATE)
         return self._resampler.process(np.rint(mono).astype(np.int16))
 
     def _drop_backlog(self) -> None:

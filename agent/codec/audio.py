@@ -1,7 +1,7 @@
 """Audio in: read files, check samples, down-mix to mono and resample to the tokenizer's rate.
 
-The official pipeline averages the channels and resamples with torchaudio; here resampling is done
-by soxr (high quality), which differs from torchaudio's windowed-sinc only in the stop band.
+As the official pipeline: the channels are averaged and the audio resampled with torchaudio's
+default windowed sinc (:mod:`streaming.resample`, the same filter without torchaudio).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import wave
 
 import numpy as np
 import torch
+
+from streaming.resample import resample as sinc_resample
 
 #: Sample rates accepted as input (anything a sound card or codec produces).
 MIN_SAMPLE_RATE = 1000
@@ -65,13 +67,12 @@ def check_sample_rate(sample_rate: int) -> int:
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Resample mono float32 audio with soxr (VHQ); a no-op when the rates agree."""
+    """Resample mono float32 audio as the official pipeline does (torchaudio's default windowed
+    sinc, :func:`streaming.resample.resample`); a no-op when the rates agree."""
     from_rate, to_rate = check_sample_rate(from_rate), check_sample_rate(to_rate)
     if from_rate == to_rate or audio.size == 0:
         return audio
-    import soxr
-
-    return soxr.resample(audio, from_rate, to_rate, quality="VHQ").astype(np.float32, copy=False)
+    return sinc_resample(audio, from_rate, to_rate)
 
 
 def prepare_audio(
@@ -150,7 +151,8 @@ def _read_with_av(path: str) -> tuple[np.ndarray, int]:
 
 
 def load_wav(path: str | os.PathLike, sample_rate: int = 24000) -> np.ndarray:
-    """An audio file as float32 mono at ``sample_rate`` (channels averaged, resampled with soxr)."""
+    """An audio file as float32 mono at ``sample_rate`` (channels averaged, resampled as the
+    official pipeline does)."""
     audio, rate = read_audio_file(path)
     return prepare_audio(audio, rate, sample_rate, name=os.fspath(path))
 

@@ -128,7 +128,7 @@ class AudioDecoder(nn.Module):
         if caches is None:
             mask = sequence_mask(lengths, T, causal=cfg.decoder_causal, window=window)
         else:
-            mask = self._cached_mask(lengths, offset, caches[0].k.shape[2], T)
+            mask = self._cached_mask(lengths, offset, caches[0].slots, T)
         for layer, kv in zip(self.layers, caches or [None] * len(self.layers), strict=True):
             x = layer(x, rope, mask, kv)
         return self.layer_norm(x)

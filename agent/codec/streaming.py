@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import DECODE_SEGMENT_TOKENS, GROUP_SIZE
+from .config import DECODE_SEGMENT_TOKENS, GROUP_SIZE, AudioTokenizerConfig
 from .decoder import apply_group_norm, group_norm_moments, moments_to_stats, valid_mask
-from .transformer import LayerKV
+from .transformer import BoundedKV, LayerKV
 
 Job = tuple["DecodeStream", "_Segment", bool]  # (stream, segment, final pass)
 
@@ -159,7 +159,8 @@ class _Segment:
     chunks: int = 0
     # cached mode
     advanced: int = 0  # tokens run through the decoder transformer
-    kv: list[LayerKV] | None = None
+    kv: list[LayerKV] | None = None  # views of kv_store, one per layer (None: empty, to be set up)
+    kv_store: torch.Tensor | None = None  # (layers, 2, 1, H, capacity, D): the stream's, while this segment runs
     frames50: int = 0  # 50 Hz frames in the KV cache
     moments1: tuple[torch.Tensor, ...] | None = None  # running GroupNorm moments, dconv1
     moments2: tuple[torch.Tensor, ...] | None = None  # and dconv2
@@ -180,10 +181,14 @@ class DecodeStream:
                 f"crossfade_samples={schedule.crossfade_samples} exceeds one token ({tok.samples_per_token})"
             )
         self.schedule = schedule
+        #: tokens per independent segment; the decoder's KV cache holds at most one segment
         self.segment_tokens = DECODE_SEGMENT_TOKENS
         self.samples_per_token = tok.samples_per_token
         self.device = tok.device
         self.n_codebooks: int | None = None
+        #: the decoder's KV storage, one segment's worth, handed from each segment to the next
+        self.kv_store: torch.Tensor | None = None
+        self._kv_owner: _Segment | None = None
         self.tokens_received = 0
         self.samples_emitted = 0
         self.finished = False
@@ -305,10 +310,11 @@ def _advance_decoder(tok: MiMoAudioTokenizer, jobs: list[Job], rebuild: bool = F
     y, len50 = dec.dconv1.upsample(emb, n)  # (B, 2 n_max, d), no trim
     x = _normalise(y, len50, todo, "moments1", dec.dconv1.norm, dec.dconv1.stride, update=not rebuild)
 
-    # the causal transformer, continuing each segment's KV cache
-    caches, past = _gather_kv(tok, [seg for _, seg in todo])
+    # the causal transformer, continuing each segment's KV cache (appended in place)
+    caches, past = _gather_kv(tok, todo, len50)
     h = dec.transform(x, len50, caches, past)
-    _scatter_kv(caches, past, len50, [seg for _, seg in todo])
+    for (_, seg), n in zip(todo, len50.tolist(), strict=True):
+        seg.frames50 += n
 
     # dconv2 (kernel 3, stride 2): prepend each segment's previous frame, keep the complete frames
     prev = torch.stack([seg.prev_hidden if seg.prev_hidden is not None else h.new_zeros(h.shape[-1])
@@ -388,41 +394,95 @@ def _normalise(
     return out.masked_fill(~valid_mask(lengths, y.shape[1])[..., None], 0.0)
 
 
-def _gather_kv(tok: MiMoAudioTokenizer, segs: list[_Segment]) -> tuple[list[LayerKV], torch.Tensor]:
-    """Per-layer caches for the batch: a segment's own when alone, else padded copies."""
+def decode_cache_bytes(config: AudioTokenizerConfig, dtype: torch.dtype,
+                       segment_tokens: int = DECODE_SEGMENT_TOKENS) -> int:
+    """Bytes of the cached-mode decoder's KV cache per stream: keys and values of every decoder
+    layer for one segment's frames, all the causal decoder can attend to (its window is the whole
+    segment unless ``decoder_attn_window_size`` bounds it). 469 MiB for the shipped config in bf16."""
+    frames = segment_tokens * config.avg_pooler  # 50 Hz frames (dconv1 doubles the 25 Hz tokens)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return config.decoder_layers * 2 * frames * config.d_model * itemsize
+
+
+def segment_kv(tok: MiMoAudioTokenizer, stream: DecodeStream, seg: _Segment) -> list[LayerKV]:
+    """The segment's per-layer KV caches, in the stream's storage: preallocated once for a whole
+    segment (what the decoder attends to), so a chunk appends in place and a stream's memory is
+    bounded from its first chunk. A refresh (``seg.kv = None``) empties them; a finished segment
+    hands the storage to the next (one that starts while another is still unfinished, when one
+    call brings more than a segment of codes, gets its own)."""
+    if seg.kv is None:
+        if seg.kv_store is None:
+            if stream._kv_owner is not None and stream._kv_owner is not seg:
+                seg.kv_store = _allocate_kv(tok, stream)
+            else:
+                if stream.kv_store is None:
+                    stream.kv_store = _allocate_kv(tok, stream)
+                seg.kv_store, stream._kv_owner = stream.kv_store, seg
+        seg.kv = [BoundedKV(layer[0], layer[1]) for layer in seg.kv_store]
+    return seg.kv
+
+
+def _allocate_kv(tok: MiMoAudioTokenizer, stream: DecodeStream) -> torch.Tensor:
     cfg = tok.config
     heads = cfg.decoder_attention_heads
-    head_dim = cfg.d_model // heads
-    for seg in segs:
-        if seg.kv is None:
-            empty = torch.zeros(1, heads, 0, head_dim, dtype=tok.decoder.dtype, device=tok.device)
-            seg.kv = [LayerKV(empty, empty) for _ in range(cfg.decoder_layers)]
+    frames = stream.segment_tokens * cfg.avg_pooler
+    return torch.empty(cfg.decoder_layers, 2, 1, heads, frames, cfg.d_model // heads,
+                       dtype=tok.decoder.dtype, device=tok.device)
+
+
+def _release_kv(stream: DecodeStream, seg: _Segment) -> None:
+    """A finished segment gives its KV storage back to the stream (or drops its own)."""
+    seg.kv = seg.kv_store = None
+    if stream._kv_owner is seg:
+        stream._kv_owner = None
+
+
+class _BatchKV(LayerKV):
+    """One layer's caches of several segments, as the padded batch attention needs them:
+    [row b's cache padded to P | the new frames]. Built when the layer appends its new frames,
+    which also go to each segment's own cache, and handed out once (``k`` then ``v``), so only one
+    layer's padded copy exists at a time."""
+
+    def __init__(self, own: list[LayerKV], past: list[int], new: list[int]) -> None:
+        self.own, self.past, self.new = own, past, new
+        self.P = max(past)
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.P
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        pad = [(nn.functional.pad(o.k, (0, 0, 0, self.P - o.k.shape[2])),
+                nn.functional.pad(o.v, (0, 0, 0, self.P - o.v.shape[2]))) for o in self.own]
+        self._k = torch.cat([torch.cat([pk for pk, _ in pad]), k], dim=2)
+        self._v = torch.cat([torch.cat([pv for _, pv in pad]), v], dim=2)
+        for b, (own, n) in enumerate(zip(self.own, self.new, strict=True)):
+            own.append(k[b : b + 1, :, :n], v[b : b + 1, :, :n])
+
+    @property
+    def k(self) -> torch.Tensor:  # type: ignore[override]
+        out, self._k = self._k, None
+        return out
+
+    @property
+    def v(self) -> torch.Tensor:  # type: ignore[override]
+        out, self._v = self._v, None
+        return out
+
+
+def _gather_kv(tok: MiMoAudioTokenizer, todo: list[tuple[DecodeStream, _Segment]],
+               new: torch.Tensor) -> tuple[list[LayerKV], torch.Tensor]:
+    """Per-layer caches for the batch: a segment's own when alone, else :class:`_BatchKV` views.
+    ``new``: the 50 Hz frames each segment appends in this pass."""
+    segs = [seg for _, seg in todo]
+    own = [segment_kv(tok, stream, seg) for stream, seg in todo]
     past = torch.tensor([seg.frames50 for seg in segs], device=tok.device)
     if len(segs) == 1:
-        return segs[0].kv, past
-    P = int(past.max())
-    caches = []
-    for layer in range(cfg.decoder_layers):
-        pad = [(seg.kv[layer].k, seg.kv[layer].v) for seg in segs]
-        k = torch.cat([nn.functional.pad(kk, (0, 0, 0, P - kk.shape[2])) for kk, _ in pad])
-        v = torch.cat([nn.functional.pad(vv, (0, 0, 0, P - vv.shape[2])) for _, vv in pad])
-        caches.append(LayerKV(k, v))
-    return caches, past
-
-
-def _scatter_kv(caches: list[LayerKV], past: torch.Tensor, new: torch.Tensor, segs: list[_Segment]) -> None:
-    """Hand the appended keys/values back to each segment's own cache."""
-    if len(segs) == 1:
-        segs[0].frames50 += int(new[0])  # the segment's own LayerKVs were grown in place
-        return
-    P = int(past.max())
-    for b, seg in enumerate(segs):
-        n = int(new[b])
-        for layer, kv in enumerate(caches):
-            own = seg.kv[layer]
-            own.k = torch.cat([own.k, kv.k[b : b + 1, :, P : P + n]], dim=2)
-            own.v = torch.cat([own.v, kv.v[b : b + 1, :, P : P + n]], dim=2)
-        seg.frames50 += n
+        return own[0], past
+    counts = [seg.frames50 for seg in segs]
+    return [_BatchKV([kv[layer] for kv in own], counts, new.tolist()) for layer in range(len(own[0]))], past
 
 
 def _cached_pass(tok: MiMoAudioTokenizer, jobs: list[Job]) -> list[np.ndarray]:
@@ -461,11 +521,13 @@ def _run(tok: MiMoAudioTokenizer, jobs: list[Job], passes: Mapping[str, Pass] | 
         if idx:
             for i, audio in zip(idx, run(tok, [jobs[i] for i in idx]), strict=True):
                 results[i] = audio
-    for i, (_, seg, _) in enumerate(jobs):
+    for i, (stream, seg, final) in enumerate(jobs):
         if results[i] is None:
             results[i] = np.zeros(0, np.float32)
         seg.since_chunk = 0
         seg.chunks += 1
+        if final:
+            _release_kv(stream, seg)
     return results  # type: ignore[return-value]
 
 
@@ -528,6 +590,7 @@ def finish_streams(
         stream.samples_emitted += audio.shape[0]
         stream.finished = True
         stream.segment = stream._new_segment(stream.n_codebooks or 0)
+        stream.kv_store = None  # the memory goes as soon as the stream ends
         if stream.samples_emitted != stream.tokens_received * stream.samples_per_token:  # an invariant
             raise RuntimeError(
                 f"internal error: stream emitted {stream.samples_emitted} samples for "

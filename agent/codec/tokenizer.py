@@ -28,7 +28,7 @@ from .config import preset as preset_config
 from .decoder import AudioDecoder
 from .encoder import AudioEncoder
 from .mel import MelFrontEnd
-from .streaming import DecodeSchedule, DecodeStream, decode_streams, finish_streams
+from .streaming import DecodeSchedule, DecodeStream, decode_cache_bytes, decode_streams, finish_streams
 
 #: Mel frames per encoder call (the official ``encode_batch`` budget), bounding memory.
 MAX_MEL_FRAMES_PER_CALL = 256_000
@@ -70,7 +70,7 @@ class MiMoAudioTokenizer(nn.Module):
 
     # --- encoding --------------------------------------------------------------------------------
     def prepare(self, wav: np.ndarray | torch.Tensor, sample_rate: int | None = None) -> np.ndarray:
-        """Any mono or (samples, channels) float/int16 audio -> float32 mono at 24 kHz (soxr)."""
+        """Any mono or (samples, channels) float/int16 audio -> float32 mono at 24 kHz (the official filter)."""
         return prepare_audio(wav, sample_rate, self.sample_rate)
 
     @torch.no_grad()
@@ -188,6 +188,10 @@ class MiMoAudioTokenizer(nn.Module):
         return [wav[i, : int(n)] for i, n in enumerate(wav_lengths.tolist())]
 
     # --- streaming decode (see streaming.py) -----------------------------------------------------
+    def decode_cache_bytes(self) -> int:
+        """Bytes of a decode stream's decoder KV cache (bounded: one 60 s segment)."""
+        return decode_cache_bytes(self.config, self.decoder.dtype)
+
     def new_decode_stream(self, schedule: DecodeSchedule | None = None) -> DecodeStream:
         """A fresh per-stream decoding state (one response); ``schedule=None``: the default."""
         return DecodeStream(self, schedule or DecodeSchedule())

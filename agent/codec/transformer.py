@@ -133,16 +133,57 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal)
 
 
-@dataclass
 class LayerKV:
     """Keys and values one attention layer has seen so far, for one or more sequences.
 
-    ``k``/``v``: (B, H, P, D) with RoPE already applied. Grown in place by :class:`Attention`
-    when passed as ``kv``; owned by a per-stream state object, never by the module.
+    ``k``/``v``: (B, H, P, D) with RoPE already applied. :class:`Attention` calls :meth:`append`
+    with a layer's new keys/values, then attends to ``k``/``v``. This base grows by concatenation
+    (the export graphs and one-off uses); the streaming decoder uses :class:`BoundedKV`. Owned by
+    a per-stream state object, never by the module.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    @property
+    def slots(self) -> int:
+        """Cache slots before the next append (the mask's P)."""
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k = torch.cat([self.k, k], dim=2)
+        self.v = torch.cat([self.v, v], dim=2)
+
+
+class BoundedKV(LayerKV):
+    """A :class:`LayerKV` for one sequence in preallocated storage: ``k``/``v`` are views of the
+    first ``length`` slots of ``k_store``/``v_store`` (1, H, capacity, D); appends write in place
+    and never reallocate. Appending beyond the capacity is an error (the caller sizes it to what
+    the decoder can attend to)."""
+
+    def __init__(self, k_store: torch.Tensor, v_store: torch.Tensor) -> None:
+        self.k_store, self.v_store = k_store, v_store
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k_store.shape[2]
+
+    @property
+    def k(self) -> torch.Tensor:  # type: ignore[override]
+        return self.k_store[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor:  # type: ignore[override]
+        return self.v_store[:, :, : self.length]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"KV cache full: {self.length} + {n} frames exceed its capacity {self.capacity}")
+        self.k_store[:, :, self.length : self.length + n] = k
+        self.v_store[:, :, self.length : self.length + n] = v
+        self.length += n
 
 
 class Attention(nn.Module):
@@ -171,8 +212,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            kv.k = torch.cat([kv.k, k], dim=2)
-            kv.v = torch.cat([kv.v, v], dim=2)
+            kv.append(k, v)
             k, v = kv.k, kv.v
         out = attend(q, k, v, mask)  # (B, H, T, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, C))

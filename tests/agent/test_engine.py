@@ -213,19 +213,23 @@ def test_inserted_items_take_their_place_in_the_context(runtime):
     try:
         a = Client(engine, seed=5)
         a.submit(AddUserText("u2", "What did I say?"))
-        a.submit(AddUserAudio("u1", speech(0.7), after=AT_START))
+        a.submit(AddUserText("u1", "Listen:", after=AT_START))  # an item of two parts: the second
+        a.submit(AddUserAudio("u1", speech(0.7), after="u1"))  # follows the first
         a.submit(AddSystemText("s1", "Be brief.", after="u1"))
         a.submit(AddUserText("u3", "Answer now."))  # appended after u2
         _, inserted = a.respond("r", audio=False)
-        assert [it.item_id for it in a.state.items] == ["u1", "s1", "u2", "u3", "a_r"]
+        order = ["u1", "u1", "s1", "u2", "u3", "a_r"]
+        assert [it.item_id for it in a.state.items] == order
+        assert a.state.items[0].text == "Listen:" and a.state.items[1].codes is not None
 
         b = Client(engine, seed=5)
+        b.submit(AddUserText("u1", "Listen:"))
         b.submit(AddUserAudio("u1", speech(0.7)))
         b.submit(AddSystemText("s1", "Be brief."))
         b.submit(AddUserText("u2", "What did I say?"))
         b.submit(AddUserText("u3", "Answer now."))
         _, in_order = b.respond("r", audio=False)
-        assert [it.item_id for it in b.state.items] == ["u1", "s1", "u2", "u3", "a_r"]
+        assert [it.item_id for it in b.state.items] == order
         assert inserted.transcript == in_order.transcript
         assert torch.equal(a.state.items[-1].patches.text_ids, b.state.items[-1].patches.text_ids)
     finally:

@@ -4,13 +4,14 @@ Each client runs a *driver* (``drivers/``) in the client's own environment (``.c
 made by ``.ci/clients.sh``, so its pins never meet ours) against a live server on loopback. A driver
 plays the same scenario with whatever API its client offers:
 
-1. connect, with input transcription on and client-driven turns;
+1. connect, with input transcription on (turns driven by the client, or its default server VAD);
 2. a text turn (the user's message as text, the answer in audio);
 3. a spoken turn from a real recording, interrupted by the client mid-answer;
 
 and prints one line ``REPORT {json}``: audio received per turn, the input transcripts, how much
-audio of the interrupted response arrived after the interrupt, and every error the client logged
-or received. :func:`check_report` holds what every client must see.
+audio of the interrupted response arrived after the interrupt (and, where the client shows the
+server's events, after the server acknowledged it), and every error the client logged or received.
+:func:`check_report` holds what every client must see.
 
 Outside CI a missing environment skips the test with the command that makes it; under CI
 (``CI=true`` or ``MIMO_REQUIRE_CLIENTS=1``) it fails, as a missing feature must.
@@ -79,6 +80,9 @@ def check_report(report: dict[str, Any]) -> None:
     assert report["transcripts"], context
     assert report["interrupted"], context
     assert report["after_interrupt_audio_ms"] <= INTERRUPT_TAIL_MS, context
+    # once the server has acknowledged the interrupt (its conversation.item.truncated, which no
+    # longer waits behind paced audio), nothing more of that response may come
+    assert report["after_ack_audio_ms"] in (None, 0), context
 
 
 def python_of(env: Path) -> str:

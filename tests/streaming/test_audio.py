@@ -157,3 +157,19 @@ def test_test_audio_is_24k_mono_with_padding():
     assert rate == 24000 and pcm.dtype == np.int16
     assert not pcm[: int(0.55 * rate)].any() and not pcm[-int(0.95 * rate) :].any()
     assert np.abs(pcm[int(0.7 * rate) : int(2.7 * rate)].astype(np.int32)).max() > 10000
+
+
+@pytest.mark.parametrize("kind", ["audio/pcmu", "audio/pcma"])
+def test_g711_input_is_upsampled_with_the_official_filter(kind):
+    """G.711 input goes to the model: 8 -> 24 kHz with the official pipeline's filter, not soxr."""
+    from streaming.resample import SincResampler
+
+    yes, _ = A.read_wav(DATA / "speech_yes.wav")
+    pcm8k = A.resample(yes, 24000, 8000)
+    codes = A.mulaw_encode(pcm8k) if kind == "audio/pcmu" else A.alaw_encode(pcm8k)
+    decoder = A.WireAudioDecoder(kind)
+    got = np.concatenate([decoder.decode(codes[:999].tobytes()), decoder.decode(codes[999:].tobytes()),
+                          decoder.flush()])
+    law = A.mulaw_decode(codes) if kind == "audio/pcmu" else A.alaw_decode(codes)
+    sinc = SincResampler(8000, 24000)
+    assert np.array_equal(got, np.concatenate([sinc.process(law), sinc.flush()]))

@@ -204,6 +204,26 @@ async def test_subprotocol_auth_events_iterator_and_manual_turn(parrot):
         assert np.array_equal(result.audio, YES)
 
 
+async def test_other_rates_reach_the_server_through_the_official_filter(parrot):
+    """16 kHz input is resampled by the SDK with the official pipeline's filter (torchaudio's
+    windowed sinc, tests/agent/test_resample.py), not soxr: the server gets exactly that."""
+    from streaming.resample import SincResampler
+
+    async with await connect(parrot.url, audio={"input": {"turn_detection": None}}) as client:
+        pcm16k = A.resample(YES, 24000, 16000)
+        await client.send_audio(pcm16k[:5000], sample_rate=16000)
+        await client.send_audio(pcm16k[5000:], sample_rate=16000)
+        await client.commit()
+        await client.create_response()
+        await client.collect_response(timeout=10)
+    sinc = SincResampler(16000, 24000)
+    want = np.concatenate([sinc.process(pcm16k), sinc.flush()])
+    user_audio = next(a for a in parrot.actions if isinstance(a, act.AppendUserAudio))
+    assert np.array_equal(user_audio.pcm, want)
+    soxr = A.StreamResampler(16000, 24000)
+    assert not np.array_equal(np.concatenate([soxr.process(pcm16k), soxr.flush()])[: len(want)], want)
+
+
 async def test_interrupt_cancels_and_truncates(parrot):
     async with await connect(parrot.url, audio={"input": {"turn_detection": None}}) as client:
         await client.send_audio(HELLO)

@@ -309,6 +309,22 @@ async def test_health_models_metrics(server):
         assert page.status_code == 200 and "<html" in page.text.lower()
 
 
+async def test_health_reports_the_memory_each_session_is_admitted_with(server):
+    """The codec decoder's KV cache per stream is bounded, reported at start (and at the real size)
+    and counted with the LM's KV slot in what ``--max-sessions`` admits."""
+    from agent.codec.streaming import decode_cache_bytes
+    from streaming.server import describe_memory
+
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        memory = (await http.get("/healthz")).json()["memory"]
+    codec = server.runtime.codec
+    assert memory["codec_kv_bytes_per_session"] == decode_cache_bytes(codec.config, codec.decoder.dtype) > 0
+    assert memory["codec_kv_bytes_per_session_real_size"] == 491_520_000
+    slot = memory["lm_kv_bytes_per_session"]
+    assert memory["total_bytes"] == 8 * (slot + memory["codec_kv_bytes_per_session"])
+    assert "codec decoder KV 5.9 MiB per stream; 469 MiB at the real size" in describe_memory(memory)
+
+
 async def test_api_key_is_required_when_set():
     live = start_server("--api-key", "s3cret", "--max-sessions", "2")
     try:

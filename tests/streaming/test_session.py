@@ -700,10 +700,14 @@ def test_previous_item_id_appends_inserts_first_or_after_an_item():
     assert "'nope'" in err.message and actions == []
     assert [i.id for i in s.conversation] == ["a", "a2", "b", "c"]
     send(s, {"type": "conversation.item.create", "previous_item_id": "root", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_audio", "audio": A.b64encode_audio(YES)}]}})
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "one"},
+                                                        {"type": "input_text", "text": "two"},
+                                                        {"type": "input_audio", "audio": A.b64encode_audio(YES)}]}})
     added = s.take_events()[0]
-    (audio,) = s.take_actions()
-    assert audio.after == "" and next(i.id for i in s.conversation) == added.item.id
+    first, second, audio = s.take_actions()
+    assert next(i.id for i in s.conversation) == added.item.id
+    # the engine gets one action per part: the first goes first, each later one after the one before
+    assert (first.after, second.after, audio.after) == ("", added.item.id, added.item.id)
 
 
 def test_input_transcription_events_name_the_audio_part_and_carry_usage():

@@ -703,6 +703,25 @@ async def test_microphone_reader_downmixes_resamples_and_bounds_the_backlog():
     assert await reader.run() == "the peer's audio track ended"
 
 
+async def test_microphone_input_is_resampled_with_the_official_filter():
+    """48 kHz from the browser goes to the model: the official pipeline's filter, not soxr."""
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    from streaming.resample import SincResampler
+
+    track = RemoteStreamTrack(kind="audio")
+    t = np.arange(3 * FRAME_SAMPLES) / 48_000
+    tone = np.round(6000 * np.sin(2 * np.pi * 300 * t) + 3000 * np.sin(2 * np.pi * 7000 * t)).astype(np.int16)
+    for i in range(3):
+        cut = slice(i * FRAME_SAMPLES, (i + 1) * FRAME_SAMPLES)
+        await track._queue.put(_stereo_frame(i * FRAME_SAMPLES, tone[cut], tone[cut]))
+    pushed: list[np.ndarray] = []
+    reader = MicrophoneReader(track, pushed.append, WebRTCOptions(media_timeout_s=0.2))
+    await reader.run()
+    want = SincResampler(48_000, 24_000).process(tone)
+    assert np.array_equal(np.concatenate(pushed), want)
+
+
 def test_ice_server_urls():
     stun = parse_ice_server("stun:stun.example.org:3478")
     assert stun.urls == "stun:stun.example.org:3478" and stun.username is None

@@ -202,3 +202,69 @@ def test_running_statistics_differ_from_offline(tiny, codes):
         DecodeSchedule(norm="prior")
     with pytest.raises(ValueError, match="prior"):
         DecodeSchedule(prior=stats)
+
+
+def _feed_two_streams(tiny, codes, segment_tokens):
+    """Two cached-mode streams, one joining later, fed a patch at a time in shared batched calls,
+    across several segments of ``segment_tokens``: (audio of each, KV storages seen per segment)."""
+    streams = [tiny.new_decode_stream(DecodeSchedule(refresh_from=4, refresh_until=16)) for _ in range(2)]
+    for s in streams:
+        s.segment_tokens = segment_tokens
+    got, stores = [[], []], [{}, {}]
+    pos = [0, 0]
+    for step in range(codes.shape[0] // 4 + 3):
+        live = [i for i in range(2) if pos[i] < codes.shape[0] and (i == 0 or step >= 3)]
+        for i, audio in zip(live, tiny.decode_streams([(streams[i], codes[pos[i] : pos[i] + 4]) for i in live]),
+                            strict=True):
+            got[i].append(audio)
+            pos[i] += 4
+            seg = streams[i].segment
+            if seg.kv_store is not None:  # (the segment is kept alive, so its id stays its own)
+                stores[i].setdefault(id(seg), (seg, set()))[1].add(seg.kv_store.data_ptr())
+    for i, s in enumerate(streams):
+        got[i].append(tiny.finish_stream(s))
+    return [np.concatenate(g) for g in got], stores
+
+
+def test_decoder_kv_cache_is_preallocated_bounded_and_exact(tiny, codes, monkeypatch):
+    """The cached decoder's KV cache is one preallocated block per stream (a segment: all it can
+    attend to), appended in place, handed from segment to segment, never grown: the audio equals
+    that of the unbounded (growing) cache."""
+    from agent.codec import streaming
+    from agent.codec.transformer import LayerKV
+
+    segment = 28  # tokens: several segments (and KV storages) in one stream
+    long_codes = torch.cat([codes, codes, codes])  # 150 tokens
+    bounded, stores = _feed_two_streams(tiny, long_codes, segment)
+    for per_stream in stores:
+        assert len(per_stream) >= 5  # several segments ...
+        assert len(set().union(*(ptrs for _, ptrs in per_stream.values()))) == 1  # ... one storage, never regrown
+    block = streaming.decode_cache_bytes(tiny.config, tiny.decoder.dtype, segment)
+    assert block == tiny.config.decoder_layers * 2 * segment * 2 * tiny.config.d_model * 4
+
+    def growing(tok, stream, seg):  # the cache before: grown by concatenation on every chunk
+        if seg.kv is None:
+            heads = tok.config.decoder_attention_heads
+            empty = torch.zeros(1, heads, 0, tok.config.d_model // heads, dtype=tok.decoder.dtype)
+            seg.kv = [LayerKV(empty, empty) for _ in range(tok.config.decoder_layers)]
+        return seg.kv
+
+    def at_once():  # several segments complete in one call: each gets storage while it runs
+        stream = tiny.new_decode_stream()
+        stream.segment_tokens = segment
+        return np.concatenate([*tiny.decode_streams([(stream, long_codes[:100])]), tiny.finish_stream(stream)])
+
+    bounded.append(at_once())
+    monkeypatch.setattr(streaming, "segment_kv", growing)
+    unbounded, _ = _feed_two_streams(tiny, long_codes, segment)
+    unbounded.append(at_once())
+    for a, b in zip(bounded, unbounded, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_decoder_kv_cache_size_at_the_real_size():
+    from agent.codec.config import preset
+    from agent.codec.streaming import decode_cache_bytes
+
+    # 32 layers x (keys + values) x 3000 frames (one 60 s segment at 50 Hz) x 1280 x bf16
+    assert decode_cache_bytes(preset("mimo-audio-tokenizer"), torch.bfloat16) == 491_520_000  # 469 MiB

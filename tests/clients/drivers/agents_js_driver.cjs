@@ -16,7 +16,7 @@ const RATE = 24000;
 const started = Date.now();
 const report = {
   errors: [], text_audio_ms: 0, speech_audio_ms: 0, after_interrupt_audio_ms: 0,
-  interrupted: false, transcripts: [], notes: {},
+  interrupted: false, after_ack_audio_ms: null, transcripts: [], notes: {},
 };
 
 function emit() {
@@ -54,17 +54,22 @@ async function main() {
   const agent = new sdk.RealtimeAgent({ name: 'Assistant', instructions: 'Answer briefly.' });
   const session = new sdk.RealtimeSession(agent, { transport: 'websocket', model: 'mimo-audio' });
   let phase = 'text';
+  let acked = false;
   const done = [];
   session.on('error', (e) => report.errors.push('error event: ' + JSON.stringify(e.error?.error ?? e.error ?? e)));
   session.on('audio', (event) => {
     const ms = event.data.byteLength / 2 / RATE * 1000;
     if (phase === 'text') report.text_audio_ms += ms;
-    else if (report.interrupted) report.after_interrupt_audio_ms += ms;
+    else if (report.interrupted) {
+      report.after_interrupt_audio_ms += ms;
+      if (acked) report.after_ack_audio_ms += ms;  // the server had acknowledged the interrupt
+    }
     else report.speech_audio_ms += ms;
   });
   session.on('transport_event', (event) => {
     if (event.type === 'conversation.item.input_audio_transcription.completed') report.transcripts.push(event.transcript);
     if (event.type === 'response.done') done.push(event.response.status);
+    if (event.type === 'conversation.item.truncated' && report.interrupted) acked = true;
   });
   await session.connect({ apiKey: 'sk-clients', url: `${url}?model=mimo-audio` });
 
@@ -80,6 +85,7 @@ async function main() {
   }
   await waitFor(() => report.speech_audio_ms >= 400, '400 ms of the spoken turn\'s answer');
   report.interrupted = true;
+  report.after_ack_audio_ms = 0;
   session.interrupt();
   await waitFor(() => done.length === 2, 'the interrupted response to end');
   report.notes.status = done[1];

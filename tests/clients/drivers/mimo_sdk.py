@@ -33,17 +33,20 @@ async def scenario(report: Report) -> None:
         response_id = (await asyncio.wait_for(first, 30)).response.id
         received = [0.0]  # ms of this response's audio so far
         enough = asyncio.Event()
+        truncated = client.wait_for("conversation.item.truncated")
 
         def on_audio(event) -> None:
             if event.response_id == response_id:
-                received[0] += audio_ms(len(base64.b64decode(event.delta)))
+                ms = audio_ms(len(base64.b64decode(event.delta)))
+                received[0] += ms
+                if truncated.done():  # the server had acknowledged the interrupt
+                    report.after_ack_audio_ms += ms
                 if received[0] >= INTERRUPT_AT_MS:
                     enough.set()
 
         client.on("response.output_audio.delta", on_audio)
         await asyncio.wait_for(enough.wait(), 60)
-        report.speech_audio_ms, report.interrupted = received[0], True
-        truncated = client.wait_for("conversation.item.truncated")
+        report.speech_audio_ms, report.interrupted, report.after_ack_audio_ms = received[0], True, 0.0
         await client.interrupt()
         result = await client.collect_response(response_id, timeout=60)
         report.after_interrupt_audio_ms = result.audio_ms - report.speech_audio_ms

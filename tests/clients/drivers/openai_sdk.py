@@ -66,11 +66,13 @@ async def scenario(report: Report) -> None:
             ms = audio_ms(len(base64.b64decode(event.delta)))
             if report.interrupted:
                 report.after_interrupt_audio_ms += ms
+                if "conversation.item.truncated" in seen:
+                    report.after_ack_audio_ms += ms
                 continue
             report.speech_audio_ms += ms
             item_id = event.item_id
             if report.speech_audio_ms >= INTERRUPT_AT_MS:
-                report.interrupted = True
+                report.interrupted, report.after_ack_audio_ms = True, 0.0
                 await conn.response.cancel()
                 await conn.conversation.item.truncate(item_id=item_id, content_index=0,
                                                       audio_end_ms=int(report.speech_audio_ms))

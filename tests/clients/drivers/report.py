@@ -40,6 +40,9 @@ class Report:
     text_audio_ms: float = 0.0
     speech_audio_ms: float = 0.0  # of the spoken turn's answer, before the interrupt
     after_interrupt_audio_ms: float = 0.0  # of that answer, after the interrupt
+    #: of that answer, after the server acknowledged the interrupt (``conversation.item.truncated``),
+    #: for clients that show the server's events (None for the others)
+    after_ack_audio_ms: float | None = None
     interrupted: bool = False
     transcripts: list[str] = dataclasses.field(default_factory=list)
     notes: dict = dataclasses.field(default_factory=dict)
