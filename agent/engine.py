@@ -675,7 +675,10 @@ class Engine:
             if job.clear_voice:
                 s.voice_codes = None
             elif job.voice_pcm is not None:
-                s.voice_codes = self._encode([job.voice_pcm])[0]
+                try:
+                    s.voice_codes = self._encode([job.voice_pcm])[0]
+                except ValueError as exc:  # bad audio: refused, the session (and its response) go on
+                    self._emit(s, EngineError("invalid_audio", f"voice prompt: {exc}"))
         elif isinstance(job, Respond):
             self._start_response(s, job)
         elif isinstance(job, Cancel):  # at once: the session has finished it, a new one may follow

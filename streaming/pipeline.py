@@ -84,6 +84,7 @@ class SessionBridge:
         self._clocks: dict[str, _Clock] = {}
         self._instructions: str | None = None
         self._response_items: dict[str, str] = {}  # assistant item -> the response generating it
+        self._last_created: str | None = None
 
     # --------------------------------------------------------------------------------- lifecycle
     def open(self) -> None:
@@ -161,7 +162,11 @@ class SessionBridge:
             if isinstance(event, p.ResponseDone):  # its item's events are all out
                 rid = event.response.id
                 self._response_items = {i: r for i, r in self._response_items.items() if r != rid}
+            else:
+                self._last_created = event.response.id
             return event.response.id
+        if isinstance(event, p.RateLimitsUpdated):  # follows its response.created
+            return self._last_created
         if isinstance(event, p.ConversationItemAdded | p.ConversationItemDone | p.ConversationItemCreated):
             return self._response_items.get(event.item.id)
         return None

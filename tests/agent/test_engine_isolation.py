@@ -14,6 +14,7 @@ from agent.engine import (
     AddUserAudio,
     AddUserText,
     AudioDelta,
+    Configure,
     EngineError,
     ItemAdded,
     Respond,
@@ -329,5 +330,18 @@ def test_a_response_that_cannot_start_fails_alone(runtime):
         assert [it.item_id for it in a.state.items] == ["ua"]  # the answer that never started is gone
         _, done = a.respond("rb", max_output_patches=8)
         assert done.status in ("completed", "incomplete") and done.timings["speech_patches"] >= 0
+    finally:
+        engine.stop()
+
+
+def test_a_bad_voice_prompt_is_refused_and_the_running_answer_goes_on(runtime):
+    engine = make_engine(runtime)
+    try:
+        c = Client(engine)
+        start_long(c)
+        c.submit(Configure(voice_pcm=np.full(4800, np.nan, dtype=np.float32)))
+        _, err = c.until(EngineError)
+        assert err.code == "invalid_audio" and "voice prompt" in err.message
+        finishes_with_its_audio(c)
     finally:
         engine.stop()
