@@ -48,8 +48,8 @@ class SlotRouter(FIFOMixin, RequestRouter):
         rid = replica.replica_id
         opened = stats.get("opened")
         if opened is not None:
-            seen = self._opened_seen.get(rid)
-            if seen is not None and opened > seen:  # the report now includes that many more openings
+            seen = self._opened_seen.get(rid, 0)  # a replica counts from 0: openings sent before its first report
+            if opened > seen:  # the report now includes that many more openings
                 self._unreported[rid] = max(0, self._unreported.get(rid, 0) - (opened - seen))
             self._opened_seen[rid] = opened
         reported = int(stats.get("sessions", 0))
