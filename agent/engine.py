@@ -478,6 +478,8 @@ class Engine:
     # ----------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.device.type == "cuda":  # the current device is per thread: kernels and graphs go to ours
+            torch.cuda.set_device(self.device)
         while self._running:
             self._drain_jobs(self._wait_s())
             try:

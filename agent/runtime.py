@@ -87,6 +87,8 @@ def load_runtime(
 
     t0 = time.perf_counter()
     dev = parse_device(device)
+    if dev.type == "cuda":  # --device cuda:N: allocations, streams and graphs on that GPU, not GPU 0
+        torch.cuda.set_device(dev)
     n_threads = set_threads(threads, dev)
     dt = parse_dtype(dtype) if dtype else default_dtype(dev)
     if model is None:

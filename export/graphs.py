@@ -100,16 +100,16 @@ class BackboneStep(nn.Module):
         cos, sin = stack.rope.at(pos.view(B, 1), emb.dtype)  # (B, 1, d)
         past = torch.arange(S, device=emb.device) < pos.view(B, 1)  # (B, S)
         mask = torch.cat([past, torch.ones_like(past[:, :1])], dim=1).view(B, 1, 1, S + 1)
-        x = emb
         new_k, new_v = [], []
-        for layer, k_l, v_l in zip(stack.layers, past_k, past_v, strict=True):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)  # k, v (B, Hkv, 1, d)
-            keys, values = torch.cat([k_l, k], dim=2), torch.cat([v_l, v], dim=2)
-            x = x + layer.self_attn.out(attend(q, keys, values, mask))
-            x = layer.feed_forward(x)
-            new_k.append(k[:, :, 0])
+
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            new_k.append(k[:, :, 0])  # k, v (B, Hkv, 1, d)
             new_v.append(v[:, :, 0])
-        return stack.norm(x[:, -1]), torch.stack(new_k), torch.stack(new_v)
+            keys, values = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
+            return attend(q, keys, values, mask)
+
+        h = stack.run(emb, cos, sin, attention)[:, -1]
+        return h, torch.stack(new_k), torch.stack(new_v)
 
 
 class PatchDecoderStep(nn.Module):
@@ -132,17 +132,15 @@ class PatchDecoderStep(nn.Module):
         slots = torch.arange(S, device=x.device)
         mask = (slots <= step).view(1, 1, 1, S)
         write = (slots == step).view(1, 1, S, 1)  # a select, not an in-place write: same values
-        h = x.unsqueeze(1)  # (B, 1, D)
         keys, values = [], []
-        for layer, k_l, v_l in zip(stack.layers, k_cache, v_cache, strict=True):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-            k_l = torch.where(write, k, k_l)  # (B, H, S, d)
-            v_l = torch.where(write, v, v_l)
-            keys.append(k_l)
-            values.append(v_l)
-            h = h + layer.self_attn.out(attend(q, k_l, v_l, mask))
-            h = layer.feed_forward(h)
-        return stack.norm(h)[:, 0], torch.stack(keys), torch.stack(values)
+
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys.append(torch.where(write, k, k_cache[i]))  # (B, H, S, d)
+            values.append(torch.where(write, v, v_cache[i]))
+            return attend(q, keys[-1], values[-1], mask)
+
+        h = stack.run(x.unsqueeze(1), cos, sin, attention)[:, 0]
+        return h, torch.stack(keys), torch.stack(values)
 
 
 class PatchDecoder(nn.Module):
@@ -190,13 +188,7 @@ class PatchDecoder(nn.Module):
             # one position; the steps are unrolled, so the cache simply grows (t + 1 keys, no mask)
             cos = cos_table[t : t + 1].to(x.dtype).unsqueeze(0)  # (1, 1, d)
             sin = sin_table[t : t + 1].to(x.dtype).unsqueeze(0)
-            for i, layer in enumerate(stack.layers):
-                q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-                keys[i] = k if keys[i] is None else torch.cat([keys[i], k], dim=2)  # (B, H, t+1, d)
-                values[i] = v if values[i] is None else torch.cat([values[i], v], dim=2)
-                x = x + layer.self_attn.out(attend(q, keys[i], values[i]))
-                x = layer.feed_forward(x)
-            hidden = stack.norm(x)[:, 0]  # (B, D)
+            hidden = stack.run(x, cos, sin, self._grow_cache(keys, values))[:, 0]  # (B, D)
 
             x = None
             for i, g in enumerate(sched.groups[t]):
@@ -216,6 +208,18 @@ class PatchDecoder(nn.Module):
         return torch.stack(
             [torch.stack([tokens_at[(f, c)] for c in range(C)], dim=1) for f in range(G)], dim=1
         )  # (B, G, C)
+
+
+    @staticmethod
+    def _grow_cache(keys: list, values: list):
+        """The attention of one unrolled step: layer i's cache grows by the new position."""
+
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys[i] = k if keys[i] is None else torch.cat([keys[i], k], dim=2)  # (B, H, t+1, d)
+            values[i] = v if values[i] is None else torch.cat([values[i], v], dim=2)
+            return attend(q, keys[i], values[i])
+
+        return attention
 
 
 # The branches of ``agent.lm.sampling.sample`` for logits (B, n, V), one settings row per b, the

@@ -45,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--context", default="64,2048", help="comma-separated context lengths (patches)")
     parser.add_argument("--steps", type=int, default=10, help="patches per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per configuration (median reported)")
+    parser.add_argument(
+        "--kernels", action="store_true",
+        help="count kernel launches per text and speech patch instead of timing: the model, and the real "
+        "7B widths built --kernel-layers deep and scaled to full depth",
+    )
+    parser.add_argument(
+        "--kernel-layers", type=int, default=2, help="layers per stack built for the 7B count (0: no 7B count)"
+    )
+    parser.add_argument("--json", action="store_true", help="with --kernels: print the counts as JSON")
 
 
 @dataclass
@@ -108,6 +117,8 @@ def _round(lm, cache, text, codes, context, steps, clock, gens_text, gens_speech
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return run_kernels(args)
     device = parse_device(args.device)
     dtype = (
         parse_dtype(args.dtype)
@@ -179,4 +190,76 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         line += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     print(line)
+    return 0
+
+
+def _kernel_row(label: str, lm: MiMoAudioLM, full_depth: dict[str, int] | None, built: int | None) -> dict:
+    from agent.lm.kernels import patch_kernels
+
+    text, speech = patch_kernels(lm, full_depth)
+    depth = full_depth or {"model": lm.config.num_hidden_layers, "local_transformer": lm.config.local_layers}
+    return {
+        "model": label,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "layers_built": built,
+        "kernels_per_text_patch": text.total,
+        "kernels_per_speech_patch": speech.total,
+        "backbone_per_layer": round(text.stacks["model"] / depth["model"]),
+        "patch_decoder_per_layer_step": round(
+            speech.stacks["local_transformer"] / (depth["local_transformer"] * lm.config.local_steps)),
+        "outside_layers_speech": speech.other,
+        "top_ops_speech": dict(speech.ops.most_common(8)),
+    }
+
+
+def _kernel_row_7b(layers: int, device: torch.device) -> dict:
+    """The real 7B widths, ``layers`` deep per stack, counted and scaled to full depth, in bf16 (the
+    real model's serving dtype, on a CPU too, so the casts it runs are counted)."""
+    from agent.lm.config import preset
+    from agent.lm.kernels import shallow
+    from agent.lm.model import empty_model
+
+    big = preset("mimo-audio-7b")
+    config, full = shallow(big.config, layers)
+    lm = empty_model(config, torch.bfloat16, device)
+    with torch.no_grad():  # the count does not depend on the values: zeros are quicker than random
+        for p in lm.parameters():
+            p.zero_()
+    return _kernel_row("mimo-audio-7b widths", lm, full, layers)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    """``--kernels``: kernel launches per patch of the model and of the 7B widths (module ``kernels``)."""
+    import json
+
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.set_num_threads(args.threads)
+    if args.model:
+        lm, _, _ = load_lm(args.model, dtype, device)
+        name = args.model
+    else:
+        name = args.preset or "tiny"
+        lm, _, _ = build_preset(name, dtype, device)
+    rows = [_kernel_row(name, lm, None, None)]
+    del lm
+    if args.kernel_layers > 0:
+        rows.append(_kernel_row_7b(args.kernel_layers, device))
+    if args.json:
+        print(json.dumps({**rows[0], "scaled_7b": rows[1] if len(rows) > 1 else None}, indent=2))
+        return 0
+    print(f"bench-lm --kernels: kernels per patch (batch 1, context 64, spoken-dialogue sampling), {device}")
+    print("| model | dtype | layers built | per text patch | per speech patch | backbone per layer "
+          "| patch decoder per layer-step | speech patch outside layers |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        built = r["layers_built"] or "all"
+        print(f"| {r['model']} | {r['dtype']} | {built} | {r['kernels_per_text_patch']} | "
+              f"{r['kernels_per_speech_patch']} | {r['backbone_per_layer']} | {r['patch_decoder_per_layer_step']} | "
+              f"{r['outside_layers_speech']} |")
+    print()
+    for r in rows:
+        print(f"{r['model']}: most launched in a speech patch: "
+              + ", ".join(f"{op} {n}" for op, n in r["top_ops_speech"].items()))
     return 0

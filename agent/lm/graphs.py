@@ -9,8 +9,11 @@ addresses, so:
   padding rows of the backbone step write to a scratch KV-cache slot that no session owns (the
   engine allocates one more slot when graphs are on), padding rows of the patch decoder repeat
   row 0; their outputs are dropped;
-- keys: the backbone step attends over the next span bucket (64, 128, ... ``max_positions``)
-  above the longest row, masked per row, and gathers its rows' keys from the cache there;
+- keys: the backbone step attends over the next span bucket (multiples of 64 growing by at most
+  20 %, up to ``max_positions``) above the longest row, masked per row. It reads them in place:
+  its rows are the slots 0..W-1 of the next window bucket holding its sessions (rows of slots not
+  in the batch write to the scratch slot, their results dropped), unless that window has more than
+  twice the batch's rows; then its rows' keys are gathered (copied) into a batch bucket;
 - sampling: the sampler's host flags (all greedy, top-k, top-p, some greedy) choose its code
   path, so patch-decoder graphs are keyed by them too: the greedy path and the server's default
   speech sampling are captured at start, other settings on first use;
@@ -36,8 +39,8 @@ import torch
 from agent.lm import patch_decoder
 from agent.lm.host import to_device
 from agent.lm.kv_cache import KVCache
+from agent.lm.model import slot_step
 from agent.lm.sampling import GREEDY, SamplingBatch, SamplingParams, draw_uniform
-from agent.lm.transformer import attend
 
 if TYPE_CHECKING:
     from agent.lm.model import MiMoAudioLM
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_SPAN = 64
+SPAN_GROWTH = 1.2  # attention spans step by at most 20 %: keys read per row within 1.2x of its span
 WARMUP_RUNS = 2  # eager runs on a side stream before each capture
 
 
@@ -64,25 +68,24 @@ def bucket_of(n: int, sizes: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
+def span_buckets(limit: int, start: int = MIN_SPAN, growth: float = SPAN_GROWTH) -> list[int]:
+    """Attention spans of the backbone graphs: multiples of ``start``, each at most ``growth`` times
+    the one below (as far as the multiple allows), then ``limit``; a row's span is never padded
+    more than that. 64, 128, 192, 256, 320, 384, 512, 640, 768, 960, ... for 64 and 1.2."""
+    out, n = [], start
+    while n < limit:
+        out.append(n)
+        n = max(n + start, -(-int(n * growth) // start) * start)
+    return [*out, limit]
+
+
 def static_decode_step(lm: MiMoAudioLM, cache: KVCache, slots: torch.Tensor, emb: torch.Tensor,
-                       span: int) -> torch.Tensor:
-    """:meth:`MiMoAudioLM.decode_step` with fixed shapes and no host reads: emb (B, 1, hidden) at the
-    slots' current lengths (device values), keys over the first ``span`` positions, masked per row.
-    Does not advance the cache's lengths (the caller does, for the real rows)."""
-    B, _, _ = emb.shape
-    pos = cache.lengths.index_select(0, slots)  # (B,)
-    cos, sin = lm.model.rope.at(pos.view(B, 1), emb.dtype)  # (B, 1, d)
-    mask = (torch.arange(span, device=emb.device) <= pos[:, None]).view(B, 1, 1, span)
-    x = emb
-    for layer, k_cache, v_cache in zip(lm.model.layers, cache.k, cache.v, strict=True):
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-        k_cache[slots, :, pos] = k[:, :, 0]
-        v_cache[slots, :, pos] = v[:, :, 0]
-        keys = k_cache[:, :, :span].index_select(0, slots)  # (B, Hkv, span, d)
-        values = v_cache[:, :, :span].index_select(0, slots)
-        x = x + layer.self_attn.out(attend(q, keys, values, mask))
-        x = layer.feed_forward(x)
-    return lm.model.norm(x[:, -1])
+                       span: int, window: int | None = None) -> torch.Tensor:
+    """:func:`agent.lm.model.slot_step` with fixed shapes and no host reads: emb (N, 1, hidden) at
+    the slots' current lengths (device values), keys over the first ``span`` positions, masked per
+    row, in place over slots 0..N-1 when ``window`` is 0, gathered otherwise. Does not advance the
+    cache's lengths (the caller does, for the real rows)."""
+    return slot_step(lm, cache, slots, emb, span, window=window, masked=True)
 
 
 @dataclass
@@ -118,11 +121,15 @@ class DecodeGraphs:
             raise ValueError(f"max_batch {max_batch} leaves no scratch slot in a {cache.num_slots}-slot cache")
         self.lm, self.cache, self.scratch = lm, cache, scratch_slot
         self.batch_buckets = buckets(max_batch)
-        self.span_buckets = [s for s in buckets(cache.max_positions, MIN_SPAN) if s <= cache.max_positions]
+        # in place, a step runs one row per slot of the window 0..W-1 that holds its sessions
+        self.window_buckets = buckets(cache.num_slots)
+        self.span_buckets = span_buckets(cache.max_positions)
         hidden, codes = lm.config.hidden_size, lm.schedule.num_codes
-        self._emb = {b: torch.zeros(b, 1, hidden, device=device, dtype=lm.dtype) for b in self.batch_buckets}
-        self._slots = {b: torch.full((b,), scratch_slot, dtype=torch.int64, device=device)
-                       for b in self.batch_buckets}
+        rows_of = {True: self.window_buckets, False: self.batch_buckets}
+        self._emb = {(w, b): torch.zeros(b, 1, hidden, device=device, dtype=lm.dtype)
+                     for w in (True, False) for b in rows_of[w]}
+        self._slots = {(w, b): torch.full((b,), scratch_slot, dtype=torch.int64, device=device)
+                       for w in (True, False) for b in rows_of[w]}
         self._patch = {b: _PatchInputs(
             h=torch.zeros(b, hidden, device=device, dtype=lm.dtype),
             uniform=torch.full((b, codes), 0.5, device=device),
@@ -147,14 +154,28 @@ class DecodeGraphs:
         if len(set(slot_list)) != B or self.scratch in slot_list:
             raise ValueError(f"decode_step slots must be distinct session slots, got {slot_list}")
         cache.reserve(slot_list, 1)
-        rows = bucket_of(B, self.batch_buckets)
         span = bucket_of(max(cache.length(s) for s in slot_list) + 1, self.span_buckets)
-        self._emb[rows][:B].copy_(emb)
-        self._slots[rows].copy_(to_device(slot_list + [self.scratch] * (rows - B), cache.device))
-        out = self._replay(("step", rows, span), lambda: static_decode_step(
-            self.lm, cache, self._slots[rows], self._emb[rows], span))
-        cache.advance(slot_list, to_device(slot_list, cache.device), 1)
-        return out[:B]
+        batch_rows = bucket_of(B, self.batch_buckets)
+        window_rows = bucket_of(max(slot_list) + 1, self.window_buckets)
+        # in place when the window's rows cost at most twice the batch's: reading W x span keys
+        # where they lie beats copying B x span of them and reading the copy
+        in_place = window_rows <= 2 * batch_rows
+        rows = window_rows if in_place else batch_rows
+        slots_dev = to_device(slot_list, cache.device)
+        emb_buf, slots_buf = self._emb[(in_place, rows)], self._slots[(in_place, rows)]
+        if in_place:  # row s of the window is slot s; the rows of other slots write to the scratch slot
+            fill = [self.scratch] * rows
+            for s in slot_list:
+                fill[s] = s
+            emb_buf.index_copy_(0, slots_dev, emb)
+        else:
+            fill = slot_list + [self.scratch] * (rows - B)
+            emb_buf[:B].copy_(emb)
+        slots_buf.copy_(to_device(fill, cache.device))
+        out = self._replay(("step", in_place, rows, span), lambda: static_decode_step(
+            self.lm, cache, slots_buf, emb_buf, span, 0 if in_place else None))
+        cache.advance(slot_list, slots_dev, 1)
+        return out.index_select(0, slots_dev) if in_place else out[:B]
 
     # --------------------------------------------------------------------------- patch decoder
     @torch.inference_mode()
@@ -220,15 +241,18 @@ class DecodeGraphs:
         t = time.perf_counter()
         hidden = self.lm.config.hidden_size
         device = self.lm.device
-        for rows in self.batch_buckets:
-            slots = [self.scratch] * rows
-            self._slots[rows].copy_(torch.tensor(slots, device=device))
-            self._emb[rows].zero_()
+        for (in_place, rows), slots in self._slots.items():
+            # the in-place family only where a batch can choose it (a window at most twice its rows)
+            if in_place and rows > 2 * self.batch_buckets[-1]:
+                continue
+            slots.fill_(self.scratch)
+            self._emb[(in_place, rows)].zero_()
             for span in self.span_buckets:
-                key = ("step", rows, span)
+                key = ("step", in_place, rows, span)
                 if key not in self._graphs:
-                    self._capture(key, lambda r=rows, s=span: static_decode_step(
-                        self.lm, self.cache, self._slots[r], self._emb[r], s))
+                    self._capture(key, lambda r=rows, s=span, w=in_place: static_decode_step(
+                        self.lm, self.cache, self._slots[(w, r)], self._emb[(w, r)], s, 0 if w else None))
+        for rows in self.batch_buckets:
             h = torch.zeros(rows, hidden, device=device, dtype=self.lm.dtype)
             for params in (GREEDY, *speech_sampling):
                 # greedy or sampled, at one set of flags: one call captures its graph

@@ -26,7 +26,7 @@ from agent.lm.host import to_device
 from agent.lm.kv_cache import KVCache
 from agent.lm.sampling import SamplingBatch, SamplingParams
 from agent.lm.tokenizer import TextTokenizer
-from agent.lm.transformer import TransformerStack, attend
+from agent.lm.transformer import TransformerStack, attend, attention_bias
 
 
 class MiMoAudioLM(nn.Module):
@@ -102,23 +102,24 @@ class MiMoAudioLM(nn.Module):
         end = start + P
         positions = torch.arange(start, end, device=emb.device)
         cos, sin = self.model.rope.at(positions, emb.dtype)
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # (1, P, d)
         # query i (position start+i) sees keys 0..start+i; with no history that is plain causal
         mask = (
             None
             if start == 0
-            else (torch.arange(end, device=emb.device)[None, :] <= positions[:, None]).view(1, 1, P, end)
+            else attention_bias(
+                (torch.arange(end, device=emb.device)[None, :] <= positions[:, None]).view(1, 1, P, end), emb.dtype)
         )
-        x = emb
-        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v, strict=True):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache, v_cache = cache.k[i], cache.v[i]
             k_cache[slot, :, start:end] = k[0]
             v_cache[slot, :, start:end] = v[0]
             keys, values = k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end]
-            x = x + layer.self_attn.out(attend(q, keys, values, mask, causal=start == 0))
-            x = layer.feed_forward(x)
+            return attend(q, keys, values, mask, causal=start == 0)
+
+        h = self.model.run(emb, cos.unsqueeze(0), sin.unsqueeze(0), attention)[:, -1]
         cache.advance([slot], to_device([slot], cache.device), P)
-        return self.model.norm(x[:, -1])
+        return h
 
     @torch.inference_mode()
     def decode_step(
@@ -133,33 +134,15 @@ class MiMoAudioLM(nn.Module):
         B = emb.shape[0]
         slot_list = decode_slots(emb, slots)
         cache.reserve(slot_list, 1)
-        span = max(cache.length(s) for s in slot_list) + 1  # keys any row may need
+        lengths = [cache.length(s) for s in slot_list]
         lo = slot_list[0]
-        contiguous = slot_list == list(range(lo, lo + B))
+        contiguous = slot_list == list(range(lo, lo + B))  # then the history is a view of the slot range
         slots_dev = to_device(slot_list, cache.device)
-        pos = cache.lengths.index_select(0, slots_dev)  # (B,)
-        cos, sin = self.model.rope.at(pos.view(B, 1), emb.dtype)  # (B, 1, d)
         # rows of one length see every key of the span: no mask needed (always so at batch 1)
-        same_length = len({cache.length(s) for s in slot_list}) == 1
-        mask = (
-            None
-            if same_length
-            else (torch.arange(span, device=emb.device) <= pos[:, None]).view(B, 1, 1, span)
-        )
-        x = emb
-        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v, strict=True):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-            k_cache[slots_dev, :, pos] = k[:, :, 0]
-            v_cache[slots_dev, :, pos] = v[:, :, 0]
-            if contiguous:  # a view: no copy of the history
-                keys, values = k_cache[lo : lo + B, :, :span], v_cache[lo : lo + B, :, :span]
-            else:
-                keys = k_cache[:, :, :span].index_select(0, slots_dev)
-                values = v_cache[:, :, :span].index_select(0, slots_dev)
-            x = x + layer.self_attn.out(attend(q, keys, values, mask))
-            x = layer.feed_forward(x)
+        h = slot_step(self, cache, slots_dev, emb, max(lengths) + 1, window=lo if contiguous else None,
+                      masked=len(set(lengths)) > 1)
         cache.advance(slot_list, slots_dev, 1)
-        return self.model.norm(x[:, -1])
+        return h
 
     @torch.inference_mode()
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -180,6 +163,42 @@ class MiMoAudioLM(nn.Module):
         one seeded generator per row (None: torch's default generator).
         """
         return patch_decoder.decode_patch(self, h, speech_sampling, generators)
+
+
+def slot_step(lm: MiMoAudioLM, cache: KVCache, slots: torch.Tensor, emb: torch.Tensor, span: int, *,
+              window: int | None, masked: bool) -> torch.Tensor:
+    """The backbone's decode position, shared by :meth:`MiMoAudioLM.decode_step` and the CUDA-graph
+    step: emb (N, 1, hidden) -> hidden (N, hidden), row n written at position ``lengths[slots[n]]``
+    of slot ``slots[n]`` (device values; nothing read on the host). Does not advance the lengths.
+
+    Keys are the first ``span`` positions of the rows' slots. With ``window`` = w, row n attends in
+    place over slot w + n (a view: the history is read where it lies, never copied); a row whose
+    slot is not w + n (a padding row writing to a scratch slot) attends there too, to a result
+    that is dropped. With ``window`` None each row's slot is gathered (a copy of N x span
+    positions), for rows scattered over the cache. ``masked``: rows see their own slot's prefix
+    only (rows of different lengths), else every key of the span.
+    """
+    N = emb.shape[0]
+    pos = cache.lengths.index_select(0, slots)  # (N,)
+    cos, sin = lm.model.rope.at(pos.view(N, 1), emb.dtype)  # (N, 1, d)
+    mask = None
+    if masked:
+        lengths = pos if window is None else cache.lengths[window : window + N]
+        mask = attention_bias((torch.arange(span, device=emb.device) <= lengths[:, None]).view(N, 1, 1, span),
+                              emb.dtype)
+
+    def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = cache.k[i], cache.v[i]
+        k_cache[slots, :, pos] = k[:, :, 0]
+        v_cache[slots, :, pos] = v[:, :, 0]
+        if window is None:
+            keys = k_cache[:, :, :span].index_select(0, slots)  # (N, Hkv, span, d)
+            values = v_cache[:, :, :span].index_select(0, slots)
+        else:
+            keys, values = k_cache[window : window + N, :, :span], v_cache[window : window + N, :, :span]
+        return attend(q, keys, values, mask)
+
+    return lm.model.run(emb, cos, sin, attention)[:, -1]
 
 
 def decode_slots(emb: torch.Tensor, slots: torch.Tensor | Sequence[int]) -> list[int]:

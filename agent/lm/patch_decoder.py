@@ -23,7 +23,7 @@ import torch
 
 from agent.lm.config import MiMoAudioConfig
 from agent.lm.sampling import SamplingBatch, SamplingParams, draw_uniform, sample
-from agent.lm.transformer import attend
+from agent.lm.transformer import attend, attention_bias
 
 if TYPE_CHECKING:
     from agent.lm.model import MiMoAudioLM
@@ -108,14 +108,14 @@ def local_step(
     S = k_cache.shape[3]
     pos = torch.full((1, 1), step, dtype=torch.int64, device=x.device)
     cos, sin = stack.rope.at(pos, x.dtype)  # (1, 1, d)
-    mask = (torch.arange(S, device=x.device) <= step).view(1, 1, 1, S)
-    for layer, k_l, v_l in zip(stack.layers, k_cache, v_cache, strict=True):
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-        k_l[:, :, step] = k[:, :, 0]
-        v_l[:, :, step] = v[:, :, 0]
-        x = x + layer.self_attn.out(attend(q, k_l, v_l, mask))
-        x = layer.feed_forward(x)
-    return stack.norm(x)[:, 0], k_cache, v_cache
+    mask = attention_bias((torch.arange(S, device=x.device) <= step).view(1, 1, 1, S), x.dtype)
+
+    def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache[i].select(2, step).copy_(k[:, :, 0])  # one copy (an int index would add scalar tensors)
+        v_cache[i].select(2, step).copy_(v[:, :, 0])
+        return attend(q, k_cache[i], v_cache[i], mask)
+
+    return stack.run(x, cos, sin, attention)[:, 0], k_cache, v_cache
 
 
 def decode_patch(

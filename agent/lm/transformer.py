@@ -5,12 +5,16 @@ no o_proj bias, SwiGLU MLP: numerically the Qwen2 of transformers 4.49 (norms in
 tables computed in fp32 and cast to the activation dtype). Attribute names are the official
 checkpoint key names (``self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...).
 
-The blocks hold weights only. Attention takes keys and values from the caller: each user of a
-stack (backbone with its slot KV cache, patch decoder with its 11-step cache, patch encoder with
-no cache) decides where keys live and which positions a query may see.
+The blocks hold weights only, and the decoder-layer loop exists once, :meth:`TransformerStack.run`:
+every user of a stack (the backbone's prefill and decode step with its slot KV cache, the CUDA-graph
+step, the patch decoder with its 11-step cache, the patch encoder with no cache, and the ONNX
+graphs built from them) passes it an attention function that decides where keys live and which
+positions a query may see.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +24,8 @@ from agent.lm.config import StackConfig
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in fp32, scale in the activation dtype."""
+    """Qwen2 RMSNorm: normalise in fp32, scale in the activation dtype. ``F.rms_norm`` is one fused
+    kernel on CUDA (its decomposition on a CPU); in fp32 it takes the weight too."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -28,10 +33,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        shape = (x.shape[-1],)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryTable:
@@ -46,7 +51,8 @@ class RotaryTable:
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each fp32 [max_positions, head_dim]."""
+        """(cos, sin), each fp32 [max_positions, head_dim]; the first half of ``sin`` is negated
+        (see :func:`apply_rope`)."""
         device = torch.device(device)
         if device not in self._tables:
             d = self.head_dim
@@ -54,7 +60,9 @@ class RotaryTable:
             pos = torch.arange(self.max_positions, dtype=torch.int64).float()
             freqs = pos[:, None] * inv_freq[None, :]  # (T, d/2), one fp32 product as in HF
             emb = torch.cat([freqs, freqs], dim=-1)  # (T, d)
-            self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
+            sin = emb.sin()
+            sin[:, : d // 2] *= -1  # rotate_half's sign, folded into the table
+            self._tables[device] = (emb.cos().to(device), sin.to(device))
         return self._tables[device]
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,10 +72,10 @@ class RotaryTable:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE; ``cos``/``sin`` broadcast against ``x`` (..., head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotate-half RoPE, ``x * cos + rotate_half(x) * sin``; ``cos``/``sin`` broadcast against ``x``
+    (..., head_dim), ``sin`` with its first half negated (:meth:`RotaryTable.get`), so
+    ``rotate_half(x) * sin`` is the halves of x swapped (one roll) times that table: three kernels."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
@@ -92,10 +100,16 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def out(self, attn: torch.Tensor) -> torch.Tensor:
-        """attn (B, H, T, d) -> (B, T, C)."""
+    def out(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + o_proj(attn): attn (B, H, T, d), residual (B, T, C) -> (B, T, C)."""
         B, H, T, d = attn.shape
-        return self.o_proj(attn.transpose(1, 2).reshape(B, T, H * d))
+        return add_linear(residual, attn.transpose(1, 2).reshape(B, T, H * d), self.o_proj.weight)
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive bias SDPA turns it into: built once per
+    step by the caller instead of once per layer inside SDPA (three kernels a layer)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def attend(
@@ -108,7 +122,8 @@ def attend(
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads, without repeating keys.
 
-    q (B, H, T, d); k, v (B, Hkv, S, d); mask (B or 1, 1, T, S) bool, True = may attend;
+    q (B, H, T, d); k, v (B, Hkv, S, d); mask (B or 1, 1, T, S) bool, True = may attend, or its
+    :func:`attention_bias`;
     ``causal`` (without a mask) aligns query i with key i. For one query position (decoding) the
     H query heads are folded onto their Hkv key heads as extra query rows, so each key head is
     read once per group and one mask row serves them all; longer queries (prefill) use SDPA's
@@ -125,6 +140,13 @@ def attend(
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, T, d)
 
 
+def add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``residual + x @ weight.T`` as one matmul that accumulates onto the residual (``addmm``):
+    the residual add rides in the matmul's epilogue instead of a kernel of its own."""
+    C = residual.shape[-1]
+    return torch.addmm(residual.reshape(-1, C), x.reshape(-1, x.shape[-1]), weight.t()).view(residual.shape)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -134,12 +156,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + down(silu(gate(x)) * up(x))."""
+        return add_linear(residual, F.silu(self.gate_proj(x)) * self.up_proj(x), self.down_proj.weight)
+
+
+#: (layer index, q (B, H, T, d), k, v (B, Hkv, T, d) of the new positions) -> attention (B, H, T, d).
+#: The callable stores the new keys and values where its user keeps them and attends to them.
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm Qwen2 layer. ``forward`` is the cache-free path; cached users call the parts."""
+    """One pre-norm Qwen2 layer; :meth:`TransformerStack.run` chains them."""
 
     def __init__(self, cfg: StackConfig) -> None:
         super().__init__()
@@ -148,15 +176,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The second residual half: x + mlp(norm(x))."""
-        return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool) -> torch.Tensor:
-        """Self-attention over the T positions of x (B, T, C) alone; no cache."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attention: AttentionFn
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); ``attention(index, q, k, v)`` sees the new positions' q, k, v."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-        x = x + self.self_attn.out(attend(q, k, v, causal=causal))
-        return self.feed_forward(x)
+        x = self.self_attn.out(attention(index, q, k, v), residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class TransformerStack(nn.Module):
@@ -171,11 +198,15 @@ class TransformerStack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, max_positions)
 
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """The decoder-layer loop: x (B, T, C) at the rotary angles cos/sin (B or 1, T, d) through
+        every layer, then the final norm. ``attention`` keeps each layer's keys and values."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, attention)
+        return self.norm(x)
+
     def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
         """All T positions of x (B, T, C) at positions 0..T-1, no cache (the patch encoder)."""
         _, T, _ = x.shape
         cos, sin = self.rope.at(torch.arange(T, device=x.device), x.dtype)
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # (1, T, d)
-        for layer in self.layers:
-            x = layer(x, cos, sin, causal)
-        return self.norm(x)
+        return self.run(x, cos.unsqueeze(0), sin.unsqueeze(0), lambda _, q, k, v: attend(q, k, v, causal=causal))

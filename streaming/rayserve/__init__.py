@@ -9,11 +9,13 @@ replica for its whole life; what it does not do for this workload is added here:
   slots, as the replicas report them (WebRTC calls included, which Serve does not count), and a
   request naming a call (hang-up, the sideband WebSocket) to the replica that holds it;
 * :mod:`.replica`: the deployment; a full replica refuses at once with the server's own
-  ``server_busy`` (Serve's queue would hang or answer 500), replicas publish their load, and list
-  each other in ``/healthz`` and ``/metrics`` through a small registry actor;
+  ``server_busy`` (Serve's queue would hang or answer 500), replicas publish their load, list
+  each other in ``/healthz`` and ``/metrics`` and share ephemeral client secrets through a small
+  registry actor;
 * :mod:`.proxy`: a middleware in Serve's HTTP proxy that ends a WebSocket whose replica died with an
   ``error`` event and close code 1012 instead of a dropped connection;
-* :mod:`.cli`: the ``--ray`` options and the local cluster.
+* :mod:`.cli`: the ``--ray`` options, the local cluster, the drain on SIGTERM;
+* :mod:`.probe`: times ``server_busy`` with every slot taken (BENCHMARKS.md).
 
 Ray is an optional dependency (``pip install ".[ray]"``); nothing here imports it until used.
 """

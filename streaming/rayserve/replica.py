@@ -79,7 +79,8 @@ def registry(app_name: str) -> Any:
 class FleetSecrets(ClientSecretStore):
     """Ephemeral client secrets shared by every replica: the one that mints a key records it in the
     registry, and a replica that does not know a key presented to it looks it up there, so a key
-    opens sessions on whichever replica has a free slot."""
+    opens sessions on whichever replica has a free slot. The registry calls block the event loop for
+    their round trip (a millisecond or two): once per minted key, and once per key new to a replica."""
 
     def __init__(self, registry: Any) -> None:
         super().__init__()

@@ -288,6 +288,26 @@ async def test_offers_that_never_connect_hold_no_slot(server):
     assert await _settled(server) == 0
 
 
+async def test_calls_waiting_to_connect_are_bounded(server):
+    assert await _settled(server) == 0
+    options = server.app.state.webrtc
+    saved = options.max_pending_calls
+    options.max_pending_calls = 2
+    peers = [(await rtc.make_offer(mic=False))[0] for _ in range(3)]
+    try:
+        answers = [await rtc.post_offer(server.url, pc.localDescription.sdp) for pc in peers]
+        assert [a.status_code for a in answers] == [201, 201, 503]
+        error = answers[2].json()["error"]
+        assert error["code"] == "server_busy" and "2 calls are already connecting" in error["message"]
+    finally:
+        options.max_pending_calls = saved
+        for pc in peers:
+            await pc.close()
+        for call in list(server.app.state.calls.values()):
+            call.hangup()
+    assert await _settled(server) == 0
+
+
 async def test_a_call_that_connects_when_every_slot_is_taken_is_told_so(server):
     assert await _settled(server) == 0
     pc, dc = await rtc.make_offer(mic=False)

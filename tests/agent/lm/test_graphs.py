@@ -36,7 +36,7 @@ def test_buckets() -> None:
         bucket_of(5, [1, 2, 4])
 
 
-@pytest.mark.parametrize("slots", [[0], [2, 0, 4], [3, 1, 0, 2]])
+@pytest.mark.parametrize("slots", [[0], [2, 0, 4], [3, 1, 0, 2], [4]])  # [4]: a window 6x the batch, gathered
 def test_decode_step_equals_the_model(tiny, slots) -> None:
     lm, _, _ = tiny
     eager, static = _caches(lm, [70, 5, 130, 0, 64])  # spans fall in different buckets; slot 3 is empty
