@@ -35,6 +35,7 @@ class ResponseRun:
     audio_samples: int = 0
     first_audio_at: float | None = None
     playing: bool = False  # WebRTC: output_audio_buffer.started sent, not yet stopped or cleared
+    cut: bool = False  # WebRTC: its playback was cut (cancel, barge-in) and output_audio_buffer.cleared sent
     encoder: WireAudioEncoder | None = None
 
     def __post_init__(self) -> None:

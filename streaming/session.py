@@ -705,12 +705,13 @@ class RealtimeSession:
         self._actions.append(act.FlushOutputAudio(last.id if last else None))
         if last is not None:  # before any response there was nothing to clear, nor a response to name
             last.playing = False
-            self._emit(p.OutputAudioBufferCleared(response_id=last.id))
+            if not last.cut:  # a cancel just cut it and said so: the usual cancel + clear pair gets one
+                self._emit(p.OutputAudioBufferCleared(response_id=last.id))
 
     def _clear_playout(self, run: ResponseRun) -> None:
         """WebRTC: tell the client that playback of ``run`` was cut off (barge-in)."""
         if self.options.transport is Transport.WEBRTC and run.playing:
-            run.playing = False
+            run.playing, run.cut = False, True
             self._emit(p.OutputAudioBufferCleared(response_id=run.id))
 
     def _last_response(self) -> ResponseRun | None:

@@ -486,6 +486,8 @@ def test_webrtc_cut_truncates_the_item_to_what_was_played():
     assert isinstance(truncate, act.TruncateItem) and truncate.audio_end_ms == 400
     s.output_audio_cut(create.response_id, 9600)  # nothing more to cut
     assert s.take_events() == [] and s.take_actions() == []
+    send(s, {"type": "output_audio_buffer.clear"})  # the usual cancel + clear pair: one cleared in all
+    assert s.take_events() == []
 
 
 def test_barge_in_cancels_flushes_and_the_next_turn_follows():
