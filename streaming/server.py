@@ -34,6 +34,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--prefill-chunk", type=int, default=256, help="prefill positions per engine tick")
     e.add_argument("--interleave", default=None,
                    help="default N:M text/speech interleave (presets default to 2:6; 'off' for free)")
+    e.add_argument("--min-output-patches", type=int, default=None,
+                   help="patches every answer runs before it may stop (official min_new_tokens; presets default "
+                        "to 8, checkpoints to 0)")
     e.add_argument("--codec-first-chunk", type=int, default=None, help="patches before the first audio chunk")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk")
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
@@ -115,7 +118,8 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
         drop_ins, codec = backend.engine_kwargs(), backend.codec
     config = EngineConfig(max_sessions=args.max_sessions, max_positions=args.max_positions,
                           max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                          min_output_patches=PRESET_MIN_OUTPUT if rt.preset else 0,
+                          min_output_patches=(args.min_output_patches if args.min_output_patches is not None
+                                              else PRESET_MIN_OUTPUT if rt.preset else 0),
                           cuda_graphs=getattr(args, "cuda_graphs", True))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
                     **drop_ins)
