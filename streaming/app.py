@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -241,7 +242,8 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
             await asyncio.wait_for(websocket.close(), GOODBYE_S)
 
 
-async def _receive_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
+async def client_messages(websocket: WebSocket) -> AsyncIterator[str | bytes]:
+    """A WebSocket's text and binary messages until the client disconnects."""
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -250,7 +252,12 @@ async def _receive_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
         if data is None:
             data = message.get("bytes")
         if data is not None:
-            bridge.receive(data)
+            yield data
+
+
+async def _receive_loop(websocket: WebSocket, bridge: SessionBridge) -> None:
+    async for data in client_messages(websocket):
+        bridge.receive(data)
 
 
 async def _send_loop(websocket: WebSocket, bridge: SessionBridge) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 
 from streaming import protocol as p
+from streaming.app import client_messages
 from streaming.config import fully_set
 
 log = logging.getLogger(__name__)
@@ -82,15 +83,7 @@ async def serve_sideband(app: FastAPI, websocket: WebSocket, call_id: str, subpr
 
 async def _forward(websocket: WebSocket, call: Any) -> None:
     """The sideband's client events into the call's session, once the call is served."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("text")
-        if data is None:
-            data = message.get("bytes")
-        if data is None:
-            continue
+    async for data in client_messages(websocket):
         if not call.serving.is_set():
             await call.serving.wait()
         call.on_client_message(data)
