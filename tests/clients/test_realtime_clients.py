@@ -72,9 +72,11 @@ def test_python_sdk_installed_alone(server, tmp_path):
                     str(ROOT / "clients" / "python")], check=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     subprocess.run([*pip, "--python", python_of(venv), "install", *map(str, wheels.glob("*.whl"))], check=True)
+    # isolated (-I) and away from the checkout, so only the venv's own distributions are listed
+    # (from the repository root, the server's editable egg-info would be found through the cwd)
     installed = subprocess.run(
-        [python_of(venv), "-c", "import importlib.metadata as m; print(*sorted(m.packages_distributions()))"],
-        capture_output=True, text=True, check=True).stdout.split()
+        [python_of(venv), "-I", "-c", "import importlib.metadata as m; print(*sorted(m.packages_distributions()))"],
+        capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
     assert "mimo_realtime" in installed
     assert not {"torch", "aiortc", "onnxruntime", "matplotlib", "streaming", "agent"} & set(installed), installed
     report = run_driver([python_of(venv), str(DRIVERS / "mimo_sdk.py")], server.ws_url)
