@@ -45,6 +45,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--providers", default=None,
                    help="ONNX Runtime providers in order, comma-separated (default: best available)")
     e.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass at start")
+    e.add_argument("--turn-model", default=None,
+                   help="semantic_vad's end-of-turn model (Smart Turn v3.2 ONNX; default: $MIMO_TURN_MODEL, the "
+                        "cache filled by `mimo-agent fetch-turn-model`, or an installed pipecat-ai)")
     e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
                         "start (default on; ignored on a CPU)")
@@ -207,7 +210,8 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
         ice_servers = os.environ.get("MIMO_AGENT_ICE_SERVERS", "").split()
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
                           session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
-                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
+                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
+                          turn_model=getattr(args, "turn_model", None))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
     if args.send_queue_mib is not None:
