@@ -31,6 +31,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or action.required or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command (its module imported)."""
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mimo-agent {command}", description=help_, formatter_class=HelpFormatter)
+    module.add_arguments(parser, command)
+    return parser
+
+
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: mimo-agent COMMAND [options]", "", "commands:"]
@@ -48,13 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mimo-agent: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, help_ = COMMANDS[command]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"mimo-agent {command}", description=help_)
-    module.add_arguments(parser, command)
+    parser = build_parser(command)
     args = parser.parse_args(rest)
     args.command = command
-    return int(module.run(args) or 0)
+    return int(importlib.import_module(COMMANDS[command][0]).run(args) or 0)
 
 
 if __name__ == "__main__":
