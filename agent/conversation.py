@@ -168,9 +168,7 @@ class ConversationRenderer:
         """The transcript of an assistant item (text patches, specials hidden)."""
         if item.patches is None:
             return ""
-        ids = [int(t) for t in item.patches.text_ids if int(t) not in (self.specials.empty,)]
-        stops = {self.specials.eostm, self.specials.im_end, self.specials.eos}
-        return self.builder.tokenizer.decode([t for t in ids if t not in stops])
+        return self.builder.tokenizer.decode(int(t) for t in item.patches.text_ids)
 
 
 def common_prefix(a: Prompt, b: Prompt) -> int:

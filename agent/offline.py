@@ -13,6 +13,7 @@ too, in and out, and need no audio tokenizer.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -137,10 +138,8 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
         builder = PromptBuilder(tokenizer, lm.config)
         prompt = _build_prompt(args.command, args, builder, codec)
         out = getattr(args, "out", None)
-        if out and Path(out).suffix != ".npy" and codec is None:
-            raise ValueError(
-                f"{out}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
-            )
+        if out:
+            check_output_path(out, codec)
     except (ValueError, OSError) as exc:
         print(f"mimo-agent {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -178,17 +177,42 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
     codes = response.codes()
     if out:
         _write_audio(codes, out, codec)
+        kept = f"; audio written to {out}"
+    else:
+        kept = "; audio not kept (--out FILE.wav writes it)" if args.command != "asr" else ""
     patches = response.patches
     print(
         f"[{patches} patches ({response.speech_patches} speech, {codes.shape[0]} frames = "
         f"{codes.shape[0] / 25:.2f} s of audio) in {elapsed:.2f} s, "
         f"{patches / max(elapsed, 1e-9):.1f} patches/s; "
-        f"prompt {len(prompt)} patches; stop: {session.stop_reason}"
-        + (f"; audio written to {out}" if out else "")
-        + "]",
+        f"prompt {len(prompt)} patches; stop: {session.stop_reason}{kept}]",
         file=sys.stderr,
     )
     return 0
+
+
+#: what ``--out`` writes, by file name ending
+OUTPUT_SUFFIXES = {".wav": "a 24 kHz pcm16 wav", ".npy": "the RVQ codes [T, 8]"}
+
+
+def check_output_path(out: str, codec: AudioCodec | None) -> None:
+    """Refuse an ``--out`` that could not be written before anything is generated: a format this
+    command does not write (never a wav under another name), a directory that is not there."""
+    path = Path(out)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        kinds = ", ".join(f"{suffix} ({what})" for suffix, what in OUTPUT_SUFFIXES.items())
+        raise ValueError(f"{out}: cannot write {path.suffix or 'a file without an extension'}; use {kinds}")
+    if path.suffix.lower() != ".npy" and codec is None:
+        raise ValueError(
+            f"{out}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"{out}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{out}: the directory {parent} is not writable")
+    if path.is_dir():
+        raise ValueError(f"{out} is a directory; give a file name")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -212,6 +236,8 @@ def _build_prompt(
     command: str, args: argparse.Namespace, b: PromptBuilder, codec: AudioCodec | None
 ) -> Prompt:
     if command == "tts":
+        if not args.text.strip():
+            raise ValueError("--text is empty: give the text to speak")
         voice = _read_codes(args.voice, codec, b) if args.voice else None
         if voice is not None and args.instruct is None:
             raise ValueError("--voice needs --instruct (the official plain TTS prompt has no voice prompt)")
@@ -245,11 +271,10 @@ def _read_codes(path: str, codec: AudioCodec | None, b: PromptBuilder) -> torch.
 
 
 def _write_audio(codes: np.ndarray, path: str, codec: AudioCodec | None) -> None:
-    if Path(path).suffix == ".npy":
-        np.save(path, codes)
-    elif codec is not None:
-        codec.codes_to_wav(codes, path)
+    """Write what :func:`check_output_path` accepted."""
+    if Path(path).suffix.lower() == ".npy":
+        with open(path, "wb") as f:  # np.save(name) would add ".npy" to a name ending in ".NPY"
+            np.save(f, codes)
     else:
-        raise ValueError(
-            f"{path}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
-        )
+        assert codec is not None
+        codec.codes_to_wav(codes, path)

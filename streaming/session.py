@@ -65,7 +65,7 @@ from streaming.audio import (
 )
 from streaming.config import canonical_session, default_session_config, fully_set, resolve_response_params
 from streaming.conversation import AT_START, Conversation, ConversationFullError, Item
-from streaming.input_audio import InputAudio, TurnStarted
+from streaming.input_audio import InputAudio, TurnEnded, TurnStarted
 from streaming.protocol import ErrorCode, ErrorType, ProtocolError
 from streaming.responses import ResponseRun, ResponseState
 from streaming.vad import VadConfig
@@ -410,7 +410,7 @@ class RealtimeSession:
         for turn in turns:
             if isinstance(turn, TurnStarted):
                 self._speech_started(turn)
-            else:
+            elif isinstance(turn, TurnEnded):  # candidate ends and resumes are for speculation only
                 self._emit(
                     p.InputAudioBufferSpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id)
                 )

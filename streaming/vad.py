@@ -15,6 +15,12 @@ they do not depend on when or in what chunks audio arrives):
   reports ``audio_end_ms``, the end of the frame that completed the silence window (so it
   includes the window, as OpenAI's ``speech_stopped.audio_end_ms`` does), and ``speech_end_ms``,
   the end of the last voiced frame.
+- Between the two, for speculation (the engine may start an answer that it holds back until the
+  turn is confirmed): ``SpeechPaused`` after ``candidate_ms`` of consecutive unvoiced frames (a
+  candidate end; only when ``candidate_ms`` is shorter than the silence window), and
+  ``SpeechResumed`` when a voiced frame comes after a ``SpeechPaused`` and before the turn ended
+  (the candidate was not the end). Every ``SpeechPaused`` is followed by exactly one
+  ``SpeechResumed`` or ``SpeechStopped``, unless the caller ends the turn (:meth:`end_turn`).
 - ``semantic_vad`` has no turn model here: it runs as server VAD with a silence window derived
   from ``eagerness`` (low 1200 ms, medium/auto 700 ms, high 350 ms). OpenAI's semantic maxima
   (8 / 4 / 2 s) are not used: without a model deciding that the user is done, every turn would
@@ -45,6 +51,7 @@ DEFAULT_SILENCE_DURATION_MS = 500
 #: our additions
 DEFAULT_MIN_SPEECH_MS = 100  # webrtcvad's false positives on clicks and breaths are 1-3 frames long
 DEFAULT_FRAME_MS = 20
+DEFAULT_CANDIDATE_MS = 200  # a pause this long is worth speculating on (humans answer in ~200 ms)
 SEMANTIC_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 350}
 
 
@@ -55,6 +62,7 @@ class VadConfig:
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
     min_speech_ms: int = DEFAULT_MIN_SPEECH_MS
     frame_ms: int = DEFAULT_FRAME_MS
+    candidate_ms: int = DEFAULT_CANDIDATE_MS  # 0: no SpeechPaused / SpeechResumed
 
     def __post_init__(self) -> None:
         if self.frame_ms not in FRAME_MS_CHOICES:
@@ -123,7 +131,22 @@ class SpeechStopped:
     speech_end_ms: int
 
 
-VadEvent = SpeechStarted | SpeechStopped
+@dataclasses.dataclass(frozen=True)
+class SpeechPaused:
+    """A candidate end of turn: ``candidate_ms`` of silence, the turn still open."""
+
+    audio_end_ms: int  # end of the frame that completed the candidate window
+    speech_end_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechResumed:
+    """Speech again after a ``SpeechPaused``, before the turn ended."""
+
+    speech_ms: int  # start of the voiced frame
+
+
+VadEvent = SpeechStarted | SpeechStopped | SpeechPaused | SpeechResumed
 
 
 class FrameClassifier:
@@ -162,6 +185,7 @@ class TurnDetector:
         self.state = TurnState.SILENCE
         self._run = 0  # consecutive voiced frames (in SILENCE) or unvoiced frames (in SPEECH)
         self._last_voiced_end_ms = 0
+        self._paused = False  # a SpeechPaused is open (no SpeechResumed / SpeechStopped yet)
 
     @property
     def speaking(self) -> bool:
@@ -190,15 +214,30 @@ class TurnDetector:
                     )
                     self.state, self._run = TurnState.SPEECH, 0
             else:
-                self._run = 0 if voiced else self._run + 1
-                if self._run * frame_ms >= self.config.silence_duration_ms:
-                    events.append(SpeechStopped(end_ms, self._last_voiced_end_ms))
-                    self.state, self._run = TurnState.SILENCE, 0
+                events += self._in_speech(voiced, start_ms, end_ms)
         return events
+
+    def _in_speech(self, voiced: bool, start_ms: int, end_ms: int) -> list[VadEvent]:
+        cfg = self.config
+        if voiced:
+            self._run = 0
+            if self._paused:
+                self._paused = False
+                return [SpeechResumed(start_ms)]
+            return []
+        self._run += 1
+        silence_ms = self._run * cfg.frame_ms
+        if silence_ms >= cfg.silence_duration_ms:
+            self.end_turn()
+            return [SpeechStopped(end_ms, self._last_voiced_end_ms)]
+        if silence_ms - cfg.frame_ms < cfg.candidate_ms <= silence_ms:  # the window just filled
+            self._paused = True
+            return [SpeechPaused(end_ms, self._last_voiced_end_ms)]
+        return []
 
     def end_turn(self) -> None:
         """Forget the current turn (after a manual commit or clear) without restarting the clock."""
-        self.state, self._run = TurnState.SILENCE, 0
+        self.state, self._run, self._paused = TurnState.SILENCE, 0, False
 
 
 def detect_turns(pcm16: np.ndarray, config: VadConfig, sample_rate: int = SAMPLE_RATE) -> list[VadEvent]:
