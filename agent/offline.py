@@ -49,12 +49,13 @@ class AudioCodec:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", help="checkpoint directory or Hugging Face hub id")
+    model.add_argument("--model", help="checkpoint directory or Hugging Face hub id (default: none, the preset)")
     model.add_argument(
         "--preset", choices=PRESET_NAMES, help="built-in model with random weights (default: tiny)"
     )
     parser.add_argument(
-        "--tokenizer", help="MiMo-Audio-Tokenizer checkpoint (directory or hub id) for audio files"
+        "--tokenizer", help="MiMo-Audio-Tokenizer checkpoint (directory or hub id) for audio files (default: the "
+        "preset's own; with --model, none: .npy codes only)"
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
@@ -67,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         default=None,
         help="CPU threads (default: 1 for presets on a CPU, else torch's)",
     )
-    parser.add_argument("--max-patches", type=int, default=None, help="response budget in 160 ms patches")
+    parser.add_argument("--max-patches", type=int, default=None,
+                        help=f"response budget in 160 ms patches (default: {PRESET_MAX_PATCHES} for presets, "
+                             f"{CHECKPOINT_MAX_PATCHES} for checkpoints)")
     parser.add_argument(
         "--min-patches",
         type=int,
@@ -87,15 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     if command == "tts":
         parser.add_argument("--text", required=True, help="the text to speak")
-        parser.add_argument("--instruct", help="a style instruction (the model thinks first, then speaks)")
-        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes) for --instruct")
+        parser.add_argument("--instruct", help="a style instruction (the model thinks first, then speaks; "
+                                               "default: none, plain TTS)")
+        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes) for --instruct (default: none)")
     else:
         parser.add_argument("--input", required=True, help="input audio (a wav, or .npy codes [T, 8])")
     if command == "dialogue":
-        parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
-        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes)")
+        parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                            help="the system prompt ('' for none; default: the official one, %(default)r)")
+        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes; default: none, the model's "
+                                            "own voice)")
     if command != "asr":
-        parser.add_argument("--out", help="where to write the response audio (.wav, or .npy codes [T, 8])")
+        parser.add_argument("--out", help="where to write the response audio: .wav, or .npy codes [T, 8] "
+                                          "(default: none, the audio is not kept)")
 
 
 def run(args: argparse.Namespace) -> int:
