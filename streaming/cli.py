@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("streaming.bench", "first-audio latency benchmark against a running or spawned server"),
     "bench-interrupts": ("streaming.bench.interrupts", "how fast a cancel stops the answer (WebSocket, WebRTC)"),
     "bench-limits": ("streaming.bench.limits", "what vanished WebRTC offers and oversized offer bodies cost a server"),
+    "fetch-turn-model": ("streaming.turn_model", "download semantic_vad's end-of-turn model (Smart Turn v3.2)"),
     "export": ("export.cli", "export the hot paths to ONNX"),
     "bench-onnx": ("export.bench", "ONNX Runtime vs PyTorch timings of the exported graphs (CPU)"),
     "tts": ("agent.offline", "text to speech, offline"),
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "continue": ("agent.offline", "speech continuation, offline"),
     "bench-lm": ("agent.lm.bench", "per-patch step times of the language model"),
     "bench-codec": ("agent.codec.bench", "codec real-time factors and streaming-decode fidelity"),
+    "bench-stream": ("agent.stream_bench", "streaming input: patches that survive the commit, commit-time work"),
 }
 
 

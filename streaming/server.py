@@ -40,6 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--min-output-patches", type=int, default=None,
                    help="patches every answer runs before it may stop (official min_new_tokens; presets default "
                         "to 8, checkpoints to 0)")
+    e.add_argument("--stream-lag-patches", type=int, default=None, metavar="N",
+                   help="streaming input: encode a server-VAD turn while it is spoken and prefill each patch "
+                        "once N more patches of audio came (default: off, the turn is encoded at its commit)")
     e.add_argument("--codec-first-chunk", type=int, default=None,
                    help="patches (160 ms each) before the first audio chunk (default 1)")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
@@ -50,6 +53,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--providers", default=None,
                    help="ONNX Runtime providers in order, comma-separated (default: best available)")
     e.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass at start")
+    e.add_argument("--turn-model", default=None,
+                   help="semantic_vad's end-of-turn model (Smart Turn v3.2 ONNX; default: $MIMO_TURN_MODEL, the "
+                        "cache filled by `mimo-agent fetch-turn-model`, or an installed pipecat-ai)")
     e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
                         "start (default on; ignored on a CPU)")
@@ -137,7 +143,9 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
                           max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                           min_output_patches=(args.min_output_patches if args.min_output_patches is not None
                                               else PRESET_MIN_OUTPUT if rt.preset else 0),
-                          cuda_graphs=getattr(args, "cuda_graphs", True))
+                          cuda_graphs=getattr(args, "cuda_graphs", True),
+                          **({} if getattr(args, "stream_lag_patches", None) is None
+                             else {"stream_lag_patches": args.stream_lag_patches}))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
                     **drop_ins)
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
@@ -224,7 +232,9 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
         ice_servers = os.environ.get("MIMO_AGENT_ICE_SERVERS", "").split()
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
                           session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
-                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
+                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
+                          stream_input=getattr(args, "stream_lag_patches", None) is not None,
+                          turn_model=getattr(args, "turn_model", None))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
     if args.send_queue_mib is not None:

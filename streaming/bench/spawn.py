@@ -26,6 +26,7 @@ FORWARDED = (
     ("max_batch", "--max-batch"), ("prefill_chunk", "--prefill-chunk"), ("interleave", "--interleave"),
     ("codec_first_chunk", "--codec-first-chunk"), ("codec_chunk", "--codec-chunk"), ("backend", "--backend"),
     ("export_dir", "--export-dir"), ("providers", "--providers"), ("threads", "--threads"),
+    ("turn_model", "--turn-model"),
 )
 FORWARDED_SWITCHES = (("no_warmup", "--no-warmup"), ("cuda_graphs", "--cuda-graphs"))
 

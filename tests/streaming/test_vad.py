@@ -125,13 +125,14 @@ def test_turn_detection_mapping():
     td = TurnDetection(type="server_vad", threshold=0.7, prefix_padding_ms=100, silence_duration_ms=900)
     cfg = V.VadConfig.from_turn_detection(td)
     assert (cfg.threshold, cfg.prefix_padding_ms, cfg.silence_duration_ms) == (0.7, 100, 900)
-    assert (
-        V.VadConfig.from_turn_detection(
-            TurnDetection(type="semantic_vad", eagerness="high")
-        ).silence_duration_ms
-        == 350
-    )
-    assert V.VadConfig.from_turn_detection(TurnDetection(type="semantic_vad")).silence_duration_ms == 700
+    high = V.VadConfig.from_turn_detection(TurnDetection(type="semantic_vad", eagerness="high"))
+    auto = V.VadConfig.from_turn_detection(TurnDetection(type="semantic_vad"))
+    low = V.VadConfig.from_turn_detection(TurnDetection(type="semantic_vad", eagerness="low"), "silero")
+    assert (high.end_threshold, high.silence_duration_ms, high.max_silence_ms) == (0.95, 600, 2000)
+    assert (auto.end_threshold, auto.silence_duration_ms, auto.max_silence_ms) == (0.98, 800, 4000)
+    assert (low.end_threshold, low.silence_duration_ms, low.max_silence_ms) == (0.995, 1000, 8000)
+    assert (low.classifier, low.frame_ms) == ("silero", V.SILERO_FRAME_MS)
+    assert V.VadConfig.from_turn_detection(td).end_threshold is None  # server_vad: no model
     full = V.resolve_turn_detection(TurnDetection(type="server_vad"))
     assert full.model_dump(exclude_none=True) == {
         "type": "server_vad",
