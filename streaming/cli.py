@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "continue": ("agent.offline", "speech continuation, offline"),
     "bench-lm": ("agent.lm.bench", "per-patch step times of the language model"),
     "bench-codec": ("agent.codec.bench", "codec real-time factors and streaming-decode fidelity"),
+    "bench-stream": ("agent.stream_bench", "streaming input: patches that survive the commit, commit-time work"),
 }
 
 

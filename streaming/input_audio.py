@@ -67,6 +67,7 @@ class InputAudio:
         self._vad_offset = 0  # absolute sample at which the current detector started
         self.turn_item_id: str | None = None  # item id announced by speech_started, until the turn ends
         self._turn_start = 0
+        self._streamed = 0  # absolute sample up to which the open turn's audio went out (:meth:`stream`)
 
     @property
     def buffered_ms(self) -> float:
@@ -136,6 +137,17 @@ class InputAudio:
             keep = (cfg.prefix_padding_ms + cfg.min_speech_ms + 2 * cfg.frame_ms) * SAMPLES_PER_MS
             self.buffer.drop_before(self._vad_offset + self.vad.decided_ms * SAMPLES_PER_MS - keep)
         return turns
+
+    def stream(self) -> tuple[str, np.ndarray] | None:
+        """Streaming input: the open turn's audio not handed out yet, from its start (prefix padding
+        included), as (item id, pcm16); None outside a turn."""
+        if self.turn_item_id is None:
+            return None
+        start, end = max(self._turn_start, self._streamed), self.buffer.end
+        if end <= start:
+            return None
+        self._streamed = end
+        return self.turn_item_id, self.buffer.span(start, end)
 
     def flush_decoder(self) -> None:
         """End of a manually committed turn: take the few ms the G.711 upsampler still holds."""

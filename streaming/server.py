@@ -40,6 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--min-output-patches", type=int, default=None,
                    help="patches every answer runs before it may stop (official min_new_tokens; presets default "
                         "to 8, checkpoints to 0)")
+    e.add_argument("--stream-lag-patches", type=int, default=None, metavar="N",
+                   help="streaming input: encode a server-VAD turn while it is spoken and prefill each patch "
+                        "once N more patches of audio came (default: off, the turn is encoded at its commit)")
     e.add_argument("--codec-first-chunk", type=int, default=None,
                    help="patches (160 ms each) before the first audio chunk (default 1)")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
@@ -140,7 +143,9 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
                           max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                           min_output_patches=(args.min_output_patches if args.min_output_patches is not None
                                               else PRESET_MIN_OUTPUT if rt.preset else 0),
-                          cuda_graphs=getattr(args, "cuda_graphs", True))
+                          cuda_graphs=getattr(args, "cuda_graphs", True),
+                          **({} if getattr(args, "stream_lag_patches", None) is None
+                             else {"stream_lag_patches": args.stream_lag_patches}))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
                     **drop_ins)
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
@@ -228,6 +233,7 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
                           session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
                           cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
+                          stream_input=getattr(args, "stream_lag_patches", None) is not None,
                           turn_model=getattr(args, "turn_model", None))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead

@@ -122,6 +122,7 @@ class SessionOptions:
     emit_item_created: bool = False  # also send the beta-era conversation.item.created
     vad_frame_ms: int = 20
     vad_min_speech_ms: int = 100
+    stream_input: bool = False  # hand a server-VAD turn's audio to the engine while it is spoken
     vad_candidate_ms: int = DEFAULT_CANDIDATE_MS  # silence that is a candidate end (speculation, semantic_vad)
     turn_model: str | None = None  # semantic_vad's model file (None: streaming.turn_model.find_model)
     limits: SessionLimits = dataclasses.field(default_factory=SessionLimits)
@@ -428,6 +429,10 @@ class RealtimeSession:
                         self._create_response(None, None)
                     else:
                         self._auto_response_queued = True
+        if self.options.stream_input:
+            part = self.input.stream()
+            if part is not None:
+                self._actions.append(act.StreamUserAudio(*part))
 
     def _speech_started(self, turn: TurnStarted) -> None:
         self._idle_deadline = None
