@@ -55,6 +55,8 @@ class ServerConfig:
     description: dict[str, Any] = field(default_factory=dict)  # /healthz extras: device, preset ...
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs (streaming.webrtc.parse_ice_server); none: host only
     cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-origin (the SDK, calls, client secrets)
+    stream_input: bool = False  # server-VAD turns reach the engine while spoken (SessionOptions.stream_input)
+    turn_model: str | None = None  # semantic_vad's end-of-turn model file (None: streaming.turn_model.find_model)
 
 
 class ServerBusyError(Exception):
@@ -173,7 +175,8 @@ def _unauthorized(message: str | None = None) -> Response:
 def new_bridge(app: FastAPI, transport: Transport, outbox: Outbox, **kwargs: Any) -> SessionBridge:
     """A bridge for a new connection, with the server's limits and session defaults."""
     config: ServerConfig = app.state.config
-    session = RealtimeSession(SessionOptions(transport=transport, limits=config.limits))
+    session = RealtimeSession(SessionOptions(transport=transport, limits=config.limits, turn_model=config.turn_model,
+                                             stream_input=config.stream_input))
     return SessionBridge(app.state.engine, session, outbox, loop=asyncio.get_running_loop(),
                          metrics=app.state.metrics, codec_schedule=getattr(app.state, "codec_schedule", None),
                          **kwargs)

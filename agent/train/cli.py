@@ -15,7 +15,7 @@ STAGES = {
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (module, help_) in STAGES.items():
-        sub = stages.add_parser(name, help=help_, description=help_)
+        sub = stages.add_parser(name, help=help_, description=help_, formatter_class=parser.formatter_class)
         importlib.import_module(module).add_arguments(sub)
 
 
