@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.agent.lm.test_tokenizer import _UNREADABLE
 from tests.web.browser import Chromium, chromium, require_browser
 from tests.web.test_demo_first_impression import KEY, READ, _set_key
 
@@ -57,4 +58,6 @@ def test_typing_needs_no_microphone_and_a_new_connection_is_marked(browser: Chro
         separator = p.locator("[data-testid=transcript-separator]")
         assert separator.count() == 1 and "New connection" in separator.inner_text()
         assert demo["errors"] == [] and page.problems == []
+        shown = p.locator("[data-testid=transcript]").inner_text()  # the random weights' answers: readable
+        assert not _UNREADABLE.search(shown), repr(shown)
         p.click("[data-testid=disconnect-button]")
