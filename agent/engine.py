@@ -111,6 +111,7 @@ class EngineConfig:
     # weights (or in memory_limit_bytes when given); memory_check False starts anyway
     memory_limit_bytes: int | None = None
     memory_check: bool = True
+    compile: bool = False  # the patch decoder's step through torch.compile (inductor); see CompiledLocalStep
 
 
 @dataclass(frozen=True)
@@ -387,7 +388,7 @@ class Engine:
         self.max_positions = min(self.config.max_positions, lm.config.max_position_embeddings)
         replaced = decode_step is not None and decode_patch is not None  # nothing left to capture
         use_graphs = graphs if graphs is not None else (
-            self.config.cuda_graphs and self.device.type == "cuda" and not replaced)
+            ((self.config.cuda_graphs and self.device.type == "cuda") or self.config.compile) and not replaced)
         # graphs pad batches with rows that write to a slot no session owns
         extra = 1 if use_graphs else 0
         self.plan = plan_memory(lm, codec, max_sessions=self.config.max_sessions, max_positions=self.max_positions,
@@ -400,7 +401,9 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
-                                       scratch_slot=self.config.max_sessions)
+                                       scratch_slot=self.config.max_sessions,
+                                       capture=None if self.config.cuda_graphs else False,
+                                       compile=self.config.compile)
         self.decode_step = decode_step or (self.graphs.decode_step if self.graphs else lm.decode_step)
         self.embed_patches = embed_patches or lm.embed_patches
         self.transcriber = Transcriber(lm, tokenizer, self.builder, max_positions=self.config.transcription_positions)

@@ -50,6 +50,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "free after loading, CUDA's free memory or the host's available RAM)")
     e.add_argument("--ignore-memory-plan", action="store_true",
                    help="start even when --max-sessions does not fit the memory plan (printed at start)")
+    e.add_argument("--compile", action="store_true",
+                   help="run the patch decoder's step through torch.compile (inductor: fused kernels; needs a C++ "
+                        "compiler on a CPU, Triton on CUDA; compiles at start, or on first use with --no-warmup)")
     e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
                         "start (default on; ignored on a CPU)")
@@ -128,7 +131,8 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
                           cuda_graphs=getattr(args, "cuda_graphs", True),
                           memory_limit_bytes=(None if getattr(args, "memory_limit_gib", None) is None
                                               else int(args.memory_limit_gib * 2**30)),
-                          memory_check=not getattr(args, "ignore_memory_plan", False))
+                          memory_check=not getattr(args, "ignore_memory_plan", False),
+                          compile=getattr(args, "compile", False))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
                     **drop_ins)
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture

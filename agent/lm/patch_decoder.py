@@ -137,6 +137,27 @@ def local_step(
     return lm.local_transformer.run(x, cos, sin, attention)[:, 0], k_cache, v_cache
 
 
+class CompiledLocalStep:
+    """:func:`local_step` under ``torch.compile`` (inductor): a layer's norms, rotary, attention
+    and MLP fused into a few kernels (gpt-fast's approach). The step goes in as a tensor (a row of
+    :class:`StepTables`), so the 11 steps share one compiled graph, and the batch is symbolic, so
+    every batch bucket shares it too; the caches are updated in place as in eager. One compiled
+    function per process (compiled on first use for each model), shared by every engine."""
+
+    _fn: Callable | None = None
+
+    def __call__(self, lm: MiMoAudioLM, x: torch.Tensor, step: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if CompiledLocalStep._fn is None:
+            CompiledLocalStep._fn = torch.compile(local_step, fullgraph=True, dynamic=True)
+        index = StepTables.of(lm, x.device, x.dtype).index[step]  # a 0-d device tensor
+        return CompiledLocalStep._fn(lm, x, index, k_cache, v_cache)
+
+
+#: the signature of :func:`local_step` (or a :class:`CompiledLocalStep`)
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def group_logits(lm: MiMoAudioLM, hidden: torch.Tensor, group: StepGroup) -> torch.Tensor:
     """The heads of a step group's channels: hidden (B, D) -> logits (B, n, V)."""
     return torch.stack([lm.local_transformer_lm_heads[c](hidden) for c in group.channels], dim=1)
@@ -146,8 +167,8 @@ def group_logits(lm: MiMoAudioLM, hidden: torch.Tensor, group: StepGroup) -> tor
 GroupSampler = Callable[[int, int, StepGroup, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def run_patch(lm: MiMoAudioLM, h: torch.Tensor, sampler: GroupSampler, uniform: torch.Tensor | None
-              ) -> torch.Tensor:
+def run_patch(lm: MiMoAudioLM, h: torch.Tensor, sampler: GroupSampler, uniform: torch.Tensor | None,
+              step: StepFn = local_step) -> torch.Tensor:
     """The patch-decoder loop, shared by :func:`decode_patch`, its CUDA graph and the exported
     ``patch_decoder`` graph (which differ only in how ``sampler`` reads the settings): h (B, hidden)
     -> codes (B, group, channels). ``uniform`` (B, codes per patch) or None (greedy)."""
@@ -157,7 +178,7 @@ def run_patch(lm: MiMoAudioLM, h: torch.Tensor, sampler: GroupSampler, uniform: 
     tokens_at: dict[tuple[int, int], torch.Tensor] = {}  # (frame, channel) -> (B,)
     x = lm.hidden_states_downcast(h).unsqueeze(1)  # (B, 1, D)
     for t in range(sched.steps):
-        hidden, k_cache, v_cache = local_step(lm, x, t, k_cache, v_cache)
+        hidden, k_cache, v_cache = step(lm, x, t, k_cache, v_cache)
         x = None
         for i, g in enumerate(sched.groups[t]):
             noise = None if uniform is None else uniform[:, g.offset : g.offset + len(g.channels)]
@@ -179,11 +200,13 @@ def decode_patch(
     speech_sampling: SamplingBatch | SamplingParams | Sequence[SamplingParams] | None,
     generators: Sequence[torch.Generator | None] | None,
     uniform: torch.Tensor | None = None,
+    step: StepFn = local_step,
 ) -> torch.Tensor:
     """Backbone hidden states (B, hidden) -> codes (B, group, channels), int64.
 
     ``uniform`` (B, 32): the draws, when the caller made them from the rows' generators already
-    (a CUDA graph replays with its noise copied in); otherwise they are drawn here."""
+    (a CUDA graph replays with its noise copied in); otherwise they are drawn here. ``step``: the
+    patch decoder's position step (a :class:`CompiledLocalStep` with ``--compile``)."""
     B, _ = h.shape
     sched = lm.schedule
     params = SamplingBatch.coerce(speech_sampling, B, h.device)
@@ -194,4 +217,4 @@ def decode_patch(
     def sampler(t: int, i: int, g: StepGroup, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         return sample(logits, params, noise, removed=sched.banned(t, i, h.device))
 
-    return run_patch(lm, h, sampler, None if params.all_greedy else uniform)
+    return run_patch(lm, h, sampler, None if params.all_greedy else uniform, step)
