@@ -133,6 +133,22 @@ class ConversationRenderer:
             prompt = Prompt(torch.cat([p.text_ids for p in parts]), torch.cat([p.codes for p in parts]))
         return Rendering(prompt, spans)
 
+    def open_turn(
+        self,
+        items: list[Item],
+        codes: torch.Tensor,
+        *,
+        instructions: str | None = None,
+        voice_codes: torch.Tensor | None = None,
+    ) -> Prompt:
+        """The conversation followed by a user turn still being spoken, its speech so far ``codes``
+        (T, channels): the rendering of ``items`` plus a user audio item of those codes, without
+        its end (``<|eosp|>``, ``<|im_end|>\\n``), which comes when the turn does. A prefix of the
+        rendering once the turn is committed with codes that start with these."""
+        turn = Item("", Role.USER, codes=codes)
+        prompt = self.render([*items, turn], instructions=instructions, voice_codes=voice_codes).prompt
+        return prompt[: len(prompt) - 1 - len(self._close)]
+
     def assistant_open(self, audio_output: bool) -> Prompt:
         return self._assistant_audio_open if audio_output else self._assistant_text_open
 
@@ -152,9 +168,7 @@ class ConversationRenderer:
         """The transcript of an assistant item (text patches, specials hidden)."""
         if item.patches is None:
             return ""
-        ids = [int(t) for t in item.patches.text_ids if int(t) not in (self.specials.empty,)]
-        stops = {self.specials.eostm, self.specials.im_end, self.specials.eos}
-        return self.builder.tokenizer.decode([t for t in ids if t not in stops])
+        return self.builder.tokenizer.decode(int(t) for t in item.patches.text_ids)
 
 
 def common_prefix(a: Prompt, b: Prompt) -> int:

@@ -106,6 +106,14 @@ class EngineConfig:
     transcription_positions: int = 1024  # context of the input-transcription pass (its own 1-slot cache)
     min_output_patches: int = 0  # stop tokens are banned before this many patches (official min_length)
     idle_wait_s: float = 0.05
+    # streaming input (StreamUserAudio): each time stream_every_patches patches of a turn's audio
+    # arrived, its last stream_window_s are encoded and its patches stream_lag_patches behind the
+    # end are prefilled (the encoder attends both ways: the codes near the end still change). None:
+    # the audio is only kept (for a speculation), nothing is encoded before the commit. Off by
+    # default: with the presets' random weights no streamed patch survives the commit (BENCHMARKS.md)
+    stream_lag_patches: int | None = None
+    stream_every_patches: int = 1
+    stream_window_s: float = 4.0
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
     # the memory plan (agent.memory): max_sessions must fit in the device's free memory after the
     # weights (or in memory_limit_bytes when given); memory_check False starts anyway
@@ -142,6 +150,17 @@ class AddUserAudio:
     pcm: np.ndarray  # float32 mono 24 kHz
     transcribe: bool = False  # also transcribe it (the model's ASR task): Transcription* events
     after: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamUserAudio:
+    """Audio of a user turn still being spoken, as it arrives (streaming input). The engine encodes
+    it as it comes and prefills its patches behind the conversation (no item, no event); the
+    :class:`AddUserAudio` of the same ``item_id`` commits the turn: it is encoded whole, as without
+    streaming, and only the patches from the first one that differs are prefilled again."""
+
+    item_id: str
+    pcm: np.ndarray  # float32 mono 24 kHz, the next part of the turn
 
 
 @dataclass(frozen=True)
@@ -205,7 +224,8 @@ class _Close:
 
 
 Job = (
-    AddUserAudio | AddUserText | AddSystemText | AddAssistantText | Configure | Respond | Cancel | Truncate | DeleteItem
+    AddUserAudio | StreamUserAudio | AddUserText | AddSystemText | AddAssistantText | Configure | Respond | Cancel
+    | Truncate | DeleteItem
 )
 
 
@@ -310,6 +330,24 @@ class _Response:
 
 
 @dataclass
+class _Provisional:
+    """The user turn being spoken (streaming input): its audio so far and the codes of the patches
+    prefilled for it (fixed once prefilled: the commit compares them with the exact encode)."""
+
+    item_id: str
+    pcm: list[np.ndarray] = field(default_factory=list)
+    samples: int = 0
+    encoded_samples: int = 0  # the audio's length at the last streaming encode
+    codes: torch.Tensor | None = None  # (4k, channels): the patches meant for the slot
+    synced: bool = True  # the slot holds the rendering of ``codes`` behind the conversation
+
+    def audio(self) -> np.ndarray:
+        if len(self.pcm) > 1:
+            self.pcm = [np.concatenate(self.pcm)]
+        return self.pcm[0] if self.pcm else np.zeros(0, np.float32)
+
+
+@dataclass
 class _Session:
     sid: int
     slot: int
@@ -322,6 +360,7 @@ class _Session:
     response: _Response | None = None
     pending_audio: list[tuple[Item, np.ndarray]] = field(default_factory=list)  # items in place, not yet encoded
     transcribe: set[str] = field(default_factory=set)  # pending audio items to transcribe
+    provisional: _Provisional | None = None  # the turn being spoken (streaming input)
     last_encode_ms: float = 0.0
     last_encode_cpu_s: float = 0.0
     text_generator: torch.Generator | None = None
@@ -505,6 +544,8 @@ class Engine:
         for s in self._sessions.values():
             if s.pending_audio:
                 return 0.0
+            if s.provisional is not None and (self._stream_due(s) or (not s.provisional.synced and s.response is None)):
+                return 0.0
             r = s.response
             if r is None:
                 continue
@@ -546,6 +587,7 @@ class Engine:
         self.ticks += 1
         t = time.perf_counter()
         self._encode_pending()
+        self._stream_encode()
         self._prefill()
         stepped = self._decode_step()
         self._codec_step()
@@ -583,6 +625,8 @@ class Engine:
         log.error("session %d: %s failed", s.sid, stage, exc_info=exc)
         self.cache.reset(s.slot)
         s.cached = self.builder.tokens([])
+        if s.provisional is not None:
+            s.provisional.synced = False
         r = s.response
         self._emit(s, EngineError(
             "session_failed", f"engine session {s.sid}: {stage} failed: {type(exc).__name__}: {exc}",
@@ -645,9 +689,17 @@ class Engine:
         return next((it for it in s.items if it.item_id == item_id), None)
 
     def _handle(self, s: _Session, job: Any) -> None:
+        if s.provisional is not None:  # the conversation or the slot may change: check the turn's prefix
+            s.provisional.synced = False
         if isinstance(job, _Close):
             self._close_session(s)
+        elif isinstance(job, StreamUserAudio):
+            self._stream_audio(s, job)
         elif isinstance(job, AddUserAudio):
+            if s.provisional is not None and s.provisional.item_id == job.item_id:
+                # the turn is committed: encoded whole from here on, as without streaming (the next
+                # response's sync keeps the prefilled patches up to the first that differs)
+                s.provisional = None
             pcm = np.asarray(job.pcm, dtype=np.float32)
             if s.pending_audio and s.pending_audio[-1][0].item_id == job.item_id:  # another part of the same item
                 item, first = s.pending_audio.pop()
@@ -727,6 +779,61 @@ class Engine:
     # -------------------------------------------------------------------------------- encode
     def _encode(self, pcms: list[np.ndarray]) -> list[torch.Tensor]:
         return [torch.as_tensor(c, dtype=torch.int64).cpu() for c in self.codec.encode_batch(pcms)]
+
+    @property
+    def _patch_samples(self) -> int:
+        return SAMPLES_PER_FRAME * self.lm.config.group_size
+
+    def _stream_audio(self, s: _Session, job: StreamUserAudio) -> None:
+        pr = s.provisional
+        if pr is None or pr.item_id != job.item_id:  # a new turn (one that was not committed is forgotten)
+            pr = s.provisional = _Provisional(job.item_id)
+        pcm = np.asarray(job.pcm, dtype=np.float32)
+        pr.pcm.append(pcm)
+        pr.samples += len(pcm)
+
+    def _stream_due(self, s: _Session) -> bool:
+        pr = s.provisional
+        return (pr is not None and self.config.stream_lag_patches is not None
+                and pr.samples - pr.encoded_samples >= self._patch_samples * self.config.stream_every_patches)
+
+    def _stream_encode(self) -> None:
+        """Streaming input: encode the turns being spoken that gained a patch of audio, all in one
+        batch (each its last ``stream_window_s``, from a patch boundary), and fix the codes of the
+        patches ``stream_lag_patches`` behind the end of their audio. Waits while a response waits
+        for its first audio. A turn whose audio the encoder refuses is not streamed (its commit
+        reports the problem)."""
+        work = [s for s in self._sessions.values() if self._stream_due(s)]
+        if not work or self._responses_waiting():
+            return
+        group, patch = self.lm.config.group_size, self._patch_samples
+        windows, firsts = [], []
+        for s in work:
+            pr = s.provisional
+            audio = pr.audio()
+            fixed = 0 if pr.codes is None else len(pr.codes) // group
+            start = max(0, len(audio) - int(self.config.stream_window_s * SAMPLE_RATE)) // patch
+            start = min(start, fixed)
+            windows.append(audio[start * patch:])
+            firsts.append(start)
+            pr.encoded_samples = pr.samples
+        t = time.perf_counter()
+        try:
+            encoded = self._encode(windows)
+        except Exception:
+            log.exception("streaming encode of %d turns failed: they are encoded at their commit", len(work))
+            for s in work:
+                s.provisional = None
+            return
+        self._observe("stream_encode", time.perf_counter() - t, {"batch": len(work)})
+        for s, window, first, codes in zip(work, windows, firsts, encoded, strict=True):
+            pr = s.provisional
+            fixed = 0 if pr.codes is None else len(pr.codes) // group
+            stable = first + len(window) // patch - self.config.stream_lag_patches
+            if stable > fixed:
+                new = codes[(fixed - first) * group:(stable - first) * group]
+                pr.codes = new if pr.codes is None else torch.cat([pr.codes, new])
+                pr.synced = False
 
     def _encode_pending(self) -> None:
         work = []
@@ -858,13 +965,13 @@ class Engine:
     def _render(self, s: _Session) -> Rendering:
         return self.renderer.render(s.items, instructions=s.instructions, voice_codes=s.voice_codes)
 
-    def _sync_cache(self, s: _Session, rendering: Rendering | None = None, limit: int | None = None) -> int:
+    def _sync_cache(self, s: _Session, rendering: Rendering | Prompt | None = None, limit: int | None = None) -> int:
         """Roll the slot back to the common prefix of its cache and the rendering (at most ``limit``
         positions); return its length."""
         if rendering is None:
             rendering = self._render(s)
         assert s.cached is not None
-        keep = common_prefix(s.cached, rendering.prompt)
+        keep = common_prefix(s.cached, rendering.prompt if isinstance(rendering, Rendering) else rendering)
         if limit is not None:
             keep = min(keep, limit)
         if keep < len(s.cached):
@@ -883,15 +990,41 @@ class Engine:
             budget -= len(chunk)
             with self._guard(s, "prefill"):
                 self._prefill_chunk(s, r, chunk)
+        for s in list(self._sessions.values()):
+            if budget > 0 and s.provisional is not None and not s.provisional.synced and s.response is None:
+                with self._guard(s, "streaming prefill"):
+                    budget -= self._prefill_provisional(s, budget)
+
+    def _prefill_provisional(self, s: _Session, budget: int) -> int:
+        """Streaming input: bring the slot to the conversation followed by the turn being spoken
+        (its fixed patches), rolling back to where they part; at most ``budget`` positions, and
+        never into the room kept for a response. Returns the positions prefilled."""
+        pr = s.provisional
+        pr.synced = True
+        if pr.codes is None:  # no patch yet: its place may hold anything until one comes
+            return 0
+        target = self.renderer.open_turn(s.items, pr.codes, instructions=s.instructions, voice_codes=s.voice_codes)
+        target = target[:self.max_positions - int(self.max_positions * self.config.response_room)]
+        keep = self._sync_cache(s, target)
+        chunk = target[keep:keep + budget]
+        if len(chunk):
+            self._prefill_positions(s, chunk)
+        pr.synced = len(s.cached) == len(target)
+        return len(chunk)
+
+    def _prefill_positions(self, s: _Session, chunk: Prompt) -> torch.Tensor:
+        """Prefill ``chunk`` behind what the slot holds; returns the last position's hidden state."""
+        t = time.perf_counter()
+        hidden = self.lm.prefill(self.cache, s.slot, self.embed_patches(*chunk.batch(self.device)))
+        s.cached = s.cached + chunk
+        self._observe("prefill", time.perf_counter() - t, {"positions": len(chunk)})
+        return hidden
 
     def _prefill_chunk(self, s: _Session, r: _Response, chunk: Prompt) -> None:
         t = time.perf_counter()
-        emb = self.embed_patches(*chunk.batch(self.device))
-        r.hidden = self.lm.prefill(self.cache, s.slot, emb)
-        s.cached = s.cached + chunk
+        r.hidden = self._prefill_positions(s, chunk)
         r.prefill = r.prefill[len(chunk):]
         r.timings["prefill_ms"] = round(r.timings.get("prefill_ms", 0.0) + (time.perf_counter() - t) * 1000, 3)
-        self._observe("prefill", time.perf_counter() - t, {"positions": len(chunk)})
         if len(r.prefill) == 0:
             r.prefill = None
             r.phase = "generate"

@@ -13,6 +13,7 @@ too, in and out, and need no audio tokenizer.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -48,12 +49,13 @@ class AudioCodec:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", help="checkpoint directory or Hugging Face hub id")
+    model.add_argument("--model", help="checkpoint directory or Hugging Face hub id (default: none, the preset)")
     model.add_argument(
         "--preset", choices=PRESET_NAMES, help="built-in model with random weights (default: tiny)"
     )
     parser.add_argument(
-        "--tokenizer", help="MiMo-Audio-Tokenizer checkpoint (directory or hub id) for audio files"
+        "--tokenizer", help="MiMo-Audio-Tokenizer checkpoint (directory or hub id) for audio files (default: the "
+        "preset's own; with --model, none: .npy codes only)"
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
@@ -66,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         default=None,
         help="CPU threads (default: 1 for presets on a CPU, else torch's)",
     )
-    parser.add_argument("--max-patches", type=int, default=None, help="response budget in 160 ms patches")
+    parser.add_argument("--max-patches", type=int, default=None,
+                        help=f"response budget in 160 ms patches (default: {PRESET_MAX_PATCHES} for presets, "
+                             f"{CHECKPOINT_MAX_PATCHES} for checkpoints)")
     parser.add_argument(
         "--min-patches",
         type=int,
@@ -86,15 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     if command == "tts":
         parser.add_argument("--text", required=True, help="the text to speak")
-        parser.add_argument("--instruct", help="a style instruction (the model thinks first, then speaks)")
-        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes) for --instruct")
+        parser.add_argument("--instruct", help="a style instruction (the model thinks first, then speaks; "
+                                               "default: none, plain TTS)")
+        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes) for --instruct (default: none)")
     else:
         parser.add_argument("--input", required=True, help="input audio (a wav, or .npy codes [T, 8])")
     if command == "dialogue":
-        parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
-        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes)")
+        parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                            help="the system prompt ('' for none; default: the official one, %(default)r)")
+        parser.add_argument("--voice", help="voice prompt audio (a wav, or .npy codes; default: none, the model's "
+                                            "own voice)")
     if command != "asr":
-        parser.add_argument("--out", help="where to write the response audio (.wav, or .npy codes [T, 8])")
+        parser.add_argument("--out", help="where to write the response audio: .wav, or .npy codes [T, 8] "
+                                          "(default: none, the audio is not kept)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,10 +145,8 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
         builder = PromptBuilder(tokenizer, lm.config)
         prompt = _build_prompt(args.command, args, builder, codec)
         out = getattr(args, "out", None)
-        if out and Path(out).suffix != ".npy" and codec is None:
-            raise ValueError(
-                f"{out}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
-            )
+        if out:
+            check_output_path(out, codec)
     except (ValueError, OSError) as exc:
         print(f"mimo-agent {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -178,17 +184,42 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
     codes = response.codes()
     if out:
         _write_audio(codes, out, codec)
+        kept = f"; audio written to {out}"
+    else:
+        kept = "; audio not kept (--out FILE.wav writes it)" if args.command != "asr" else ""
     patches = response.patches
     print(
         f"[{patches} patches ({response.speech_patches} speech, {codes.shape[0]} frames = "
         f"{codes.shape[0] / 25:.2f} s of audio) in {elapsed:.2f} s, "
         f"{patches / max(elapsed, 1e-9):.1f} patches/s; "
-        f"prompt {len(prompt)} patches; stop: {session.stop_reason}"
-        + (f"; audio written to {out}" if out else "")
-        + "]",
+        f"prompt {len(prompt)} patches; stop: {session.stop_reason}{kept}]",
         file=sys.stderr,
     )
     return 0
+
+
+#: what ``--out`` writes, by file name ending
+OUTPUT_SUFFIXES = {".wav": "a 24 kHz pcm16 wav", ".npy": "the RVQ codes [T, 8]"}
+
+
+def check_output_path(out: str, codec: AudioCodec | None) -> None:
+    """Refuse an ``--out`` that could not be written before anything is generated: a format this
+    command does not write (never a wav under another name), a directory that is not there."""
+    path = Path(out)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        kinds = ", ".join(f"{suffix} ({what})" for suffix, what in OUTPUT_SUFFIXES.items())
+        raise ValueError(f"{out}: cannot write {path.suffix or 'a file without an extension'}; use {kinds}")
+    if path.suffix.lower() != ".npy" and codec is None:
+        raise ValueError(
+            f"{out}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"{out}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{out}: the directory {parent} is not writable")
+    if path.is_dir():
+        raise ValueError(f"{out} is a directory; give a file name")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -212,6 +243,8 @@ def _build_prompt(
     command: str, args: argparse.Namespace, b: PromptBuilder, codec: AudioCodec | None
 ) -> Prompt:
     if command == "tts":
+        if not args.text.strip():
+            raise ValueError("--text is empty: give the text to speak")
         voice = _read_codes(args.voice, codec, b) if args.voice else None
         if voice is not None and args.instruct is None:
             raise ValueError("--voice needs --instruct (the official plain TTS prompt has no voice prompt)")
@@ -245,11 +278,10 @@ def _read_codes(path: str, codec: AudioCodec | None, b: PromptBuilder) -> torch.
 
 
 def _write_audio(codes: np.ndarray, path: str, codec: AudioCodec | None) -> None:
-    if Path(path).suffix == ".npy":
-        np.save(path, codes)
-    elif codec is not None:
-        codec.codes_to_wav(codes, path)
+    """Write what :func:`check_output_path` accepted."""
+    if Path(path).suffix.lower() == ".npy":
+        with open(path, "wb") as f:  # np.save(name) would add ".npy" to a name ending in ".NPY"
+            np.save(f, codes)
     else:
-        raise ValueError(
-            f"{path}: writing audio files needs the audio tokenizer (--tokenizer DIR); or use a .npy path"
-        )
+        assert codec is not None
+        codec.codes_to_wav(codes, path)

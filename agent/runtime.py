@@ -43,6 +43,7 @@ class Runtime:
     dtype: torch.dtype
     load_s: float = 0.0
     info: dict = field(default_factory=dict)
+    card: Any = None  # agent.model_card.ModelCard: what the model is and what to expect of it
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -81,9 +82,10 @@ def load_runtime(
 ) -> Runtime:
     """Everything a server or benchmark needs; a preset when no ``model`` is given (``tiny`` default).
     ``threads``: torch intra-op threads (None: :func:`default_threads`)."""
-    from agent.checkpoint import load_lm
+    from agent.checkpoint import load_lm, resolve_checkpoint_dir
     from agent.codec import load_audio_tokenizer
     from agent.lm.model import build_preset
+    from agent.model_card import checkpoint_card, preset_card
 
     t0 = time.perf_counter()
     dev = parse_device(device)
@@ -97,11 +99,13 @@ def load_runtime(
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(CODEC_PRESET)}")
         lm, _, text_tokenizer = build_preset(preset, dt, dev)
         name = f"mimo-audio-{preset}" if preset == "tiny" else preset
+        card = preset_card(name)
     else:
         if preset is not None:
             raise ValueError("give --model or --preset, not both")
         lm, _, text_tokenizer = load_lm(model, dtype=dt, device=dev)
         name = Path(model.rstrip("/")).name or model
+        card = checkpoint_card(resolve_checkpoint_dir(model), name)
     if tokenizer is not None:
         codec = load_audio_tokenizer(tokenizer, dtype=dt, device=dev)
     else:
@@ -117,5 +121,7 @@ def load_runtime(
         "threads": n_threads,
         "lm_parameters": sum(p.numel() for p in lm.parameters()),
         "codec_parameters": sum(p.numel() for p in codec.parameters()),
+        "model_card": card.as_dict(),
     }
+    rt.card = card
     return rt

@@ -57,6 +57,16 @@ class AppendUserAudio:
     after: str | None = None
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamUserAudio:
+    """Streaming input: the next part of a user turn still being spoken (a server-VAD turn after
+    ``speech_started``), for the engine to encode and prefill ahead of its commit. It adds nothing
+    to the conversation: the turn's ``AppendUserAudio`` does, with all of its audio."""
+
+    item_id: str
+    pcm: np.ndarray  # int16, 24 kHz, mono
+
+
 @dataclasses.dataclass(frozen=True)
 class AppendUserText:
     item_id: str
@@ -142,6 +152,7 @@ class Close:
 
 Action = (
     AppendUserAudio
+    | StreamUserAudio
     | AppendUserText
     | AppendSystemText
     | AppendAssistantText

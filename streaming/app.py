@@ -55,6 +55,8 @@ class ServerConfig:
     description: dict[str, Any] = field(default_factory=dict)  # /healthz extras: device, preset ...
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs (streaming.webrtc.parse_ice_server); none: host only
     cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-origin (the SDK, calls, client secrets)
+    stream_input: bool = False  # server-VAD turns reach the engine while spoken (SessionOptions.stream_input)
+    turn_model: str | None = None  # semantic_vad's end-of-turn model file (None: streaming.turn_model.find_model)
 
 
 class ServerBusyError(Exception):
@@ -143,6 +145,19 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     async def realtime(websocket: WebSocket) -> None:
         await serve_websocket(app, websocket)
 
+    @app.get("/v1/realtime")
+    async def realtime_access(request: Request) -> Response:
+        """Whether these credentials open a session here, over plain HTTP: a browser is told nothing
+        of a refused WebSocket handshake (a 401 looks like a server that is down: close code 1006),
+        so the JavaScript SDK asks here when a connection fails."""
+        try:
+            authenticate(app, request.headers, [])
+        except Unauthorized as exc:
+            return _unauthorized(exc.args[0])
+        return JSONResponse({"object": "realtime.access", "model": config.model_name,
+                             "websocket": str(request.url.replace(scheme="wss" if request.url.scheme == "https"
+                                                                  else "ws", query=""))})
+
     add_client_secret_routes(app)
     if config.cors_origins:
         # pages on these origins may import /sdk/, post WebRTC offers (and read the Location that
@@ -173,7 +188,8 @@ def _unauthorized(message: str | None = None) -> Response:
 def new_bridge(app: FastAPI, transport: Transport, outbox: Outbox, **kwargs: Any) -> SessionBridge:
     """A bridge for a new connection, with the server's limits and session defaults."""
     config: ServerConfig = app.state.config
-    session = RealtimeSession(SessionOptions(transport=transport, limits=config.limits))
+    session = RealtimeSession(SessionOptions(transport=transport, limits=config.limits, turn_model=config.turn_model,
+                                             stream_input=config.stream_input))
     return SessionBridge(app.state.engine, session, outbox, loop=asyncio.get_running_loop(),
                          metrics=app.state.metrics, codec_schedule=getattr(app.state, "codec_schedule", None),
                          **kwargs)

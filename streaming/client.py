@@ -534,6 +534,25 @@ def auth_options(api_key: str | None, auth: Literal["header", "subprotocol"]) ->
     return {"additional_headers": headers, "subprotocols": subprotocols}
 
 
+def refused_handshake(url: str, status: int, body: bytes | None) -> RealtimeClientError:
+    """The error of a WebSocket handshake the server answered with an HTTP status: the server's
+    own ``error`` object when the body holds one (401 ``invalid_api_key``, 503 ``server_busy``),
+    with the status in ``error["status"]``."""
+    error: dict[str, Any] = {}
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        parsed = json.loads(body or b"")
+        if isinstance(_field(parsed, "error"), dict):
+            error = dict(parsed["error"])
+    if status == 401:
+        error.setdefault("code", "invalid_api_key")
+        error.setdefault("message", "the server requires an API key (api_key=...)")
+    error.setdefault("type", "invalid_request_error")
+    error.setdefault("message", f"HTTP {status}")
+    error["status"] = status
+    code = f" {error['code']}" if error.get("code") else ""
+    return RealtimeClientError(f"{url} refused the connection (HTTP {status}{code}): {error['message']}", error)
+
+
 class Connecting:
     """What :func:`connect` returns: ``await`` it for the client, or enter it with ``async with``
     (the client is closed on the way out), as with the official SDK's ``realtime.connect()``."""
@@ -580,14 +599,24 @@ async def _open(
     session: dict[str, Any],
 ) -> RealtimeClient:
     from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import InvalidStatus
 
-    connection = await ws_connect(
-        realtime_url(url, model),
-        open_timeout=open_timeout,
-        max_size=max_message_bytes,
-        compression=None,  # base64 audio does not compress; deflate only adds latency
-        **auth_options(api_key, auth),
-    )
+    ws_url = realtime_url(url, model)
+    try:
+        connection = await ws_connect(
+            ws_url,
+            open_timeout=open_timeout,
+            max_size=max_message_bytes,
+            compression=None,  # base64 audio does not compress; deflate only adds latency
+            **auth_options(api_key, auth),
+        )
+    except InvalidStatus as exc:
+        raise refused_handshake(ws_url, exc.response.status_code, exc.response.body) from None
+    except OSError as exc:  # refused, unreachable, unknown host: nothing answered
+        raise RealtimeClientError(
+            f"cannot reach the server at {ws_url}: {exc.strerror or exc} (is `mimo-agent serve` running there?)",
+            {"type": "connection_error", "code": "server_unreachable", "message": str(exc)},
+        ) from None
     client = RealtimeClient(connection)
     try:
         await client.start(timeout=open_timeout)

@@ -22,7 +22,7 @@ from streaming.audio import (
     b64decode_audio,
 )
 from streaming.protocol import new_id
-from streaming.vad import SpeechStarted, TurnDetector, VadConfig
+from streaming.vad import SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, VadConfig
 
 SAMPLES_PER_MS = SAMPLE_RATE // 1000
 
@@ -33,11 +33,30 @@ class TurnStarted:
     audio_start_ms: int  # includes the prefix padding
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnPaused:
+    """A candidate end (``streaming.vad.SpeechPaused``): the turn may be over; it is still open."""
+
+    item_id: str
+    audio_end_ms: int  # the audio so far, [audio_start_ms, audio_end_ms), is the turn if it ends here
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnResumed:
+    """Speech again after a :class:`TurnPaused` (``streaming.vad.SpeechResumed``): it was not the end."""
+
+    item_id: str
+    speech_ms: int
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TurnEnded:
     item_id: str
     audio_end_ms: int  # includes the silence window
     pcm: np.ndarray  # the turn's audio, [audio_start_ms, audio_end_ms)
+
+
+TurnEvent = TurnStarted | TurnPaused | TurnResumed | TurnEnded
 
 
 class InputAudio:
@@ -48,6 +67,7 @@ class InputAudio:
         self._vad_offset = 0  # absolute sample at which the current detector started
         self.turn_item_id: str | None = None  # item id announced by speech_started, until the turn ends
         self._turn_start = 0
+        self._streamed = 0  # absolute sample up to which the open turn's audio went out (:meth:`stream`)
 
     @property
     def buffered_ms(self) -> float:
@@ -74,11 +94,11 @@ class InputAudio:
         """base64 in the session's input format -> pcm16 24 kHz. Raises ``AudioFormatError``s."""
         return self.decoder.decode(b64decode_audio(text))
 
-    def append(self, pcm: np.ndarray) -> list[TurnStarted | TurnEnded]:
+    def append(self, pcm: np.ndarray) -> list[TurnEvent]:
         """Buffer audio and run VAD on it. Without VAD, raises ``BufferFullError`` when the buffer
         is full (nothing is taken then). With VAD, a turn that outgrows the buffer ends there (as
         if the speaker had paused) and the audio goes on into the next turn."""
-        turns: list[TurnStarted | TurnEnded] = []
+        turns: list[TurnEvent] = []
         try:
             self.buffer.write(pcm)
         except BufferFullError:
@@ -98,6 +118,14 @@ class InputAudio:
                 self.buffer.drop_before(start)
                 self.turn_item_id, self._turn_start = new_id("item"), start
                 turns.append(TurnStarted(self.turn_item_id, start // SAMPLES_PER_MS))
+            elif isinstance(event, SpeechPaused | SpeechResumed):
+                if self.turn_item_id is None:  # the turn was ended by the buffer limit meanwhile
+                    continue
+                offset_ms = self._vad_offset // SAMPLES_PER_MS
+                if isinstance(event, SpeechPaused):
+                    turns.append(TurnPaused(self.turn_item_id, offset_ms + event.audio_end_ms))
+                else:
+                    turns.append(TurnResumed(self.turn_item_id, offset_ms + event.speech_ms))
             else:
                 end = min(self._vad_offset + event.audio_end_ms * SAMPLES_PER_MS, self.buffer.end)
                 item_id, self.turn_item_id = self.turn_item_id or new_id("item"), None
@@ -109,6 +137,17 @@ class InputAudio:
             keep = (cfg.prefix_padding_ms + cfg.min_speech_ms + 2 * cfg.frame_ms) * SAMPLES_PER_MS
             self.buffer.drop_before(self._vad_offset + self.vad.decided_ms * SAMPLES_PER_MS - keep)
         return turns
+
+    def stream(self) -> tuple[str, np.ndarray] | None:
+        """Streaming input: the open turn's audio not handed out yet, from its start (prefix padding
+        included), as (item id, pcm16); None outside a turn."""
+        if self.turn_item_id is None:
+            return None
+        start, end = max(self._turn_start, self._streamed), self.buffer.end
+        if end <= start:
+            return None
+        self._streamed = end
+        return self.turn_item_id, self.buffer.span(start, end)
 
     def flush_decoder(self) -> None:
         """End of a manually committed turn: take the few ms the G.711 upsampler still holds."""

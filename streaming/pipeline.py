@@ -187,6 +187,8 @@ class SessionBridge:
         submit = self.handle.submit
         if isinstance(a, act.AppendUserAudio):
             submit(eng.AddUserAudio(a.item_id, pcm16_to_float32(a.pcm), transcribe=a.transcribe, after=a.after))
+        elif isinstance(a, act.StreamUserAudio):
+            submit(eng.StreamUserAudio(a.item_id, pcm16_to_float32(a.pcm)))
         elif isinstance(a, act.AppendUserText):
             submit(eng.AddUserText(a.item_id, a.text, after=a.after))
         elif isinstance(a, act.AppendSystemText):

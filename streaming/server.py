@@ -17,8 +17,10 @@ DEFAULT_PORT = 8000
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, device and engine options shared by ``serve`` and ``bench --spawn``."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", help="MiMo-Audio LM checkpoint: a local directory or a hub id")
-    g.add_argument("--tokenizer", help="MiMo-Audio-Tokenizer checkpoint: a local directory or a hub id")
+    g.add_argument("--model", help="MiMo-Audio LM checkpoint: a local directory or a hub id (default: none, the "
+                                   "built-in --preset)")
+    g.add_argument("--tokenizer", help="MiMo-Audio-Tokenizer checkpoint: a local directory or a hub id (needed with "
+                                       "--model; default: the preset's own)")
     g.add_argument("--preset", choices=["tiny", "mimo-audio-7b"],
                    help="built-in model with random weights (default: tiny, when no --model)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -30,21 +32,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-sessions", type=int, default=8, help="KV-cache slots: concurrent sessions (default 8)")
     e.add_argument("--max-positions", type=int, default=2048,
                    help="context per session in 160 ms patches (default 2048, 5.5 minutes)")
-    e.add_argument("--max-batch", type=int, default=64, help="sessions per batched step; 1 disables batching")
-    e.add_argument("--prefill-chunk", type=int, default=256, help="prefill positions per engine tick")
+    e.add_argument("--max-batch", type=int, default=64, help="sessions per batched step; 1 turns batching off")
+    e.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt positions prefilled per engine tick (longer prompts take several ticks)")
     e.add_argument("--interleave", default=None,
                    help="default N:M text/speech interleave (presets default to 2:6; 'off' for free)")
     e.add_argument("--min-output-patches", type=int, default=None,
                    help="patches every answer runs before it may stop (official min_new_tokens; presets default "
                         "to 8, checkpoints to 0)")
-    e.add_argument("--codec-first-chunk", type=int, default=None, help="patches before the first audio chunk")
-    e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk")
+    e.add_argument("--stream-lag-patches", type=int, default=None, metavar="N",
+                   help="streaming input: encode a server-VAD turn while it is spoken and prefill each patch "
+                        "once N more patches of audio came (default: off, the turn is encoded at its commit)")
+    e.add_argument("--codec-first-chunk", type=int, default=None,
+                   help="patches (160 ms each) before the first audio chunk (default 1)")
+    e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="run the patch decoder and codec decode with PyTorch or ONNX Runtime")
-    e.add_argument("--export-dir", help="ONNX export directory (with --backend onnx)")
+                   help="onnx: run the patch encoder, the backbone step (short histories), the patch decoder and "
+                        "the codec on ONNX Runtime, from --export-dir")
+    e.add_argument("--export-dir", help="the directory `mimo-agent export` wrote (needed by --backend onnx)")
     e.add_argument("--providers", default=None,
                    help="ONNX Runtime providers in order, comma-separated (default: best available)")
     e.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass at start")
+    e.add_argument("--turn-model", default=None,
+                   help="semantic_vad's end-of-turn model (Smart Turn v3.2 ONNX; default: $MIMO_TURN_MODEL, the "
+                        "cache filled by `mimo-agent fetch-turn-model`, or an installed pipecat-ai)")
     e.add_argument("--memory-limit-gib", type=float, default=None,
                    help="memory the engine may plan for beyond the weights (GiB; default: what the device has "
                         "free after loading, CUDA's free memory or the host's available RAM)")
@@ -59,17 +70,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from streaming.outbox import DEFAULT_LEAD_S
+    from streaming.session import SessionLimits
+
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any)")
     parser.add_argument("--api-key", default=os.environ.get("MIMO_AGENT_API_KEY"),
                         help="require this key (default: $MIMO_AGENT_API_KEY; none = open)")
     add_model_arguments(parser)
     lim = parser.add_argument_group("limits")
-    lim.add_argument("--max-message-bytes", type=int, default=None, help="largest client message")
-    lim.add_argument("--max-input-buffer-ms", type=int, default=None, help="uncommitted input audio per session")
-    lim.add_argument("--session-max-s", type=float, default=None, help="session duration limit (default 1800)")
-    lim.add_argument("--events-per-second", type=float, default=None, help="client events per second")
-    lim.add_argument("--audio-lead", type=float, default=None, help="output audio sent ahead of real time (s)")
+    limits = SessionLimits()
+    lim.add_argument("--max-message-bytes", type=int, default=None,
+                     help=f"largest client message (default {limits.max_message_bytes}, "
+                          f"{limits.max_message_bytes / 2**20:g} MiB)")
+    lim.add_argument("--max-input-buffer-ms", type=int, default=None,
+                     help=f"uncommitted input audio per session (default {limits.max_input_buffer_ms})")
+    lim.add_argument("--session-max-s", type=float, default=None,
+                     help=f"session duration limit (default {limits.max_session_s:g})")
+    lim.add_argument("--events-per-second", type=float, default=None,
+                     help=f"client events per second (default {limits.max_events_per_second:g})")
+    lim.add_argument("--audio-lead", type=float, default=None,
+                     help=f"output audio sent ahead of real time, in seconds (default {DEFAULT_LEAD_S:g})")
     lim.add_argument("--send-queue-mib", type=float, default=None,
                      help="events waiting to be sent, per session, before it is closed (MiB, default 32)")
     parser.add_argument("--ice-server", dest="ice_servers", action="append", type=_ice_server, metavar="URL",
@@ -81,8 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         default=[], help="let pages on this origin (scheme://host[:port]) use the server from a "
                                          "browser: import /sdk/, place WebRTC calls, mint client secrets; "
                                          "repeatable (default: none, same origin only)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--port-file", help="write the bound port to this file once listening (for scripts)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="what the server logs")
+    parser.add_argument("--port-file", help="write the bound port to this file once listening (for scripts; "
+                                            "default: none)")
     if command == "serve":
         from streaming.rayserve.cli import add_ray_arguments
 
@@ -132,7 +155,9 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
                           memory_limit_bytes=(None if getattr(args, "memory_limit_gib", None) is None
                                               else int(args.memory_limit_gib * 2**30)),
                           memory_check=not getattr(args, "ignore_memory_plan", False),
-                          compile=getattr(args, "compile", False))
+                          compile=getattr(args, "compile", False),
+                          **({} if getattr(args, "stream_lag_patches", None) is None
+                             else {"stream_lag_patches": args.stream_lag_patches}))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
                     **drop_ins)
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
@@ -224,7 +249,9 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
         ice_servers = os.environ.get("MIMO_AGENT_ICE_SERVERS", "").split()
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
                           session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
-                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
+                          cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
+                          stream_input=getattr(args, "stream_lag_patches", None) is not None,
+                          turn_model=getattr(args, "turn_model", None))
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
     if args.send_queue_mib is not None:
@@ -260,19 +287,15 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # checkpoint errors and the like: one clear line, no traceback
         print(f"mimo-agent serve: {exc}", file=sys.stderr)
         return 2
-    engine, rt, config = app.state.engine, app.state.runtime, app.state.config
+    engine, rt = app.state.engine, app.state.runtime
     log.info("serving %s (preset %s) on %s %s, %d session slots, %d positions each; loaded in %.1f s%s",
              rt.name, rt.preset or "-", rt.device, rt.info["dtype"], engine.config.max_sessions,
              engine.max_positions, rt.load_s,
              f", warm-up {rt.info['warmup_s']} s" if "warmup_s" in rt.info else "")
+    log.info("model %s", rt.card.describe())
     log.info("memory plan: %s", describe_memory(rt.info["memory"]))
-    uv = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level,
-        loop="uvloop" if sys.platform != "win32" else "asyncio", ws="websockets",
-        ws_max_size=2 * config.limits.max_message_bytes, ws_per_message_deflate=False,
-        lifespan="off",
-    )
-    server = uvicorn.Server(uv)
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level,
+                                           loop="uvloop" if sys.platform != "win32" else "asyncio"))
     if args.port_file:
         _write_port_when_listening(server, args.port_file)
     try:
@@ -280,6 +303,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def uvicorn_config(app: Any, host: str, port: int, *, log_level: str, loop: str) -> Any:
+    """How uvicorn runs the app: websockets' sans-I/O protocol (its legacy one is deprecated),
+    frames up to twice the largest client message (base64 and JSON around it), no deflate."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, loop=loop, ws="websockets-sansio",
+                          ws_max_size=2 * app.state.config.limits.max_message_bytes, ws_per_message_deflate=False,
+                          lifespan="off")
 
 
 def _write_port_when_listening(server: Any, path: str) -> None:

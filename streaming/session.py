@@ -65,10 +65,11 @@ from streaming.audio import (
 )
 from streaming.config import canonical_session, default_session_config, fully_set, resolve_response_params
 from streaming.conversation import AT_START, Conversation, ConversationFullError, Item
-from streaming.input_audio import InputAudio, TurnStarted
+from streaming.input_audio import InputAudio, TurnEnded, TurnStarted
 from streaming.protocol import ErrorCode, ErrorType, ProtocolError
 from streaming.responses import ResponseRun, ResponseState
-from streaming.vad import VadConfig
+from streaming.turn_model import TurnModelMissing
+from streaming.vad import DEFAULT_CANDIDATE_MS, SileroMissing, VadConfig
 
 __all__ = [
     "IllegalTransition",
@@ -121,6 +122,9 @@ class SessionOptions:
     emit_item_created: bool = False  # also send the beta-era conversation.item.created
     vad_frame_ms: int = 20
     vad_min_speech_ms: int = 100
+    stream_input: bool = False  # hand a server-VAD turn's audio to the engine while it is spoken
+    vad_candidate_ms: int = DEFAULT_CANDIDATE_MS  # silence that is a candidate end (speculation, semantic_vad)
+    turn_model: str | None = None  # semantic_vad's model file (None: streaming.turn_model.find_model)
     limits: SessionLimits = dataclasses.field(default_factory=SessionLimits)
 
 
@@ -366,15 +370,21 @@ class RealtimeSession:
 
     def _apply_config(self, config: p.SessionConfig) -> None:
         config, voice = self._voice_prompt(config)
-        self.config = config
-        self.input.set_format(config.audio.input.format.type)
         td = config.audio.input.turn_detection
         vad = None
         if td is not None:
+            classifier = (config.mimo.vad if config.mimo is not None else None) or "webrtcvad"
             vad = VadConfig.from_turn_detection(
-                td, frame_ms=self.options.vad_frame_ms, min_speech_ms=self.options.vad_min_speech_ms
+                td, classifier, frame_ms=self.options.vad_frame_ms, min_speech_ms=self.options.vad_min_speech_ms,
+                candidate_ms=self.options.vad_candidate_ms, turn_model=self.options.turn_model,
             )
-        self.input.set_vad(vad)
+        try:
+            self.input.set_vad(vad)  # before anything changes: a missing model refuses the update whole
+        except (TurnModelMissing, SileroMissing) as exc:
+            param = "session.mimo.vad" if isinstance(exc, SileroMissing) else "session.audio.input.turn_detection"
+            raise ProtocolError(ErrorCode.INVALID_VALUE, f"{exc}.", param=param) from None
+        self.config = config
+        self.input.set_format(config.audio.input.format.type)
         self._actions.append(act.UpdateSession(config, voice))
 
     def _turn_detection(self) -> p.TurnDetection | None:
@@ -409,7 +419,7 @@ class RealtimeSession:
         for turn in turns:
             if isinstance(turn, TurnStarted):
                 self._speech_started(turn)
-            else:
+            elif isinstance(turn, TurnEnded):  # candidate ends and resumes are for speculation only
                 self._emit(
                     p.InputAudioBufferSpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id)
                 )
@@ -419,6 +429,10 @@ class RealtimeSession:
                         self._create_response(None, None)
                     else:
                         self._auto_response_queued = True
+        if self.options.stream_input:
+            part = self.input.stream()
+            if part is not None:
+                self._actions.append(act.StreamUserAudio(*part))
 
     def _speech_started(self, turn: TurnStarted) -> None:
         self._idle_deadline = None

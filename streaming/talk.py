@@ -43,16 +43,23 @@ def import_sounddevice() -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--url", default="ws://127.0.0.1:8000/v1/realtime", help="server WebSocket URL")
-    parser.add_argument("--api-key", default=os.environ.get("MIMO_AGENT_API_KEY"), help="API key (Bearer)")
-    parser.add_argument("--model", default=None, help="model query parameter")
-    parser.add_argument("--instructions", default=None, help="system instructions for the session")
-    parser.add_argument("--voice", default=None)
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/v1/realtime",
+                        help="the server: its realtime WebSocket URL, or its origin (http://HOST:PORT)")
+    parser.add_argument("--api-key", default=os.environ.get("MIMO_AGENT_API_KEY"),
+                        help="the server's API key, sent as a Bearer header (default: $MIMO_AGENT_API_KEY; none)")
+    parser.add_argument("--model", default=None, help="the ?model= query parameter (default: none, the server's)")
+    parser.add_argument("--instructions", default=None,
+                        help="system instructions for the session (default: the server's)")
+    parser.add_argument("--voice", default=None,
+                        help="audio.output.voice to ask for; MiMo accepts it but speaks in its own voice "
+                             "(default: none)")
     parser.add_argument("--vad-threshold", type=float, default=0.5, help="server VAD threshold, 0..1")
-    parser.add_argument("--silence-ms", type=int, default=500, help="silence that ends your turn")
-    parser.add_argument("--input-device", default=None, help="sounddevice input device (name or index)")
-    parser.add_argument("--output-device", default=None, help="sounddevice output device (name or index)")
-    parser.add_argument("--block-ms", type=int, default=20, help="audio block size")
+    parser.add_argument("--silence-ms", type=int, default=500, help="silence that ends your turn, in ms")
+    parser.add_argument("--input-device", default=None,
+                        help="microphone: a sounddevice device name or index (default: the system's default input)")
+    parser.add_argument("--output-device", default=None,
+                        help="speaker: a sounddevice device name or index (default: the system's default output)")
+    parser.add_argument("--block-ms", type=int, default=20, help="audio block size, in ms")
 
 
 def session_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,10 +128,30 @@ class Speaker:
         return item, played_ms
 
 
+def device_rate(sd: Any, device: str | None, kind: str) -> int:
+    """The sample rate of the ``kind`` ("input" or "output") device, or a :class:`TalkError`
+    saying which device is missing and which ones there are."""
+    what = "microphone" if kind == "input" else "speaker"
+    option = f"--{kind}-device"
+    if device is not None and device.isdigit():
+        device = int(device)
+    try:
+        return int(sd.query_devices(device, kind)["default_samplerate"])
+    except (sd.PortAudioError, ValueError) as exc:
+        try:
+            names = [f"{i}: {d['name']}" for i, d in enumerate(sd.query_devices()) if d[f"max_{kind}_channels"] > 0]
+        except sd.PortAudioError:
+            names = []
+        found = f"the {kind} devices are {'; '.join(names)}" if names else f"PortAudio finds no {kind} device"
+        wanted = f"no {kind} device {device!r}" if device is not None else f"no default {what}"
+        raise TalkError(f"{wanted} ({exc}); {found}. Plug one in, or choose one with {option} NAME|INDEX "
+                        "(`python3 -m sounddevice` lists them)") from None
+
+
 async def talk(args: argparse.Namespace, sd: Any) -> None:
     loop = asyncio.get_running_loop()
-    in_rate = int(sd.query_devices(args.input_device, "input")["default_samplerate"])
-    out_rate = int(sd.query_devices(args.output_device, "output")["default_samplerate"])
+    in_rate = device_rate(sd, args.input_device, "input")
+    out_rate = device_rate(sd, args.output_device, "output")
     speaker = Speaker(out_rate)
     mic: asyncio.Queue[np.ndarray] = asyncio.Queue(MIC_QUEUE_BLOCKS)
 
@@ -193,13 +220,14 @@ async def talk(args: argparse.Namespace, sd: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         sd = import_sounddevice()
-        asyncio.run(talk(args, sd))
     except TalkError as exc:
         print(f"mimo-agent talk: {exc}", file=sys.stderr)
         return 1
+    try:
+        asyncio.run(talk(args, sd))
     except KeyboardInterrupt:
         return 0
-    except (OSError, RuntimeError) as exc:
+    except (TalkError, OSError, RuntimeError, sd.PortAudioError) as exc:  # PortAudio: a device that fails to open
         print(f"mimo-agent talk: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -15,19 +15,40 @@ they do not depend on when or in what chunks audio arrives):
   reports ``audio_end_ms``, the end of the frame that completed the silence window (so it
   includes the window, as OpenAI's ``speech_stopped.audio_end_ms`` does), and ``speech_end_ms``,
   the end of the last voiced frame.
-- ``semantic_vad`` has no turn model here: it runs as server VAD with a silence window derived
-  from ``eagerness`` (low 1200 ms, medium/auto 700 ms, high 350 ms). OpenAI's semantic maxima
-  (8 / 4 / 2 s) are not used: without a model deciding that the user is done, every turn would
-  wait that long.
+- Between the two, for speculation (the engine may start an answer that it holds back until the
+  turn is confirmed): ``SpeechPaused`` after ``candidate_ms`` of consecutive unvoiced frames (a
+  candidate end; only when ``candidate_ms`` is shorter than the silence window), and
+  ``SpeechResumed`` when a voiced frame comes after a ``SpeechPaused`` and before the turn ended
+  (the candidate was not the end). Every ``SpeechPaused`` is followed by exactly one
+  ``SpeechResumed`` or ``SpeechStopped``, unless the caller ends the turn (:meth:`end_turn`).
+- Frames are classified by webrtcvad (default) or, with ``session.mimo.vad = "silero"``, by Silero
+  VAD (its ONNX model from the ``silero-vad`` wheel, 32 ms frames, voiced when its speech
+  probability is at least ``threshold``; the energy floor applies to both).
+- ``semantic_vad`` (``end_threshold`` set): at the candidate end (``candidate_ms`` of silence) the
+  learned end-of-turn model (:mod:`streaming.turn_model`, Smart Turn v3.2) scores the turn so far
+  (from 500 ms before its speech start, at most the last 8 s). A score of at least
+  ``end_threshold`` ends the turn there; otherwise the turn ends after the silence window
+  (``silence_duration_ms``), or after ``max_silence_ms`` (OpenAI's semantic_vad maxima: low 8 s,
+  medium/auto 4 s, high 2 s) when the score is below ``unsure_below``. ``rescore_ms`` scores again
+  as the silence goes on. ``eagerness`` sets the threshold and the window; the values, and the
+  choice of leaving ``unsure_below`` and ``rescore_ms`` off, are measured in BENCHMARKS.md
+  (``mimo-agent bench-turns``).
 
-Streaming equals offline: the resampler (soxr, exact across chunkings) and the framer carry their
-state, so pushing audio in any chunking yields the same events as one push of the whole signal.
+Streaming equals offline: the resampler (soxr, exact across chunkings), the framer and Silero's state
+carry over, and the end-of-turn model sees audio chosen by frame positions only, so pushing audio
+in any chunking yields the same events as one push of the whole signal.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
+import functools
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import webrtcvad
@@ -37,6 +58,9 @@ from streaming.protocol.session_config import TurnDetection
 
 VAD_RATE = 16000
 FRAME_MS_CHOICES = (10, 20, 30)
+SILERO_FRAME_MS = 32  # 512 samples at 16 kHz, what the model takes
+SILERO_CONTEXT = 64  # samples of the previous frame that the model sees before each frame
+Classifier = Literal["webrtcvad", "silero"]
 
 #: OpenAI's server_vad defaults
 DEFAULT_THRESHOLD = 0.5
@@ -45,7 +69,13 @@ DEFAULT_SILENCE_DURATION_MS = 500
 #: our additions
 DEFAULT_MIN_SPEECH_MS = 100  # webrtcvad's false positives on clicks and breaths are 1-3 frames long
 DEFAULT_FRAME_MS = 20
-SEMANTIC_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 350}
+DEFAULT_CANDIDATE_MS = 200  # a pause this long is worth speculating on (humans answer in ~200 ms)
+#: semantic_vad: the longest wait (OpenAI's maxima) and the end-of-turn score that ends a turn early
+SEMANTIC_MAX_SILENCE_MS = {"low": 8000, "medium": 4000, "auto": 4000, "high": 2000}
+SEMANTIC_END_THRESHOLD = {"low": 0.995, "medium": 0.98, "auto": 0.98, "high": 0.95}
+SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 800, "auto": 800, "high": 600}
+SEMANTIC_UNSURE_BELOW = 0.0  # measured: waiting the maxima on low scores only delays real ends
+PRE_SPEECH_MS = 500  # audio before the speech start that the end-of-turn model sees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +85,27 @@ class VadConfig:
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
     min_speech_ms: int = DEFAULT_MIN_SPEECH_MS
     frame_ms: int = DEFAULT_FRAME_MS
+    candidate_ms: int = DEFAULT_CANDIDATE_MS  # 0: no SpeechPaused / SpeechResumed
+    classifier: Classifier = "webrtcvad"
+    #: semantic_vad (module docstring): P(end) that ends the turn at the candidate; below
+    #: ``unsure_below`` the wait is ``max_silence_ms`` instead of the silence window; ``rescore_ms``
+    #: (0: off) scores again after that much more silence
+    end_threshold: float | None = None
+    unsure_below: float = SEMANTIC_UNSURE_BELOW
+    max_silence_ms: int = 0
+    rescore_ms: int = 0
+    turn_model: str | None = None  # semantic_vad: the model file (None: streaming.turn_model.find_model)
 
     def __post_init__(self) -> None:
-        if self.frame_ms not in FRAME_MS_CHOICES:
+        if self.classifier == "silero":
+            if self.frame_ms != SILERO_FRAME_MS:
+                raise ValueError(f"frame_ms must be {SILERO_FRAME_MS} with Silero VAD, got {self.frame_ms}")
+        elif self.frame_ms not in FRAME_MS_CHOICES:
             raise ValueError(f"frame_ms must be one of {FRAME_MS_CHOICES} (webrtcvad), got {self.frame_ms}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
+        if self.end_threshold is not None and self.candidate_ms <= 0:
+            raise ValueError("an end-of-turn model needs candidate_ms above 0 (it scores candidate ends)")
 
     @property
     def mode(self) -> int:
@@ -72,10 +117,16 @@ class VadConfig:
         return -70.0 + 50.0 * self.threshold
 
     @classmethod
-    def from_turn_detection(cls, td: TurnDetection, **overrides: int) -> VadConfig:
+    def from_turn_detection(cls, td: TurnDetection, classifier: Classifier = "webrtcvad", **overrides) -> VadConfig:
         """Map OpenAI's ``turn_detection`` object (server_vad or semantic_vad) to a VAD config."""
+        if classifier == "silero":
+            overrides["frame_ms"] = SILERO_FRAME_MS
+        overrides["classifier"] = classifier
         if td.type == "semantic_vad":
-            return cls(silence_duration_ms=SEMANTIC_SILENCE_MS[td.eagerness or "auto"], **overrides)
+            eagerness = td.eagerness or "auto"
+            return cls(silence_duration_ms=SEMANTIC_SILENCE_MS[eagerness],
+                       end_threshold=SEMANTIC_END_THRESHOLD[eagerness],
+                       max_silence_ms=SEMANTIC_MAX_SILENCE_MS[eagerness], **overrides)
         return cls(
             threshold=DEFAULT_THRESHOLD if td.threshold is None else td.threshold,
             prefix_padding_ms=DEFAULT_PREFIX_PADDING_MS
@@ -123,28 +174,107 @@ class SpeechStopped:
     speech_end_ms: int
 
 
-VadEvent = SpeechStarted | SpeechStopped
+@dataclasses.dataclass(frozen=True)
+class SpeechPaused:
+    """A candidate end of turn: ``candidate_ms`` of silence, the turn still open."""
+
+    audio_end_ms: int  # end of the frame that completed the candidate window
+    speech_end_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechResumed:
+    """Speech again after a ``SpeechPaused``, before the turn ended."""
+
+    speech_ms: int  # start of the voiced frame
+
+
+VadEvent = SpeechStarted | SpeechStopped | SpeechPaused | SpeechResumed
+
+
+class SileroMissing(RuntimeError):
+    """The ``silero-vad`` package (which ships the model) is not installed."""
+
+
+@functools.cache
+def _silero_session():  # one ONNX session for the process; each stream keeps its own state
+    import onnxruntime as ort
+
+    spec = importlib.util.find_spec("silero_vad")  # found, not imported: its import sets torch's threads
+    if spec is None or not spec.submodule_search_locations:
+        raise SileroMissing("session.mimo.vad 'silero' needs the silero-vad package: pip install silero-vad")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _Silero:
+    """Silero VAD's speech probability per 512-sample frame at 16 kHz, state carried across frames."""
+
+    def __init__(self) -> None:
+        self._session = _silero_session()
+        self._state = np.zeros((2, 1, 128), np.float32)
+        self._context = np.zeros(SILERO_CONTEXT, np.float32)
+        self._rate = np.array(VAD_RATE, np.int64)
+
+    def probability(self, frame: np.ndarray) -> float:
+        x = np.concatenate([self._context, frame.astype(np.float32) / 32768.0])
+        prob, self._state = self._session.run(None, {"input": x[None], "state": self._state, "sr": self._rate})
+        self._context = x[-SILERO_CONTEXT:]
+        return float(prob[0, 0])
 
 
 class FrameClassifier:
-    """pcm16 at ``sample_rate`` in, one voiced/unvoiced decision per ``frame_ms`` frame out."""
+    """pcm16 at ``sample_rate`` in, one voiced/unvoiced decision per ``frame_ms`` frame out (with the
+    frames themselves, 16 kHz pcm16)."""
 
     def __init__(self, config: VadConfig, sample_rate: int = SAMPLE_RATE) -> None:
         self.config = config
-        self._vad = webrtcvad.Vad(config.mode)
+        if config.classifier == "silero":
+            silero = _Silero()
+            self._is_speech: Callable[[np.ndarray], bool] = lambda f: silero.probability(f) >= config.threshold
+        else:
+            vad = webrtcvad.Vad(config.mode)
+            self._is_speech = lambda f: vad.is_speech(f.tobytes(), VAD_RATE)
         self._resampler = StreamResampler(sample_rate, VAD_RATE)
         self._framer = Framer(VAD_RATE * config.frame_ms // 1000)
         self._floor = 32768.0**2 * 10 ** (config.energy_floor_dbfs / 10)  # mean square at the floor
         self.frames_done = 0
 
-    def push(self, pcm16: np.ndarray) -> np.ndarray:
-        frames = self._framer.push(self._resampler.process(as_pcm16(pcm16)))  # (n, frame_samples)
+    def push(self, pcm16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(frames (n, frame_samples) pcm16 at 16 kHz, voiced (n,) bool)."""
+        frames = self._framer.push(self._resampler.process(as_pcm16(pcm16)))
         voiced = np.zeros(len(frames), dtype=bool)
         for i, frame in enumerate(frames):
             loud = float(np.mean(frame.astype(np.float64) ** 2)) >= self._floor
-            voiced[i] = loud and self._vad.is_speech(frame.tobytes(), VAD_RATE)
+            voiced[i] = self._is_speech(frame) and loud  # Silero's state needs every frame
         self.frames_done += len(frames)
-        return voiced
+        return frames, voiced
+
+
+class _History:
+    """The last ``seconds`` of the 16 kHz stream, addressed by absolute sample index."""
+
+    def __init__(self, seconds: float) -> None:
+        self._buf = np.zeros(int(2 * seconds * VAD_RATE), np.int16)
+        self._keep = int(seconds * VAD_RATE)
+        self._start = 0  # absolute index of _buf[0]
+        self._len = 0
+
+    def write(self, x: np.ndarray) -> None:
+        if self._len + len(x) > len(self._buf):
+            drop = max(0, self._len + len(x) - self._keep)
+            keep = self._buf[drop : self._len].copy()
+            self._buf[: len(keep)] = keep
+            self._start, self._len = self._start + drop, len(keep)
+            x = x[max(0, len(x) - self._keep) :]
+        self._buf[self._len : self._len + len(x)] = x
+        self._len += len(x)
+
+    def span(self, start: int, end: int) -> np.ndarray:
+        start = max(start, self._start)
+        return self._buf[start - self._start : end - self._start].astype(np.float32) / 32768.0
 
 
 class TurnState(enum.Enum):
@@ -162,6 +292,17 @@ class TurnDetector:
         self.state = TurnState.SILENCE
         self._run = 0  # consecutive voiced frames (in SILENCE) or unvoiced frames (in SPEECH)
         self._last_voiced_end_ms = 0
+        self._paused = False  # a SpeechPaused is open (no SpeechResumed / SpeechStopped yet)
+        self._speech_start_ms = 0
+        self._window_ms = config.silence_duration_ms  # this pause's silence window (semantic: may grow)
+        self.scorer: Callable[[np.ndarray], float] | None = None  # 16 kHz float audio -> P(end of turn)
+        self.scores: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)  # (audio ms, P(end))
+        self._history: _History | None = None
+        if config.end_threshold is not None:
+            from streaming.turn_model import WINDOW_S, shared_model
+
+            self.scorer = shared_model(config.turn_model).probability
+            self._history = _History(WINDOW_S + 1)
 
     @property
     def speaking(self) -> bool:
@@ -176,7 +317,10 @@ class TurnDetector:
         events: list[VadEvent] = []
         frame_ms = self.config.frame_ms
         first = self._frames.frames_done
-        for i, voiced in enumerate(self._frames.push(pcm16)):
+        frames, decisions = self._frames.push(pcm16)
+        if self._history is not None:
+            self._history.write(frames.reshape(-1))
+        for i, voiced in enumerate(decisions):
             start_ms = (first + i) * frame_ms
             end_ms = start_ms + frame_ms
             if voiced:
@@ -188,17 +332,57 @@ class TurnDetector:
                     events.append(
                         SpeechStarted(max(0, speech_start - self.config.prefix_padding_ms), speech_start)
                     )
-                    self.state, self._run = TurnState.SPEECH, 0
+                    self.state, self._run, self._speech_start_ms = TurnState.SPEECH, 0, speech_start
             else:
-                self._run = 0 if voiced else self._run + 1
-                if self._run * frame_ms >= self.config.silence_duration_ms:
-                    events.append(SpeechStopped(end_ms, self._last_voiced_end_ms))
-                    self.state, self._run = TurnState.SILENCE, 0
+                events += self._in_speech(voiced, start_ms, end_ms)
         return events
+
+    def _in_speech(self, voiced: bool, start_ms: int, end_ms: int) -> list[VadEvent]:
+        cfg = self.config
+        if voiced:
+            self._run, self._window_ms = 0, cfg.silence_duration_ms
+            if self._paused:
+                self._paused = False
+                return [SpeechResumed(start_ms)]
+            return []
+        self._run += 1
+        silence_ms = self._run * cfg.frame_ms
+        if silence_ms >= self._window_ms:
+            self.end_turn()
+            return [SpeechStopped(end_ms, self._last_voiced_end_ms)]
+        events: list[VadEvent] = []
+        if silence_ms - cfg.frame_ms < cfg.candidate_ms <= silence_ms:  # the window just filled
+            self._paused = True
+            events.append(SpeechPaused(end_ms, self._last_voiced_end_ms))
+        if self.scorer is not None and self._score_due(silence_ms):
+            score = self._score(end_ms)
+            if score >= cfg.end_threshold:
+                self.end_turn()
+                events.append(SpeechStopped(end_ms, self._last_voiced_end_ms))
+            elif score < cfg.unsure_below and silence_ms < cfg.candidate_ms + cfg.frame_ms:
+                self._window_ms = max(cfg.max_silence_ms, cfg.silence_duration_ms)
+        return events
+
+    def _score_due(self, silence_ms: int) -> bool:
+        """On the frames that fill candidate_ms, then candidate_ms + k * rescore_ms, of silence."""
+        cfg = self.config
+        since = silence_ms - cfg.candidate_ms
+        if since < 0 or (since >= cfg.frame_ms and not cfg.rescore_ms):
+            return False
+        return since < cfg.frame_ms or since // cfg.rescore_ms * cfg.rescore_ms > since - cfg.frame_ms
+
+    def _score(self, end_ms: int) -> float:
+        """The end-of-turn model on the turn so far, up to ``end_ms``."""
+        per_ms = VAD_RATE // 1000
+        start_ms = max(0, self._speech_start_ms - PRE_SPEECH_MS)
+        score = self.scorer(self._history.span(start_ms * per_ms, end_ms * per_ms))
+        self.scores.append((end_ms, score))
+        return score
 
     def end_turn(self) -> None:
         """Forget the current turn (after a manual commit or clear) without restarting the clock."""
-        self.state, self._run = TurnState.SILENCE, 0
+        self.state, self._run, self._paused = TurnState.SILENCE, 0, False
+        self._window_ms = self.config.silence_duration_ms
 
 
 def detect_turns(pcm16: np.ndarray, config: VadConfig, sample_rate: int = SAMPLE_RATE) -> list[VadEvent]:

@@ -76,13 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="change preset config fields, e.g. d_model=256 vocoder_num_layers=16")
     add("--norm-sensitive", type=float, default=0.0, metavar="STRENGTH",
         help="scale codebook entries by exp(STRENGTH * loudness z-score) (GroupNorm-sensitive weights)")
-    add("--audio", nargs="*", type=Path, default=[DEFAULT_AUDIO], help="speech files to encode")
-    add("--device", default="cpu")
-    add("--dtype", default="fp32")
+    add("--audio", nargs="*", type=Path, default=[DEFAULT_AUDIO],
+        help=f"speech files to encode (default: {DEFAULT_AUDIO.relative_to(DEFAULT_AUDIO.parents[3])})")
+    add("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add("--dtype", default="fp32", help="fp32, bf16 or fp16")
     add("--threads", type=int, default=1, help="torch CPU threads (1: the one-core figures)")
     add("--repeat", type=int, default=3, help="timing repetitions (the median is shown)")
     add("--streams", type=int, default=8, help="streams decoded together in the batching test")
-    add("--skip", nargs="*", default=[], choices=["speed", "chunks", "batch", "fidelity", "incremental"])
+    add("--skip", nargs="*", default=[], choices=["speed", "chunks", "batch", "fidelity", "incremental"],
+        help="tables to leave out (default: none)")
     add("--grid", choices=["full", "small"], default="full", help="schedules in the fidelity table")
     add("--clock", choices=["wall", "cpu"], default="wall",
         help="time with the wall clock, or with this process's CPU time (steadier on a shared CPU machine)")

@@ -165,8 +165,9 @@ class LMSession:
 class ResponseCollector:
     """Text and audio of one response, parsed as the official output parsing does (spec 3.5).
 
-    Text: the text patches' tokens decoded with ``<|empty|>``/``<|eot|>``/``<|eostm|>`` dropped
-    (the stop-token patch adds nothing; the official parser drops the last patch even when the
+    Text: the text patches' tokens decoded as readable text, special tokens dropped (the official
+    parser writes out those other than ``<|empty|>``/``<|eot|>``/``<|eostm|>``; the stop-token
+    patch adds nothing; the official parser drops the last patch even when the
     budget, not a stop token, ended the response). Audio: the speech patches after the first
     generated ``<|sostm|>`` (all of them if there is none) and before the first ``<|eostm|>``.
     """

@@ -12,15 +12,20 @@ gets them at the ids right after its last one, where MiMo-Audio has them); ``<th
 the bytes), no merges, the same special tokens after the bytes. It is a regular ``tokenizers``
 tokenizer, so it saves as ``tokenizer.json`` and reloads through :class:`TextTokenizer`.
 
-Decoding follows the official output parsing: ``<|empty|>``, ``<|eot|>`` and ``<|eostm|>`` are
-dropped, other special tokens are kept as text. :class:`IncrementalDetokenizer` produces the
-same text as deltas, holding back bytes of a character that is not complete yet.
+Decoding makes the text a person reads (transcripts, the offline commands' output): special
+tokens are skipped (the official parser drops ``<|empty|>``, ``<|eot|>`` and ``<|eostm|>`` and
+writes the others out, which put ``<|im_start|>`` or ``</think>`` in front of users), bytes that
+are not valid UTF-8 are dropped rather than shown as U+FFFD, and so are control characters other
+than newline and tab (a byte-level model can emit any byte). The model's context never goes
+through text: an assistant turn is kept as its generated tokens. :class:`IncrementalDetokenizer`
+produces the same text as deltas, holding back bytes of a character that is not complete yet.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -53,6 +58,10 @@ MIMO_ADDED_TOKENS = (
 )
 #: in the byte tokenizer only, as single tokens, so the presets' prompts stay short
 _THINK_TOKENS = ("<think>", "</think>")
+
+#: what decoded text never shows: U+FFFD (the decoder's stand-in for bytes that are not UTF-8),
+#: C0 controls but tab and newline, DEL and the C1 controls
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
 
 #: vocabulary of the byte tokenizer with the default ids: 256 bytes, 13 specials, padding.
 BYTE_VOCAB_SIZE = 272
@@ -128,8 +137,11 @@ class TextTokenizer:
                 raise TokenizerError(f"{source}: eos_token {eos_token!r} is not in the vocabulary")
             eos_id = resolved
         self.specials = SpecialTokens(**ids, eos=eos_id)
-        #: ids the official output parsing removes from the text
-        self.hidden_ids = frozenset({self.specials.empty, self.specials.eot, self.specials.eostm})
+        #: ids that decode to no text: every special token (the MiMo and chat tokens, and the
+        #: checkpoint's other added special tokens)
+        self.hidden_ids = frozenset(
+            i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
+        ) | frozenset(self.specials.as_dict().values())
 
     # ------------------------------------------------------------------------------- loading
     @classmethod
@@ -183,24 +195,31 @@ class TextTokenizer:
         return token_id
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids`` as the official output parsing makes it: ``<|empty|>``, ``<|eot|>`` and
-        ``<|eostm|>`` dropped, other special tokens written out."""
-        return self._decode_raw([i for i in ids if i not in self.hidden_ids])
+        """The readable text of ``ids``: special tokens, invalid bytes and control characters
+        dropped (see the module docstring)."""
+        return printable(self._decode_raw([i for i in ids if i not in self.hidden_ids]))
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer (one per response)."""
         return IncrementalDetokenizer(self)
 
     def _decode_raw(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def printable(text: str) -> str:
+    """``text`` without U+FFFD and control characters other than newline and tab."""
+    return _UNPRINTABLE.sub("", text)
 
 
 class IncrementalDetokenizer:
     """Text deltas from tokens pushed one at a time; concatenated they equal :meth:`TextTokenizer.decode`.
 
     A delta is released once the text decodes without a trailing replacement character, so a
-    character whose bytes span several tokens comes out whole. Decoding re-reads a short window
-    (the tokens of the previous delta), which keeps it O(1) per token.
+    character whose bytes span several tokens comes out whole; what is not valid text is dropped
+    from each delta as :meth:`TextTokenizer.decode` drops it from the whole (a window starts
+    after a complete character, where a UTF-8 decoder of the whole starts afresh too). Decoding
+    re-reads a short window (the tokens of the previous delta), which keeps it O(1) per token.
     """
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
@@ -218,15 +237,15 @@ class IncrementalDetokenizer:
         after = self._tokenizer._decode_raw(self._ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
+            return printable(after[len(before) :])
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        """Whatever is still held back, less an incomplete character (dropped, as by decode)."""
         before = self._tokenizer._decode_raw(self._ids[self._prefix : self._read])
         after = self._tokenizer._decode_raw(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return after[len(before) :]
+        return printable(after[len(before) :])
 
 
 def _byte_alphabet() -> list[str]:

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     where.add_argument("--spawn", action="store_true",
                        help="start a server (mimo-agent serve with the model options below) on 127.0.0.1")
     t.add_argument("--api-key", default=None, help="the server's API key (--url)")
-    t.add_argument("--transport", choices=["websocket", "webrtc"], default="websocket")
+    t.add_argument("--transport", choices=["websocket", "webrtc"], default="websocket",
+                   help="how the simulated users connect")
     w = parser.add_argument_group("workload")
     w.add_argument("--sessions", default="1",
                    help="concurrent simulated users; a list (1,2,4,8) runs a sweep (default 1)")
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     w.add_argument("--response-tokens", type=int, default=None,
                    help="every response exactly this many patches (stop tokens banned before): a fixed load, "
                         "e.g. for random-weight presets, which stop as early as they may")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="seed of the simulated users' pauses between turns")
     w.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a response (default 60)")
     o = parser.add_argument_group("output")
     o.add_argument("--json", help="write every sample and the summaries to this file")

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                    help="also start a server from this source tree (e.g. a git worktree of an older commit) "
                         "with the same options, and measure it in the same run (with --spawn)")
     t.add_argument("--api-key", default=None, help="the server's API key (--url)")
-    t.add_argument("--transport", choices=["websocket", "webrtc", "both"], default="both")
+    t.add_argument("--transport", choices=["websocket", "webrtc", "both"], default="both",
+                   help="the transports measured")
     w = parser.add_argument_group("workload")
     w.add_argument("--sessions", type=int, default=4, help="concurrent sessions (default 4)")
     w.add_argument("--interrupts", type=int, default=50, help="interrupts in all, per transport (default 50)")
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     w.add_argument("--after", default="0.8,1.6",
                    help="MIN,MAX seconds of the answer's audio received before the cancel (default 0.8,1.6)")
     w.add_argument("--answer-patches", type=int, default=200, help="every answer this many patches (default 200)")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="seed of when each cancel is sent")
     w.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one event (default 60)")
     parser.add_argument("--json", help="write every interrupt and the summaries to this file")
     add_model_arguments(parser)

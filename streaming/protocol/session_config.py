@@ -86,8 +86,9 @@ class AudioFormat(StrictModel):
 
 
 class TurnDetection(StrictModel):
-    """``audio.input.turn_detection``: server VAD (webrtcvad, see ``streaming.vad``) or semantic VAD
-    (mapped to server VAD with eagerness-derived silence windows). ``null`` means manual commits."""
+    """``audio.input.turn_detection``: server VAD (webrtcvad or Silero, see ``streaming.vad``) or
+    semantic VAD (the same plus a learned end-of-turn model, ``streaming.turn_model``). ``null``
+    means manual commits."""
 
     type: Literal["server_vad", "semantic_vad"] = "server_vad"
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -191,6 +192,9 @@ class MimoConfig(StrictModel):
     #: (``"voice:<ms>ms:<hash>"``) in its place; sending the descriptor back keeps the prompt, ``""``
     #: or null clears it.
     voice_prompt: str | None = None
+    #: the frame classifier under server_vad and semantic_vad: webrtcvad (null, the default) or
+    #: Silero VAD (needs the silero-vad package)
+    vad: Literal["webrtcvad", "silero"] | None = None
 
     @field_validator("interleave")
     @classmethod

@@ -118,3 +118,35 @@ def test_clear_errors(user_codes, tmp_path, capsys) -> None:
     assert "code 5000 at frame 0, channel 0 is outside 0..1023" in capsys.readouterr().err
     assert main(["tts", "--text", "hi", "--voice", str(user_codes)]) == 2
     assert "--voice needs --instruct" in capsys.readouterr().err
+
+
+def test_transcripts_show_no_special_tokens_or_control_bytes(user_codes, capsys) -> None:
+    """Random weights write random ids: special tokens, control bytes, bytes that are not UTF-8.
+    The terminal shows only readable text."""
+    from tests.agent.lm.test_tokenizer import _UNREADABLE
+
+    assert main(["asr", "--input", str(user_codes), "--max-patches", "40", "--mode", "text"]) == 0
+    printed = capsys.readouterr().out
+    assert len(printed) > 3 and not _UNREADABLE.search(printed), repr(printed)
+
+
+def test_tts_checks_its_input_and_output_before_generating(tmp_path, capsys) -> None:
+    def refused(*argv: str) -> str:
+        assert main(["tts", "--max-patches", "4", *argv]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "patches" not in captured.err, "nothing was generated"
+        return captured.err
+
+    missing = tmp_path / "missing" / "x.wav"
+    assert f"the directory {missing.parent} does not exist" in refused("--text", "hi", "--out", str(missing))
+    assert not missing.parent.exists()
+    assert "--text is empty: give the text to speak" in refused("--text", " ", "--out", str(tmp_path / "x.wav"))
+    err = refused("--text", "hi", "--out", str(tmp_path / "x.mp3"))
+    assert "x.mp3: cannot write .mp3; use .wav (a 24 kHz pcm16 wav), .npy (the RVQ codes [T, 8])" in err
+    assert not (tmp_path / "x.mp3").exists()
+    # no --out: the audio is not kept, and the summary says so
+    assert main(["tts", "--text", "hi", "--max-patches", "12"]) == 0
+    assert "audio not kept (--out FILE.wav writes it)" in capsys.readouterr().err
+    # upper-case endings are the same formats
+    assert main(["tts", "--text", "hi", "--max-patches", "12", "--out", str(tmp_path / "X.NPY")]) == 0
+    assert np.load(tmp_path / "X.NPY").shape == (20, 8)

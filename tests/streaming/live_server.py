@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from streaming.server import add_arguments, build_server
+from streaming.server import add_arguments, build_server, uvicorn_config
 
 
 @dataclass
@@ -44,11 +44,8 @@ def serve_args(*argv: str) -> argparse.Namespace:
 
 def start_server(*argv: str) -> LiveServer:
     app = build_server(serve_args(*argv))
-    engine, rt, config = app.state.engine, app.state.runtime, app.state.config
-    uv = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", loop="asyncio",
-                        ws="websockets", ws_max_size=2 * config.limits.max_message_bytes,
-                        ws_per_message_deflate=False, lifespan="off")
-    server = uvicorn.Server(uv)
+    engine, rt = app.state.engine, app.state.runtime
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, log_level="warning", loop="asyncio"))
 
     def run() -> None:
         with contextlib.suppress(Exception):

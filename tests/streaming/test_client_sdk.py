@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import numpy as np
 import pytest
@@ -67,9 +68,12 @@ async def test_sdk_interrupt_cancels_and_truncates(server):
 
 
 async def test_sdk_reports_refusals(server):
-    with pytest.raises(Exception) as refused:
-        await connect(server.ws_url, api_key="wrong")
-    assert "401" in str(refused.value)
+    for key in ("wrong", None):  # a wrong key and no key: a 401 saying so, not "connection failed"
+        with pytest.raises(RealtimeClientError) as refused:
+            await connect(server.ws_url, api_key=key)
+        assert refused.value.error["status"] == 401 and refused.value.error["code"] == "invalid_api_key"
+        assert str(refused.value).startswith(f"{server.ws_url} refused the connection (HTTP 401 invalid_api_key): "
+                                             "Missing or invalid API key")
     async with await connect(server.ws_url, api_key="k3y") as client:
         # invalid settings come back refused, with the server's own message
         with pytest.raises(RealtimeClientError, match="supports only rate 24000"):
@@ -81,3 +85,34 @@ async def test_sdk_reports_refusals(server):
         assert (await client.update_session(instructions="Be brief.")).instructions == "Be brief."
     with pytest.raises(RealtimeClientError):
         await client.send_text("after close")
+
+
+async def test_sdk_says_when_nothing_answers():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(RealtimeClientError) as down:
+        await connect(f"ws://127.0.0.1:{port}/v1/realtime")
+    assert down.value.error["code"] == "server_unreachable"
+    assert f"cannot reach the server at ws://127.0.0.1:{port}/v1/realtime: " in str(down.value)
+
+
+async def test_transcripts_are_readable_text(server):
+    """The tiny model's random weights write random ids (special tokens, control and non-UTF-8
+    bytes); both transcripts the SDK hands over, the agent's and the user's (the model's ASR), are
+    readable text."""
+    from tests.agent.lm.test_tokenizer import _UNREADABLE
+
+    async with await connect(server.ws_url, api_key="k3y",
+                             audio={"input": {"turn_detection": None, "transcription": {"model": "mimo-asr"}}}
+                             ) as client:
+        transcribed = client.wait_for("conversation.item.input_audio_transcription.completed")
+        await client.send_audio(speech())
+        await client.commit()
+        texts = [(await asyncio.wait_for(transcribed, 60)).transcript]
+        for _ in range(2):
+            await client.create_response()
+            texts.append((await client.collect_response(timeout=60)).transcript)
+    assert sum(map(len, texts)) > 10
+    for text in texts:
+        assert not _UNREADABLE.search(text), repr(text)

@@ -42,9 +42,11 @@ class ManualClock:
         self.now += seconds
 
 
-def make(*, transport=Transport.WEBSOCKET, limits=None, config=None, **session):
+def make(*, transport=Transport.WEBSOCKET, limits=None, config=None, stream_input=True, **session):
+    """A started session (streaming input on: the server turns it on with streaming prefill or
+    speculation)."""
     clock = ManualClock()
-    options = SessionOptions(transport=transport, limits=limits or SessionLimits())
+    options = SessionOptions(transport=transport, limits=limits or SessionLimits(), stream_input=stream_input)
     s = RealtimeSession(options, clock=clock)
     s.start(config)
     if session:
@@ -71,6 +73,11 @@ def errors(events) -> list[p.ErrorDetail]:
 
 
 MANUAL = {"audio": {"input": {"turn_detection": None}}}
+
+
+def engine_actions(s: RealtimeSession) -> list[act.Action]:
+    """The session's actions but the streamed input (checked on its own)."""
+    return [a for a in s.take_actions() if not isinstance(a, act.StreamUserAudio)]
 
 
 def play_audio_response(s, response_id, audio=YES, text=("Yes, ", "please."), chunk=2400):
@@ -264,10 +271,16 @@ def test_server_vad_turn_and_audio_response():
     assert limit.name == "requests" and limit.limit == SessionLimits().max_events_burst
     assert 0 < limit.remaining <= limit.limit and limit.reset_seconds >= 0
 
-    user_audio, create = s.take_actions()
+    *streamed, user_audio, create = s.take_actions()
     assert isinstance(user_audio, act.AppendUserAudio) and user_audio.item_id == item_id
     span = HELLO[started.audio_start_ms * 24 : stopped.audio_end_ms * 24]
     assert np.array_equal(user_audio.pcm, span)  # exactly the committed span, padding included
+    # while the user spoke, the turn's audio went to the engine as it came (streaming input): from
+    # the committed span's start up to the append before the one that ended the turn (the detector
+    # decides a little behind the audio: that can be past the span's end)
+    assert streamed and all(isinstance(a, act.StreamUserAudio) and a.item_id == item_id for a in streamed)
+    so_far = HELLO[started.audio_start_ms * 24:][:sum(len(a.pcm) for a in streamed)]
+    assert np.array_equal(np.concatenate([a.pcm for a in streamed]), so_far) and len(so_far) >= len(span) - 960
     assert isinstance(create, act.CreateResponse) and create.response_id == created.response.id
     assert create.params.output_modalities == ("audio",) and create.params.conversation == "auto"
     assert create.params.text_sampling.temperature == 0.6 and create.params.max_output_tokens is None
@@ -502,7 +515,7 @@ def test_barge_in_cancels_flushes_and_the_next_turn_follows():
     assert types(events)[0] == "input_audio_buffer.speech_started"
     done = events[-1].response
     assert done.status == "cancelled" and done.status_details.reason == "turn_detected"
-    assert s.take_actions() == [act.CancelResponse(rid, "turn_detected"), act.FlushOutputAudio(rid)]
+    assert engine_actions(s) == [act.CancelResponse(rid, "turn_detected"), act.FlushOutputAudio(rid)]
     s.response_audio(rid, YES[12000:14400])
     assert s.take_events() == []
     s.response_done(rid)
@@ -515,7 +528,7 @@ def test_barge_in_cancels_flushes_and_the_next_turn_follows():
         "response.created",
         "rate_limits.updated",
     ]
-    append_audio, create2 = s.take_actions()
+    append_audio, create2 = engine_actions(s)
     assert isinstance(append_audio, act.AppendUserAudio)
     assert isinstance(create2, act.CreateResponse) and create2.response_id != rid
 
@@ -526,7 +539,13 @@ def test_interrupt_response_false_lets_the_reply_finish():
     s.take_actions(), s.take_events()
     append(s, np.concatenate([SILENCE_1S[:12000], STOP]))
     assert types(s.take_events()) == ["input_audio_buffer.speech_started"]
-    assert s.take_actions() == []
+    assert engine_actions(s) == []
+
+
+def test_without_streaming_input_a_turn_reaches_the_engine_at_its_commit():
+    s, _ = make(stream_input=False)
+    append(s, HELLO)
+    assert [type(a) for a in s.take_actions()] == [act.AppendUserAudio, act.CreateResponse]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ctypes.util
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from streaming import protocol as p
 from streaming import talk
@@ -47,3 +52,25 @@ def test_missing_sounddevice_gives_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # makes `import sounddevice` fail
     assert talk.run(_args()) == 1
     assert "sounddevice" in capsys.readouterr().err
+
+
+def _talk(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streaming.cli", "talk", *argv], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_missing_audio_device_is_a_clear_error():
+    """With PortAudio there (libportaudio2) but no such device: one line naming the device and the
+    option to choose another, before any connection is tried; no traceback."""
+    if ctypes.util.find_library("portaudio") is None:
+        missing = "PortAudio is not installed (apt-get install libportaudio2)"
+        if os.environ.get("CI") or os.environ.get("MIMO_REQUIRE_CLIENTS"):
+            pytest.fail(f"required but {missing}", pytrace=False)
+        pytest.skip(missing)
+    done = _talk("--input-device", "99999", "--url", "ws://127.0.0.1:9/v1/realtime")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "mimo-agent talk: no input device 99999 (" in done.stderr
+    assert "choose one with --input-device NAME|INDEX" in done.stderr
+    done = _talk("--input-device", "no such microphone", "--url", "ws://127.0.0.1:9/v1/realtime")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "no input device 'no such microphone' (No input device matching 'no such microphone')" in done.stderr

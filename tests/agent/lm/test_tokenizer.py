@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,9 +51,9 @@ def test_round_trip_and_specials(make) -> None:
         assert tok.encode(string) == [getattr(s, name)]
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == s.im_start and ids[-1] == s.im_end and len(ids) > 2
-    # official output parsing: empty/eot/eostm vanish, other specials stay
+    # readable text: every special token vanishes
     assert tok.decode([s.empty, *tok.encode("ok"), s.eot, s.eostm]) == "ok"
-    assert tok.decode(tok.encode("a<|im_end|>")) == "a<|im_end|>"
+    assert tok.decode(tok.encode("<|im_start|>assistant\na<|im_end|>")) == "assistant\na"
 
 
 @pytest.mark.parametrize("make", [ByteTokenizer, _bpe], ids=["bytes", "bpe"])
@@ -65,12 +67,46 @@ def test_incremental_detokenizer_never_splits_characters(make) -> None:
         deltas.append(detok.flush())
         assert "".join(deltas) == text
         assert not any("\ufffd" in d for d in deltas)
-    # a character cut off at the end comes out as U+FFFD on flush
+    # a character cut off at the end is dropped on flush, as decode drops it
     detok = tok.detokenizer()
     partial = list("你".encode())[:2] if make is ByteTokenizer else None
     if partial is not None:
         assert detok.push(partial[0]) == "" and detok.push(partial[1]) == ""
-        assert detok.flush() == "\ufffd"
+        assert detok.flush() == "" and tok.decode(partial) == ""
+
+
+#: what a transcript must never show
+_UNREADABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]|<\\|[A-Za-z]+\\|>|</?think>")
+
+
+def test_what_a_random_model_writes_reads_as_text() -> None:
+    """A byte-level model can emit any id: special tokens, control bytes, bytes that are not UTF-8
+    (a lone continuation byte, a lead byte cut off by a special). The text, whole or streamed,
+    shows none of them, keeps every valid character (multi-byte ones split over tokens too) and
+    the streamed deltas add up to the whole."""
+    tok = ByteTokenizer()
+    s = tok.specials
+    sample = "héllo 你好 🎉\tok\n"
+    noise = [0x01, 0x1B, 0x7F, 0xFF, 0x80, *"€".encode()[:2], s.im_start, *"😀".encode()[:3], s.eostm,
+             267, 268, s.im_end, 0xC2, 0x85, s.endoftext]  # 267, 268: <think>, </think>; C2 85: U+0085
+    ids = [*tok.encode(sample[:6]), *noise, *tok.encode(sample[6:]), *noise]
+    assert tok.decode(ids) == sample
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+        text = tok.decode(ids)
+        assert not _UNREADABLE.search(text), (ids, text)
+        detok = tok.detokenizer()
+        deltas = [detok.push(i) for i in ids] + [detok.flush()]
+        assert "".join(deltas) == text, ids
+
+
+def test_bpe_decoding_skips_every_special_token() -> None:
+    tok = _bpe()
+    ids = [tok.specials.im_start, *tok.encode("hello"), tok.specials.sosp, *tok.encode(" world"), tok.specials.im_end]
+    assert tok.decode(ids) == "hello world"
+    detok = tok.detokenizer()
+    assert "".join([*(detok.push(i) for i in ids), detok.flush()]) == "hello world"
 
 
 def test_byte_tokenizer_fits_the_tiny_preset_and_reloads(tmp_path) -> None:
