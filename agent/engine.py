@@ -34,6 +34,7 @@ that raises (:meth:`Engine._isolated`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -112,6 +113,12 @@ class EngineConfig:
     stream_lag_patches: int | None = None
     stream_every_patches: int = 1
     stream_window_s: float = 4.0
+    # speculation (Speculate): a held answer generates at most speculate_max_patches patches, then
+    # waits for its release; a turn gets at most speculate_attempts; none starts while every decode
+    # row is taken or more than speculate_max_queue jobs wait
+    speculate_max_patches: int = 16
+    speculate_attempts: int = 3
+    speculate_max_queue: int = 64
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
 
 
@@ -154,6 +161,29 @@ class StreamUserAudio:
 
     item_id: str
     pcm: np.ndarray  # float32 mono 24 kHz, the next part of the turn
+
+
+@dataclass(frozen=True)
+class Speculate:
+    """Start the answer to the turn being streamed (``item_id``) as if the turn ended after its first
+    ``samples`` samples (a candidate end), and hold it: nothing is emitted, nothing joins the
+    conversation. The turn's commit (:class:`AddUserAudio` of ``item_id``) followed by a
+    :class:`Respond` with the same ``params`` adopts it: the turn becomes an item with the codes the
+    answer was generated on, and the held events go out at once, renamed to the Respond's ids, as if
+    the response had started then. Any other job first abandons it (nothing was emitted; the slot
+    rolls back). Refused quietly when the turn has too little audio, the session is answering, the
+    turn had ``speculate_attempts`` already, or the engine has no headroom."""
+
+    item_id: str
+    samples: int
+    params: ResponseParams = field(default_factory=ResponseParams)
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Drop the held answer to ``item_id`` (the user spoke again): no event, no trace."""
+
+    item_id: str
 
 
 @dataclass(frozen=True)
@@ -217,8 +247,8 @@ class _Close:
 
 
 Job = (
-    AddUserAudio | StreamUserAudio | AddUserText | AddSystemText | AddAssistantText | Configure | Respond | Cancel
-    | Truncate | DeleteItem
+    AddUserAudio | StreamUserAudio | Speculate | Abandon | AddUserText | AddSystemText | AddAssistantText | Configure
+    | Respond | Cancel | Truncate | DeleteItem
 )
 
 
@@ -332,11 +362,30 @@ class _Provisional:
     encoded_samples: int = 0  # the audio's length at the last streaming encode
     codes: torch.Tensor | None = None  # (4k, channels): the patches meant for the slot
     synced: bool = True  # the slot holds the rendering of ``codes`` behind the conversation
+    speculations: int = 0  # answers speculated on this turn
 
     def audio(self) -> np.ndarray:
         if len(self.pcm) > 1:
             self.pcm = [np.concatenate(self.pcm)]
         return self.pcm[0] if self.pcm else np.zeros(0, np.float32)
+
+
+@dataclass
+class _Speculation:
+    """A held answer to the turn being spoken (:class:`Speculate`): its user item and assistant item
+    sit at the end of ``items`` and its response runs, but its events wait in ``events``."""
+
+    item_id: str
+    response_id: str  # its own until a Respond adopts it
+    user: Item
+    answer: Item
+    params: ResponseParams
+    t0: float
+    events: list = field(default_factory=list)
+    committed: bool = False  # the turn's AddUserAudio came: the user item is the conversation's
+    pcm: np.ndarray | None = None  # the committed audio: encoded whole if the answer is not adopted
+    transcribe: bool = False
+    failed: bool = False
 
 
 @dataclass
@@ -353,6 +402,7 @@ class _Session:
     pending_audio: list[tuple[Item, np.ndarray]] = field(default_factory=list)  # items in place, not yet encoded
     transcribe: set[str] = field(default_factory=set)  # pending audio items to transcribe
     provisional: _Provisional | None = None  # the turn being spoken (streaming input)
+    speculation: _Speculation | None = None
     last_encode_ms: float = 0.0
     last_encode_cpu_s: float = 0.0
     text_generator: torch.Generator | None = None
@@ -440,6 +490,7 @@ class Engine:
         self._next_sid = 0
         self._thread: threading.Thread | None = None
         self._running = False
+        self.speculations = {"started": 0, "confirmed": 0, "abandoned": 0, "refused": 0, "wasted_patches": 0}
         self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
@@ -533,7 +584,17 @@ class Engine:
     def _responses_waiting(self) -> bool:
         """Whether a response is still before its first audio: transcripts wait for it."""
         return any(s.response is not None and s.response.t_first_audio is None
-                   and s.response.cancel_reason is None for s in self._sessions.values())
+                   and s.response.cancel_reason is None and not self._held(s) for s in self._sessions.values())
+
+    @staticmethod
+    def _held(s: _Session) -> bool:
+        """Whether ``s``'s response is a held speculation."""
+        return s.speculation is not None and s.response is not None and s.response.job is not None \
+            and s.response.job.response_id == s.speculation.response_id
+
+    def _paused(self, s: _Session) -> bool:
+        """A held speculation at its cap of patches: it waits for its release."""
+        return self._held(s) and len(s.response.item.patches) >= self.config.speculate_max_patches
 
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work
@@ -547,10 +608,10 @@ class Engine:
         for s in self._sessions.values():
             if s.pending_audio:
                 return 0.0
-            if s.provisional is not None and (self._stream_due(s) or (not s.provisional.synced and s.response is None)):
+            if self._stream_due(s) or self._provisional_due(s):
                 return 0.0
             r = s.response
-            if r is None:
+            if r is None or (self._paused(s) and not r.new_codes):
                 continue
             if r.phase != "generate" or r.cancel_reason is not None:
                 return 0.0
@@ -631,6 +692,8 @@ class Engine:
         if s.provisional is not None:
             s.provisional.synced = False
         r = s.response
+        if self._held(s):
+            s.speculation.failed = True  # its error stays held: the turn is answered afresh
         self._emit(s, EngineError(
             "session_failed", f"engine session {s.sid}: {stage} failed: {type(exc).__name__}: {exc}",
             response_id=r.job.response_id if r is not None else response_id,
@@ -683,6 +746,10 @@ class Engine:
         return done
 
     def _emit(self, s: _Session, event: EngineEvent) -> None:
+        spec = s.speculation
+        if spec is not None and getattr(event, "response_id", None) == spec.response_id:
+            spec.events.append(event)  # held until the speculation is adopted (or dropped with it)
+            return
         try:
             s.on_event(event)
         except Exception:
@@ -694,10 +761,20 @@ class Engine:
     def _handle(self, s: _Session, job: Any) -> None:
         if s.provisional is not None:  # the conversation or the slot may change: check the turn's prefix
             s.provisional.synced = False
+        spec = s.speculation
+        if spec is not None and not self._keeps_speculation(spec, job):
+            self._abandon(s)
         if isinstance(job, _Close):
             self._close_session(s)
         elif isinstance(job, StreamUserAudio):
             self._stream_audio(s, job)
+        elif isinstance(job, Speculate):
+            self._speculate(s, job)
+        elif isinstance(job, Abandon):
+            pass  # done above
+        elif isinstance(job, AddUserAudio) and s.speculation is not None:  # the speculated turn's commit
+            spec.committed, spec.pcm, spec.transcribe = True, np.asarray(job.pcm, dtype=np.float32), job.transcribe
+            s.provisional = None
         elif isinstance(job, AddUserAudio):
             if s.provisional is not None and s.provisional.item_id == job.item_id:
                 # the turn is committed: encoded whole from here on, as without streaming (the next
@@ -748,6 +825,133 @@ class Engine:
         else:
             raise TypeError(f"unknown job {job!r}")
 
+    @staticmethod
+    def _keeps_speculation(spec: _Speculation, job: Any) -> bool:
+        """Whether ``job`` leaves a held speculation in place: more audio of its turn, its commit, a
+        Respond (which adopts it or abandons it) or another Speculate (refused). Any other job may
+        change the conversation under it."""
+        if isinstance(job, StreamUserAudio):
+            return job.item_id == spec.item_id and not spec.committed
+        if isinstance(job, AddUserAudio):
+            return job.item_id == spec.item_id and job.after is None and not spec.committed
+        return isinstance(job, Respond | Speculate)
+
+    # --------------------------------------------------------------------------- speculation
+    def _speculation_event(self, outcome: str, wasted: int = 0) -> None:
+        self.speculations[outcome] += 1
+        self.speculations["wasted_patches"] += wasted
+        self._observe("speculation", 0.0, {"outcome": outcome, "wasted_patches": wasted})
+
+    def _speculation_refusal(self, s: _Session, job: Speculate) -> str | None:
+        pr = s.provisional
+        if pr is None or pr.item_id != job.item_id or not 0 < job.samples <= pr.samples:
+            return "the turn's audio is not here"
+        if s.response is not None or s.speculation is not None or s.pending_audio:
+            return "the session is busy"
+        if pr.speculations >= self.config.speculate_attempts:
+            return "attempts used up"
+        rows = sum(1 for x in self._sessions.values() if x.response is not None)
+        if rows >= min(self.config.max_batch, self.config.max_sessions) or \
+                self._jobs.qsize() > self.config.speculate_max_queue:
+            return "no headroom"
+        if not job.params.in_conversation:
+            return "out of band"
+        return None
+
+    def _speculate(self, s: _Session, job: Speculate) -> None:
+        refusal = self._speculation_refusal(s, job)
+        if refusal is not None:
+            log.debug("session %d: no speculation on %s: %s", s.sid, job.item_id, refusal)
+            self._speculation_event("refused")
+            return
+        pr = s.provisional
+        pr.speculations += 1
+        t, cpu0 = time.perf_counter(), time.thread_time()
+        try:
+            codes = self._encode([pr.audio()[:job.samples]])[0]
+        except ValueError:  # the commit reports bad audio
+            self._speculation_event("refused")
+            return
+        encode_ms = (time.perf_counter() - t) * 1000
+        user = Item(job.item_id, Role.USER, codes=codes)
+        answer = Item(f"{job.item_id}/speculation", Role.ASSISTANT, patches=self.builder.tokens([]),
+                      audio_output=job.params.audio)
+        spec = _Speculation(job.item_id, f"speculation-{s.sid}-{job.item_id}-{pr.speculations}", user, answer,
+                            job.params, t0=t)
+        s.items += [user, answer]
+        if len(self._render(s)) > self._context_limit(job.params):  # only a real turn may drop old ones
+            s.items = s.items[:-2]
+            self._speculation_event("refused")
+            return
+        s.speculation = spec
+        s.last_encode_ms, s.last_encode_cpu_s = encode_ms, time.thread_time() - cpu0
+        try:
+            self._begin_response(s, Respond(spec.response_id, answer.item_id, job.params, requested_at=t), answer, cpu0)
+        except Exception:
+            log.exception("session %d: speculation on %s failed", s.sid, job.item_id)
+            spec.failed = True
+        if s.response is None or spec.failed:
+            self._abandon(s)  # it did not start
+            return
+        self._speculation_event("started")
+
+    def _abandon(self, s: _Session) -> None:
+        """Drop the held speculation: its response and items go, its events are never sent, the slot
+        rolls back. A committed turn stays, encoded whole as without speculation."""
+        spec, s.speculation = s.speculation, None
+        if self._held_response(s, spec):
+            s.response = None
+        s.items = [it for it in s.items if it is not spec.answer and (spec.committed or it is not spec.user)]
+        if spec.committed:
+            spec.user.codes = None
+            s.pending_audio.append((spec.user, spec.pcm))
+            if spec.transcribe:
+                s.transcribe.add(spec.item_id)
+        pr = s.provisional
+        if pr is not None and pr.codes is not None:
+            self._sync_cache(s, self.renderer.open_turn(s.items, pr.codes, instructions=s.instructions,
+                                                        voice_codes=s.voice_codes))
+        else:
+            self._sync_cache(s)
+        self._speculation_event("abandoned", len(spec.answer.patches or ()))
+
+    @staticmethod
+    def _held_response(s: _Session, spec: _Speculation) -> bool:
+        return s.response is not None and s.response.job.response_id == spec.response_id
+
+    def _adopt(self, s: _Session, job: Respond) -> bool:
+        """The turn was committed and ``job`` asks for the answer that was speculated: release it
+        under ``job``'s ids (see :class:`Speculate`). False when it does not fit (the caller abandons)."""
+        spec = s.speculation
+        if not (spec.committed and not spec.failed and job.params == spec.params and s.items
+                and s.items[-1] is spec.answer):
+            return False
+        s.speculation = None
+        now = time.perf_counter()
+        held_id, spec.answer.item_id = spec.answer.item_id, job.item_id
+        r = s.response if self._held_response(s, spec) else None
+        if r is not None:
+            r.job = job
+            r.t0 = job.requested_at if job.requested_at is not None else now
+            r.timings = {"encode_ms": r.timings.get("encode_ms", 0.0), "prefill_ms": r.timings.get("prefill_ms", 0.0),
+                         "speculated_ms": round((now - spec.t0) * 1000, 3),
+                         "speculated_patches": len(spec.answer.patches)}
+            if len(spec.answer.patches):
+                r.mark("first_patch_ms")
+            if r.audio_samples:
+                r.t_first_audio = now
+                r.mark("first_audio_ms")
+        self._item_added(s, spec.user, encode_ms=r.timings["encode_ms"] if r is not None else 0.0)
+        if spec.transcribe:
+            self.transcriber.add(s.sid, spec.item_id, spec.user.codes, lambda e, s=s: self._emit(s, e))
+        for event in spec.events:
+            changes = {"response_id": job.response_id}
+            if getattr(event, "item_id", None) == held_id:
+                changes["item_id"] = job.item_id
+            self._emit(s, dataclasses.replace(event, **changes))
+        self._speculation_event("confirmed")
+        return True
+
     def _insert(self, s: _Session, item: Item, after: str | None) -> None:
         index = len(s.items)
         if after == AT_START:
@@ -797,8 +1001,13 @@ class Engine:
 
     def _stream_due(self, s: _Session) -> bool:
         pr = s.provisional
-        return (pr is not None and self.config.stream_lag_patches is not None
+        return (pr is not None and self.config.stream_lag_patches is not None and s.speculation is None
                 and pr.samples - pr.encoded_samples >= self._patch_samples * self.config.stream_every_patches)
+
+    @staticmethod
+    def _provisional_due(s: _Session) -> bool:
+        """The slot may take the turn being spoken: it is not in sync, nothing else uses the slot."""
+        return s.provisional is not None and not s.provisional.synced and s.response is None and s.speculation is None
 
     def _stream_encode(self) -> None:
         """Streaming input: encode the turns being spoken that gained a patch of audio, all in one
@@ -886,6 +1095,10 @@ class Engine:
         return GenerationControls(mode=Mode.FREE, **common)
 
     def _start_response(self, s: _Session, job: Respond) -> None:
+        if s.speculation is not None:
+            if self._adopt(s, job):
+                return
+            self._abandon(s)
         if s.response is not None:
             self._emit(s, EngineError("response_in_progress", "a response is already running",
                                       response_id=job.response_id))
@@ -933,11 +1146,16 @@ class Engine:
         r.prefill_positions = len(r.prefill)
         self._emit(s, ResponseStarted(job.response_id, item.item_id))
 
+    def _context_limit(self, p: ResponseParams) -> int:
+        """The positions a conversation may take before a response of ``p``."""
+        room = max(1, min(p.max_output_patches, int(self.max_positions * self.config.response_room)))
+        return self.max_positions - room
+
     def _fit_context(self, s: _Session, p: ResponseParams, response_id: str) -> Rendering | None:
         """Render the conversation; drop the oldest turns when it leaves the response too little room
         (see ``EngineConfig.response_room``)."""
-        room = max(1, min(p.max_output_patches, int(self.max_positions * self.config.response_room)))
-        limit = self.max_positions - room
+        limit = self._context_limit(p)
+        room = self.max_positions - limit
         target = limit - int(self.max_positions * self.config.trim_headroom)
         dropped: list[str] = []
         rendering = self._render(s)
@@ -994,7 +1212,7 @@ class Engine:
             with self._guard(s, "prefill"):
                 self._prefill_chunk(s, r, chunk)
         for s in list(self._sessions.values()):
-            if budget > 0 and s.provisional is not None and not s.provisional.synced and s.response is None:
+            if budget > 0 and self._provisional_due(s):
                 with self._guard(s, "streaming prefill"):
                     budget -= self._prefill_provisional(s, budget)
 
@@ -1042,7 +1260,7 @@ class Engine:
     def _decode_step(self) -> bool:
         """One batched step for the sessions ready to generate; returns whether it ran."""
         now = time.perf_counter()
-        ready = []
+        ready, held = [], []
         for s in self._sessions.values():
             r = s.response
             if r is None or r.phase != "generate":
@@ -1051,9 +1269,14 @@ class Engine:
                 with self._guard(s, "cancel"):
                     self._finish(s, "cancelled", r.cancel_reason)
                 continue
+            if self._held(s):
+                if not self._paused(s):
+                    held.append(s)
+                continue
             if self._lead_s(r, now) > self.config.max_audio_lead_s:
                 continue  # far enough ahead of the listener
             ready.append(s)
+        ready += self._spare_rows(ready, held, now)
         if not ready:
             return False
         if self.config.yield_lead_s > 0 and len(ready) > 1:
@@ -1071,6 +1294,13 @@ class Engine:
                       {"batch": len(ready), "speech": sum(tok == self.specials.empty for _, (tok, _) in stepped)})
         self._each("decode step", stepped, self._stepped)
         return True
+
+    def _spare_rows(self, ready: list[_Session], held: list[_Session], now: float) -> list[_Session]:
+        """The held speculations that step: only in rows the batch has to spare, and never while a
+        response that is heard is short of audio."""
+        if not held or any(self._lead_s(s.response, now) < self.config.urgent_lead_s for s in ready):
+            return []
+        return held[:max(0, max(1, self.config.max_batch) - len(ready))]
 
     def _unstep(self, rows: list[_Session]) -> None:
         """A step that raised, undone for these rows: the slots forget what it wrote (the step's
@@ -1170,6 +1400,8 @@ class Engine:
         now = time.perf_counter()
         holding = [s for s in self._sessions.values()
                    if s.response is not None and s.response.stream is not None and s.response.new_codes]
+        if self._responses_waiting():  # held speculations decode once no heard response waits
+            holding = [s for s in holding if not self._held(s)]
         leads = {s.sid: self._lead_s(s.response, now) for s in holding}
         due = sorted((s for s in holding if self._codec_due(s.response, leads[s.sid])), key=lambda s: leads[s.sid])
         # Sessions stepping in one batch fill their passes on the same tick; decoding them all then
@@ -1179,8 +1411,7 @@ class Engine:
         budget = -(-len(holding) // max(1, self.config.codec_max_patches)) + 1
         work = [s for i, s in enumerate(due) if i < budget or s.response.t_first_audio is None
                 or leads[s.sid] < self.config.codec_defer_margin_s]
-        if self.config.yield_lead_s > 0 and any(
-                s.response is not None and s.response.t_first_audio is None for s in self._sessions.values()):
+        if self.config.yield_lead_s > 0 and self._responses_waiting():
             # a new turn is waiting for its first audio: sessions comfortably ahead decode later
             work = [s for s in work if s.response.t_first_audio is None or leads[s.sid] < self.config.yield_lead_s]
         if not work:
@@ -1206,7 +1437,7 @@ class Engine:
         r = s.response
         if pcm is None or len(pcm) == 0:
             return
-        if r.t_first_audio is None:
+        if r.t_first_audio is None and not self._held(s):  # a held answer's clock starts at its release
             r.t_first_audio = time.perf_counter()
             r.mark("first_audio_ms")
             # the engine thread's CPU time for this turn's first audio, which other processes on
