@@ -933,14 +933,16 @@ class Engine:
         if r is not None:
             r.job = job
             r.t0 = job.requested_at if job.requested_at is not None else now
-            r.timings = {"encode_ms": r.timings.get("encode_ms", 0.0), "prefill_ms": r.timings.get("prefill_ms", 0.0),
-                         "speculated_ms": round((now - spec.t0) * 1000, 3),
-                         "speculated_patches": len(spec.answer.patches)}
-            if len(spec.answer.patches):
-                r.mark("first_patch_ms")
-            if r.audio_samples:
-                r.t_first_audio = now
-                r.mark("first_audio_ms")
+            # what was done while it was held was done by its start: those stages took 0 ms from
+            # the commit; the work is reported apart, with how far ahead it was
+            held = r.timings
+            r.timings = {k: 0.0 for k in held}
+            r.timings.update(speculated_ms=round((now - spec.t0) * 1000, 3),
+                             speculated_patches=len(spec.answer.patches),
+                             speculated_encode_ms=held.get("encode_ms", 0.0),
+                             speculated_prefill_ms=held.get("prefill_ms", 0.0))
+            r.timings["speculated_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
+            r.cpu0 = time.thread_time()
         self._item_added(s, spec.user, encode_ms=r.timings["encode_ms"] if r is not None else 0.0)
         if spec.transcribe:
             self.transcriber.add(s.sid, spec.item_id, spec.user.codes, lambda e, s=s: self._emit(s, e))
@@ -949,6 +951,10 @@ class Engine:
             if getattr(event, "item_id", None) == held_id:
                 changes["item_id"] = job.item_id
             self._emit(s, dataclasses.replace(event, **changes))
+        if r is not None and r.audio_samples:  # its first audio went out now
+            r.t_first_audio = time.perf_counter()
+            r.mark("first_audio_ms")
+            r.timings["first_audio_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
         self._speculation_event("confirmed")
         return True
 
