@@ -24,6 +24,14 @@ and its first second of playback, do not depend on how many sessions are already
 A session comfortably ahead also lets a few speech patches gather before its codec pass, which
 costs about the same for one patch as for four.
 
+While a user turn is being spoken its audio may arrive as it comes (:class:`StreamUserAudio`). With
+``stream_lag_patches`` set, the engine encodes it as it arrives and prefills its settled patches
+behind the conversation; the turn's commit is encoded whole as always and the response's sync keeps
+what was prefilled up to the first patch that differs, so the answer is the one without streaming.
+At a candidate end of the turn a :class:`Speculate` starts its answer and holds it (its events wait,
+its items sit at the end of the conversation); the turn's commit and its :class:`Respond` release it,
+any other job drops it without a trace (:meth:`Engine._abandon`).
+
 Sessions share batches but not failures: an exception while serving one session (its job, its
 prefill, its row of a decode step or of a codec pass, its transcript) fails that session alone
 (:meth:`Engine._fail`: an error naming it, its response ``failed``, its slot reset) and every other
@@ -381,6 +389,7 @@ class _Speculation:
     answer: Item
     params: ResponseParams
     t0: float
+    cpu0: float = 0.0  # the engine thread's CPU clock when it started
     events: list = field(default_factory=list)
     committed: bool = False  # the turn's AddUserAudio came: the user item is the conversation's
     pcm: np.ndarray | None = None  # the committed audio: encoded whole if the answer is not adopted
@@ -877,7 +886,7 @@ class Engine:
         answer = Item(f"{job.item_id}/speculation", Role.ASSISTANT, patches=self.builder.tokens([]),
                       audio_output=job.params.audio)
         spec = _Speculation(job.item_id, f"speculation-{s.sid}-{job.item_id}-{pr.speculations}", user, answer,
-                            job.params, t0=t)
+                            job.params, t0=t, cpu0=cpu0)
         s.items += [user, answer]
         if len(self._render(s)) > self._context_limit(job.params):  # only a real turn may drop old ones
             s.items = s.items[:-2]
@@ -916,6 +925,19 @@ class Engine:
         self._speculation_event("abandoned", len(spec.answer.patches or ()))
 
     @staticmethod
+    def _released_timings(spec: _Speculation, held: dict, now: float, cpu: float) -> dict:
+        """A released answer's timings: what was done while it was held was done by its start, so
+        those stages took 0 ms from the commit; the work is reported apart (``speculated_*``), with
+        how far ahead it was and how many patches it had."""
+        marks = ("encode_ms", "prefill_ms", "prefill_done_ms", "first_patch_ms", "first_text_ms",
+                 "first_speech_patch_ms", "first_audio_ms", "total_ms")
+        out = {k: 0.0 if k in marks else v for k, v in held.items() if k != "first_audio_cpu_ms"}
+        out.update(speculated_ms=round((now - spec.t0) * 1000, 3), speculated_patches=len(spec.answer.patches),
+                   speculated_encode_ms=held.get("encode_ms", 0.0), speculated_prefill_ms=held.get("prefill_ms", 0.0),
+                   speculated_cpu_ms=round((cpu - spec.cpu0) * 1000, 3))
+        return out
+
+    @staticmethod
     def _held_response(s: _Session, spec: _Speculation) -> bool:
         return s.response is not None and s.response.job.response_id == spec.response_id
 
@@ -927,29 +949,25 @@ class Engine:
                 and s.items[-1] is spec.answer):
             return False
         s.speculation = None
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         held_id, spec.answer.item_id = spec.answer.item_id, job.item_id
         r = s.response if self._held_response(s, spec) else None
         if r is not None:
             r.job = job
             r.t0 = job.requested_at if job.requested_at is not None else now
-            # what was done while it was held was done by its start: those stages took 0 ms from
-            # the commit; the work is reported apart, with how far ahead it was
-            held = r.timings
-            r.timings = {k: 0.0 for k in held}
-            r.timings.update(speculated_ms=round((now - spec.t0) * 1000, 3),
-                             speculated_patches=len(spec.answer.patches),
-                             speculated_encode_ms=held.get("encode_ms", 0.0),
-                             speculated_prefill_ms=held.get("prefill_ms", 0.0))
-            r.timings["speculated_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
-            r.cpu0 = time.thread_time()
-        self._item_added(s, spec.user, encode_ms=r.timings["encode_ms"] if r is not None else 0.0)
+            r.timings, r.cpu0 = self._released_timings(spec, r.timings, now, cpu), cpu
+        self._item_added(s, spec.user)
         if spec.transcribe:
             self.transcriber.add(s.sid, spec.item_id, spec.user.codes, lambda e, s=s: self._emit(s, e))
         for event in spec.events:
-            changes = {"response_id": job.response_id}
+            changes: dict[str, Any] = {"response_id": job.response_id}
             if getattr(event, "item_id", None) == held_id:
                 changes["item_id"] = job.item_id
+            if isinstance(event, ResponseDone):  # it ended while held
+                changes["timings"] = self._released_timings(spec, event.timings, now, cpu)
+                if event.timings.get("audio_samples"):
+                    changes["timings"].update(first_audio_ms=0.0,
+                                              first_audio_cpu_ms=round((time.thread_time() - cpu) * 1000, 3))
             self._emit(s, dataclasses.replace(event, **changes))
         if r is not None and r.audio_samples:  # its first audio went out now
             r.t_first_audio = time.perf_counter()
