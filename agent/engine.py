@@ -121,9 +121,11 @@ class EngineConfig:
     stream_lag_patches: int | None = None
     stream_every_patches: int = 1
     stream_window_s: float = 4.0
-    # speculation (Speculate): a held answer generates at most speculate_max_patches patches, then
-    # waits for its release; a turn gets at most speculate_attempts; none starts while every decode
-    # row is taken or more than speculate_max_queue jobs wait
+    # speculation (Speculate): a held answer generates until it holds speculate_hold_s of audio (what
+    # its release sends at once) or speculate_max_patches patches, then waits, leaving the engine idle
+    # for the commit; a turn gets at most speculate_attempts; none starts while every decode row is
+    # taken or more than speculate_max_queue jobs wait
+    speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
     speculate_attempts: int = 3
     speculate_max_queue: int = 64
@@ -602,8 +604,10 @@ class Engine:
             and s.response.job.response_id == s.speculation.response_id
 
     def _paused(self, s: _Session) -> bool:
-        """A held speculation at its cap of patches: it waits for its release."""
-        return self._held(s) and len(s.response.item.patches) >= self.config.speculate_max_patches
+        """A held speculation with enough audio, or at its cap of patches: it waits for its release."""
+        r = s.response
+        return self._held(s) and (len(r.item.patches) >= self.config.speculate_max_patches
+                                  or r.audio_samples >= self.config.speculate_hold_s * SAMPLE_RATE)
 
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work

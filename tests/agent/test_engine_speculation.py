@@ -89,7 +89,7 @@ def same_context(engine, a: Client, b: Client) -> None:
 
 
 def test_a_released_speculation_is_the_answer_to_the_turn_up_to_its_candidate_end(runtime):
-    engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6)
+    engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0)
     try:
         spec_c, ref = Client(engine), Client(engine)
         for c in (spec_c, ref):
