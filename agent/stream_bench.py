@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--every", type=int, default=1, help="stream_every_patches (default 1)")
     parser.add_argument("--window", type=float, default=4.0, help="stream_window_s (default 4)")
     parser.add_argument("--silence-ms", type=int, default=500, help="silence after each recording (default 500)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting, the median shown (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
 class _Stages:

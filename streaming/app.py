@@ -148,6 +148,19 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     async def realtime(websocket: WebSocket) -> None:
         await serve_websocket(app, websocket)
 
+    @app.get("/v1/realtime")
+    async def realtime_access(request: Request) -> Response:
+        """Whether these credentials open a session here, over plain HTTP: a browser is told nothing
+        of a refused WebSocket handshake (a 401 looks like a server that is down: close code 1006),
+        so the JavaScript SDK asks here when a connection fails."""
+        try:
+            authenticate(app, request.headers, [])
+        except Unauthorized as exc:
+            return _unauthorized(exc.args[0])
+        return JSONResponse({"object": "realtime.access", "model": config.model_name,
+                             "websocket": str(request.url.replace(scheme="wss" if request.url.scheme == "https"
+                                                                  else "ws", query=""))})
+
     add_client_secret_routes(app)
     if config.cors_origins:
         # pages on these origins may import /sdk/, post WebRTC offers (and read the Location that

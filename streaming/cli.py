@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("streaming.server", "run the realtime server (WebSocket, WebRTC, browser demo)"),
     "talk": ("streaming.talk", "talk to a server through this machine's microphone and speaker"),
     "bench": ("streaming.bench", "first-audio latency benchmark against a running or spawned server"),
+    "bench-turns": ("streaming.bench.turns", "turn taking on recordings with spliced hold pauses: first audio, "
+                                             "false cut-ins, the release rule swept"),
     "bench-interrupts": ("streaming.bench.interrupts", "how fast a cancel stops the answer (WebSocket, WebRTC)"),
     "bench-limits": ("streaming.bench.limits", "what vanished WebRTC offers and oversized offer bodies cost a server"),
     "fetch-turn-model": ("streaming.turn_model", "download semantic_vad's end-of-turn model (Smart Turn v3.2)"),
@@ -29,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-lm": ("agent.lm.bench", "per-patch step times of the language model"),
     "bench-codec": ("agent.codec.bench", "codec real-time factors and streaming-decode fidelity"),
     "bench-stream": ("agent.stream_bench", "streaming input: patches that survive the commit, commit-time work"),
+    "train": ("agent.train.cli", "make the speech corpus and train the codec (`train data`, `train codec`)"),
+    "eval-codec": ("agent.train.evaluate", "codec reconstruction quality: STOI and log-mel L1 on held-out voices"),
 }
 
 

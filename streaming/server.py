@@ -289,8 +289,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("memory admitted: %s", describe_memory(rt.info["memory"]))
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level,
                                            loop="uvloop" if sys.platform != "win32" else "asyncio"))
-    if args.port_file:
-        _write_port_when_listening(server, args.port_file)
+    _when_listening(server, args.host, args.port_file)
     try:
         server.run()
     finally:
@@ -308,13 +307,21 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str, loop: str)
                           lifespan="off")
 
 
-def _write_port_when_listening(server: Any, path: str) -> None:
-    """Write the bound port once uvicorn listens (``--port 0`` picks a free one)."""
+def _when_listening(server: Any, host: str, port_file: str | None) -> None:
+    """Once uvicorn listens (``--port 0`` picks a free port): say where the demo page is, and
+    write the port to ``port_file``."""
     original = server.startup
 
     async def startup(sockets: Any = None) -> None:
         await original(sockets=sockets)
-        write_port_file(path, server.servers[0].sockets[0].getsockname()[1])
+        if not server.servers:  # the bind failed: uvicorn says why and exits
+            return
+        port = server.servers[0].sockets[0].getsockname()[1]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+        log.info("demo page: open http://%s:%d/ in a browser (speak, or type; no microphone needed to type)",
+                 shown, port)
+        if port_file:
+            write_port_file(port_file, port)
 
     server.startup = startup
 

@@ -2,6 +2,7 @@
 // window.mimoDemo (see the end of this file and web/sdk/README.md).
 
 import * as sdk from "./sdk/index.js";
+import { serverBase } from "./sdk/urls.js";
 
 const { LevelMeter, TurnLatencyTracker, buildSession, connect, getMicrophone, resample, serverOffers } = sdk;
 
@@ -15,10 +16,14 @@ const MAX_ERRORS = 50;
 const demo = {
   sdk,
   sdkLoaded: true,
-  state: { status: "idle", connected: false, transport: null, sessionId: null, callId: null, micMuted: false, ducked: false },
+  // microphone: true while the connection has one, false when it runs without (typing only)
+  state: { status: "idle", connected: false, transport: null, sessionId: null, callId: null, micMuted: false, ducked: false, microphone: null },
+  // the server's model card (/healthz): {name, weights: "random"|"trained", summary, examples}
+  model: null,
   // {role: "user"|"assistant", itemId, text, final, interrupted, placeholder, responseId}; a turn
   // without a transcript (user speech, or agent speech cut off before its first words) has text ""
-  // and placeholder true (shown as "(speech)").
+  // and placeholder true (shown as "(speech)"). A new connection after earlier turns adds
+  // {role: "separator", text}.
   transcript: [],
   latencies: [], // TurnLatencyTracker turns
   errors: [], // {source: "server"|"client"|"connection"|"settings", code, message, t}
@@ -53,7 +58,10 @@ function setStatus(status) {
   $("connect").disabled = busy;
   $("disconnect").disabled = !busy;
   for (const input of document.querySelectorAll("input[name=transport]")) input.disabled = busy;
-  for (const id of ["mute", "interrupt", "text-input", "send-text", "talk"]) $(id).disabled = status !== "connected";
+  $("interrupt").disabled = status !== "connected";
+  for (const id of ["mute", "talk"]) $(id).disabled = status !== "connected" || !micStream;
+  // typing needs no microphone, and connects first when idle
+  for (const id of ["text-input", "send-text"]) $(id).disabled = status === "connecting";
 }
 
 function addError(source, message, code = null) {
@@ -190,6 +198,17 @@ function entryFor(role, itemId) {
   return record;
 }
 
+/** A line between the turns of two connections: the conversation on the server starts afresh
+ * (and so does the latency table). */
+function addSeparator(transport) {
+  if (!demo.transcript.length || demo.transcript.at(-1).role === "separator") return;
+  const text = `New connection (${transport === "webrtc" ? "WebRTC" : "WebSocket"}) at ${new Date().toLocaleTimeString()}: the agent does not remember the turns above`;
+  demo.transcript.push({ role: "separator", text });
+  const li = Object.assign(document.createElement("li"), { className: "separator", textContent: text });
+  li.dataset.testid = "transcript-separator";
+  $("transcript").append(li);
+}
+
 function render({ entry, li }) {
   const blank = entry.placeholder && !entry.text.trim(); // a transcript of one space is no transcript
   li.querySelector(".text").textContent = blank ? "(speech)" : entry.text;
@@ -323,6 +342,52 @@ function updateVoicePromptControl() {
   }
 }
 
+// ---- the model ------------------------------------------------------------------------------
+
+/** Say which model the server runs and what to expect of it (its /healthz model card); a model
+ * that lists examples gets them as prompts to click. */
+async function showModel() {
+  const notice = $("model-notice");
+  let card = null;
+  try {
+    const { secure, host, path } = serverBase($("server-url").value.trim() || location.origin);
+    const res = await fetch(`${secure ? "https" : "http"}://${host}${path}/healthz`, { cache: "no-store" });
+    card = res.ok ? (await res.json()).model_card ?? null : null;
+  } catch {
+    card = null;
+  }
+  demo.model = card;
+  notice.dataset.weights = card?.weights ?? "";
+  if (!card) {
+    notice.textContent = "The server did not say which model it runs.";
+    $("examples").replaceChildren();
+    $("examples").hidden = true;
+    return;
+  }
+  notice.textContent = card.weights === "random"
+    ? `${card.name} has random weights: every stage runs for real, but its answers are noise and babble and its transcripts random characters. Serve a trained checkpoint (--model) for answers that mean something.`
+    : `${card.name}: ${card.summary}`;
+  const buttons = (card.examples ?? []).map((text) => {
+    const button = Object.assign(document.createElement("button"), { type: "button", textContent: text });
+    button.dataset.testid = "example-prompt";
+    button.addEventListener("click", () => say(text));
+    return button;
+  });
+  $("examples").replaceChildren(...buttons);
+  $("examples").hidden = buttons.length === 0;
+}
+
+/** Send `text` as the user's turn, connecting first when idle. */
+async function say(text) {
+  if (!client) await doConnect();
+  if (!client) return; // the connection failed and said why
+  try {
+    client.sendText(text);
+  } catch (err) {
+    addError("client", err.message);
+  }
+}
+
 // ---- latency and stats ------------------------------------------------------------------------
 
 const fmt = (ms) => (ms === null ? "—" : `${Math.round(ms)} ms`);
@@ -424,7 +489,13 @@ async function doConnect() {
   tracker = new TurnLatencyTracker({ onUpdate: renderLatency });
   renderLatency(); // a new connection starts a new table
   try {
-    micStream = await getMicrophone();
+    try {
+      micStream = await getMicrophone();
+    } catch (err) {
+      micStream = null; // no microphone: the conversation goes on in text
+      $("mic-state").textContent = `off: ${err.message}; type your messages`;
+    }
+    demo.state.microphone = Boolean(micStream);
     updateTalkMode();
     client = await connect({
       url: $("server-url").value.trim() || location.origin,
@@ -433,17 +504,18 @@ async function doConnect() {
       iceServers: iceServers(),
       headphones: $("headphones").checked,
       session,
-      microphone: micStream,
+      microphone: micStream ?? false,
       audioElement: $("agent-audio"),
       on: { "*": onEvent },
     });
   } catch (err) {
-    addError("connection", err.message);
+    addError("connection", err.message, err.code ?? null);
     teardown();
     return;
   }
   demo.client = client;
   demo.state.callId = client.callId;
+  addSeparator(demo.state.transport);
   setStatus("connected");
   updateVoicePromptControl();
   statsTimer = setInterval(() => refreshStats().catch((err) => console.warn("stats:", err)), STATS_EVERY_MS);
@@ -465,7 +537,7 @@ function teardown() {
   meter.db = -90;
   document.querySelector("[data-testid=mic-level] .meter-fill").style.transform = "scaleX(0)";
   $("mic-db").textContent = "-- dBFS";
-  $("mic-state").textContent = "off";
+  if (demo.state.microphone !== false) $("mic-state").textContent = "off";
   setStatus("idle");
   updateVoicePromptControl();
 }
@@ -507,10 +579,11 @@ function init() {
   $("text-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("text-input").value.trim();
-    if (!client || !text) return;
-    client.sendText(text);
+    if (!text) return;
     $("text-input").value = "";
+    say(text);
   });
+  $("server-url").addEventListener("change", () => showModel());
   const talk = $("talk");
   talk.addEventListener("pointerdown", () => {
     if (!client) return;
@@ -530,6 +603,7 @@ function init() {
   setStatus("idle");
   renderLatency();
   showStats([["Agent audio", "not connected"]]);
+  showModel();
 }
 
 init();

@@ -233,7 +233,8 @@ class AudioTokenizerConfig:
 
 
 def preset(name: str) -> AudioTokenizerConfig:
-    """``tiny`` (same architecture, small widths: fast on one CPU core) or ``mimo-audio-tokenizer``
+    """``tiny`` (same architecture, small widths: fast on one CPU core), ``tiny-speech`` (wider, the
+    size trained by ``mimo-agent train codec``) or ``mimo-audio-tokenizer``
     (the shipped sizes). The front end, token rate and codebook sizes are the real ones in both, so
     codes from either preset are valid input for the language model."""
     if name == "mimo-audio-tokenizer":
@@ -253,7 +254,17 @@ def preset(name: str) -> AudioTokenizerConfig:
             vocoder_num_layers=4,
             vocoder_attention_heads=4,
         )
+    if name == "tiny-speech":
+        return AudioTokenizerConfig(**TINY_SPEECH)
     raise ConfigError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "mimo-audio-tokenizer")
+#: ``tiny-speech``: the tiny architecture wide enough to carry speech (2.7 M weights and 0.56 M
+#: codebook values); the size ``mimo-agent train codec`` trains.
+TINY_SPEECH = {
+    "d_model": 128, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 512,
+    "encoder_skip_layer_id": 2, "decoder_layers": 4, "decoder_attention_heads": 4, "decoder_ffn_dim": 512,
+    "vocoder_dim": 128, "vocoder_intermediate_dim": 512, "vocoder_num_layers": 4, "vocoder_attention_heads": 4,
+}
+
+PRESETS = ("tiny", "tiny-speech", "mimo-audio-tokenizer")

@@ -136,9 +136,14 @@ class SpawnedServer:
             return "(no server log)"
 
 
+def http_base(url: str) -> str:
+    """The server's HTTP origin from its realtime (or HTTP) URL."""
+    return url.replace("wss://", "https://").replace("ws://", "http://").split("/v1/")[0].rstrip("/")
+
+
 def fetch_health(url: str, api_key: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """The server's ``/healthz`` (model, device, dtype, sessions ...), from its realtime URL."""
-    base = url.replace("wss://", "https://").replace("ws://", "http://").split("/v1/")[0]
+    base = http_base(url)
     request = urllib.request.Request(base + "/healthz")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")

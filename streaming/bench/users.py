@@ -310,6 +310,8 @@ class Mic:
         self._wake = asyncio.Event()
         self._running = True
         self._silence = np.zeros(self.step, np.int16)
+        self.sent = 0  # samples sent so far: the server's input clock (audio_start_ms / audio_end_ms)
+        self.utterance_at = 0  # the sample at which the current utterance began, on that clock
 
     def say(self, pcm: np.ndarray, speech_end: int, rec: TurnRecord) -> asyncio.Future:
         """Queue an utterance; the future resolves once its last chunk is sent."""
@@ -337,6 +339,7 @@ class Mic:
                 await asyncio.sleep(delay)
             if self._pcm is None:
                 await self.link.send_audio(self._silence)
+                self.sent += len(self._silence)
                 continue
             chunk = self._pcm[self._pos : self._pos + self.step]
             start, self._pos = self._pos, self._pos + len(chunk)
@@ -344,7 +347,8 @@ class Mic:
             await self.link.send_audio(chunk)
             now = self.now()
             if start == 0:
-                rec.t_turn_start = now
+                rec.t_turn_start, self.utterance_at = now, self.sent
+            self.sent += len(chunk)
             if start < self._speech_end <= self._pos:
                 rec.t_speech_end = now
             if self._pos >= len(self._pcm):

@@ -47,11 +47,7 @@ def to16k(pcm: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> M.SmartTurn:
-    try:
-        M.find_model()
-    except M.TurnModelMissing:
-        M.fetch_model()  # pip download of the pipecat-ai wheel (.ci/run does it beforehand)
-    return M.shared_model()
+    return M.shared_model()  # fetched by tests/conftest.py when missing
 
 
 def test_features_and_probabilities_match_the_reference_preprocessing(tmp_path, model) -> None:

@@ -76,14 +76,16 @@ async def test_spoken_turn_over_webrtc(server):
              "response.done", "output_audio_buffer.stopped"]
     positions = [kinds.index(k) for k in order]
     assert positions == sorted(positions), kinds
-    assert kinds.index("response.created") < kinds.index("response.output_audio_transcript.delta") < positions[-2]
+    # the transcript's deltas, if the random weights wrote any readable text, within the response
+    texts = [i for i, k in enumerate(kinds) if k == "response.output_audio_transcript.delta"]
+    assert all(kinds.index("response.created") < i < positions[-2] for i in texts)
     assert "response.output_audio.delta" not in kinds, "audio travels on the media track only"
     response = done["response"]
     assert response["status"] in ("completed", "incomplete")
     started = events[kinds.index("output_audio_buffer.started")]
     assert started["response_id"] == stopped["response_id"] == response["id"]
     transcript = "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
-    assert transcript and transcript == events[kinds.index("response.output_audio_transcript.done")]["transcript"]
+    assert transcript == events[kinds.index("response.output_audio_transcript.done")]["transcript"]
     assert response["mimo"]["timings"]["server_first_audio_ms"] > 0
 
     # every sample of the response went out on the track (24 kHz -> 48 kHz), before `stopped`

@@ -161,12 +161,14 @@ class Chromium:
 
 
 @contextlib.contextmanager
-def chromium(*, mic_wav: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Chromium]:
-    """Start headless Chromium with `mic_wav` as the microphone (Chrome loops the file)."""
+def chromium(*, mic_wav: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+             microphone: bool = True) -> Iterator[Chromium]:
+    """Start headless Chromium with `mic_wav` as the microphone (Chrome loops the file); with
+    `microphone=False`, with no fake capture device (a machine without a microphone)."""
     from playwright.sync_api import sync_playwright
 
     executable = require_browser()
-    args = list(CHROMIUM_FLAGS)
+    args = [flag for flag in CHROMIUM_FLAGS if microphone or flag != "--use-fake-device-for-media-stream"]
     if mic_wav is not None:
         args.append(f"--use-file-for-fake-audio-capture={mic_wav}")
     with sync_playwright() as pw:

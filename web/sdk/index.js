@@ -3,11 +3,13 @@
  * Realtime server over WebRTC or WebSocket and returns a RealtimeClient. See README.md.
  */
 
+import { diagnose } from "./access.js";
 import { Microphone, RemoteAudioMonitor, WorkletPlayer, getMicrophone } from "./audio.js";
 import { RealtimeClient } from "./client.js";
 import { WebRTCTransport } from "./transport-webrtc.js";
 import { WebSocketTransport } from "./transport-websocket.js";
 
+export { ConnectionError, diagnose, realtimeHttpUrl } from "./access.js";
 export { Emitter } from "./emitter.js";
 export { JitterBuffer } from "./jitter-buffer.js";
 export { TurnLatencyTracker } from "./latency.js";
@@ -43,6 +45,8 @@ export const TRANSPORTS = Object.freeze(["webrtc", "websocket"]);
  * @param {Record<string, Function>} [options.on] handlers registered before connecting, so no
  *   event (session.created included) is missed
  * @param {number} [options.timeoutMs=15000] connection timeout
+ * @throws {ConnectionError} when the server refuses the key (`code` "invalid_api_key", `status`
+ *   401) or nothing answers at `url` (`code` "server_unreachable"); otherwise the failure as it came
  */
 export async function connect(options = {}) {
   const {
@@ -108,6 +112,9 @@ export async function connect(options = {}) {
       if (part instanceof MediaStream) part.getTracks().forEach((t) => t.stop());
       else part.close();
     }
-    throw err;
+    // The browser hides why a handshake failed, and a page whose server went away fails first on
+    // loading an audio worklet: ask the server (a ConnectionError: the key refused, or nothing
+    // answering), else the error as it came.
+    throw (await diagnose(url, apiKey).catch(() => null)) ?? err;
   }
 }

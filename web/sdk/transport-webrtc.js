@@ -10,6 +10,7 @@
  * No trickle ICE: the offer carries every candidate gathered within `iceGatheringTimeoutMs`.
  */
 
+import { replyDetail } from "./access.js";
 import { realtimeCallsUrl } from "./urls.js";
 
 export const WEBRTC_DEFAULTS = Object.freeze({ iceGatheringTimeoutMs: 2000, openTimeoutMs: 10000 });
@@ -37,22 +38,6 @@ function waitForIceGathering(pc, timeoutMs) {
     const timer = setTimeout(done, timeoutMs);
     pc.addEventListener("icegatheringstatechange", check);
   });
-}
-
-const DETAIL_MAX_CHARS = 200;
-
-/** The reason in a failed signalling reply: JSON `{error: {message}}` or `{detail}`, plain text,
- * or the status text for an HTML error page. */
-function replyDetail(res, text) {
-  let detail = text;
-  try {
-    const body = JSON.parse(text);
-    detail = body?.error?.message ?? (typeof body?.detail === "string" ? body.detail : JSON.stringify(body?.detail ?? body));
-  } catch {
-    if (/^\s*</.test(text)) detail = res.statusText;
-  }
-  detail = String(detail ?? "").replace(/\s+/g, " ").trim();
-  return detail.length > DETAIL_MAX_CHARS ? `${detail.slice(0, DETAIL_MAX_CHARS)}…` : detail;
 }
 
 export class WebRTCTransport {

@@ -1,0 +1,23 @@
+"""``mimo-agent train data|codec``: the corpus and the codec of the built-in model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+#: sub-command -> (module, one-line help)
+STAGES = {
+    "data": ("agent.train.data", "synthesise the speech corpus (espeak-ng, flite, festival; sox augmentation)"),
+    "codec": ("agent.train.codec", "train the audio tokenizer on a corpus (official layout checkpoint)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (module, help_) in STAGES.items():
+        sub = stages.add_parser(name, help=help_, description=help_, formatter_class=parser.formatter_class)
+        importlib.import_module(module).add_arguments(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(STAGES[args.stage][0]).run(args) or 0)

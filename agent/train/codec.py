@@ -1,0 +1,340 @@
+"""Training of the audio tokenizer: ``mimo-agent train codec``.
+
+The official architecture (``agent.codec``) at ``tiny-speech`` size, trained from scratch on a
+corpus of ``mimo-agent train data`` without a discriminator: the loss is the log-mel L1 of the
+reconstructed waveform at four STFT resolutions, plus the L1 of the decoder's coarse mel against
+the input mel, plus the RVQ commitment. The codebooks are trained as the official quantizer's
+buffers suggest (``embed_avg``, ``cluster_size``, ``inited``, ``threshold_ema_dead_code``):
+initialised from encoder outputs, updated by exponential moving averages, unused entries replaced
+by encoder outputs of the batch. Each item of a batch quantises with a drawn number of codebooks
+(quantizer dropout), half of them with the language model's 8, so that 8 and 20 both decode well.
+
+Everything random is drawn from ``--seed``. The output directory is an official-layout checkpoint
+(``config.json`` + ``model.safetensors``, read by :func:`agent.codec.load_audio_tokenizer`) with
+``training.json`` (recipe, steps, losses, time) and ``train_state.pt`` (to ``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..codec.config import LM_CODEBOOKS, AudioTokenizerConfig
+from ..codec.config import preset as preset_config
+from ..codec.mel import htk_mel_filterbank
+from ..codec.tokenizer import MiMoAudioTokenizer, init_random_weights, load_audio_tokenizer, save_audio_tokenizer
+from .data import load_split, read_manifest
+
+MANIFEST = "training.json"
+STATE = "train_state.pt"
+LOSS_LOG = "losses.tsv"
+
+
+@dataclass
+class TrainRecipe:
+    preset: str = "tiny-speech"
+    seed: int = 0
+    steps: int = 2500
+    batch: int = 8
+    tokens: int = 48  # crop length in 25 Hz tokens (48 = 1.92 s)
+    lr: float = 1e-3
+    warmup: int = 200
+    final_lr_fraction: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mel_weight: float = 1.0
+    coarse_mel_weight: float = 0.5
+    commit_weight: float = 0.25
+    ema_decay: float = 0.99
+    dead_code_percent: float = 10.0  # restart entries used less than this share of an even share
+    lm_codebooks_share: float = 0.5  # items quantised with LM_CODEBOOKS; the rest 1..num_quantizers
+    #: (n_fft, hop, n_mels) of the waveform's log-mel loss
+    mel_scales: list[tuple[int, int, int]] = field(
+        default_factory=lambda: [(256, 64, 32), (512, 128, 64), (960, 240, 128), (1920, 480, 128)]
+    )
+
+
+# --- losses --------------------------------------------------------------------------------------
+class MultiScaleLogMel:
+    """Log-mel spectrograms of a batch of waveforms at several STFT resolutions (differentiable)."""
+
+    def __init__(self, scales: list[tuple[int, int, int]], sample_rate: int):
+        self.scales = [
+            (n_fft, hop, torch.hann_window(n_fft), htk_mel_filterbank(sample_rate, n_fft, n_mels))
+            for n_fft, hop, n_mels in scales
+        ]
+
+    def __call__(self, wav: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for n_fft, hop, window, filters in self.scales:
+            spec = torch.stft(wav, n_fft, hop, window=window, center=True, pad_mode="reflect", return_complex=True)
+            mag = spec.abs().clamp_min(1e-8).transpose(1, 2)  # (B, T, F)
+            out.append(torch.log((mag @ filters).clamp_min(1e-5)))
+        return out
+
+    def l1(self, estimate: torch.Tensor, target_mels: list[torch.Tensor]) -> torch.Tensor:
+        return sum(F.l1_loss(e, t) for e, t in zip(self(estimate), target_mels, strict=True)) / len(self.scales)
+
+
+# --- the quantizer in training -------------------------------------------------------------------
+class EmaQuantizer:
+    """Trains the codebooks of ``tok.encoder.quantizer`` in place (EMA k-means, dead-code restarts)."""
+
+    def __init__(self, tok: MiMoAudioTokenizer, decay: float, threshold: float):
+        self.q = tok.encoder.quantizer
+        self.decay, self.threshold, self.eps = decay, threshold, 1e-5
+        self.cluster_size = [torch.zeros(k) for k in self.q.codebook_sizes]
+        self.embed_avg = [self.q.codebook(i).clone() for i in range(self.q.num_quantizers)]
+        self.inited = False
+
+    def state_dict(self) -> dict:
+        return {"cluster_size": self.cluster_size, "embed_avg": self.embed_avg, "inited": self.inited}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cluster_size, self.embed_avg, self.inited = state["cluster_size"], state["embed_avg"], state["inited"]
+
+    def __call__(
+        self, x: torch.Tensor, n_q: torch.Tensor, gen: torch.Generator, update: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) features, n_q (N,) codebooks per row -> (straight-through quantized x, commitment loss)."""
+        residual = x.detach().float()
+        total = torch.zeros_like(residual)
+        for i in range(self.q.num_quantizers):
+            active = n_q > i
+            if not bool(active.any()):
+                break
+            book = self.q.codebook(i)
+            if update and not self.inited:
+                book.copy_(_sample_rows(residual[active], book.shape[0], gen))
+                share = int(active.sum()) / book.shape[0]
+                self.embed_avg[i] = book * share
+                self.cluster_size[i].fill_(share)
+            idx = self.q.vq.layers[i]._codebook.quantize(residual)
+            chosen = book[idx] * active[:, None]  # the entries as they were when chosen
+            if update:
+                self._update(i, residual[active], idx[active], gen)
+            total = total + chosen
+            residual = residual - chosen
+        self.inited = self.inited or update
+        commit = F.mse_loss(x.float(), total)
+        return x + (total - x).detach(), commit
+
+    @torch.no_grad()
+    def _update(self, i: int, r: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> None:
+        book, K = self.q.codebook(i), self.q.codebook_sizes[i]
+        counts = torch.bincount(idx, minlength=K).float()
+        sums = torch.zeros_like(book).index_add_(0, idx, r)
+        d = self.decay
+        self.cluster_size[i].mul_(d).add_(counts, alpha=1 - d)
+        self.embed_avg[i].mul_(d).add_(sums, alpha=1 - d)
+        size = self.cluster_size[i]
+        n = size.sum()
+        smoothed = (size + self.eps) / (n + K * self.eps) * n
+        book.copy_(self.embed_avg[i] / smoothed[:, None])
+        # An entry is dead when its average use per batch falls below ``threshold`` percent of an
+        # even share (the official threshold counts uses per batch, for batches far larger than
+        # these); it restarts on a residual of this batch, credited with an even share.
+        share = r.shape[0] / K
+        dead = size < self.threshold / 100 * share
+        if bool(dead.any()):
+            fresh = _sample_rows(r, int(dead.sum()), gen)
+            book[dead] = fresh
+            self.embed_avg[i][dead] = fresh * share
+            self.cluster_size[i][dead] = share
+
+
+def _sample_rows(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    if x.shape[0] >= n:
+        return x[torch.randperm(x.shape[0], generator=gen)[:n]].clone()
+    return x[torch.randint(x.shape[0], (n,), generator=gen)].clone()
+
+
+# --- the loop --------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, recipe: TrainRecipe, corpus: str | Path, out: str | Path, config: AudioTokenizerConfig):
+        self.recipe, self.corpus, self.out, self.config = recipe, Path(corpus), Path(out), config
+        torch.manual_seed(recipe.seed)
+        self.tok = init_random_weights(MiMoAudioTokenizer(config), recipe.seed).train()
+        self.quant = EmaQuantizer(self.tok, recipe.ema_decay, recipe.dead_code_percent)
+        self.opt = torch.optim.AdamW(
+            self.tok.parameters(), lr=recipe.lr, betas=(0.8, 0.99), weight_decay=recipe.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.mels = MultiScaleLogMel(recipe.mel_scales, config.sampling_rate)
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+        self.command: str | None = None  # the command line that made the run, for the manifest
+        self.step = 0
+        self.seconds = 0.0  # training wall time over all runs (resumes add up)
+        self.history: list[dict[str, float]] = []
+        audio = [a for _, a in load_split(self.corpus, "train", config.sampling_rate)]
+        if not audio:
+            raise ValueError(f"{self.corpus} has no training utterances")
+        self.stream = torch.from_numpy(np.concatenate(audio))
+        self.crop = recipe.tokens * config.samples_per_token
+        if self.stream.numel() <= self.crop:
+            raise ValueError(f"{self.corpus}: {self.stream.numel()} training samples, need more than {self.crop}")
+
+    def _lr_factor(self, step: int) -> float:
+        r = self.recipe
+        if step < r.warmup:
+            return (step + 1) / r.warmup
+        progress = min(1.0, (step - r.warmup) / max(1, r.steps - r.warmup))
+        return r.final_lr_fraction + (1 - r.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def batch(self) -> torch.Tensor:
+        starts = torch.randint(self.stream.numel() - self.crop, (self.recipe.batch,), generator=self.gen)
+        return torch.stack([self.stream[s : s + self.crop] for s in starts.tolist()])
+
+    def draw_n_q(self, n: int) -> torch.Tensor:
+        full = torch.randint(1, self.config.num_quantizers + 1, (n,), generator=self.gen)
+        lm = torch.rand(n, generator=self.gen) < self.recipe.lm_codebooks_share
+        return torch.where(lm, torch.full_like(full, LM_CODEBOOKS), full)
+
+    def losses(self, wav: torch.Tensor, update: bool = True) -> dict[str, torch.Tensor]:
+        r, tok = self.recipe, self.tok
+        B, N = wav.shape
+        with torch.no_grad():
+            mel = torch.stack([tok.front_end(w) for w in wav])  # (B, T_mel, n_mels)
+            targets = self.mels(wav)
+        lengths = torch.full((B,), mel.shape[1])
+        feats, len25 = tok.encoder(mel, lengths)  # (B, T25, d)
+        T25 = feats.shape[1]
+        n_q = self.draw_n_q(B)[:, None].expand(B, T25).reshape(-1)
+        quantized, commit = self.quant(feats.reshape(B * T25, -1), n_q, self.gen, update)
+        dec = tok.decoder
+        x, len50 = dec.dconv1(quantized.view(B, T25, -1), len25)
+        coarse, len100 = dec.dconv2(dec.transform(x, len50), len50)
+        out = dec.vocoder(coarse, len100)[:, :N]
+        coarse_l1 = F.l1_loss(coarse[:, : mel.shape[1]], mel)
+        mel_l1 = self.mels.l1(out, targets)
+        total = r.mel_weight * mel_l1 + r.coarse_mel_weight * coarse_l1 + r.commit_weight * commit
+        return {"loss": total, "mel": mel_l1, "coarse_mel": coarse_l1, "commit": commit}
+
+    def train_step(self) -> dict[str, float]:
+        losses = self.losses(self.batch())
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.tok.parameters(), self.recipe.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def run(self, *, save_every: int = 250, log_every: int = 25, stop_at: int | None = None,
+            max_seconds: float | None = None, log=print) -> Path:
+        """Train to ``recipe.steps``, or stop early (saved, resumable) at step ``stop_at`` or once this
+        call has run ``max_seconds``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        losses_path = self.out / LOSS_LOG
+        if self.step == 0:
+            losses_path.write_text("step\tseconds\tloss\tmel\tcoarse_mel\tcommit\tlr\n")
+        started = time.monotonic()
+        base_seconds = self.seconds
+        end = self.recipe.steps if stop_at is None else min(stop_at, self.recipe.steps)
+        while self.step < end:
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                log(f"stopping at step {self.step} after {max_seconds:.0f} s (resume with --resume)")
+                break
+            row = self.train_step()
+            self.seconds = base_seconds + time.monotonic() - started
+            self.history.append(row)
+            self.history = self.history[-100:]
+            if self.step % log_every == 0 or self.step == self.recipe.steps:
+                lr = self.sched.get_last_lr()[0]
+                with losses_path.open("a") as f:
+                    f.write(f"{self.step}\t{self.seconds:.1f}\t" + "\t".join(f"{row[k]:.5f}" for k in
+                            ("loss", "mel", "coarse_mel", "commit")) + f"\t{lr:.6f}\n")
+                log(f"step {self.step}/{self.recipe.steps} {self.seconds:.0f}s " +
+                    " ".join(f"{k} {v:.4f}" for k, v in row.items()))
+            if self.step % save_every == 0:
+                self.save()
+        self.save()
+        return self.out
+
+    def final_losses(self) -> dict[str, float]:
+        """Mean of each loss over the last (up to) 100 steps."""
+        if not self.history:
+            return {}
+        return {k: round(sum(h[k] for h in self.history) / len(self.history), 5) for k in self.history[0]}
+
+    def save(self) -> None:
+        self.tok.eval()
+        save_audio_tokenizer(self.tok, self.out)
+        self.tok.train()
+        torch.save({"step": self.step, "seconds": self.seconds, "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(), "quantizer": self.quant.state_dict(),
+                    "generator": self.gen.get_state(), "history": self.history, "recipe": asdict(self.recipe)},
+                   self.out / STATE)
+        corpus = read_manifest(self.corpus)
+        manifest = {
+            "format": "mimo-agent codec training",
+            "command": self.command,
+            "recipe": asdict(self.recipe),
+            "parameters": sum(p.numel() for p in self.tok.parameters()),
+            "corpus": {"path": str(self.corpus), "seed": corpus["recipe"]["seed"], "minutes": corpus["minutes"],
+                       "held_out_voices": corpus["recipe"]["held_out_voices"]},
+            "steps": self.step,
+            "final_losses": self.final_losses(),
+            "train_seconds": round(self.seconds, 1),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    def resume(self) -> None:
+        state = torch.load(self.out / STATE, weights_only=False)
+        if state["recipe"] != asdict(self.recipe):
+            changed = sorted(k for k, v in asdict(self.recipe).items() if state["recipe"].get(k) != v)
+            raise ValueError(f"--resume with a different recipe (changed: {', '.join(changed)})")
+        loaded = load_audio_tokenizer(self.out, dtype=torch.float32)
+        self.tok.load_state_dict(loaded.state_dict())
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.quant.load_state_dict(state["quantizer"])
+        self.gen.set_state(state["generator"])
+        self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+
+
+def add_arguments(parser) -> None:
+    d = TrainRecipe()
+    parser.add_argument("--data", required=True, help="corpus directory made by `mimo-agent train data`")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write (official layout)")
+    parser.add_argument("--preset", default=d.preset, help=f"tokenizer size to train (default {d.preset})")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help=f"weights, crops and quantizer draws (default {d.seed})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--batch", type=int, default=d.batch, help=f"crops per step (default {d.batch})")
+    parser.add_argument("--tokens", type=int, default=d.tokens,
+                        help=f"crop length in 25 Hz tokens (default {d.tokens})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    parser.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (default 250)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop (saved, resumable) after this many minutes of this invocation")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = TrainRecipe(preset=args.preset, seed=args.seed, steps=args.steps, batch=args.batch, tokens=args.tokens,
+                         lr=args.lr)
+    trainer = Trainer(recipe, args.data, args.out, preset_config(args.preset))
+    trainer.command = (f"mimo-agent train codec --data {args.data} --out {args.out} --preset {args.preset} "
+                       f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --tokens {args.tokens} "
+                       f"--lr {args.lr:g}" + (f" --threads {args.threads}" if args.threads else ""))
+    if args.resume:
+        trainer.resume()
+        print(f"resumed {args.out} at step {trainer.step}", flush=True)
+    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
+    trainer.run(save_every=args.save_every, max_seconds=max_seconds, log=lambda m: print(m, flush=True))
+    print(f"wrote {os.fspath(args.out)}: {trainer.final_losses()}")
+    return 0

@@ -1,0 +1,21 @@
+"""Shared test setup: semantic_vad's end-of-turn model is there before any test needs it.
+
+``semantic_vad`` sessions (the Realtime tests, openai-agents-js's default) load Smart Turn v3.2.
+CI fetches it beforehand (``.ci/run``); elsewhere the first run fetches it the same way (``mimo-agent
+fetch-turn-model``: the pipecat-ai wheel from PyPI, 12 MB, only the model kept), so the README's
+install-and-test command stays true.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _turn_model() -> None:
+    from streaming import turn_model
+
+    try:
+        turn_model.find_model()
+    except turn_model.TurnModelMissing:
+        turn_model.fetch_model()

@@ -1,0 +1,103 @@
+"""``mimo-agent bench-turns``: the material (spliced holds, labels), false cut-in counting on
+constructed cases, the metrics parser, and a --quick run against a real server on loopback
+(structure and counts, not timings)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from streaming.bench import turns as T
+from streaming.bench.users import BenchError, load_utterance
+from streaming.cli import main
+from tests.streaming.helpers import DATA
+from tests.streaming.live_server import start_server
+
+REAL = DATA / "real_speech_en_m.wav"
+
+
+def test_holds_are_spliced_at_quiet_points_and_labelled_on_the_turns_clock() -> None:
+    utt = load_utterance(REAL)
+    points = T.hold_points(utt)
+    assert len(points) >= 3
+    assert all(utt.speech_start + T.EDGE_MS * 24 <= p * 240 <= utt.speech_end - T.EDGE_MS * 24 for p in points)
+    assert all(b - a >= T.MIN_GAP_MS // 10 for a, b in itertools.pairwise(points))
+    pauses = [200, 450, 700]
+    turns = T.build_turns([utt], pauses)
+    assert len(turns) == len(pauses)
+    seen = {}
+    for turn in turns:
+        assert len(turn.holds) == len(points)
+        assert len(turn.pcm) == utt.speech_end + sum(ms for _, ms in turn.holds) * 24
+        assert turn.speech_end_ms == utt.speech_end // 24 + sum(ms for _, ms in turn.holds)
+        shift = 0
+        for (start, ms), p in zip(turn.holds, points, strict=True):
+            assert start == p * 10 + shift  # the original point, moved by the pauses before it
+            silence = turn.pcm[start * 24 : (start + ms) * 24].astype(np.float32) / 32768
+            assert np.sqrt(np.mean(silence**2)) < 10 ** (-50 / 20)  # room tone: below -50 dBFS
+            seen.setdefault(p, set()).add(ms)
+            shift += ms
+    assert all(s == set(pauses) for s in seen.values())  # every point meets every length once
+
+
+def test_false_cut_ins_are_counted_per_hold() -> None:
+    turn = T.Turn("x", np.zeros(48000, np.int16), ((1000, 300), (2000, 600)), speech_end_ms=3000)
+    # a stop inside the second hold (the window filled after 500 ms of it), none in the first
+    assert T.count_cuts(turn, [2500, 3500]) == ([False, True], 3500)
+    # on the server's clock the turn began 10 s in; a stop just after a hold still came from it
+    assert T.count_cuts(turn, [11000 + 300 + T.CUT_SLACK_MS, 13800], offset_ms=10_000) == ([True, False], 13800)
+    assert T.count_cuts(turn, [11000 + 300 + T.CUT_SLACK_MS + 20], offset_ms=10_000) == ([False, False], None)
+    assert T.count_cuts(turn, [900]) == ([False, False], None)  # before the hold: not a cut-in at it
+
+
+def test_wasted_patches_come_from_the_speculation_counters_or_are_absent() -> None:
+    text = ("# TYPE mimo_speculative_wasted_patches_total counter\n"
+            "mimo_speculative_wasted_patches_total 12.0\n"
+            "mimo_speculative_wasted_patches_created 1.7e9\n"
+            "mimo_patches_total 400\n")
+    assert T.wasted_patches(text) == 12.0
+    assert T.wasted_patches("mimo_patches_total 400\n") is None
+
+
+def test_configurations_are_parsed_or_refused() -> None:
+    assert T.parse_config("server_vad") == {"label": "server_vad", "turn_detection": {"type": "server_vad"},
+                                            "vad": None}
+    c = T.parse_config("semantic_vad:high:silero")
+    assert c["turn_detection"] == {"type": "semantic_vad", "eagerness": "high"} and c["vad"] == "silero"
+    for bad in ("semantic_vad:eager", "vad", "server_vad:high"):
+        with pytest.raises(BenchError, match="--configs"):
+            T.parse_config(bad)
+
+
+def test_quick_run_against_a_real_server(tmp_path, capsys) -> None:
+    server = start_server("--max-sessions", "2")
+    try:
+        out = tmp_path / "turns.json"
+        code = main(["bench-turns", "--url", server.ws_url, "--quick", "--json", str(out)])
+    finally:
+        server.stop()
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    result = json.loads(out.read_text())
+    assert result["config"]["pauses_ms"] == [250, 900]
+    assert [r["label"] for r in result["live"]] == ["server_vad", "semantic_vad:auto"]
+    n_holds = sum(len(t["holds"]) for t in result["material"])
+    for run in result["live"]:
+        assert run["turns"] == run["answered"] == 2 and run["holds"] == n_holds
+        # the constructed case: OpenAI's 500 ms window cuts into every 900 ms hold and no 250 ms one;
+        # semantic_vad's 800 ms window too (the model never ends a turn on these mid-sentence points)
+        assert run["false_cut_in_by_pause_ms"] == {"250": 0.0, "900": 1.0}
+        assert run["false_cut_ins"] == n_holds // 2
+        assert run["user_first_audio_ms"]["n"] == 2 and run["wasted_speculative_patches_per_turn"] is None
+        for rec in run["records"]:
+            assert rec["cuts"] == [ms == 900 for _, ms in rec["holds"]] and rec["end_stop_ms"] is not None
+    rules = {(r["family"], json.dumps(r["rule"])): r for r in result["sweep"]["rules"]}
+    assert rules[("server_vad", "500")]["false_cut_in_by_pause_ms"] == {"250": 0.0, "900": 1.0}
+    assert rules[("server_vad", "1000")]["false_cut_in"] == 0.0
+    assert rules[("server_vad", "1000")]["detect_ms"]["p50"] == pytest.approx(1000, abs=40)
+    assert result["at_budget"]["server_vad"]["rule"] == 1000
+    assert len(result["targets"]) == 4 and all("meets" in t for t in result["targets"])
+    assert "false cut-ins" in printed and "target (issue 13)" in printed
