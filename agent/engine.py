@@ -48,11 +48,13 @@ import torch
 from agent.conversation import ConversationRenderer, Item, Rendering, Role, common_prefix, speech_ms, truncate_patches
 from agent.lm.generation import ControlState, GenerationControls, Mode, mask_text_logits
 from agent.lm.graphs import DecodeGraphs
+from agent.lm.host import HostReader, to_device
 from agent.lm.kv_cache import KVCache
 from agent.lm.model import MiMoAudioLM
 from agent.lm.prompts import Prompt, PromptBuilder
 from agent.lm.sampling import ChannelSampling, SamplingBatch, SamplingParams, draw_uniform, sample
 from agent.lm.tokenizer import TextTokenizer
+from agent.memory import plan_memory
 from agent.transcriber import Transcriber, TranscriptionDelta, TranscriptionDone, TranscriptionFailed
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,11 @@ class EngineConfig:
     stream_every_patches: int = 1
     stream_window_s: float = 4.0
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
+    # the memory plan (agent.memory): max_sessions must fit in the device's free memory after the
+    # weights (or in memory_limit_bytes when given); memory_check False starts anyway
+    memory_limit_bytes: int | None = None
+    memory_check: bool = True
+    compile: bool = False  # the patch decoder's step through torch.compile (inductor); see CompiledLocalStep
 
 
 @dataclass(frozen=True)
@@ -308,6 +315,7 @@ class _Response:
     cached_positions: int = 0
     hidden: torch.Tensor | None = None  # last backbone hidden from prefill, not yet sampled
     feed: Prompt | None = None  # the last patch, not yet fed to the backbone
+    feed_device: tuple | None = None  # (feed, text id (1,), codes (1, 4, 8)): that patch as sampled, on the device
     new_codes: list[torch.Tensor] = field(default_factory=list)  # speech patches awaiting the codec
     audio_samples: int = 0
     t_first_audio: float | None = None
@@ -419,15 +427,22 @@ class Engine:
         self.max_positions = min(self.config.max_positions, lm.config.max_position_embeddings)
         replaced = decode_step is not None and decode_patch is not None  # nothing left to capture
         use_graphs = graphs if graphs is not None else (
-            self.config.cuda_graphs and self.device.type == "cuda" and not replaced)
+            ((self.config.cuda_graphs and self.device.type == "cuda") or self.config.compile) and not replaced)
         # graphs pad batches with rows that write to a slot no session owns
-        slots = self.config.max_sessions + (1 if use_graphs else 0)
-        self.cache: KVCache = lm.allocate_cache(slots, self.max_positions)
-        self.memory = self._admission_memory(codec)
+        extra = 1 if use_graphs else 0
+        self.plan = plan_memory(lm, codec, max_sessions=self.config.max_sessions, max_positions=self.max_positions,
+                                max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
+                                extra_slots=extra, limit_bytes=self.config.memory_limit_bytes)
+        if self.config.memory_check:
+            self.plan.check()  # before allocating: a plan that does not fit is refused with its figures
+        self.memory = self.plan.as_dict()
+        self.cache: KVCache = lm.allocate_cache(self.config.max_sessions + extra, self.max_positions)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
-                                       scratch_slot=self.config.max_sessions)
+                                       scratch_slot=self.config.max_sessions,
+                                       capture=None if self.config.cuda_graphs else False,
+                                       compile=self.config.compile)
         self.decode_step = decode_step or (self.graphs.decode_step if self.graphs else lm.decode_step)
         self.embed_patches = embed_patches or lm.embed_patches
         self.transcriber = Transcriber(lm, tokenizer, self.builder, max_positions=self.config.transcription_positions)
@@ -445,26 +460,8 @@ class Engine:
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
-
-    def _admission_memory(self, codec: Any) -> dict[str, int]:
-        """What each admitted session may hold beyond the weights: its slot of the LM's KV cache
-        (allocated here) and the codec decoder's KV cache of its response's stream (a bounded
-        block per 60 s segment, allocated when the response speaks). ``max_sessions`` admits that
-        many of both; on CUDA the codec's share must fit in the memory left now."""
-        slot = (self.cache.k.nbytes + self.cache.v.nbytes) // self.cache.k.shape[1]
-        codec_bytes = int(codec.decode_cache_bytes()) if hasattr(codec, "decode_cache_bytes") else 0
-        sessions = self.config.max_sessions
-        memory = {"lm_kv_bytes_per_session": slot, "codec_kv_bytes_per_session": codec_bytes,
-                  "max_sessions": sessions, "total_bytes": sessions * (slot + codec_bytes)}
-        if self.device.type == "cuda" and codec_bytes:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if sessions * codec_bytes > free:
-                raise ValueError(
-                    f"{sessions} sessions need {sessions * codec_bytes / 2**30:.1f} GiB for the codec decoders' "
-                    f"KV caches ({codec_bytes / 2**20:.0f} MiB per stream) but {free / 2**30:.1f} GiB of device "
-                    "memory is free after the model and its KV cache: lower --max-sessions"
-                )
-        return memory
+        self._empty_codes_device = self._empty_codes.to(self.device).unsqueeze(0)  # (1, 4, 8)
+        self.host = HostReader(self.device)  # the decode step's device-to-host reads
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
@@ -1068,7 +1065,7 @@ class Engine:
         t = time.perf_counter()
         stepped = self._isolated("decode step", ready, self._step_rows, self._unstep)
         self._observe("decode_step", time.perf_counter() - t,
-                      {"batch": len(ready), "speech": sum(tok == self.specials.empty for _, (tok, _) in stepped)})
+                      {"batch": len(ready), "speech": sum(patch[0] == self.specials.empty for _, patch in stepped)})
         self._each("decode step", stepped, self._stepped)
         return True
 
@@ -1079,19 +1076,28 @@ class Engine:
             if self.cache.length(s.slot) > len(s.cached):
                 self.cache.rollback(s.slot, len(s.cached))
 
-    def _stepped(self, s: _Session, patch: tuple[int, torch.Tensor]) -> None:
-        """The step ran for ``s``: its input is in the cache now; then its new patch."""
+    def _stepped(self, s: _Session, patch: tuple[int, torch.Tensor, tuple]) -> None:
+        """The step ran for ``s``: its input is in the cache now; then its new patch (and that
+        patch on the device, the next step's input)."""
         r = s.response
         if r.hidden is not None:
             r.hidden = None
         else:
             s.cached = s.cached + r.feed
-            r.feed = None
-        self._accept_patch(s, *patch)
+            r.feed = r.feed_device = None
+        token, codes, on_device = patch
+        self._accept_patch(s, token, codes)
+        if r.feed is not None:
+            r.feed_device = (r.feed, *on_device)
 
-    def _step_rows(self, ready: list[_Session]) -> list[tuple[int, torch.Tensor]]:
+    def _step_rows(self, ready: list[_Session]) -> list[tuple[int, torch.Tensor, tuple]]:
         """One patch for each session: the batched backbone step, text sampling, then the batched
-        patch decoder for the rows whose text token is ``<|empty|>``. Returns (token, codes) per row."""
+        patch decoder for the rows whose text token is ``<|empty|>``. Returns per row (token, codes
+        on the host, (token (1,), codes (1, 4, 8)) on the device).
+
+        The host sees device values only through :attr:`host` (one copy and one wait each): the
+        text tokens, which decide which rows speak, and the speech rows' codes, which the codec and
+        the session's history need. Everything else stays queued on the device."""
         hidden = self._backbone(ready)
         logits = mask_text_logits(self.lm.text_logits(hidden), [s.response.controls for s in ready],
                                   self.specials.empty)
@@ -1099,28 +1105,45 @@ class Engine:
         uniform = None
         if not text_params.all_greedy:
             uniform = draw_uniform([s.text_generator for s in ready], len(ready), (), self.device)
-        tokens = sample(logits, text_params, uniform).tolist()  # host sync: text or speech decides the path
+        tokens_device = sample(logits, text_params, uniform)  # (B,)
+        tokens = self.host.read(tokens_device)[0].tolist()  # a host array's values
         speech_rows = [i for i, tok in enumerate(tokens) if tok == self.specials.empty]
-        codes = {}
+        codes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (host codes, device codes)
         if speech_rows:
-            rows = torch.tensor(speech_rows, device=self.device)
+            rows = to_device(speech_rows, self.device)
             speech_params = SamplingBatch.from_params([ready[i].response.speech_params for i in speech_rows],
                                                       self.device)
             decoded = self.decode_patch(hidden.index_select(0, rows), speech_params,
-                                        [ready[i].speech_generator for i in speech_rows]).cpu()
-            codes = dict(zip(speech_rows, decoded, strict=True))
-        return [(tok, codes.get(i, self._empty_codes)) for i, tok in enumerate(tokens)]
+                                        [ready[i].speech_generator for i in speech_rows])  # (S, 4, 8)
+            host_codes = self.host.read(decoded)[0]
+            for j, i in enumerate(speech_rows):
+                codes[i] = torch.from_numpy(host_codes[j]), decoded[j : j + 1]
+        empty = (self._empty_codes, self._empty_codes_device)
+        out = []
+        for i, tok in enumerate(tokens):
+            host, device = codes.get(i, empty)
+            out.append((tok, host, (tokens_device[i : i + 1], device)))
+        return out
 
     def _backbone(self, ready: list[_Session]) -> torch.Tensor:
         """Hidden states (B, hidden) for the rows: fed patches go through one batched decode step;
         rows fresh from prefill already have theirs. The rows' ``feed`` and ``hidden`` stay until
-        :meth:`_stepped` (a step that raises is run again)."""
+        :meth:`_stepped` (a step that raises is run again). A fed patch the last step sampled is
+        still on the device (``feed_device``): no host-to-device copy."""
         feed = [s for s in ready if s.response.hidden is None]
         out: dict[int, torch.Tensor] = {}
         if feed:
-            text_ids = torch.stack([s.response.feed.text_ids for s in feed]).to(self.device)  # (B, 1)
-            codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
-            h = self.decode_step(self.cache, [s.slot for s in feed], self.embed_patches(text_ids, codes))
+            text_ids, codes = [], []
+            for s in feed:
+                r = s.response
+                if r.feed_device is not None and r.feed_device[0] is r.feed:
+                    text_ids.append(r.feed_device[1])
+                    codes.append(r.feed_device[2])
+                else:
+                    text_ids.append(r.feed.text_ids.to(self.device, non_blocking=True))
+                    codes.append(r.feed.codes.to(self.device, non_blocking=True))
+            h = self.decode_step(self.cache, [s.slot for s in feed],
+                                 self.embed_patches(torch.stack(text_ids), torch.stack(codes).long()))
             for b, s in enumerate(feed):
                 out[s.sid] = h[b]
         for s in ready:

@@ -42,7 +42,7 @@ LOSS_LOG = "losses.tsv"
 class TrainRecipe:
     preset: str = "tiny-speech"
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2500
     batch: int = 8
     tokens: int = 48  # crop length in 25 Hz tokens (48 = 1.92 s)
     lr: float = 1e-3
@@ -330,7 +330,7 @@ def run(args) -> int:
     trainer = Trainer(recipe, args.data, args.out, preset_config(args.preset))
     trainer.command = (f"mimo-agent train codec --data {args.data} --out {args.out} --preset {args.preset} "
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --tokens {args.tokens} "
-                       f"--lr {args.lr:g}")
+                       f"--lr {args.lr:g}" + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:
         trainer.resume()
         print(f"resumed {args.out} at step {trainer.step}", flush=True)
