@@ -43,6 +43,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--stream-lag-patches", type=int, default=None, metavar="N",
                    help="streaming input: encode a server-VAD turn while it is spoken and prefill each patch "
                         "once N more patches of audio came (default: off, the turn is encoded at its commit)")
+    e.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the answer at a candidate end of turn and hold it: released at once when the turn "
+                        "ends there (server_vad: first audio at speech_stopped), dropped unheard when the user "
+                        "goes on (default on)")
+    e.add_argument("--speculate-ms", type=int, default=None, metavar="MS",
+                   help="silence that makes a candidate end of turn (default 200; semantic_vad scores it too)")
     e.add_argument("--codec-first-chunk", type=int, default=None,
                    help="patches (160 ms each) before the first audio chunk (default 1)")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
@@ -250,8 +256,12 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
                           session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
                           cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
-                          stream_input=getattr(args, "stream_lag_patches", None) is not None,
+                          stream_input=(getattr(args, "stream_lag_patches", None) is not None
+                                        or getattr(args, "speculate", True)),
+                          speculate=getattr(args, "speculate", True),
                           turn_model=getattr(args, "turn_model", None))
+    if getattr(args, "speculate_ms", None) is not None:
+        config.candidate_ms = args.speculate_ms
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
     if args.send_queue_mib is not None:
