@@ -24,6 +24,14 @@ and its first second of playback, do not depend on how many sessions are already
 A session comfortably ahead also lets a few speech patches gather before its codec pass, which
 costs about the same for one patch as for four.
 
+While a user turn is being spoken its audio may arrive as it comes (:class:`StreamUserAudio`). With
+``stream_lag_patches`` set, the engine encodes it as it arrives and prefills its settled patches
+behind the conversation; the turn's commit is encoded whole as always and the response's sync keeps
+what was prefilled up to the first patch that differs, so the answer is the one without streaming.
+At a candidate end of the turn a :class:`Speculate` starts its answer and holds it (its events wait,
+its items sit at the end of the conversation); the turn's commit and its :class:`Respond` release it,
+any other job drops it without a trace (:meth:`Engine._abandon`).
+
 Sessions share batches but not failures: an exception while serving one session (its job, its
 prefill, its row of a decode step or of a codec pass, its transcript) fails that session alone
 (:meth:`Engine._fail`: an error naming it, its response ``failed``, its slot reset) and every other
@@ -34,6 +42,7 @@ that raises (:meth:`Engine._isolated`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -48,11 +57,13 @@ import torch
 from agent.conversation import ConversationRenderer, Item, Rendering, Role, common_prefix, speech_ms, truncate_patches
 from agent.lm.generation import ControlState, GenerationControls, Mode, mask_text_logits
 from agent.lm.graphs import DecodeGraphs
+from agent.lm.host import HostReader, to_device
 from agent.lm.kv_cache import KVCache
 from agent.lm.model import MiMoAudioLM
 from agent.lm.prompts import Prompt, PromptBuilder
 from agent.lm.sampling import ChannelSampling, SamplingBatch, SamplingParams, draw_uniform, sample
 from agent.lm.tokenizer import TextTokenizer
+from agent.memory import plan_memory
 from agent.transcriber import Transcriber, TranscriptionDelta, TranscriptionDone, TranscriptionFailed
 
 log = logging.getLogger(__name__)
@@ -112,7 +123,20 @@ class EngineConfig:
     stream_lag_patches: int | None = None
     stream_every_patches: int = 1
     stream_window_s: float = 4.0
+    # speculation (Speculate): a held answer generates until it holds speculate_hold_s of audio (what
+    # its release sends at once) or speculate_max_patches patches, then waits, leaving the engine idle
+    # for the commit; a turn gets at most speculate_attempts; none starts while every decode row is
+    # taken or more than speculate_max_queue jobs wait
+    speculate_hold_s: float = 0.3
+    speculate_max_patches: int = 16
+    speculate_attempts: int = 3
+    speculate_max_queue: int = 64
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
+    # the memory plan (agent.memory): max_sessions must fit in the device's free memory after the
+    # weights (or in memory_limit_bytes when given); memory_check False starts anyway
+    memory_limit_bytes: int | None = None
+    memory_check: bool = True
+    compile: bool = False  # the patch decoder's step through torch.compile (inductor); see CompiledLocalStep
 
 
 @dataclass(frozen=True)
@@ -154,6 +178,29 @@ class StreamUserAudio:
 
     item_id: str
     pcm: np.ndarray  # float32 mono 24 kHz, the next part of the turn
+
+
+@dataclass(frozen=True)
+class Speculate:
+    """Start the answer to the turn being streamed (``item_id``) as if the turn ended after its first
+    ``samples`` samples (a candidate end), and hold it: nothing is emitted, nothing joins the
+    conversation. The turn's commit (:class:`AddUserAudio` of ``item_id``) followed by a
+    :class:`Respond` with the same ``params`` adopts it: the turn becomes an item with the codes the
+    answer was generated on, and the held events go out at once, renamed to the Respond's ids, as if
+    the response had started then. Any other job first abandons it (nothing was emitted; the slot
+    rolls back). Refused quietly when the turn has too little audio, the session is answering, the
+    turn had ``speculate_attempts`` already, or the engine has no headroom."""
+
+    item_id: str
+    samples: int
+    params: ResponseParams = field(default_factory=ResponseParams)
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Drop the held answer to ``item_id`` (the user spoke again): no event, no trace."""
+
+    item_id: str
 
 
 @dataclass(frozen=True)
@@ -217,8 +264,8 @@ class _Close:
 
 
 Job = (
-    AddUserAudio | StreamUserAudio | AddUserText | AddSystemText | AddAssistantText | Configure | Respond | Cancel
-    | Truncate | DeleteItem
+    AddUserAudio | StreamUserAudio | Speculate | Abandon | AddUserText | AddSystemText | AddAssistantText | Configure
+    | Respond | Cancel | Truncate | DeleteItem
 )
 
 
@@ -308,6 +355,7 @@ class _Response:
     cached_positions: int = 0
     hidden: torch.Tensor | None = None  # last backbone hidden from prefill, not yet sampled
     feed: Prompt | None = None  # the last patch, not yet fed to the backbone
+    feed_device: tuple | None = None  # (feed, text id (1,), codes (1, 4, 8)): that patch as sampled, on the device
     new_codes: list[torch.Tensor] = field(default_factory=list)  # speech patches awaiting the codec
     audio_samples: int = 0
     t_first_audio: float | None = None
@@ -332,11 +380,31 @@ class _Provisional:
     encoded_samples: int = 0  # the audio's length at the last streaming encode
     codes: torch.Tensor | None = None  # (4k, channels): the patches meant for the slot
     synced: bool = True  # the slot holds the rendering of ``codes`` behind the conversation
+    speculations: int = 0  # answers speculated on this turn
 
     def audio(self) -> np.ndarray:
         if len(self.pcm) > 1:
             self.pcm = [np.concatenate(self.pcm)]
         return self.pcm[0] if self.pcm else np.zeros(0, np.float32)
+
+
+@dataclass
+class _Speculation:
+    """A held answer to the turn being spoken (:class:`Speculate`): its user item and assistant item
+    sit at the end of ``items`` and its response runs, but its events wait in ``events``."""
+
+    item_id: str
+    response_id: str  # its own until a Respond adopts it
+    user: Item
+    answer: Item
+    params: ResponseParams
+    t0: float
+    cpu0: float = 0.0  # the engine thread's CPU clock when it started
+    events: list = field(default_factory=list)
+    committed: bool = False  # the turn's AddUserAudio came: the user item is the conversation's
+    pcm: np.ndarray | None = None  # the committed audio: encoded whole if the answer is not adopted
+    transcribe: bool = False
+    failed: bool = False
 
 
 @dataclass
@@ -353,6 +421,7 @@ class _Session:
     pending_audio: list[tuple[Item, np.ndarray]] = field(default_factory=list)  # items in place, not yet encoded
     transcribe: set[str] = field(default_factory=set)  # pending audio items to transcribe
     provisional: _Provisional | None = None  # the turn being spoken (streaming input)
+    speculation: _Speculation | None = None
     last_encode_ms: float = 0.0
     last_encode_cpu_s: float = 0.0
     text_generator: torch.Generator | None = None
@@ -370,10 +439,12 @@ class SessionHandle:
         self.closed = False
 
     def submit(self, job: Job) -> None:
-        """Queue a job (thread-safe). Raises :class:`EngineOverloaded` or :class:`EngineClosed`."""
+        """Queue a job (thread-safe). Raises :class:`EngineOverloaded` or :class:`EngineClosed`. An
+        :class:`Abandon` is queued even when the queue is full: lost, it could let a later commit
+        release an answer to a turn the user went on with."""
         if self.closed:
             raise EngineClosed("this engine session is closed")
-        self._engine._put((self.sid, job))
+        self._engine._put((self.sid, job), force=isinstance(job, Abandon))
 
     def close(self) -> None:
         """Cancel whatever runs and free the slot (idempotent, thread-safe)."""
@@ -419,15 +490,22 @@ class Engine:
         self.max_positions = min(self.config.max_positions, lm.config.max_position_embeddings)
         replaced = decode_step is not None and decode_patch is not None  # nothing left to capture
         use_graphs = graphs if graphs is not None else (
-            self.config.cuda_graphs and self.device.type == "cuda" and not replaced)
+            ((self.config.cuda_graphs and self.device.type == "cuda") or self.config.compile) and not replaced)
         # graphs pad batches with rows that write to a slot no session owns
-        slots = self.config.max_sessions + (1 if use_graphs else 0)
-        self.cache: KVCache = lm.allocate_cache(slots, self.max_positions)
-        self.memory = self._admission_memory(codec)
+        extra = 1 if use_graphs else 0
+        self.plan = plan_memory(lm, codec, max_sessions=self.config.max_sessions, max_positions=self.max_positions,
+                                max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
+                                extra_slots=extra, limit_bytes=self.config.memory_limit_bytes)
+        if self.config.memory_check:
+            self.plan.check()  # before allocating: a plan that does not fit is refused with its figures
+        self.memory = self.plan.as_dict()
+        self.cache: KVCache = lm.allocate_cache(self.config.max_sessions + extra, self.max_positions)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(lm, self.cache, max_batch=min(self.config.max_batch, self.config.max_sessions),
-                                       scratch_slot=self.config.max_sessions)
+                                       scratch_slot=self.config.max_sessions,
+                                       capture=None if self.config.cuda_graphs else False,
+                                       compile=self.config.compile)
         self.decode_step = decode_step or (self.graphs.decode_step if self.graphs else lm.decode_step)
         self.embed_patches = embed_patches or lm.embed_patches
         self.transcriber = Transcriber(lm, tokenizer, self.builder, max_positions=self.config.transcription_positions)
@@ -440,31 +518,14 @@ class Engine:
         self._next_sid = 0
         self._thread: threading.Thread | None = None
         self._running = False
+        self.speculations = {"started": 0, "confirmed": 0, "abandoned": 0, "refused": 0, "wasted_patches": 0}
         self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
-
-    def _admission_memory(self, codec: Any) -> dict[str, int]:
-        """What each admitted session may hold beyond the weights: its slot of the LM's KV cache
-        (allocated here) and the codec decoder's KV cache of its response's stream (a bounded
-        block per 60 s segment, allocated when the response speaks). ``max_sessions`` admits that
-        many of both; on CUDA the codec's share must fit in the memory left now."""
-        slot = (self.cache.k.nbytes + self.cache.v.nbytes) // self.cache.k.shape[1]
-        codec_bytes = int(codec.decode_cache_bytes()) if hasattr(codec, "decode_cache_bytes") else 0
-        sessions = self.config.max_sessions
-        memory = {"lm_kv_bytes_per_session": slot, "codec_kv_bytes_per_session": codec_bytes,
-                  "max_sessions": sessions, "total_bytes": sessions * (slot + codec_bytes)}
-        if self.device.type == "cuda" and codec_bytes:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if sessions * codec_bytes > free:
-                raise ValueError(
-                    f"{sessions} sessions need {sessions * codec_bytes / 2**30:.1f} GiB for the codec decoders' "
-                    f"KV caches ({codec_bytes / 2**20:.0f} MiB per stream) but {free / 2**30:.1f} GiB of device "
-                    "memory is free after the model and its KV cache: lower --max-sessions"
-                )
-        return memory
+        self._empty_codes_device = self._empty_codes.to(self.device).unsqueeze(0)  # (1, 4, 8)
+        self.host = HostReader(self.device)  # the decode step's device-to-host reads
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
@@ -533,7 +594,19 @@ class Engine:
     def _responses_waiting(self) -> bool:
         """Whether a response is still before its first audio: transcripts wait for it."""
         return any(s.response is not None and s.response.t_first_audio is None
-                   and s.response.cancel_reason is None for s in self._sessions.values())
+                   and s.response.cancel_reason is None and not self._held(s) for s in self._sessions.values())
+
+    @staticmethod
+    def _held(s: _Session) -> bool:
+        """Whether ``s``'s response is a held speculation."""
+        return s.speculation is not None and s.response is not None and s.response.job is not None \
+            and s.response.job.response_id == s.speculation.response_id
+
+    def _paused(self, s: _Session) -> bool:
+        """A held speculation with enough audio, or at its cap of patches: it waits for its release."""
+        r = s.response
+        return self._held(s) and (len(r.item.patches) >= self.config.speculate_max_patches
+                                  or r.audio_samples >= self.config.speculate_hold_s * SAMPLE_RATE)
 
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work
@@ -547,10 +620,10 @@ class Engine:
         for s in self._sessions.values():
             if s.pending_audio:
                 return 0.0
-            if s.provisional is not None and (self._stream_due(s) or (not s.provisional.synced and s.response is None)):
+            if self._stream_due(s) or self._provisional_due(s):
                 return 0.0
             r = s.response
-            if r is None:
+            if r is None or (self._paused(s) and not r.new_codes):
                 continue
             if r.phase != "generate" or r.cancel_reason is not None:
                 return 0.0
@@ -631,6 +704,8 @@ class Engine:
         if s.provisional is not None:
             s.provisional.synced = False
         r = s.response
+        if self._held(s):
+            s.speculation.failed = True  # its error stays held: the turn is answered afresh
         self._emit(s, EngineError(
             "session_failed", f"engine session {s.sid}: {stage} failed: {type(exc).__name__}: {exc}",
             response_id=r.job.response_id if r is not None else response_id,
@@ -683,6 +758,10 @@ class Engine:
         return done
 
     def _emit(self, s: _Session, event: EngineEvent) -> None:
+        spec = s.speculation
+        if spec is not None and getattr(event, "response_id", None) == spec.response_id:
+            spec.events.append(event)  # held until the speculation is adopted (or dropped with it)
+            return
         try:
             s.on_event(event)
         except Exception:
@@ -694,10 +773,20 @@ class Engine:
     def _handle(self, s: _Session, job: Any) -> None:
         if s.provisional is not None:  # the conversation or the slot may change: check the turn's prefix
             s.provisional.synced = False
+        spec = s.speculation
+        if spec is not None and not self._keeps_speculation(spec, job):
+            self._abandon(s)
         if isinstance(job, _Close):
             self._close_session(s)
         elif isinstance(job, StreamUserAudio):
             self._stream_audio(s, job)
+        elif isinstance(job, Speculate):
+            self._speculate(s, job)
+        elif isinstance(job, Abandon):
+            pass  # done above
+        elif isinstance(job, AddUserAudio) and s.speculation is not None:  # the speculated turn's commit
+            spec.committed, spec.pcm, spec.transcribe = True, np.asarray(job.pcm, dtype=np.float32), job.transcribe
+            s.provisional = None
         elif isinstance(job, AddUserAudio):
             if s.provisional is not None and s.provisional.item_id == job.item_id:
                 # the turn is committed: encoded whole from here on, as without streaming (the next
@@ -748,6 +837,148 @@ class Engine:
         else:
             raise TypeError(f"unknown job {job!r}")
 
+    @staticmethod
+    def _keeps_speculation(spec: _Speculation, job: Any) -> bool:
+        """Whether ``job`` leaves a held speculation in place: more audio of its turn, its commit, a
+        Respond (which adopts it or abandons it) or another Speculate (refused). Any other job may
+        change the conversation under it."""
+        if isinstance(job, StreamUserAudio):
+            return job.item_id == spec.item_id and not spec.committed
+        if isinstance(job, AddUserAudio):
+            return job.item_id == spec.item_id and job.after is None and not spec.committed
+        return isinstance(job, Respond | Speculate)
+
+    # --------------------------------------------------------------------------- speculation
+    def _speculation_event(self, outcome: str, wasted: int = 0) -> None:
+        self.speculations[outcome] += 1
+        self.speculations["wasted_patches"] += wasted
+        self._observe("speculation", 0.0, {"outcome": outcome, "wasted_patches": wasted})
+
+    def _speculation_refusal(self, s: _Session, job: Speculate) -> str | None:
+        pr = s.provisional
+        if pr is None or pr.item_id != job.item_id or not 0 < job.samples <= pr.samples:
+            return "the turn's audio is not here"
+        if s.response is not None or s.speculation is not None or s.pending_audio:
+            return "the session is busy"
+        if pr.speculations >= self.config.speculate_attempts:
+            return "attempts used up"
+        rows = sum(1 for x in self._sessions.values() if x.response is not None)
+        if rows >= min(self.config.max_batch, self.config.max_sessions) or \
+                self._jobs.qsize() > self.config.speculate_max_queue:
+            return "no headroom"
+        if not job.params.in_conversation:
+            return "out of band"
+        return None
+
+    def _speculate(self, s: _Session, job: Speculate) -> None:
+        refusal = self._speculation_refusal(s, job)
+        if refusal is not None:
+            log.debug("session %d: no speculation on %s: %s", s.sid, job.item_id, refusal)
+            self._speculation_event("refused")
+            return
+        pr = s.provisional
+        pr.speculations += 1
+        t, cpu0 = time.perf_counter(), time.thread_time()
+        try:
+            codes = self._encode([pr.audio()[:job.samples]])[0]
+        except ValueError:  # the commit reports bad audio
+            self._speculation_event("refused")
+            return
+        encode_ms = (time.perf_counter() - t) * 1000
+        user = Item(job.item_id, Role.USER, codes=codes)
+        answer = Item(f"{job.item_id}/speculation", Role.ASSISTANT, patches=self.builder.tokens([]),
+                      audio_output=job.params.audio)
+        spec = _Speculation(job.item_id, f"speculation-{s.sid}-{job.item_id}-{pr.speculations}", user, answer,
+                            job.params, t0=t, cpu0=cpu0)
+        s.items += [user, answer]
+        if len(self._render(s)) > self._context_limit(job.params):  # only a real turn may drop old ones
+            s.items = s.items[:-2]
+            self._speculation_event("refused")
+            return
+        s.speculation = spec
+        s.last_encode_ms, s.last_encode_cpu_s = encode_ms, time.thread_time() - cpu0
+        try:
+            self._begin_response(s, Respond(spec.response_id, answer.item_id, job.params, requested_at=t), answer, cpu0)
+        except Exception:
+            log.exception("session %d: speculation on %s failed", s.sid, job.item_id)
+            spec.failed = True
+        if s.response is None or spec.failed:
+            self._abandon(s)  # it did not start
+            return
+        self._speculation_event("started")
+
+    def _abandon(self, s: _Session) -> None:
+        """Drop the held speculation: its response and items go, its events are never sent, the slot
+        rolls back. A committed turn stays, encoded whole as without speculation."""
+        spec, s.speculation = s.speculation, None
+        if self._held_response(s, spec):
+            s.response = None
+        s.items = [it for it in s.items if it is not spec.answer and (spec.committed or it is not spec.user)]
+        if spec.committed:
+            spec.user.codes = None
+            s.pending_audio.append((spec.user, spec.pcm))
+            if spec.transcribe:
+                s.transcribe.add(spec.item_id)
+        pr = s.provisional
+        if pr is not None and pr.codes is not None:
+            self._sync_cache(s, self.renderer.open_turn(s.items, pr.codes, instructions=s.instructions,
+                                                        voice_codes=s.voice_codes))
+        else:
+            self._sync_cache(s)
+        self._speculation_event("abandoned", len(spec.answer.patches or ()))
+
+    @staticmethod
+    def _released_timings(spec: _Speculation, held: dict, now: float, cpu: float) -> dict:
+        """A released answer's timings: what was done while it was held was done by its start, so
+        those stages took 0 ms from the commit; the work is reported apart (``speculated_*``), with
+        how far ahead it was and how many patches it had."""
+        marks = ("encode_ms", "prefill_ms", "prefill_done_ms", "first_patch_ms", "first_text_ms",
+                 "first_speech_patch_ms", "first_audio_ms", "total_ms")
+        out = {k: 0.0 if k in marks else v for k, v in held.items() if k != "first_audio_cpu_ms"}
+        out.update(speculated_ms=round((now - spec.t0) * 1000, 3), speculated_patches=len(spec.answer.patches),
+                   speculated_encode_ms=held.get("encode_ms", 0.0), speculated_prefill_ms=held.get("prefill_ms", 0.0),
+                   speculated_cpu_ms=round((cpu - spec.cpu0) * 1000, 3))
+        return out
+
+    @staticmethod
+    def _held_response(s: _Session, spec: _Speculation) -> bool:
+        return s.response is not None and s.response.job.response_id == spec.response_id
+
+    def _adopt(self, s: _Session, job: Respond) -> bool:
+        """The turn was committed and ``job`` asks for the answer that was speculated: release it
+        under ``job``'s ids (see :class:`Speculate`). False when it does not fit (the caller abandons)."""
+        spec = s.speculation
+        if not (spec.committed and not spec.failed and job.params == spec.params and s.items
+                and s.items[-1] is spec.answer):
+            return False
+        s.speculation = None
+        now, cpu = time.perf_counter(), time.thread_time()
+        held_id, spec.answer.item_id = spec.answer.item_id, job.item_id
+        r = s.response if self._held_response(s, spec) else None
+        if r is not None:
+            r.job = job
+            r.t0 = job.requested_at if job.requested_at is not None else now
+            r.timings, r.cpu0 = self._released_timings(spec, r.timings, now, cpu), cpu
+        self._item_added(s, spec.user)
+        if spec.transcribe:
+            self.transcriber.add(s.sid, spec.item_id, spec.user.codes, lambda e, s=s: self._emit(s, e))
+        for event in spec.events:
+            changes: dict[str, Any] = {"response_id": job.response_id}
+            if getattr(event, "item_id", None) == held_id:
+                changes["item_id"] = job.item_id
+            if isinstance(event, ResponseDone):  # it ended while held
+                changes["timings"] = self._released_timings(spec, event.timings, now, cpu)
+                if event.timings.get("audio_samples"):
+                    changes["timings"].update(first_audio_ms=0.0,
+                                              first_audio_cpu_ms=round((time.thread_time() - cpu) * 1000, 3))
+            self._emit(s, dataclasses.replace(event, **changes))
+        if r is not None and r.audio_samples:  # its first audio went out now
+            r.t_first_audio = time.perf_counter()
+            r.mark("first_audio_ms")
+            r.timings["first_audio_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
+        self._speculation_event("confirmed")
+        return True
+
     def _insert(self, s: _Session, item: Item, after: str | None) -> None:
         index = len(s.items)
         if after == AT_START:
@@ -797,8 +1028,13 @@ class Engine:
 
     def _stream_due(self, s: _Session) -> bool:
         pr = s.provisional
-        return (pr is not None and self.config.stream_lag_patches is not None
+        return (pr is not None and self.config.stream_lag_patches is not None and s.speculation is None
                 and pr.samples - pr.encoded_samples >= self._patch_samples * self.config.stream_every_patches)
+
+    @staticmethod
+    def _provisional_due(s: _Session) -> bool:
+        """The slot may take the turn being spoken: it is not in sync, nothing else uses the slot."""
+        return s.provisional is not None and not s.provisional.synced and s.response is None and s.speculation is None
 
     def _stream_encode(self) -> None:
         """Streaming input: encode the turns being spoken that gained a patch of audio, all in one
@@ -886,6 +1122,10 @@ class Engine:
         return GenerationControls(mode=Mode.FREE, **common)
 
     def _start_response(self, s: _Session, job: Respond) -> None:
+        if s.speculation is not None:
+            if self._adopt(s, job):
+                return
+            self._abandon(s)
         if s.response is not None:
             self._emit(s, EngineError("response_in_progress", "a response is already running",
                                       response_id=job.response_id))
@@ -933,11 +1173,16 @@ class Engine:
         r.prefill_positions = len(r.prefill)
         self._emit(s, ResponseStarted(job.response_id, item.item_id))
 
+    def _context_limit(self, p: ResponseParams) -> int:
+        """The positions a conversation may take before a response of ``p``."""
+        room = max(1, min(p.max_output_patches, int(self.max_positions * self.config.response_room)))
+        return self.max_positions - room
+
     def _fit_context(self, s: _Session, p: ResponseParams, response_id: str) -> Rendering | None:
         """Render the conversation; drop the oldest turns when it leaves the response too little room
         (see ``EngineConfig.response_room``)."""
-        room = max(1, min(p.max_output_patches, int(self.max_positions * self.config.response_room)))
-        limit = self.max_positions - room
+        limit = self._context_limit(p)
+        room = self.max_positions - limit
         target = limit - int(self.max_positions * self.config.trim_headroom)
         dropped: list[str] = []
         rendering = self._render(s)
@@ -994,7 +1239,7 @@ class Engine:
             with self._guard(s, "prefill"):
                 self._prefill_chunk(s, r, chunk)
         for s in list(self._sessions.values()):
-            if budget > 0 and s.provisional is not None and not s.provisional.synced and s.response is None:
+            if budget > 0 and self._provisional_due(s):
                 with self._guard(s, "streaming prefill"):
                     budget -= self._prefill_provisional(s, budget)
 
@@ -1042,7 +1287,7 @@ class Engine:
     def _decode_step(self) -> bool:
         """One batched step for the sessions ready to generate; returns whether it ran."""
         now = time.perf_counter()
-        ready = []
+        ready, held = [], []
         for s in self._sessions.values():
             r = s.response
             if r is None or r.phase != "generate":
@@ -1051,9 +1296,14 @@ class Engine:
                 with self._guard(s, "cancel"):
                     self._finish(s, "cancelled", r.cancel_reason)
                 continue
+            if self._held(s):
+                if not self._paused(s):
+                    held.append(s)
+                continue
             if self._lead_s(r, now) > self.config.max_audio_lead_s:
                 continue  # far enough ahead of the listener
             ready.append(s)
+        ready += self._spare_rows(ready, held, now)
         if not ready:
             return False
         if self.config.yield_lead_s > 0 and len(ready) > 1:
@@ -1068,9 +1318,16 @@ class Engine:
         t = time.perf_counter()
         stepped = self._isolated("decode step", ready, self._step_rows, self._unstep)
         self._observe("decode_step", time.perf_counter() - t,
-                      {"batch": len(ready), "speech": sum(tok == self.specials.empty for _, (tok, _) in stepped)})
+                      {"batch": len(ready), "speech": sum(patch[0] == self.specials.empty for _, patch in stepped)})
         self._each("decode step", stepped, self._stepped)
         return True
+
+    def _spare_rows(self, ready: list[_Session], held: list[_Session], now: float) -> list[_Session]:
+        """The held speculations that step: only in rows the batch has to spare, and never while a
+        response that is heard is short of audio."""
+        if not held or any(self._lead_s(s.response, now) < self.config.urgent_lead_s for s in ready):
+            return []
+        return held[:max(0, max(1, self.config.max_batch) - len(ready))]
 
     def _unstep(self, rows: list[_Session]) -> None:
         """A step that raised, undone for these rows: the slots forget what it wrote (the step's
@@ -1079,19 +1336,28 @@ class Engine:
             if self.cache.length(s.slot) > len(s.cached):
                 self.cache.rollback(s.slot, len(s.cached))
 
-    def _stepped(self, s: _Session, patch: tuple[int, torch.Tensor]) -> None:
-        """The step ran for ``s``: its input is in the cache now; then its new patch."""
+    def _stepped(self, s: _Session, patch: tuple[int, torch.Tensor, tuple]) -> None:
+        """The step ran for ``s``: its input is in the cache now; then its new patch (and that
+        patch on the device, the next step's input)."""
         r = s.response
         if r.hidden is not None:
             r.hidden = None
         else:
             s.cached = s.cached + r.feed
-            r.feed = None
-        self._accept_patch(s, *patch)
+            r.feed = r.feed_device = None
+        token, codes, on_device = patch
+        self._accept_patch(s, token, codes)
+        if r.feed is not None:
+            r.feed_device = (r.feed, *on_device)
 
-    def _step_rows(self, ready: list[_Session]) -> list[tuple[int, torch.Tensor]]:
+    def _step_rows(self, ready: list[_Session]) -> list[tuple[int, torch.Tensor, tuple]]:
         """One patch for each session: the batched backbone step, text sampling, then the batched
-        patch decoder for the rows whose text token is ``<|empty|>``. Returns (token, codes) per row."""
+        patch decoder for the rows whose text token is ``<|empty|>``. Returns per row (token, codes
+        on the host, (token (1,), codes (1, 4, 8)) on the device).
+
+        The host sees device values only through :attr:`host` (one copy and one wait each): the
+        text tokens, which decide which rows speak, and the speech rows' codes, which the codec and
+        the session's history need. Everything else stays queued on the device."""
         hidden = self._backbone(ready)
         logits = mask_text_logits(self.lm.text_logits(hidden), [s.response.controls for s in ready],
                                   self.specials.empty)
@@ -1099,28 +1365,45 @@ class Engine:
         uniform = None
         if not text_params.all_greedy:
             uniform = draw_uniform([s.text_generator for s in ready], len(ready), (), self.device)
-        tokens = sample(logits, text_params, uniform).tolist()  # host sync: text or speech decides the path
+        tokens_device = sample(logits, text_params, uniform)  # (B,)
+        tokens = self.host.read(tokens_device)[0].tolist()  # a host array's values
         speech_rows = [i for i, tok in enumerate(tokens) if tok == self.specials.empty]
-        codes = {}
+        codes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (host codes, device codes)
         if speech_rows:
-            rows = torch.tensor(speech_rows, device=self.device)
+            rows = to_device(speech_rows, self.device)
             speech_params = SamplingBatch.from_params([ready[i].response.speech_params for i in speech_rows],
                                                       self.device)
             decoded = self.decode_patch(hidden.index_select(0, rows), speech_params,
-                                        [ready[i].speech_generator for i in speech_rows]).cpu()
-            codes = dict(zip(speech_rows, decoded, strict=True))
-        return [(tok, codes.get(i, self._empty_codes)) for i, tok in enumerate(tokens)]
+                                        [ready[i].speech_generator for i in speech_rows])  # (S, 4, 8)
+            host_codes = self.host.read(decoded)[0]
+            for j, i in enumerate(speech_rows):
+                codes[i] = torch.from_numpy(host_codes[j]), decoded[j : j + 1]
+        empty = (self._empty_codes, self._empty_codes_device)
+        out = []
+        for i, tok in enumerate(tokens):
+            host, device = codes.get(i, empty)
+            out.append((tok, host, (tokens_device[i : i + 1], device)))
+        return out
 
     def _backbone(self, ready: list[_Session]) -> torch.Tensor:
         """Hidden states (B, hidden) for the rows: fed patches go through one batched decode step;
         rows fresh from prefill already have theirs. The rows' ``feed`` and ``hidden`` stay until
-        :meth:`_stepped` (a step that raises is run again)."""
+        :meth:`_stepped` (a step that raises is run again). A fed patch the last step sampled is
+        still on the device (``feed_device``): no host-to-device copy."""
         feed = [s for s in ready if s.response.hidden is None]
         out: dict[int, torch.Tensor] = {}
         if feed:
-            text_ids = torch.stack([s.response.feed.text_ids for s in feed]).to(self.device)  # (B, 1)
-            codes = torch.stack([s.response.feed.codes for s in feed]).to(self.device)  # (B, 1, 4, 8)
-            h = self.decode_step(self.cache, [s.slot for s in feed], self.embed_patches(text_ids, codes))
+            text_ids, codes = [], []
+            for s in feed:
+                r = s.response
+                if r.feed_device is not None and r.feed_device[0] is r.feed:
+                    text_ids.append(r.feed_device[1])
+                    codes.append(r.feed_device[2])
+                else:
+                    text_ids.append(r.feed.text_ids.to(self.device, non_blocking=True))
+                    codes.append(r.feed.codes.to(self.device, non_blocking=True))
+            h = self.decode_step(self.cache, [s.slot for s in feed],
+                                 self.embed_patches(torch.stack(text_ids), torch.stack(codes).long()))
             for b, s in enumerate(feed):
                 out[s.sid] = h[b]
         for s in ready:
@@ -1170,6 +1453,8 @@ class Engine:
         now = time.perf_counter()
         holding = [s for s in self._sessions.values()
                    if s.response is not None and s.response.stream is not None and s.response.new_codes]
+        if self._responses_waiting():  # held speculations decode once no heard response waits
+            holding = [s for s in holding if not self._held(s)]
         leads = {s.sid: self._lead_s(s.response, now) for s in holding}
         due = sorted((s for s in holding if self._codec_due(s.response, leads[s.sid])), key=lambda s: leads[s.sid])
         # Sessions stepping in one batch fill their passes on the same tick; decoding them all then
@@ -1179,8 +1464,7 @@ class Engine:
         budget = -(-len(holding) // max(1, self.config.codec_max_patches)) + 1
         work = [s for i, s in enumerate(due) if i < budget or s.response.t_first_audio is None
                 or leads[s.sid] < self.config.codec_defer_margin_s]
-        if self.config.yield_lead_s > 0 and any(
-                s.response is not None and s.response.t_first_audio is None for s in self._sessions.values()):
+        if self.config.yield_lead_s > 0 and self._responses_waiting():
             # a new turn is waiting for its first audio: sessions comfortably ahead decode later
             work = [s for s in work if s.response.t_first_audio is None or leads[s.sid] < self.config.yield_lead_s]
         if not work:
@@ -1206,7 +1490,7 @@ class Engine:
         r = s.response
         if pcm is None or len(pcm) == 0:
             return
-        if r.t_first_audio is None:
+        if r.t_first_audio is None and not self._held(s):  # a held answer's clock starts at its release
             r.t_first_audio = time.perf_counter()
             r.mark("first_audio_ms")
             # the engine thread's CPU time for this turn's first audio, which other processes on

@@ -28,8 +28,8 @@ Runtime's DFT kernel is a direct O(n^2) transform for n_fft = 960: 60x slower th
 the codec's per-stream bookkeeping (schedule, cross-fades).
 
 Host-side branches of the PyTorch code become graph inputs or dense masks: ``all_greedy`` and
-``any_filter`` are boolean inputs selecting between the results of the branches of
-:func:`agent.lm.sampling.sample`; the codec's attention uses dense masks where PyTorch picks
+``any_filter`` are boolean inputs of :func:`agent.lm.sampling.sample_tokens`, which turns them into
+``torch.cond`` over its two code paths; the codec's attention uses dense masks where PyTorch picks
 "no mask" or a blockwise sliding window from the lengths (the same keys are visible either way).
 Every module here is checked against the PyTorch path by :mod:`export.exporter` right after export.
 """
@@ -42,6 +42,8 @@ from torch import nn
 
 from agent.codec.decoder import apply_group_norm, group_norm_moments, moments_to_stats, valid_mask
 from agent.codec.transformer import AttentionMask, LayerKV, rope_cos_sin
+from agent.lm.patch_decoder import StepTables, local_step, run_patch
+from agent.lm.sampling import sample_tokens
 from agent.lm.transformer import attend
 
 
@@ -114,33 +116,17 @@ class BackboneStep(nn.Module):
 
 class PatchDecoderStep(nn.Module):
     """One patch-decoder position: x (B, D), step () int64, caches (layers, B, H, steps, d) ->
-    (hidden (B, D), caches with position ``step`` written)."""
+    (hidden (B, D), caches with position ``step`` written): ``local_step`` on copies of the caches."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
-        _warm_rope_tables(lm.local_transformer)
+        _warm_step_tables(lm)
 
     def forward(
         self, x: torch.Tensor, step: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        stack = self.lm.local_transformer
-        S = k_cache.shape[3]
-        cos_table, sin_table = stack.rope.get(x.device)
-        cos = cos_table[step].to(x.dtype).view(1, 1, -1)  # (1, 1, d)
-        sin = sin_table[step].to(x.dtype).view(1, 1, -1)
-        slots = torch.arange(S, device=x.device)
-        mask = (slots <= step).view(1, 1, 1, S)
-        write = (slots == step).view(1, 1, S, 1)  # a select, not an in-place write: same values
-        keys, values = [], []
-
-        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys.append(torch.where(write, k, k_cache[i]))  # (B, H, S, d)
-            values.append(torch.where(write, v, v_cache[i]))
-            return attend(q, keys[-1], values[-1], mask)
-
-        h = stack.run(x.unsqueeze(1), cos, sin, attention)[:, 0]
-        return h, torch.stack(keys), torch.stack(values)
+        return local_step(self.lm, x.unsqueeze(1), step, k_cache.clone(), v_cache.clone())
 
 
 class PatchDecoder(nn.Module):
@@ -150,20 +136,20 @@ class PatchDecoder(nn.Module):
     ``decode_patch`` draws from the rows' generators (ignored when ``all_greedy``);
     ``temperature`` (B,) fp32, ``top_k`` (B,) int64, ``top_p`` (B,) fp32, ``greedy`` (B,) bool;
     ``all_greedy`` and ``any_filter`` () bool, the host flags of :class:`SamplingBatch`, which
-    choose the branch to run (ONNX ``If``), as they choose the code path in PyTorch. Each step
-    samples its channels in the schedule's groups of equal vocabulary size, at that size.
+    choose the branch to run (ONNX ``If``), as they choose the code path in PyTorch. The loop is
+    ``run_patch`` and the sampler ``sample_tokens``, the very functions ``decode_patch`` runs.
     """
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
-        _warm_rope_tables(lm.local_transformer)
+        _warm_step_tables(lm)
         sched = lm.schedule
         for t, groups in enumerate(sched.groups):
             for i in range(len(groups)):
                 # (n, V): each channel's empty id, banned after filtering (as ``decode_patch`` does)
-                _, _, empty = sched.group_tensors(t, i, torch.device("cpu"))
-                self.register_buffer(f"empty_{t}_{i}", empty.clone(), persistent=False)
+                self.register_buffer(f"empty_{t}_{i}", sched.banned(t, i, torch.device("cpu")).clone(),
+                                     persistent=False)
 
     def forward(
         self,
@@ -176,105 +162,17 @@ class PatchDecoder(nn.Module):
         all_greedy: torch.Tensor,
         any_filter: torch.Tensor,
     ) -> torch.Tensor:
-        lm = self.lm
-        sched = lm.schedule
-        stack = lm.local_transformer
-        cos_table, sin_table = stack.rope.get(h.device)
-        x = lm.hidden_states_downcast(h.to(lm.dtype)).unsqueeze(1)  # (B, 1, D)
-        keys: list[torch.Tensor | None] = [None] * len(stack.layers)
-        values: list[torch.Tensor | None] = [None] * len(stack.layers)
-        tokens_at: dict[tuple[int, int], torch.Tensor] = {}  # (frame, channel) -> (B,)
-        for t in range(sched.steps):
-            # one position; the steps are unrolled, so the cache simply grows (t + 1 keys, no mask)
-            cos = cos_table[t : t + 1].to(x.dtype).unsqueeze(0)  # (1, 1, d)
-            sin = sin_table[t : t + 1].to(x.dtype).unsqueeze(0)
-            hidden = stack.run(x, cos, sin, self._grow_cache(keys, values))[:, 0]  # (B, D)
+        def sampler(t: int, i: int, g, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return sample_tokens(logits, noise, temperature, top_k, top_p, greedy, getattr(self, f"empty_{t}_{i}"),
+                                 all_greedy=all_greedy, any_filter=any_filter)
 
-            x = None
-            for i, g in enumerate(sched.groups[t]):
-                n = len(g.channels)
-                logits = torch.stack([lm.local_transformer_lm_heads[c](hidden) for c in g.channels], dim=1)
-                noise = uniform[:, g.offset : g.offset + n]  # (B, n): this group's draws
-                operands = (logits.float(), getattr(self, f"empty_{t}_{i}"), noise, temperature, top_k, top_p,
-                            greedy, any_filter)
-                tokens = torch.cond(all_greedy, _greedy, _sampled, operands)  # (B, n)
-                for j, (c, f) in enumerate(zip(g.channels, g.frames, strict=True)):
-                    tokens_at[(f, c)] = tokens[:, j]
-                    emb = lm.speech_embeddings[c](tokens[:, j])
-                    x = emb if x is None else x + emb
-            assert x is not None
-            x = x.unsqueeze(1)  # the input of step t+1 (unused after the last step)
-        G, C = sched.group_size, len(sched.vocab_sizes)
-        return torch.stack(
-            [torch.stack([tokens_at[(f, c)] for c in range(C)], dim=1) for f in range(G)], dim=1
-        )  # (B, G, C)
+        return run_patch(self.lm, h.to(self.lm.dtype), sampler, uniform)
 
 
-    @staticmethod
-    def _grow_cache(keys: list, values: list):
-        """The attention of one unrolled step: layer i's cache grows by the new position."""
-
-        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys[i] = k if keys[i] is None else torch.cat([keys[i], k], dim=2)  # (B, H, t+1, d)
-            values[i] = v if values[i] is None else torch.cat([values[i], v], dim=2)
-            return attend(q, keys[i], values[i])
-
-        return attention
-
-
-# The branches of ``agent.lm.sampling.sample`` for logits (B, n, V), one settings row per b, the
-# operations in the same order. Branches of ``torch.cond`` must be functional, so the in-place
-# steps of ``sample`` are written as selections here.
-def _greedy(logits, removed, uniform, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
-    """``sample``'s all-greedy branch: the argmax without temperature or filters."""
-    return logits.masked_fill(removed, float("-inf")).argmax(dim=-1)
-
-
-def _sampled(logits, removed, uniform, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
-    """``sample``'s other branch: temperature, then the draw (filtered in sorted order when
-    ``any_filter``), then the argmax for the greedy rows."""
-    scores = logits / temperature.view(-1, 1, 1)
-    drawn = torch.cond(any_filter, _draw_filtered, _draw_plain, (scores, removed, uniform, top_k, top_p))
-    masked = logits.masked_fill(removed, float("-inf"))
-    return torch.where(greedy.view(-1, 1), masked.argmax(dim=-1), drawn)
-
-
-def _draw_plain(scores, removed, uniform, top_k, top_p) -> torch.Tensor:
-    return _invert_cdf(scores.masked_fill(removed, float("-inf")), uniform)
-
-
-def _draw_filtered(scores, removed, uniform, top_k, top_p) -> torch.Tensor:
-    sorted_scores, order = scores.sort(dim=-1)  # ascending, as the official top-p
-    filtered = _filter_sorted(sorted_scores, top_k, top_p)
-    removed_sorted = removed.expand_as(scores).gather(-1, order)
-    filtered = filtered.masked_fill(removed_sorted, float("-inf"))
-    # a row the filters and the ban empty falls back to its scores minus the banned tokens
-    nothing = torch.isneginf(filtered).all(dim=-1, keepdim=True)
-    filtered = torch.where(nothing, sorted_scores.masked_fill(removed_sorted, float("-inf")), filtered)
-    pick = _invert_cdf(filtered, uniform)
-    return order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
-
-
-def _filter_sorted(sorted_scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """``sampling._filter_sorted``: top-k then top-p on ascending scores (B, n, V). Top-k always
-    runs: a row without it (k = 0) keeps everything, as when PyTorch skips it."""
-    V = sorted_scores.shape[-1]
-    k = top_k.view(-1, 1, 1).clamp(max=V)
-    kth = sorted_scores.gather(-1, (V - k).clamp(max=V - 1).expand(*sorted_scores.shape[:-1], 1))
-    kth = kth.masked_fill(k == 0, float("-inf"))
-    sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
-    tail = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p.view(-1, 1, 1)
-    tail = tail & (torch.arange(V, device=sorted_scores.device) < V - 1)  # the top token always stays
-    return sorted_scores.masked_fill(tail, float("-inf"))
-
-
-def _invert_cdf(filtered: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """The token whose cumulative probability first exceeds ``uniform`` x total: ``sample``'s
-    ``searchsorted(cdf, target, right=True)``, as the count of entries <= target (the cdf never
-    decreases), which ONNX can express."""
-    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
-    target = (uniform.float() * cdf[..., -1]).unsqueeze(-1)
-    return (cdf <= target).sum(dim=-1).clamp(max=cdf.shape[-1] - 1)
+def _warm_step_tables(lm: nn.Module) -> None:
+    """The patch decoder's per-step tables, built eagerly (see :func:`_warm_rope_tables`)."""
+    _warm_rope_tables(lm.local_transformer)
+    StepTables.of(lm, torch.device("cpu"), lm.dtype)
 
 
 # ------------------------------------------------------------------------------------- audio codec

@@ -68,6 +68,25 @@ class StreamUserAudio:
 
 
 @dataclasses.dataclass(frozen=True)
+class Speculate:
+    """The open turn ``item_id`` may have ended after its first ``samples`` samples of streamed audio
+    (a candidate end): start its answer with ``params`` and hold it. The turn's ``AppendUserAudio``
+    then ``CreateResponse`` with the same params release it; nothing of it reaches the client
+    otherwise."""
+
+    item_id: str
+    samples: int
+    params: ResponseParams
+
+
+@dataclasses.dataclass(frozen=True)
+class AbandonSpeculation:
+    """The held answer to ``item_id`` is not wanted (the user spoke again, the turn was cleared)."""
+
+    item_id: str
+
+
+@dataclasses.dataclass(frozen=True)
 class AppendUserText:
     item_id: str
     text: str
@@ -153,6 +172,8 @@ class Close:
 Action = (
     AppendUserAudio
     | StreamUserAudio
+    | Speculate
+    | AbandonSpeculation
     | AppendUserText
     | AppendSystemText
     | AppendAssistantText

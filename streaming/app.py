@@ -32,6 +32,7 @@ from streaming.metrics import ServerMetrics
 from streaming.outbox import DEFAULT_LEAD_S, DEFAULT_MAX_BYTES, GOODBYE_S, Outbox, goodbye_deadline
 from streaming.pipeline import SessionBridge
 from streaming.session import RealtimeSession, SessionLimits, SessionOptions, Transport
+from streaming.vad import DEFAULT_CANDIDATE_MS
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class ServerConfig:
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs (streaming.webrtc.parse_ice_server); none: host only
     cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-origin (the SDK, calls, client secrets)
     stream_input: bool = False  # server-VAD turns reach the engine while spoken (SessionOptions.stream_input)
+    speculate: bool = False  # held answers at a candidate end of turn (SessionOptions.speculate; needs stream_input)
+    candidate_ms: int = DEFAULT_CANDIDATE_MS  # silence that makes a candidate end (speculation, semantic_vad)
     turn_model: str | None = None  # semantic_vad's end-of-turn model file (None: streaming.turn_model.find_model)
 
 
@@ -189,7 +192,8 @@ def new_bridge(app: FastAPI, transport: Transport, outbox: Outbox, **kwargs: Any
     """A bridge for a new connection, with the server's limits and session defaults."""
     config: ServerConfig = app.state.config
     session = RealtimeSession(SessionOptions(transport=transport, limits=config.limits, turn_model=config.turn_model,
-                                             stream_input=config.stream_input))
+                                             stream_input=config.stream_input, speculate=config.speculate,
+                                             vad_candidate_ms=config.candidate_ms))
     return SessionBridge(app.state.engine, session, outbox, loop=asyncio.get_running_loop(),
                          metrics=app.state.metrics, codec_schedule=getattr(app.state, "codec_schedule", None),
                          **kwargs)

@@ -138,6 +138,12 @@ class InputAudio:
             self.buffer.drop_before(self._vad_offset + self.vad.decided_ms * SAMPLES_PER_MS - keep)
         return turns
 
+    def turn_samples(self, audio_end_ms: int) -> int:
+        """Samples of the open turn from its start up to ``audio_end_ms`` (a :class:`TurnPaused`'s),
+        in the audio :meth:`stream` hands out."""
+        offset_ms = self._vad_offset // SAMPLES_PER_MS
+        return self._vad_offset + (audio_end_ms - offset_ms) * SAMPLES_PER_MS - self._turn_start
+
     def stream(self) -> tuple[str, np.ndarray] | None:
         """Streaming input: the open turn's audio not handed out yet, from its start (prefix padding
         included), as (item id, pcm16); None outside a turn."""

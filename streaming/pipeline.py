@@ -199,10 +199,16 @@ class SessionBridge:
             self._response_items[a.item_id] = a.response_id
             now = time.perf_counter()
             self._clocks[a.response_id] = _Clock(requested_at=now)
-            if a.params.instructions != self._instructions:
-                self._instructions = a.params.instructions
-                submit(eng.Configure(instructions=a.params.instructions))
+            self._configure(a.params.instructions)
             submit(eng.Respond(a.response_id, a.item_id, self._response_params(a.params), requested_at=now))
+        elif isinstance(a, act.Speculate):
+            self._configure(a.params.instructions)
+            try:
+                submit(eng.Speculate(a.item_id, a.samples, self._response_params(a.params)))
+            except eng.EngineOverloaded:  # a speculation is optional, and invisible: no error for it
+                log.debug("no speculation: the engine's job queue is full")
+        elif isinstance(a, act.AbandonSpeculation):
+            submit(eng.Abandon(a.item_id))
         elif isinstance(a, act.CancelResponse):
             submit(eng.Cancel(a.response_id, a.reason))
         elif isinstance(a, act.TruncateItem):
@@ -216,9 +222,7 @@ class SessionBridge:
                 for response_id, samples in played.items() if a.cut else ():
                     self.session.output_audio_cut(response_id, samples)
         elif isinstance(a, act.UpdateSession):
-            if a.config.instructions != self._instructions:
-                self._instructions = a.config.instructions
-                submit(eng.Configure(instructions=a.config.instructions))
+            self._configure(a.config.instructions)
             if a.voice_prompt is not None:
                 if len(a.voice_prompt):
                     submit(eng.Configure(voice_pcm=pcm16_to_float32(a.voice_prompt)))
@@ -228,6 +232,14 @@ class SessionBridge:
             self.outbox.close()
             if self.on_close is not None:
                 self.on_close(a.reason)
+
+    def _configure(self, instructions: str | None) -> None:
+        """The engine's instructions follow the session's (sent only when they change)."""
+        from agent import engine as eng
+
+        if instructions != self._instructions:
+            self._instructions = instructions
+            self.handle.submit(eng.Configure(instructions=instructions))
 
     def _response_params(self, params: act.ResponseParams) -> Any:
         from agent import engine as eng

@@ -43,6 +43,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--stream-lag-patches", type=int, default=None, metavar="N",
                    help="streaming input: encode a server-VAD turn while it is spoken and prefill each patch "
                         "once N more patches of audio came (default: off, the turn is encoded at its commit)")
+    e.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the answer at a candidate end of turn and hold it: released at once when the turn "
+                        "ends there (server_vad: first audio at speech_stopped), dropped unheard when the user "
+                        "goes on (default on)")
+    e.add_argument("--speculate-ms", type=int, default=None, metavar="MS",
+                   help="silence that makes a candidate end of turn (default 200; semantic_vad scores it too)")
     e.add_argument("--codec-first-chunk", type=int, default=None,
                    help="patches (160 ms each) before the first audio chunk (default 1)")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
@@ -56,6 +62,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--turn-model", default=None,
                    help="semantic_vad's end-of-turn model (Smart Turn v3.2 ONNX; default: $MIMO_TURN_MODEL, the "
                         "cache filled by `mimo-agent fetch-turn-model`, or an installed pipecat-ai)")
+    e.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="memory the engine may plan for beyond the weights (GiB; default: what the device has "
+                        "free after loading, CUDA's free memory or the host's available RAM)")
+    e.add_argument("--ignore-memory-plan", action="store_true",
+                   help="start even when --max-sessions does not fit the memory plan (printed at start)")
+    e.add_argument("--compile", action="store_true",
+                   help="run the patch decoder's step through torch.compile (inductor: fused kernels; needs a C++ "
+                        "compiler on a CPU, Triton on CUDA; compiles at start, or on first use with --no-warmup)")
     e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
                         "start (default on; ignored on a CPU)")
@@ -144,6 +158,10 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
                           min_output_patches=(args.min_output_patches if args.min_output_patches is not None
                                               else PRESET_MIN_OUTPUT if rt.preset else 0),
                           cuda_graphs=getattr(args, "cuda_graphs", True),
+                          memory_limit_bytes=(None if getattr(args, "memory_limit_gib", None) is None
+                                              else int(args.memory_limit_gib * 2**30)),
+                          memory_check=not getattr(args, "ignore_memory_plan", False),
+                          compile=getattr(args, "compile", False),
                           **({} if getattr(args, "stream_lag_patches", None) is None
                              else {"stream_lag_patches": args.stream_lag_patches}))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,
@@ -177,11 +195,16 @@ def memory_summary(memory: dict[str, int]) -> dict[str, Any]:
 
 
 def describe_memory(m: dict[str, Any]) -> str:
+    """The memory plan (:class:`agent.memory.MemoryPlan`) in one line, for the start-up log."""
     mib = 2**20
-    return (f"{m['max_sessions']} sessions x (LM KV {m['lm_kv_bytes_per_session'] / mib:.1f} MiB + codec decoder KV "
+    where = "the --memory-limit-gib" if m["limited"] else f"free on {m['device']}"
+    return (f"weights {m['weights_bytes'] / mib:,.1f} MiB; {m['max_sessions']} sessions x (LM KV "
+            f"{m['lm_kv_bytes_per_session'] / mib:.1f} MiB + codec decoder KV "
             f"{m['codec_kv_bytes_per_session'] / mib:.1f} MiB per stream; "
-            f"{m['codec_kv_bytes_per_session_real_size'] / mib:.0f} MiB at the real size in bf16) = "
-            f"{m['total_bytes'] / 2**30:.2f} GiB")
+            f"{m['codec_kv_bytes_per_session_real_size'] / mib:.0f} MiB at the real size in bf16) + "
+            f"{m['extra_slots']} scratch slot(s) + activations {m['activation_bytes'] / mib:,.1f} MiB = "
+            f"{m['total_bytes'] / 2**30:.2f} GiB of {m['available_bytes'] / 2**30:.2f} GiB {where} "
+            f"({m['fitting_sessions']} sessions would fit)")
 
 
 def default_speech_sampling() -> list[Any]:
@@ -233,8 +256,12 @@ def make_server_config(args: argparse.Namespace, rt: Any, defaults: dict) -> Any
     config = ServerConfig(model_name=rt.name, api_key=args.api_key or None, limits=limits,
                           session_defaults=defaults, description=dict(rt.info), ice_servers=tuple(ice_servers),
                           cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
-                          stream_input=getattr(args, "stream_lag_patches", None) is not None,
+                          stream_input=(getattr(args, "stream_lag_patches", None) is not None
+                                        or getattr(args, "speculate", True)),
+                          speculate=getattr(args, "speculate", True),
                           turn_model=getattr(args, "turn_model", None))
+    if getattr(args, "speculate_ms", None) is not None:
+        config.candidate_ms = args.speculate_ms
     if args.audio_lead is not None:
         config.audio_lead_s = args.audio_lead
     if args.send_queue_mib is not None:
@@ -276,11 +303,10 @@ def run(args: argparse.Namespace) -> int:
              engine.max_positions, rt.load_s,
              f", warm-up {rt.info['warmup_s']} s" if "warmup_s" in rt.info else "")
     log.info("model %s", rt.card.describe())
-    log.info("memory admitted: %s", describe_memory(rt.info["memory"]))
+    log.info("memory plan: %s", describe_memory(rt.info["memory"]))
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level,
                                            loop="uvloop" if sys.platform != "win32" else "asyncio"))
-    if args.port_file:
-        _write_port_when_listening(server, args.port_file)
+    _when_listening(server, args.host, args.port_file)
     try:
         server.run()
     finally:
@@ -298,13 +324,21 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str, loop: str)
                           lifespan="off")
 
 
-def _write_port_when_listening(server: Any, path: str) -> None:
-    """Write the bound port once uvicorn listens (``--port 0`` picks a free one)."""
+def _when_listening(server: Any, host: str, port_file: str | None) -> None:
+    """Once uvicorn listens (``--port 0`` picks a free port): say where the demo page is, and
+    write the port to ``port_file``."""
     original = server.startup
 
     async def startup(sockets: Any = None) -> None:
         await original(sockets=sockets)
-        write_port_file(path, server.servers[0].sockets[0].getsockname()[1])
+        if not server.servers:  # the bind failed: uvicorn says why and exits
+            return
+        port = server.servers[0].sockets[0].getsockname()[1]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+        log.info("demo page: open http://%s:%d/ in a browser (speak, or type; no microphone needed to type)",
+                 shown, port)
+        if port_file:
+            write_port_file(port_file, port)
 
     server.startup = startup
 

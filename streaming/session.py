@@ -65,7 +65,7 @@ from streaming.audio import (
 )
 from streaming.config import canonical_session, default_session_config, fully_set, resolve_response_params
 from streaming.conversation import AT_START, Conversation, ConversationFullError, Item
-from streaming.input_audio import InputAudio, TurnEnded, TurnStarted
+from streaming.input_audio import InputAudio, TurnEnded, TurnPaused, TurnResumed, TurnStarted
 from streaming.protocol import ErrorCode, ErrorType, ProtocolError
 from streaming.responses import ResponseRun, ResponseState
 from streaming.turn_model import TurnModelMissing
@@ -123,6 +123,9 @@ class SessionOptions:
     vad_frame_ms: int = 20
     vad_min_speech_ms: int = 100
     stream_input: bool = False  # hand a server-VAD turn's audio to the engine while it is spoken
+    # at a candidate end, ask the engine for a held answer (with stream_input): released at once
+    # when the turn ends there, dropped unheard when the user goes on
+    speculate: bool = False
     vad_candidate_ms: int = DEFAULT_CANDIDATE_MS  # silence that is a candidate end (speculation, semantic_vad)
     turn_model: str | None = None  # semantic_vad's model file (None: streaming.turn_model.find_model)
     limits: SessionLimits = dataclasses.field(default_factory=SessionLimits)
@@ -163,6 +166,7 @@ class RealtimeSession:
         self._responses: dict[str, ResponseRun] = {}
         self._active: ResponseRun | None = None
         self._auto_response_queued = False
+        self._speculated: str | None = None  # the open turn the engine holds an answer for
         self._audio_out_started = False  # the voice is fixed once audio went out
         self._started_at = 0.0
         self._tokens = float(self.limits.max_events_burst)
@@ -383,6 +387,7 @@ class RealtimeSession:
         except (TurnModelMissing, SileroMissing) as exc:
             param = "session.mimo.vad" if isinstance(exc, SileroMissing) else "session.audio.input.turn_detection"
             raise ProtocolError(ErrorCode.INVALID_VALUE, f"{exc}.", param=param) from None
+        self._drop_speculation()  # the turn, the detector or the answer's settings may change
         self.config = config
         self.input.set_format(config.audio.input.format.type)
         self._actions.append(act.UpdateSession(config, voice))
@@ -416,13 +421,25 @@ class RealtimeSession:
                 "audio was dropped. Commit or clear the buffer.",
                 param="audio",
             ) from None
+        speculate = None
         for turn in turns:
             if isinstance(turn, TurnStarted):
+                self._drop_speculation()
                 self._speech_started(turn)
-            elif isinstance(turn, TurnEnded):  # candidate ends and resumes are for speculation only
+            elif isinstance(turn, TurnPaused):  # candidate ends and resumes are for speculation only
+                speculate = turn if self._may_speculate() else speculate
+            elif isinstance(turn, TurnResumed):
+                speculate = None
+                self._drop_speculation()
+            elif isinstance(turn, TurnEnded):
                 self._emit(
                     p.InputAudioBufferSpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id)
                 )
+                answer = self._turn_detection().create_response and self._active is None
+                if self._speculated == turn.item_id and answer and speculate is None:
+                    self._speculated = None  # its commit and response below release the held answer
+                self._drop_speculation()
+                speculate = None
                 self._commit_user_audio(turn.item_id, turn.pcm)
                 if self._turn_detection().create_response:
                     if self._active is None:
@@ -433,6 +450,22 @@ class RealtimeSession:
             part = self.input.stream()
             if part is not None:
                 self._actions.append(act.StreamUserAudio(*part))
+        if speculate is not None:  # after its audio
+            self._speculated = speculate.item_id
+            self._actions.append(act.Speculate(speculate.item_id, self.input.turn_samples(speculate.audio_end_ms),
+                                               resolve_response_params(self.config, None)))
+
+    def _may_speculate(self) -> bool:
+        """Only where the turn's end would create a response now (``create_response``, no response
+        active or queued), and with the turn's audio at the engine."""
+        td = self._turn_detection()
+        return (self.options.speculate and self.options.stream_input and td is not None and bool(td.create_response)
+                and self._active is None and not self._auto_response_queued and self._speculated is None)
+
+    def _drop_speculation(self) -> None:
+        if self._speculated is not None:
+            self._actions.append(act.AbandonSpeculation(self._speculated))
+            self._speculated = None
 
     def _speech_started(self, turn: TurnStarted) -> None:
         self._idle_deadline = None
@@ -457,10 +490,12 @@ class RealtimeSession:
                 f"{self.limits.min_commit_ms}ms of audio, but buffer only has {self.input.buffered_ms:.2f}ms "
                 "of audio.",
             )
+        self._drop_speculation()
         item_id, _, _, pcm = self.input.take()
         self._commit_user_audio(item_id, pcm)
 
     def _on_clear(self, event: p.InputAudioBufferClear) -> None:
+        self._drop_speculation()
         self.input.clear()
         self._emit(p.InputAudioBufferCleared())
 
@@ -655,6 +690,7 @@ class RealtimeSession:
         self._create_response(event.response, event.event_id)
 
     def _create_response(self, override: p.ResponseCreateParams | None, event_id: str | None) -> None:
+        self._drop_speculation()  # a response before the turn's end: the held answer is not it
         if self._active is not None:
             raise IllegalTransition(
                 ErrorCode.CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE,

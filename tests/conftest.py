@@ -8,6 +8,8 @@ install-and-test command stays true.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 
@@ -18,4 +20,7 @@ def _turn_model() -> None:
     try:
         turn_model.find_model()
     except turn_model.TurnModelMissing:
-        turn_model.fetch_model()
+        try:
+            turn_model.fetch_model()
+        except turn_model.TurnModelMissing as exc:  # no registry: only the tests that need the model fail
+            warnings.warn(f"semantic_vad's model is missing and could not be fetched: {exc}", stacklevel=1)

@@ -2,6 +2,7 @@
 // window.mimoDemo (see the end of this file and web/sdk/README.md).
 
 import * as sdk from "./sdk/index.js";
+import { serverBase } from "./sdk/urls.js";
 
 const { LevelMeter, TurnLatencyTracker, buildSession, connect, getMicrophone, resample, serverOffers } = sdk;
 
@@ -349,8 +350,8 @@ async function showModel() {
   const notice = $("model-notice");
   let card = null;
   try {
-    const base = new URL($("server-url").value.trim() || location.origin);
-    const res = await fetch(new URL("/healthz", base), { cache: "no-store" });
+    const { secure, host, path } = serverBase($("server-url").value.trim() || location.origin);
+    const res = await fetch(`${secure ? "https" : "http"}://${host}${path}/healthz`, { cache: "no-store" });
     card = res.ok ? (await res.json()).model_card ?? null : null;
   } catch {
     card = null;
@@ -487,7 +488,6 @@ async function doConnect() {
   setStatus("connecting");
   tracker = new TurnLatencyTracker({ onUpdate: renderLatency });
   renderLatency(); // a new connection starts a new table
-  addSeparator(demo.state.transport);
   try {
     try {
       micStream = await getMicrophone();
@@ -515,6 +515,7 @@ async function doConnect() {
   }
   demo.client = client;
   demo.state.callId = client.callId;
+  addSeparator(demo.state.transport);
   setStatus("connected");
   updateVoicePromptControl();
   statsTimer = setInterval(() => refreshStats().catch((err) => console.warn("stats:", err)), STATS_EVERY_MS);

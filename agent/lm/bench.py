@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         "--kernel-layers", type=int, default=2, help="layers per stack built for the 7B count (0: no 7B count)"
     )
     parser.add_argument("--json", action="store_true", help="with --kernels: print the counts as JSON")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="with --kernels: also count the patch decoder's step compiled by torch.compile (inductor: the "
+        "launches in its generated code; compiles each model, a minute or more per compile on a CPU)",
+    )
 
 
 @dataclass
@@ -193,12 +198,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kernel_row(label: str, lm: MiMoAudioLM, full_depth: dict[str, int] | None, built: int | None) -> dict:
+def _kernel_row(label: str, lm: MiMoAudioLM, full_depth: dict[str, int] | None, built: int | None,
+                step: tuple[int, int] | None = None) -> dict:
+    """A row of the table; ``step``: (eager, compiled) kernels of one patch-decoder step at full
+    depth, for the speech patch with the step compiled."""
     from agent.lm.kernels import patch_kernels
 
     text, speech = patch_kernels(lm, full_depth)
     depth = full_depth or {"model": lm.config.num_hidden_layers, "local_transformer": lm.config.local_layers}
-    return {
+    compiled = {}
+    if step is not None:
+        compiled = {"patch_decoder_step_eager": step[0], "patch_decoder_step_compiled": step[1],
+                    "kernels_per_speech_patch_compiled": speech.total - lm.config.local_steps * (step[0] - step[1])}
+    return {**compiled,
         "model": label,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
@@ -213,20 +225,31 @@ def _kernel_row(label: str, lm: MiMoAudioLM, full_depth: dict[str, int] | None, 
     }
 
 
-def _kernel_row_7b(layers: int, device: torch.device) -> dict:
+def _kernel_row_7b(layers: int, device: torch.device, compile: bool = False) -> dict:
     """The real 7B widths, ``layers`` deep per stack, counted and scaled to full depth, in bf16 (the
-    real model's serving dtype, on a CPU too, so the casts it runs are counted)."""
+    real model's serving dtype, on a CPU too, so the casts it runs are counted). With ``compile``
+    the patch decoder's step is compiled at 1 and 2 layers and its launches extrapolated per layer."""
     from agent.lm.config import preset
-    from agent.lm.kernels import shallow
+    from agent.lm.kernels import local_step_kernels, shallow
     from agent.lm.model import empty_model
 
     big = preset("mimo-audio-7b")
-    config, full = shallow(big.config, layers)
-    lm = empty_model(config, torch.bfloat16, device)
-    with torch.no_grad():  # the count does not depend on the values: zeros are quicker than random
-        for p in lm.parameters():
-            p.zero_()
-    return _kernel_row("mimo-audio-7b widths", lm, full, layers)
+
+    def build(depth: int) -> tuple[MiMoAudioLM, dict[str, int]]:
+        config, full = shallow(big.config, depth)
+        lm = empty_model(config, torch.bfloat16, device)
+        with torch.no_grad():  # the count does not depend on the values: zeros are quicker than random
+            for p in lm.parameters():
+                p.zero_()
+        return lm, full
+
+    lm, full = build(layers)
+    step = None
+    if compile:
+        one, two = local_step_kernels(build(1)[0]), local_step_kernels(build(2)[0])
+        depth = full["local_transformer"]
+        step = tuple(a + (b - a) * (depth - 1) for a, b in zip(one, two, strict=True))
+    return _kernel_row("mimo-audio-7b widths", lm, full, layers, step)
 
 
 def run_kernels(args: argparse.Namespace) -> int:
@@ -242,10 +265,16 @@ def run_kernels(args: argparse.Namespace) -> int:
     else:
         name = args.preset or "tiny"
         lm, _, _ = build_preset(name, dtype, device)
-    rows = [_kernel_row(name, lm, None, None)]
+    compile = getattr(args, "compile", False)
+    if compile:
+        from agent.lm.kernels import local_step_kernels
+
+        rows = [_kernel_row(name, lm, None, None, local_step_kernels(lm))]
+    else:
+        rows = [_kernel_row(name, lm, None, None)]
     del lm
     if args.kernel_layers > 0:
-        rows.append(_kernel_row_7b(args.kernel_layers, device))
+        rows.append(_kernel_row_7b(args.kernel_layers, device, compile))
     if args.json:
         print(json.dumps({**rows[0], "scaled_7b": rows[1] if len(rows) > 1 else None}, indent=2))
         return 0
@@ -258,6 +287,13 @@ def run_kernels(args: argparse.Namespace) -> int:
         print(f"| {r['model']} | {r['dtype']} | {built} | {r['kernels_per_text_patch']} | "
               f"{r['kernels_per_speech_patch']} | {r['backbone_per_layer']} | {r['patch_decoder_per_layer_step']} | "
               f"{r['outside_layers_speech']} |")
+    if compile:
+        print()
+        print("| model | patch decoder step, eager | compiled | per speech patch, step compiled |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['patch_decoder_step_eager']} | {r['patch_decoder_step_compiled']} | "
+                  f"{r['kernels_per_speech_patch_compiled']} |")
     print()
     for r in rows:
         print(f"{r['model']}: most launched in a speech patch: "

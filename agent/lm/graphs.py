@@ -107,10 +107,11 @@ class _PatchInputs:
 
 class DecodeGraphs:
     """Graph-replayed ``decode_step`` and ``decode_patch`` for one model and KV cache (see the
-    module docstring). ``capture`` defaults to whether the model is on a CUDA device."""
+    module docstring). ``capture`` defaults to whether the model is on a CUDA device; ``compile``
+    runs the patch decoder's step through ``torch.compile`` (:class:`CompiledLocalStep`)."""
 
     def __init__(self, lm: MiMoAudioLM, cache: KVCache, *, max_batch: int, scratch_slot: int,
-                 capture: bool | None = None) -> None:
+                 capture: bool | None = None, compile: bool = False) -> None:
         device = lm.device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
@@ -120,6 +121,8 @@ class DecodeGraphs:
         if max_batch >= cache.num_slots:
             raise ValueError(f"max_batch {max_batch} leaves no scratch slot in a {cache.num_slots}-slot cache")
         self.lm, self.cache, self.scratch = lm, cache, scratch_slot
+        # with compile, the patch decoder's step runs compiled (inside the graphs on CUDA)
+        self._local_step = patch_decoder.CompiledLocalStep() if compile else patch_decoder.local_step
         self.batch_buckets = buckets(max_batch)
         # in place, a step runs one row per slot of the window 0..W-1 that holds its sessions
         self.window_buckets = buckets(cache.num_slots)
@@ -199,7 +202,7 @@ class DecodeGraphs:
                                params=params.params + tuple(params.params[0] for _ in pad))
         flags = (params.all_greedy, params.any_filter, params.any_top_k, params.any_greedy)
         out = self._replay(("patch", rows, flags), lambda: patch_decoder.decode_patch(
-            self.lm, buf.h, static, None, uniform=None if params.all_greedy else buf.uniform))
+            self.lm, buf.h, static, None, uniform=None if params.all_greedy else buf.uniform, step=self._local_step))
         return out[:B]
 
     # ----------------------------------------------------------------------------------- graphs

@@ -21,6 +21,7 @@ without 7B of weights.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,3 +176,34 @@ def patch_kernels(lm, full_depth: dict[str, int] | None = None, batch: int = 1, 
     text_count = count_kernels(lm, backbone, full_depth)
     speech_count = count_kernels(lm, lambda: lm.decode_patch(backbone(), speech_params, gens), full_depth)
     return text_count, speech_count
+
+
+# a kernel launch in inductor's generated wrapper (CPU C++ kernels, Triton kernels, library calls
+# such as mm, ATen fallbacks); allocations (empty_strided) and views (reinterpret_tensor) are not
+_LAUNCH = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|aten\.\w+|"
+                     r"torch\.ops\.\w+\.\w+)(?:\.\w+)?\(", re.MULTILINE)
+
+
+def compiled_launches(sources: list[str]) -> int:
+    """Kernel launches per call of inductor's generated code (the ``call`` wrapper's launch lines)."""
+    return sum(len(_LAUNCH.findall(src[src.find("def call("):])) for src in sources if "def call(" in src)
+
+
+def local_step_kernels(lm: torch.nn.Module, batch: int = 1) -> tuple[int, int]:
+    """(eager, compiled) kernels of one patch-decoder step of ``lm`` as built: eager counted as
+    :func:`count_kernels` does, compiled from the launches in the code inductor generates for
+    :class:`agent.lm.patch_decoder.CompiledLocalStep`'s function (compiled afresh here)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from agent.lm import patch_decoder
+
+    x = torch.zeros(batch, 1, lm.local_transformer.cfg.hidden_size, device=lm.device, dtype=lm.dtype)
+    k, v = patch_decoder.new_local_cache(lm, batch)
+    with torch.inference_mode():
+        patch_decoder.local_step(lm, x, 5, k, v)  # warm the tables
+        eager = count_kernels(lm, lambda: patch_decoder.local_step(lm, x, 5, k, v)).total
+        torch._dynamo.reset()
+        fn = torch.compile(patch_decoder.local_step, fullgraph=True, dynamic=True)
+        index = patch_decoder.StepTables.of(lm, lm.device, lm.dtype).index[5]
+        _, sources = run_and_get_code(fn, lm, x, index, k, v)
+    return eager, compiled_launches(sources)

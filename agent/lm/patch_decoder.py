@@ -15,7 +15,7 @@ loop can be captured as a CUDA graph or exported.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,24 +65,17 @@ class DelaySchedule:
                 n += len(members)
             self.groups.append(groups)
         self.num_codes = n  # 32 for the shipped config
-        self._tensors: dict[tuple[torch.device, int, int], tuple[torch.Tensor, ...]] = {}
+        self._tensors: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+        self.tables: dict[tuple[torch.device, torch.dtype], StepTables] = {}  # see StepTables.of
 
-    def group_tensors(self, step: int, index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(frames, channels, empty mask) of a group on ``device``: index tensors (n,) for writing
-        its codes, and the bool (n, vocab) mask of each channel's empty id, which is never emitted.
-        Built once, so the loop launches no host-to-device copies."""
+    def banned(self, step: int, index: int, device: torch.device) -> torch.Tensor:
+        """The bool (n, vocab) mask of each channel's empty id in a group, which is never emitted.
+        Built once per device, so the loop launches no host-to-device copies."""
         key = (torch.device(device), step, index)
         if key not in self._tensors:
             g = self.groups[step][index]
             empties = torch.tensor([self.empty_ids[c] for c in g.channels])
-            self._tensors[key] = tuple(
-                t.to(device)
-                for t in (
-                    torch.tensor(g.frames),
-                    torch.tensor(g.channels),
-                    torch.arange(g.vocab_size) == empties[:, None],
-                )
-            )
+            self._tensors[key] = (torch.arange(g.vocab_size) == empties[:, None]).to(device)
         return self._tensors[key]
 
 
@@ -96,26 +89,109 @@ def new_local_cache(lm: MiMoAudioLM, batch: int) -> tuple[torch.Tensor, torch.Te
     )
 
 
+class StepTables:
+    """Per-step constants of the patch decoder on one device and dtype, built once: the rotary
+    rows, the attention bias (position t sees 0..t) and the cache index of each step. A step
+    reads its row (a view for a host step, an index for a traced one), so the loop launches no
+    kernels to make them."""
+
+    def __init__(self, lm: MiMoAudioLM, device: torch.device, dtype: torch.dtype) -> None:
+        S = lm.config.local_steps
+        steps = torch.arange(S, device=device)
+        cos, sin = lm.local_transformer.rope.at(steps, dtype)  # (S, d)
+        self.cos, self.sin = cos, sin
+        self.bias = attention_bias(steps[None, :] <= steps[:, None], dtype)  # (S, S): row t sees 0..t
+        self.index = steps  # (S,) int64: step t's cache position
+
+    @staticmethod
+    def of(lm: MiMoAudioLM, device: torch.device, dtype: torch.dtype) -> StepTables:
+        """The model's tables for ``device`` and ``dtype`` (cached on the model's schedule)."""
+        cache = lm.schedule.tables
+        key = (torch.device(device), dtype)
+        if key not in cache:
+            cache[key] = StepTables(lm, device, dtype)
+        return cache[key]
+
+
 def local_step(
-    lm: MiMoAudioLM, x: torch.Tensor, step: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+    lm: MiMoAudioLM, x: torch.Tensor, step: int | torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One patch-decoder position: x (B, 1, D) at position ``step`` -> (hidden (B, D), k_cache, v_cache).
 
-    Writes this position's keys and values into the caches (layers, B, H, steps, d) and attends to
-    positions 0..step of them.
+    Writes this position's keys and values into the caches (layers, B, H, steps, d) in place and
+    attends to positions 0..step of them. ``step`` is a host int, or a 0-d int64 tensor in the
+    exported single-step graph.
     """
-    stack = lm.local_transformer
-    S = k_cache.shape[3]
-    pos = torch.full((1, 1), step, dtype=torch.int64, device=x.device)
-    cos, sin = stack.rope.at(pos, x.dtype)  # (1, 1, d)
-    mask = attention_bias((torch.arange(S, device=x.device) <= step).view(1, 1, 1, S), x.dtype)
+    tables = StepTables.of(lm, x.device, x.dtype)
+    # a host step reads its rows as views; a tensor step (exported, compiled) as one-row gathers
+    index = step.view(1) if isinstance(step, torch.Tensor) else tables.index[step : step + 1]
+    cos, sin, mask = (t.index_select(0, index) if isinstance(step, torch.Tensor) else t[step : step + 1]
+                      for t in (tables.cos, tables.sin, tables.bias))
+    cos, sin, mask = cos.unsqueeze(0), sin.unsqueeze(0), mask.view(1, 1, 1, -1)  # (1, 1, d), (1, 1, 1, S)
 
     def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache[i].select(2, step).copy_(k[:, :, 0])  # one copy (an int index would add scalar tensors)
-        v_cache[i].select(2, step).copy_(v[:, :, 0])
+        k_cache[i].index_copy_(2, index, k)  # one copy per cache, at a device index
+        v_cache[i].index_copy_(2, index, v)
         return attend(q, k_cache[i], v_cache[i], mask)
 
-    return stack.run(x, cos, sin, attention)[:, 0], k_cache, v_cache
+    return lm.local_transformer.run(x, cos, sin, attention)[:, 0], k_cache, v_cache
+
+
+class CompiledLocalStep:
+    """:func:`local_step` under ``torch.compile`` (inductor): a layer's norms, rotary, attention
+    and MLP fused into a few kernels (gpt-fast's approach). The step goes in as a tensor (a row of
+    :class:`StepTables`), so the 11 steps share one compiled graph, and the batch is symbolic, so
+    every batch bucket shares it too; the caches are updated in place as in eager. One compiled
+    function per process (compiled on first use for each model), shared by every engine."""
+
+    _fn: Callable | None = None
+
+    def __call__(self, lm: MiMoAudioLM, x: torch.Tensor, step: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if CompiledLocalStep._fn is None:
+            CompiledLocalStep._fn = torch.compile(local_step, fullgraph=True, dynamic=True)
+        index = StepTables.of(lm, x.device, x.dtype).index[step]  # a 0-d device tensor
+        return CompiledLocalStep._fn(lm, x, index, k_cache, v_cache)
+
+
+#: the signature of :func:`local_step` (or a :class:`CompiledLocalStep`)
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def group_logits(lm: MiMoAudioLM, hidden: torch.Tensor, group: StepGroup) -> torch.Tensor:
+    """The heads of a step group's channels: hidden (B, D) -> logits (B, n, V)."""
+    return torch.stack([lm.local_transformer_lm_heads[c](hidden) for c in group.channels], dim=1)
+
+
+#: (step, group index, group, logits (B, n, V), its draws (B, n) or None) -> tokens (B, n) int64.
+GroupSampler = Callable[[int, int, StepGroup, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def run_patch(lm: MiMoAudioLM, h: torch.Tensor, sampler: GroupSampler, uniform: torch.Tensor | None,
+              step: StepFn = local_step) -> torch.Tensor:
+    """The patch-decoder loop, shared by :func:`decode_patch`, its CUDA graph and the exported
+    ``patch_decoder`` graph (which differ only in how ``sampler`` reads the settings): h (B, hidden)
+    -> codes (B, group, channels). ``uniform`` (B, codes per patch) or None (greedy)."""
+    B, _ = h.shape
+    sched = lm.schedule
+    k_cache, v_cache = new_local_cache(lm, B)
+    tokens_at: dict[tuple[int, int], torch.Tensor] = {}  # (frame, channel) -> (B,)
+    x = lm.hidden_states_downcast(h).unsqueeze(1)  # (B, 1, D)
+    for t in range(sched.steps):
+        hidden, k_cache, v_cache = step(lm, x, t, k_cache, v_cache)
+        x = None
+        for i, g in enumerate(sched.groups[t]):
+            noise = None if uniform is None else uniform[:, g.offset : g.offset + len(g.channels)]
+            tokens = sampler(t, i, g, group_logits(lm, hidden, g), noise)  # (B, n)
+            for j, (c, f) in enumerate(zip(g.channels, g.frames, strict=True)):
+                tokens_at[(f, c)] = tokens[:, j]
+                emb = lm.speech_embeddings[c](tokens[:, j])
+                x = emb if x is None else x + emb
+        assert x is not None
+        x = x.unsqueeze(1)  # the input of step t+1 (unused after the last step)
+    G, C = sched.group_size, len(sched.vocab_sizes)
+    # one copy of the 32 (B,) token views, in (frame, channel) order
+    return torch.stack([tokens_at[(f, c)] for f in range(G) for c in range(C)], dim=1).view(B, G, C)
 
 
 def decode_patch(
@@ -124,35 +200,21 @@ def decode_patch(
     speech_sampling: SamplingBatch | SamplingParams | Sequence[SamplingParams] | None,
     generators: Sequence[torch.Generator | None] | None,
     uniform: torch.Tensor | None = None,
+    step: StepFn = local_step,
 ) -> torch.Tensor:
     """Backbone hidden states (B, hidden) -> codes (B, group, channels), int64.
 
     ``uniform`` (B, 32): the draws, when the caller made them from the rows' generators already
-    (a CUDA graph replays with its noise copied in); otherwise they are drawn here."""
+    (a CUDA graph replays with its noise copied in); otherwise they are drawn here. ``step``: the
+    patch decoder's position step (a :class:`CompiledLocalStep` with ``--compile``)."""
     B, _ = h.shape
     sched = lm.schedule
     params = SamplingBatch.coerce(speech_sampling, B, h.device)
     # one uniform number per code to draw, the whole patch at once: (B, 32)
     if uniform is None and not params.all_greedy:
         uniform = draw_uniform(generators, B, (sched.num_codes,), h.device)
-    k_cache, v_cache = new_local_cache(lm, B)
-    codes = torch.zeros(B, sched.group_size, len(sched.vocab_sizes), dtype=torch.int64, device=h.device)
 
-    x = lm.hidden_states_downcast(h).unsqueeze(1)  # (B, 1, D)
-    for t in range(sched.steps):
-        hidden, k_cache, v_cache = local_step(lm, x, t, k_cache, v_cache)
-        x = None
-        for i, g in enumerate(sched.groups[t]):
-            n = len(g.channels)
-            frames, channels, empty = sched.group_tensors(t, i, h.device)
-            heads = [lm.local_transformer_lm_heads[c](hidden) for c in g.channels]
-            logits = torch.stack(heads, dim=1)  # (B, n, V)
-            noise = None if uniform is None else uniform[:, g.offset : g.offset + n]
-            tokens = sample(logits, params, noise, removed=empty)  # (B, n)
-            codes[:, frames, channels] = tokens
-            for j, c in enumerate(g.channels):
-                emb = lm.speech_embeddings[c](tokens[:, j])
-                x = emb if x is None else x + emb
-        assert x is not None
-        x = x.unsqueeze(1)  # the input of step t+1 (unused after the last step)
-    return codes
+    def sampler(t: int, i: int, g: StepGroup, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        return sample(logits, params, noise, removed=sched.banned(t, i, h.device))
+
+    return run_patch(lm, h, sampler, None if params.all_greedy else uniform, step)

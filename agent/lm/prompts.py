@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,12 +52,35 @@ def normalize_case(text: str) -> str:
     return text.capitalize() if text.isupper() or text.islower() else text
 
 
+class _PatchStore:
+    """Growable storage behind prompts built by appending (see :meth:`Prompt.__add__`): text ids
+    and codes with room to spare, and how many patches are written."""
+
+    def __init__(self, text_ids: torch.Tensor, codes: torch.Tensor, capacity: int) -> None:
+        self.text_ids = text_ids.new_empty((capacity,))
+        self.codes = codes.new_empty((capacity, *codes.shape[1:]))
+        self.used = 0
+
+    def write(self, text_ids: torch.Tensor, codes: torch.Tensor) -> None:
+        end = self.used + text_ids.shape[0]
+        self.text_ids[self.used : end] = text_ids
+        self.codes[self.used : end] = codes
+        self.used = end
+
+
 @dataclass(frozen=True)
 class Prompt:
-    """Patches: text ids (P,) and codes (P, group, channels), int64 on the CPU."""
+    """Patches: text ids (P,) and codes (P, group, channels), int64 on the CPU.
+
+    A value: nothing changes a prompt's patches once made. Appending (``a + b``) is amortised
+    O(len(b)), not a copy of ``a``: a prompt made by appending is a prefix view of a store with
+    spare room, and the next append to the store's last prompt writes into that room (earlier
+    prompts see only their own prefix); any other append copies into a store twice the size.
+    """
 
     text_ids: torch.Tensor
     codes: torch.Tensor
+    _store: _PatchStore | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.text_ids.dim() != 1 or self.codes.dim() != 3 or self.codes.shape[0] != self.text_ids.shape[0]:
@@ -70,7 +93,13 @@ class Prompt:
         return self.text_ids.shape[0]
 
     def __add__(self, other: Prompt) -> Prompt:
-        return Prompt(torch.cat([self.text_ids, other.text_ids]), torch.cat([self.codes, other.codes]))
+        n, m = len(self), len(other)
+        store = self._store
+        if store is None or store.used != n or n + m > store.text_ids.shape[0]:
+            store = _PatchStore(self.text_ids, self.codes, max(16, 2 * (n + m)))
+            store.write(self.text_ids, self.codes)
+        store.write(other.text_ids, other.codes)
+        return Prompt(store.text_ids[: n + m], store.codes[: n + m], store)
 
     def __getitem__(self, index: slice) -> Prompt:
         return Prompt(self.text_ids[index], self.codes[index])

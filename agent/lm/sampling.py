@@ -17,10 +17,12 @@ decoder's codes); :data:`TASK_SAMPLING` has the official per-task defaults.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from agent.lm.host import to_device
 
@@ -156,18 +158,31 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _filter_sorted(sorted_scores: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
-    """Top-k then top-p on ascending-sorted scores (N, ..., V); removed entries become -inf."""
+def _branch(flag: bool | torch.Tensor, if_true: Callable, if_false: Callable, operands: tuple) -> torch.Tensor:
+    """A host flag picks the branch in Python; a tensor flag (an exported graph's input, see
+    :class:`export.graphs.PatchDecoder`) becomes ``torch.cond`` (ONNX ``If``), both branches traced.
+    So the sampler is written once for eager, CUDA-graph and exported use."""
+    if isinstance(flag, torch.Tensor):
+        return torch.cond(flag, if_true, if_false, operands)
+    return (if_true if flag else if_false)(*operands)
+
+
+def _filter_sorted(
+    sorted_scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, any_top_k: bool = True
+) -> torch.Tensor:
+    """Top-k then top-p on ascending-sorted scores (N, ..., V); removed entries become -inf.
+    ``any_top_k`` False skips top-k (no row uses it); a row with k = 0 keeps everything anyway."""
     V = sorted_scores.shape[-1]
-    if params.any_top_k:
+    if any_top_k:
         # top-k: keep scores >= the k-th largest (ties kept, as the official `scores < topk(...)[-1]`)
-        k = _per_row(params.top_k, sorted_scores).clamp(max=V)
+        k = _per_row(top_k, sorted_scores).clamp(max=V)
         kth = sorted_scores.gather(-1, (V - k).clamp(max=V - 1).expand(*sorted_scores.shape[:-1], 1))
         kth = kth.masked_fill(k == 0, float("-inf"))
         sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
     # top-p: remove the low tail whose cumulative probability is <= 1 - top_p; keep the top token
-    tail = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - _per_row(params.top_p, sorted_scores)
-    tail[..., -1] = False
+    # (the last sorted entry: the tail is computed over the others and the top appended as kept)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    tail = F.pad(cumulative[..., :-1] <= 1 - _per_row(top_p, sorted_scores), (0, 1), value=False)
     return sorted_scores.masked_fill(tail, float("-inf"))
 
 
@@ -177,7 +192,83 @@ def filter_logits(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     if not params.any_filter:
         return scores
     sorted_scores, order = scores.sort(dim=-1)  # ascending, as the official top-p
-    return torch.empty_like(scores).scatter_(-1, order, _filter_sorted(sorted_scores, params))
+    filtered = _filter_sorted(sorted_scores, params.top_k, params.top_p, params.any_top_k)
+    return torch.empty_like(scores).scatter_(-1, order, filtered)
+
+
+def _banned(scores: torch.Tensor, removed: torch.Tensor | None) -> torch.Tensor:
+    return scores if removed is None else scores.masked_fill(removed, float("-inf"))
+
+
+def _invert_cdf(filtered: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token whose cumulative probability first exceeds ``uniform`` x total: the count of cdf
+    entries <= the target (the cdf never decreases, so this is ``searchsorted(right=True)``, in
+    operators ONNX can express)."""
+    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
+    target = (uniform.float() * cdf[..., -1]).unsqueeze(-1)
+    return (cdf <= target).sum(dim=-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def _greedy_tokens(logits, removed, uniform, temperature, top_k, top_p, greedy, any_filter) -> torch.Tensor:
+    """Every row greedy: the argmax of the logits minus the banned tokens, no temperature or filter."""
+    return _banned(logits, removed).argmax(dim=-1)
+
+
+def _draw_plain(scores, removed, uniform, top_k, top_p) -> torch.Tensor:
+    return _invert_cdf(_banned(scores, removed), uniform)
+
+
+def _draw_filtered(scores, removed, uniform, top_k, top_p, any_top_k: bool = True) -> torch.Tensor:
+    sorted_scores, order = scores.sort(dim=-1)  # ascending, as the official top-p
+    filtered = _filter_sorted(sorted_scores, top_k, top_p, any_top_k)
+    if removed is not None:
+        removed_sorted = removed.expand_as(scores).gather(-1, order)
+        filtered = filtered.masked_fill(removed_sorted, float("-inf"))
+        # a row the filters and the ban empty falls back to its scores minus the banned tokens
+        nothing = torch.isneginf(filtered).all(dim=-1, keepdim=True)
+        filtered = torch.where(nothing, sorted_scores.masked_fill(removed_sorted, float("-inf")), filtered)
+    pick = _invert_cdf(filtered, uniform)
+    return order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+
+def _sampled_tokens(
+    logits, removed, uniform, temperature, top_k, top_p, greedy, any_filter, *, any_top_k: bool = True,
+    any_greedy: bool = True,
+) -> torch.Tensor:
+    """Temperature, then the draw (filtered in sorted order when ``any_filter``), then the argmax
+    for the greedy rows. The keyword flags skip work no row needs (host values only)."""
+    scores = logits / _per_row(temperature, logits)
+    filtered = functools.partial(_draw_filtered, any_top_k=any_top_k)
+    drawn = _branch(any_filter, filtered, _draw_plain, (scores, removed, uniform, top_k, top_p))
+    if not any_greedy:
+        return drawn
+    return torch.where(_per_row(greedy, drawn), _banned(logits, removed).argmax(dim=-1), drawn)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    uniform: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    greedy: torch.Tensor,
+    removed: torch.Tensor | None,
+    *,
+    all_greedy: bool | torch.Tensor,
+    any_filter: bool | torch.Tensor,
+    any_top_k: bool = True,
+    any_greedy: bool = True,
+) -> torch.Tensor:
+    """The sampler on per-row setting tensors (N,): logits (N, ..., V) -> tokens (N, ...) int64.
+
+    ``all_greedy`` and ``any_filter`` choose the code path: host bools (eager, CUDA graphs keyed
+    by them) or 0-d bool tensors (the exported graph, where both paths are traced). ``uniform``
+    is read only on the sampled path.
+    """
+    logits = logits.float()
+    sampled = functools.partial(_sampled_tokens, any_top_k=any_top_k, any_greedy=any_greedy)
+    operands = (logits, removed, uniform, temperature, top_k, top_p, greedy, any_filter)
+    return _branch(all_greedy, _greedy_tokens, sampled, operands)
 
 
 def sample(
@@ -193,33 +284,13 @@ def sample(
     cumulative distribution of the filtered probabilities, an exact draw. ``removed`` is a bool
     mask broadcastable to the logits of tokens banned after filtering (official ``removed_tokens``).
     """
-    logits = logits.float()
-    if params.all_greedy:
-        return (logits if removed is None else logits.masked_fill(removed, float("-inf"))).argmax(dim=-1)
-    if uniform is None or uniform.shape != logits.shape[:-1]:
+    if not params.all_greedy and (uniform is None or uniform.shape != logits.shape[:-1]):
         raise ValueError(
             f"sampling (non-greedy rows) needs one uniform number per token, shape "
             f"{tuple(logits.shape[:-1])}; got {None if uniform is None else tuple(uniform.shape)}"
         )
-    scores = logits / _per_row(params.temperature, logits)
-    if params.any_filter:
-        sorted_scores, order = scores.sort(dim=-1)  # ascending, as the official top-p
-        filtered = _filter_sorted(sorted_scores, params)
-        if removed is not None:
-            removed_sorted = removed.expand_as(scores).gather(-1, order)
-            filtered = filtered.masked_fill(removed_sorted, float("-inf"))
-            # a row the filters and the ban empty falls back to its scores minus the banned tokens
-            nothing = torch.isneginf(filtered).all(dim=-1, keepdim=True)
-            fallback = sorted_scores.masked_fill(removed_sorted, float("-inf"))
-            filtered = torch.where(nothing, fallback, filtered)
-    else:
-        filtered = scores if removed is None else scores.masked_fill(removed, float("-inf"))
-        order = None
-    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
-    target = (uniform.float() * cdf[..., -1]).unsqueeze(-1)
-    pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
-    drawn = pick if order is None else order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
-    if not params.any_greedy:
-        return drawn
-    masked = logits if removed is None else logits.masked_fill(removed, float("-inf"))
-    return torch.where(_per_row(params.greedy, drawn), masked.argmax(dim=-1), drawn)
+    return sample_tokens(
+        logits, uniform, params.temperature, params.top_k, params.top_p, params.greedy, removed,
+        all_greedy=params.all_greedy, any_filter=params.any_filter, any_top_k=params.any_top_k,
+        any_greedy=params.any_greedy,
+    )

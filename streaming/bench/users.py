@@ -283,8 +283,10 @@ class SimulatedUser:
             if rec.status not in ("completed", "incomplete"):
                 rec.error = f"response {rec.status}: {details.get('reason') or details.get('error')}"
             rec.server_timings = dict(((resp.get("mimo") or {}).get("timings")) or {})
-            # over WebRTC the audio is still playing out on the track: the turn ends when it has
-            if not getattr(self.link, "audio_on_track", False) or rec.t_first_audio is None:
+            # over WebRTC the audio is still playing out on the track: the turn ends when it has (a
+            # response whose audio was all ready at once, a released speculation, may be done before
+            # its first frame arrived: whether it has audio is in response.done)
+            if not getattr(self.link, "audio_on_track", False) or not (resp.get("mimo") or {}).get("audio_ms"):
                 self._done.set()
         elif kind == "output_audio_buffer.stopped" and event.get("response_id") == self._response_id:
             self._done.set()

@@ -101,6 +101,34 @@ async def test_client_secret_is_refused_once_expired(server):
         assert refused.value.response.status_code == 401
 
 
+async def test_get_realtime_says_whether_a_key_opens_a_session(server):
+    """What a browser cannot learn from a refused WebSocket handshake, asked over plain HTTP with
+    the same key: 401 with the reason (the key wrong, missing or expired), or 200; and a page on an
+    allowed origin may ask (CORS, with the Authorization header)."""
+    _, secret = await _mint(server, expires_after={"anchor": "created_at", "seconds": 10})
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        for key in (API_KEY, secret):
+            ok = await http.get("/v1/realtime", headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200 and ok.json()["object"] == "realtime.access", ok.text
+            assert ok.json()["websocket"] == server.ws_url
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = await http.get("/v1/realtime", headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        store = server.app.state.client_secrets
+        real_clock = store.clock
+        store.clock = lambda: real_clock() + 11
+        try:
+            expired = await http.get("/v1/realtime", headers={"Authorization": f"Bearer {secret}"})
+        finally:
+            store.clock = real_clock
+        assert expired.status_code == 401 and "expired" in expired.json()["error"]["message"]
+        preflight = await http.options("/v1/realtime", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == ORIGIN
+
+
 async def test_client_secret_requests_are_checked(server):
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         assert (await http.post("/v1/realtime/client_secrets", json={})).status_code == 401  # no API key

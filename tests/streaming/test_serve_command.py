@@ -13,8 +13,10 @@ def test_serve_says_which_model_it_loaded_and_what_to_expect_without_warnings() 
     with SpawnedServer(["--no-warmup", "--log-level", "info"]) as server:
         health = server.health
         log = server._log.read_text()
+        port = server.port
     assert health["model_card"]["weights"] == "random" and health["model_card"]["name"] == "mimo-audio-tiny"
     assert "model mimo-audio-tiny: random weights: every stage runs for real, but what it says is noise" in log
     # uvicorn's protocol choice used to print a deprecation warning on every start
     assert "Warning" not in log and "warn" not in log.lower(), log
     assert "Uvicorn running on http://127.0.0.1:" in log
+    assert f"demo page: open http://127.0.0.1:{port}/ in a browser" in log

@@ -321,7 +321,8 @@ async def test_health_reports_the_memory_each_session_is_admitted_with(server):
     assert memory["codec_kv_bytes_per_session"] == decode_cache_bytes(codec.config, codec.decoder.dtype) > 0
     assert memory["codec_kv_bytes_per_session_real_size"] == 491_520_000
     slot = memory["lm_kv_bytes_per_session"]
-    assert memory["total_bytes"] == 8 * (slot + memory["codec_kv_bytes_per_session"])
+    assert memory["total_bytes"] == (8 * (slot + memory["codec_kv_bytes_per_session"])
+                                     + memory["extra_slots"] * slot + memory["activation_bytes"])
     assert "codec decoder KV 5.9 MiB per stream; 469 MiB at the real size" in describe_memory(memory)
 
 

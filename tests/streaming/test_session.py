@@ -42,11 +42,12 @@ class ManualClock:
         self.now += seconds
 
 
-def make(*, transport=Transport.WEBSOCKET, limits=None, config=None, stream_input=True, **session):
+def make(*, transport=Transport.WEBSOCKET, limits=None, config=None, stream_input=True, speculate=False, **session):
     """A started session (streaming input on: the server turns it on with streaming prefill or
     speculation)."""
     clock = ManualClock()
-    options = SessionOptions(transport=transport, limits=limits or SessionLimits(), stream_input=stream_input)
+    options = SessionOptions(transport=transport, limits=limits or SessionLimits(), stream_input=stream_input,
+                             speculate=speculate)
     s = RealtimeSession(options, clock=clock)
     s.start(config)
     if session:
@@ -540,6 +541,56 @@ def test_interrupt_response_false_lets_the_reply_finish():
     append(s, np.concatenate([SILENCE_1S[:12000], STOP]))
     assert types(s.take_events()) == ["input_audio_buffer.speech_started"]
     assert engine_actions(s) == []
+
+
+def test_a_turn_ending_at_its_candidate_end_releases_the_speculated_answer():
+    """Server VAD with OpenAI's defaults: 200 ms into the silence the engine is asked for a held answer
+    to the turn so far; at speech_stopped the commit and the response release it. The client's events
+    are those of a session without speculation."""
+    plain, _ = make()
+    append(plain, HELLO)
+    s, _ = make(speculate=True)
+    append(s, HELLO)
+    events = s.take_events()
+    assert types(events) == types(plain.take_events())
+    started = events[0]
+    actions = engine_actions(s)
+    assert [type(a) for a in actions] == [act.Speculate, act.AppendUserAudio, act.CreateResponse]
+    spec, user_audio, create = actions
+    assert spec.item_id == user_audio.item_id == started.item_id
+    assert spec.params == create.params  # what releases it
+    # the turn's audio up to 200 ms into the silence (speech ends at 2.87 s)
+    assert 2870 + 200 <= started.audio_start_ms + spec.samples / 24 <= 2870 + 200 + 60
+    assert spec.samples < len(user_audio.pcm)
+
+
+def test_speech_after_a_candidate_end_abandons_the_speculation():
+    pause = np.zeros(24 * 300, np.int16)  # longer than the candidate (200 ms), shorter than the window
+    audio = np.concatenate([HELLO[:24 * 2900], pause, STOP, SILENCE_1S])
+    plain, _ = make()
+    append(plain, audio)
+    s, _ = make(speculate=True)
+    append(s, audio)
+    assert types(s.take_events()) == types(plain.take_events())  # one turn, the same events
+    kinds = [type(a) for a in engine_actions(s)]
+    assert kinds == [act.Speculate, act.AbandonSpeculation, act.Speculate, act.AppendUserAudio, act.CreateResponse]
+
+
+@pytest.mark.parametrize("case", ["no_create_response", "response_active", "cleared"])
+def test_no_speculation_where_the_turn_would_not_be_answered(case):
+    # (interrupt_response false: the user's speech does not cancel the active response)
+    td = {"type": "server_vad", "create_response": case != "no_create_response", "interrupt_response": False}
+    s, _ = make(speculate=True, audio={"input": {"turn_detection": td}})
+    if case == "response_active":
+        send(s, {"type": "response.create"})  # still in progress when the turn ends: its answer waits
+    s.take_actions()
+    if case == "cleared":
+        append(s, HELLO[:24 * 3100])  # past the candidate end: speculated
+        send(s, {"type": "input_audio_buffer.clear"})
+        assert [type(a) for a in engine_actions(s)] == [act.Speculate, act.AbandonSpeculation]
+        return
+    append(s, HELLO)
+    assert act.Speculate not in [type(a) for a in engine_actions(s)]
 
 
 def test_without_streaming_input_a_turn_reaches_the_engine_at_its_commit():

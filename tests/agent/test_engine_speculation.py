@@ -1,0 +1,220 @@
+"""Speculative answers on the tiny preset: an answer started at a candidate end of turn and held; its
+release at the commit gives what answering the turn up to that point gives, an abandoned one leaves
+no event and no trace in the conversation or the slot, and the waste is bounded."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+import torch
+
+from agent.conversation import common_prefix
+from agent.engine import (
+    Abandon,
+    AddUserAudio,
+    AddUserText,
+    AudioDelta,
+    ItemAdded,
+    Respond,
+    ResponseDone,
+    ResponseParams,
+    ResponseStarted,
+    Speculate,
+    StreamUserAudio,
+    TextDelta,
+)
+from tests.agent.test_engine import GREEDY_BOTH, Client, make_engine
+from tests.agent.test_engine_streaming import recording, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+PARAMS = ResponseParams(sampling=GREEDY_BOTH, interleave=(2, 3), max_output_patches=15, min_patches=15)
+HELLO = recording("speech_hello_padded.wav")  # speech 0.6 .. 2.87 s, then 1 s of silence
+CANDIDATE = int(3.07 * 24000)  # 200 ms into the silence
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from agent.runtime import load_runtime
+
+    return load_runtime(preset="tiny", device="cpu")
+
+
+def quiet(c: Client) -> list:
+    """What the session received so far (without waiting)."""
+    seen = []
+    while True:
+        try:
+            seen.append(c.events.get_nowait())
+        except queue.Empty:
+            return seen
+
+
+def speculate(c: Client, item_id: str, pcm: np.ndarray, samples: int, patches: int) -> None:
+    """Stream the turn, speculate at ``samples``, and wait until the held answer has ``patches``."""
+    for i in range(0, len(pcm), 2400):
+        c.submit(StreamUserAudio(item_id, pcm[i:i + 2400]))
+    c.submit(Speculate(item_id, samples, PARAMS))
+
+    def generated() -> bool:
+        state = c.engine._sessions.get(c.handle.sid)
+        spec = state.speculation if state is not None else None
+        return spec is not None and len(spec.answer.patches) >= patches
+    wait_for(generated, "the held answer")
+
+
+def shape(events: list) -> list[str]:
+    """The kinds of events in order, a run of deltas of one kind counted once."""
+    kinds = []
+    for e in events:
+        kind = type(e).__name__
+        if not kinds or kinds[-1] != kind or kind not in ("TextDelta", "AudioDelta"):
+            kinds.append(kind)
+    return kinds
+
+
+def same_context(engine, a: Client, b: Client) -> None:
+    sa, sb = a.state, b.state
+    assert [it.item_id for it in sa.items] == [it.item_id for it in sb.items]
+    for x, y in zip(sa.items, sb.items, strict=True):
+        assert (x.codes is None) == (y.codes is None) and (x.codes is None or torch.equal(x.codes, y.codes))
+        assert (x.patches is None) == (y.patches is None)
+        assert x.patches is None or (torch.equal(x.patches.text_ids, y.patches.text_ids)
+                                     and torch.equal(x.patches.codes, y.patches.codes))
+    assert len(sa.cached) == len(sb.cached) == common_prefix(sa.cached, sb.cached)
+    rendering = engine.renderer.render(sa.items, instructions=sa.instructions, voice_codes=sa.voice_codes)
+    assert common_prefix(sa.cached, rendering.prompt) == len(sa.cached) == engine.cache.length(sa.slot)
+
+
+@pytest.mark.parametrize("lag", [None, 2], ids=["whole", "streamed"])
+def test_a_released_speculation_is_the_answer_to_the_turn_up_to_its_candidate_end(runtime, lag):
+    """(With streaming input too: the speculation's exact encode keeps what streaming prefilled up to
+    the first patch that differs.)"""
+    engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0,
+                         stream_lag_patches=lag)
+    try:
+        spec_c, ref = Client(engine), Client(engine)
+        for c in (spec_c, ref):
+            c.submit(AddUserText("u0", "Answer briefly."))
+        speculate(spec_c, "u1", HELLO, CANDIDATE, patches=6)
+        wait_for(lambda: engine._paused(spec_c.state), "the held answer to reach its cap")
+        assert len(spec_c.state.speculation.answer.patches) == 6  # held at the cap
+        assert [type(e) for e in quiet(spec_c)] == [ItemAdded]  # u0's; nothing of the speculation
+        # the commit (the whole turn, silence window included) and the response the session asks for
+        spec_c.submit(AddUserAudio("u1", HELLO))
+        s_events, s_done = spec_c.respond("r1", **vars(PARAMS))
+        # the reference answers the turn as it was at the candidate end, without speculation
+        quiet(ref)
+        ref.submit(AddUserAudio("u1", HELLO[:CANDIDATE]))
+        r_events, r_done = ref.respond("r1", **vars(PARAMS))
+        assert shape(s_events) == shape(r_events) and shape(s_events)[:2] == ["ItemAdded", "ResponseStarted"]
+        assert all(e.response_id == "r1" and e.item_id == "a_r1" for e in s_events
+                   if isinstance(e, ResponseStarted | TextDelta | AudioDelta | ResponseDone))
+        assert s_done.transcript == r_done.transcript and s_done.status == r_done.status == "incomplete"
+        assert s_done.usage == r_done.usage
+        assert s_done.timings["speculated_patches"] == 6 and "speculated_patches" not in r_done.timings
+        audio = [sum(len(e.pcm) for e in events if isinstance(e, AudioDelta)) for events in (s_events, r_events)]
+        assert audio[0] == audio[1] > 0
+        same_context(engine, spec_c, ref)
+        assert engine.speculations["started"] == engine.speculations["confirmed"] == 1
+        assert engine.speculations["abandoned"] == engine.speculations["wasted_patches"] == 0
+    finally:
+        engine.stop()
+
+
+def test_an_abandoned_speculation_sends_nothing_and_leaves_no_trace(runtime):
+    engine = make_engine(runtime, max_sessions=2)
+    try:
+        spec_c, ref = Client(engine), Client(engine)
+        for c in (spec_c, ref):
+            c.submit(AddUserText("u0", "Hello"))
+            c.respond("r0", **vars(PARAMS))
+        quiet(spec_c)
+        items, cached = [it.item_id for it in spec_c.state.items], len(spec_c.state.cached)
+        speculate(spec_c, "u1", HELLO[:CANDIDATE], CANDIDATE, patches=3)
+        spec_c.submit(Abandon("u1"))  # the user spoke again
+        wait_for(lambda: engine.speculations["abandoned"] == 1, "the abandon")  # counted once it is done
+        assert quiet(spec_c) == []
+        s = spec_c.state
+        assert [it.item_id for it in s.items] == items and s.response is None
+        rendering = engine.renderer.render(s.items, instructions=s.instructions, voice_codes=s.voice_codes)
+        # the slot holds a prefix of the conversation without the turn (the closing of the last answer
+        # may have been prefilled with the speculation: it is the conversation's)
+        assert common_prefix(s.cached, rendering.prompt) == len(s.cached) == engine.cache.length(s.slot)
+        assert cached <= len(s.cached) <= len(rendering)
+        assert engine.speculations["abandoned"] == 1 and engine.speculations["wasted_patches"] >= 3
+        # the turn goes on and ends later: its answer is the whole-turn answer, as if nothing happened
+        for i in range(CANDIDATE, len(HELLO), 2400):
+            spec_c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+        spec_c.submit(AddUserAudio("u1", HELLO))
+        s_events, s_done = spec_c.respond("r1", **vars(PARAMS))
+        ref.submit(AddUserAudio("u1", HELLO))
+        r_events, r_done = ref.respond("r1", **vars(PARAMS))
+        assert shape(s_events) == shape(r_events) and s_done.transcript == r_done.transcript
+        assert "speculated_patches" not in s_done.timings
+        same_context(engine, spec_c, ref)
+    finally:
+        engine.stop()
+
+
+def test_other_jobs_abandon_a_speculation_and_its_attempts_are_capped(runtime):
+    engine = make_engine(runtime, speculate_attempts=2)
+    try:
+        c = Client(engine)
+        speculate(c, "u1", HELLO[:CANDIDATE], CANDIDATE, patches=1)
+        c.submit(AddUserText("t", "a text item arrives meanwhile"))  # the conversation changes under it
+        _, added = c.until(ItemAdded)
+        assert added.item_id == "t" and c.state.speculation is None
+        assert [it.item_id for it in c.state.items] == ["t"]
+        speculate(c, "u1", HELLO[:CANDIDATE], CANDIDATE, patches=1)  # the second attempt on this turn
+        c.submit(Respond("rx", "ax", PARAMS))  # a response before the turn's commit: not the speculated one
+        _, done = c.until(ResponseDone)
+        assert done.response_id == "rx" and "speculated_patches" not in done.timings
+        c.submit(Speculate("u1", CANDIDATE, PARAMS))  # a third attempt: refused
+        c.submit(AddUserText("t2", "sync"))
+        c.until(ItemAdded)
+        assert c.state.speculation is None
+        assert engine.speculations == {"started": 2, "confirmed": 0, "abandoned": 2, "refused": 1,
+                                       "wasted_patches": engine.speculations["wasted_patches"]}
+    finally:
+        engine.stop()
+
+
+def test_a_committed_turn_whose_response_differs_is_encoded_whole(runtime):
+    """The commit came, but the response asked for is not the one speculated (other settings): the
+    speculation goes and the turn is the whole committed audio, as without speculation."""
+    engine = make_engine(runtime, max_sessions=2)
+    try:
+        spec_c, ref = Client(engine), Client(engine)
+        speculate(spec_c, "u1", HELLO, CANDIDATE, patches=2)
+        spec_c.submit(AddUserAudio("u1", HELLO))
+        other = dict(vars(PARAMS), max_output_patches=14, min_patches=14)
+        s_events, s_done = spec_c.respond("r1", **other)
+        ref.submit(AddUserAudio("u1", HELLO))
+        r_events, r_done = ref.respond("r1", **other)
+        assert shape(s_events) == shape(r_events) and s_done.transcript == r_done.transcript
+        assert "speculated_patches" not in s_done.timings
+        same_context(engine, spec_c, ref)
+        assert engine.speculations["abandoned"] == 1 and engine.speculations["confirmed"] == 0
+    finally:
+        engine.stop()
+
+
+def test_no_speculation_without_a_spare_decode_row(runtime):
+    from tests.agent.test_engine_isolation import finishes_with_its_audio, start_long
+
+    engine = make_engine(runtime, max_batch=1)
+    try:
+        busy, c = Client(engine, seed=1), Client(engine)
+        start_long(busy)  # takes the only row of the decode step
+        for i in range(0, CANDIDATE, 2400):
+            c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+        c.submit(Speculate("u1", CANDIDATE, PARAMS))
+        c.submit(AddUserText("t", "sync"))
+        c.until(ItemAdded)
+        assert engine.speculations["refused"] == 1 and engine.speculations["started"] == 0
+        finishes_with_its_audio(busy)
+    finally:
+        engine.stop()
