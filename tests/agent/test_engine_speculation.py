@@ -8,7 +8,6 @@ import queue
 
 import numpy as np
 import pytest
-import torch
 
 from agent.conversation import common_prefix
 from agent.engine import (
@@ -26,7 +25,7 @@ from agent.engine import (
     TextDelta,
 )
 from tests.agent.test_engine import GREEDY_BOTH, Client, make_engine
-from tests.agent.test_engine_streaming import recording, wait_for
+from tests.agent.test_engine_streaming import recording, same_items_and_cache, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,13 +76,7 @@ def shape(events: list) -> list[str]:
 
 def same_context(engine, a: Client, b: Client) -> None:
     sa, sb = a.state, b.state
-    assert [it.item_id for it in sa.items] == [it.item_id for it in sb.items]
-    for x, y in zip(sa.items, sb.items, strict=True):
-        assert (x.codes is None) == (y.codes is None) and (x.codes is None or torch.equal(x.codes, y.codes))
-        assert (x.patches is None) == (y.patches is None)
-        assert x.patches is None or (torch.equal(x.patches.text_ids, y.patches.text_ids)
-                                     and torch.equal(x.patches.codes, y.patches.codes))
-    assert len(sa.cached) == len(sb.cached) == common_prefix(sa.cached, sb.cached)
+    same_items_and_cache(sa, sb)
     rendering = engine.renderer.render(sa.items, instructions=sa.instructions, voice_codes=sa.voice_codes)
     assert common_prefix(sa.cached, rendering.prompt) == len(sa.cached) == engine.cache.length(sa.slot)
 

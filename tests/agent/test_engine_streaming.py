@@ -33,6 +33,17 @@ def recording(name: str) -> np.ndarray:
     return pcm16_to_float32(read_wav(DATA / name)[0])
 
 
+def same_items_and_cache(sa, sb) -> None:
+    """Two sessions hold the same items (codes and patches) and the same cached positions."""
+    assert [it.item_id for it in sa.items] == [it.item_id for it in sb.items]
+    for a, b in zip(sa.items, sb.items, strict=True):
+        assert (a.codes is None) == (b.codes is None) and (a.codes is None or torch.equal(a.codes, b.codes))
+        assert (a.patches is None) == (b.patches is None)
+        assert a.patches is None or (torch.equal(a.patches.text_ids, b.patches.text_ids)
+                                     and torch.equal(a.patches.codes, b.patches.codes))
+    assert len(sa.cached) == len(sb.cached) == common_prefix(sa.cached, sb.cached)
+
+
 def wait_for(check, what: str, timeout: float = 60.0) -> None:
     """Poll the engine's state (a deadline only against a hang, not a timed assertion)."""
     deadline = time.monotonic() + timeout
@@ -91,13 +102,7 @@ def test_streamed_turns_give_the_whole_turn_context_and_answer(runtime):
             assert s_text == w_text and s_done.transcript == w_done.transcript
             assert len(s_audio) == len(w_audio) > 0
             ws, ss = whole.state, streamed.state
-            assert [it.item_id for it in ss.items] == [it.item_id for it in ws.items]
-            for a, b in zip(ss.items, ws.items, strict=True):
-                assert (a.codes is None) == (b.codes is None) and (a.codes is None or torch.equal(a.codes, b.codes))
-                assert (a.patches is None) == (b.patches is None)
-                assert a.patches is None or (torch.equal(a.patches.text_ids, b.patches.text_ids)
-                                             and torch.equal(a.patches.codes, b.patches.codes))
-            assert len(ss.cached) == len(ws.cached) == common_prefix(ss.cached, ws.cached)
+            same_items_and_cache(ss, ws)
             n = len(ws.cached)
             assert engine.cache.length(ss.slot) == engine.cache.length(ws.slot) == n
             for kv in (engine.cache.k, engine.cache.v):

@@ -9,25 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.web.browser import Chromium, chromium, require_browser
+from tests.web.browser import Chromium, chromium
+from tests.web.conftest import KEY
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
-KEY = "k3y"
 READ = """() => {
     const d = window.mimoDemo;
     return {state: d.state, model: d.model, transcript: d.transcript, errors: d.errors, latencies: d.latencies};
 }"""
-
-
-@pytest.fixture(scope="module")
-def live() -> Iterator:
-    require_browser()
-    from tests.streaming.live_server import start_server
-
-    server = start_server("--max-sessions", "2", "--api-key", KEY)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +39,8 @@ def _connect(p, transport: str, key: str | None = None) -> None:
     p.click("[data-testid=connect-button]")
 
 
-def test_the_page_says_the_model_has_random_weights(browser: Chromium, live) -> None:
-    with browser.open_page(f"{live.url}/") as page:
+def test_the_page_says_the_model_has_random_weights(browser: Chromium, keyed_live) -> None:
+    with browser.open_page(f"{keyed_live.url}/") as page:
         p = page.page
         p.wait_for_function("window.mimoDemo.model !== null")
         notice = p.locator("[data-testid=model-notice]")
@@ -63,8 +53,8 @@ def test_the_page_says_the_model_has_random_weights(browser: Chromium, live) -> 
 
 
 @pytest.mark.parametrize("transport", ["websocket", "webrtc"])
-def test_a_missing_or_wrong_key_is_a_401_not_a_server_down(browser: Chromium, live, transport: str) -> None:
-    with browser.open_page(f"{live.url}/") as page:
+def test_a_missing_or_wrong_key_is_a_401_not_a_server_down(browser: Chromium, keyed_live, transport: str) -> None:
+    with browser.open_page(f"{keyed_live.url}/") as page:
         p = page.page
         for key, said in ((None, "connection without an API key"), ("wrong", "API key")):
             before = len(p.evaluate("window.mimoDemo.errors"))

@@ -8,20 +8,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.agent.lm.test_tokenizer import _UNREADABLE
-from tests.web.browser import Chromium, chromium, require_browser
-from tests.web.test_demo_first_impression import KEY, READ, _set_key
+from tests.web.browser import Chromium, chromium
+from tests.web.conftest import KEY
+from tests.web.test_demo_first_impression import READ, _set_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def live() -> Iterator:
-    require_browser()
-    from tests.streaming.live_server import start_server
-
-    server = start_server("--max-sessions", "2", "--api-key", KEY)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +22,12 @@ def browser() -> Iterator[Chromium]:
 
 
 @pytest.mark.parametrize("transport", ["websocket", "webrtc"])
-def test_typing_needs_no_microphone_and_a_new_connection_is_marked(browser: Chromium, live, transport: str) -> None:
+def test_typing_needs_no_microphone_and_a_new_connection_is_marked(browser: Chromium, keyed_live,
+                                                                  transport: str) -> None:
     """This browser has no microphone: the page connects without one and the conversation goes on
     in text; after a reconnect the transcript says where the new connection starts, as the
     latency table starts afresh."""
-    with browser.open_page(f"{live.url}/") as page:
+    with browser.open_page(f"{keyed_live.url}/") as page:
         p = page.page
         p.check(f"[data-testid=transport-{transport}]", force=True)
         _set_key(p, KEY)
