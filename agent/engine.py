@@ -439,10 +439,12 @@ class SessionHandle:
         self.closed = False
 
     def submit(self, job: Job) -> None:
-        """Queue a job (thread-safe). Raises :class:`EngineOverloaded` or :class:`EngineClosed`."""
+        """Queue a job (thread-safe). Raises :class:`EngineOverloaded` or :class:`EngineClosed`. An
+        :class:`Abandon` is queued even when the queue is full: lost, it could let a later commit
+        release an answer to a turn the user went on with."""
         if self.closed:
             raise EngineClosed("this engine session is closed")
-        self._engine._put((self.sid, job))
+        self._engine._put((self.sid, job), force=isinstance(job, Abandon))
 
     def close(self) -> None:
         """Cancel whatever runs and free the slot (idempotent, thread-safe)."""

@@ -203,7 +203,10 @@ class SessionBridge:
             submit(eng.Respond(a.response_id, a.item_id, self._response_params(a.params), requested_at=now))
         elif isinstance(a, act.Speculate):
             self._configure(a.params.instructions)
-            submit(eng.Speculate(a.item_id, a.samples, self._response_params(a.params)))
+            try:
+                submit(eng.Speculate(a.item_id, a.samples, self._response_params(a.params)))
+            except eng.EngineOverloaded:  # a speculation is optional, and invisible: no error for it
+                log.debug("no speculation: the engine's job queue is full")
         elif isinstance(a, act.AbandonSpeculation):
             submit(eng.Abandon(a.item_id))
         elif isinstance(a, act.CancelResponse):

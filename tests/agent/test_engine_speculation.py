@@ -88,8 +88,12 @@ def same_context(engine, a: Client, b: Client) -> None:
     assert common_prefix(sa.cached, rendering.prompt) == len(sa.cached) == engine.cache.length(sa.slot)
 
 
-def test_a_released_speculation_is_the_answer_to_the_turn_up_to_its_candidate_end(runtime):
-    engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0)
+@pytest.mark.parametrize("lag", [None, 2], ids=["whole", "streamed"])
+def test_a_released_speculation_is_the_answer_to_the_turn_up_to_its_candidate_end(runtime, lag):
+    """(With streaming input too: the speculation's exact encode keeps what streaming prefilled up to
+    the first patch that differs.)"""
+    engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0,
+                         stream_lag_patches=lag)
     try:
         spec_c, ref = Client(engine), Client(engine)
         for c in (spec_c, ref):
@@ -194,5 +198,23 @@ def test_a_committed_turn_whose_response_differs_is_encoded_whole(runtime):
         assert "speculated_patches" not in s_done.timings
         same_context(engine, spec_c, ref)
         assert engine.speculations["abandoned"] == 1 and engine.speculations["confirmed"] == 0
+    finally:
+        engine.stop()
+
+
+def test_no_speculation_without_a_spare_decode_row(runtime):
+    from tests.agent.test_engine_isolation import finishes_with_its_audio, start_long
+
+    engine = make_engine(runtime, max_batch=1)
+    try:
+        busy, c = Client(engine, seed=1), Client(engine)
+        start_long(busy)  # takes the only row of the decode step
+        for i in range(0, CANDIDATE, 2400):
+            c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+        c.submit(Speculate("u1", CANDIDATE, PARAMS))
+        c.submit(AddUserText("t", "sync"))
+        c.until(ItemAdded)
+        assert engine.speculations["refused"] == 1 and engine.speculations["started"] == 0
+        finishes_with_its_audio(busy)
     finally:
         engine.stop()

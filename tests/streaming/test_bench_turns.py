@@ -91,8 +91,8 @@ def test_quick_run_against_a_real_server(tmp_path, capsys) -> None:
         # semantic_vad's 800 ms window too (the model never ends a turn on these mid-sentence points)
         assert run["false_cut_in_by_pause_ms"] == {"250": 0.0, "900": 1.0}
         assert run["false_cut_ins"] == n_holds // 2
-        assert run["user_first_audio_ms"]["n"] == 2
-        assert run["wasted_speculative_patches_per_turn"] >= 0  # the server speculates: its /metrics count
+        # serve speculates by default: the answers it started at candidate ends and dropped are counted
+        assert run["user_first_audio_ms"]["n"] == 2 and run["wasted_speculative_patches_per_turn"] >= 0
         for rec in run["records"]:
             assert rec["cuts"] == [ms == 900 for _, ms in rec["holds"]] and rec["end_stop_ms"] is not None
     rules = {(r["family"], json.dumps(r["rule"])): r for r in result["sweep"]["rules"]}

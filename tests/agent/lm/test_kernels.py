@@ -40,3 +40,22 @@ def test_bench_lm_kernels_json(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "tiny" and out["scaled_7b"] is None
     assert out["kernels_per_speech_patch"] > out["kernels_per_text_patch"] > 0
+
+
+def test_compiled_launches_counts_kernel_calls_not_allocations_or_views() -> None:
+    from agent.lm.kernels import compiled_launches
+
+    generated = '''
+def helper():
+    cpp_fused_not_in_call_0(a)
+def call(self, args):
+    arg0_1, arg1_1 = args
+    buf0 = empty_strided_cpu((1, 64), (64, 1), torch.float32)
+    cpp_fused_add_mean_mul_pow_rsqrt_0(arg0_1, buf0)
+    extern_kernels.addmm(arg1_1, reinterpret_tensor(buf0, (1, 64), (64, 1), 0), out=buf1)
+    buf2 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(buf1, buf1, buf1)
+    triton_poi_fused_mul_1.run(buf2, 64, stream=stream0)
+    del buf0
+    return (buf2, )
+'''
+    assert compiled_launches([generated, "no wrapper here"]) == 4
