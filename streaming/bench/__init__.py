@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import resource
 import statistics
@@ -338,10 +337,7 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"mimo-agent bench: {exc}", file=sys.stderr)
         return 2
-    print(report.render(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report.publish(report.render(result), result, args.json)
     if args.plot:
         report.plot(result, args.plot)
     return 0 if all(r["summary"]["measured_turns"] for r in result["runs"] if not r["label"]) else 1

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import sys
@@ -33,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from streaming.bench.report import publish
 from streaming.bench.stats import percentiles
 from streaming.bench.users import BenchError, WebSocketLink, b64_samples
 
@@ -287,8 +287,5 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"mimo-agent bench-interrupts: {exc}", file=sys.stderr)
         return 2
-    print(render(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    publish(render(result), result, args.json)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from streaming.bench.stats import METRICS, PERCENTILES, STAGES
@@ -144,3 +145,11 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def publish(text: str, result: dict[str, Any], json_path: str | None) -> None:
+    """A bench's report on stdout, and its whole result as JSON where ``--json`` asks."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from streaming.audio import SAMPLE_RATE
+from streaming.bench.report import publish
 from streaming.bench.stats import percentiles
 from streaming.bench.users import BenchError, Mic, Utterance, WebSocketLink, b64_samples, load_utterance
 
@@ -527,10 +528,7 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"mimo-agent bench-turns: {exc}", file=sys.stderr)
         return 2
-    print(render(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    publish(render(result), result, args.json)
     return 0 if all(run_["answered"] for run_ in result["live"]) else 1
 
 
