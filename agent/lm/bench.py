@@ -124,19 +124,7 @@ def _round(lm, cache, text, codes, context, steps, clock, gens_text, gens_speech
 def run(args: argparse.Namespace) -> int:
     if args.kernels:
         return run_kernels(args)
-    device = parse_device(args.device)
-    dtype = (
-        parse_dtype(args.dtype)
-        if args.dtype
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
-    torch.set_num_threads(args.threads)
-    if args.model:
-        lm, _, _ = load_lm(args.model, dtype, device)
-        name = args.model
-    else:
-        name = args.preset or "tiny"
-        lm, _, _ = build_preset(name, dtype, device)
+    device, dtype, name, lm = _bench_model(args)
     batches = [int(b) for b in args.batch.split(",")]
     contexts = [int(c) for c in args.context.split(",")]
     sampling = task_sampling("spoken_dialogue")
@@ -252,19 +240,22 @@ def _kernel_row_7b(layers: int, device: torch.device, compile: bool = False) -> 
     return _kernel_row("mimo-audio-7b widths", lm, full, layers, step)
 
 
-def run_kernels(args: argparse.Namespace) -> int:
-    """``--kernels``: kernel launches per patch of the model and of the 7B widths (module ``kernels``)."""
-    import json
-
+def _bench_model(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str, MiMoAudioLM]:
+    """The device, dtype, name and LM that ``--device/--dtype/--model/--preset/--threads`` ask for."""
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.set_num_threads(args.threads)
     if args.model:
-        lm, _, _ = load_lm(args.model, dtype, device)
-        name = args.model
-    else:
-        name = args.preset or "tiny"
-        lm, _, _ = build_preset(name, dtype, device)
+        return device, dtype, args.model, load_lm(args.model, dtype, device)[0]
+    name = args.preset or "tiny"
+    return device, dtype, name, build_preset(name, dtype, device)[0]
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    """``--kernels``: kernel launches per patch of the model and of the 7B widths (module ``kernels``)."""
+    import json
+
+    device, _, name, lm = _bench_model(args)
     compile = getattr(args, "compile", False)
     if compile:
         from agent.lm.kernels import local_step_kernels
