@@ -19,6 +19,7 @@ from streaming.bench.turns import room_tone
 from streaming.protocol import TurnDetection
 from tests.clients.harness import client_env
 from tests.streaming.helpers import DATA
+from tests.streaming.test_vad import pushed_in_chunks
 
 EN_W, _ = A.read_wav(DATA / "real_speech_en_w.wav")  # speech 0.42 .. 3.02 s, ends low-scored at 200 ms
 EN_M, _ = A.read_wav(DATA / "real_speech_en_m.wav")  # speech 0.10 .. 4.22 s, ends high-scored
@@ -131,12 +132,8 @@ def test_semantic_vad_holds_through_a_mid_sentence_pause_that_server_vad_cuts(mo
 def test_semantic_vad_streaming_equals_offline(chunk, model) -> None:
     cfg = dataclass_replace(V.VadConfig.from_turn_detection(AUTO), rescore_ms=200, silence_duration_ms=1000)
     audio = hold(EN_W, 2410, 500)
-    offline = V.detect_turns(audio, cfg)
-    detector = V.TurnDetector(cfg)
-    streamed = []
-    for i in range(0, len(audio), chunk):
-        streamed += detector.push(audio[i : i + chunk])
-    assert streamed == offline and len(detector.scores) >= 3
+    detector, streamed = pushed_in_chunks(cfg, audio, chunk)
+    assert streamed == V.detect_turns(audio, cfg) and len(detector.scores) >= 3
 
 
 def dataclass_replace(cfg: V.VadConfig, **changes) -> V.VadConfig:
@@ -173,11 +170,7 @@ def stops_and_starts(events: list) -> list:
 def test_silero_streaming_equals_offline(chunk) -> None:
     audio = hold(EN_W, 2410, 400)
     offline = V.detect_turns(audio, SILERO)
-    detector = V.TurnDetector(SILERO)
-    streamed = []
-    for i in range(0, len(audio), chunk):
-        streamed += detector.push(audio[i : i + chunk])
-    assert streamed == offline and len(stops_and_starts(offline)) >= 2
+    assert pushed_in_chunks(SILERO, audio, chunk)[1] == offline and len(stops_and_starts(offline)) >= 2
 
 
 def test_silero_frames_are_32_ms() -> None:

@@ -59,16 +59,20 @@ def test_threshold_needs_louder_audio():
     assert [V.VadConfig(threshold=t).mode for t in (0.0, 0.3, 0.5, 0.8, 1.0)] == [0, 1, 2, 3, 3]
 
 
+def pushed_in_chunks(cfg: V.VadConfig, audio: np.ndarray, chunk: int) -> tuple[V.TurnDetector, list]:
+    """A fresh detector fed ``audio`` ``chunk`` samples at a time, and the events it gave."""
+    detector, events = V.TurnDetector(cfg), []
+    for i in range(0, len(audio), chunk):
+        events += detector.push(audio[i : i + chunk])
+    return detector, events
+
+
 @pytest.mark.parametrize("chunk", [FRAME, 2 * FRAME, 331, 1, 7919])
 def test_streaming_equals_offline(chunk):
     cfg = V.VadConfig(silence_duration_ms=300, prefix_padding_ms=200, candidate_ms=100)
     audio = np.concatenate([with_pause(250), HELLO[: 24000 * 2]])  # a second turn that starts and stays open
     offline = V.detect_turns(audio, cfg)
-    detector = V.TurnDetector(cfg)
-    streamed = []
-    for i in range(0, len(audio), chunk):
-        streamed += detector.push(audio[i : i + chunk])
-    assert streamed == offline
+    assert pushed_in_chunks(cfg, audio, chunk)[1] == offline
     assert len(start_stop(offline)) >= 3
     assert any(isinstance(e, V.SpeechResumed) for e in offline)
 
