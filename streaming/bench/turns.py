@@ -56,7 +56,7 @@ DEFAULT_SWEEP_SILENCE = "200,300,400,500,600,700,800,1000,1200"
 DEFAULT_SWEEP_THRESHOLD = "0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.995"
 DEFAULT_CONFIGS = "server_vad,server_vad:silero,semantic_vad:auto,semantic_vad:high"
 DEFAULT_SWEEP_WINDOW = "600,800,1000"
-DEFAULT_FAMILIES = "server_vad,server_vad:silero,semantic_vad,semantic_vad:maxima,semantic_vad:slope"
+DEFAULT_FAMILIES = "server_vad,server_vad:silero,semantic_vad,semantic_vad:maxima"
 DEFAULT_SWEEP_SLOPE = "0.5,1,2,3"
 BUDGET = 0.05
 EDGE_MS = 500  # no hold closer than this to the speech's start or end
@@ -514,7 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                    help="semantic_vad:slope: how fast the end threshold falls, log-odds per 100 ms of silence "
                         f"(default {DEFAULT_SWEEP_SLOPE})")
     s.add_argument("--families", default=DEFAULT_FAMILIES,
-                   help=f"rule families to sweep (default {DEFAULT_FAMILIES}; also semantic_vad:rescore)")
+                   help=f"rule families to sweep (default {DEFAULT_FAMILIES}; also semantic_vad:rescore and "
+                        "semantic_vad:slope, a model call every 100 ms of silence)")
     p = parser.add_argument_group("playing")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per append message (default 20)")
     p.add_argument("--response-tokens", type=int, default=8, help="every answer this many patches (default 8)")
