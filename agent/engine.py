@@ -137,7 +137,7 @@ class EngineConfig:
     # weights (or in memory_limit_bytes when given); memory_check False starts anyway
     memory_limit_bytes: int | None = None
     memory_check: bool = True
-    compile: bool = False  # the patch decoder's step through torch.compile (inductor); see CompiledLocalStep
+    compile: bool = False  # a tick's regions through torch.compile (inductor); see agent.lm.compiled
 
 
 @dataclass(frozen=True)

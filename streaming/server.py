@@ -68,8 +68,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--ignore-memory-plan", action="store_true",
                    help="start even when --max-sessions does not fit the memory plan (printed at start)")
     e.add_argument("--compile", action="store_true",
-                   help="run the patch decoder's step through torch.compile (inductor: fused kernels; needs a C++ "
-                        "compiler on a CPU, Triton on CUDA; compiles at start, or on first use with --no-warmup)")
+                   help="run a decoding tick (patch encoder and backbone step, text head and sampler, patch "
+                        "decoder) through torch.compile (inductor: fused kernels; needs a C++ compiler on a CPU, "
+                        "Triton on CUDA; compiles at start, or on first use with --no-warmup)")
     e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
                         "start (default on; ignored on a CPU)")

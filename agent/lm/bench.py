@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", action="store_true", help="with --kernels: print the counts as JSON")
     parser.add_argument(
         "--compile", action="store_true",
-        help="with --kernels: also count the patch decoder's step compiled by torch.compile (inductor: the "
-        "launches in its generated code; compiles each model, a minute or more per compile on a CPU)",
+        help="with --kernels: also count the engine's --compile path (torch.compile, inductor: each compiled "
+        "region counts the launches in its generated code; the 7B widths compile three builds, minutes on a CPU)",
     )
 
 

@@ -40,6 +40,9 @@ class Compiled:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
             self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=True)
+        if torch.autograd.profiler._is_profiler_enabled:  # counted on CUDA: the region's kernels by name
+            with torch.profiler.record_function(f"region:{self.name}"):
+                return self._compiled(*args, **kwargs)
         if not torch._C._len_torch_dispatch_stack():
             return self._compiled(*args, **kwargs)
         # a dispatch mode (the kernel counter) is on: dynamo would run fn eagerly under it, so the

@@ -1,5 +1,6 @@
-"""CUDA graphs for the two fixed-shape hot paths of decoding: the backbone decode step and the
-patch decoder's 11-step loop.
+"""CUDA graphs for the three fixed-shape regions of a decoding tick: the patch encoder with the
+backbone decode step, the text head with its sampler, and the patch decoder's 11-step loop with its
+heads and samplers.
 
 At small batch a decode step is hundreds of small kernels, and the GPU waits on Python to launch
 each; a captured graph replays them with one launch. Graphs need fixed shapes and fixed
@@ -7,23 +8,27 @@ addresses, so:
 
 - rows: a batch of B rows runs in the graph of the next batch bucket (1, 2, 4, ... ``max_batch``);
   padding rows of the backbone step write to a scratch KV-cache slot that no session owns (the
-  engine allocates one more slot when graphs are on), padding rows of the patch decoder repeat
+  engine allocates one more slot when graphs are on), padding rows of the sampling regions repeat
   row 0; their outputs are dropped;
 - keys: the backbone step attends over the next span bucket (multiples of 64 growing by at most
   20 %, up to ``max_positions``) above the longest row, masked per row. It reads them in place:
   its rows are the slots 0..W-1 of the next window bucket holding its sessions (rows of slots not
   in the batch write to the scratch slot, their results dropped), unless that window has more than
-  twice the batch's rows; then its rows' keys are gathered (copied) into a batch bucket;
+  twice the batch's rows; then its rows' keys are gathered (copied) into a batch bucket
+  (:meth:`DecodeGraphs.kv_read` counts what a step reads against what it attends);
 - sampling: the sampler's host flags (all greedy, top-k, top-p, some greedy) choose its code
-  path, so patch-decoder graphs are keyed by them too: the greedy path and the server's default
-  speech sampling are captured at start, other settings on first use;
+  path, so the sampling regions' graphs are keyed by them too: the greedy path and the server's
+  default text and speech sampling are captured at start, other settings on first use;
 - random numbers are drawn outside the graph from each row's own generator and copied into it,
   so seeded sessions stay reproducible and equal to the eager path.
+
+With ``compile`` each region runs through ``torch.compile`` (:mod:`agent.lm.compiled`), inside
+the graph on CUDA: the graph replays the fused kernels.
 
 Every input lives in a static buffer that is filled before a replay; outputs are cloned after it
 (graphs share one memory pool). On a CPU nothing is captured: the same padded static-shape
 functions run eagerly, which is how the tests check them against the model's own ``decode_step``
-and ``decode_patch``. :class:`DecodeGraphs` is what the engine calls instead of those two.
+and ``decode_patch``. :class:`DecodeGraphs` is what the engine calls instead of those.
 """
 
 from __future__ import annotations

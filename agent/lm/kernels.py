@@ -115,8 +115,8 @@ def count_kernels(lm: torch.nn.Module, fn: Callable[[], object], full_depth: dic
     compiled region must not see hooks it was not compiled with)."""
     stacks = {name: getattr(lm, name) for name in STACKS}
     full_depth = full_depth or {name: len(stack.layers) for name, stack in stacks.items()}
-    if lm.device.type == "cuda":
-        return _count_cuda(lm, fn, stacks, full_depth)
+    if lm.device.type == "cuda":  # the profiler's kernels: compiled code's included, no hooks in a compiled region
+        return _count_cuda(lm, fn, stacks if per_layer else {}, full_depth)
     counter = _Counter()
     hooks = []
     for name, stack in stacks.items() if per_layer else ():
@@ -134,7 +134,8 @@ def count_kernels(lm: torch.nn.Module, fn: Callable[[], object], full_depth: dic
 
 
 def _count_cuda(lm, fn, stacks, full_depth) -> KernelCount:  # pragma: no cover - needs a GPU
-    """The profiler's CUDA kernels of ``fn()``, attributed through a record_function range per layer."""
+    """The profiler's CUDA kernels of ``fn()``, attributed through a record_function range per layer
+    (eager) or per compiled region."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     hooks, ranges = [], {}
@@ -163,15 +164,18 @@ def _count_cuda(lm, fn, stacks, full_depth) -> KernelCount:  # pragma: no cover 
 
     total = sum(len(e.kernels) for e in events)
     per_stack: Counter[str] = Counter()
+    regions: Counter[str] = Counter()
     ops: Counter[str] = Counter()
     for e in events:
         if e.name.startswith("layer:"):
             per_stack[e.name[len("layer:"):]] += kernels(e)
+        if e.name.startswith("region:"):  # a compiled region (agent.lm.compiled.Compiled)
+            regions[e.name[len("region:"):]] += kernels(e)
         if e.kernels:
             ops[e.name] += len(e.kernels)
-    other = total - sum(per_stack.values())
+    other = total - sum(per_stack.values()) - sum(regions.values())
     scaled = {n: per_stack[n] * full_depth[n] / len(s.layers) for n, s in stacks.items()}
-    return KernelCount(other, scaled, ops)
+    return KernelCount(other, scaled, ops, dict(regions))
 
 
 def shallow(config: MiMoAudioConfig, layers: int | dict[str, int]) -> tuple[MiMoAudioConfig, dict[str, int]]:
