@@ -9,10 +9,13 @@ session. Reported:
 - **text-channel answer accuracy**: the response's transcript equals the expected answer (after
   :func:`agent.quality.recognize.normalize`); follow-ups (memory across turns) separately;
 - **spoken-answer word accuracy**: the response's audio, transcribed by the recognizer
-  (:class:`~agent.quality.recognize.Recognizer`, PocketSphinx, nothing shared with the model),
-  against the expected answer (1 - WER over all answers), and against the model's own text;
+  (:class:`~agent.quality.recognize.Recognizer`, PocketSphinx, nothing shared with the model)
+  restricted to the domain's closed set of answers (:func:`domain_answers`: it knows every answer,
+  not which is right), against the expected answer (1 - WER over all answers), and against the
+  model's own text;
 - **TTS WER**: lexicon sentences spoken by the model through the offline TTS path (the official
-  TTS template, :func:`agent.offline.respond`), transcribed by the recognizer;
+  TTS template, :func:`agent.offline.respond`), transcribed by the recognizer over the lexicon
+  (its bigram LM of the domain's sentences, not of these);
 - **the recognizer's ceiling**: its WER on the agent voice's own clean synthesis of the same
   answers and sentences, and on the codec's reconstruction of it (what a perfect model could score);
 - **human recordings** (``--recordings``): each one's transcript before and after the codec, and
@@ -61,6 +64,14 @@ class Turn:
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "audio"}
         return {**out, "text_correct": self.text_correct, "spoken_accuracy": word_accuracy(self.expected, self.heard)}
+
+
+def domain_answers() -> list[str]:
+    """Every answer the domain has: the fixed ones and each number a follow-up can reach."""
+    from agent.train.dialogue import answer, number_words, questions
+
+    fixed = {answer(q)[0] for kind, qs in questions().items() if kind != "follow_up" for q in qs}
+    return sorted(fixed | {number_words(n) for n in range(-11, 22)})
 
 
 def plan(voices: list[str], per_voice: int, seed: int) -> list[list[Turn]]:
@@ -150,6 +161,8 @@ def reconstruct(codec: Any, audio: np.ndarray) -> np.ndarray:
 
 def summarize(conversations: list[list[Turn]], tts_pairs: list[tuple[str, str]],
               ceiling: dict[str, list[tuple[str, str]]]) -> dict[str, Any]:
+    """The figures; ``ceiling`` maps "answers_clean", "answers_codec", "tts_clean", "tts_codec"
+    to (text, heard) pairs of the agent voice's own speech."""
     turns = [t for c in conversations for t in c]
     first = [t for t in turns if t.kind != "follow_up"]
     follow = [t for t in turns if t.kind == "follow_up"]
@@ -176,8 +189,9 @@ def report(summary: dict[str, Any], conversations: list[list[Turn]], tts_pairs: 
 
     s = summary
     lines = [header, "",
-             f"recognizer ceiling (agent voice, the same answers and sentences): WER {pct(s['ceiling_wer']['clean'])} "
-             f"on its clean synthesis, {pct(s['ceiling_wer']['codec'])} through the codec",
+             "recognizer ceiling, WER on the agent voice saying the same texts (clean / through the codec): "
+             f"answers {pct(s['ceiling_wer'].get('answers_clean'))} / {pct(s['ceiling_wer'].get('answers_codec'))}, "
+             f"sentences {pct(s['ceiling_wer'].get('tts_clean'))} / {pct(s['ceiling_wer'].get('tts_codec'))}",
              f"text-channel answer accuracy: {pct(s['text_accuracy'])} of {s['questions']} questions "
              f"(target >= {pct(TARGETS['text_accuracy'])}); "
              + ", ".join(f"{k} {pct(v)}" for k, v in s["text_accuracy_by_kind"].items()),
@@ -235,27 +249,30 @@ def run(args: argparse.Namespace) -> int:
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from agent.runtime import load_runtime
-    from agent.train.dialogue import AGENT_VOICE, FOLLOW_UPS
+    from agent.train.dialogue import AGENT_VOICE
     from agent.train.lexicon import SentenceGenerator
     from streaming.bench.spawn import SpawnedServer, machine, serve_argv
 
     started = time.monotonic()
     conversations = plan(args.voices, args.per_voice, args.seed)
-    sentences = [SentenceGenerator(args.seed + 101).statement() for _ in range(args.tts)]
+    generator = SentenceGenerator(args.seed + 101)
+    sentences = [generator.statement() for _ in range(args.tts)]
     turns = [t for c in conversations for t in c]
     expected = sorted({t.expected for t in turns})
-    recognizer = Recognizer(extra_sentences=[*expected, *{t.question for t in turns}, *FOLLOW_UPS])
+    hear_answer, hear_speech = Recognizer(phrases=domain_answers()), Recognizer()
     speak = Speaker()
     speech = {id(t): speak(t.voice, t.question) for t in turns}
     runtime = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
                            threads=args.threads)
 
     # the ceiling: the agent's own voice saying every answer and sentence, clean and through the codec
-    ceiling: dict[str, list[tuple[str, str]]] = {"clean": [], "codec": []}
-    for text in [*expected, *sentences]:
-        clean = speak(AGENT_VOICE, text)
-        ceiling["clean"].append((text, recognizer.transcribe(clean)))
-        ceiling["codec"].append((text, recognizer.transcribe(reconstruct(runtime.codec, clean))))
+    ceiling: dict[str, list[tuple[str, str]]] = {}
+    for name, texts, recognizer in (("answers", expected, hear_answer), ("tts", sentences, hear_speech)):
+        for text in texts:
+            clean = speak(AGENT_VOICE, text)
+            ceiling.setdefault(f"{name}_clean", []).append((text, recognizer.transcribe(clean)))
+            ceiling.setdefault(f"{name}_codec", []).append((text, recognizer.transcribe(reconstruct(runtime.codec,
+                                                                                                    clean))))
 
     def progress(turn: Turn) -> None:
         verdict = "" if turn.kind == "recording" else " (right)" if turn.text_correct else " (WRONG)"
@@ -272,16 +289,16 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             server_info = server.health
             asyncio.run(ask(server.url, conversations + asked, speech, args.timeout, progress=progress))
     for t in turns:
-        t.heard = recognizer.transcribe(t.audio) if t.audio is not None and len(t.audio) else ""
+        t.heard = hear_answer.transcribe(t.audio) if t.audio is not None and len(t.audio) else ""
     for r, c in zip(recordings, asked, strict=True):
-        r["heard"] = recognizer.transcribe(r["audio"])
-        r["heard_codec"] = recognizer.transcribe(reconstruct(runtime.codec, r["audio"]))
+        r["heard"] = hear_speech.transcribe(r["audio"])
+        r["heard_codec"] = hear_speech.transcribe(reconstruct(runtime.codec, r["audio"]))
         r["codec_agreement"] = word_accuracy(r["heard"], r["heard_codec"])
         r["answer"] = c[0].text
         del r["audio"]
 
     spoken = tts(runtime, sentences, seed=args.seed)
-    tts_pairs = [(s, recognizer.transcribe(a) if len(a) else "") for s, a in zip(sentences, spoken, strict=True)]
+    tts_pairs = [(s, hear_speech.transcribe(a) if len(a) else "") for s, a in zip(sentences, spoken, strict=True)]
     summary = summarize(conversations, tts_pairs, ceiling)
     header = (f"bench-quality: {runtime.name} ({runtime.info['weights']} weights), {len(args.voices)} voices x "
               f"{args.per_voice} questions, seed {args.seed}, {time.monotonic() - started:.0f} s")

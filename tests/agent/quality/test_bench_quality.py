@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from agent.quality.bench import KINDS, Turn, plan, summarize
+from agent.quality.bench import KINDS, Turn, domain_answers, plan, summarize
 from agent.train.dialogue import FOLLOW_UPS, number_words
 from streaming.cli import main
 from tests.agent.train.conftest import require_voices
@@ -35,6 +35,13 @@ def test_plan_asks_every_kind_on_every_voice_and_follows_numbers_up():
     assert plan(["flite:rms"], 4, seed=3) == plan(["flite:rms"], 4, seed=3)
 
 
+def test_the_answer_set_holds_every_answer_the_domain_gives():
+    answers = domain_answers()
+    assert {"seven", "minus three", "twenty one", "garden", "hello, how are you?", "i am fine, thank you."} <= {
+        a.lower() for a in answers}
+    assert len(answers) == len(set(answers)) > 150
+
+
 def turn(kind: str, expected: str, text: str, heard: str) -> Turn:
     return Turn("v", kind, "q", expected, text=text, heard=heard)
 
@@ -46,7 +53,7 @@ def test_scores_count_right_answers_and_heard_words():
         [turn("repeat", "apple", "", "")],
     ]
     s = summarize(conversations, [("the red cat", "the red hat"), ("a dog", "a dog")],
-                  {"clean": [("seven", "seven")], "codec": [("seven", "eleven")]})
+                  {"answers_clean": [("seven", "seven")], "answers_codec": [("seven", "eleven")]})
     assert s["questions"] == 3 and s["follow_ups"] == 1
     assert s["text_accuracy"] == pytest.approx(2 / 3)
     assert s["text_accuracy_by_kind"]["plus"] == 1.0 and s["text_accuracy_by_kind"]["repeat"] == 0.0
@@ -55,7 +62,7 @@ def test_scores_count_right_answers_and_heard_words():
     # expected words: seven, eight, minus two, apple = 5; edits: eight->nine, two->too + much, apple deleted = 4
     assert s["spoken_word_accuracy"] == pytest.approx(1 - 4 / 5)
     assert s["tts_wer"] == pytest.approx(1 / 5)
-    assert s["ceiling_wer"] == {"clean": 0.0, "codec": 1.0}
+    assert s["ceiling_wer"] == {"answers_clean": 0.0, "answers_codec": 1.0}
 
 
 def test_bench_quality_against_a_real_server_scores_random_weights_as_wrong(tmp_path, capsys):
@@ -79,7 +86,8 @@ def test_bench_quality_against_a_real_server_scores_random_weights_as_wrong(tmp_
     assert s["text_accuracy"] == 0.0 and s["follow_up_accuracy"] == 0.0 and s["spoken_word_accuracy"] < 0.5
     assert s["tts_wer"] >= 0.8
     # the recognizer hears the agent's voice itself; the random codec destroys it
-    assert s["ceiling_wer"]["clean"] <= 0.25 and s["ceiling_wer"]["codec"] >= 0.8
+    assert s["ceiling_wer"]["answers_clean"] <= 0.25 and s["ceiling_wer"]["tts_clean"] <= 0.4
+    assert s["ceiling_wer"]["answers_codec"] >= 0.8
     assert all(t["voice"] == "flite:rms" and t["expected"] for t in result["turns"])
     assert "text-channel answer accuracy: 0.0% of 2 questions (target >= 90.0%)" in printed
     assert result["model"]["model_card"]["weights"] == "random"
