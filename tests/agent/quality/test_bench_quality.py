@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from agent.quality.bench import KINDS, Turn, domain_answers, plan, summarize
+from agent.quality.recognize import normalize
 from agent.train.dialogue import FOLLOW_UPS, number_words
 from streaming.cli import main
 from tests.agent.train.conftest import require_voices
@@ -103,3 +104,22 @@ def test_turn_dict_has_the_verdicts():
     t.audio = np.zeros(10, np.int16)
     d = t.as_dict()
     assert d["text_correct"] is True and d["spoken_accuracy"] == 0.0 and "audio" not in d
+
+
+def test_the_recognizer_hears_the_agent_voice_through_the_packaged_codec():
+    """The ceiling the semantic tests stand on: the answers they expect, said in the agent's voice
+    and passed through the shipped codec (the best the model can say them), are heard right."""
+    require_voices()
+    import torch
+
+    from agent.codec import load_audio_tokenizer
+    from agent.presets import PRESETS_DIR
+    from agent.quality.bench import Speaker, reconstruct
+    from agent.quality.recognize import Recognizer
+    from agent.train.dialogue import AGENT_VOICE
+
+    codec = load_audio_tokenizer(PRESETS_DIR / "tiny-speech-codec", dtype=torch.float32, device="cpu")
+    hear, speak = Recognizer(phrases=domain_answers()), Speaker()
+    for answer in ("seven", "six", "five", "garden", "minus three", "Hello, how are you?"):
+        clean = speak(AGENT_VOICE, answer)
+        assert hear.transcribe(clean) == hear.transcribe(reconstruct(codec, clean)) == normalize(answer)
