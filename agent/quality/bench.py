@@ -254,6 +254,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from streaming.bench.spawn import SpawnedServer, machine, serve_argv
 
     started = time.monotonic()
+    runtime = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
+                           threads=args.threads)  # first: a missing checkpoint fails before any synthesis
     conversations = plan(args.voices, args.per_voice, args.seed)
     generator = SentenceGenerator(args.seed + 101)
     sentences = [generator.statement() for _ in range(args.tts)]
@@ -262,8 +264,6 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     hear_answer, hear_speech = Recognizer(phrases=domain_answers()), Recognizer()
     speak = Speaker()
     speech = {id(t): speak(t.voice, t.question) for t in turns}
-    runtime = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
-                           threads=args.threads)
 
     # the ceiling: the agent's own voice saying every answer and sentence, clean and through the codec
     ceiling: dict[str, list[tuple[str, str]]] = {}

@@ -94,9 +94,14 @@ def test_bench_quality_against_a_real_server_scores_random_weights_as_wrong(tmp_
     assert result["model"]["model_card"]["weights"] == "random"
 
 
-def test_bench_quality_names_what_is_missing(capsys):
+def test_bench_quality_names_what_is_missing(tmp_path, capsys, monkeypatch):
     assert main(["bench-quality", "--preset", "tiny", "--voices", "nosuch:voice", "--per-voice", "1"]) == 2
     assert "voice 'nosuch:voice' must be ENGINE:NAME" in capsys.readouterr().err
+    import agent.presets
+
+    monkeypatch.setattr(agent.presets, "PRESETS_DIR", tmp_path)
+    assert main(["bench-quality", "--preset", "tiny-speech"]) == 2
+    assert "the tiny-speech preset's weights are not in this install" in capsys.readouterr().err
 
 
 def test_turn_dict_has_the_verdicts():
