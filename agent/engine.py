@@ -126,11 +126,12 @@ class EngineConfig:
     stream_window_s: float = 4.0
     # speculation (Speculate): a held answer generates until it holds speculate_hold_s of audio (what
     # its release sends at once) or speculate_max_patches patches, then waits, leaving the engine idle
-    # for the commit; a turn gets at most speculate_attempts; none starts while every decode row is
-    # taken or more than speculate_max_queue jobs wait
+    # for the commit; a turn gets at most speculate_attempts (every pause of speculate-ms takes one:
+    # with 3, a turn with a few pauses had none left for its end, BENCHMARKS.md); none starts while
+    # every decode row is taken or more than speculate_max_queue jobs wait
     speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
-    speculate_attempts: int = 3
+    speculate_attempts: int = 8
     speculate_max_queue: int = 64
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
     # the memory plan (agent.memory): max_sessions must fit in the device's free memory after the

@@ -31,6 +31,16 @@ RANDOM_WEIGHTS_SUMMARY = (
     "checkpoint with --model and --tokenizer for that)"
 )
 CHECKPOINT_SUMMARY = "a MiMo-Audio checkpoint: it listens to speech and answers in speech, with a transcript"
+#: the packaged ``tiny-speech`` preset: what it was trained on (``mimo-agent train lm``), so what to ask it
+TINY_SPEECH_SUMMARY = (
+    "a tiny model trained on a closed spoken domain: greetings, adding and subtracting numbers up to ten, what "
+    "comes after a number, repeating a word, and \"and plus one more?\" on the last answer; it answers in words. "
+    "English only; it hears clear, even synthetic, speech best"
+)
+TINY_SPEECH_EXAMPLES = (
+    "What is three plus four?", "What is nine minus two?", "What comes after seven?", "Repeat after me: garden.",
+    "Hello, how are you?", "And plus one more?",
+)
 
 
 class ModelCardError(ValueError):
@@ -59,6 +69,14 @@ class ModelCard:
 def preset_card(name: str) -> ModelCard:
     """The card of a built-in preset (seeded random weights)."""
     return ModelCard(name=name, weights="random", summary=RANDOM_WEIGHTS_SUMMARY)
+
+
+def packaged_card(directory: str | os.PathLike, name: str) -> ModelCard:
+    """The card of a packaged trained preset: its directory's ``model_card.json``, else what it was
+    trained to do (the ``tiny-speech`` domain)."""
+    if (Path(directory) / MODEL_CARD_NAME).is_file():
+        return checkpoint_card(directory, name)
+    return ModelCard(name=name, weights="trained", summary=TINY_SPEECH_SUMMARY, examples=TINY_SPEECH_EXAMPLES)
 
 
 def checkpoint_card(directory: str | os.PathLike, name: str) -> ModelCard:

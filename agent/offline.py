@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_lm, parse_device, parse_dtype
-from agent.lm.config import PRESET_NAMES
 from agent.lm.generation import GenerationControls, Mode, parse_interleave, task_stop_ids
 from agent.lm.model import MiMoAudioLM, build_preset
 from agent.lm.prompts import DEFAULT_SYSTEM_PROMPT, Prompt, PromptBuilder, pad_codes_to_patches
@@ -50,8 +49,11 @@ class AudioCodec:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="checkpoint directory or Hugging Face hub id (default: none, the preset)")
+    from agent.presets import ALL_PRESETS, default_preset
+
     model.add_argument(
-        "--preset", choices=PRESET_NAMES, help="built-in model with random weights (default: tiny)"
+        "--preset", choices=ALL_PRESETS, help="built-in model: tiny-speech (trained, packaged), tiny or mimo-audio-7b "
+        f"(random weights) (default: {default_preset()}, in this install)"
     )
     parser.add_argument(
         "--tokenizer", help="MiMo-Audio-Tokenizer checkpoint (directory or hub id) for audio files (default: the "
@@ -120,13 +122,13 @@ def audio_codec(args: argparse.Namespace) -> AudioCodec | None:
     from agent.codec import load_audio_tokenizer, load_wav, write_wav
     from agent.runtime import CODEC_PRESET
 
-    if args.tokenizer:
-        tok = load_audio_tokenizer(args.tokenizer, dtype=args.dtype, device=args.device)
-    elif args.model:
+    model, tokenizer, preset = resolve_model(args)
+    if tokenizer:
+        tok = load_audio_tokenizer(tokenizer, dtype=args.dtype, device=args.device)
+    elif model:
         return None
     else:
-        tok = load_audio_tokenizer(None, preset=CODEC_PRESET[args.preset or "tiny"], dtype=args.dtype,
-                                   device=args.device)
+        tok = load_audio_tokenizer(None, preset=CODEC_PRESET[preset], dtype=args.dtype, device=args.device)
 
     def wav_to_codes(path: str) -> np.ndarray:
         return tok.encode(load_wav(path)).numpy()
@@ -172,13 +174,10 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
     )
     sampling = ChannelSampling(GREEDY, GREEDY) if args.greedy else task_sampling(task)
 
-    session = LMSession.create(lm, tokenizer, max_positions=len(prompt) + budget + 1, seed=args.seed)
-    session.feed(prompt)
-    response = ResponseCollector(tokenizer, lm.config.audio_channels)
     start = time.perf_counter()
-    for patch in session.generate(controls, sampling):
-        print(response.add(patch), end="", flush=True)
-    print(response.finish(), flush=True)
+    response, session = respond(lm, tokenizer, prompt, controls, sampling, seed=args.seed,
+                                on_text=lambda text: print(text, end="", flush=True))
+    print(flush=True)
     elapsed = time.perf_counter() - start
 
     codes = response.codes()
@@ -196,6 +195,24 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
         file=sys.stderr,
     )
     return 0
+
+
+def respond(lm: MiMoAudioLM, tokenizer: TextTokenizer, prompt: Prompt, controls: GenerationControls,
+            sampling: ChannelSampling, *, seed: int = 0,
+            on_text: Callable[[str], None] | None = None) -> tuple[ResponseCollector, LMSession]:
+    """Generate the response to ``prompt`` (what every offline command and ``bench-quality``'s TTS
+    run); ``on_text`` gets the readable text as it is decoded."""
+    session = LMSession.create(lm, tokenizer, max_positions=len(prompt) + controls.max_patches + 1, seed=seed)
+    session.feed(prompt)
+    response = ResponseCollector(tokenizer, lm.config.audio_channels)
+    for patch in session.generate(controls, sampling):
+        text = response.add(patch)
+        if on_text is not None:
+            on_text(text)
+    tail = response.finish()
+    if on_text is not None:
+        on_text(tail)
+    return response, session
 
 
 #: what ``--out`` writes, by file name ending
@@ -223,8 +240,24 @@ def check_output_path(out: str, codec: AudioCodec | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def resolve_model(args: argparse.Namespace) -> tuple[str | None, str | None, str]:
+    """(LM checkpoint, audio tokenizer checkpoint, random-weight preset) that ``--model``,
+    ``--tokenizer`` and ``--preset`` name: a packaged preset (``tiny-speech``, the default when
+    installed) is its two checkpoint directories, loaded as any checkpoint."""
+    from agent.presets import TRAINED_PRESETS, default_preset, preset_dirs
+
+    preset = args.preset or ("tiny" if args.model else default_preset())
+    if args.model or preset not in TRAINED_PRESETS:
+        return args.model, args.tokenizer, preset
+    if args.tokenizer:
+        raise ValueError(f"--tokenizer goes with --model; the {preset} preset brings its own audio tokenizer")
+    lm_dir, codec_dir = preset_dirs(preset)
+    return str(lm_dir), str(codec_dir), preset
+
+
 def _load_model(args: argparse.Namespace) -> tuple[MiMoAudioLM, TextTokenizer, bool]:
     device = parse_device(args.device)
+    model, _, preset = resolve_model(args)
     if args.threads or (device.type == "cpu" and not args.model):
         torch.set_num_threads(args.threads or 1)  # small models: more threads only add sync overhead
     dtype = (
@@ -232,10 +265,10 @@ def _load_model(args: argparse.Namespace) -> tuple[MiMoAudioLM, TextTokenizer, b
         if args.dtype
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    if args.model:
-        lm, _, tokenizer = load_lm(args.model, dtype, device)
+    if model:
+        lm, _, tokenizer = load_lm(model, dtype, device)
         return lm, tokenizer, False
-    lm, _, tokenizer = build_preset(args.preset or "tiny", dtype, device)
+    lm, _, tokenizer = build_preset(preset, dtype, device)
     return lm, tokenizer, True
 
 

@@ -1,9 +1,11 @@
 """Load what serving needs: the language model, its text tokenizer and the audio tokenizer.
 
 From official checkpoints (``--model`` a MiMo-Audio-7B directory or hub id, ``--tokenizer`` a
-MiMo-Audio-Tokenizer directory or hub id) or from a built-in preset (``tiny``: random seeded
-weights, runs on a CPU; ``mimo-audio-7b``: the real sizes, random weights, for GPU benchmarks
-without a download).
+MiMo-Audio-Tokenizer directory or hub id) or from a built-in preset: ``tiny-speech`` (trained on
+a closed spoken domain, packaged in the official layout and loaded as a checkpoint: see
+:mod:`agent.presets`; the default when this install has its weights), ``tiny`` (random seeded
+weights, runs on a CPU; the default otherwise) or ``mimo-audio-7b`` (the real sizes, random
+weights, for GPU benchmarks without a download).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Runtime:
     tokenizer: Any  # text tokenizer
     codec: Any  # audio tokenizer
     name: str
+    #: the random-weight preset built (``tiny``, ``mimo-audio-7b``); None for a checkpoint, packaged
+    #: presets (``tiny-speech``) included: what is constrained for random weights is not for them
     preset: str | None
     device: torch.device
     dtype: torch.dtype
@@ -80,12 +84,14 @@ def load_runtime(
     dtype: str | None = None,
     threads: int | None = None,
 ) -> Runtime:
-    """Everything a server or benchmark needs; a preset when no ``model`` is given (``tiny`` default).
-    ``threads``: torch intra-op threads (None: :func:`default_threads`)."""
+    """Everything a server or benchmark needs; a preset when no ``model`` is given (default:
+    :func:`agent.presets.default_preset`). ``threads``: torch intra-op threads (None:
+    :func:`default_threads`)."""
     from agent.checkpoint import load_lm, resolve_checkpoint_dir
     from agent.codec import load_audio_tokenizer
     from agent.lm.model import build_preset
-    from agent.model_card import checkpoint_card, preset_card
+    from agent.model_card import checkpoint_card, packaged_card, preset_card
+    from agent.presets import TRAINED_PRESETS, default_preset, preset_dirs
 
     t0 = time.perf_counter()
     dev = parse_device(device)
@@ -93,6 +99,12 @@ def load_runtime(
         torch.cuda.set_device(dev)
     n_threads = set_threads(threads, dev)
     dt = parse_dtype(dtype) if dtype else default_dtype(dev)
+    packaged = None
+    if model is None and (preset or default_preset()) in TRAINED_PRESETS:
+        packaged, preset = preset or default_preset(), None
+        if tokenizer is not None:
+            raise ValueError(f"--tokenizer goes with --model; the {packaged} preset brings its own audio tokenizer")
+        model, tokenizer = (str(d) for d in preset_dirs(packaged))  # loaded as the checkpoint it is
     if model is None:
         preset = preset or "tiny"
         if preset not in CODEC_PRESET:
@@ -104,8 +116,12 @@ def load_runtime(
         if preset is not None:
             raise ValueError("give --model or --preset, not both")
         lm, _, text_tokenizer = load_lm(model, dtype=dt, device=dev)
-        name = Path(model.rstrip("/")).name or model
-        card = checkpoint_card(resolve_checkpoint_dir(model), name)
+        if packaged is not None:
+            name = f"mimo-audio-{packaged}"
+            card = packaged_card(model, name)
+        else:
+            name = Path(model.rstrip("/")).name or model
+            card = checkpoint_card(resolve_checkpoint_dir(model), name)
     if tokenizer is not None:
         codec = load_audio_tokenizer(tokenizer, dtype=dt, device=dev)
     else:
@@ -117,7 +133,8 @@ def load_runtime(
     codec.eval()
     rt = Runtime(lm, text_tokenizer, codec, name, preset, dev, dt, load_s=time.perf_counter() - t0)
     rt.info = {
-        "model": name, "preset": preset, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
+        "model": name, "preset": preset or packaged, "weights": card.weights, "device": str(dev),
+        "dtype": str(dt).removeprefix("torch."),
         "threads": n_threads,
         "lm_parameters": sum(p.numel() for p in lm.parameters()),
         "codec_parameters": sum(p.numel() for p in codec.parameters()),

@@ -86,6 +86,18 @@ class AbandonSpeculation:
     item_id: str
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoreTurn:
+    """semantic_vad: run the end-of-turn model on the open turn, ``audio16k`` (float, 16 kHz), away
+    from the event loop (a model call takes 60-200 ms on a CPU), and report its P(end of turn) with
+    ``RealtimeSession.turn_scored(request_id, p)`` (None when the call failed: the silence window
+    decides). Until then the session's turn detection waits; the audio that comes meanwhile is
+    taken and decided after the answer."""
+
+    request_id: int
+    audio16k: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class AppendUserText:
     item_id: str
@@ -174,6 +186,7 @@ Action = (
     | StreamUserAudio
     | Speculate
     | AbandonSpeculation
+    | ScoreTurn
     | AppendUserText
     | AppendSystemText
     | AppendAssistantText

@@ -32,6 +32,7 @@ from streaming.metrics import ServerMetrics
 from streaming.outbox import DEFAULT_LEAD_S, DEFAULT_MAX_BYTES, GOODBYE_S, Outbox, goodbye_deadline
 from streaming.pipeline import SessionBridge
 from streaming.session import RealtimeSession, SessionLimits, SessionOptions, Transport
+from streaming.turn_model import TurnScorer
 from streaming.vad import DEFAULT_CANDIDATE_MS
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
     app.state.config = config
     app.state.metrics = metrics
     app.state.bridges = set()
+    app.state.turn_scorer = TurnScorer(config.turn_model)  # semantic_vad's model, on its own thread
     app.state.health_extras = []  # callables returning more /healthz fields (a Ray replica lists its peers)
     started = time.time()
 
@@ -196,7 +198,7 @@ def new_bridge(app: FastAPI, transport: Transport, outbox: Outbox, **kwargs: Any
                                              vad_candidate_ms=config.candidate_ms))
     return SessionBridge(app.state.engine, session, outbox, loop=asyncio.get_running_loop(),
                          metrics=app.state.metrics, codec_schedule=getattr(app.state, "codec_schedule", None),
-                         **kwargs)
+                         turn_scorer=app.state.turn_scorer, **kwargs)
 
 
 def busy_error(message: str) -> p.ErrorEvent:

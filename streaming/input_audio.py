@@ -22,7 +22,7 @@ from streaming.audio import (
     b64decode_audio,
 )
 from streaming.protocol import new_id
-from streaming.vad import SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, VadConfig
+from streaming.vad import ScoreNeeded, SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, VadConfig, VadEvent
 
 SAMPLES_PER_MS = SAMPLE_RATE // 1000
 
@@ -56,7 +56,16 @@ class TurnEnded:
     pcm: np.ndarray  # the turn's audio, [audio_start_ms, audio_end_ms)
 
 
-TurnEvent = TurnStarted | TurnPaused | TurnResumed | TurnEnded
+@dataclasses.dataclass(frozen=True, eq=False)
+class TurnScoreNeeded:
+    """semantic_vad: the end-of-turn model must score the open turn (``streaming.vad.ScoreNeeded``);
+    the detector waits for :meth:`InputAudio.scored`."""
+
+    item_id: str
+    request: ScoreNeeded
+
+
+TurnEvent = TurnStarted | TurnPaused | TurnResumed | TurnEnded | TurnScoreNeeded
 
 
 class InputAudio:
@@ -87,7 +96,7 @@ class InputAudio:
         if config is None:
             self.vad, self.turn_item_id = None, None
         elif self.vad is None or self.vad.config != config:
-            self.vad, self.turn_item_id = TurnDetector(config), None
+            self.vad, self.turn_item_id = TurnDetector(config, defer_scores=True), None
             self._vad_offset = self.buffer.end
 
     def decode(self, text: str) -> np.ndarray:
@@ -112,20 +121,33 @@ class InputAudio:
             self.buffer.write(pcm)
         if self.vad is None:
             return turns
-        for event in self.vad.push(pcm):
+        return turns + self._turns(self.vad.push(pcm))
+
+    def scored(self, request_id: int, probability: float | None) -> list[TurnEvent]:
+        """The end-of-turn model's answer to a :class:`TurnScoreNeeded` (None: it failed), and the
+        turns of the audio that waited for it."""
+        if self.vad is None:
+            return []
+        return self._turns(self.vad.scored(request_id, probability))
+
+    def _turns(self, events: list[VadEvent]) -> list[TurnEvent]:
+        turns: list[TurnEvent] = []
+        for event in events:
             if isinstance(event, SpeechStarted):
                 start = max(self._vad_offset + event.audio_start_ms * SAMPLES_PER_MS, self.buffer.start)
                 self.buffer.drop_before(start)
                 self.turn_item_id, self._turn_start = new_id("item"), start
                 turns.append(TurnStarted(self.turn_item_id, start // SAMPLES_PER_MS))
-            elif isinstance(event, SpeechPaused | SpeechResumed):
+            elif isinstance(event, SpeechPaused | SpeechResumed | ScoreNeeded):
                 if self.turn_item_id is None:  # the turn was ended by the buffer limit meanwhile
                     continue
                 offset_ms = self._vad_offset // SAMPLES_PER_MS
                 if isinstance(event, SpeechPaused):
                     turns.append(TurnPaused(self.turn_item_id, offset_ms + event.audio_end_ms))
-                else:
+                elif isinstance(event, SpeechResumed):
                     turns.append(TurnResumed(self.turn_item_id, offset_ms + event.speech_ms))
+                else:
+                    turns.append(TurnScoreNeeded(self.turn_item_id, event))
             else:
                 end = min(self._vad_offset + event.audio_end_ms * SAMPLES_PER_MS, self.buffer.end)
                 item_id, self.turn_item_id = self.turn_item_id or new_id("item"), None

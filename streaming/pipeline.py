@@ -68,6 +68,7 @@ class SessionBridge:
         audio_sink: Callable[[str, np.ndarray], None] | None = None,
         flush_sink: Callable[[], dict[str, int]] | None = None,
         codec_schedule: Callable[[Any], Any] | None = None,
+        turn_scorer: Any = None,
     ) -> None:
         self.engine = engine
         self.session = session
@@ -78,6 +79,7 @@ class SessionBridge:
         self.audio_sink = audio_sink  # WebRTC: response audio goes to the media track
         self.flush_sink = flush_sink  # WebRTC: an interrupt clears the track's buffer
         self.codec_schedule = codec_schedule  # protocol CodecSchedule -> the codec's schedule
+        self.turn_scorer = turn_scorer  # streaming.turn_model.TurnScorer: semantic_vad's model, off the loop
         self.handle = None
         self.closed = False
         self.stats = BridgeStats()
@@ -209,6 +211,8 @@ class SessionBridge:
                 log.debug("no speculation: the engine's job queue is full")
         elif isinstance(a, act.AbandonSpeculation):
             submit(eng.Abandon(a.item_id))
+        elif isinstance(a, act.ScoreTurn):
+            self._score_turn(a)
         elif isinstance(a, act.CancelResponse):
             submit(eng.Cancel(a.response_id, a.reason))
         elif isinstance(a, act.TruncateItem):
@@ -259,6 +263,40 @@ class SessionBridge:
             in_conversation=params.conversation == "auto",
             codec_schedule=schedule,
         )
+
+    def _score_turn(self, a: act.ScoreTurn) -> None:
+        """The end-of-turn model runs on the scorer's thread; its answer comes back to the loop.
+        Whatever happens, the session gets an answer (None on failure: its silence window decides),
+        so its turn detection never waits for good."""
+        if self.turn_scorer is None:
+            from streaming.turn_model import default_scorer
+
+            self.turn_scorer = default_scorer()
+        try:
+            future = self.turn_scorer.score(a.audio16k)
+        except Exception:  # the scorer is shut down (the server is stopping)
+            log.exception("end-of-turn model call refused")
+            self._turn_scored(a.request_id, None)
+            return
+
+        def done(f: Any) -> None:  # on the scorer's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                self.loop.call_soon_threadsafe(self._turn_scored_future, a.request_id, f)
+        future.add_done_callback(done)
+
+    def _turn_scored_future(self, request_id: int, future: Any) -> None:
+        try:
+            probability = float(future.result())
+        except Exception:
+            log.exception("end-of-turn model call failed; the silence window decides")
+            probability = None
+        self._turn_scored(request_id, probability)
+
+    def _turn_scored(self, request_id: int, probability: float | None) -> None:
+        if self.closed:
+            return
+        self.session.turn_scored(request_id, probability)
+        self.pump()
 
     # ------------------------------------------------------------------------- engine feedback
     def _on_engine_event_threadsafe(self, event: Any) -> None:

@@ -21,8 +21,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                    "built-in --preset)")
     g.add_argument("--tokenizer", help="MiMo-Audio-Tokenizer checkpoint: a local directory or a hub id (needed with "
                                        "--model; default: the preset's own)")
-    g.add_argument("--preset", choices=["tiny", "mimo-audio-7b"],
-                   help="built-in model with random weights (default: tiny, when no --model)")
+    from agent.presets import ALL_PRESETS, default_preset
+
+    g.add_argument("--preset", choices=ALL_PRESETS,
+                   help="built-in model: tiny-speech (trained on a closed spoken domain: small arithmetic, "
+                        "counting, repeating words; packaged), tiny (random weights, for tests) or mimo-audio-7b "
+                        f"(the real sizes, random weights) (default when no --model: {default_preset()}, in this "
+                        "install)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="default: bf16 on CUDA, fp32 on CPU (fp16 is refused: MiMo-Audio's LM runs in bf16)")

@@ -65,7 +65,15 @@ from streaming.audio import (
 )
 from streaming.config import canonical_session, default_session_config, fully_set, resolve_response_params
 from streaming.conversation import AT_START, Conversation, ConversationFullError, Item
-from streaming.input_audio import InputAudio, TurnEnded, TurnPaused, TurnResumed, TurnStarted
+from streaming.input_audio import (
+    InputAudio,
+    TurnEnded,
+    TurnEvent,
+    TurnPaused,
+    TurnResumed,
+    TurnScoreNeeded,
+    TurnStarted,
+)
 from streaming.protocol import ErrorCode, ErrorType, ProtocolError
 from streaming.responses import ResponseRun, ResponseState
 from streaming.turn_model import TurnModelMissing
@@ -421,6 +429,9 @@ class RealtimeSession:
                 "audio was dropped. Commit or clear the buffer.",
                 param="audio",
             ) from None
+        self._on_turns(turns)
+
+    def _on_turns(self, turns: list[TurnEvent]) -> None:
         speculate = None
         for turn in turns:
             if isinstance(turn, TurnStarted):
@@ -431,6 +442,8 @@ class RealtimeSession:
             elif isinstance(turn, TurnResumed):
                 speculate = None
                 self._drop_speculation()
+            elif isinstance(turn, TurnScoreNeeded):
+                self._actions.append(act.ScoreTurn(turn.request.request_id, turn.request.audio16k))
             elif isinstance(turn, TurnEnded):
                 self._emit(
                     p.InputAudioBufferSpeechStopped(audio_end_ms=turn.audio_end_ms, item_id=turn.item_id)
@@ -454,6 +467,16 @@ class RealtimeSession:
             self._speculated = speculate.item_id
             self._actions.append(act.Speculate(speculate.item_id, self.input.turn_samples(speculate.audio_end_ms),
                                                resolve_response_params(self.config, None)))
+
+    def turn_scored(self, request_id: int, probability: float | None) -> None:
+        """semantic_vad: the end-of-turn model's answer to an ``act.ScoreTurn`` (None: the call
+        failed; the silence window decides). A turn it ends ends where the score was asked for."""
+        if self.state is not SessionState.ACTIVE:
+            return
+        try:
+            self._on_turns(self.input.scored(request_id, probability))
+        except ProtocolError as err:  # e.g. the conversation is full
+            self._error(err)
 
     def _may_speculate(self) -> bool:
         """Only where the turn's end would create a response now (``create_response``, no response

@@ -18,6 +18,7 @@ the same audio).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import importlib.util
@@ -189,6 +190,30 @@ class SmartTurn:
 def shared_model(path: str | None = None) -> SmartTurn:
     """One loaded model per file for the whole process."""
     return SmartTurn(path)
+
+
+class TurnScorer:
+    """Runs the end-of-turn model for the server, away from its event loop: one worker thread, the
+    calls of every session in order of arrival. (Not batched: on a CPU a batch of 4 costs what 4
+    single calls cost, ~90 ms each, BENCHMARKS.md.) The model loads on the first call, on that
+    thread."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn-model")
+
+    def score(self, audio16k: np.ndarray) -> concurrent.futures.Future[float]:
+        """P(the speaker has finished) of ``audio16k`` (float, 16 kHz), later."""
+        return self._pool.submit(lambda: shared_model(self.path).probability(audio16k))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.cache
+def default_scorer() -> TurnScorer:
+    """The process's scorer for bridges built without one (the app gives each bridge its own)."""
+    return TurnScorer()
 
 
 # ------------------------------------------------------------------------------------------ cli

@@ -34,9 +34,14 @@ they do not depend on when or in what chunks audio arrives):
   choice of leaving ``unsure_below`` and ``rescore_ms`` off, are measured in BENCHMARKS.md
   (``mimo-agent bench-turns``).
 
+The server does not call the model inline: its detectors defer their scores (``defer_scores``: a
+:class:`ScoreNeeded` event, answered with :meth:`TurnDetector.scored` once the model ran on its own
+thread) and decide the frames that came meanwhile afterwards, as if the score had come at once.
+
 Streaming equals offline: the resampler (soxr, exact across chunkings), the framer and Silero's state
 carry over, and the end-of-turn model sees audio chosen by frame positions only, so pushing audio
-in any chunking yields the same events as one push of the whole signal.
+in any chunking, with scores answered however late, yields the same events as one push of the
+whole signal.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ import dataclasses
 import enum
 import functools
 import importlib.util
+import itertools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -76,6 +83,7 @@ SEMANTIC_END_THRESHOLD = {"low": 0.995, "medium": 0.98, "auto": 0.98, "high": 0.
 SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 800, "auto": 800, "high": 600}
 SEMANTIC_UNSURE_BELOW = 0.0  # measured: waiting the maxima on low scores only delays real ends
 PRE_SPEECH_MS = 500  # audio before the speech start that the end-of-turn model sees
+HISTORY_SLACK_S = 4  # audio kept beyond the model's window: frames that come while a deferred score is awaited
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +99,9 @@ class VadConfig:
     #: ``unsure_below`` the wait is ``max_silence_ms`` instead of the silence window; ``rescore_ms``
     #: (0: off) scores again after that much more silence
     end_threshold: float | None = None
+    #: the threshold falls as the silence goes on: by this much in log-odds per 100 ms of silence
+    #: after the candidate (0: fixed; with ``rescore_ms``, a later score may end the turn with less)
+    end_threshold_slope: float = 0.0
     unsure_below: float = SEMANTIC_UNSURE_BELOW
     max_silence_ms: int = 0
     rescore_ms: int = 0
@@ -104,8 +115,17 @@ class VadConfig:
             raise ValueError(f"frame_ms must be one of {FRAME_MS_CHOICES} (webrtcvad), got {self.frame_ms}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
+        if self.end_threshold_slope and not (self.end_threshold is not None and 0.0 < self.end_threshold < 1.0):
+            raise ValueError(f"a falling end threshold starts within (0, 1), got {self.end_threshold}")
         if self.end_threshold is not None and self.candidate_ms <= 0:
             raise ValueError("an end-of-turn model needs candidate_ms above 0 (it scores candidate ends)")
+
+    def threshold_after(self, silence_ms: int) -> float:
+        """The end-of-turn score that ends the turn after ``silence_ms`` of silence."""
+        if not self.end_threshold_slope or silence_ms <= self.candidate_ms:
+            return self.end_threshold
+        drop = self.end_threshold_slope * (silence_ms - self.candidate_ms) / 100
+        return 1.0 / (1.0 + math.exp(drop - math.log(self.end_threshold / (1.0 - self.end_threshold))))
 
     @property
     def mode(self) -> int:
@@ -189,7 +209,19 @@ class SpeechResumed:
     speech_ms: int  # start of the voiced frame
 
 
-VadEvent = SpeechStarted | SpeechStopped | SpeechPaused | SpeechResumed
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoreNeeded:
+    """semantic_vad with deferred scores: the end-of-turn model must score ``audio16k`` (the turn so
+    far, float at 16 kHz, up to ``audio_end_ms``); answer with ``TurnDetector.scored(request_id, p)``."""
+
+    request_id: int
+    audio16k: np.ndarray
+    audio_end_ms: int
+    silence_ms: int  # the silence before audio_end_ms: candidate_ms, or more for a re-score
+
+
+VadEvent = SpeechStarted | SpeechStopped | SpeechPaused | SpeechResumed | ScoreNeeded
+_REQUEST_IDS = itertools.count(1)  # unique in the process: an answer meant for a replaced detector is not taken
 
 
 class SileroMissing(RuntimeError):
@@ -283,12 +315,21 @@ class TurnState(enum.Enum):
 
 
 class TurnDetector:
-    """Turns frame decisions into speech start/stop events (see the module docstring)."""
+    """Turns frame decisions into speech start/stop events (see the module docstring).
 
-    def __init__(self, config: VadConfig, sample_rate: int = SAMPLE_RATE) -> None:
+    The end-of-turn model (semantic_vad) is called inline by default (``scorer``, the shared model).
+    With ``defer_scores`` the detector calls nothing: where a score is due it returns a
+    :class:`ScoreNeeded` and stops there, keeping the frames that come meanwhile, until the caller
+    answers with :meth:`scored` (the server runs the model off its event loop). The frames are then
+    decided as if the score had come at once, so the events are those of the inline detector, only
+    later."""
+
+    def __init__(self, config: VadConfig, sample_rate: int = SAMPLE_RATE, *, defer_scores: bool = False) -> None:
         self.config = config
         self.sample_rate = sample_rate
         self._frames = FrameClassifier(config, sample_rate)
+        self._todo: collections.deque[tuple[int, bool]] = collections.deque()  # classified, not decided
+        self._done = 0  # frames decided
         self.state = TurnState.SILENCE
         self._run = 0  # consecutive voiced frames (in SILENCE) or unvoiced frames (in SPEECH)
         self._last_voiced_end_ms = 0
@@ -296,13 +337,17 @@ class TurnDetector:
         self._speech_start_ms = 0
         self._window_ms = config.silence_duration_ms  # this pause's silence window (semantic: may grow)
         self.scorer: Callable[[np.ndarray], float] | None = None  # 16 kHz float audio -> P(end of turn)
-        self.scores: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)  # (audio ms, P(end))
+        self.scores: collections.deque[tuple[int, float | None]] = collections.deque(maxlen=1024)
+        self._waiting: ScoreNeeded | None = None  # the score the detector waits for
         self._history: _History | None = None
         if config.end_threshold is not None:
-            from streaming.turn_model import WINDOW_S, shared_model
+            from streaming.turn_model import WINDOW_S, find_model, shared_model
 
-            self.scorer = shared_model(config.turn_model).probability
-            self._history = _History(WINDOW_S + 1)
+            if defer_scores:
+                find_model(config.turn_model)  # a missing model is refused now, not at the first pause
+            else:
+                self.scorer = shared_model(config.turn_model).probability
+            self._history = _History(WINDOW_S + HISTORY_SLACK_S)
 
     @property
     def speaking(self) -> bool:
@@ -310,18 +355,37 @@ class TurnDetector:
 
     @property
     def decided_ms(self) -> int:
-        """Audio time up to which frames have been classified."""
-        return self._frames.frames_done * self.config.frame_ms
+        """Audio time up to which frames have been decided."""
+        return self._done * self.config.frame_ms
+
+    @property
+    def waiting(self) -> ScoreNeeded | None:
+        """The score asked for and not given yet (deferred scores only)."""
+        return self._waiting
 
     def push(self, pcm16: np.ndarray) -> list[VadEvent]:
-        events: list[VadEvent] = []
-        frame_ms = self.config.frame_ms
         first = self._frames.frames_done
         frames, decisions = self._frames.push(pcm16)
         if self._history is not None:
             self._history.write(frames.reshape(-1))
-        for i, voiced in enumerate(decisions):
-            start_ms = (first + i) * frame_ms
+        self._todo.extend(zip(range(first, first + len(decisions)), decisions.tolist(), strict=True))
+        return self._decide()
+
+    def scored(self, request_id: int, probability: float | None) -> list[VadEvent]:
+        """The answer to a :class:`ScoreNeeded` (None: the model failed, the silence window decides),
+        and the events of the frames that waited for it. An answer nobody waits for (the turn was
+        ended meanwhile) is ignored."""
+        if self._waiting is None or self._waiting.request_id != request_id:
+            return []
+        return self._apply_score(probability) + self._decide()
+
+    def _decide(self) -> list[VadEvent]:
+        events: list[VadEvent] = []
+        frame_ms = self.config.frame_ms
+        while self._todo and self._waiting is None:
+            index, voiced = self._todo.popleft()
+            self._done = index + 1
+            start_ms = index * frame_ms
             end_ms = start_ms + frame_ms
             if voiced:
                 self._last_voiced_end_ms = end_ms
@@ -335,6 +399,11 @@ class TurnDetector:
                     self.state, self._run, self._speech_start_ms = TurnState.SPEECH, 0, speech_start
             else:
                 events += self._in_speech(voiced, start_ms, end_ms)
+            if self._waiting is not None:
+                if self.scorer is None:
+                    events.append(self._waiting)
+                else:
+                    events += self._apply_score(self.scorer(self._waiting.audio16k))
         return events
 
     def _in_speech(self, voiced: bool, start_ms: int, end_ms: int) -> list[VadEvent]:
@@ -354,14 +423,25 @@ class TurnDetector:
         if silence_ms - cfg.frame_ms < cfg.candidate_ms <= silence_ms:  # the window just filled
             self._paused = True
             events.append(SpeechPaused(end_ms, self._last_voiced_end_ms))
-        if self.scorer is not None and self._score_due(silence_ms):
-            score = self._score(end_ms)
-            if score >= cfg.end_threshold:
-                self.end_turn()
-                events.append(SpeechStopped(end_ms, self._last_voiced_end_ms))
-            elif score < cfg.unsure_below and silence_ms < cfg.candidate_ms + cfg.frame_ms:
-                self._window_ms = max(cfg.max_silence_ms, cfg.silence_duration_ms)
+        if self._history is not None and self._score_due(silence_ms):
+            per_ms = VAD_RATE // 1000
+            start = max(0, self._speech_start_ms - PRE_SPEECH_MS)
+            audio = self._history.span(start * per_ms, end_ms * per_ms)
+            self._waiting = ScoreNeeded(next(_REQUEST_IDS), audio, end_ms, silence_ms)
         return events
+
+    def _apply_score(self, score: float | None) -> list[VadEvent]:
+        """A score of the turn up to the frame that asked for it: that frame is the last decided."""
+        cfg, asked, self._waiting = self.config, self._waiting, None
+        self.scores.append((asked.audio_end_ms, score))
+        if score is None:
+            return []
+        if score >= cfg.threshold_after(asked.silence_ms):
+            self.end_turn()
+            return [SpeechStopped(asked.audio_end_ms, self._last_voiced_end_ms)]
+        if score < cfg.unsure_below and asked.silence_ms < cfg.candidate_ms + cfg.frame_ms:
+            self._window_ms = max(cfg.max_silence_ms, cfg.silence_duration_ms)
+        return []
 
     def _score_due(self, silence_ms: int) -> bool:
         """On the frames that fill candidate_ms, then candidate_ms + k * rescore_ms, of silence."""
@@ -371,17 +451,10 @@ class TurnDetector:
             return False
         return since < cfg.frame_ms or since // cfg.rescore_ms * cfg.rescore_ms > since - cfg.frame_ms
 
-    def _score(self, end_ms: int) -> float:
-        """The end-of-turn model on the turn so far, up to ``end_ms``."""
-        per_ms = VAD_RATE // 1000
-        start_ms = max(0, self._speech_start_ms - PRE_SPEECH_MS)
-        score = self.scorer(self._history.span(start_ms * per_ms, end_ms * per_ms))
-        self.scores.append((end_ms, score))
-        return score
-
     def end_turn(self) -> None:
-        """Forget the current turn (after a manual commit or clear) without restarting the clock."""
-        self.state, self._run, self._paused = TurnState.SILENCE, 0, False
+        """Forget the current turn (after a manual commit or clear) without restarting the clock. A
+        score asked for is no longer awaited; the frames that waited for it are decided next time."""
+        self.state, self._run, self._paused, self._waiting = TurnState.SILENCE, 0, False, None
         self._window_ms = self.config.silence_duration_ms
 
 

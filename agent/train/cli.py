@@ -1,4 +1,4 @@
-"""``mimo-agent train data|codec``: the corpus and the codec of the built-in model."""
+"""``mimo-agent train data|codec|dialogue-data|lm``: the corpora, the codec and the LM of the built-in model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import importlib
 STAGES = {
     "data": ("agent.train.data", "synthesise the speech corpus (espeak-ng, flite, festival; sox augmentation)"),
     "codec": ("agent.train.codec", "train the audio tokenizer on a corpus (official layout checkpoint)"),
+    "dialogue-data": ("agent.train.dialogue", "synthesise the language model's closed-domain dialogues as codes"),
+    "lm": ("agent.train.lm", "train the language model on a dialogue corpus (official layout checkpoint)"),
 }
 
 

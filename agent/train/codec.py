@@ -17,7 +17,6 @@ Everything random is drawn from ``--seed``. The output directory is an official-
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from ..codec.config import LM_CODEBOOKS, AudioTokenizerConfig
 from ..codec.config import preset as preset_config
 from ..codec.mel import htk_mel_filterbank
 from ..codec.tokenizer import MiMoAudioTokenizer, init_random_weights, load_audio_tokenizer, save_audio_tokenizer
+from .common import mean_losses, warmup_cosine
 from .data import load_split, read_manifest
 
 MANIFEST = "training.json"
@@ -184,10 +184,7 @@ class Trainer:
 
     def _lr_factor(self, step: int) -> float:
         r = self.recipe
-        if step < r.warmup:
-            return (step + 1) / r.warmup
-        progress = min(1.0, (step - r.warmup) / max(1, r.steps - r.warmup))
-        return r.final_lr_fraction + (1 - r.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_cosine(step, r.warmup, r.steps, r.final_lr_fraction)
 
     def batch(self) -> torch.Tensor:
         starts = torch.randint(self.stream.numel() - self.crop, (self.recipe.batch,), generator=self.gen)
@@ -261,9 +258,7 @@ class Trainer:
 
     def final_losses(self) -> dict[str, float]:
         """Mean of each loss over the last (up to) 100 steps."""
-        if not self.history:
-            return {}
-        return {k: round(sum(h[k] for h in self.history) / len(self.history), 5) for k in self.history[0]}
+        return mean_losses(self.history)
 
     def save(self) -> None:
         self.tok.eval()

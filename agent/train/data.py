@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..codec.audio import load_wav
+from .common import read_manifest_of
 from .lexicon import SentenceGenerator
 from .voices import Augmentation, synthesize, tool_versions
 
@@ -153,13 +154,7 @@ def _utterance(out: Path, split: str, index: int, voice: str, text: str, recipe:
 
 # --- reading ---------------------------------------------------------------------------------------
 def read_manifest(corpus: str | Path) -> dict:
-    path = Path(corpus) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: make the corpus with `mimo-agent train data --out {corpus}`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} manifest")
-    return manifest
+    return read_manifest_of(Path(corpus) / MANIFEST, FORMAT, f"mimo-agent train data --out {corpus}")
 
 
 def load_split(corpus: str | Path, split: str, sample_rate: int = 24000) -> list[tuple[dict, np.ndarray]]:

@@ -21,7 +21,7 @@ def user_codes(tmp_path):
 
 def test_tts_writes_the_speech_patches(tmp_path, capsys) -> None:
     out = tmp_path / "speech.npy"
-    assert main(["tts", "--text", "Hello there", "--max-patches", "12", "--out", str(out)]) == 0
+    assert main(["tts", "--preset", "tiny", "--text", "Hello there", "--max-patches", "12", "--out", str(out)]) == 0
     codes = np.load(out)
     # presets interleave 5:5 and run the whole budget: 5 text, 5 speech, 2 text patches
     assert codes.shape == (20, 8) and codes.dtype == np.int64
@@ -31,7 +31,8 @@ def test_tts_writes_the_speech_patches(tmp_path, capsys) -> None:
 
 
 def test_asr_prints_a_transcript(user_codes, capsys) -> None:
-    assert main(["asr", "--input", str(user_codes), "--max-patches", "4", "--mode", "text", "--greedy"]) == 0
+    assert main(["asr", "--preset", "tiny", "--input", str(user_codes), "--max-patches", "4", "--mode", "text",
+                 "--greedy"]) == 0
     captured = capsys.readouterr()
     assert captured.out.endswith("\n") and len(captured.out) > 1
     assert "4 patches (0 speech" in captured.err and "prompt" in captured.err
@@ -43,6 +44,8 @@ def test_dialogue_and_continue(user_codes, tmp_path, capsys) -> None:
         main(
             [
                 "dialogue",
+                "--preset",
+                "tiny",
                 "--input",
                 str(user_codes),
                 "--mode",
@@ -60,6 +63,8 @@ def test_dialogue_and_continue(user_codes, tmp_path, capsys) -> None:
         main(
             [
                 "continue",
+                "--preset",
+                "tiny",
                 "--input",
                 str(user_codes),
                 "--mode",
@@ -74,7 +79,8 @@ def test_dialogue_and_continue(user_codes, tmp_path, capsys) -> None:
     )
     assert np.load(out).shape == (8, 8)
     # the default for presets: interleave 5:5, so 2 patches are text patches and no audio comes out
-    assert main(["continue", "--input", str(user_codes), "--max-patches", "2", "--out", str(out)]) == 0
+    assert main(["continue", "--preset", "tiny", "--input", str(user_codes), "--max-patches", "2", "--out",
+                 str(out)]) == 0
     assert np.load(out).shape == (0, 8)
 
 
@@ -83,13 +89,13 @@ def test_wav_in_wav_out_through_the_audio_tokenizer(tmp_path, capsys) -> None:
 
     speech = Path(__file__).resolve().parents[1] / "data" / "speech_yes.wav"
     out = tmp_path / "reply.wav"
-    assert main(["dialogue", "--input", str(speech), "--max-patches", "10", "--out", str(out)]) == 0
+    assert main(["dialogue", "--preset", "tiny", "--input", str(speech), "--max-patches", "10", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "10 patches (5 speech, 20 frames = 0.80 s of audio)" in err
     wav = load_wav(out)
     assert len(wav) == 20 * 960 and np.abs(wav).max() > 0
     # the preset's ASR answers in text
-    assert main(["asr", "--input", str(speech), "--max-patches", "4", "--greedy"]) == 0
+    assert main(["asr", "--preset", "tiny", "--input", str(speech), "--max-patches", "4", "--greedy"]) == 0
     assert "4 patches (0 speech" in capsys.readouterr().err
 
 
@@ -108,15 +114,15 @@ def test_checkpoint_without_audio_tokenizer_takes_codes_only(user_codes, tmp_pat
 
 
 def test_clear_errors(user_codes, tmp_path, capsys) -> None:
-    assert main(["asr", "--input", str(tmp_path / "missing.wav")]) == 2
+    assert main(["asr", "--preset", "tiny", "--input", str(tmp_path / "missing.wav")]) == 2
     assert "missing.wav" in capsys.readouterr().err
     np.save(tmp_path / "bad.npy", np.zeros((8, 5), dtype=np.int64))
-    assert main(["asr", "--input", str(tmp_path / "bad.npy")]) == 2
+    assert main(["asr", "--preset", "tiny", "--input", str(tmp_path / "bad.npy")]) == 2
     assert "RVQ codes must be an integer array [T, 8]" in capsys.readouterr().err
     np.save(tmp_path / "big.npy", np.full((8, 8), 5000, dtype=np.int64))
-    assert main(["asr", "--input", str(tmp_path / "big.npy")]) == 2
+    assert main(["asr", "--preset", "tiny", "--input", str(tmp_path / "big.npy")]) == 2
     assert "code 5000 at frame 0, channel 0 is outside 0..1023" in capsys.readouterr().err
-    assert main(["tts", "--text", "hi", "--voice", str(user_codes)]) == 2
+    assert main(["tts", "--preset", "tiny", "--text", "hi", "--voice", str(user_codes)]) == 2
     assert "--voice needs --instruct" in capsys.readouterr().err
 
 
@@ -125,14 +131,14 @@ def test_transcripts_show_no_special_tokens_or_control_bytes(user_codes, capsys)
     The terminal shows only readable text."""
     from tests.agent.lm.test_tokenizer import _UNREADABLE
 
-    assert main(["asr", "--input", str(user_codes), "--max-patches", "40", "--mode", "text"]) == 0
+    assert main(["asr", "--preset", "tiny", "--input", str(user_codes), "--max-patches", "40", "--mode", "text"]) == 0
     printed = capsys.readouterr().out
     assert len(printed) > 3 and not _UNREADABLE.search(printed), repr(printed)
 
 
 def test_tts_checks_its_input_and_output_before_generating(tmp_path, capsys) -> None:
     def refused(*argv: str) -> str:
-        assert main(["tts", "--max-patches", "4", *argv]) == 2
+        assert main(["tts", "--preset", "tiny", "--max-patches", "4", *argv]) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and "patches" not in captured.err, "nothing was generated"
         return captured.err
@@ -145,8 +151,9 @@ def test_tts_checks_its_input_and_output_before_generating(tmp_path, capsys) -> 
     assert "x.mp3: cannot write .mp3; use .wav (a 24 kHz pcm16 wav), .npy (the RVQ codes [T, 8])" in err
     assert not (tmp_path / "x.mp3").exists()
     # no --out: the audio is not kept, and the summary says so
-    assert main(["tts", "--text", "hi", "--max-patches", "12"]) == 0
+    assert main(["tts", "--preset", "tiny", "--text", "hi", "--max-patches", "12"]) == 0
     assert "audio not kept (--out FILE.wav writes it)" in capsys.readouterr().err
     # upper-case endings are the same formats
-    assert main(["tts", "--text", "hi", "--max-patches", "12", "--out", str(tmp_path / "X.NPY")]) == 0
+    assert main(["tts", "--preset", "tiny", "--text", "hi", "--max-patches", "12", "--out",
+                 str(tmp_path / "X.NPY")]) == 0
     assert np.load(tmp_path / "X.NPY").shape == (20, 8)

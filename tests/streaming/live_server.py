@@ -34,16 +34,20 @@ class LiveServer:
         self.engine.stop()
 
 
-def serve_args(*argv: str) -> argparse.Namespace:
+def serve_args(*argv: str, default_model: bool = False) -> argparse.Namespace:
+    """``serve``'s options for a test: the random-weight ``tiny`` preset unless ``argv`` names a model
+    (tests of the protocol need a model that never stops early and costs nothing to run; the
+    packaged trained preset, serve's own default when installed, only with ``default_model``)."""
     parser = argparse.ArgumentParser()
     add_arguments(parser, "serve")
-    args = parser.parse_args(["--port", "0", "--no-warmup", *argv])
+    pinned = [] if default_model or "--model" in argv or "--preset" in argv else ["--preset", "tiny"]
+    args = parser.parse_args(["--port", "0", "--no-warmup", *pinned, *argv])
     args.command = "serve"
     return args
 
 
-def start_server(*argv: str) -> LiveServer:
-    app = build_server(serve_args(*argv))
+def start_server(*argv: str, default_model: bool = False) -> LiveServer:
+    app = build_server(serve_args(*argv, default_model=default_model))
     engine, rt = app.state.engine, app.state.runtime
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, log_level="warning", loop="asyncio"))
 

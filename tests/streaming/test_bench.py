@@ -141,7 +141,7 @@ def _check_run(run: dict, level: int, turns: int, warmup: int) -> None:
 
 def test_bench_against_a_spawned_server(tmp_path, capsys) -> None:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main(["bench", "--spawn", "--sessions", "2", "--turns", "2", "--warmup", "1", "--audio",
+    code = main(["bench", "--spawn", "--preset", "tiny", "--sessions", "2", "--turns", "2", "--warmup", "1", "--audio",
                  str(DATA / "speech_yes.wav"), "--response-tokens", "10", "--gap", "0.1,0.2", "--floor",
                  "--json", str(out), "--plot", str(png), "--no-progress", "--no-warmup"])
     printed = capsys.readouterr().out

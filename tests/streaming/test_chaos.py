@@ -400,7 +400,7 @@ async def _open(chaos: Chaos):
 
 
 def test_chaos():
-    with SpawnedServer(["--max-sessions", str(MAX_SESSIONS), "--no-warmup"]) as server:
+    with SpawnedServer(["--preset", "tiny", "--max-sessions", str(MAX_SESSIONS), "--no-warmup"]) as server:
         chaos = Chaos(f"http://127.0.0.1:{server.port}")
         alone = asyncio.run(_talkers(chaos, turns=1))  # the warm-up, and the talkers' stalls without abuse
         assert alone == [1] * TALKERS, alone

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_serve_says_which_model_it_loaded_and_what_to_expect_without_warnings() -> None:
-    with SpawnedServer(["--no-warmup", "--log-level", "info"]) as server:
+    """With random weights it says so (the packaged trained default is tests/agent/test_presets.py')."""
+    with SpawnedServer(["--preset", "tiny", "--no-warmup", "--log-level", "info"]) as server:
         health = server.health
         log = server._log.read_text()
         port = server.port

@@ -136,6 +136,35 @@ def test_semantic_vad_streaming_equals_offline(chunk, model) -> None:
     assert streamed == V.detect_turns(audio, cfg) and len(detector.scores) >= 3
 
 
+@pytest.mark.parametrize("late", [0, 1, 25])
+def test_deferred_scores_give_the_inline_events_however_late_they_come(late, model) -> None:
+    """A detector that asks for its scores (the server's) and gets each answer ``late`` pushes of
+    20 ms later decides every frame as the inline one does: the same events, only later."""
+    cfg = dataclass_replace(V.VadConfig.from_turn_detection(AUTO), rescore_ms=200, silence_duration_ms=1000)
+    audio = np.concatenate([hold(EN_W, 2410, 500), EN_M, room_tone(EN_M, 1500)])
+    detector, events, asked = V.TurnDetector(cfg, defer_scores=True), [], []
+
+    def take(i: int, new: list) -> None:
+        for event in new:
+            (asked if isinstance(event, V.ScoreNeeded) else events).append((i, event))
+    for i in range(0, len(audio) + 480 * 2 * late, 480):
+        take(i, detector.push(audio[i : i + 480]))
+        if asked and asked[0][0] <= i - 480 * late:
+            (_, request), *asked = asked
+            take(i, detector.scored(request.request_id, model.probability(request.audio16k)))
+    offline = V.detect_turns(audio, cfg)
+    assert [e for _, e in events] == offline and len(stops(offline)) == 2
+    assert detector.waiting is None and len(detector.scores) >= 3
+
+
+def test_a_falling_threshold_ends_the_turn_at_the_rescore_that_reaches_it(model) -> None:
+    cfg = dataclass_replace(V.VadConfig.from_turn_detection(AUTO), rescore_ms=100, end_threshold_slope=2.0)
+    detector = V.TurnDetector(cfg)
+    detector.scorer = lambda audio: 0.9  # below 0.98 at 200 ms; 0.87 is needed at 300 ms
+    (stop,) = stops(detector.push(np.concatenate([EN_M, room_tone(EN_M, 3000)])))
+    assert stop.audio_end_ms - stop.speech_end_ms == 300 and [s for _, s in detector.scores] == [0.9, 0.9]
+
+
 def dataclass_replace(cfg: V.VadConfig, **changes) -> V.VadConfig:
     import dataclasses
 
@@ -179,10 +208,10 @@ def test_silero_frames_are_32_ms() -> None:
 
 
 # ---------------------------------------------------------------------------------------- session
-def session_with(turn_model: str | None, turn_detection: dict, mimo: dict | None = None):
+def session_with(turn_model: str | None, turn_detection: dict, mimo: dict | None = None, **options):
     from streaming.session import RealtimeSession, SessionOptions
 
-    s = RealtimeSession(SessionOptions(turn_model=turn_model))
+    s = RealtimeSession(SessionOptions(turn_model=turn_model, **options))
     s.start(None)
     s.take_events()
     session = {"type": "realtime", "audio": {"input": {"turn_detection": turn_detection}}}
@@ -206,10 +235,65 @@ def test_a_semantic_session_with_silero_frames_turns_on_real_speech(model) -> No
     assert [e.type for e in events] == ["session.updated"]
     assert events[0].session.mimo.vad == "silero"
     assert s.input.vad.config.classifier == "silero" and s.input.vad.config.end_threshold == 0.98
-    pcm = np.concatenate([EN_M, room_tone(EN_M, 1500)])
-    for i in range(0, len(pcm), 480):
-        s.push_audio(pcm[i : i + 480])
+    speak(s, np.concatenate([EN_M, room_tone(EN_M, 1500)]))
+    for score in scores_asked(s):  # the server's bridge runs these on the scorer's thread
+        s.turn_scored(score.request_id, model.probability(score.audio16k))
     kinds = [e.type for e in s.take_events()]
     assert kinds[:3] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                          "input_audio_buffer.committed"]
     assert kinds.count("input_audio_buffer.speech_started") == 1
+
+
+def speak(s, pcm: np.ndarray) -> None:
+    for i in range(0, len(pcm), 480):
+        s.push_audio(pcm[i : i + 480])
+
+
+def scores_asked(s) -> list:
+    from streaming.actions import ScoreTurn
+
+    return [a for a in s.take_actions() if isinstance(a, ScoreTurn)]
+
+
+SPOKEN = np.concatenate([EN_M, room_tone(EN_M, 1500)])
+
+
+@pytest.mark.parametrize("score", [0.99, 0.5, None])
+def test_the_session_waits_for_the_score_off_its_loop_and_ends_the_turn_where_it_was_asked(model, score) -> None:
+    """The session calls no model: it asks (an action), keeps the audio that comes meanwhile, and
+    the answer, whenever it comes, decides the turn as an inline call would have (None: the model
+    failed, the silence window decides)."""
+    s, _ = session_with(str(model.path), {"type": "semantic_vad", "eagerness": "auto"})
+    speak(s, SPOKEN)  # all of it: 1.5 s of silence came after the candidate end
+    (asked,) = scores_asked(s)  # one score, at the candidate end: the detector waits for it
+    assert [e.type for e in s.take_events()] == ["input_audio_buffer.speech_started"]
+    reference = V.detect_turns(SPOKEN, dataclass_replace(s.input.vad.config, end_threshold=0.98))
+    speech_end = stops(reference)[0].speech_end_ms
+    assert asked.audio16k.shape == ((speech_end + 200 - max(0, reference[0].speech_start_ms - V.PRE_SPEECH_MS)) * 16,)
+    s.turn_scored(asked.request_id + 1, 1.0)  # an answer to nothing: ignored
+    assert s.take_events() == []
+    s.turn_scored(asked.request_id, score)
+    events = s.take_events()
+    assert [e.type for e in events][:3] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                                            "conversation.item.added"]
+    waited = 200 if score == 0.99 else 800
+    assert events[0].audio_end_ms == speech_end + waited
+    item = s.conversation.get(events[0].item_id)
+    assert item.audio_samples == (speech_end + waited - reference[0].audio_start_ms) * 24
+    s.turn_scored(asked.request_id, 1.0)  # a second answer: ignored
+    assert [e.type for e in s.take_events()] == []
+
+
+def test_a_speculation_starts_at_the_candidate_before_the_score_and_a_confident_score_releases_it(model) -> None:
+    from streaming import actions as act
+
+    s, _ = session_with(str(model.path), {"type": "semantic_vad", "eagerness": "auto"}, stream_input=True,
+                        speculate=True)
+    speak(s, SPOKEN)
+    actions = s.take_actions()
+    kinds = [type(a) for a in actions]
+    assert act.Speculate in kinds and act.ScoreTurn in kinds  # both at the candidate end
+    (asked,) = [a for a in actions if isinstance(a, act.ScoreTurn)]
+    s.turn_scored(asked.request_id, 0.99)
+    kinds = [type(a) for a in s.take_actions()]
+    assert kinds == [act.AppendUserAudio, act.CreateResponse]  # the held answer is released, not abandoned

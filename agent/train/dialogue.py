@@ -1,0 +1,316 @@
+"""The language model's closed-domain dialogues: ``mimo-agent train dialogue-data``.
+
+Tasks (the answer is always what :func:`answer` computes from the question's text):
+
+- greetings ("Hello.", "Good morning, how are you?") -> "Hello, how are you?" / "I am fine, thank you.";
+- "What is A plus B?", "What is A minus B?" (0 <= A, B <= 10) -> the number in words, a negative
+  one as "minus three";
+- "What comes after N?" (0 <= N <= 19) -> N + 1 in words;
+- "Repeat after me: WORD." over :data:`agent.train.lexicon.REPEATABLE` -> "WORD";
+- follow-ups that need the previous answer: "And plus one more?" / "And minus one?" -> the last
+  number answered + 1 / - 1 (2 and 3 turn dialogues);
+- text to speech of lexicon sentences (MiMo's TTS template, no user audio).
+
+User turns are spoken by the training voices of :mod:`agent.train.data` (never the held-out ones)
+with the corpus' sox augmentation, one fresh voice and augmentation per utterance; a pool of user
+utterances is synthesised once and the dialogues reuse it (a question appears alone and as the
+first turn of follow-ups). The agent always speaks in :data:`AGENT_VOICE`, unaugmented, so the
+same answer text always has the same codes. Audio is kept as the codes of the frozen
+``tiny-speech`` codec: ``codes.npz`` (``u00012`` user utterances, ``a00003`` agent utterances)
+next to ``manifest.json`` (recipe, tools, every utterance and dialogue). A ``held_out/`` split of
+questions in the held-out voices (wav files and codes) is for evaluation only.
+
+Everything is drawn from the seed, so the same seed and tools give the same manifest and codes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..codec.audio import load_wav
+from .common import read_manifest_of
+from .data import HELD_OUT_VOICES, TRAIN_VOICES, AugmentRecipe
+from .lexicon import GREETINGS, NUMBERS, REPEATABLE, SentenceGenerator
+from .voices import Augmentation, synthesize, tool_versions
+
+MANIFEST = "manifest.json"
+CODES = "codes.npz"
+FORMAT = "mimo-agent dialogue corpus"
+#: the agent's one voice: a clear US English diphone voice the codec reconstructs well
+AGENT_VOICE = "flite:kal16"
+#: the codec the codes are made with (frozen; the LM reads and writes its codes)
+DEFAULT_CODEC = str(Path(__file__).resolve().parent.parent / "presets" / "tiny-speech-codec")
+
+#: follow-up question -> what it adds to the previous number
+FOLLOW_UPS = {"And plus one more?": 1, "And minus one?": -1}
+GREETING_ANSWER = "Hello, how are you?"
+HOW_ARE_YOU_ANSWER = "I am fine, thank you."
+TENS = {20: "twenty", 30: "thirty"}
+
+
+def number_words(n: int) -> str:
+    """``7`` -> "seven", ``-3`` -> "minus three", ``21`` -> "twenty one" (|n| < 40)."""
+    if n < 0:
+        return "minus " + number_words(-n)
+    if n < len(NUMBERS):
+        return NUMBERS[n]
+    tens, unit = divmod(n, 10)
+    if tens * 10 not in TENS:
+        raise ValueError(f"{n} is outside the numbers this domain says")
+    return TENS[tens * 10] + ("" if unit == 0 else " " + NUMBERS[unit])
+
+
+@dataclass(frozen=True)
+class Question:
+    """A user turn: its text and kind, and the number its answer is (None for non-numbers)."""
+
+    kind: str
+    text: str
+    value: int | None = None  # the numeric answer, or the follow-up's step
+    answer_text: str | None = None  # the answer of a non-numeric question
+
+
+def questions() -> dict[str, list[Question]]:
+    """Every question of the domain, by kind (follow-ups are answered from the history)."""
+    out: dict[str, list[Question]] = {"greeting": [], "plus": [], "minus": [], "after": [], "repeat": [],
+                                      "follow_up": []}
+    for g in GREETINGS:
+        cap = g[0].upper() + g[1:]
+        out["greeting"].append(Question("greeting", f"{cap}.", answer_text=GREETING_ANSWER))
+        out["greeting"].append(Question("greeting", f"{cap}, how are you?", answer_text=HOW_ARE_YOU_ANSWER))
+    out["greeting"].append(Question("greeting", "How are you?", answer_text=HOW_ARE_YOU_ANSWER))
+    for a in range(11):
+        for b in range(11):
+            out["plus"].append(Question("plus", f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", a + b))
+            out["minus"].append(Question("minus", f"What is {NUMBERS[a]} minus {NUMBERS[b]}?", a - b))
+    for n in range(20):
+        out["after"].append(Question("after", f"What comes after {NUMBERS[n]}?", n + 1))
+    for word in REPEATABLE:
+        out["repeat"].append(Question("repeat", f"Repeat after me: {word}.", answer_text=word))
+    for text, step in FOLLOW_UPS.items():
+        out["follow_up"].append(Question("follow_up", text, step))
+    return out
+
+
+def answer(question: Question, previous: int | None = None) -> tuple[str, int | None]:
+    """(answer text, the number it is or None) of ``question``; a follow-up needs ``previous``."""
+    if question.kind == "follow_up":
+        if previous is None:
+            raise ValueError(f"{question.text!r} needs a previous number")
+        value = previous + int(question.value or 0)
+        return number_words(value), value
+    if question.value is not None:
+        return number_words(question.value), question.value
+    assert question.answer_text is not None
+    return question.answer_text, None
+
+
+@dataclass
+class DialogueRecipe:
+    seed: int = 0
+    #: user utterances synthesised per kind of question (the pool the dialogues draw from)
+    utterances: dict[str, int] = field(default_factory=lambda: {
+        "greeting": 120, "plus": 700, "minus": 700, "after": 240, "repeat": 500, "follow_up": 240})
+    #: dialogues of 2 and 3 turns whose later turns may need the earlier answers
+    multi_turn: int = 900
+    #: lexicon sentences for the TTS task
+    tts_sentences: int = 400
+    #: held-out questions per held-out voice (evaluation only)
+    held_out_per_voice: int = 12
+    agent_voice: str = AGENT_VOICE
+    held_out_voices: tuple[str, ...] = HELD_OUT_VOICES
+    augment: AugmentRecipe = field(default_factory=AugmentRecipe)
+    codec: str = DEFAULT_CODEC
+    sample_rate: int = 24000
+
+    def user_voices(self) -> list[str]:
+        """The training voices, less the agent's own and any held-out voice."""
+        voices = [v for vs in TRAIN_VOICES.values() for v in vs]
+        return [v for v in voices if v != self.agent_voice and v not in self.held_out_voices]
+
+
+class _Speaker:
+    """Synthesises utterances (two at a time: the tools are separate processes) into a scratch
+    directory and encodes them with the codec."""
+
+    def __init__(self, recipe: DialogueRecipe, scratch: Path):
+        from ..codec import load_audio_tokenizer
+
+        self.recipe, self.scratch = recipe, scratch
+        self.codec = load_audio_tokenizer(recipe.codec, dtype="fp32", device="cpu")
+
+    def speak(self, jobs: list[tuple[str, str, str, Augmentation]], keep: Path | None = None) -> list[np.ndarray]:
+        """Codes (T, 8) int16 of each (key, voice, text, augmentation); wavs kept under ``keep``."""
+        def one(job: tuple[str, str, str, Augmentation]) -> Path:
+            key, voice, text, augment = job
+            path = (keep or self.scratch) / f"{key}.wav"
+            synthesize(voice, text, path, augment, self.recipe.sample_rate)
+            return path
+
+        with ThreadPoolExecutor(2) as pool:
+            paths = list(pool.map(one, jobs))
+        wavs = [load_wav(p, self.recipe.sample_rate) for p in paths]
+        codes = []
+        for start in range(0, len(wavs), 32):
+            codes += [c.numpy().astype(np.int16) for c in self.codec.encode_batch(wavs[start : start + 32])]
+        if keep is None:
+            for p in paths:
+                p.unlink()
+        return codes
+
+
+def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=print) -> dict:
+    """Write the dialogue corpus of ``recipe`` under ``out`` (manifest.json, codes.npz, held_out/)."""
+    out = Path(out)
+    (out / "held_out").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    rng = random.Random(f"{recipe.seed}/dialogues")
+    by_kind = questions()
+    voices = recipe.user_voices()
+
+    # the pool of user utterances: a question, a voice and an augmentation each
+    users: list[dict] = []
+    for kind, count in recipe.utterances.items():
+        for _ in range(count):
+            q = rng.choice(by_kind[kind])
+            users.append({"key": f"u{len(users):05d}", "kind": kind, "text": q.text, "voice": rng.choice(voices),
+                          "augment": recipe.augment.draw(rng).to_dict()})
+    held_out: list[dict] = []
+    for voice in recipe.held_out_voices:
+        for i in range(recipe.held_out_per_voice):
+            kind = ("plus", "minus", "after", "repeat", "greeting", "follow_up")[i % 6]
+            q = rng.choice(by_kind[kind])
+            expected = None if kind == "follow_up" else answer(q)[0]  # a follow-up's depends on the history
+            held_out.append({"key": f"h{len(held_out):05d}", "kind": kind, "text": q.text, "voice": voice,
+                             "answer": expected, "file": f"held_out/h{len(held_out):05d}.wav"})
+    texts = {q.text: q for qs in by_kind.values() for q in qs}
+
+    # dialogues: every non-follow-up utterance alone, then multi-turn ones over the pool
+    dialogues: list[dict] = []
+    pool = {kind: [u for u in users if u["kind"] == kind] for kind in by_kind}
+    numeric = pool["plus"] + pool["minus"] + pool["after"]
+    for u in users:
+        if u["kind"] != "follow_up":
+            dialogues.append({"task": "dialogue", "turns": [_turn(u, texts, None)[0]]})
+    for _ in range(recipe.multi_turn):
+        first = rng.choice(numeric if rng.random() < 0.8 else pool["greeting"] + pool["repeat"])
+        turn, previous = _turn(first, texts, None)
+        turns = [turn]
+        for _ in range(rng.choice((1, 1, 2))):
+            if previous is not None and rng.random() < 0.7:
+                drawn = rng.sample(pool["follow_up"], min(4, len(pool["follow_up"])))
+                candidates = [u for u in drawn if -10 <= previous + int(texts[u["text"]].value or 0) <= 21]
+                nxt = candidates[0] if candidates else rng.choice(numeric)
+            else:
+                nxt = rng.choice(numeric + pool["greeting"] + pool["repeat"])
+            turn, value = _turn(nxt, texts, previous)
+            previous = value if value is not None else previous
+            turns.append(turn)
+        dialogues.append({"task": "dialogue", "turns": turns})
+    sentences = SentenceGenerator(recipe.seed * 2 + 7)
+    for _ in range(recipe.tts_sentences):
+        dialogues.append({"task": "tts", "text": sentences.statement()})
+    # the agent's utterances: one per distinct answer text
+    agent_texts = sorted({t["answer"] for d in dialogues for t in d.get("turns", [])}
+                         | {d["text"] for d in dialogues if d["task"] == "tts"})
+    agents = [{"key": f"a{i:05d}", "text": t, "voice": recipe.agent_voice} for i, t in enumerate(agent_texts)]
+    agent_key = {a["text"]: a["key"] for a in agents}
+    for d in dialogues:
+        if d["task"] == "tts":
+            d["agent"] = agent_key[d["text"]]
+        for t in d.get("turns", []):
+            t["agent"] = agent_key[t["answer"]]
+
+    codes: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="mimo-dialogue-") as scratch:
+        speaker = _Speaker(recipe, Path(scratch))
+        batch = 200
+        for start in range(0, len(users), batch):
+            chunk = users[start : start + batch]
+            jobs = [(u["key"], u["voice"], u["text"], Augmentation(**u["augment"])) for u in chunk]
+            for u, c in zip(chunk, speaker.speak(jobs), strict=True):
+                codes[u["key"]], u["frames"] = c, len(c)
+            log(f"user utterances: {start + len(chunk)}/{len(users)} ({time.monotonic() - started:.0f} s)")
+        jobs = [(a["key"], a["voice"], a["text"], Augmentation()) for a in agents]
+        for a, c in zip(agents, speaker.speak(jobs), strict=True):
+            codes[a["key"]], a["frames"] = c, len(c)
+        log(f"agent utterances: {len(agents)} ({time.monotonic() - started:.0f} s)")
+        jobs = [(h["key"], h["voice"], h["text"], Augmentation()) for h in held_out]  # held out: unaugmented
+        for h, c in zip(held_out, speaker.speak(jobs, keep=out / "held_out"), strict=True):
+            codes[h["key"]], h["frames"] = c, len(c)
+    np.savez_compressed(out / CODES, **codes)
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "command": command,
+        "recipe": asdict(recipe),
+        "tools": tool_versions(),
+        "counts": {"user_utterances": len(users), "agent_utterances": len(agents), "dialogues": len(dialogues),
+                   "held_out": len(held_out)},
+        "minutes": {"user": round(sum(u["frames"] for u in users) / 25 / 60, 2),
+                    "agent": round(sum(a["frames"] for a in agents) / 25 / 60, 2)},
+        "seconds": round(time.monotonic() - started, 1),
+        "users": users,
+        "agents": agents,
+        "dialogues": dialogues,
+        "held_out": held_out,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    log(f"wrote {len(dialogues)} dialogues ({len(users)} user and {len(agents)} agent utterances, "
+        f"{len(held_out)} held out) to {out} in {manifest['seconds']:.0f} s")
+    return manifest
+
+
+def _turn(user: dict, texts: dict[str, Question], previous: int | None) -> tuple[dict, int | None]:
+    """A dialogue turn for a user utterance: {"user": key, "text", "answer"} and the answer's number."""
+    q = texts[user["text"]]
+    if q.kind == "follow_up" and previous is None:
+        previous = 0
+    text, value = answer(q, previous)
+    return {"user": user["key"], "text": user["text"], "answer": text}, value
+
+
+# --- reading ---------------------------------------------------------------------------------------
+def read_corpus(corpus: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(manifest, codes by key) of a dialogue corpus."""
+    manifest = read_manifest_of(Path(corpus) / MANIFEST, FORMAT, f"mimo-agent train dialogue-data --out {corpus}")
+    with np.load(Path(corpus) / CODES) as z:
+        codes = {k: z[k].astype(np.int64) for k in z.files}
+    return manifest, codes
+
+
+def scaled(recipe: DialogueRecipe, scale: float) -> DialogueRecipe:
+    """The recipe with every count multiplied by ``scale`` (at least 1 each): small corpora for tests."""
+    recipe.utterances = {k: max(1, round(v * scale)) for k, v in recipe.utterances.items()}
+    recipe.multi_turn = max(1, round(recipe.multi_turn * scale))
+    recipe.tts_sentences = max(1, round(recipe.tts_sentences * scale))
+    recipe.held_out_per_voice = max(1, round(recipe.held_out_per_voice * scale))
+    return recipe
+
+
+def add_arguments(parser) -> None:
+    d = DialogueRecipe()
+    parser.add_argument("--out", required=True, help="corpus directory to write (manifest.json, codes.npz, held_out/)")
+    parser.add_argument("--seed", type=int, default=0, help="draws questions, voices and augmentation (default 0)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help=f"multiply every count (default 1: {sum(d.utterances.values())} user utterances, "
+                             f"{d.multi_turn} multi-turn dialogues, {d.tts_sentences} TTS sentences, "
+                             f"{d.held_out_per_voice} held-out questions per held-out voice)")
+    parser.add_argument("--codec", default=DEFAULT_CODEC, help="audio tokenizer checkpoint (default: the shipped "
+                                                               "tiny-speech codec)")
+
+
+def run(args) -> int:
+    recipe = scaled(DialogueRecipe(seed=args.seed, codec=args.codec), args.scale)
+    command = (f"mimo-agent train dialogue-data --out {args.out} --seed {args.seed} --scale {args.scale:g}"
+               + ("" if args.codec == DEFAULT_CODEC else f" --codec {args.codec}"))
+    generate(args.out, recipe, command=command)
+    return 0

@@ -1,0 +1,512 @@
+"""Training of the language model: ``mimo-agent train lm``.
+
+The official architecture at ``tiny-speech`` size (:data:`SIZES`: real codebook sizes, delays,
+4-frame patches, bidirectional patch encoder), trained from scratch on a corpus of
+``mimo-agent train dialogue-data`` with a byte-level BPE text tokenizer trained on the domain's
+text (:func:`train_tokenizer`; the MiMo special tokens follow its vocabulary in the official
+order, as in Qwen2's).
+
+Every training sequence is built by the code that builds what the server feeds the model: a
+dialogue is a list of :class:`agent.conversation.Item` rendered by the engine's
+:class:`~agent.conversation.ConversationRenderer` (the default instructions in the first user
+turn, each user turn's speech, each assistant turn as the patches the model generates: the
+official 5:5 text/speech interleave after ``<|sostm|>``, ``<|eot|>`` closing the text,
+``<|eostm|>`` the stream, then the history as the engine appends it); TTS and ASR examples come
+from :class:`~agent.lm.prompts.PromptBuilder` (``tts``, ``asr``: what the offline commands and
+the transcriber use). The losses are on the patches the model generates and nothing else: text
+cross-entropy on their text ids (``<|empty|>`` for a speech patch), and the patch decoder's
+cross-entropy on their codes, teacher-forced through the delay pattern exactly as
+:func:`agent.lm.patch_decoder.run_patch` samples them (each channel's empty id excluded).
+
+Everything random is drawn from ``--seed``; ``--resume`` continues a run bit for bit. The output
+directory is an official-layout checkpoint (``config.json``, ``model.safetensors``,
+``tokenizer.json``; :func:`agent.checkpoint.load_lm` reads it) with ``training.json`` (recipe,
+command, steps, losses, time), ``losses.tsv`` and ``train_state.pt`` (to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import save_lm
+from ..conversation import ConversationRenderer, Item, Role
+from ..lm.config import MiMoAudioConfig
+from ..lm.model import MiMoAudioLM
+from ..lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, Prompt, PromptBuilder
+from ..lm.tokenizer import MIMO_ADDED_TOKENS, REQUIRED_TOKENS, TextTokenizer
+from .common import mean_losses, warmup_cosine
+from .dialogue import read_corpus
+from .lexicon import SentenceGenerator
+
+MANIFEST = "training.json"
+STATE = "train_state.pt"
+LOSS_LOG = "losses.tsv"
+FORMAT = "mimo-agent lm training"
+
+#: model sizes: the official architecture (8 channels, codebooks 1025/129, delays 0..7, groups of 4,
+#: bidirectional patch encoder) at CPU widths
+SIZES: dict[str, dict] = {
+    "tiny-speech": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=32, local_dim=64, local_layers=2, local_attn_heads=4,
+                        local_ffn_dim=256, input_local_layers=1, input_local_dim=64, input_full_attention=True,
+                        max_position_embeddings=2048, rope_theta=10000.0),
+    # for tests: a few steps in seconds
+    "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, local_dim=32, local_layers=1, local_attn_heads=2,
+                  local_ffn_dim=64, input_local_layers=1, input_local_dim=32, input_full_attention=True,
+                  max_position_embeddings=1024, rope_theta=10000.0),
+}
+
+
+# --- the text tokenizer ---------------------------------------------------------------------------
+def tokenizer_texts(manifest: dict, seed: int) -> list[str]:
+    """The text the tokenizer is trained on: every prompt string, question, answer and sentence of
+    the corpus, and more lexicon sentences (so TTS of a new sentence still finds its words)."""
+    texts = [DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES["en"] + ": ", ASR_TEMPLATES["en"], "user\n", "assistant\n",
+             "system\n", "\n\n", "<think>\n\n</think>\n", "Your voice should be:"]
+    texts += [u["text"] for u in manifest["users"]] + [a["text"] for a in manifest["agents"]]
+    return texts + SentenceGenerator(seed * 2 + 11).sentences(3000)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> TextTokenizer:
+    """A byte-level BPE of ``vocab_size`` ids in all: merges learnt from ``texts``, then the chat
+    and MiMo special tokens after them in the official order (as Qwen2's vocabulary has them)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [*REQUIRED_TOKENS, *MIMO_ADDED_TOKENS]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sorted(set(texts)), trainer)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return TextTokenizer(tok, source="trained BPE")
+
+
+def lm_config(size: str, tokenizer: TextTokenizer) -> MiMoAudioConfig:
+    """The config of ``size`` for ``tokenizer`` (its vocabulary rounded up to a multiple of 64)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    vocab = -(-tokenizer.vocab_size // 64) * 64
+    return MiMoAudioConfig(vocab_size=vocab, empty_token_id=tokenizer.specials.empty, **SIZES[size])
+
+
+# --- sequences -------------------------------------------------------------------------------------
+@dataclass
+class Sequence:
+    """A training sequence: its patches and which of them the model generates (the loss targets)."""
+
+    prompt: Prompt
+    generated: torch.Tensor  # (P,) bool
+
+
+class SequenceBuilder:
+    """Training sequences from corpus entries, with the server's own prompt code."""
+
+    def __init__(self, builder: PromptBuilder, codes: dict[str, np.ndarray]):
+        self.builder, self.codes = builder, codes
+        self.renderer = ConversationRenderer(builder)
+        self._opening = len(self.renderer.assistant_open(True))
+
+    def stream(self, text: str, key: str) -> Prompt:
+        """An assistant's speech stream as the model generates it: the official interleave after
+        ``<|sostm|>`` (which the prompt ends with), up to and including ``<|eostm|>``."""
+        return self.builder.interleaved(text, self.codes[key])[1:]
+
+    def dialogue(self, turns: list[dict], instructions: str | None) -> Sequence:
+        """The conversation as the engine renders it once every turn is answered."""
+        items, streams = [], {}
+        for i, turn in enumerate(turns):
+            items.append(Item(f"u{i}", Role.USER, codes=torch.from_numpy(self.codes[turn["user"]])))
+            streams[f"a{i}"] = self.stream(turn["answer"], turn["agent"])
+            items.append(Item(f"a{i}", Role.ASSISTANT, patches=streams[f"a{i}"], complete=True))
+        rendering = self.renderer.render(items, instructions=instructions)
+        generated = torch.zeros(len(rendering), dtype=torch.bool)
+        for item_id, stream in streams.items():
+            start = rendering.spans[item_id][0] + self._opening
+            generated[start : start + len(stream)] = True
+        return Sequence(rendering.prompt, generated)
+
+    def tts(self, text: str, key: str) -> Sequence:
+        return self._answer(self.builder.tts(text), self.stream(text, key))
+
+    def asr(self, key: str, transcript: str) -> Sequence:
+        reply = self.builder.text(transcript) + self.builder.tokens([self.builder.specials.im_end])
+        return self._answer(self.builder.asr(self.codes[key]), reply)
+
+    @staticmethod
+    def _answer(prompt: Prompt, reply: Prompt) -> Sequence:
+        generated = torch.cat([torch.zeros(len(prompt), dtype=torch.bool), torch.ones(len(reply), dtype=torch.bool)])
+        return Sequence(prompt + reply, generated)
+
+
+def collate(sequences: list[Sequence], builder: PromptBuilder, rng: random.Random,
+            max_decoded: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch: text_ids (B, P), codes (B, P, G, C), generated (B, P), and decoded
+    (B, P): the generated speech patches whose codes are learnt, at most ``max_decoded`` of them
+    drawn with ``rng`` (the patch decoder's work per speech patch is ~11 backbone positions')."""
+    P = max(len(s.prompt) for s in sequences)
+    pad = builder.tokens([builder.specials.endoftext] * P)
+    text = torch.stack([torch.cat([s.prompt.text_ids, pad.text_ids[len(s.prompt) :]]) for s in sequences])
+    codes = torch.stack([torch.cat([s.prompt.codes, pad.codes[len(s.prompt) :]]) for s in sequences])
+    generated = torch.stack([torch.cat([s.generated, torch.zeros(P - len(s.prompt), dtype=torch.bool)])
+                             for s in sequences])
+    decoded = generated & (text == builder.specials.empty)
+    where = decoded.nonzero().tolist()
+    if max_decoded is not None and len(where) > max_decoded:
+        decoded = torch.zeros_like(decoded)
+        for b, p in rng.sample(where, max_decoded):
+            decoded[b, p] = True
+    return {"text_ids": text, "codes": codes, "generated": generated, "decoded": decoded}
+
+
+# --- the model's training forward -------------------------------------------------------------------
+def embed_speech_patches(lm: MiMoAudioLM, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """:func:`agent.lm.patch_encoder.embed_patches`, with the patch encoder run on the speech
+    patches only (its output for the others is zero there, so the result is the same at a
+    fraction of the work)."""
+    cfg = lm.config
+    is_speech = text_ids == cfg.empty_token_id  # (B, P)
+    text = lm.model.embed_tokens(text_ids).masked_fill(is_speech.unsqueeze(-1), 0.0)
+    if not bool(is_speech.any()):
+        return text
+    patches = codes[is_speech]  # (S, G, C)
+    frames = sum(table(patches[..., c]).masked_fill((patches[..., c] == empty).unsqueeze(-1), 0.0)
+                 for c, (table, empty) in enumerate(zip(lm.speech_embeddings, cfg.speech_empty_ids, strict=True)))
+    encoded = lm.input_local_transformer(frames, causal=not cfg.input_full_attention)  # (S, G, D)
+    speech = lm.speech_group_downcast(encoded.reshape(encoded.shape[0], -1))  # (S, hidden)
+    return text.masked_scatter(is_speech.unsqueeze(-1), speech)
+
+
+def backbone_hidden(lm: MiMoAudioLM, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Backbone hidden states (B, P, hidden) of whole sequences: the patch encoder, then causal
+    attention at positions 0..P-1 (what prefill computes for a slot with no history)."""
+    return lm.model(embed_speech_patches(lm, text_ids, codes), causal=True)
+
+
+def patch_decoder_logits(lm: MiMoAudioLM, h: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
+    """The patch decoder teacher-forced on ``codes`` (N, G, C): step 0 reads the backbone state h
+    (N, hidden), step t+1 the embeddings of the codes step t emits, as :func:`run_patch` feeds
+    its own samples. Returns, per step and channel of the schedule, the logits (N, vocab) with the
+    channel's empty id at -inf (it is never sampled)."""
+    sched = lm.schedule
+    inputs = [lm.hidden_states_downcast(h)]
+    for t in range(sched.steps - 1):
+        inputs.append(sum(lm.speech_embeddings[c](codes[:, f, c])
+                          for c, f in zip(sched.channels[t], sched.frames[t], strict=True)))
+    out = lm.local_transformer(torch.stack(inputs, dim=1), causal=True)  # (N, steps, D)
+    logits = []
+    for t in range(sched.steps):
+        for c in sched.channels[t]:
+            step = lm.local_transformer_lm_heads[c](out[:, t])
+            logits.append(step.index_fill(1, torch.tensor([sched.empty_ids[c]]), float("-inf")))
+    return logits
+
+
+def patch_decoder_targets(lm: MiMoAudioLM, codes: torch.Tensor) -> list[torch.Tensor]:
+    """The codes (N,) each entry of :func:`patch_decoder_logits` predicts."""
+    sched = lm.schedule
+    return [codes[:, f, c] for t in range(sched.steps) for c, f in zip(sched.channels[t], sched.frames[t],
+                                                                       strict=True)]
+
+
+def losses(lm: MiMoAudioLM, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text CE on every generated patch's text id, patch-decoder CE on every generated speech
+    patch's codes; nothing on the prompt's positions. Also the accuracy of the text ids that are
+    not ``<|empty|>`` (the words of the answers), which is what a listener reads."""
+    text_ids, codes, generated = batch["text_ids"], batch["codes"], batch["generated"]
+    h = backbone_hidden(lm, text_ids, codes)
+    target = generated[:, 1:]
+    decoded = batch["decoded"][:, 1:][target]  # (N,): the speech patches the patch decoder learns from
+    hidden = h[:, :-1][target]  # (N, hidden): the state each generated patch is predicted from
+    want = text_ids[:, 1:][target]  # (N,)
+    text_logits = lm.lm_head(hidden)
+    text = F.cross_entropy(text_logits, want)
+    words = want != lm.config.empty_token_id
+    word_acc = (text_logits[words].argmax(-1) == want[words]).float().mean() if bool(words.any()) else text * 0
+    speech_rows = ~words & decoded
+    if bool(speech_rows.any()):
+        patch = codes[:, 1:][target][speech_rows]  # (M, G, C)
+        pairs = zip(patch_decoder_logits(lm, hidden[speech_rows], patch), patch_decoder_targets(lm, patch),
+                    strict=True)
+        per_code = [F.cross_entropy(lg, tg) for lg, tg in pairs]
+        speech = torch.stack(per_code).mean()
+        channels = [c for t in range(lm.schedule.steps) for c in lm.schedule.channels[t]]
+        channel0 = torch.stack([x for x, c in zip(per_code, channels, strict=True) if c == 0]).mean()
+    else:
+        speech = channel0 = text * 0
+    return {"loss": text + speech, "text": text, "speech": speech, "speech_c0": channel0,
+            "word_acc": word_acc.detach()}
+
+
+def init_training_weights(lm: MiMoAudioLM, seed: int) -> None:
+    """GPT-2 style: weights and embeddings N(0, 0.02), the residual outputs scaled by
+    1/sqrt(2 layers), biases 0, norms 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                std = 0.02
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    stack = lm.model if name.startswith("model.") else (
+                        lm.local_transformer if name.startswith("local_") else lm.input_local_transformer)
+                    std /= math.sqrt(2 * len(stack.layers))
+                p.normal_(0.0, std, generator=gen)
+
+
+# --- the run ---------------------------------------------------------------------------------------
+@dataclass
+class LMRecipe:
+    size: str = "tiny-speech"
+    seed: int = 0
+    steps: int = 6000
+    batch: int = 16
+    lr: float = 2e-3
+    warmup: int = 200
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    vocab_size: int = 1024
+    #: speech patches per batch whose codes the patch decoder learns from (drawn among the batch's)
+    max_decoded: int = 64
+    #: share of examples that are the ASR task (the transcriber's prompt) over the user utterances
+    asr_share: float = 0.1
+    #: share of dialogues without the default instructions in the first user turn
+    no_instructions_share: float = 0.1
+    instructions: str = DEFAULT_SYSTEM_PROMPT
+    extra: dict = field(default_factory=dict)
+
+
+class LMTrainer:
+    def __init__(self, recipe: LMRecipe, corpus: str | Path, out: str | Path, *,
+                 tokenizer: TextTokenizer | None = None):
+        self.recipe, self.corpus, self.out = recipe, Path(corpus), Path(out)
+        self.manifest, codes = read_corpus(self.corpus)
+        self.tokenizer = tokenizer or train_tokenizer(tokenizer_texts(self.manifest, recipe.seed), recipe.vocab_size)
+        self.config = lm_config(recipe.size, self.tokenizer)
+        torch.manual_seed(recipe.seed)
+        self.lm = MiMoAudioLM(self.config)
+        init_training_weights(self.lm, recipe.seed)
+        self.lm.requires_grad_(True).train()
+        self.builder = PromptBuilder(self.tokenizer, self.config)
+        self.sequences = SequenceBuilder(self.builder, codes)
+        decay = [p for n, p in self.lm.named_parameters() if p.dim() == 2 and "embed" not in n]
+        other = [p for n, p in self.lm.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                      {"params": other, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.rng = random.Random(recipe.seed)
+        self.command: str | None = None
+        self.step = 0
+        self.seconds = 0.0
+        self.history: list[dict[str, float]] = []
+        self.dialogues = self.manifest["dialogues"]
+        self.users = self.manifest["users"]
+        if not self.dialogues:
+            raise ValueError(f"{self.corpus} has no dialogues")
+
+    def _lr_factor(self, step: int) -> float:
+        r = self.recipe
+        return warmup_cosine(step, r.warmup, r.steps, r.final_lr_fraction)
+
+    def example(self) -> Sequence:
+        r, rng = self.recipe, self.rng
+        if rng.random() < r.asr_share:
+            user = rng.choice(self.users)
+            return self.sequences.asr(user["key"], user["text"])
+        d = rng.choice(self.dialogues)
+        if d["task"] == "tts":
+            return self.sequences.tts(d["text"], d["agent"])
+        instructions = None if rng.random() < r.no_instructions_share else r.instructions
+        return self.sequences.dialogue(d["turns"], instructions)
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return collate([self.example() for _ in range(self.recipe.batch)], self.builder, self.rng,
+                       self.recipe.max_decoded)
+
+    def train_step(self) -> dict[str, float]:
+        out = losses(self.lm, self.batch())
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.lm.parameters(), self.recipe.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    def run(self, *, log_every: int = 25, save_minutes: float = 10.0, stop_at: int | None = None,
+            max_seconds: float | None = None, publish: str | Path | None = None, log=print) -> Path:
+        """Train to ``recipe.steps`` (or stop, saved and resumable, at ``stop_at`` / after
+        ``max_seconds``), saving every ``save_minutes``; each save is also published to
+        ``publish`` (a symlink switched atomically to a complete checkpoint)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        losses_path = self.out / LOSS_LOG
+        if self.step == 0:
+            losses_path.write_text("step\tseconds\tloss\ttext\tspeech\tspeech_c0\tword_acc\tlr\n")
+        started = time.monotonic()
+        base = self.seconds
+        last_save = started
+        end = self.recipe.steps if stop_at is None else min(stop_at, self.recipe.steps)
+        window: list[dict[str, float]] = []
+        while self.step < end:
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                log(f"stopping at step {self.step} after {max_seconds:.0f} s (resume with --resume)")
+                break
+            row = self.train_step()
+            self.seconds = base + time.monotonic() - started
+            window.append(row)
+            self.history = [*self.history, row][-100:]
+            if self.step % log_every == 0 or self.step == end:
+                mean = {k: sum(w[k] for w in window) / len(window) for k in row}
+                window = []
+                lr = self.sched.get_last_lr()[0]
+                with losses_path.open("a") as f:
+                    f.write(f"{self.step}\t{self.seconds:.1f}\t" + "\t".join(f"{mean[k]:.5f}" for k in
+                            ("loss", "text", "speech", "speech_c0", "word_acc")) + f"\t{lr:.6f}\n")
+                log(f"step {self.step}/{self.recipe.steps} {self.seconds:.0f}s " +
+                    " ".join(f"{k} {v:.4f}" for k, v in mean.items()))
+            if save_minutes and time.monotonic() - last_save > save_minutes * 60:
+                self.save(publish)
+                last_save = time.monotonic()
+        self.save(publish)
+        return self.out
+
+    def final_losses(self) -> dict[str, float]:
+        """Mean of each loss over the last (up to) 100 steps."""
+        return mean_losses(self.history)
+
+    def save(self, publish: str | Path | None = None) -> None:
+        self.lm.eval()
+        save_lm(self.lm, self.out, tokenizer=self.tokenizer)
+        self.lm.train()
+        torch.save({"step": self.step, "seconds": self.seconds, "model": self.lm.state_dict(),
+                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "rng": self.rng.getstate(), "history": self.history, "recipe": asdict(self.recipe)},
+                   self.out / STATE)
+        self.write_manifest()
+        if publish is not None:
+            publish_checkpoint(self.out, Path(publish), self.step)
+
+    def write_manifest(self) -> None:
+        params = sum(p.numel() for p in self.lm.parameters())
+        manifest = {
+            "format": FORMAT,
+            "command": self.command,
+            "recipe": asdict(self.recipe),
+            "model": {"size": self.recipe.size, "parameters": params, "config": SIZES[self.recipe.size],
+                      "text_vocab": self.tokenizer.vocab_size, "weights_dtype": "fp32"},
+            "data": {"path": str(self.corpus), "command": self.manifest.get("command"),
+                     "recipe": self.manifest.get("recipe"), "counts": self.manifest.get("counts"),
+                     "minutes": self.manifest.get("minutes")},
+            "steps": self.step,
+            "final_losses": self.final_losses(),
+            "train_seconds": round(self.seconds, 1),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    def resume(self) -> None:
+        state = torch.load(self.out / STATE, weights_only=False)
+        if state["recipe"] != asdict(self.recipe):
+            raise ValueError(f"{self.out / STATE} was made with another recipe: {state['recipe']}")
+        self.lm.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.rng.setstate(state["rng"])
+        self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+
+
+#: what a published checkpoint holds (the loadable files, not the training state)
+PUBLISHED = ("config.json", "model.safetensors", "tokenizer.json", MANIFEST, LOSS_LOG)
+
+
+def publish_checkpoint(out: Path, link: Path, step: int) -> Path:
+    """Copy the loadable files of ``out`` to ``<link>.d/step-N`` and point the symlink ``link`` at
+    it atomically, so a reader of ``link`` always finds a whole checkpoint; older copies but the
+    previous one are removed."""
+    store = link.parent / f"{link.name}.d"
+    target = store / f"step-{step:06d}"
+    tmp = store / f".tmp-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in PUBLISHED:
+        shutil.copy2(out / name, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    new_link = link.parent / f".{link.name}.new"
+    if new_link.is_symlink() or new_link.exists():
+        new_link.unlink()
+    new_link.symlink_to(target.resolve())
+    os.replace(new_link, link)
+    for old in sorted(store.glob("step-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def add_arguments(parser) -> None:
+    d = LMRecipe()
+    parser.add_argument("--data", required=True, help="dialogue corpus made by `mimo-agent train dialogue-data`")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write (official layout)")
+    parser.add_argument("--size", default=d.size, choices=sorted(SIZES), help=f"model size (default {d.size})")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help=f"weights, tokenizer text and batches (default {d.seed})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--batch", type=int, default=d.batch, help=f"sequences per step (default {d.batch})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    parser.add_argument("--warmup", type=int, default=d.warmup,
+                        help=f"steps of linear warm-up, then a cosine to {d.final_lr_fraction:g} x lr "
+                             f"(default {d.warmup})")
+    parser.add_argument("--log-every", type=int, default=25, help="steps per line of losses.tsv (default 25)")
+    parser.add_argument("--save-minutes", type=float, default=10.0,
+                        help="minutes between checkpoints (default 10; one is always written at the end)")
+    parser.add_argument("--publish", default=None,
+                        help="also publish each checkpoint as this symlink (to a complete copy), for readers "
+                             "that load it while training goes on (default: none)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop (saved, resumable) after this many minutes of this invocation (default: none)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop (saved, resumable) at this step (default: run to --steps)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = LMRecipe(size=args.size, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
+                      warmup=args.warmup)
+    tokenizer = None
+    if args.resume:
+        tokenizer = TextTokenizer.from_dir(args.out)
+    trainer = LMTrainer(recipe, args.data, args.out, tokenizer=tokenizer)
+    trainer.command = (f"mimo-agent train lm --data {args.data} --out {args.out} --size {args.size} "
+                       f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} "
+                       f"--warmup {args.warmup}"
+                       + (f" --threads {args.threads}" if args.threads else ""))
+    if args.resume:
+        trainer.resume()
+        print(f"resumed {args.out} at step {trainer.step}", flush=True)
+    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
+    trainer.run(log_every=args.log_every, save_minutes=args.save_minutes, max_seconds=max_seconds,
+                stop_at=args.stop_at, publish=args.publish,
+                log=lambda m: print(m, flush=True))
+    print(f"wrote {os.fspath(args.out)}: {trainer.final_losses()}")
+    return 0

@@ -1,0 +1,157 @@
+"""``mimo-agent train dialogue-data`` and ``train lm``: what is trained is what is served.
+
+The training sequences are the prompts the server and the offline commands build (the official
+layouts), the training forward computes what prefill and the patch decoder compute at inference,
+the loss goes down, a resumed run is the same run, and the checkpoint loads through ``load_lm``
+and answers through ``mimo-agent dialogue``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agent.checkpoint import load_lm
+from agent.lm.model import MiMoAudioLM
+from agent.lm.patch_encoder import embed_patches
+from agent.lm.prompts import DEFAULT_SYSTEM_PROMPT, PromptBuilder
+from agent.train import dialogue
+from agent.train.data import HELD_OUT_VOICES
+from agent.train.lm import (
+    SequenceBuilder,
+    backbone_hidden,
+    embed_speech_patches,
+    init_training_weights,
+    lm_config,
+    patch_decoder_logits,
+    tokenizer_texts,
+    train_tokenizer,
+)
+from streaming.cli import main
+
+from .conftest import require_voices
+
+#: a few steps of the smallest model on a corpus of a few dozen utterances
+TINY = ["--size", "micro", "--batch", "4", "--lr", "0.01", "--warmup", "1", "--log-every", "4", "--threads", "1",
+        "--save-minutes", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    require_voices()
+    out = tmp_path_factory.mktemp("dialogues")
+    assert main(["train", "dialogue-data", "--out", str(out), "--seed", "5", "--scale", "0.01"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def parts(corpus):
+    manifest, codes = dialogue.read_corpus(corpus)
+    tokenizer = train_tokenizer(tokenizer_texts(manifest, 0), 1024)
+    config = lm_config("micro", tokenizer)
+    builder = PromptBuilder(tokenizer, config)
+    lm = MiMoAudioLM(config)
+    init_training_weights(lm, 0)
+    return manifest, codes, builder, lm
+
+
+def test_answers_follow_the_domain_rules():
+    qs = dialogue.questions()
+    three_plus_four = next(q for q in qs["plus"] if q.text == "What is three plus four?")
+    assert dialogue.answer(three_plus_four) == ("seven", 7)
+    two_minus_five = next(q for q in qs["minus"] if q.text == "What is two minus five?")
+    assert dialogue.answer(two_minus_five) == ("minus three", -3)
+    plus_one = next(q for q in qs["follow_up"] if q.text == "And plus one more?")
+    assert dialogue.answer(plus_one, previous=20) == ("twenty one", 21)
+    with pytest.raises(ValueError, match="previous number"):
+        dialogue.answer(plus_one)
+    assert dialogue.answer(next(q for q in qs["after"] if q.text == "What comes after nine?")) == ("ten", 10)
+
+
+def test_corpus_is_seeded_and_keeps_held_out_voices_out(corpus, tmp_path):
+    manifest, codes = dialogue.read_corpus(corpus)
+    assert not {u["voice"] for u in manifest["users"]} & set(HELD_OUT_VOICES)
+    assert {a["voice"] for a in manifest["agents"]} == {dialogue.AGENT_VOICE}
+    assert {h["voice"] for h in manifest["held_out"]} == set(HELD_OUT_VOICES)
+    assert all((corpus / h["file"]).is_file() for h in manifest["held_out"])
+    multi = [d for d in manifest["dialogues"] if len(d.get("turns", ())) > 1]
+    assert multi and all(codes[t["user"]].shape[1] == 8 for d in multi for t in d["turns"])
+    again = tmp_path / "again"
+    assert main(["train", "dialogue-data", "--out", str(again), "--seed", "5", "--scale", "0.01"]) == 0
+    second, codes2 = dialogue.read_corpus(again)
+    for key in ("users", "agents", "dialogues", "held_out"):
+        assert manifest[key] == second[key]
+    assert all(np.array_equal(codes[k], codes2[k]) for k in codes)
+
+
+def test_sequences_are_the_official_dialogue_layout(parts):
+    manifest, codes, builder, _ = parts
+    sequences = SequenceBuilder(builder, codes)
+    d = next(d for d in manifest["dialogues"] if len(d.get("turns", ())) > 1)
+    first, second = d["turns"][:2]
+    seq = sequences.dialogue(d["turns"][:2], DEFAULT_SYSTEM_PROMPT)
+    # the first turn's prompt is what `mimo-agent dialogue` feeds for the same question
+    opening = builder.spoken_dialogue(codes[first["user"]], system_prompt=DEFAULT_SYSTEM_PROMPT)
+    # the second turn's prompt is the official multi-turn prompt with the first answer in the history
+    messages = [{"role": "user", "content": codes[first["user"]]},
+                {"role": "assistant", "content": {"text": first["answer"], "audio": codes[first["agent"]]}},
+                {"role": "user", "content": codes[second["user"]]}]
+    history = builder.spoken_dialogue_multiturn(messages, system_prompt=DEFAULT_SYSTEM_PROMPT)
+    answer = builder.interleaved(second["answer"], codes[second["agent"]])[1:]  # generated after <|sostm|>
+    for prefix in (opening, history, history + answer):
+        assert torch.equal(seq.prompt.text_ids[: len(prefix)], prefix.text_ids)
+        assert torch.equal(seq.prompt.codes[: len(prefix)], prefix.codes)
+    # the loss is on the generated patches only: each answer's stream, <|eostm|> included
+    first_answer = builder.interleaved(first["answer"], codes[first["agent"]])[1:]
+    expected = torch.zeros(len(seq.prompt), dtype=torch.bool)
+    expected[len(opening) : len(opening) + len(first_answer)] = True
+    expected[len(history) : len(history) + len(answer)] = True
+    assert torch.equal(seq.generated, expected)
+    tokenizer = builder.tokenizer
+    assert tokenizer.decode(seq.prompt.text_ids[len(history) : len(history) + len(answer)].tolist()) == second["answer"]
+    assert int(seq.prompt.text_ids[len(history) + len(answer) - 1]) == tokenizer.specials.eostm
+
+
+def test_training_forward_is_the_serving_computation(parts):
+    manifest, codes, builder, lm = parts
+    seq = SequenceBuilder(builder, codes).dialogue(manifest["dialogues"][0]["turns"], DEFAULT_SYSTEM_PROMPT)
+    text_ids, patch_codes = seq.prompt.batch()
+    with torch.no_grad():
+        assert torch.allclose(embed_speech_patches(lm, text_ids, patch_codes), embed_patches(lm, text_ids, patch_codes),
+                              atol=1e-6)
+        h = backbone_hidden(lm, text_ids, patch_codes)[0]
+    cache = lm.allocate_cache(1, len(seq.prompt) + 1)
+    served = lm.prefill(cache, 0, lm.embed_patches(text_ids, patch_codes))
+    assert torch.allclose(h[-1], served[0], atol=1e-4)
+    # the teacher-forced patch decoder, fed its own greedy codes, predicts each of them
+    greedy = lm.decode_patch(h[-3:])  # (3, G, C)
+    with torch.no_grad():
+        logits = patch_decoder_logits(lm, h[-3:], greedy)
+    sched = lm.schedule
+    picked = [(f, c) for t in range(sched.steps) for c, f in zip(sched.channels[t], sched.frames[t], strict=True)]
+    for (f, c), step_logits in zip(picked, logits, strict=True):
+        assert torch.equal(step_logits.argmax(-1), greedy[:, f, c]), (f, c)
+
+
+def test_loss_goes_down_resume_is_exact_and_the_checkpoint_answers(corpus, tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ["train", "lm", "--data", str(corpus), *TINY]
+    assert main([*args, "--out", str(straight), "--steps", "16"]) == 0
+    assert main([*args, "--out", str(split), "--steps", "16", "--stop-at", "5"]) == 0  # saved at 5
+    assert main([*args, "--out", str(split), "--steps", "16", "--resume"]) == 0
+    a, b = (load_lm(d, dtype="fp32", device="cpu")[0].state_dict() for d in (straight, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [line.split("\t") for line in (straight / "losses.tsv").read_text().splitlines()[1:]]
+    assert float(rows[-1][2]) < float(rows[0][2]) - 0.5, rows
+    manifest = json.loads((straight / "training.json").read_text())
+    assert manifest["steps"] == 16 and manifest["command"].startswith("mimo-agent train lm")
+    assert manifest["data"]["recipe"]["seed"] == 5 and set(manifest["final_losses"]) >= {"text", "speech"}
+    # the official layout, served by the offline dialogue command with the shipped codec
+    held_out = json.loads((corpus / "manifest.json").read_text())["held_out"][0]
+    capsys.readouterr()
+    assert main(["dialogue", "--model", str(straight), "--tokenizer", dialogue.DEFAULT_CODEC, "--input",
+                 str(corpus / held_out["file"]), "--greedy", "--max-patches", "12"]) == 0
+    assert "patches" in capsys.readouterr().err
