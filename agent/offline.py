@@ -174,13 +174,10 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
     )
     sampling = ChannelSampling(GREEDY, GREEDY) if args.greedy else task_sampling(task)
 
-    session = LMSession.create(lm, tokenizer, max_positions=len(prompt) + budget + 1, seed=args.seed)
-    session.feed(prompt)
-    response = ResponseCollector(tokenizer, lm.config.audio_channels)
     start = time.perf_counter()
-    for patch in session.generate(controls, sampling):
-        print(response.add(patch), end="", flush=True)
-    print(response.finish(), flush=True)
+    response, session = respond(lm, tokenizer, prompt, controls, sampling, seed=args.seed,
+                                on_text=lambda text: print(text, end="", flush=True))
+    print(flush=True)
     elapsed = time.perf_counter() - start
 
     codes = response.codes()
@@ -198,6 +195,24 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
         file=sys.stderr,
     )
     return 0
+
+
+def respond(lm: MiMoAudioLM, tokenizer: TextTokenizer, prompt: Prompt, controls: GenerationControls,
+            sampling: ChannelSampling, *, seed: int = 0,
+            on_text: Callable[[str], None] | None = None) -> tuple[ResponseCollector, LMSession]:
+    """Generate the response to ``prompt`` (what every offline command and ``bench-quality``'s TTS
+    run); ``on_text`` gets the readable text as it is decoded."""
+    session = LMSession.create(lm, tokenizer, max_positions=len(prompt) + controls.max_patches + 1, seed=seed)
+    session.feed(prompt)
+    response = ResponseCollector(tokenizer, lm.config.audio_channels)
+    for patch in session.generate(controls, sampling):
+        text = response.add(patch)
+        if on_text is not None:
+            on_text(text)
+    tail = response.finish()
+    if on_text is not None:
+        on_text(tail)
+    return response, session
 
 
 #: what ``--out`` writes, by file name ending

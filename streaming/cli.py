@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-codec": ("agent.codec.bench", "codec real-time factors and streaming-decode fidelity"),
     "bench-stream": ("agent.stream_bench", "streaming input: patches that survive the commit, commit-time work"),
     "train": ("agent.train.cli", "corpora, codec and LM of the built-in model (`train data|codec|dialogue-data|lm`)"),
+    "bench-quality": ("agent.quality.bench", "answer accuracy on held-out voices, judged by an independent "
+                                             "recognizer (text, speech, TTS)"),
     "eval-codec": ("agent.train.evaluate", "codec reconstruction quality: STOI and log-mel L1 on held-out voices"),
 }
 

@@ -52,6 +52,7 @@ import enum
 import functools
 import importlib.util
 import itertools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -98,6 +99,9 @@ class VadConfig:
     #: ``unsure_below`` the wait is ``max_silence_ms`` instead of the silence window; ``rescore_ms``
     #: (0: off) scores again after that much more silence
     end_threshold: float | None = None
+    #: the threshold falls as the silence goes on: by this much in log-odds per 100 ms of silence
+    #: after the candidate (0: fixed; with ``rescore_ms``, a later score may end the turn with less)
+    end_threshold_slope: float = 0.0
     unsure_below: float = SEMANTIC_UNSURE_BELOW
     max_silence_ms: int = 0
     rescore_ms: int = 0
@@ -111,8 +115,17 @@ class VadConfig:
             raise ValueError(f"frame_ms must be one of {FRAME_MS_CHOICES} (webrtcvad), got {self.frame_ms}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
+        if self.end_threshold_slope and not (self.end_threshold is not None and 0.0 < self.end_threshold < 1.0):
+            raise ValueError(f"a falling end threshold starts within (0, 1), got {self.end_threshold}")
         if self.end_threshold is not None and self.candidate_ms <= 0:
             raise ValueError("an end-of-turn model needs candidate_ms above 0 (it scores candidate ends)")
+
+    def threshold_after(self, silence_ms: int) -> float:
+        """The end-of-turn score that ends the turn after ``silence_ms`` of silence."""
+        if not self.end_threshold_slope or silence_ms <= self.candidate_ms:
+            return self.end_threshold
+        drop = self.end_threshold_slope * (silence_ms - self.candidate_ms) / 100
+        return 1.0 / (1.0 + math.exp(drop - math.log(self.end_threshold / (1.0 - self.end_threshold))))
 
     @property
     def mode(self) -> int:
@@ -199,13 +212,12 @@ class SpeechResumed:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScoreNeeded:
     """semantic_vad with deferred scores: the end-of-turn model must score ``audio16k`` (the turn so
-    far, float at 16 kHz, up to ``audio_end_ms``); answer with ``TurnDetector.scored(request_id, p)``.
-    ``first``: the score at the candidate end (not a later re-score)."""
+    far, float at 16 kHz, up to ``audio_end_ms``); answer with ``TurnDetector.scored(request_id, p)``."""
 
     request_id: int
     audio16k: np.ndarray
     audio_end_ms: int
-    first: bool
+    silence_ms: int  # the silence before audio_end_ms: candidate_ms, or more for a re-score
 
 
 VadEvent = SpeechStarted | SpeechStopped | SpeechPaused | SpeechResumed | ScoreNeeded
@@ -415,7 +427,7 @@ class TurnDetector:
             per_ms = VAD_RATE // 1000
             start = max(0, self._speech_start_ms - PRE_SPEECH_MS)
             audio = self._history.span(start * per_ms, end_ms * per_ms)
-            self._waiting = ScoreNeeded(next(_REQUEST_IDS), audio, end_ms, silence_ms < cfg.candidate_ms + cfg.frame_ms)
+            self._waiting = ScoreNeeded(next(_REQUEST_IDS), audio, end_ms, silence_ms)
         return events
 
     def _apply_score(self, score: float | None) -> list[VadEvent]:
@@ -424,10 +436,10 @@ class TurnDetector:
         self.scores.append((asked.audio_end_ms, score))
         if score is None:
             return []
-        if score >= cfg.end_threshold:
+        if score >= cfg.threshold_after(asked.silence_ms):
             self.end_turn()
             return [SpeechStopped(asked.audio_end_ms, self._last_voiced_end_ms)]
-        if score < cfg.unsure_below and asked.first:
+        if score < cfg.unsure_below and asked.silence_ms < cfg.candidate_ms + cfg.frame_ms:
             self._window_ms = max(cfg.max_silence_ms, cfg.silence_duration_ms)
         return []
 

@@ -2,12 +2,18 @@
 
 The quality benchmark and the semantic tests must judge what the model *said*, with something
 that shares nothing with it: CMU PocketSphinx (the ``pocketsphinx`` package from PyPI ships its
-en-us acoustic model and pronouncing dictionary), restricted to the domain. Its search is limited
-to the words of :data:`agent.train.lexicon.WORDS` (a dictionary of just those words) and guided
-by a bigram language model estimated from sentences of the domain (the lexicon's own sentence
-generator, plus whatever texts the caller adds, e.g. the answers it expects). Restricting the
-vocabulary is what makes a 2000s-era recognizer usable here: with the full 130k-word dictionary
-and its general LM it drops most words of synthetic speech.
+en-us acoustic model and pronouncing dictionary), restricted to the domain, in one of two ways:
+
+- free speech over the lexicon: a dictionary of just the words of
+  :data:`agent.train.lexicon.WORDS` and a bigram language model estimated from sentences of the
+  domain (the lexicon's own sentence generator, plus whatever texts the caller adds); for TTS of
+  lexicon sentences;
+- one of a closed set of phrases (``phrases=``, a JSGF grammar of alternatives): the domain's
+  answers are a closed set (numbers, a few greetings, the repeatable words), so an answer is heard
+  as the nearest of them; it knows every answer, not which one is right.
+
+Restricting it is what makes a 2000s-era recognizer usable here: with the full 130k-word
+dictionary and its general LM it drops most words of synthetic speech.
 
 Measure the ceiling before trusting a score: ``mimo-agent bench-quality`` reports the word error
 rate of this recognizer on the agent voice's own clean TTS and on the codec's reconstruction of it.
@@ -119,15 +125,18 @@ def domain_sentences(n: int = LM_SENTENCES, seed: int = LM_SEED) -> list[str]:
 
 
 class Recognizer:
-    """PocketSphinx restricted to ``vocabulary`` (default: the lexicon) with a domain bigram LM.
+    """PocketSphinx restricted to ``vocabulary`` (default: the lexicon) with a domain bigram LM,
+    or to one of ``phrases``.
 
     ``extra_sentences`` (the questions and answers a benchmark expects, say) are added to the LM's
     text, ten times each, so their word sequences are likely but not forced; their words join the
-    vocabulary (each must be in CMUdict). One decoder, reused: build it
+    vocabulary (each must be in CMUdict). With ``phrases`` the recognizer hears exactly one of them
+    (normalised) or nothing. One decoder, reused: build it
     once (about a second) and call :meth:`transcribe` per utterance (about 0.1 s of CPU for 3 s
     of speech)."""
 
-    def __init__(self, vocabulary: Iterable[str] | None = None, extra_sentences: Sequence[str] = ()) -> None:
+    def __init__(self, vocabulary: Iterable[str] | None = None, extra_sentences: Sequence[str] = (),
+                 phrases: Sequence[str] = ()) -> None:
         try:
             import pocketsphinx
         except ImportError:
@@ -135,17 +144,28 @@ class Recognizer:
                                   "(or pip install pocketsphinx)") from None
         from agent.train.lexicon import WORDS
 
-        base = frozenset(vocabulary if vocabulary is not None else WORDS)
-        self.vocabulary = base | {w for s in extra_sentences for w in normalize(s).split()}
+        self.phrases = tuple(dict.fromkeys(p for p in map(normalize, phrases) if p))
+        if self.phrases:
+            self.vocabulary = frozenset(w for p in self.phrases for w in p.split())
+        else:
+            base = frozenset(vocabulary if vocabulary is not None else WORDS)
+            self.vocabulary = base | {w for s in extra_sentences for w in normalize(s).split()}
         model = Path(pocketsphinx.get_model_path()) / "en-us"
         pronunciations = _pronunciations(model / "cmudict-en-us.dict", self.vocabulary)
         self._dir = tempfile.TemporaryDirectory(prefix="mimo-recognizer-")
         directory = Path(self._dir.name)
         (directory / "domain.dict").write_text(pronunciations)
-        lm_text = [*domain_sentences(), *(s for s in extra_sentences for _ in range(10))]
-        (directory / "domain.arpa").write_text(bigram_arpa(lm_text, self.vocabulary))
+        if self.phrases:
+            search = directory / "phrases.gram"
+            search.write_text("#JSGF V1.0;\ngrammar phrases;\npublic <phrase> = " + " | ".join(self.phrases) + ";\n")
+            kind = "jsgf"
+        else:
+            lm_text = [*domain_sentences(), *(s for s in extra_sentences for _ in range(10))]
+            search = directory / "domain.arpa"
+            search.write_text(bigram_arpa(lm_text, self.vocabulary))
+            kind = "lm"
         self._decoder = pocketsphinx.Decoder(hmm=str(model / "en-us"), dict=str(directory / "domain.dict"),
-                                             lm=str(directory / "domain.arpa"), loglevel="FATAL")
+                                             loglevel="FATAL", **{kind: str(search)})
 
     def transcribe(self, audio: np.ndarray, sample_rate: int = 24000) -> str:
         """The words heard in mono ``audio`` (float in [-1, 1] or int16) at ``sample_rate``; "" for silence."""

@@ -57,6 +57,7 @@ DEFAULT_SWEEP_THRESHOLD = "0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.995"
 DEFAULT_CONFIGS = "server_vad,server_vad:silero,semantic_vad:auto,semantic_vad:high"
 DEFAULT_SWEEP_WINDOW = "600,800,1000"
 DEFAULT_FAMILIES = "server_vad,server_vad:silero,semantic_vad,semantic_vad:maxima"
+DEFAULT_SWEEP_SLOPE = "0.5,1,2,3"
 BUDGET = 0.05
 EDGE_MS = 500  # no hold closer than this to the speech's start or end
 MIN_GAP_MS = 350  # between two hold points
@@ -180,12 +181,15 @@ def _rule_row(family: str, value: Any, turns: list[Turn], results: list[tuple[li
             "detect_ms": percentiles(delays, (50, 90))}
 
 
-#: semantic_vad variants measured besides the plain rule (score once, then the silence window)
+#: semantic_vad variants measured besides the plain rule (score once, then the silence window);
+#: ``slope``: scored every 100 ms of silence, the threshold falling with the silence (``--sweep-slope``)
 SEMANTIC_VARIANTS = {"semantic_vad": {}, "semantic_vad:rescore": {"rescore_ms": 200},
-                     "semantic_vad:maxima": {"unsure_below": 0.1, "max_silence_ms": 4000}}
+                     "semantic_vad:maxima": {"unsure_below": 0.1, "max_silence_ms": 4000},
+                     "semantic_vad:slope": {"rescore_ms": 100}}
 
 
-def _rules(family: str, silences: list[int], thresholds: list[float], windows: list[int]) -> list[tuple[Any, Any]]:
+def _rules(family: str, silences: list[int], thresholds: list[float], windows: list[int],
+           slopes: list[float] = ()) -> list[tuple[Any, Any]]:
     """(rule as reported, VadConfig) for every rule of a family."""
     from streaming.vad import SILERO_FRAME_MS, VadConfig
 
@@ -193,30 +197,79 @@ def _rules(family: str, silences: list[int], thresholds: list[float], windows: l
         silero = family.endswith(":silero")
         frame = {"classifier": "silero", "frame_ms": SILERO_FRAME_MS} if silero else {}
         return [(ms, VadConfig(silence_duration_ms=ms, **frame)) for ms in silences]
+    if family not in SEMANTIC_VARIANTS:
+        raise BenchError(f"--families: no family {family!r} (server_vad[:silero], {', '.join(SEMANTIC_VARIANTS)})")
     extra = SEMANTIC_VARIANTS[family]
-    return [({"threshold": th, "silence_ms": w}, VadConfig(silence_duration_ms=w, end_threshold=th, **extra))
-            for th in thresholds for w in windows]
+    return [({"threshold": th, "silence_ms": w, **({"slope": k} if k else {})},
+             VadConfig(silence_duration_ms=w, end_threshold=th, end_threshold_slope=k, **extra))
+            for th in thresholds for w in windows for k in (slopes if family.endswith(":slope") else [0.0])
+            if not k or th < 1.0]
 
 
 def sweep(turns: list[Turn], pauses: list[int], silences: list[int], thresholds: list[float],
-          windows: list[int], families: list[str],
+          windows: list[int], families: list[str], slopes: list[float] = (),
           progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Every rule of every family on every turn (see the module docstring)."""
+    """Every rule of every family on every turn (see the module docstring), and per family the rule
+    chosen without the recording it is reported on (:func:`held_out`)."""
     from streaming.turn_model import shared_model
 
-    rows = []
+    rows, per_rule = [], {}
     scorer = None
     for family in families:
+        rules = _rules(family, silences, thresholds, windows, slopes)
         if not family.startswith("server_vad"):
             scorer = scorer or CachedScorer(shared_model().probability)
-        for rule, cfg in _rules(family, silences, thresholds, windows):
+        for rule, cfg in rules:
             use = scorer if cfg.end_threshold is not None else None
-            rows.append(_rule_row(family, rule, turns, [detect(t, cfg, use) for t in turns], pauses))
+            results = [detect(t, cfg, use) for t in turns]
+            rows.append(_rule_row(family, rule, turns, results, pauses))
+            per_rule[(family, json.dumps(rule))] = results
             progress(f"{family} {rule}")
-    out: dict[str, Any] = {"rules": rows}
+    out: dict[str, Any] = {"rules": rows, "held_out": held_out(turns, rows, per_rule, pauses)}
     if scorer is not None:
         out["model_calls"] = scorer.calls
         out["model_ms_per_call"] = round(1000 * scorer.seconds / max(1, scorer.calls), 1)
+    return out
+
+
+def _quickest(rows: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
+    """The rule with the shortest detection p50 among those within the false-cut-in budget that
+    detect every end."""
+    ok = [r for r in rows if r["false_cut_in"] <= budget and r["ends_detected"] == r["ends"]
+          and r["detect_ms"].get("p50") is not None]
+    return min(ok, key=lambda r: (r["detect_ms"]["p50"], r["detect_ms"]["p90"]), default=None)
+
+
+def held_out(turns: list[Turn], rows: list[dict[str, Any]], per_rule: dict[tuple[str, str], list],
+             pauses: list[int], budget: float = BUDGET) -> dict[str, Any]:
+    """Leave one recording out: per family and recording, the quickest rule within the budget on the
+    *other* recordings' turns, applied to this recording's turns; the results pooled. The rule is
+    never chosen on the pauses and ends it is reported on (the plain sweep's best rule is)."""
+    names = list(dict.fromkeys(t.name for t in turns))
+    out = {}
+    for family in dict.fromkeys(r["family"] for r in rows):
+        if len(names) < 2:
+            out[family] = None
+            continue
+        chosen, pooled_turns, pooled = {}, [], []
+        for name in names:
+            train = [i for i, t in enumerate(turns) if t.name != name]
+            test = [i for i, t in enumerate(turns) if t.name == name]
+            scored = []
+            for r in rows:
+                if r["family"] != family:
+                    continue
+                results = per_rule[(family, json.dumps(r["rule"]))]
+                scored.append({**_rule_row(family, r["rule"], [turns[i] for i in train],
+                                           [results[i] for i in train], pauses), "results": results})
+            best = _quickest(scored, budget)
+            chosen[name] = None if best is None else best["rule"]
+            if best is None:  # no rule within the budget on the others: the recording is not reported
+                continue
+            pooled_turns += [turns[i] for i in test]
+            pooled += [best["results"][i] for i in test]
+        out[family] = {"chosen": chosen, **(_rule_row(family, "held out", pooled_turns, pooled, pauses)
+                                             if pooled else {})}
     return out
 
 
@@ -224,9 +277,7 @@ def at_budget(rows: list[dict[str, Any]], server_ms: float | None, budget: float
     """Per family, the quickest rule within the false-cut-in budget, and its latency."""
     out = {}
     for family in dict.fromkeys(r["family"] for r in rows):
-        ok = [r for r in rows if r["family"] == family and r["false_cut_in"] <= budget
-              and r["ends_detected"] == r["ends"] and r["detect_ms"].get("p50") is not None]
-        best = min(ok, key=lambda r: r["detect_ms"]["p50"], default=None)
+        best = _quickest([r for r in rows if r["family"] == family], budget)
         if best is None:
             out[family] = None
             continue
@@ -459,8 +510,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                    help=f"semantic_vad end-of-turn thresholds (default {DEFAULT_SWEEP_THRESHOLD})")
     s.add_argument("--sweep-window", default=DEFAULT_SWEEP_WINDOW,
                    help=f"semantic_vad silence windows when unsure, ms (default {DEFAULT_SWEEP_WINDOW})")
+    s.add_argument("--sweep-slope", default=DEFAULT_SWEEP_SLOPE,
+                   help="semantic_vad:slope: how fast the end threshold falls, log-odds per 100 ms of silence "
+                        f"(default {DEFAULT_SWEEP_SLOPE})")
     s.add_argument("--families", default=DEFAULT_FAMILIES,
-                   help=f"rule families to sweep (default {DEFAULT_FAMILIES}; also semantic_vad:rescore)")
+                   help=f"rule families to sweep (default {DEFAULT_FAMILIES}; also semantic_vad:rescore and "
+                        "semantic_vad:slope, a model call every 100 ms of silence)")
     p = parser.add_argument_group("playing")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per append message (default 20)")
     p.add_argument("--response-tokens", type=int, default=8, help="every answer this many patches (default 8)")
@@ -519,6 +574,7 @@ def run(args: argparse.Namespace) -> int:
         result["sweep"] = sweep(turns, pauses, _ints(args.sweep_silence, "--sweep-silence"),
                                 _floats(args.sweep_threshold, "--sweep-threshold"),
                                 _ints(args.sweep_window, "--sweep-window"), families,
+                                _floats(args.sweep_slope, "--sweep-slope"),
                                 progress=lambda m: print(f"  sweep {m}", file=sys.stderr))
         server_ms = [r["server_first_audio_ms"] for run_ in result["live"] for r in run_["records"]
                      if r["server_first_audio_ms"] is not None]
@@ -560,6 +616,18 @@ def _fmt(p: dict[str, Any], key: str) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _rule(rule: Any) -> str:
+    if not isinstance(rule, dict):
+        return str(rule)
+    slope = f", falling {rule['slope']:g}/100 ms" if rule.get("slope") else ""
+    return f"p>={rule['threshold']}{slope}, {rule['silence_ms']} ms"
+
+
+def _chosen(chosen: dict[str, Any]) -> str:
+    return "; ".join(f"{name.rsplit('.', 1)[0]}: {'-' if rule is None else _rule(rule)}"
+                     for name, rule in chosen.items())
+
+
 def render(result: dict[str, Any]) -> str:
     pauses = result["config"]["pauses_ms"]
     holds = sum(len(t["holds"]) for t in result["material"])
@@ -583,20 +651,28 @@ def render(result: dict[str, Any]) -> str:
               + " | detect p50 / p90 ms |", "|---|---|---|" + "---|" * len(pauses) + "---|"]
     for r in result["sweep"]["rules"]:
         by, d = r["false_cut_in_by_pause_ms"], r["detect_ms"]
-        rule = r["rule"]
-        if isinstance(rule, dict):
-            rule = f"p>={rule['threshold']}, {rule['silence_ms']} ms"
-        lines.append(f"| {r['family']} | {rule} | {100 * r['false_cut_in']:.1f}% | "
+        lines.append(f"| {r['family']} | {_rule(r['rule'])} | {100 * r['false_cut_in']:.1f}% | "
                      + " | ".join(f"{100 * by[str(ms)]:.0f}%" for ms in pauses)
                      + f" | {_fmt(d, 'p50')} / {_fmt(d, 'p90')} |")
     if "model_calls" in result["sweep"]:
         lines.append(f"end-of-turn model: {result['sweep']['model_calls']} calls, "
                      f"{result['sweep']['model_ms_per_call']} ms each")
+    lines += ["", "held out (per recording, the quickest rule within the budget on the other recordings):",
+              "| family | rules chosen | false cut-ins | " + " | ".join(f"{ms} ms" for ms in pauses)
+              + " | ends | detect p50 / p90 ms |", "|---|---|---|" + "---|" * len(pauses) + "---|---|"]
+    for family, r in result["sweep"]["held_out"].items():
+        if not r or "false_cut_in" not in r:
+            lines.append(f"| {family} | {'-' if not r else _chosen(r['chosen'])} | no rule within the budget |")
+            continue
+        by, d = r["false_cut_in_by_pause_ms"], r["detect_ms"]
+        lines.append(f"| {family} | {_chosen(r['chosen'])} | {100 * r['false_cut_in']:.1f}% | "
+                     + " | ".join(f"{100 * by[str(ms)]:.0f}%" for ms in pauses)
+                     + f" | {r['ends']} | {_fmt(d, 'p50')} / {_fmt(d, 'p90')} |")
     lines += ["", f"at a {100 * BUDGET:.0f}% false-cut-in budget (detection p50 + the live server part p50 "
               f"{result['server_part_ms_p50']} ms):"]
     for family, best in result["at_budget"].items():
         lines.append(f"  {family}: " + ("no rule within the budget" if best is None else
-                     f"rule {best['rule']}, {100 * best['false_cut_in']:.1f}% cut-ins, detection p50 / p90 "
+                     f"rule {_rule(best['rule'])}, {100 * best['false_cut_in']:.1f}% cut-ins, detection p50 / p90 "
                      f"{best['detect_ms_p50']:.0f} / {best['detect_ms_p90']:.0f} ms, first audio p50 "
                      f"~{best['first_audio_ms_p50']} ms"))
     lines += ["", f"target (issue 13): p50 <= {TARGET_P50_MS:.0f} ms on ends with <= {100 * TARGET_CUT_IN:.0f}% "

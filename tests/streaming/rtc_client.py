@@ -76,6 +76,7 @@ class Received:
     pts: int  # media time in samples at the frame's rate
     rate: int
     peak: int
+    pcm: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int16))  # mono int16 at ``rate``
 
 
 @dataclass
@@ -178,7 +179,15 @@ async def _read(track: MediaStreamTrack, frames: list[Received]) -> None:
         while True:
             frame = await track.recv()
             pcm = frame.to_ndarray()
-            frames.append(Received(time.monotonic(), frame.pts, frame.sample_rate, int(np.abs(pcm).max())))
+            mono = pcm.reshape(-1, len(frame.layout.channels)).mean(axis=1).astype(np.int16) if pcm.size else pcm
+            frames.append(Received(time.monotonic(), frame.pts, frame.sample_rate, int(np.abs(pcm).max()), mono))
+
+
+def played(frames: list[Received], start: float, end: float) -> tuple[np.ndarray, int]:
+    """(the agent track's mono int16 audio that arrived between monotonic ``start`` and ``end``, its rate)."""
+    chosen = [f for f in frames if start <= f.at <= end]
+    rate = chosen[0].rate if chosen else RATE
+    return (np.concatenate([f.pcm for f in chosen]) if chosen else np.zeros(0, np.int16)), rate
 
 
 def types(events: list[dict]) -> list[str]:

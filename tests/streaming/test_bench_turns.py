@@ -53,6 +53,36 @@ def test_false_cut_ins_are_counted_per_hold() -> None:
     assert T.count_cuts(turn, [900]) == ([False, False], None)  # before the hold: not a cut-in at it
 
 
+def test_held_out_rules_are_chosen_without_the_recording_they_are_reported_on() -> None:
+    """Two recordings; a quick rule that cuts into a's hold and a slow one that never cuts. For b the
+    rule is chosen on a (the slow one); for a it is chosen on b, where the quick one looks clean, and
+    a's cut-in is then reported: the plain sweep's choice (the slow one, on all turns) would hide it."""
+    turns = [T.Turn(name, np.zeros(24000, np.int16), ((1000, 600),), speech_end_ms=3000) for name in ("a", "b")]
+    per_rule = {("server_vad", "500"): [([True], 3500), ([False], 3500)],
+                ("server_vad", "1000"): [([False], 4000), ([False], 4000)]}
+    rows = [T._rule_row("server_vad", int(rule), turns, results, [600]) for (_, rule), results in per_rule.items()]
+    assert T.at_budget(rows, None)["server_vad"]["rule"] == 1000
+    out = T.held_out(turns, rows, per_rule, [600])["server_vad"]
+    assert out["chosen"] == {"a": 500, "b": 1000}
+    assert out["false_cut_in"] == 0.5 and out["detect_ms"]["p50"] == 750
+
+
+def test_a_falling_threshold_ends_a_turn_on_a_later_lower_score() -> None:
+    from streaming.vad import VadConfig
+
+    cfg = VadConfig(end_threshold=0.98, end_threshold_slope=1.0, rescore_ms=100)
+    assert cfg.threshold_after(200) == cfg.threshold_after(100) == 0.98
+    assert cfg.threshold_after(300) == pytest.approx(1 / (1 + np.exp(1 - np.log(49))))
+    assert cfg.threshold_after(800) < cfg.threshold_after(400) < cfg.threshold_after(300)
+    with pytest.raises(ValueError, match="falling"):
+        VadConfig(end_threshold=1.0, end_threshold_slope=1.0)
+    assert [r for r, _ in T._rules("semantic_vad:slope", [], [0.98, 1.0], [800], [0.0, 2.0])] == [
+        {"threshold": 0.98, "silence_ms": 800}, {"threshold": 0.98, "silence_ms": 800, "slope": 2.0},
+        {"threshold": 1.0, "silence_ms": 800}]
+    with pytest.raises(BenchError, match="--families"):
+        T._rules("semantic_vad:nope", [], [0.9], [800])
+
+
 def test_wasted_patches_come_from_the_speculation_counters_or_are_absent() -> None:
     text = ("# TYPE mimo_speculative_wasted_patches_total counter\n"
             "mimo_speculative_wasted_patches_total 12.0\n"

@@ -157,6 +157,14 @@ def test_deferred_scores_give_the_inline_events_however_late_they_come(late, mod
     assert detector.waiting is None and len(detector.scores) >= 3
 
 
+def test_a_falling_threshold_ends_the_turn_at_the_rescore_that_reaches_it(model) -> None:
+    cfg = dataclass_replace(V.VadConfig.from_turn_detection(AUTO), rescore_ms=100, end_threshold_slope=2.0)
+    detector = V.TurnDetector(cfg)
+    detector.scorer = lambda audio: 0.9  # below 0.98 at 200 ms; 0.87 is needed at 300 ms
+    (stop,) = stops(detector.push(np.concatenate([EN_M, room_tone(EN_M, 3000)])))
+    assert stop.audio_end_ms - stop.speech_end_ms == 300 and [s for _, s in detector.scores] == [0.9, 0.9]
+
+
 def dataclass_replace(cfg: V.VadConfig, **changes) -> V.VadConfig:
     import dataclasses
 

@@ -98,3 +98,13 @@ def test_extra_sentences_join_the_vocabulary():
     """Words the domain's answers use beyond the lexicon (``thirty``) become recognisable."""
     assert "thirty" not in Recognizer().vocabulary
     assert "thirty" in Recognizer(extra_sentences=["twenty plus ten is thirty"]).vocabulary
+
+
+def test_phrase_recognizer_hears_one_of_its_phrases(tmp_path):
+    """Restricted to a closed set of answers it hears the nearest one, or nothing: never a
+    word outside the set."""
+    answers = Recognizer(phrases=["seven", "minus two", "Hello, how are you?", "garden", "eleven"])
+    assert answers.phrases == ("seven", "minus two", "hello how are you", "garden", "eleven")
+    assert answers.transcribe(speak(tmp_path, "flite:kal16", "Minus two.")) == "minus two"
+    assert answers.transcribe(speak(tmp_path, "flite:kal16", "Hello, how are you?")) == "hello how are you"
+    assert answers.transcribe(speak(tmp_path, "flite:kal16", "eleven")) == "eleven"
