@@ -467,8 +467,8 @@ PUBLISHED = ("config.json", "model.safetensors", "tokenizer.json", MANIFEST, LOS
 
 def publish_checkpoint(out: Path, link: Path, step: int) -> Path:
     """Copy the loadable files of ``out`` to ``<link>.d/step-N`` and point the symlink ``link`` at
-    it atomically, so a reader of ``link`` always finds a whole checkpoint; older copies but the
-    previous one are removed."""
+    it atomically, so a reader of ``link`` always finds a whole checkpoint; the copies other than
+    this one and the one ``link`` pointed at until now (a reader may be loading it) are removed."""
     store = link.parent / f"{link.name}.d"
     target = store / f"step-{step:06d}"
     tmp = store / f".tmp-{step:06d}"
@@ -476,6 +476,9 @@ def publish_checkpoint(out: Path, link: Path, step: int) -> Path:
     tmp.mkdir(parents=True)
     for name in PUBLISHED:
         shutil.copy2(out / name, tmp / name)
+    previous = link.resolve() if link.is_symlink() else None
+    if target.resolve() == previous:  # republished at the same step: switch through a fresh name
+        target = store / f"step-{step:06d}-{time.monotonic_ns()}"
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     new_link = link.parent / f".{link.name}.new"
@@ -483,8 +486,9 @@ def publish_checkpoint(out: Path, link: Path, step: int) -> Path:
         new_link.unlink()
     new_link.symlink_to(target.resolve())
     os.replace(new_link, link)
-    for old in sorted(store.glob("step-*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in store.glob("step-*"):
+        if old.resolve() not in (target.resolve(), previous):
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -21,12 +21,14 @@ from agent.lm.prompts import DEFAULT_SYSTEM_PROMPT, PromptBuilder
 from agent.train import dialogue
 from agent.train.data import HELD_OUT_VOICES
 from agent.train.lm import (
+    PUBLISHED,
     SequenceBuilder,
     backbone_hidden,
     embed_speech_patches,
     init_training_weights,
     lm_config,
     patch_decoder_logits,
+    publish_checkpoint,
     tokenizer_texts,
     train_tokenizer,
 )
@@ -56,6 +58,20 @@ def parts(corpus):
     lm = MiMoAudioLM(config)
     init_training_weights(lm, 0)
     return manifest, codes, builder, lm
+
+
+def test_publishing_keeps_the_link_on_a_whole_checkpoint(tmp_path):
+    out, link = tmp_path / "run", tmp_path / "current"
+    out.mkdir()
+    for name in PUBLISHED:
+        (out / name).write_text(name)
+    first = publish_checkpoint(out, link, 2712)
+    # a new run publishes lower steps to the same link: its copies replace the old run's
+    for step in (1136, 2000, 2000):
+        (out / "config.json").write_text(f"step {step}")
+        publish_checkpoint(out, link, step)
+        assert (link / "config.json").read_text() == f"step {step}"
+    assert not first.exists() and len(list((tmp_path / "current.d").iterdir())) == 2
 
 
 def test_answers_follow_the_domain_rules():
