@@ -122,13 +122,17 @@ class FusedLinear:
         return self.select(x, range(len(self.layers)))
 
     def select(self, x: torch.Tensor, which: Sequence[int]) -> list[torch.Tensor]:
-        """The outputs of layers ``which`` only: picked from the one matmul of them all when fused (a
-        few unused rows of weights cost less than a launch each), else those layers run alone."""
+        """The outputs of layers ``which`` only. Fused, one matmul over the weight rows of the layers
+        from the first to the last of ``which`` (a contiguous slice: the patch decoder's steps take
+        consecutive heads), else those layers run alone."""
         first = self.layers[0].weight
         if first.requires_grad or first is not self.views or torch.compiler.is_exporting():
             return [self.layers[i](x) for i in which]
-        outs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-        return [outs[i] for i in which]
+        lo, hi = min(which), max(which) + 1
+        start, end = sum(self.sizes[:lo]), sum(self.sizes[:hi])
+        bias = None if self.bias is None else self.bias[start:end]
+        outs = F.linear(x, self.weight[start:end], bias).split(self.sizes[lo:hi], dim=-1)
+        return [outs[i - lo] for i in which]
 
 
 class Attention(nn.Module):
