@@ -353,7 +353,10 @@ def save_checkpoint(
         t = value.detach().to("cpu")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        tensors[key] = t.contiguous()
+        t = t.contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view of a larger tensor (fused projections): safetensors stores whole storages
+        tensors[key] = t
     meta = {"format": "pt"}
     if max_shard_bytes is None:
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata=meta)

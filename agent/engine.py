@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -55,13 +56,13 @@ import numpy as np
 import torch
 
 from agent.conversation import ConversationRenderer, Item, Rendering, Role, common_prefix, speech_ms, truncate_patches
-from agent.lm.generation import ControlState, GenerationControls, Mode, mask_text_logits
-from agent.lm.graphs import DecodeGraphs
+from agent.lm.generation import ControlState, GenerationControls, Mode, text_bans
+from agent.lm.graphs import DecodeGraphs, sample_text
 from agent.lm.host import HostReader, to_device
 from agent.lm.kv_cache import KVCache
 from agent.lm.model import MiMoAudioLM
 from agent.lm.prompts import Prompt, PromptBuilder
-from agent.lm.sampling import ChannelSampling, SamplingBatch, SamplingParams, draw_uniform, sample
+from agent.lm.sampling import GREEDY, ChannelSampling, SamplingBatch, SamplingParams
 from agent.lm.tokenizer import TextTokenizer
 from agent.memory import plan_memory
 from agent.transcriber import Transcriber, TranscriptionDelta, TranscriptionDone, TranscriptionFailed
@@ -137,7 +138,7 @@ class EngineConfig:
     # weights (or in memory_limit_bytes when given); memory_check False starts anyway
     memory_limit_bytes: int | None = None
     memory_check: bool = True
-    compile: bool = False  # the patch decoder's step through torch.compile (inductor); see CompiledLocalStep
+    compile: bool = False  # a tick's regions through torch.compile (inductor); see agent.lm.compiled
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,12 @@ class Engine:
                                        compile=self.config.compile)
         self.decode_step = decode_step or (self.graphs.decode_step if self.graphs else lm.decode_step)
         self.embed_patches = embed_patches or lm.embed_patches
+        # the patch encoder and the backbone step as one region (one graph, one compiled function)
+        # unless either is replaced
+        self.step_patches = (self.graphs.step_patches if self.graphs and decode_step is None and embed_patches is None
+                             else lambda cache, slots, *patches: self.decode_step(cache, slots,
+                                                                                  self.embed_patches(*patches)))
+        self.sample_text = self.graphs.sample_text if self.graphs else functools.partial(sample_text, lm)
         self.transcriber = Transcriber(lm, tokenizer, self.builder, max_positions=self.config.transcription_positions)
         self.decode_patch = decode_patch or (self.graphs.decode_patch if self.graphs else lm.decode_patch)
         self._metrics = metrics
@@ -1360,13 +1367,10 @@ class Engine:
         text tokens, which decide which rows speak, and the speech rows' codes, which the codec and
         the session's history need. Everything else stays queued on the device."""
         hidden = self._backbone(ready)
-        logits = mask_text_logits(self.lm.text_logits(hidden), [s.response.controls for s in ready],
-                                  self.specials.empty)
+        banned = text_bans([s.response.controls for s in ready], (len(ready), self.lm.config.vocab_size),
+                           self.specials.empty, self.device)
         text_params = SamplingBatch.from_params([s.response.text_params for s in ready], self.device)
-        uniform = None
-        if not text_params.all_greedy:
-            uniform = draw_uniform([s.text_generator for s in ready], len(ready), (), self.device)
-        tokens_device = sample(logits, text_params, uniform)  # (B,)
+        tokens_device = self.sample_text(hidden, banned, text_params, [s.text_generator for s in ready])  # (B,)
         tokens = self.host.read(tokens_device)[0].tolist()  # a host array's values
         speech_rows = [i for i, tok in enumerate(tokens) if tok == self.specials.empty]
         codes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (host codes, device codes)
@@ -1403,8 +1407,7 @@ class Engine:
                 else:
                     text_ids.append(r.feed.text_ids.to(self.device, non_blocking=True))
                     codes.append(r.feed.codes.to(self.device, non_blocking=True))
-            h = self.decode_step(self.cache, [s.slot for s in feed],
-                                 self.embed_patches(torch.stack(text_ids), torch.stack(codes).long()))
+            h = self.step_patches(self.cache, [s.slot for s in feed], torch.stack(text_ids), torch.stack(codes).long())
             for b, s in enumerate(feed):
                 out[s.sid] = h[b]
         for s in ready:
@@ -1544,27 +1547,27 @@ class Engine:
                 log.exception("metrics callback failed")
 
     # -------------------------------------------------------------------------------- warmup
-    def warmup(self, speech_sampling: Sequence[SamplingParams] = ()) -> float:
+    def warmup(self, speech_sampling: Sequence[SamplingParams] = (),
+               text_sampling: Sequence[SamplingParams] = ()) -> float:
         """Run every model path once (before :meth:`start`), and capture the CUDA graphs (the patch
-        decoder's for greedy and for ``speech_sampling``, the sessions' default); return the seconds
-        it took."""
+        decoder's and the text head's for greedy and for ``speech_sampling`` / ``text_sampling``, the
+        sessions' defaults); return the seconds it took."""
         t = time.perf_counter()
         with torch.inference_mode():
             slot = 0
             prompt = self.builder.text("<|im_start|>user\n") + self.builder.audio(
                 self._encode([np.zeros(SAMPLE_RATE // 2, dtype=np.float32)])[0])
             h = self.lm.prefill(self.cache, slot, self.embed_patches(*prompt.batch(self.device)))
-            self.lm.text_logits(h)
+            self.sample_text(h, None, SamplingBatch.from_params([GREEDY], self.device), None)
             codes = self.decode_patch(h, None, None).cpu()
-            emb = self.embed_patches(torch.tensor([[self.specials.empty]], device=self.device),
-                                     codes.unsqueeze(1).to(self.device))
-            self.decode_step(self.cache, [slot], emb)
+            self.step_patches(self.cache, [slot], torch.tensor([[self.specials.empty]], device=self.device),
+                              codes.unsqueeze(1).to(self.device))
             stream = self.codec.new_decode_stream()
             self.codec.decode_streams([(stream, codes[0])])
             self.codec.finish_stream(stream)
             self.cache.reset(slot)
             if self.graphs is not None:
-                seconds = self.graphs.capture_all(speech_sampling)
+                seconds = self.graphs.capture_all(speech_sampling, text_sampling)
                 if self.graphs.capture:
                     log.info("captured %d CUDA graphs in %.1f s", self.graphs.captures, seconds)
         return time.perf_counter() - t

@@ -73,8 +73,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--ignore-memory-plan", action="store_true",
                    help="start even when --max-sessions does not fit the memory plan (printed at start)")
     e.add_argument("--compile", action="store_true",
-                   help="run the patch decoder's step through torch.compile (inductor: fused kernels; needs a C++ "
-                        "compiler on a CPU, Triton on CUDA; compiles at start, or on first use with --no-warmup)")
+                   help="run a decoding tick (patch encoder and backbone step, text head and sampler, patch "
+                        "decoder) through torch.compile (inductor: fused kernels; needs a C++ compiler on a CPU, "
+                        "Triton on CUDA; compiles at start, or on first use with --no-warmup)")
     e.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the decode step and the patch decoder as CUDA graphs, captured at "
                         "start (default on; ignored on a CPU)")
@@ -174,7 +175,7 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
     rt.info["cuda_graphs"] = engine.graphs is not None and engine.graphs.capture
     rt.info["memory"] = memory_summary(engine.memory)
     if not args.no_warmup:
-        rt.info["warmup_s"] = round(engine.warmup(default_speech_sampling()), 3)
+        rt.info["warmup_s"] = round(engine.warmup(**default_sampling()), 3)
     engine.start()
     interleave = args.interleave or (PRESET_INTERLEAVE if rt.preset else None)
     defaults: dict = {"mimo": {"interleave": None if interleave in (None, "off") else interleave}}
@@ -212,12 +213,14 @@ def describe_memory(m: dict[str, Any]) -> str:
             f"({m['fitting_sessions']} sessions would fit)")
 
 
-def default_speech_sampling() -> list[Any]:
-    """The speech sampler of a session that changes nothing (its CUDA graph is captured at start)."""
+def default_sampling() -> dict[str, list[Any]]:
+    """The speech and text samplers of a session that changes nothing (their CUDA graphs are
+    captured at start): :meth:`agent.engine.Engine.warmup`'s keyword arguments."""
     from streaming.config import default_session_config
     from streaming.pipeline import model_sampling
 
-    return [model_sampling(default_session_config().mimo.sampling.speech)]
+    sampling = default_session_config().mimo.sampling
+    return {"speech_sampling": [model_sampling(sampling.speech)], "text_sampling": [model_sampling(sampling.text)]}
 
 
 def codec_schedule_factory(codec: Any) -> Any:

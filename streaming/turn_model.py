@@ -206,9 +206,6 @@ class TurnScorer:
         """P(the speaker has finished) of ``audio16k`` (float, 16 kHz), later."""
         return self._pool.submit(lambda: shared_model(self.path).probability(audio16k))
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 @functools.cache
 def default_scorer() -> TurnScorer:

@@ -20,6 +20,7 @@ import argparse
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", action="store_true", help="with --kernels: print the counts as JSON")
     parser.add_argument(
         "--compile", action="store_true",
-        help="with --kernels: also count the patch decoder's step compiled by torch.compile (inductor: the "
-        "launches in its generated code; compiles each model, a minute or more per compile on a CPU)",
+        help="with --kernels: also count the engine's --compile path (torch.compile, inductor: each compiled "
+        "region counts the launches in its generated code; the 7B widths compile three builds, minutes on a CPU)",
     )
 
 
@@ -186,19 +187,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kernel_row(label: str, lm: MiMoAudioLM, full_depth: dict[str, int] | None, built: int | None,
-                step: tuple[int, int] | None = None) -> dict:
-    """A row of the table; ``step``: (eager, compiled) kernels of one patch-decoder step at full
-    depth, for the speech patch with the step compiled."""
+def _kernel_row(label: str, lm: MiMoAudioLM, full_depth: dict[str, int] | None, built: int | None) -> dict:
+    """A row of the table: eager counts of ``lm``, its stacks scaled to ``full_depth``."""
     from agent.lm.kernels import patch_kernels
 
     text, speech = patch_kernels(lm, full_depth)
     depth = full_depth or {"model": lm.config.num_hidden_layers, "local_transformer": lm.config.local_layers}
-    compiled = {}
-    if step is not None:
-        compiled = {"patch_decoder_step_eager": step[0], "patch_decoder_step_compiled": step[1],
-                    "kernels_per_speech_patch_compiled": speech.total - lm.config.local_steps * (step[0] - step[1])}
-    return {**compiled,
+    return {
         "model": label,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
@@ -213,17 +208,55 @@ def _kernel_row(label: str, lm: MiMoAudioLM, full_depth: dict[str, int] | None, 
     }
 
 
-def _kernel_row_7b(layers: int, device: torch.device, compile: bool = False) -> dict:
-    """The real 7B widths, ``layers`` deep per stack, counted and scaled to full depth, in bf16 (the
-    real model's serving dtype, on a CPU too, so the casts it runs are counted). With ``compile``
-    the patch decoder's step is compiled at 1 and 2 layers and its launches extrapolated per layer."""
+def _compiled_counts(lm: MiMoAudioLM) -> dict:
+    """``--compile``: kernels of a text and a speech patch on the engine's compiled path: per region
+    (the launches of inductor's code) and outside them (eager work between regions)."""
+    from agent.lm.kernels import patch_kernels
+
+    text, speech = patch_kernels(lm, compile=True)
+    return {"kernels_per_text_patch": text.total, "kernels_per_speech_patch": speech.total,
+            "regions_speech": dict(speech.regions), "outside_regions_text": text.other,
+            "outside_regions_speech": speech.other}
+
+
+def _compiled_7b(build: Callable[[dict[str, int]], tuple[MiMoAudioLM, dict[str, int]]]) -> dict:
+    """The compiled counts at the 7B widths, from builds one layer deep and two layers deep in one
+    stack at a time: a compiled region runs every layer of its stacks with the same code, so its
+    launches grow by a fixed number per layer; each region is extrapolated to the full depths."""
+    one = {"model": 1, "local_transformer": 1, "input_local_transformer": 1}
+    lm, full = build(one)
+    base = _compiled_counts(lm)
+    del lm
+    per_layer = {}
+    for stacks, region in ((("model",), "step"), (("local_transformer", "input_local_transformer"), None)):
+        deeper = {**one, **dict.fromkeys(stacks, 2)}
+        counts = _compiled_counts(build(deeper)[0])["regions_speech"]
+        if region == "step":
+            per_layer["model"] = counts["step"] - base["regions_speech"]["step"]
+        else:  # the patch encoder is in the step region, the patch decoder is its own
+            per_layer["input_local_transformer"] = counts["step"] - base["regions_speech"]["step"]
+            per_layer["local_transformer"] = counts["patch"] - base["regions_speech"]["patch"]
+    regions = dict(base["regions_speech"])
+    regions["step"] += per_layer["model"] * (full["model"] - 1) + per_layer["input_local_transformer"] * (
+        full["input_local_transformer"] - 1)
+    regions["patch"] += per_layer["local_transformer"] * (full["local_transformer"] - 1)
+    text = base["outside_regions_text"] + regions["step"] + regions["text"]
+    return {"kernels_per_text_patch": text,
+            "kernels_per_speech_patch": base["outside_regions_speech"] + sum(regions.values()),
+            "regions_speech": regions, "outside_regions_text": base["outside_regions_text"],
+            "outside_regions_speech": base["outside_regions_speech"], "per_layer": per_layer}
+
+
+def _build_7b(device: torch.device) -> Callable[[int | dict[str, int]], tuple[MiMoAudioLM, dict[str, int]]]:
+    """A builder of the real 7B widths, each stack as deep as asked, in bf16 (the real model's
+    serving dtype, on a CPU too, so the casts it runs are counted), and the stacks' full depths."""
     from agent.lm.config import preset
-    from agent.lm.kernels import local_step_kernels, shallow
+    from agent.lm.kernels import shallow
     from agent.lm.model import empty_model
 
     big = preset("mimo-audio-7b")
 
-    def build(depth: int) -> tuple[MiMoAudioLM, dict[str, int]]:
+    def build(depth: int | dict[str, int]) -> tuple[MiMoAudioLM, dict[str, int]]:
         config, full = shallow(big.config, depth)
         lm = empty_model(config, torch.bfloat16, device)
         with torch.no_grad():  # the count does not depend on the values: zeros are quicker than random
@@ -231,13 +264,7 @@ def _kernel_row_7b(layers: int, device: torch.device, compile: bool = False) -> 
                 p.zero_()
         return lm, full
 
-    lm, full = build(layers)
-    step = None
-    if compile:
-        one, two = local_step_kernels(build(1)[0]), local_step_kernels(build(2)[0])
-        depth = full["local_transformer"]
-        step = tuple(a + (b - a) * (depth - 1) for a, b in zip(one, two, strict=True))
-    return _kernel_row("mimo-audio-7b widths", lm, full, layers, step)
+    return build
 
 
 def _bench_model(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str, MiMoAudioLM]:
@@ -257,15 +284,17 @@ def run_kernels(args: argparse.Namespace) -> int:
 
     device, _, name, lm = _bench_model(args)
     compile = getattr(args, "compile", False)
+    rows = [_kernel_row(name, lm, None, None)]
     if compile:
-        from agent.lm.kernels import local_step_kernels
-
-        rows = [_kernel_row(name, lm, None, None, local_step_kernels(lm))]
-    else:
-        rows = [_kernel_row(name, lm, None, None)]
+        rows[0]["compiled"] = _compiled_counts(lm)
     del lm
     if args.kernel_layers > 0:
-        rows.append(_kernel_row_7b(args.kernel_layers, device, compile))
+        build = _build_7b(device)
+        lm, full = build(args.kernel_layers)
+        rows.append(_kernel_row("mimo-audio-7b widths", lm, full, args.kernel_layers))
+        del lm
+        if compile:
+            rows[1]["compiled"] = _compiled_7b(build)
     if args.json:
         print(json.dumps({**rows[0], "scaled_7b": rows[1] if len(rows) > 1 else None}, indent=2))
         return 0
@@ -280,11 +309,15 @@ def run_kernels(args: argparse.Namespace) -> int:
               f"{r['outside_layers_speech']} |")
     if compile:
         print()
-        print("| model | patch decoder step, eager | compiled | per speech patch, step compiled |")
-        print("|---|---|---|---|")
+        print("--compile (inductor; a compiled region's launches counted in its generated code):")
+        print("| model | per text patch | per speech patch | encoder + backbone step | text head + sampler "
+              "| patch decoder | outside the regions |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['model']} | {r['patch_decoder_step_eager']} | {r['patch_decoder_step_compiled']} | "
-                  f"{r['kernels_per_speech_patch_compiled']} |")
+            c = r["compiled"]
+            regions = c["regions_speech"]
+            print(f"| {r['model']} | {c['kernels_per_text_patch']} | {c['kernels_per_speech_patch']} | "
+                  f"{regions['step']} | {regions['text']} | {regions['patch']} | {c['outside_regions_speech']} |")
     print()
     for r in rows:
         print(f"{r['model']}: most launched in a speech patch: "

@@ -155,14 +155,20 @@ class ControlState:
 
 def mask_text_logits(logits: torch.Tensor, states: Sequence[ControlState], empty_id: int) -> torch.Tensor:
     """Apply each row's controls to a batch of text logits (B, V): banned tokens become -inf."""
-    B, V = logits.shape
+    banned = text_bans(states, logits.shape, empty_id, logits.device)
+    return logits if banned is None else logits.masked_fill(banned, float("-inf"))
+
+
+def text_bans(states: Sequence[ControlState], shape: tuple[int, int], empty_id: int, device: torch.device
+              ) -> torch.Tensor | None:
+    """The text tokens each row's controls forbid, a bool (B, V) mask; None when no row bans any."""
+    B, V = shape
     if len(states) != B:
         raise ValueError(f"{len(states)} control states for {B} rows of logits")
     kinds = [s.kind() for s in states]
     ban_stops = [s.stops_banned() for s in states]
     if all(k is PatchKind.ANY for k in kinds) and not any(ban_stops):
-        return logits
-    device = logits.device
+        return None
     rows = [b for b, s in enumerate(states) for _ in s.controls.stop_ids]
     cols = [i for s in states for i in s.controls.stop_ids]
     stops = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -176,5 +182,4 @@ def mask_text_logits(logits: torch.Tensor, states: Sequence[ControlState], empty
         torch.bool,
     )  # (B, 3)
     speech, text, ban = flags[:, 0:1], flags[:, 1:2], flags[:, 2:3]
-    banned = (speech & ~(empty | stops)) | (text & empty) | (ban & stops)
-    return logits.masked_fill(banned, float("-inf"))
+    return (speech & ~(empty | stops)) | (text & empty) | (ban & stops)

@@ -21,16 +21,18 @@ without 7B of weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from agent.lm.config import MiMoAudioConfig
-from agent.lm.sampling import SamplingBatch, draw_uniform, sample, task_sampling
+from agent.lm.sampling import SamplingBatch, task_sampling
 
 # stacks of the model, by attribute name, and their depth field in the config
 STACKS = {"model": "num_hidden_layers", "local_transformer": "local_layers",
@@ -47,6 +49,7 @@ class _Counter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.regions: Counter[str] = Counter()
         self.ops: Counter[str] = Counter()
         self.where = "other"
 
@@ -67,42 +70,72 @@ class _Counter(TorchDispatchMode):
 
 @dataclass
 class KernelCount:
-    """Kernels of one call: outside any layer, and per stack (already scaled to full depth)."""
+    """Kernels of one call: outside any layer, per stack (already scaled to full depth), and per
+    compiled region (:class:`agent.lm.compiled.Compiled`; the launches of its generated code)."""
 
     other: int
     stacks: dict[str, float]
     ops: Counter[str]
+    regions: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return round(self.other + sum(self.stacks.values()))
+        return round(self.other + sum(self.stacks.values()) + sum(self.regions.values()))
 
 
-def count_kernels(lm: torch.nn.Module, fn: Callable[[], object], full_depth: dict[str, int] | None = None
-                  ) -> KernelCount:
-    """Kernels launched by ``fn()``; each stack's share scaled from its built depth to ``full_depth``."""
+@contextmanager
+def _counting_compiled(counter: _Counter) -> Iterator[None]:
+    """Each call of inductor's compiled code adds the launches of its ``call`` wrapper to the region
+    running it (the dispatch mode steps aside there: :class:`agent.lm.compiled.Compiled`)."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    from agent.lm.compiled import Compiled
+
+    original = CompiledFxGraph.__call__
+    launches: dict[int, int] = {}
+
+    def call(graph, inputs):
+        n = launches.setdefault(id(graph), compiled_launches([graph.source_code]))
+        counter.regions[Compiled.active or "compiled"] += n
+        counter.ops["compiled"] += n
+        return original(graph, inputs)
+
+    CompiledFxGraph.__call__ = call
+    try:
+        yield
+    finally:
+        CompiledFxGraph.__call__ = original
+
+
+def count_kernels(lm: torch.nn.Module, fn: Callable[[], object], full_depth: dict[str, int] | None = None, *,
+                  per_layer: bool = True) -> KernelCount:
+    """Kernels launched by ``fn()``; each stack's share scaled from its built depth to ``full_depth``.
+    Compiled regions are counted whole (their generated code runs every layer: no per-stack share);
+    ``per_layer`` False counts without the layer hooks that attribute eager kernels to stacks (a
+    compiled region must not see hooks it was not compiled with)."""
     stacks = {name: getattr(lm, name) for name in STACKS}
     full_depth = full_depth or {name: len(stack.layers) for name, stack in stacks.items()}
-    if lm.device.type == "cuda":
-        return _count_cuda(lm, fn, stacks, full_depth)
+    if lm.device.type == "cuda":  # the profiler's kernels: compiled code's included, no hooks in a compiled region
+        return _count_cuda(lm, fn, stacks if per_layer else {}, full_depth)
     counter = _Counter()
     hooks = []
-    for name, stack in stacks.items():
+    for name, stack in stacks.items() if per_layer else ():
         for layer in stack.layers:
             hooks.append(layer.register_forward_pre_hook(lambda *_, n=name: setattr(counter, "where", n)))
             hooks.append(layer.register_forward_hook(lambda *_: setattr(counter, "where", "other")))
     try:
-        with counter:
+        with _counting_compiled(counter), counter:
             fn()
     finally:
         for h in hooks:
             h.remove()
     scaled = {n: counter.counts[n] * full_depth[n] / len(s.layers) for n, s in stacks.items()}
-    return KernelCount(counter.counts["other"], scaled, counter.ops)
+    return KernelCount(counter.counts["other"], scaled, counter.ops, dict(counter.regions))
 
 
 def _count_cuda(lm, fn, stacks, full_depth) -> KernelCount:  # pragma: no cover - needs a GPU
-    """The profiler's CUDA kernels of ``fn()``, attributed through a record_function range per layer."""
+    """The profiler's CUDA kernels of ``fn()``, attributed through a record_function range per layer
+    (eager) or per compiled region."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     hooks, ranges = [], {}
@@ -131,29 +164,42 @@ def _count_cuda(lm, fn, stacks, full_depth) -> KernelCount:  # pragma: no cover 
 
     total = sum(len(e.kernels) for e in events)
     per_stack: Counter[str] = Counter()
+    regions: Counter[str] = Counter()
     ops: Counter[str] = Counter()
     for e in events:
         if e.name.startswith("layer:"):
             per_stack[e.name[len("layer:"):]] += kernels(e)
+        if e.name.startswith("region:"):  # a compiled region (agent.lm.compiled.Compiled)
+            regions[e.name[len("region:"):]] += kernels(e)
         if e.kernels:
             ops[e.name] += len(e.kernels)
-    other = total - sum(per_stack.values())
+    other = total - sum(per_stack.values()) - sum(regions.values())
     scaled = {n: per_stack[n] * full_depth[n] / len(s.layers) for n, s in stacks.items()}
-    return KernelCount(other, scaled, ops)
+    return KernelCount(other, scaled, ops, dict(regions))
 
 
-def shallow(config: MiMoAudioConfig, layers: int) -> tuple[MiMoAudioConfig, dict[str, int]]:
-    """``config`` with every stack ``layers`` deep, and the stacks' full depths."""
+def shallow(config: MiMoAudioConfig, layers: int | dict[str, int]) -> tuple[MiMoAudioConfig, dict[str, int]]:
+    """``config`` with every stack ``layers`` deep (or each as deep as ``layers[name]``), and the
+    stacks' full depths."""
     full = {name: getattr(config, field) for name, field in STACKS.items()}
-    return dataclasses.replace(config, **{field: min(layers, full[n]) for n, field in STACKS.items()}), full
+    depth = layers if isinstance(layers, dict) else dict.fromkeys(STACKS, layers)
+    return dataclasses.replace(config, **{field: min(depth[n], full[n]) for n, field in STACKS.items()}), full
 
 
-def patch_kernels(lm, full_depth: dict[str, int] | None = None, batch: int = 1, context: int = 64
-                  ) -> tuple[KernelCount, KernelCount]:
+def patch_kernels(lm, full_depth: dict[str, int] | None = None, batch: int = 1, context: int = 64, *,
+                  compile: bool = False) -> tuple[KernelCount, KernelCount]:
     """(text patch, speech patch) kernel counts of ``batch`` sessions at ``context`` positions, with
-    the spoken-dialogue sampling settings (text and speech sampled, top-p)."""
+    the spoken-dialogue sampling settings (text and speech sampled, top-p), as the engine runs a
+    tick: the patch encoder and the backbone step, the text head and sampler, the patch decoder.
+
+    Eager, the model's own functions run (the engine without graphs); with ``compile`` the engine's
+    ``--compile`` path, :class:`agent.lm.graphs.DecodeGraphs` with its regions compiled (compiled
+    on the first, uncounted, run). Compiled regions are not split by stack, so ``full_depth`` only
+    scales the eager count."""
+    from agent.lm.graphs import DecodeGraphs, sample_text
+
     cfg, device = lm.config, lm.device
-    cache = lm.allocate_cache(batch, context + 4)
+    cache = lm.allocate_cache(batch + 1, context + 4)  # + the graphs' scratch slot
     gen = torch.Generator(device=device).manual_seed(0)
     lm.prefill(cache, 0, torch.randn(1, context, cfg.hidden_size, generator=gen, device=device).to(lm.dtype))
     for slot in range(1, batch):
@@ -165,16 +211,26 @@ def patch_kernels(lm, full_depth: dict[str, int] | None = None, batch: int = 1, 
     text_params = SamplingBatch.from_params([sampling.text] * batch, device)
     speech_params = SamplingBatch.from_params([sampling.speech] * batch, device)
     gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+    if compile:
+        graphs = DecodeGraphs(lm, cache, max_batch=batch, scratch_slot=batch, capture=False, compile=True)
+        step, text_tokens, decode_patch = graphs.step_patches, graphs.sample_text, graphs.decode_patch
+    else:
+        def step(cache, slots, text, codes):
+            return lm.decode_step(cache, slots, lm.embed_patches(text, codes))
+
+        text_tokens, decode_patch = functools.partial(sample_text, lm), lm.decode_patch
 
     def backbone():
-        h = lm.decode_step(cache, slots, lm.embed_patches(text, codes))
-        sample(lm.text_logits(h), text_params, draw_uniform(gens, batch, (), device))
+        h = step(cache, slots, text, codes)
+        text_tokens(h, None, text_params, gens)
         return h
 
-    h = backbone()  # warm: lazy tables and caches are built outside the count
-    lm.decode_patch(h, speech_params, gens)
-    text_count = count_kernels(lm, backbone, full_depth)
-    speech_count = count_kernels(lm, lambda: lm.decode_patch(backbone(), speech_params, gens), full_depth)
+    with torch.inference_mode():
+        h = backbone()  # warm: lazy tables and caches (and compiled code) are built outside the count
+        decode_patch(h, speech_params, gens)
+        text_count = count_kernels(lm, backbone, full_depth, per_layer=not compile)
+        speech_count = count_kernels(lm, lambda: decode_patch(backbone(), speech_params, gens), full_depth,
+                                     per_layer=not compile)
     return text_count, speech_count
 
 
@@ -187,23 +243,3 @@ _LAUNCH = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kern
 def compiled_launches(sources: list[str]) -> int:
     """Kernel launches per call of inductor's generated code (the ``call`` wrapper's launch lines)."""
     return sum(len(_LAUNCH.findall(src[src.find("def call("):])) for src in sources if "def call(" in src)
-
-
-def local_step_kernels(lm: torch.nn.Module, batch: int = 1) -> tuple[int, int]:
-    """(eager, compiled) kernels of one patch-decoder step of ``lm`` as built: eager counted as
-    :func:`count_kernels` does, compiled from the launches in the code inductor generates for
-    :class:`agent.lm.patch_decoder.CompiledLocalStep`'s function (compiled afresh here)."""
-    from torch._inductor.utils import run_and_get_code
-
-    from agent.lm import patch_decoder
-
-    x = torch.zeros(batch, 1, lm.local_transformer.cfg.hidden_size, device=lm.device, dtype=lm.dtype)
-    k, v = patch_decoder.new_local_cache(lm, batch)
-    with torch.inference_mode():
-        patch_decoder.local_step(lm, x, 5, k, v)  # warm the tables
-        eager = count_kernels(lm, lambda: patch_decoder.local_step(lm, x, 5, k, v)).total
-        torch._dynamo.reset()
-        fn = torch.compile(patch_decoder.local_step, fullgraph=True, dynamic=True)
-        index = patch_decoder.StepTables.of(lm, lm.device, lm.dtype).index[5]
-        _, sources = run_and_get_code(fn, lm, x, index, k, v)
-    return eager, compiled_launches(sources)

@@ -26,7 +26,7 @@ from agent.lm.host import to_device
 from agent.lm.kv_cache import KVCache
 from agent.lm.sampling import SamplingBatch, SamplingParams
 from agent.lm.tokenizer import TextTokenizer
-from agent.lm.transformer import TransformerStack, attend, attention_bias
+from agent.lm.transformer import FusedLinear, TransformerStack, attend, attention_bias
 
 
 class MiMoAudioLM(nn.Module):
@@ -56,8 +56,15 @@ class MiMoAudioLM(nn.Module):
         self.local_transformer_lm_heads = nn.ModuleList(
             nn.Linear(local.hidden_size, size, bias=False) for size in config.speech_vocab_sizes
         )
+        # the 8 heads as one matmul per step (views of one weight, see FusedLinear)
+        self.speech_heads = FusedLinear(*self.local_transformer_lm_heads)
         self.schedule = patch_decoder.DelaySchedule(config)
         self.requires_grad_(False)  # an inference model: weights are never trained here
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.speech_heads.refuse()  # a dtype or device move copies each head on its own
+        return out
 
     # ------------------------------------------------------------------------------ properties
     @property

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from agent.lm.config import MiMoAudioConfig
-from agent.lm.sampling import SamplingBatch, SamplingParams, draw_uniform, sample
+from agent.lm.sampling import SamplingBatch, SamplingParams, draw_uniform, sample_tokens
 from agent.lm.transformer import attend, attention_bias
 
 if TYPE_CHECKING:
@@ -113,6 +113,17 @@ class StepTables:
         return cache[key]
 
 
+def warm_tables(lm: MiMoAudioLM, device: torch.device) -> None:
+    """Build every table the model's steps read (rotary rows, step tables, banned ids) on ``device``:
+    a compiled or traced step reads them as inputs and must never create (and cache) them."""
+    for stack in (lm.model, lm.local_transformer, lm.input_local_transformer):
+        stack.rope.get(device)
+    StepTables.of(lm, device, lm.dtype)
+    for t, groups in enumerate(lm.schedule.groups):
+        for i in range(len(groups)):
+            lm.schedule.banned(t, i, device)
+
+
 def local_step(
     lm: MiMoAudioLM, x: torch.Tensor, step: int | torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,52 +148,35 @@ def local_step(
     return lm.local_transformer.run(x, cos, sin, attention)[:, 0], k_cache, v_cache
 
 
-class CompiledLocalStep:
-    """:func:`local_step` under ``torch.compile`` (inductor): a layer's norms, rotary, attention
-    and MLP fused into a few kernels (gpt-fast's approach). The step goes in as a tensor (a row of
-    :class:`StepTables`), so the 11 steps share one compiled graph, and the batch is symbolic, so
-    every batch bucket shares it too; the caches are updated in place as in eager. One compiled
-    function per process (compiled on first use for each model), shared by every engine."""
-
-    _fn: Callable | None = None
-
-    def __call__(self, lm: MiMoAudioLM, x: torch.Tensor, step: int, k_cache: torch.Tensor, v_cache: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if CompiledLocalStep._fn is None:
-            CompiledLocalStep._fn = torch.compile(local_step, fullgraph=True, dynamic=True)
-        index = StepTables.of(lm, x.device, x.dtype).index[step]  # a 0-d device tensor
-        return CompiledLocalStep._fn(lm, x, index, k_cache, v_cache)
-
-
-#: the signature of :func:`local_step` (or a :class:`CompiledLocalStep`)
-StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def group_logits(lm: MiMoAudioLM, hidden: torch.Tensor, group: StepGroup) -> torch.Tensor:
-    """The heads of a step group's channels: hidden (B, D) -> logits (B, n, V)."""
-    return torch.stack([lm.local_transformer_lm_heads[c](hidden) for c in group.channels], dim=1)
+def step_logits(lm: MiMoAudioLM, hidden: torch.Tensor, t: int) -> list[torch.Tensor]:
+    """The logits of each group step ``t`` samples: hidden (B, D) -> [(B, n, V) per group]. The
+    heads run as one matmul (:attr:`MiMoAudioLM.speech_heads`), or the step's heads alone where
+    they are not fused (the exported graphs)."""
+    groups = lm.schedule.groups[t]
+    channels = [c for g in groups for c in g.channels]
+    logits = dict(zip(channels, lm.speech_heads.select(hidden, channels), strict=True))
+    return [torch.stack([logits[c] for c in g.channels], dim=1) for g in groups]
 
 
 #: (step, group index, group, logits (B, n, V), its draws (B, n) or None) -> tokens (B, n) int64.
 GroupSampler = Callable[[int, int, StepGroup, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def run_patch(lm: MiMoAudioLM, h: torch.Tensor, sampler: GroupSampler, uniform: torch.Tensor | None,
-              step: StepFn = local_step) -> torch.Tensor:
-    """The patch-decoder loop, shared by :func:`decode_patch`, its CUDA graph and the exported
-    ``patch_decoder`` graph (which differ only in how ``sampler`` reads the settings): h (B, hidden)
-    -> codes (B, group, channels). ``uniform`` (B, codes per patch) or None (greedy)."""
+def run_patch(lm: MiMoAudioLM, h: torch.Tensor, sampler: GroupSampler, uniform: torch.Tensor | None) -> torch.Tensor:
+    """The patch-decoder loop, shared by :func:`decode_patch`, its compiled and CUDA-graph forms and
+    the exported ``patch_decoder`` graph (which differ only in how ``sampler`` reads the settings):
+    h (B, hidden) -> codes (B, group, channels). ``uniform`` (B, codes per patch) or None (greedy)."""
     B, _ = h.shape
     sched = lm.schedule
     k_cache, v_cache = new_local_cache(lm, B)
     tokens_at: dict[tuple[int, int], torch.Tensor] = {}  # (frame, channel) -> (B,)
     x = lm.hidden_states_downcast(h).unsqueeze(1)  # (B, 1, D)
     for t in range(sched.steps):
-        hidden, k_cache, v_cache = step(lm, x, t, k_cache, v_cache)
+        hidden, k_cache, v_cache = local_step(lm, x, t, k_cache, v_cache)
         x = None
-        for i, g in enumerate(sched.groups[t]):
+        for i, (g, logits) in enumerate(zip(sched.groups[t], step_logits(lm, hidden, t), strict=True)):
             noise = None if uniform is None else uniform[:, g.offset : g.offset + len(g.channels)]
-            tokens = sampler(t, i, g, group_logits(lm, hidden, g), noise)  # (B, n)
+            tokens = sampler(t, i, g, logits, noise)  # (B, n)
             for j, (c, f) in enumerate(zip(g.channels, g.frames, strict=True)):
                 tokens_at[(f, c)] = tokens[:, j]
                 emb = lm.speech_embeddings[c](tokens[:, j])
@@ -199,22 +193,27 @@ def decode_patch(
     h: torch.Tensor,
     speech_sampling: SamplingBatch | SamplingParams | Sequence[SamplingParams] | None,
     generators: Sequence[torch.Generator | None] | None,
-    uniform: torch.Tensor | None = None,
-    step: StepFn = local_step,
 ) -> torch.Tensor:
-    """Backbone hidden states (B, hidden) -> codes (B, group, channels), int64.
-
-    ``uniform`` (B, 32): the draws, when the caller made them from the rows' generators already
-    (a CUDA graph replays with its noise copied in); otherwise they are drawn here. ``step``: the
-    patch decoder's position step (a :class:`CompiledLocalStep` with ``--compile``)."""
+    """Backbone hidden states (B, hidden) -> codes (B, group, channels), int64."""
     B, _ = h.shape
-    sched = lm.schedule
     params = SamplingBatch.coerce(speech_sampling, B, h.device)
     # one uniform number per code to draw, the whole patch at once: (B, 32)
-    if uniform is None and not params.all_greedy:
-        uniform = draw_uniform(generators, B, (sched.num_codes,), h.device)
+    uniform = None if params.all_greedy else draw_uniform(generators, B, (lm.schedule.num_codes,), h.device)
+    return sampled_patch(lm, h, uniform, *params.tensors(), **params.flags())
+
+
+def sampled_patch(lm: MiMoAudioLM, h: torch.Tensor, uniform: torch.Tensor | None, temperature: torch.Tensor,
+                  top_k: torch.Tensor, top_p: torch.Tensor, greedy: torch.Tensor, *, all_greedy: bool,
+                  any_filter: bool, any_top_k: bool, any_greedy: bool) -> torch.Tensor:
+    """:func:`decode_patch` on the rows' settings as tensors (B,) and the batch's host flags
+    (:meth:`SamplingBatch.flags`), with the draws ``uniform`` (B, 32) made already (None when every
+    row is greedy): a function of tensors and flags only, which ``--compile`` compiles whole (the
+    loop, the heads and the samplers) and a CUDA graph captures."""
+    sched = lm.schedule
 
     def sampler(t: int, i: int, g: StepGroup, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        return sample(logits, params, noise, removed=sched.banned(t, i, h.device))
+        return sample_tokens(logits, noise, temperature, top_k, top_p, greedy, sched.banned(t, i, h.device),
+                             all_greedy=all_greedy, any_filter=any_filter, any_top_k=any_top_k,
+                             any_greedy=any_greedy)
 
-    return run_patch(lm, h, sampler, None if params.all_greedy else uniform, step)
+    return run_patch(lm, h, sampler, None if all_greedy else uniform)

@@ -141,6 +141,15 @@ class SamplingBatch:
         """Whether any sampled row uses top-k or top-p."""
         return any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in self.params)
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(temperature, top_k, top_p, greedy): the per-row inputs of :func:`sample_tokens`."""
+        return self.temperature, self.top_k, self.top_p, self.greedy
+
+    def flags(self) -> dict[str, bool]:
+        """The host flags that choose :func:`sample_tokens`' code path (keyword arguments)."""
+        return {"all_greedy": self.all_greedy, "any_filter": self.any_filter, "any_top_k": self.any_top_k,
+                "any_greedy": self.any_greedy}
+
 
 def draw_uniform(
     generators: Sequence[torch.Generator | None] | None, n: int, shape: tuple[int, ...], device: torch.device
@@ -289,8 +298,4 @@ def sample(
             f"sampling (non-greedy rows) needs one uniform number per token, shape "
             f"{tuple(logits.shape[:-1])}; got {None if uniform is None else tuple(uniform.shape)}"
         )
-    return sample_tokens(
-        logits, uniform, params.temperature, params.top_k, params.top_p, params.greedy, removed,
-        all_greedy=params.all_greedy, any_filter=params.any_filter, any_top_k=params.any_top_k,
-        any_greedy=params.any_greedy,
-    )
+    return sample_tokens(logits, uniform, *params.tensors(), removed, **params.flags())

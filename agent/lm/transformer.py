@@ -14,7 +14,7 @@ positions a query may see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,63 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
+class FusedLinear:
+    """Linear layers that read the same input, run as one matmul (q/k/v; gate/up).
+
+    The layers keep their official parameters (so a checkpoint loads, saves and fingerprints as
+    it is), but each parameter is a view of one concatenated weight (and bias): loading copies
+    into the views, so the concatenation is made once, when the weights are placed, and never
+    per step; no weight is held twice. A move to another device or dtype copies each parameter
+    on its own, so the owner calls :meth:`refuse` after one. Not a module (its tensors are no
+    buffers: moves and state dicts see the layers' parameters only).
+
+    The single matmul is used for inference (parameters without grad); a layer whose weights
+    train (``requires_grad``) and the ONNX export (whose graphs keep the official three
+    projections, so exported graphs do not change) run the layers one by one.
+    """
+
+    def __init__(self, *layers: nn.Linear) -> None:
+        self.layers = layers
+        self.sizes = [layer.out_features for layer in layers]
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.refuse()
+
+    def refuse(self) -> None:
+        """Concatenate the layers' current parameters and make each a view of the result."""
+        def fuse(name: str) -> torch.Tensor | None:
+            params = [getattr(layer, name) for layer in self.layers]
+            if params[0] is None:
+                return None
+            whole = torch.cat([p.detach() for p in params])
+            start = 0
+            for layer, p, n in zip(self.layers, params, self.sizes, strict=True):
+                setattr(layer, name, nn.Parameter(whole[start : start + n], requires_grad=p.requires_grad))
+                start += n
+            return whole
+
+        self.weight, self.bias = fuse("weight"), fuse("bias")
+        self.views = self.layers[0].weight  # a parameter set afresh (a load with assign=True) is no view
+
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each layer's output for x (..., in): views of one matmul's result, or the layers' own."""
+        return self.select(x, range(len(self.layers)))
+
+    def select(self, x: torch.Tensor, which: Sequence[int]) -> list[torch.Tensor]:
+        """The outputs of layers ``which`` only. Fused, one matmul over the weight rows of the layers
+        from the first to the last of ``which`` (a contiguous slice: the patch decoder's steps take
+        consecutive heads), else those layers run alone."""
+        first = self.layers[0].weight
+        if first.requires_grad or first is not self.views or torch.compiler.is_exporting():
+            return [self.layers[i](x) for i in which]
+        lo, hi = min(which), max(which) + 1
+        start, end = sum(self.sizes[:lo]), sum(self.sizes[:hi])
+        bias = None if self.bias is None else self.bias[start:end]
+        outs = F.linear(x, self.weight[start:end], bias).split(self.sizes[lo:hi], dim=-1)
+        return [outs[i - lo] for i in which]
+
+
 class Attention(nn.Module):
     """Projections of Qwen2 grouped-query attention; the attention itself is :func:`attend`."""
 
@@ -88,15 +145,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.fused = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.fused.refuse()  # a dtype or device move copies each projection on its own
+        return out
 
     def qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project and rotate: x (B, T, C), cos/sin (B or 1, T, d) -> q (B, H, T, d), k/v (B, Hkv, T, d)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        q, k, v = self.fused(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -155,10 +219,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = FusedLinear(self.gate_proj, self.up_proj)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.fused.refuse()
+        return out
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + down(silu(gate(x)) * up(x))."""
-        return add_linear(residual, F.silu(self.gate_proj(x)) * self.up_proj(x), self.down_proj.weight)
+        gate, up = self.fused(x)
+        return add_linear(residual, F.silu(gate) * up, self.down_proj.weight)
 
 
 #: (layer index, q (B, H, T, d), k, v (B, Hkv, T, d) of the new positions) -> attention (B, H, T, d).

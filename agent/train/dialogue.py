@@ -37,7 +37,7 @@ import numpy as np
 
 from ..codec.audio import load_wav
 from .common import read_manifest_of
-from .data import HELD_OUT_VOICES, TRAIN_VOICES, AugmentRecipe
+from .data import ENGINE_WEIGHTS, HELD_OUT_VOICES, TRAIN_VOICES, AugmentRecipe
 from .lexicon import GREETINGS, NUMBERS, REPEATABLE, SentenceGenerator
 from .voices import Augmentation, synthesize, tool_versions
 
@@ -131,10 +131,17 @@ class DialogueRecipe:
     codec: str = DEFAULT_CODEC
     sample_rate: int = 24000
 
-    def user_voices(self) -> list[str]:
-        """The training voices, less the agent's own and any held-out voice."""
-        voices = [v for vs in TRAIN_VOICES.values() for v in vs]
-        return [v for v in voices if v != self.agent_voice and v not in self.held_out_voices]
+    def user_voices(self) -> dict[str, list[str]]:
+        """The training voices by engine, less the agent's own and any held-out voice."""
+        return {engine: [v for v in voices if v != self.agent_voice and v not in self.held_out_voices]
+                for engine, voices in TRAIN_VOICES.items()}
+
+    def draw_voice(self, rng: random.Random) -> str:
+        """A user voice: an engine by :data:`ENGINE_WEIGHTS` (espeak-ng has far more voices, but
+        few speakers), then one of its voices."""
+        voices = self.user_voices()
+        engines = [e for e in ENGINE_WEIGHTS if voices.get(e)]
+        return rng.choice(voices[rng.choices(engines, [ENGINE_WEIGHTS[e] for e in engines])[0]])
 
 
 class _Speaker:
@@ -174,14 +181,13 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
     started = time.monotonic()
     rng = random.Random(f"{recipe.seed}/dialogues")
     by_kind = questions()
-    voices = recipe.user_voices()
 
     # the pool of user utterances: a question, a voice and an augmentation each
     users: list[dict] = []
     for kind, count in recipe.utterances.items():
         for _ in range(count):
             q = rng.choice(by_kind[kind])
-            users.append({"key": f"u{len(users):05d}", "kind": kind, "text": q.text, "voice": rng.choice(voices),
+            users.append({"key": f"u{len(users):05d}", "kind": kind, "text": q.text, "voice": recipe.draw_voice(rng),
                           "augment": recipe.augment.draw(rng).to_dict()})
     held_out: list[dict] = []
     for voice in recipe.held_out_voices:
@@ -285,6 +291,31 @@ def read_corpus(corpus: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     with np.load(Path(corpus) / CODES) as z:
         codes = {k: z[k].astype(np.int64) for k in z.files}
     return manifest, codes
+
+
+def read_corpora(corpora: list[str | Path]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Several corpora as one: their users, agents, dialogues and held-out questions, keys
+    prefixed by the corpus' index (``1:u00012``), and ``corpora`` (each one's path, command,
+    recipe and counts)."""
+    merged: dict = {"users": [], "agents": [], "dialogues": [], "held_out": [], "corpora": []}
+    codes: dict[str, np.ndarray] = {}
+    for i, corpus in enumerate(corpora):
+        manifest, own = read_corpus(corpus)
+
+        def key(k: str, i: int = i) -> str:
+            return f"{i}:{k}"
+
+        codes.update({key(k): v for k, v in own.items()})
+        for name in ("users", "agents", "held_out"):
+            merged[name] += [dict(e, key=key(e["key"])) for e in manifest[name]]
+        for d in manifest["dialogues"]:
+            d = dict(d, turns=[dict(t, user=key(t["user"]), agent=key(t["agent"])) for t in d.get("turns", [])])
+            if "agent" in d:
+                d["agent"] = key(d["agent"])
+            merged["dialogues"].append(d)
+        merged["corpora"].append({"path": str(corpus), **{k: manifest.get(k) for k in
+                                                          ("command", "recipe", "counts", "minutes")}})
+    return merged, codes
 
 
 def scaled(recipe: DialogueRecipe, scale: float) -> DialogueRecipe:

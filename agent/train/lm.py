@@ -46,7 +46,7 @@ from ..lm.model import MiMoAudioLM
 from ..lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, Prompt, PromptBuilder
 from ..lm.tokenizer import MIMO_ADDED_TOKENS, REQUIRED_TOKENS, TextTokenizer
 from .common import mean_losses, warmup_cosine
-from .dialogue import read_corpus
+from .dialogue import read_corpora
 from .lexicon import SentenceGenerator
 
 MANIFEST = "training.json"
@@ -113,23 +113,36 @@ class Sequence:
 
 
 class SequenceBuilder:
-    """Training sequences from corpus entries, with the server's own prompt code."""
+    """Training sequences from corpus entries, with the server's own prompt code.
 
-    def __init__(self, builder: PromptBuilder, codes: dict[str, np.ndarray]):
-        self.builder, self.codes = builder, codes
+    ``noise``: the share of the user's speech codes replaced by random codes (each channel's
+    range), drawn per example from the ``rng`` given, so that the model cannot recognise an
+    utterance it has seen by a few of its codes and has to learn what was said."""
+
+    def __init__(self, builder: PromptBuilder, codes: dict[str, np.ndarray], noise: float = 0.0):
+        self.builder, self.codes, self.noise = builder, codes, noise
         self.renderer = ConversationRenderer(builder)
         self._opening = len(self.renderer.assistant_open(True))
+        self._limits = np.asarray(builder.config.speech_empty_ids)
+
+    def user(self, key: str, rng: random.Random | None) -> torch.Tensor:
+        """The codes of user utterance ``key``, with the noise drawn from ``rng`` (None: none)."""
+        codes = self.codes[key]
+        if self.noise and rng is not None:
+            draw = np.random.default_rng(rng.getrandbits(64))
+            codes = np.where(draw.random(codes.shape) < self.noise, draw.integers(0, self._limits, codes.shape), codes)
+        return torch.from_numpy(codes)
 
     def stream(self, text: str, key: str) -> Prompt:
         """An assistant's speech stream as the model generates it: the official interleave after
         ``<|sostm|>`` (which the prompt ends with), up to and including ``<|eostm|>``."""
         return self.builder.interleaved(text, self.codes[key])[1:]
 
-    def dialogue(self, turns: list[dict], instructions: str | None) -> Sequence:
+    def dialogue(self, turns: list[dict], instructions: str | None, rng: random.Random | None = None) -> Sequence:
         """The conversation as the engine renders it once every turn is answered."""
         items, streams = [], {}
         for i, turn in enumerate(turns):
-            items.append(Item(f"u{i}", Role.USER, codes=torch.from_numpy(self.codes[turn["user"]])))
+            items.append(Item(f"u{i}", Role.USER, codes=self.user(turn["user"], rng)))
             streams[f"a{i}"] = self.stream(turn["answer"], turn["agent"])
             items.append(Item(f"a{i}", Role.ASSISTANT, patches=streams[f"a{i}"], complete=True))
         rendering = self.renderer.render(items, instructions=instructions)
@@ -142,9 +155,9 @@ class SequenceBuilder:
     def tts(self, text: str, key: str) -> Sequence:
         return self._answer(self.builder.tts(text), self.stream(text, key))
 
-    def asr(self, key: str, transcript: str) -> Sequence:
+    def asr(self, key: str, transcript: str, rng: random.Random | None = None) -> Sequence:
         reply = self.builder.text(transcript) + self.builder.tokens([self.builder.specials.im_end])
-        return self._answer(self.builder.asr(self.codes[key]), reply)
+        return self._answer(self.builder.asr(self.user(key, rng)), reply)
 
     @staticmethod
     def _answer(prompt: Prompt, reply: Prompt) -> Sequence:
@@ -287,6 +300,8 @@ class LMRecipe:
     max_decoded: int = 64
     #: share of examples that are the ASR task (the transcriber's prompt) over the user utterances
     asr_share: float = 0.1
+    #: share of the user's speech codes replaced by random ones (see :class:`SequenceBuilder`)
+    user_code_noise: float = 0.15
     #: share of dialogues without the default instructions in the first user turn
     no_instructions_share: float = 0.1
     instructions: str = DEFAULT_SYSTEM_PROMPT
@@ -294,18 +309,26 @@ class LMRecipe:
 
 
 class LMTrainer:
-    def __init__(self, recipe: LMRecipe, corpus: str | Path, out: str | Path, *,
-                 tokenizer: TextTokenizer | None = None):
-        self.recipe, self.corpus, self.out = recipe, Path(corpus), Path(out)
-        self.manifest, codes = read_corpus(self.corpus)
+    def __init__(self, recipe: LMRecipe, corpora: list[str | Path], out: str | Path, *,
+                 tokenizer: TextTokenizer | None = None, init: str | Path | None = None):
+        self.recipe, self.corpora, self.out = recipe, [Path(c) for c in corpora], Path(out)
+        self.manifest, codes = read_corpora(self.corpora)
+        self.init = None if init is None else Path(init)
+        if self.init is not None:
+            tokenizer = tokenizer or TextTokenizer.from_dir(self.init)
         self.tokenizer = tokenizer or train_tokenizer(tokenizer_texts(self.manifest, recipe.seed), recipe.vocab_size)
         self.config = lm_config(recipe.size, self.tokenizer)
         torch.manual_seed(recipe.seed)
         self.lm = MiMoAudioLM(self.config)
         init_training_weights(self.lm, recipe.seed)
+        if self.init is not None:
+            from ..checkpoint import load_lm
+
+            self.lm.load_state_dict(load_lm(self.init, dtype="fp32", device="cpu", tokenizer=self.tokenizer)[0]
+                                    .state_dict())
         self.lm.requires_grad_(True).train()
         self.builder = PromptBuilder(self.tokenizer, self.config)
-        self.sequences = SequenceBuilder(self.builder, codes)
+        self.sequences = SequenceBuilder(self.builder, codes, recipe.user_code_noise)
         decay = [p for n, p in self.lm.named_parameters() if p.dim() == 2 and "embed" not in n]
         other = [p for n, p in self.lm.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -319,7 +342,7 @@ class LMTrainer:
         self.dialogues = self.manifest["dialogues"]
         self.users = self.manifest["users"]
         if not self.dialogues:
-            raise ValueError(f"{self.corpus} has no dialogues")
+            raise ValueError(f"{', '.join(map(str, self.corpora))}: no dialogues")
 
     def _lr_factor(self, step: int) -> float:
         r = self.recipe
@@ -329,12 +352,12 @@ class LMTrainer:
         r, rng = self.recipe, self.rng
         if rng.random() < r.asr_share:
             user = rng.choice(self.users)
-            return self.sequences.asr(user["key"], user["text"])
+            return self.sequences.asr(user["key"], user["text"], rng)
         d = rng.choice(self.dialogues)
         if d["task"] == "tts":
             return self.sequences.tts(d["text"], d["agent"])
         instructions = None if rng.random() < r.no_instructions_share else r.instructions
-        return self.sequences.dialogue(d["turns"], instructions)
+        return self.sequences.dialogue(d["turns"], instructions, rng)
 
     def batch(self) -> dict[str, torch.Tensor]:
         return collate([self.example() for _ in range(self.recipe.batch)], self.builder, self.rng,
@@ -411,9 +434,8 @@ class LMTrainer:
             "recipe": asdict(self.recipe),
             "model": {"size": self.recipe.size, "parameters": params, "config": SIZES[self.recipe.size],
                       "text_vocab": self.tokenizer.vocab_size, "weights_dtype": "fp32"},
-            "data": {"path": str(self.corpus), "command": self.manifest.get("command"),
-                     "recipe": self.manifest.get("recipe"), "counts": self.manifest.get("counts"),
-                     "minutes": self.manifest.get("minutes")},
+            "data": self.manifest["corpora"],
+            "init": None if self.init is None else {"path": str(self.init), "training": _training_of(self.init)},
             "steps": self.step,
             "final_losses": self.final_losses(),
             "train_seconds": round(self.seconds, 1),
@@ -431,6 +453,12 @@ class LMTrainer:
         self.sched.load_state_dict(state["scheduler"])
         self.rng.setstate(state["rng"])
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+
+
+def _training_of(checkpoint: Path) -> dict | None:
+    """The ``training.json`` of a checkpoint a run starts from (its recipe is part of this one's)."""
+    path = checkpoint / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 #: what a published checkpoint holds (the loadable files, not the training state)
@@ -462,7 +490,11 @@ def publish_checkpoint(out: Path, link: Path, step: int) -> Path:
 
 def add_arguments(parser) -> None:
     d = LMRecipe()
-    parser.add_argument("--data", required=True, help="dialogue corpus made by `mimo-agent train dialogue-data`")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="dialogue corpora made by `mimo-agent train dialogue-data` (one or more)")
+    parser.add_argument("--init", default=None,
+                        help="start from this checkpoint's weights and tokenizer (a previous run; default: none, "
+                             "seeded random weights and a tokenizer trained on the corpora's text)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write (official layout)")
     parser.add_argument("--size", default=d.size, choices=sorted(SIZES), help=f"model size (default {d.size})")
     parser.add_argument("--seed", type=int, default=d.seed,
@@ -474,6 +506,8 @@ def add_arguments(parser) -> None:
                         help=f"steps of linear warm-up, then a cosine to {d.final_lr_fraction:g} x lr "
                              f"(default {d.warmup})")
     parser.add_argument("--log-every", type=int, default=25, help="steps per line of losses.tsv (default 25)")
+    parser.add_argument("--user-code-noise", type=float, default=d.user_code_noise,
+                        help=f"user speech codes replaced by random ones, a share (default {d.user_code_noise:g})")
     parser.add_argument("--save-minutes", type=float, default=10.0,
                         help="minutes between checkpoints (default 10; one is always written at the end)")
     parser.add_argument("--publish", default=None,
@@ -492,14 +526,15 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = LMRecipe(size=args.size, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
-                      warmup=args.warmup)
+                      warmup=args.warmup, user_code_noise=args.user_code_noise)
     tokenizer = None
     if args.resume:
         tokenizer = TextTokenizer.from_dir(args.out)
-    trainer = LMTrainer(recipe, args.data, args.out, tokenizer=tokenizer)
-    trainer.command = (f"mimo-agent train lm --data {args.data} --out {args.out} --size {args.size} "
+    trainer = LMTrainer(recipe, args.data, args.out, tokenizer=tokenizer, init=args.init)
+    trainer.command = (f"mimo-agent train lm --data {' '.join(args.data)} --out {args.out} --size {args.size} "
+                       + (f"--init {args.init} " if args.init else "") +
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} "
-                       f"--warmup {args.warmup}"
+                       f"--warmup {args.warmup} --user-code-noise {args.user_code_noise:g}"
                        + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:
         trainer.resume()

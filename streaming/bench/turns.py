@@ -49,6 +49,7 @@ from streaming.audio import SAMPLE_RATE
 from streaming.bench.report import publish
 from streaming.bench.stats import percentiles
 from streaming.bench.users import BenchError, Mic, Utterance, WebSocketLink, b64_samples, load_utterance
+from streaming.vad import DEFAULT_CANDIDATE_MS
 
 MS = SAMPLE_RATE // 1000
 DEFAULT_PAUSES = "200,300,400,500,600,700"
@@ -56,7 +57,7 @@ DEFAULT_SWEEP_SILENCE = "200,300,400,500,600,700,800,1000,1200"
 DEFAULT_SWEEP_THRESHOLD = "0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.995"
 DEFAULT_CONFIGS = "server_vad,server_vad:silero,semantic_vad:auto,semantic_vad:high"
 DEFAULT_SWEEP_WINDOW = "600,800,1000"
-DEFAULT_FAMILIES = "server_vad,server_vad:silero,semantic_vad,semantic_vad:maxima,semantic_vad:slope"
+DEFAULT_FAMILIES = "server_vad,server_vad:silero,semantic_vad,semantic_vad:maxima"
 DEFAULT_SWEEP_SLOPE = "0.5,1,2,3"
 BUDGET = 0.05
 EDGE_MS = 500  # no hold closer than this to the speech's start or end
@@ -189,8 +190,9 @@ SEMANTIC_VARIANTS = {"semantic_vad": {}, "semantic_vad:rescore": {"rescore_ms": 
 
 
 def _rules(family: str, silences: list[int], thresholds: list[float], windows: list[int],
-           slopes: list[float] = ()) -> list[tuple[Any, Any]]:
-    """(rule as reported, VadConfig) for every rule of a family."""
+           slopes: list[float] = (), candidates: list[int] = (DEFAULT_CANDIDATE_MS,)) -> list[tuple[Any, Any]]:
+    """(rule as reported, VadConfig) for every rule of a family; semantic rules for every candidate
+    end (the silence at which the model first scores; reported when not the default)."""
     from streaming.vad import SILERO_FRAME_MS, VadConfig
 
     if family.startswith("server_vad"):
@@ -200,15 +202,17 @@ def _rules(family: str, silences: list[int], thresholds: list[float], windows: l
     if family not in SEMANTIC_VARIANTS:
         raise BenchError(f"--families: no family {family!r} (server_vad[:silero], {', '.join(SEMANTIC_VARIANTS)})")
     extra = SEMANTIC_VARIANTS[family]
-    return [({"threshold": th, "silence_ms": w, **({"slope": k} if k else {})},
-             VadConfig(silence_duration_ms=w, end_threshold=th, end_threshold_slope=k, **extra))
-            for th in thresholds for w in windows for k in (slopes if family.endswith(":slope") else [0.0])
-            if not k or th < 1.0]
+    return [({"threshold": th, "silence_ms": w, **({"slope": k} if k else {}),
+              **({"candidate_ms": c} if c != DEFAULT_CANDIDATE_MS else {})},
+             VadConfig(silence_duration_ms=w, end_threshold=th, end_threshold_slope=k, candidate_ms=c, **extra))
+            for c in candidates for th in thresholds for w in windows
+            for k in (slopes if family.endswith(":slope") else [0.0]) if not k or th < 1.0]
 
 
 def sweep(turns: list[Turn], pauses: list[int], silences: list[int], thresholds: list[float],
           windows: list[int], families: list[str], slopes: list[float] = (),
-          progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+          progress: Callable[[str], None] = lambda _: None,
+          candidates: list[int] = (DEFAULT_CANDIDATE_MS,)) -> dict[str, Any]:
     """Every rule of every family on every turn (see the module docstring), and per family the rule
     chosen without the recording it is reported on (:func:`held_out`)."""
     from streaming.turn_model import shared_model
@@ -216,7 +220,7 @@ def sweep(turns: list[Turn], pauses: list[int], silences: list[int], thresholds:
     rows, per_rule = [], {}
     scorer = None
     for family in families:
-        rules = _rules(family, silences, thresholds, windows, slopes)
+        rules = _rules(family, silences, thresholds, windows, slopes, candidates)
         if not family.startswith("server_vad"):
             scorer = scorer or CachedScorer(shared_model().probability)
         for rule, cfg in rules:
@@ -513,8 +517,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     s.add_argument("--sweep-slope", default=DEFAULT_SWEEP_SLOPE,
                    help="semantic_vad:slope: how fast the end threshold falls, log-odds per 100 ms of silence "
                         f"(default {DEFAULT_SWEEP_SLOPE})")
+    s.add_argument("--sweep-candidate", default=str(DEFAULT_CANDIDATE_MS),
+                   help=f"semantic_vad: silences (ms) at which the model first scores (default {DEFAULT_CANDIDATE_MS}, "
+                        "serve's --speculate-ms)")
     s.add_argument("--families", default=DEFAULT_FAMILIES,
-                   help=f"rule families to sweep (default {DEFAULT_FAMILIES}; also semantic_vad:rescore)")
+                   help=f"rule families to sweep (default {DEFAULT_FAMILIES}; also semantic_vad:rescore and "
+                        "semantic_vad:slope, a model call every 100 ms of silence)")
     p = parser.add_argument_group("playing")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per append message (default 20)")
     p.add_argument("--response-tokens", type=int, default=8, help="every answer this many patches (default 8)")
@@ -574,7 +582,8 @@ def run(args: argparse.Namespace) -> int:
                                 _floats(args.sweep_threshold, "--sweep-threshold"),
                                 _ints(args.sweep_window, "--sweep-window"), families,
                                 _floats(args.sweep_slope, "--sweep-slope"),
-                                progress=lambda m: print(f"  sweep {m}", file=sys.stderr))
+                                progress=lambda m: print(f"  sweep {m}", file=sys.stderr),
+                                candidates=_ints(args.sweep_candidate, "--sweep-candidate"))
         server_ms = [r["server_first_audio_ms"] for run_ in result["live"] for r in run_["records"]
                      if r["server_first_audio_ms"] is not None]
         result["server_part_ms_p50"] = round(statistics.median(server_ms), 1) if server_ms else None
@@ -619,7 +628,8 @@ def _rule(rule: Any) -> str:
     if not isinstance(rule, dict):
         return str(rule)
     slope = f", falling {rule['slope']:g}/100 ms" if rule.get("slope") else ""
-    return f"p>={rule['threshold']}{slope}, {rule['silence_ms']} ms"
+    at = f" at {rule['candidate_ms']} ms" if rule.get("candidate_ms") else ""
+    return f"p>={rule['threshold']}{at}{slope}, {rule['silence_ms']} ms"
 
 
 def _chosen(chosen: dict[str, Any]) -> str:

@@ -79,6 +79,9 @@ def test_a_falling_threshold_ends_a_turn_on_a_later_lower_score() -> None:
     assert [r for r, _ in T._rules("semantic_vad:slope", [], [0.98, 1.0], [800], [0.0, 2.0])] == [
         {"threshold": 0.98, "silence_ms": 800}, {"threshold": 0.98, "silence_ms": 800, "slope": 2.0},
         {"threshold": 1.0, "silence_ms": 800}]
+    ((rule, cfg),) = T._rules("semantic_vad", [], [0.99], [800], candidates=[100])
+    assert rule == {"threshold": 0.99, "silence_ms": 800, "candidate_ms": 100} and cfg.candidate_ms == 100
+    assert T._rule(rule) == "p>=0.99 at 100 ms, 800 ms"
     with pytest.raises(BenchError, match="--families"):
         T._rules("semantic_vad:nope", [], [0.9], [800])
 

@@ -1,8 +1,10 @@
-"""``--compile``: the patch decoder's step through torch.compile (inductor), on a CPU at tiny size.
+"""``--compile``: a tick's three regions through torch.compile (inductor), on a CPU at tiny size.
 
 Inductor's CPU backend builds C++ kernels, so these tests need a C++ compiler (CI installs g++).
-The compiled step must give the eager step's results: hidden states within float rounding, the
-same codes from the same draws, and an engine on it must answer as the eager engine does.
+The compiled regions must give the eager regions' results: hidden states within float rounding,
+the same tokens and codes from the same draws, and an engine on them must answer as the eager
+engine does. Every test runs batch 1 with the spoken-dialogue sampling (sizes 0 and 1 get graphs
+of their own, and so does each set of sampler flags): each region compiles once for the module.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import pytest
 import torch
 
 from agent.engine import AddUserText, Engine, EngineConfig, Respond, ResponseDone, ResponseParams
-from agent.lm import patch_decoder
-from agent.lm.patch_decoder import CompiledLocalStep
-from agent.lm.sampling import GREEDY, ChannelSampling, SamplingParams
+from agent.lm.graphs import DecodeGraphs
+from agent.lm.kernels import patch_kernels
+from agent.lm.sampling import SamplingBatch, task_sampling
 from agent.runtime import load_runtime
 
 pytestmark = [
-    pytest.mark.timeout(600),
+    pytest.mark.timeout(900),
     pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                        reason="torch.compile on a CPU needs a C++ compiler (.ci/run installs g++)"),
 ]
+
+SAMPLING = task_sampling("spoken_dialogue")
 
 
 @pytest.fixture(scope="module")
@@ -32,41 +36,54 @@ def runtime():
     return load_runtime(preset="tiny", device="cpu")
 
 
-def test_compiled_step_matches_eager(runtime):
-    lm = runtime.lm
+def _tick(lm, graphs: DecodeGraphs, cache, text, codes):
+    """One speech patch as the engine runs it: (hidden, text token, codes), seeded draws."""
+    h = graphs.step_patches(cache, [0], text, codes)
+    token = graphs.sample_text(h, None, SamplingBatch.from_params([SAMPLING.text]), [torch.Generator().manual_seed(1)])
+    patch = graphs.decode_patch(h, [SAMPLING.speech], [torch.Generator().manual_seed(2)])
+    return h, token, patch
+
+
+def test_the_compiled_regions_give_the_eager_results(runtime):
+    lm, cfg = runtime.lm, runtime.lm.config
     g = torch.Generator().manual_seed(0)
-    compiled = CompiledLocalStep()
-    for batch in (2, 3):  # one compiled graph for every batch size and step
-        x = torch.randn(batch, 1, lm.local_transformer.cfg.hidden_size, generator=g)
-        k, v = patch_decoder.new_local_cache(lm, batch)
-        k.normal_(generator=g)
-        v.normal_(generator=g)
-        for step in (0, 5, 10):
-            with torch.inference_mode():
-                want = patch_decoder.local_step(lm, x, step, k.clone(), v.clone())
-                got = compiled(lm, x, step, k.clone(), v.clone())
-            for a, b in zip(got, want, strict=True):
-                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-    h = torch.randn(3, lm.config.hidden_size, generator=g)
-    params = [SamplingParams(0.9, top_p=0.95), GREEDY, SamplingParams(0.8, top_k=40)]
-    with torch.inference_mode():
-        eager = patch_decoder.decode_patch(lm, h, params, [torch.Generator().manual_seed(i) for i in range(3)])
-        fused = patch_decoder.decode_patch(lm, h, params, [torch.Generator().manual_seed(i) for i in range(3)],
-                                           step=compiled)
-    assert torch.equal(eager, fused)
+    results = []
+    for compile in (False, True):
+        cache = lm.allocate_cache(2, 64)
+        lm.prefill(cache, 0, torch.randn(1, 10, cfg.hidden_size, generator=torch.Generator().manual_seed(0)))
+        graphs = DecodeGraphs(lm, cache, max_batch=1, scratch_slot=1, capture=False, compile=compile)
+        text = torch.full((1, 1), cfg.empty_token_id)
+        codes = torch.stack([torch.randint(0, n, (1, 1, cfg.group_size), generator=g.manual_seed(3))
+                             for n in cfg.speech_vocab_sizes], dim=-1)
+        with torch.inference_mode():
+            results.append([_tick(lm, graphs, cache, text, codes) for _ in range(3)])  # 3 positions: 3 spans
+    for (h, token, patch), (h2, token2, patch2) in zip(*results, strict=True):
+        torch.testing.assert_close(h2, h, atol=2e-5, rtol=1e-4)
+        assert torch.equal(token2, token) and torch.equal(patch2, patch)
+
+
+def test_compiled_regions_count_their_generated_launches(runtime):
+    """bench-lm --kernels --compile: each region's launches come from inductor's code, and a tick
+    compiled launches far fewer kernels than eager."""
+    eager_text, eager_speech = patch_kernels(runtime.lm)
+    text, speech = patch_kernels(runtime.lm, compile=True)
+    assert set(speech.regions) == {"step", "text", "patch"} and set(text.regions) == {"step", "text"}
+    assert text.regions["step"] == speech.regions["step"] > 0
+    assert 0 < text.total < eager_text.total / 2 and 0 < speech.total < eager_speech.total / 2
+    assert speech.ops["compiled"] == sum(speech.regions.values())
 
 
 def _answer(runtime, **config) -> tuple[Engine, ResponseDone, torch.Tensor]:
-    """A short greedy answer: the engine, its ResponseDone and the answer's codes (patches, 4, 8)."""
+    """A short seeded answer: the engine, its ResponseDone and the answer's codes (patches, 4, 8)."""
     engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec,
-                    EngineConfig(max_sessions=2, max_positions=512, **config)).start()
+                    EngineConfig(max_sessions=1, max_positions=512, **config)).start()
     events: queue.Queue = queue.Queue()
     try:
         handle = engine.open_session(events.put, seed=3)
         handle.submit(AddUserText("u", "Say something"))
-        handle.submit(Respond("r", "a", ResponseParams(sampling=ChannelSampling(GREEDY, GREEDY),
-                                                       max_output_patches=8, min_patches=8, interleave=(2, 3))))
-        while not isinstance(event := events.get(timeout=500), ResponseDone):
+        handle.submit(Respond("r", "a", ResponseParams(sampling=SAMPLING, max_output_patches=8, min_patches=8,
+                                                       interleave=(2, 3))))
+        while not isinstance(event := events.get(timeout=800), ResponseDone):
             pass
         return engine, event, engine._sessions[handle.sid].items[-1].patches.codes
     finally:
@@ -75,7 +92,7 @@ def _answer(runtime, **config) -> tuple[Engine, ResponseDone, torch.Tensor]:
 
 def test_engine_with_compile_answers_as_eager(runtime):
     engine, compiled, compiled_codes = _answer(runtime, compile=True)
-    assert isinstance(engine.graphs._local_step, CompiledLocalStep)
+    assert engine.graphs is not None and engine.graphs.compiled
     _, eager, eager_codes = _answer(runtime)
     assert torch.equal(compiled_codes, eager_codes)
     assert compiled.status == eager.status == "incomplete"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.lm.graphs import DecodeGraphs, bucket_of, buckets
-from agent.lm.sampling import GREEDY, SamplingParams
+from agent.lm.graphs import DecodeGraphs, bucket_of, buckets, sample_text
+from agent.lm.sampling import GREEDY, SamplingBatch, SamplingParams
 
 SLOTS, MAX_BATCH, POSITIONS = 6, 4, 200  # slot 5 is the scratch slot
 
@@ -53,6 +53,44 @@ def test_decode_step_equals_the_model(tiny, slots) -> None:
         n = eager.length(s)
         torch.testing.assert_close(static.k[:, s, :, :n], eager.k[:, s, :, :n], rtol=1e-5, atol=1e-5)
     assert static.length(SLOTS - 1) == 0  # padding rows never advance the scratch slot
+
+
+@pytest.mark.parametrize("slots", [[2, 0, 4], [4]])
+def test_the_encoder_and_step_region_equals_the_model(tiny, slots) -> None:
+    """``step_patches``: the patch encoder and the backbone step as one region."""
+    lm, cfg, _ = tiny
+    eager, static = _caches(lm, [70, 5, 130, 0, 64])
+    graphs = DecodeGraphs(lm, static, max_batch=MAX_BATCH, scratch_slot=SLOTS - 1, capture=False)
+    g = torch.Generator().manual_seed(2)
+    text = torch.tensor([[cfg.empty_token_id], [65], [cfg.empty_token_id]][: len(slots)])  # speech and text
+    codes = torch.stack([torch.randint(0, n, (len(slots), 1, cfg.group_size), generator=g)
+                         for n in cfg.speech_vocab_sizes], dim=-1)
+    for _ in range(2):
+        want = lm.decode_step(eager, slots, lm.embed_patches(text, codes))
+        torch.testing.assert_close(graphs.step_patches(static, slots, text, codes), want, rtol=1e-5, atol=1e-5)
+    assert static.host_lengths == eager.host_lengths
+
+
+@pytest.mark.parametrize("banned", [False, True])
+def test_the_text_region_equals_the_eager_sampler(tiny, banned) -> None:
+    lm, cfg, _ = tiny
+    graphs = DecodeGraphs(lm, lm.allocate_cache(SLOTS, POSITIONS), max_batch=MAX_BATCH, scratch_slot=SLOTS - 1,
+                          capture=False)
+    h = torch.randn(3, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    params = SamplingBatch.from_params([SamplingParams(0.6, top_p=0.95), GREEDY, SamplingParams(1.5, top_k=4)])
+    bans = None
+    if banned:  # every token but a few of each row
+        bans = torch.ones(3, cfg.vocab_size, dtype=torch.bool)
+        bans[:, 10:13] = False
+
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(3)]
+
+    want = sample_text(lm, h, bans, params, gens())
+    got = graphs.sample_text(h, bans, params, gens())  # 3 rows padded to the bucket of 4
+    assert got.shape == (3,) and torch.equal(got, want)
+    if banned:
+        assert ((got >= 10) & (got < 13)).all()
 
 
 def test_decode_step_refuses_the_scratch_slot_and_a_foreign_cache(tiny) -> None:
@@ -103,3 +141,15 @@ def test_capture_needs_cuda(tiny) -> None:
     with pytest.raises(ValueError, match="need a CUDA device"):
         DecodeGraphs(lm, lm.allocate_cache(SLOTS, POSITIONS), max_batch=MAX_BATCH, scratch_slot=SLOTS - 1,
                      capture=True)
+
+
+def test_kv_read_counts_the_positions_a_step_reads_against_those_it_attends(tiny) -> None:
+    lm, _, _ = tiny
+    cache, _ = _caches(lm, [70, 5, 130, 0, 64])
+    graphs = DecodeGraphs(lm, cache, max_batch=MAX_BATCH, scratch_slot=SLOTS - 1, capture=False)
+    # slots 0-2: in place over a window of 4 rows, the longest row (130 + 1) in the span bucket of 192
+    assert graphs.layout([0, 1, 2]) == (True, 4, 192)
+    assert graphs.kv_read([0, 1, 2]) == (4 * 192, 71 + 6 + 131)
+    # slot 4 alone: a window of 6 rows for 1 is gathered, its 65 positions in the span of 128, read twice
+    assert graphs.layout([4]) == (False, 1, 128)
+    assert graphs.kv_read([4]) == (2 * 128, 65)

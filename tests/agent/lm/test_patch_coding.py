@@ -29,16 +29,19 @@ def test_delay_schedule_matches_the_spec(tiny) -> None:
     assert pairs == [(f, c) for f in range(4) for c in range(8)]
 
 
-def test_patch_decoder_samples_each_channel_at_its_steps_and_feeds_codes_back(tiny) -> None:
+def test_patch_decoder_samples_each_channel_at_its_steps_and_feeds_codes_back(tiny, monkeypatch) -> None:
     lm, config, _ = tiny
     head_calls: list[int] = []
     inputs: list[torch.Tensor] = []
-    hooks = [
-        head.register_forward_hook(lambda m, a, o, c=c: head_calls.append(c))
-        for c, head in enumerate(lm.local_transformer_lm_heads)
-    ]
-    hooks.append(lm.local_transformer.layers[0].input_layernorm.register_forward_hook(
-        lambda m, a, o: inputs.append(a[0].clone())))  # fmt: skip
+    heads = lm.speech_heads.select  # the 8 heads, one matmul: the channels whose logits a step takes
+
+    def select(x, which):
+        head_calls.extend(which)
+        return heads(x, which)
+
+    monkeypatch.setattr(lm.speech_heads, "select", select)
+    hooks = [lm.local_transformer.layers[0].input_layernorm.register_forward_hook(
+        lambda m, a, o: inputs.append(a[0].clone()))]  # fmt: skip
     try:
         h = torch.randn(2, config.hidden_size, generator=torch.Generator().manual_seed(0))
         codes = lm.decode_patch(

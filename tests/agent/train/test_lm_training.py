@@ -148,7 +148,12 @@ def test_loss_goes_down_resume_is_exact_and_the_checkpoint_answers(corpus, tmp_p
     assert float(rows[-1][2]) < float(rows[0][2]) - 0.5, rows
     manifest = json.loads((straight / "training.json").read_text())
     assert manifest["steps"] == 16 and manifest["command"].startswith("mimo-agent train lm")
-    assert manifest["data"]["recipe"]["seed"] == 5 and set(manifest["final_losses"]) >= {"text", "speech"}
+    assert manifest["data"][0]["recipe"]["seed"] == 5 and set(manifest["final_losses"]) >= {"text", "speech"}
+    # a run can start from another's weights and tokenizer
+    again = tmp_path / "again"
+    assert main([*args, "--out", str(again), "--steps", "2", "--init", str(straight)]) == 0
+    assert (again / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
+    assert json.loads((again / "training.json").read_text())["init"]["training"]["steps"] == 16
     # the official layout, served by the offline dialogue command with the shipped codec
     held_out = json.loads((corpus / "manifest.json").read_text())["held_out"][0]
     capsys.readouterr()
