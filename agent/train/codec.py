@@ -30,7 +30,7 @@ from ..codec.config import LM_CODEBOOKS, AudioTokenizerConfig
 from ..codec.config import preset as preset_config
 from ..codec.mel import htk_mel_filterbank
 from ..codec.tokenizer import MiMoAudioTokenizer, init_random_weights, load_audio_tokenizer, save_audio_tokenizer
-from .common import mean_losses, warmup_cosine
+from .common import check_resume_recipe, mean_losses, run_record, warmup_cosine
 from .data import load_split, read_manifest
 
 MANIFEST = "training.json"
@@ -276,19 +276,13 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.tok.parameters()),
             "corpus": {"path": str(self.corpus), "seed": corpus["recipe"]["seed"], "minutes": corpus["minutes"],
                        "held_out_voices": corpus["recipe"]["held_out_voices"]},
-            "steps": self.step,
-            "final_losses": self.final_losses(),
-            "train_seconds": round(self.seconds, 1),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+            **run_record(self.step, self.history, self.seconds),
         }
         (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
     def resume(self) -> None:
         state = torch.load(self.out / STATE, weights_only=False)
-        if state["recipe"] != asdict(self.recipe):
-            changed = sorted(k for k, v in asdict(self.recipe).items() if state["recipe"].get(k) != v)
-            raise ValueError(f"--resume with a different recipe (changed: {', '.join(changed)})")
+        check_resume_recipe(state["recipe"], asdict(self.recipe), self.out / STATE)
         loaded = load_audio_tokenizer(self.out, dtype=torch.float32)
         self.tok.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(state["optimizer"])

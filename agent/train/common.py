@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 def warmup_cosine(step: int, warmup: int, steps: int, final_fraction: float) -> float:
@@ -32,3 +35,23 @@ def read_manifest_of(path: Path, fmt: str, command: str) -> dict:
     if manifest.get("format") != fmt:
         raise ValueError(f"{path} is not a {fmt} manifest")
     return manifest
+
+
+def run_record(step: int, history: list[dict[str, float]], seconds: float) -> dict[str, Any]:
+    """What every training manifest ends with: how far the run got, its final losses (means over
+    ``history``, the last steps), its wall time and the threads and torch it ran on."""
+    return {
+        "steps": step,
+        "final_losses": mean_losses(history),
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def check_resume_recipe(saved: dict[str, Any], recipe: dict[str, Any], state_path: Path) -> None:
+    """Refuse to ``--resume`` the run saved at ``state_path`` with another recipe, naming the
+    fields that changed."""
+    if saved != recipe:
+        changed = sorted(k for k in recipe.keys() | saved.keys() if saved.get(k) != recipe.get(k))
+        raise ValueError(f"--resume of {state_path} with a different recipe (changed: {', '.join(changed)})")

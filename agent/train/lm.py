@@ -45,7 +45,7 @@ from ..lm.config import MiMoAudioConfig
 from ..lm.model import MiMoAudioLM
 from ..lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, Prompt, PromptBuilder
 from ..lm.tokenizer import MIMO_ADDED_TOKENS, REQUIRED_TOKENS, TextTokenizer
-from .common import mean_losses, warmup_cosine
+from .common import check_resume_recipe, mean_losses, run_record, warmup_cosine
 from .dialogue import read_corpora
 from .lexicon import SentenceGenerator
 
@@ -436,18 +436,13 @@ class LMTrainer:
                       "text_vocab": self.tokenizer.vocab_size, "weights_dtype": "fp32"},
             "data": self.manifest["corpora"],
             "init": None if self.init is None else {"path": str(self.init), "training": _training_of(self.init)},
-            "steps": self.step,
-            "final_losses": self.final_losses(),
-            "train_seconds": round(self.seconds, 1),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+            **run_record(self.step, self.history, self.seconds),
         }
         (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
     def resume(self) -> None:
         state = torch.load(self.out / STATE, weights_only=False)
-        if state["recipe"] != asdict(self.recipe):
-            raise ValueError(f"{self.out / STATE} was made with another recipe: {state['recipe']}")
+        check_resume_recipe(state["recipe"], asdict(self.recipe), self.out / STATE)
         self.lm.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
