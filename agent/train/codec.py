@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,12 +29,11 @@ from ..codec.config import LM_CODEBOOKS, AudioTokenizerConfig
 from ..codec.config import preset as preset_config
 from ..codec.mel import htk_mel_filterbank
 from ..codec.tokenizer import MiMoAudioTokenizer, init_random_weights, load_audio_tokenizer, save_audio_tokenizer
-from .common import check_resume_recipe, mean_losses, run_record, warmup_cosine
+from .common import TrainLoop, check_resume_recipe, run_record, warmup_cosine
 from .data import load_split, read_manifest
 
 MANIFEST = "training.json"
 STATE = "train_state.pt"
-LOSS_LOG = "losses.tsv"
 
 
 @dataclass
@@ -158,7 +156,9 @@ def _sample_rows(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 # --- the loop --------------------------------------------------------------------------------------
-class Trainer:
+class Trainer(TrainLoop):
+    LOSS_COLUMNS = ("loss", "mel", "coarse_mel", "commit")
+
     def __init__(self, recipe: TrainRecipe, corpus: str | Path, out: str | Path, config: AudioTokenizerConfig):
         self.recipe, self.corpus, self.out, self.config = recipe, Path(corpus), Path(out), config
         torch.manual_seed(recipe.seed)
@@ -215,50 +215,18 @@ class Trainer:
         total = r.mel_weight * mel_l1 + r.coarse_mel_weight * coarse_l1 + r.commit_weight * commit
         return {"loss": total, "mel": mel_l1, "coarse_mel": coarse_l1, "commit": commit}
 
-    def train_step(self) -> dict[str, float]:
-        losses = self.losses(self.batch())
-        self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.tok.parameters(), self.recipe.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        return {k: float(v.detach()) for k, v in losses.items()}
+    def batch_losses(self) -> dict[str, torch.Tensor]:
+        return self.losses(self.batch())
+
+    def parameters(self):
+        return self.tok.parameters()
 
     def run(self, *, save_every: int = 250, log_every: int = 25, stop_at: int | None = None,
             max_seconds: float | None = None, log=print) -> Path:
         """Train to ``recipe.steps``, or stop early (saved, resumable) at step ``stop_at`` or once this
         call has run ``max_seconds``."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        losses_path = self.out / LOSS_LOG
-        if self.step == 0:
-            losses_path.write_text("step\tseconds\tloss\tmel\tcoarse_mel\tcommit\tlr\n")
-        started = time.monotonic()
-        base_seconds = self.seconds
-        end = self.recipe.steps if stop_at is None else min(stop_at, self.recipe.steps)
-        while self.step < end:
-            if max_seconds is not None and time.monotonic() - started > max_seconds:
-                log(f"stopping at step {self.step} after {max_seconds:.0f} s (resume with --resume)")
-                break
-            row = self.train_step()
-            self.seconds = base_seconds + time.monotonic() - started
-            self.history.append(row)
-            self.history = self.history[-100:]
-            if self.step % log_every == 0 or self.step == self.recipe.steps:
-                lr = self.sched.get_last_lr()[0]
-                with losses_path.open("a") as f:
-                    f.write(f"{self.step}\t{self.seconds:.1f}\t" + "\t".join(f"{row[k]:.5f}" for k in
-                            ("loss", "mel", "coarse_mel", "commit")) + f"\t{lr:.6f}\n")
-                log(f"step {self.step}/{self.recipe.steps} {self.seconds:.0f}s " +
-                    " ".join(f"{k} {v:.4f}" for k, v in row.items()))
-            if self.step % save_every == 0:
-                self.save()
-        self.save()
-        return self.out
-
-    def final_losses(self) -> dict[str, float]:
-        """Mean of each loss over the last (up to) 100 steps."""
-        return mean_losses(self.history)
+        return self.train(self.save, log_every=log_every, stop_at=stop_at, max_seconds=max_seconds,
+                          save_every=save_every, log=log)
 
     def save(self) -> None:
         self.tok.eval()

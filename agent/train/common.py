@@ -1,10 +1,12 @@
-"""Pieces the training commands share: the learning-rate schedule, the losses a manifest
-reports, and reading a corpus manifest."""
+"""Pieces the training commands share: the learning-rate schedule, the optimizer step and the run
+loop (:class:`TrainLoop`), the losses a manifest reports, and reading a corpus manifest."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,74 @@ def check_resume_recipe(saved: dict[str, Any], recipe: dict[str, Any], state_pat
     if saved != recipe:
         changed = sorted(k for k in recipe.keys() | saved.keys() if saved.get(k) != recipe.get(k))
         raise ValueError(f"--resume of {state_path} with a different recipe (changed: {', '.join(changed)})")
+
+
+#: the log of every logged step's mean losses, next to each run's manifest
+LOSS_LOG = "losses.tsv"
+
+
+class TrainLoop:
+    """The step and the loop both trainers run. A trainer sets ``out``, ``recipe`` (with ``steps``
+    and ``grad_clip``), ``opt``, ``sched``, ``step``, ``seconds`` and ``history``, and provides
+    :meth:`batch_losses`, :meth:`parameters` and :attr:`LOSS_COLUMNS` (the losses in ``losses.tsv``)."""
+
+    LOSS_COLUMNS: tuple[str, ...] = ("loss",)
+
+    def batch_losses(self) -> dict[str, torch.Tensor]:
+        """The losses of one fresh batch (``"loss"`` is the one optimized)."""
+        raise NotImplementedError
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def train_step(self) -> dict[str, float]:
+        out = self.batch_losses()
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), self.recipe.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    def final_losses(self) -> dict[str, float]:
+        """Mean of each loss over the last (up to) 100 steps."""
+        return mean_losses(self.history)
+
+    def train(self, save: Callable[[], None], *, log_every: int, stop_at: int | None,
+              max_seconds: float | None, save_every: int | None = None, save_minutes: float | None = None,
+              log: Callable[[str], None] = print) -> Path:
+        """Train to ``recipe.steps`` (or stop, saved and resumable, at ``stop_at`` or after
+        ``max_seconds``), logging the mean losses every ``log_every`` steps and calling ``save``
+        every ``save_every`` steps, every ``save_minutes`` and at the end."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        losses_path = self.out / LOSS_LOG
+        if self.step == 0:
+            losses_path.write_text("\t".join(("step", "seconds", *self.LOSS_COLUMNS, "lr")) + "\n")
+        started = last_save = time.monotonic()
+        base = self.seconds
+        end = self.recipe.steps if stop_at is None else min(stop_at, self.recipe.steps)
+        window: list[dict[str, float]] = []
+        while self.step < end:
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                log(f"stopping at step {self.step} after {max_seconds:.0f} s (resume with --resume)")
+                break
+            row = self.train_step()
+            self.seconds = base + time.monotonic() - started
+            window.append(row)
+            self.history = [*self.history, row][-100:]
+            if self.step % log_every == 0 or self.step == end:
+                mean = mean_losses(window)
+                window = []
+                cells = [f"{self.step}", f"{self.seconds:.1f}", *(f"{mean[k]:.5f}" for k in self.LOSS_COLUMNS),
+                         f"{self.sched.get_last_lr()[0]:.6f}"]
+                with losses_path.open("a") as f:
+                    f.write("\t".join(cells) + "\n")
+                log(f"step {self.step}/{self.recipe.steps} {self.seconds:.0f}s " +
+                    " ".join(f"{k} {v:.4f}" for k, v in mean.items()))
+            if (save_every and self.step % save_every == 0) or (
+                    save_minutes and time.monotonic() - last_save > save_minutes * 60):
+                save()
+                last_save = time.monotonic()
+        save()
+        return self.out

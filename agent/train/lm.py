@@ -45,13 +45,12 @@ from ..lm.config import MiMoAudioConfig
 from ..lm.model import MiMoAudioLM
 from ..lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, Prompt, PromptBuilder
 from ..lm.tokenizer import MIMO_ADDED_TOKENS, REQUIRED_TOKENS, TextTokenizer
-from .common import check_resume_recipe, mean_losses, run_record, warmup_cosine
+from .common import LOSS_LOG, TrainLoop, check_resume_recipe, run_record, warmup_cosine
 from .dialogue import read_corpora
 from .lexicon import SentenceGenerator
 
 MANIFEST = "training.json"
 STATE = "train_state.pt"
-LOSS_LOG = "losses.tsv"
 FORMAT = "mimo-agent lm training"
 
 #: model sizes: the official architecture (8 channels, codebooks 1025/129, delays 0..7, groups of 4,
@@ -308,7 +307,9 @@ class LMRecipe:
     extra: dict = field(default_factory=dict)
 
 
-class LMTrainer:
+class LMTrainer(TrainLoop):
+    LOSS_COLUMNS = ("loss", "text", "speech", "speech_c0", "word_acc")
+
     def __init__(self, recipe: LMRecipe, corpora: list[str | Path], out: str | Path, *,
                  tokenizer: TextTokenizer | None = None, init: str | Path | None = None):
         self.recipe, self.corpora, self.out = recipe, [Path(c) for c in corpora], Path(out)
@@ -363,56 +364,19 @@ class LMTrainer:
         return collate([self.example() for _ in range(self.recipe.batch)], self.builder, self.rng,
                        self.recipe.max_decoded)
 
-    def train_step(self) -> dict[str, float]:
-        out = losses(self.lm, self.batch())
-        self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.lm.parameters(), self.recipe.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        return {k: float(v.detach()) for k, v in out.items()}
+    def batch_losses(self) -> dict[str, torch.Tensor]:
+        return losses(self.lm, self.batch())
+
+    def parameters(self):
+        return self.lm.parameters()
 
     def run(self, *, log_every: int = 25, save_minutes: float = 10.0, stop_at: int | None = None,
             max_seconds: float | None = None, publish: str | Path | None = None, log=print) -> Path:
         """Train to ``recipe.steps`` (or stop, saved and resumable, at ``stop_at`` / after
         ``max_seconds``), saving every ``save_minutes``; each save is also published to
         ``publish`` (a symlink switched atomically to a complete checkpoint)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        losses_path = self.out / LOSS_LOG
-        if self.step == 0:
-            losses_path.write_text("step\tseconds\tloss\ttext\tspeech\tspeech_c0\tword_acc\tlr\n")
-        started = time.monotonic()
-        base = self.seconds
-        last_save = started
-        end = self.recipe.steps if stop_at is None else min(stop_at, self.recipe.steps)
-        window: list[dict[str, float]] = []
-        while self.step < end:
-            if max_seconds is not None and time.monotonic() - started > max_seconds:
-                log(f"stopping at step {self.step} after {max_seconds:.0f} s (resume with --resume)")
-                break
-            row = self.train_step()
-            self.seconds = base + time.monotonic() - started
-            window.append(row)
-            self.history = [*self.history, row][-100:]
-            if self.step % log_every == 0 or self.step == end:
-                mean = {k: sum(w[k] for w in window) / len(window) for k in row}
-                window = []
-                lr = self.sched.get_last_lr()[0]
-                with losses_path.open("a") as f:
-                    f.write(f"{self.step}\t{self.seconds:.1f}\t" + "\t".join(f"{mean[k]:.5f}" for k in
-                            ("loss", "text", "speech", "speech_c0", "word_acc")) + f"\t{lr:.6f}\n")
-                log(f"step {self.step}/{self.recipe.steps} {self.seconds:.0f}s " +
-                    " ".join(f"{k} {v:.4f}" for k, v in mean.items()))
-            if save_minutes and time.monotonic() - last_save > save_minutes * 60:
-                self.save(publish)
-                last_save = time.monotonic()
-        self.save(publish)
-        return self.out
-
-    def final_losses(self) -> dict[str, float]:
-        """Mean of each loss over the last (up to) 100 steps."""
-        return mean_losses(self.history)
+        return self.train(lambda: self.save(publish), log_every=log_every, stop_at=stop_at,
+                          max_seconds=max_seconds, save_minutes=save_minutes, log=log)
 
     def save(self, publish: str | Path | None = None) -> None:
         self.lm.eval()
