@@ -562,6 +562,18 @@ def test_a_turn_ending_at_its_candidate_end_releases_the_speculated_answer():
     # the turn's audio up to 200 ms into the silence (speech ends at 2.87 s)
     assert 2870 + 200 <= started.audio_start_ms + spec.samples / 24 <= 2870 + 200 + 60
     assert spec.samples < len(user_audio.pcm)
+    assert spec.end_in_s == pytest.approx(0.3)  # the turn ends 500 ms into the silence at the earliest
+
+
+@pytest.mark.parametrize(("td", "end_in_s"), [({"type": "server_vad", "silence_duration_ms": 900}, 0.7),
+                                              ({"type": "semantic_vad", "eagerness": "high"}, 0.4)])
+def test_a_speculation_says_when_the_turn_may_end_at_the_earliest(td, end_in_s):
+    """The silence window's rest after the candidate end (semantic_vad: its window when the model is
+    unsure; a confident score ends the turn sooner, and the commit releases what is held then)."""
+    s, _ = make(speculate=True, audio={"input": {"turn_detection": td}})
+    append(s, HELLO[:24 * 3150])
+    (spec,) = [a for a in engine_actions(s) if isinstance(a, act.Speculate)]
+    assert spec.end_in_s == pytest.approx(end_in_s)
 
 
 def test_speech_after_a_candidate_end_abandons_the_speculation():
