@@ -604,6 +604,7 @@ class Engine:
         torch.set_grad_enabled(False)
         if self.device.type == "cuda":  # the current device is per thread: kernels and graphs go to ours
             torch.cuda.set_device(self.device)
+        cpu = time.thread_time()
         while self._running:
             self._drain_jobs(self._wait_s())
             try:
@@ -612,6 +613,10 @@ class Engine:
                 for s in list(self._sessions.values()):
                     if s.response is not None:
                         self._fail(s, "engine tick", exc)
+            now = time.thread_time()
+            if now - cpu >= 0.01:  # the model's compute, what speculation adds to (metrics)
+                self._observe("cpu", now - cpu, {})
+                cpu = now
         for s in list(self._sessions.values()):
             self._close_session(s)
 
