@@ -131,6 +131,10 @@ class SessionOptions:
     vad_frame_ms: int = 20
     vad_min_speech_ms: int = 100
     stream_input: bool = False  # hand a server-VAD turn's audio to the engine while it is spoken
+    # ... in parts of at least this much (all of it before a speculation): the engine takes it a patch
+    # (160 ms) at a time, and a job per 20 ms frame is 8x the messages to its thread, which fill its
+    # queue when it lags (a speculation then finds no headroom)
+    stream_part_ms: int = 160
     # at a candidate end, ask the engine for a held answer (with stream_input): released at once
     # when the turn ends there, dropped unheard when the user goes on
     speculate: bool = False
@@ -460,7 +464,7 @@ class RealtimeSession:
                     else:
                         self._auto_response_queued = True
         if self.options.stream_input:
-            part = self.input.stream()
+            part = self.input.stream(0 if speculate is not None else self.options.stream_part_ms)
             if part is not None:
                 self._actions.append(act.StreamUserAudio(*part))
         if speculate is not None:  # after its audio
