@@ -152,14 +152,20 @@ class SamplingBatch:
 
 
 def draw_uniform(
-    generators: Sequence[torch.Generator | None] | None, n: int, shape: tuple[int, ...], device: torch.device
+    generators: Sequence[torch.Generator | None] | None, n: int, shape: tuple[int, ...], device: torch.device,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Uniform noise (n, *shape): row b from ``generators[b]`` (torch's default generator if None)."""
-    if generators is None:
-        return torch.rand((n, *shape), device=device)
-    if len(generators) != n:
+    """Uniform noise (n, *shape): row b from ``generators[b]`` (torch's default generator if None).
+    Each row is drawn into its place in ``out`` (a new tensor if None): one kernel a row, no
+    stack, and no copy when ``out`` is where the draws are read (a graph's static input)."""
+    if generators is not None and len(generators) != n:
         raise ValueError(f"{len(generators)} generators for {n} rows")
-    return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
+    out = torch.empty((n, *shape), device=device) if out is None else out
+    if generators is None:
+        return torch.rand((n, *shape), device=device, out=out)
+    for row, g in zip(out, generators, strict=True):
+        torch.rand(shape, generator=g, device=device, out=row)
+    return out
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
