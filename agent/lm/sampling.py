@@ -158,11 +158,12 @@ def draw_uniform(
     """Uniform noise (n, *shape): row b from ``generators[b]`` (torch's default generator if None).
     Each row is drawn into its place in ``out`` (a new tensor if None): one kernel a row, no
     stack, and no copy when ``out`` is where the draws are read (a graph's static input)."""
-    if generators is not None and len(generators) != n:
-        raise ValueError(f"{len(generators)} generators for {n} rows")
-    out = torch.empty((n, *shape), device=device) if out is None else out
     if generators is None:
         return torch.rand((n, *shape), device=device, out=out)
+    if len(generators) != n:
+        raise ValueError(f"{len(generators)} generators for {n} rows")
+    if out is None:
+        return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
     for row, g in zip(out, generators, strict=True):
         torch.rand(shape, generator=g, device=device, out=row)
     return out
