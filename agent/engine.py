@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import queue
 import threading
 import time
@@ -128,11 +129,17 @@ class EngineConfig:
     # its release sends at once) or speculate_max_patches patches, then waits, leaving the engine idle
     # for the commit; a turn gets at most speculate_attempts (every pause of speculate-ms takes one:
     # with 3, a turn with a few pauses had none left for its end, BENCHMARKS.md); none starts while
-    # every decode row is taken or more than speculate_max_queue jobs wait
+    # every decode row is taken or more than speculate_max_queue jobs wait. Its prefill runs at once,
+    # its patches only from the turn's earliest end (Speculate.end_in_s) less the time a held answer
+    # takes to generate (measured; at least speculate_lead_s): a pause the user ends sooner wastes no
+    # patch. The held answers a turn abandons may waste speculate_waste_ratio x the session's last
+    # answer (speculate_max_patches before one), in patches; beyond, its speculations are prefilled only
     speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
     speculate_attempts: int = 8
     speculate_max_queue: int = 64
+    speculate_lead_s: float = 0.15
+    speculate_waste_ratio: float = 0.5
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
     # the memory plan (agent.memory): max_sessions must fit in the device's free memory after the
     # weights (or in memory_limit_bytes when given); memory_check False starts anyway
@@ -196,6 +203,9 @@ class Speculate:
     item_id: str
     samples: int
     params: ResponseParams = field(default_factory=ResponseParams)
+    # the turn cannot end sooner than this (the rest of its silence window; 0: it may end now): the
+    # held answer generates just in time for it (EngineConfig.speculate_lead_s)
+    end_in_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -383,6 +393,7 @@ class _Provisional:
     codes: torch.Tensor | None = None  # (4k, channels): the patches meant for the slot
     synced: bool = True  # the slot holds the rendering of ``codes`` behind the conversation
     speculations: int = 0  # answers speculated on this turn
+    wasted: int = 0  # patches of the held answers it abandoned
 
     def audio(self) -> np.ndarray:
         if len(self.pcm) > 1:
@@ -407,6 +418,9 @@ class _Speculation:
     pcm: np.ndarray | None = None  # the committed audio: encoded whole if the answer is not adopted
     transcribe: bool = False
     failed: bool = False
+    generate_at: float = 0.0  # its patches wait until then (perf_counter; inf: until its release)
+    generating_since: float | None = None  # its first step
+    held_after_s: float | None = None  # how long it took from its first step to its hold
 
 
 @dataclass
@@ -426,6 +440,7 @@ class _Session:
     speculation: _Speculation | None = None
     last_encode_ms: float = 0.0
     last_encode_cpu_s: float = 0.0
+    answer_patches: int | None = None  # the last answer's length (the speculation waste budget's unit)
     text_generator: torch.Generator | None = None
     speech_generator: torch.Generator | None = None
     closed: bool = False
@@ -530,6 +545,7 @@ class Engine:
         self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
+        self._hold_s: float | None = None  # moving average of a held answer's generation, first step to hold
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
         self._empty_codes_device = self._empty_codes.to(self.device).unsqueeze(0)  # (1, 4, 8)
@@ -588,6 +604,7 @@ class Engine:
         torch.set_grad_enabled(False)
         if self.device.type == "cuda":  # the current device is per thread: kernels and graphs go to ours
             torch.cuda.set_device(self.device)
+        cpu = time.thread_time()
         while self._running:
             self._drain_jobs(self._wait_s())
             try:
@@ -596,6 +613,10 @@ class Engine:
                 for s in list(self._sessions.values()):
                     if s.response is not None:
                         self._fail(s, "engine tick", exc)
+            now = time.thread_time()
+            if now - cpu >= 0.01:  # the model's compute, what speculation adds to (metrics)
+                self._observe("cpu", now - cpu, {})
+                cpu = now
         for s in list(self._sessions.values()):
             self._close_session(s)
 
@@ -611,10 +632,35 @@ class Engine:
             and s.response.job.response_id == s.speculation.response_id
 
     def _paused(self, s: _Session) -> bool:
-        """A held speculation with enough audio, or at its cap of patches: it waits for its release."""
+        """A held speculation not due to generate yet, or with enough audio, or at its cap of patches:
+        it waits (for its time, or its release)."""
+        return self._held(s) and (self._due_in(s, time.perf_counter()) > 0 or self._at_hold(s))
+
+    def _at_hold(self, s: _Session) -> bool:
         r = s.response
-        return self._held(s) and (len(r.item.patches) >= self.config.speculate_max_patches
-                                  or r.audio_samples >= self.config.speculate_hold_s * SAMPLE_RATE)
+        return len(r.item.patches) >= self.config.speculate_max_patches \
+            or r.audio_samples >= self.config.speculate_hold_s * SAMPLE_RATE
+
+    @staticmethod
+    def _due_in(s: _Session, now: float) -> float:
+        """Seconds until ``s``'s held answer may generate (<= 0: it may)."""
+        return s.speculation.generate_at - now
+
+    def _lead_time_s(self) -> float:
+        """How far ahead of a turn's earliest end a held answer starts generating: what one took to
+        reach its hold lately, with a margin, and at least ``speculate_lead_s``."""
+        measured = 0.0 if self._hold_s is None else 1.5 * self._hold_s
+        return max(self.config.speculate_lead_s, measured)
+
+    def _note_hold(self, s: _Session, now: float) -> None:
+        """Time a held answer's generation (its first step to its hold), for :meth:`_lead_time_s`."""
+        spec = s.speculation
+        if spec.generating_since is None:
+            spec.generating_since = now
+        elif spec.held_after_s is None and self._at_hold(s):
+            spec.held_after_s = now - spec.generating_since
+            self._hold_s = spec.held_after_s if self._hold_s is None else \
+                self._hold_s + 0.3 * (spec.held_after_s - self._hold_s)
 
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work
@@ -631,7 +677,12 @@ class Engine:
             if self._stream_due(s) or self._provisional_due(s):
                 return 0.0
             r = s.response
-            if r is None or (self._paused(s) and not r.new_codes):
+            if r is None:
+                continue
+            if r.phase == "generate" and self._paused(s) and not r.new_codes:
+                due = self._due_in(s, now)
+                if due > 0:  # not due yet: the loop wakes when it is
+                    wait = min(wait, due)
                 continue
             if r.phase != "generate" or r.cancel_reason is not None:
                 return 0.0
@@ -913,7 +964,14 @@ class Engine:
         if s.response is None or spec.failed:
             self._abandon(s)  # it did not start
             return
+        spec.generate_at = math.inf if self._over_budget(s) else \
+            t + max(0.0, job.end_in_s - self._lead_time_s())
         self._speculation_event("started")
+
+    def _over_budget(self, s: _Session) -> bool:
+        """Whether the turn's abandoned held answers wasted their share (``speculate_waste_ratio``)."""
+        unit = s.answer_patches if s.answer_patches is not None else self.config.speculate_max_patches
+        return s.provisional.wasted >= self.config.speculate_waste_ratio * unit
 
     def _abandon(self, s: _Session) -> None:
         """Drop the held speculation: its response and items go, its events are never sent, the slot
@@ -928,12 +986,15 @@ class Engine:
             if spec.transcribe:
                 s.transcribe.add(spec.item_id)
         pr = s.provisional
+        wasted = len(spec.answer.patches or ())
+        if pr is not None and pr.item_id == spec.item_id:
+            pr.wasted += wasted
         if pr is not None and pr.codes is not None:
             self._sync_cache(s, self.renderer.open_turn(s.items, pr.codes, instructions=s.instructions,
                                                         voice_codes=s.voice_codes))
         else:
             self._sync_cache(s)
-        self._speculation_event("abandoned", len(spec.answer.patches or ()))
+        self._speculation_event("abandoned", wasted)
 
     @staticmethod
     def _released_timings(spec: _Speculation, held: dict, now: float, cpu: float) -> dict:
@@ -1305,8 +1366,10 @@ class Engine:
                     self._finish(s, "cancelled", r.cancel_reason)
                 continue
             if self._held(s):
-                if not self._paused(s):
-                    held.append(s)
+                if self._due_in(s, now) <= 0:
+                    self._note_hold(s, now)
+                    if not self._at_hold(s):
+                        held.append(s)
                 continue
             if self._lead_s(r, now) > self.config.max_audio_lead_s:
                 continue  # far enough ahead of the listener
@@ -1502,6 +1565,8 @@ class Engine:
             # other sessions batched in the same steps)
             r.timings["first_audio_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
         r.audio_samples += len(pcm)
+        if self._held(s):
+            self._note_hold(s, time.perf_counter())
         self._emit(s, AudioDelta(r.job.response_id, r.item.item_id, np.asarray(pcm, dtype=np.float32)))
 
     # -------------------------------------------------------------------------------- finish
@@ -1520,6 +1585,8 @@ class Engine:
             self._emit(s, TextDelta(r.job.response_id, r.item.item_id, tail))
         r.item.complete = True
         r.mark("total_ms")
+        if status in ("completed", "incomplete") and r.job.params.in_conversation and not self._held(s):
+            s.answer_patches = len(r.item.patches)
         s.response = None
         if not r.job.params.in_conversation:
             s.items.remove(r.item)

@@ -72,11 +72,13 @@ class Speculate:
     """The open turn ``item_id`` may have ended after its first ``samples`` samples of streamed audio
     (a candidate end): start its answer with ``params`` and hold it. The turn's ``AppendUserAudio``
     then ``CreateResponse`` with the same params release it; nothing of it reaches the client
-    otherwise."""
+    otherwise. ``end_in_s``: the turn cannot end sooner than that (the rest of the silence window);
+    the engine generates the held answer just in time for it."""
 
     item_id: str
     samples: int
     params: ResponseParams
+    end_in_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,13 +166,13 @@ class InputAudio:
         offset_ms = self._vad_offset // SAMPLES_PER_MS
         return self._vad_offset + (audio_end_ms - offset_ms) * SAMPLES_PER_MS - self._turn_start
 
-    def stream(self) -> tuple[str, np.ndarray] | None:
+    def stream(self, min_ms: int = 0) -> tuple[str, np.ndarray] | None:
         """Streaming input: the open turn's audio not handed out yet, from its start (prefix padding
-        included), as (item id, pcm16); None outside a turn."""
+        included), as (item id, pcm16), once there is at least ``min_ms`` of it; None outside a turn."""
         if self.turn_item_id is None:
             return None
         start, end = max(self._turn_start, self._streamed), self.buffer.end
-        if end <= start:
+        if end <= start or end - start < min_ms * SAMPLES_PER_MS:
             return None
         self._streamed = end
         return self.turn_item_id, self.buffer.span(start, end)

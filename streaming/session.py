@@ -131,6 +131,10 @@ class SessionOptions:
     vad_frame_ms: int = 20
     vad_min_speech_ms: int = 100
     stream_input: bool = False  # hand a server-VAD turn's audio to the engine while it is spoken
+    # ... in parts of at least this much (all of it before a speculation): the engine takes it a patch
+    # (160 ms) at a time, and a job per 20 ms frame is 8x the messages to its thread, which fill its
+    # queue when it lags (a speculation then finds no headroom)
+    stream_part_ms: int = 160
     # at a candidate end, ask the engine for a held answer (with stream_input): released at once
     # when the turn ends there, dropped unheard when the user goes on
     speculate: bool = False
@@ -460,13 +464,13 @@ class RealtimeSession:
                     else:
                         self._auto_response_queued = True
         if self.options.stream_input:
-            part = self.input.stream()
+            part = self.input.stream(0 if speculate is not None else self.options.stream_part_ms)
             if part is not None:
                 self._actions.append(act.StreamUserAudio(*part))
         if speculate is not None:  # after its audio
             self._speculated = speculate.item_id
             self._actions.append(act.Speculate(speculate.item_id, self.input.turn_samples(speculate.audio_end_ms),
-                                               resolve_response_params(self.config, None)))
+                                               resolve_response_params(self.config, None), self._end_in_s()))
 
     def turn_scored(self, request_id: int, probability: float | None) -> None:
         """semantic_vad: the end-of-turn model's answer to an ``act.ScoreTurn`` (None: the call
@@ -484,6 +488,15 @@ class RealtimeSession:
         td = self._turn_detection()
         return (self.options.speculate and self.options.stream_input and td is not None and bool(td.create_response)
                 and self._active is None and not self._auto_response_queued and self._speculated is None)
+
+    def _end_in_s(self) -> float:
+        """At a candidate end: how long until the turn may end at the earliest, the rest of the silence
+        window (semantic_vad: its window where the model is unsure). The held answer's patches wait
+        until just before (``agent.engine.Speculate``): a pause the user ends sooner costs none. A
+        confident score ends the turn sooner: the commit releases what is held then, the prefilled
+        turn at least."""
+        config = self.input.vad.config
+        return max(0, config.silence_duration_ms - config.candidate_ms) / 1000
 
     def _drop_speculation(self) -> None:
         if self._speculated is not None:

@@ -8,6 +8,8 @@ session. Reported:
 
 - **text-channel answer accuracy**: the response's transcript equals the expected answer (after
   :func:`agent.quality.recognize.normalize`); follow-ups (memory across turns) separately;
+- **typed questions**: the same conversations typed (``input_text`` items, as the demo page's
+  example prompts send them), the same accuracies;
 - **spoken-answer word accuracy**: the response's audio, transcribed by the recognizer
   (:class:`~agent.quality.recognize.Recognizer`, PocketSphinx, nothing shared with the model)
   restricted to the domain's closed set of answers (:func:`domain_answers`: it knows every answer,
@@ -30,7 +32,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from agent.quality.recognize import Recognizer, normalize, word_accuracy, word_e
 #: the kinds of question asked in turn on each voice (a numeric one is followed by a follow-up)
 KINDS = ("plus", "minus", "after", "repeat", "greeting")
 TARGETS = {"text_accuracy": 0.90, "spoken_word_accuracy": 0.80, "tts_wer": 0.20}
+#: the "voice" of a typed question: its text is sent as an ``input_text`` item
+TYPED = "typed"
 
 
 @dataclass
@@ -72,6 +76,11 @@ def domain_answers() -> list[str]:
 
     fixed = {answer(q)[0] for kind, qs in questions().items() if kind != "follow_up" for q in qs}
     return sorted(fixed | {number_words(n) for n in range(-11, 22)})
+
+
+def typed(conversations: list[list[Turn]]) -> list[list[Turn]]:
+    """The same conversations, typed."""
+    return [[replace(t, voice=TYPED) for t in c] for c in conversations]
 
 
 def plan(voices: list[str], per_voice: int, seed: int) -> list[list[Turn]]:
@@ -122,8 +131,11 @@ async def ask(url: str, conversations: list[list[Turn]], speech: dict[int, np.nd
     for conversation in conversations:
         async with await connect(url, api_key=api_key, audio={"input": {"turn_detection": None}}) as client:
             for turn in conversation:
-                await client.send_audio(speech[id(turn)])
-                await client.commit()
+                if turn.voice == TYPED:
+                    await client.send_text(turn.question)
+                else:
+                    await client.send_audio(speech[id(turn)])
+                    await client.commit()
                 await client.create_response()
                 result = await client.collect_response(timeout=timeout)
                 turn.text, turn.status = result.transcript or result.text, result.status or ""
@@ -162,24 +174,31 @@ def reconstruct(codec: Any, audio: np.ndarray) -> np.ndarray:
 def summarize(conversations: list[list[Turn]], tts_pairs: list[tuple[str, str]],
               ceiling: dict[str, list[tuple[str, str]]]) -> dict[str, Any]:
     """The figures; ``ceiling`` maps "answers_clean", "answers_codec", "tts_clean", "tts_codec"
-    to (text, heard) pairs of the agent voice's own speech."""
-    turns = [t for c in conversations for t in c]
+    to (text, heard) pairs of the agent voice's own speech. Typed conversations are scored apart
+    (``typed``: their text-channel accuracies), the spoken answer's measures are on spoken ones."""
+    turns = [t for c in conversations for t in c if t.voice != TYPED]
+    typed_turns = [t for c in conversations for t in c if t.voice == TYPED]
+    return {
+        **_accuracies(turns),
+        "typed": _accuracies(typed_turns) if typed_turns else None,
+        "spoken_word_accuracy": max(0.0, 1 - word_error_rate((t.expected, t.heard) for t in turns)),
+        "spoken_vs_own_text_accuracy": max(0.0, 1 - word_error_rate((t.text, t.heard) for t in turns if t.text)),
+        "tts_wer": word_error_rate(tts_pairs) if tts_pairs else None,
+        "ceiling_wer": {name: word_error_rate(pairs) for name, pairs in ceiling.items()},
+    }
+
+
+def _accuracies(turns: list[Turn]) -> dict[str, Any]:
+    """Text-channel accuracies of ``turns``: first questions (all, by kind) and follow-ups."""
     first = [t for t in turns if t.kind != "follow_up"]
     follow = [t for t in turns if t.kind == "follow_up"]
 
     def share(ts: list[Turn]) -> float | None:
         return sum(t.text_correct for t in ts) / len(ts) if ts else None
 
-    return {
-        "questions": len(first), "follow_ups": len(follow),
-        "text_accuracy": share(first),
-        "text_accuracy_by_kind": {k: share([t for t in first if t.kind == k]) for k in KINDS},
-        "follow_up_accuracy": share(follow),
-        "spoken_word_accuracy": max(0.0, 1 - word_error_rate((t.expected, t.heard) for t in turns)),
-        "spoken_vs_own_text_accuracy": max(0.0, 1 - word_error_rate((t.text, t.heard) for t in turns if t.text)),
-        "tts_wer": word_error_rate(tts_pairs) if tts_pairs else None,
-        "ceiling_wer": {name: word_error_rate(pairs) for name, pairs in ceiling.items()},
-    }
+    return {"questions": len(first), "follow_ups": len(follow), "text_accuracy": share(first),
+            "text_accuracy_by_kind": {k: share([t for t in first if t.kind == k]) for k in KINDS},
+            "follow_up_accuracy": share(follow)}
 
 
 def report(summary: dict[str, Any], conversations: list[list[Turn]], tts_pairs: list[tuple[str, str]],
@@ -196,6 +215,11 @@ def report(summary: dict[str, Any], conversations: list[list[Turn]], tts_pairs: 
              f"(target >= {pct(TARGETS['text_accuracy'])}); "
              + ", ".join(f"{k} {pct(v)}" for k, v in s["text_accuracy_by_kind"].items()),
              f"follow-ups (memory of the previous answer): {pct(s['follow_up_accuracy'])} of {s['follow_ups']}",
+             *([] if not s.get("typed") else [
+                 f"typed questions (the same, sent as text): {pct(s['typed']['text_accuracy'])} of "
+                 f"{s['typed']['questions']}; " + ", ".join(f"{k} {pct(v)}" for k, v in
+                                                           s["typed"]["text_accuracy_by_kind"].items())
+                 + f"; follow-ups {pct(s['typed']['follow_up_accuracy'])} of {s['typed']['follow_ups']}"]),
              f"spoken-answer word accuracy (recognizer vs the expected answer): {pct(s['spoken_word_accuracy'])} "
              f"(target >= {pct(TARGETS['spoken_word_accuracy'])}); vs the model's own text "
              f"{pct(s['spoken_vs_own_text_accuracy'])}",
@@ -227,6 +251,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                    help="voices that ask (default: the held-out voices, never in training)")
     w.add_argument("--per-voice", type=int, default=10, help="questions per voice (default 10; numeric ones get "
                                                              "a follow-up)")
+    w.add_argument("--typed", action=argparse.BooleanOptionalAction, default=True,
+                   help="also type every conversation (input_text items, as the page's example prompts) and score "
+                        "those answers apart (default: yes)")
     w.add_argument("--tts", type=int, default=20, help="lexicon sentences for the TTS measure (default 20)")
     w.add_argument("--recordings", nargs="*", default=[], help="human recordings to report on (wav; default none)")
     w.add_argument("--seed", type=int, default=0, help="draws the questions and sentences (default 0)")
@@ -257,9 +284,10 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     runtime = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
                            threads=args.threads)  # first: a missing checkpoint fails before any synthesis
     conversations = plan(args.voices, args.per_voice, args.seed)
+    conversations += typed(conversations) if args.typed else []
     generator = SentenceGenerator(args.seed + 101)
     sentences = [generator.statement() for _ in range(args.tts)]
-    turns = [t for c in conversations for t in c]
+    turns = [t for c in conversations for t in c if t.voice != TYPED]
     expected = sorted({t.expected for t in turns})
     hear_answer, hear_speech = Recognizer(phrases=domain_answers()), Recognizer()
     speak = Speaker()
@@ -304,7 +332,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
               f"{args.per_voice} questions, seed {args.seed}, {time.monotonic() - started:.0f} s")
     result = {
         "model": runtime.info, "server": server_info, "machine": machine(), "summary": summary,
-        "targets": TARGETS, "turns": [t.as_dict() for t in turns],
+        "targets": TARGETS, "turns": [t.as_dict() for c in conversations for t in c],
         "tts": [{"text": s, "heard": h} for s, h in tts_pairs],
         "ceiling": {k: [{"text": s, "heard": h} for s, h in v] for k, v in ceiling.items()},
         "recordings": recordings,

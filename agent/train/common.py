@@ -93,10 +93,11 @@ class TrainLoop:
 
     def train(self, save: Callable[[], None], *, log_every: int, stop_at: int | None,
               max_seconds: float | None, save_every: int | None = None, save_minutes: float | None = None,
-              log: Callable[[str], None] = print) -> Path:
+              log: Callable[[str], None] = print, after_step: Callable[[], None] | None = None) -> Path:
         """Train to ``recipe.steps`` (or stop, saved and resumable, at ``stop_at`` or after
-        ``max_seconds``), logging the mean losses every ``log_every`` steps and calling ``save``
-        every ``save_every`` steps, every ``save_minutes`` and at the end."""
+        ``max_seconds``), logging the mean losses every ``log_every`` steps, calling ``after_step``
+        after each step (before any save) and ``save`` every ``save_every`` steps, every
+        ``save_minutes`` and at the end."""
         self.out.mkdir(parents=True, exist_ok=True)
         losses_path = self.out / LOSS_LOG
         if self.step == 0:
@@ -122,6 +123,8 @@ class TrainLoop:
                     f.write("\t".join(cells) + "\n")
                 log(f"step {self.step}/{self.recipe.steps} {self.seconds:.0f}s " +
                     " ".join(f"{k} {v:.4f}" for k, v in mean.items()))
+            if after_step is not None:
+                after_step()
             if (save_every and self.step % save_every == 0) or (
                     save_minutes and time.monotonic() - last_save > save_minutes * 60):
                 save()

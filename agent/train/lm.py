@@ -11,14 +11,20 @@ dialogue is a list of :class:`agent.conversation.Item` rendered by the engine's
 :class:`~agent.conversation.ConversationRenderer` (the default instructions in the first user
 turn, each user turn's speech, each assistant turn as the patches the model generates: the
 official 5:5 text/speech interleave after ``<|sostm|>``, ``<|eot|>`` closing the text,
-``<|eostm|>`` the stream, then the history as the engine appends it); TTS and ASR examples come
+``<|eostm|>`` the stream, then the history as the engine appends it); a share of the user turns is
+typed instead (the question's text in the user turn, as the engine renders a typed ``input_text``
+item, sometimes in lower case, without its final punctuation or with digits: :func:`typed_text`),
+so that typed questions get the answers spoken ones do; TTS and ASR examples come
 from :class:`~agent.lm.prompts.PromptBuilder` (``tts``, ``asr``: what the offline commands and
 the transcriber use). The losses are on the patches the model generates and nothing else: text
 cross-entropy on their text ids (``<|empty|>`` for a speech patch), and the patch decoder's
 cross-entropy on their codes, teacher-forced through the delay pattern exactly as
 :func:`agent.lm.patch_decoder.run_patch` samples them (each channel's empty id excluded).
 
-Everything random is drawn from ``--seed``; ``--resume`` continues a run bit for bit. The output
+Everything random is drawn from ``--seed``; ``--resume`` continues a run bit for bit; ``--init``
+starts from a previous run's weights and tokenizer (fine-tuning). ``--validate-every`` measures,
+teacher-forced, the answers to the corpus' held-out questions (held-out voices, spoken and typed)
+and keeps the best checkpoint so far in ``best/`` (the one to ship, rather than the last). The output
 directory is an official-layout checkpoint (``config.json``, ``model.safetensors``,
 ``tokenizer.json``; :func:`agent.checkpoint.load_lm` reads it) with ``training.json`` (recipe,
 command, steps, losses, time), ``losses.tsv`` and ``train_state.pt`` (to resume).
@@ -30,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,10 +54,12 @@ from ..lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, Pr
 from ..lm.tokenizer import MIMO_ADDED_TOKENS, REQUIRED_TOKENS, TextTokenizer
 from .common import LOSS_LOG, TrainLoop, check_resume_recipe, run_record, warmup_cosine
 from .dialogue import read_corpora
-from .lexicon import SentenceGenerator
+from .lexicon import NUMBERS, SentenceGenerator
 
 MANIFEST = "training.json"
 STATE = "train_state.pt"
+#: the best checkpoint by validation, under the run's directory
+BEST = "best"
 FORMAT = "mimo-agent lm training"
 
 #: model sizes: the official architecture (8 channels, codebooks 1025/129, delays 0..7, groups of 4,
@@ -103,6 +112,21 @@ def lm_config(size: str, tokenizer: TextTokenizer) -> MiMoAudioConfig:
 
 
 # --- sequences -------------------------------------------------------------------------------------
+_NUMBER_WORD = re.compile(r"\b(" + "|".join(sorted(NUMBERS, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+
+
+def typed_text(text: str, rng: random.Random) -> str:
+    """``text`` as someone might type it: each of lower case, no final punctuation and (outside
+    "repeat after me", whose word is the answer) digits for number words, a third of the time."""
+    if rng.random() < 1 / 3 and not text.lower().startswith("repeat after me"):
+        text = _NUMBER_WORD.sub(lambda m: str(NUMBERS.index(m.group(1).lower())), text)
+    if rng.random() < 1 / 3:
+        text = text.lower()
+    if rng.random() < 1 / 3:
+        text = text.rstrip(".?!")
+    return text
+
+
 @dataclass
 class Sequence:
     """A training sequence: its patches and which of them the model generates (the loss targets)."""
@@ -137,11 +161,18 @@ class SequenceBuilder:
         ``<|sostm|>`` (which the prompt ends with), up to and including ``<|eostm|>``."""
         return self.builder.interleaved(text, self.codes[key])[1:]
 
-    def dialogue(self, turns: list[dict], instructions: str | None, rng: random.Random | None = None) -> Sequence:
-        """The conversation as the engine renders it once every turn is answered."""
+    def dialogue(self, turns: list[dict], instructions: str | None, rng: random.Random | None = None,
+                 typed: list[bool] | None = None) -> Sequence:
+        """The conversation as the engine renders it once every turn is answered; the user turns
+        ``typed`` marks are the question's text (varied by :func:`typed_text` with ``rng``), as the
+        engine renders a typed item, the others its speech."""
         items, streams = [], {}
         for i, turn in enumerate(turns):
-            items.append(Item(f"u{i}", Role.USER, codes=self.user(turn["user"], rng)))
+            if typed and typed[i]:
+                text = turn["text"] if rng is None else typed_text(turn["text"], rng)
+                items.append(Item(f"u{i}", Role.USER, text=text))
+            else:
+                items.append(Item(f"u{i}", Role.USER, codes=self.user(turn["user"], rng)))
             streams[f"a{i}"] = self.stream(turn["answer"], turn["agent"])
             items.append(Item(f"a{i}", Role.ASSISTANT, patches=streams[f"a{i}"], complete=True))
         rendering = self.renderer.render(items, instructions=instructions)
@@ -303,6 +334,8 @@ class LMRecipe:
     user_code_noise: float = 0.15
     #: share of dialogues without the default instructions in the first user turn
     no_instructions_share: float = 0.1
+    #: share of user turns typed rather than spoken (see :meth:`SequenceBuilder.dialogue`)
+    text_user_share: float = 0.25
     instructions: str = DEFAULT_SYSTEM_PROMPT
     extra: dict = field(default_factory=dict)
 
@@ -340,6 +373,9 @@ class LMTrainer(TrainLoop):
         self.step = 0
         self.seconds = 0.0
         self.history: list[dict[str, float]] = []
+        #: every validation ({"step", "spoken_acc", ...}) and the best one, whose weights are in best/
+        self.validation: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
         self.dialogues = self.manifest["dialogues"]
         self.users = self.manifest["users"]
         if not self.dialogues:
@@ -358,7 +394,43 @@ class LMTrainer(TrainLoop):
         if d["task"] == "tts":
             return self.sequences.tts(d["text"], d["agent"])
         instructions = None if rng.random() < r.no_instructions_share else r.instructions
-        return self.sequences.dialogue(d["turns"], instructions, rng)
+        typed = [rng.random() < r.text_user_share for _ in d["turns"]] if r.text_user_share else None
+        return self.sequences.dialogue(d["turns"], instructions, rng, typed)
+
+    def validation_sets(self) -> dict[str, list[Sequence]]:
+        """The corpus' held-out questions (held-out voices, never trained on) with their answers,
+        as single-turn dialogues with the default instructions: spoken, and typed as written."""
+        agent = {a["text"]: a["key"] for a in self.manifest["agents"]}
+        turns = [{"user": h["key"], "text": h["text"], "answer": h["answer"], "agent": agent[h["answer"]]}
+                 for h in self.manifest["held_out"] if h.get("answer") in agent]
+        if not turns:
+            raise ValueError(f"{', '.join(map(str, self.corpora))}: no held-out questions to validate on")
+        return {kind: [self.sequences.dialogue([t], self.recipe.instructions, typed=[kind == "typed"]) for t in turns]
+                for kind in ("spoken", "typed")}
+
+    @torch.no_grad()
+    def validate(self, batch: int = 32) -> dict[str, float]:
+        """Teacher-forced, per set: the text loss of the answers and the share of answers whose
+        every text id (the words, ``<|eot|>``, ``<|eostm|>``) is the model's most likely one."""
+        if not hasattr(self, "_validation"):
+            self._validation = self.validation_sets()
+        self.lm.eval()
+        out: dict[str, float] = {}
+        for kind, sequences in self._validation.items():
+            loss = right = 0.0
+            for start in range(0, len(sequences), batch):
+                b = collate(sequences[start : start + batch], self.builder, random.Random(0))
+                h = backbone_hidden(self.lm, b["text_ids"], b["codes"])[:, :-1]
+                want, target = b["text_ids"][:, 1:], b["generated"][:, 1:]
+                logits = self.lm.lm_head(h)
+                words = target & (want != self.config.empty_token_id)
+                loss += float(F.cross_entropy(logits[target], want[target])) * len(want)
+                wrong = words & (logits.argmax(-1) != want)
+                right += float((~wrong.any(1)).sum())
+            out[f"{kind}_text"] = round(loss / len(sequences), 5)
+            out[f"{kind}_acc"] = round(right / len(sequences), 5)
+        self.lm.train()
+        return out
 
     def batch(self) -> dict[str, torch.Tensor]:
         return collate([self.example() for _ in range(self.recipe.batch)], self.builder, self.rng,
@@ -371,12 +443,36 @@ class LMTrainer(TrainLoop):
         return self.lm.parameters()
 
     def run(self, *, log_every: int = 25, save_minutes: float = 10.0, stop_at: int | None = None,
-            max_seconds: float | None = None, publish: str | Path | None = None, log=print) -> Path:
+            max_seconds: float | None = None, publish: str | Path | None = None, validate_every: int | None = None,
+            log=print) -> Path:
         """Train to ``recipe.steps`` (or stop, saved and resumable, at ``stop_at`` / after
         ``max_seconds``), saving every ``save_minutes``; each save is also published to
-        ``publish`` (a symlink switched atomically to a complete checkpoint)."""
+        ``publish`` (a symlink switched atomically to a complete checkpoint). Every
+        ``validate_every`` steps (and at ``recipe.steps``), :meth:`validate` and keep the best in ``best/``."""
+        def after_step() -> None:
+            if validate_every and (self.step % validate_every == 0 or self.step == self.recipe.steps):
+                self.check(log)
+
         return self.train(lambda: self.save(publish), log_every=log_every, stop_at=stop_at,
-                          max_seconds=max_seconds, save_minutes=save_minutes, log=log)
+                          max_seconds=max_seconds, save_minutes=save_minutes, log=log, after_step=after_step)
+
+    def check(self, log=print) -> None:
+        """Validate now; better than the best so far (spoken answers right, then typed ones, then
+        the spoken text loss), its weights and manifest go to ``best/``."""
+        result = {"step": self.step, **self.validate()}
+        self.validation.append(result)
+
+        def rank(v: dict[str, float]) -> tuple[float, float, float]:
+            return v["spoken_acc"], v["typed_acc"], -v["spoken_text"]
+
+        better = self.best is None or rank(result) > rank(self.best)
+        if better:
+            self.best = result
+            self.lm.eval()
+            save_lm(self.lm, self.out / BEST, tokenizer=self.tokenizer)
+            self.lm.train()
+            self.write_manifest(self.out / BEST)
+        log("validation " + " ".join(f"{k} {v}" for k, v in result.items()) + (" (best)" if better else ""))
 
     def save(self, publish: str | Path | None = None) -> None:
         self.lm.eval()
@@ -384,13 +480,14 @@ class LMTrainer(TrainLoop):
         self.lm.train()
         torch.save({"step": self.step, "seconds": self.seconds, "model": self.lm.state_dict(),
                     "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "rng": self.rng.getstate(), "history": self.history, "recipe": asdict(self.recipe)},
+                    "rng": self.rng.getstate(), "history": self.history, "recipe": asdict(self.recipe),
+                    "validation": self.validation, "best": self.best},
                    self.out / STATE)
         self.write_manifest()
         if publish is not None:
             publish_checkpoint(self.out, Path(publish), self.step)
 
-    def write_manifest(self) -> None:
+    def write_manifest(self, directory: Path | None = None) -> None:
         params = sum(p.numel() for p in self.lm.parameters())
         manifest = {
             "format": FORMAT,
@@ -401,8 +498,11 @@ class LMTrainer(TrainLoop):
             "data": self.manifest["corpora"],
             "init": None if self.init is None else {"path": str(self.init), "training": _training_of(self.init)},
             **run_record(self.step, self.history, self.seconds),
+            "validation": {"set": "the corpora's held-out questions (held-out voices), spoken and typed, "
+                                  "teacher-forced", "best": self.best, "history": self.validation},
         }
-        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (directory or self.out).mkdir(parents=True, exist_ok=True)
+        (directory or self.out).joinpath(MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
     def resume(self) -> None:
         state = torch.load(self.out / STATE, weights_only=False)
@@ -412,6 +512,7 @@ class LMTrainer(TrainLoop):
         self.sched.load_state_dict(state["scheduler"])
         self.rng.setstate(state["rng"])
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+        self.validation, self.best = state.get("validation", []), state.get("best")
 
 
 def _training_of(checkpoint: Path) -> dict | None:
@@ -471,6 +572,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-every", type=int, default=25, help="steps per line of losses.tsv (default 25)")
     parser.add_argument("--user-code-noise", type=float, default=d.user_code_noise,
                         help=f"user speech codes replaced by random ones, a share (default {d.user_code_noise:g})")
+    parser.add_argument("--text-user-share", type=float, default=d.text_user_share,
+                        help=f"user turns typed (their text in the user turn) rather than spoken, a share "
+                             f"(default {d.text_user_share:g})")
+    parser.add_argument("--validate-every", type=int, default=None,
+                        help="steps between validations on the corpora's held-out questions; the best checkpoint "
+                             "is kept in OUT/best (default: none)")
     parser.add_argument("--save-minutes", type=float, default=10.0,
                         help="minutes between checkpoints (default 10; one is always written at the end)")
     parser.add_argument("--publish", default=None,
@@ -489,7 +596,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = LMRecipe(size=args.size, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
-                      warmup=args.warmup, user_code_noise=args.user_code_noise)
+                      warmup=args.warmup, user_code_noise=args.user_code_noise, text_user_share=args.text_user_share)
     tokenizer = None
     if args.resume:
         tokenizer = TextTokenizer.from_dir(args.out)
@@ -498,13 +605,15 @@ def run(args) -> int:
                        + (f"--init {args.init} " if args.init else "") +
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} "
                        f"--warmup {args.warmup} --user-code-noise {args.user_code_noise:g}"
+                       + f" --text-user-share {args.text_user_share:g}"
+                       + (f" --validate-every {args.validate_every}" if args.validate_every else "")
                        + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:
         trainer.resume()
         print(f"resumed {args.out} at step {trainer.step}", flush=True)
     max_seconds = None if args.max_minutes is None else args.max_minutes * 60
     trainer.run(log_every=args.log_every, save_minutes=args.save_minutes, max_seconds=max_seconds,
-                stop_at=args.stop_at, publish=args.publish,
+                stop_at=args.stop_at, publish=args.publish, validate_every=args.validate_every,
                 log=lambda m: print(m, flush=True))
     print(f"wrote {os.fspath(args.out)}: {trainer.final_losses()}")
     return 0

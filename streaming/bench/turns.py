@@ -22,7 +22,9 @@ Two measurements, in one run:
    chunk holding the last speech sample sent -> the answer's first audio delta received; p50/p90),
    false cut-ins per hold pause by length (a ``speech_stopped`` whose ``audio_end_ms`` lies inside a
    hold), and the wasted speculative patches per turn from the server's ``/metrics`` (counters named
-   ``*specul*wast*``; reported absent when the server has none).
+   ``*specul*wast*``; reported absent when the server has none) and the engine thread's CPU time per
+   turn (``mimo_engine_cpu_seconds``: the model's compute, speculations included; against a
+   ``--no-speculate`` server, the compute ratio).
 
 ``--quick`` shrinks everything (one recording, a few pauses, two configurations) for a test.
 """
@@ -325,11 +327,27 @@ def parse_config(text: str) -> dict[str, Any]:
     return {"label": text, "turn_detection": td, "vad": "silero" if silero else None}
 
 
-def wasted_patches(metrics_text: str) -> float | None:
-    """The sum of the server's speculative-waste counters (``*specul*wast*``), None when it has none."""
-    values = [float(m.group(2)) for m in re.finditer(r"^(\w*specul\w*wast\w*)(?:\{[^}]*\})? ([0-9.eE+-]+)$",
+def _counter_sum(metrics_text: str, name: str) -> float | None:
+    """The sum of the server's counters whose name matches the regex ``name``, None when it has none."""
+    values = [float(m.group(2)) for m in re.finditer(rf"^({name})(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$",
                                                      metrics_text, re.M) if not m.group(1).endswith("_created")]
     return sum(values) if values else None
+
+
+def wasted_patches(metrics_text: str) -> float | None:
+    """The sum of the server's speculative-waste counters (``*specul*wast*``), None when it has none."""
+    return _counter_sum(metrics_text, r"\w*specul\w*wast\w*")
+
+
+def engine_cpu_s(metrics_text: str) -> float | None:
+    """The engine thread's CPU seconds (``mimo_engine_cpu_seconds``), None when the server has none."""
+    return _counter_sum(metrics_text, r"mimo_engine_cpu_seconds_total")
+
+
+def _counter_delta(before: str | None, after: str | None, read: Callable[[str], float | None]) -> float | None:
+    if before is None or after is None or read(after) is None:
+        return None
+    return read(after) - (read(before) or 0.0)
 
 
 def _metrics(url: str) -> str | None:
@@ -452,7 +470,8 @@ async def play(url: str, config: dict[str, Any], turns: list[Turn], args: Any) -
         await link.close()
 
 
-def summarize_live(label: str, records: list[LiveTurn], pauses: list[int], wasted: float | None) -> dict[str, Any]:
+def summarize_live(label: str, records: list[LiveTurn], pauses: list[int], wasted: float | None,
+                   cpu_s: float | None = None) -> dict[str, Any]:
     by_len: dict[int, list[bool]] = {ms: [] for ms in pauses}
     for rec in records:
         for (_, ms), c in zip(rec.holds, rec.cuts, strict=False):
@@ -467,6 +486,7 @@ def summarize_live(label: str, records: list[LiveTurn], pauses: list[int], waste
         "user_first_audio_ms": percentiles([r.user_first_audio_ms for r in ok], (50, 90)),
         "server_first_audio_ms": percentiles([r.server_first_audio_ms for r in ok], (50, 90)),
         "wasted_speculative_patches_per_turn": None if wasted is None else round(wasted / max(1, len(records)), 2),
+        "engine_cpu_ms_per_turn": None if cpu_s is None else round(1000 * cpu_s / max(1, len(records)), 1),
         "records": [dataclasses.asdict(r) for r in records],
     }
 
@@ -572,10 +592,9 @@ def run(args: argparse.Namespace) -> int:
                 before = _metrics(url)
                 records = asyncio.run(play(url, config, live_turns, args))
                 after = _metrics(url)
-                wasted = None
-                if before is not None and after is not None and wasted_patches(after) is not None:
-                    wasted = wasted_patches(after) - (wasted_patches(before) or 0.0)
-                result["live"].append(summarize_live(config["label"], records, pauses, wasted))
+                result["live"].append(summarize_live(config["label"], records, pauses,
+                                                     _counter_delta(before, after, wasted_patches),
+                                                     _counter_delta(before, after, engine_cpu_s)))
                 print(f"  live {config['label']}: {len(records)} turns", file=sys.stderr)
         families = [f for f in args.families.split(",") if f.strip()]
         result["sweep"] = sweep(turns, pauses, _ints(args.sweep_silence, "--sweep-silence"),
@@ -645,16 +664,16 @@ def render(result: dict[str, Any]) -> str:
              f"{result['config']['live_turns_per_config']} turns per configuration",
              "", "live (real server, real time)",
              "| configuration | user first audio p50 / p90 ms | server part p50 ms | false cut-ins | "
-             + " | ".join(f"{ms} ms" for ms in pauses) + " | wasted spec. patches / turn |",
-             "|---|---|---|---|" + "---|" * len(pauses) + "---|"]
+             + " | ".join(f"{ms} ms" for ms in pauses) + " | wasted spec. patches / turn | engine CPU ms / turn |",
+             "|---|---|---|---|" + "---|" * len(pauses) + "---|---|"]
     for r in result["live"]:
         u, s = r["user_first_audio_ms"], r["server_first_audio_ms"]
         by = r["false_cut_in_by_pause_ms"]
-        wasted = r["wasted_speculative_patches_per_turn"]
+        wasted, cpu = r["wasted_speculative_patches_per_turn"], r.get("engine_cpu_ms_per_turn")
         lines.append(f"| {r['label']} | {_fmt(u, 'p50')} / {_fmt(u, 'p90')} | {_fmt(s, 'p50')} | "
                      f"{r['false_cut_ins']}/{r['holds']} ({100 * r['false_cut_in']:.0f}%) | "
                      + " | ".join(f"{100 * by[str(ms)]:.0f}%" if str(ms) in by else "-" for ms in pauses)
-                     + f" | {'absent' if wasted is None else wasted} |")
+                     + f" | {'absent' if wasted is None else wasted} | {'absent' if cpu is None else cpu} |")
     lines += ["", "sweep (offline detector on the same audio): false cut-ins per hold, detection delay on ends",
               "| family | rule | false cut-ins | " + " | ".join(f"{ms} ms" for ms in pauses)
               + " | detect p50 / p90 ms |", "|---|---|---|" + "---|" * len(pauses) + "---|"]

@@ -202,7 +202,9 @@ class RealtimeReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's hook: the load the router ranks replicas by (:mod:`streaming.rayserve.router`)."""
-        self.serving = True  # the controller asks running replicas only, and has told the proxies about it
+        # the controller asks running replicas only; its broadcast of them to the proxies may still be on
+        # its way, so for a moment after this a replica can be listed that no router sends sessions to
+        self.serving = True
         status = self.status()
         return {k: status[k] for k in ("sessions", "slots", "opened")}
 

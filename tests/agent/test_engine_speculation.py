@@ -211,3 +211,104 @@ def test_no_speculation_without_a_spare_decode_row(runtime):
         finishes_with_its_audio(busy)
     finally:
         engine.stop()
+
+
+def held(c: Client):
+    state = c.engine._sessions.get(c.handle.sid)
+    return state.speculation if state is not None else None
+
+
+def primed(engine, c: Client) -> bool:
+    """The held answer is prefilled (its response generates or waits to) and a few ticks went by."""
+    spec = held(c)
+    return spec is not None and c.state.response is not None and c.state.response.phase == "generate"
+
+
+def release_matches_reference(c: Client, ref: Client, patches: int) -> None:
+    """Commit and answer the speculated turn: the same answer as the reference's to the turn up to
+    the candidate end, the held answer had ``patches`` when released."""
+    c.submit(AddUserAudio("u1", HELLO))
+    s_events, s_done = c.respond("r1", **vars(PARAMS))
+    ref.submit(AddUserAudio("u1", HELLO[:CANDIDATE]))
+    r_events, r_done = ref.respond("r1", **vars(PARAMS))
+    assert shape(s_events) == shape(r_events) and s_done.transcript == r_done.transcript
+    assert [s_done.usage[k] == r_done.usage[k] for k in ("input_tokens", "output_tokens")] == [True, True]
+    assert s_done.timings["speculated_patches"] == patches
+
+
+def test_a_held_answer_is_prefilled_at_once_and_generates_only_when_the_turn_may_end(runtime):
+    """``end_in_s``: the turn cannot end before the rest of its silence window; the held answer's
+    prefill runs at once, its patches wait (a pause the user ends meanwhile costs none) and the
+    release is the same answer."""
+    engine = make_engine(runtime, max_sessions=2)
+    try:
+        c, ref = Client(engine), Client(engine)
+        for i in range(0, len(HELLO), 2400):
+            c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+        c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0))
+        wait_for(lambda: primed(engine, c), "the held answer's prefill")
+        ticks = engine.ticks
+        wait_for(lambda: engine.ticks > ticks + 20, "some ticks")
+        assert held(c) is not None and len(held(c).answer.patches) == 0 and engine._paused(c.state)
+        c.submit(Abandon("u1"))  # the user spoke again: nothing was generated, nothing wasted
+        wait_for(lambda: engine.speculations["abandoned"] == 1, "the abandon")
+        assert engine.speculations["wasted_patches"] == 0 and quiet(c) == []
+        # the next pause: primed again, then the commit releases it and the answer generates from there
+        c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0))
+        wait_for(lambda: primed(engine, c), "the held answer's prefill")
+        release_matches_reference(c, ref, patches=0)
+        assert engine.speculations["confirmed"] == 1
+    finally:
+        engine.stop()
+
+
+def test_a_held_answer_generates_ahead_of_the_earliest_end_by_the_time_it_takes(runtime):
+    """With the turn's earliest end closer than a held answer takes to generate, it generates at once."""
+    engine = make_engine(runtime, speculate_max_patches=3, speculate_hold_s=10.0, speculate_lead_s=0.5)
+    try:
+        c = Client(engine)
+        speculate_in(c, end_in_s=0.4, patches=3)
+    finally:
+        engine.stop()
+
+
+def speculate_in(c: Client, end_in_s: float, patches: int) -> None:
+    for i in range(0, CANDIDATE, 2400):
+        c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+    c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=end_in_s))
+    wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= patches, "the held answer")
+
+
+def test_a_turn_over_its_waste_budget_is_speculated_primed_only(runtime):
+    """Held answers abandoned on one turn may waste ``speculate_waste_ratio`` x the session's last
+    answer (in patches); beyond it the turn's next speculations are prefilled but generate nothing
+    before the commit, and their release is still the same answer."""
+    engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0,
+                         speculate_waste_ratio=0.5)
+    try:
+        c, ref = Client(engine), Client(engine)
+        for x in (c, ref):
+            x.submit(AddUserText("u0", "Answer briefly."))
+            x.respond("r0", **dict(vars(PARAMS), max_output_patches=8, min_patches=8))  # budget: 4 patches
+        quiet(c)
+        speculate(c, "u1", HELLO, CANDIDATE, patches=6)
+        c.submit(Abandon("u1"))
+        wait_for(lambda: engine.speculations["abandoned"] == 1, "the abandon")
+        assert engine.speculations["wasted_patches"] == 6
+        c.submit(Speculate("u1", CANDIDATE, PARAMS))  # over the budget: primed only
+        wait_for(lambda: primed(engine, c), "the held answer's prefill")
+        ticks = engine.ticks
+        wait_for(lambda: engine.ticks > ticks + 20, "some ticks")
+        assert len(held(c).answer.patches) == 0
+        quiet(ref)
+        release_matches_reference(c, ref, patches=0)
+        # a new turn has the whole budget again
+        for x in (c, ref):
+            x.submit(AddUserText("u2", "Again."))
+        wait_for(lambda: len(c.state.items) == len(ref.state.items), "the new item")
+        for i in range(0, CANDIDATE, 2400):
+            c.submit(StreamUserAudio("u3", HELLO[i:i + 2400]))
+        c.submit(Speculate("u3", CANDIDATE, PARAMS))
+        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 1, "a held answer that generates")
+    finally:
+        engine.stop()

@@ -95,6 +95,11 @@ def test_wasted_patches_come_from_the_speculation_counters_or_are_absent() -> No
     assert T.wasted_patches("mimo_patches_total 400\n") is None
 
 
+def test_engine_cpu_comes_from_its_counter_or_is_absent() -> None:
+    assert T.engine_cpu_s("mimo_engine_cpu_seconds_total 2.5\nmimo_engine_cpu_seconds_created 1.7e9\n") == 2.5
+    assert T.engine_cpu_s("mimo_patches_total 400\n") is None
+
+
 def test_configurations_are_parsed_or_refused() -> None:
     assert T.parse_config("server_vad") == {"label": "server_vad", "turn_detection": {"type": "server_vad"},
                                             "vad": None}
@@ -126,6 +131,7 @@ def test_quick_run_against_a_real_server(tmp_path, capsys) -> None:
         assert run["false_cut_ins"] == n_holds // 2
         # serve speculates by default: the answers it started at candidate ends and dropped are counted
         assert run["user_first_audio_ms"]["n"] == 2 and run["wasted_speculative_patches_per_turn"] >= 0
+        assert run["engine_cpu_ms_per_turn"] > 0
         for rec in run["records"]:
             assert rec["cuts"] == [ms == 900 for _, ms in rec["holds"]] and rec["end_stop_ms"] is not None
     rules = {(r["family"], json.dumps(r["rule"])): r for r in result["sweep"]["rules"]}

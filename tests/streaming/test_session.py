@@ -276,12 +276,13 @@ def test_server_vad_turn_and_audio_response():
     assert isinstance(user_audio, act.AppendUserAudio) and user_audio.item_id == item_id
     span = HELLO[started.audio_start_ms * 24 : stopped.audio_end_ms * 24]
     assert np.array_equal(user_audio.pcm, span)  # exactly the committed span, padding included
-    # while the user spoke, the turn's audio went to the engine as it came (streaming input): from
-    # the committed span's start up to the append before the one that ended the turn (the detector
-    # decides a little behind the audio: that can be past the span's end)
+    # while the user spoke, the turn's audio went to the engine as it came (streaming input), a patch
+    # (160 ms) at least at a time: from the committed span's start up to the last whole part before
+    # the append that ended the turn (the detector decides a little behind the audio)
     assert streamed and all(isinstance(a, act.StreamUserAudio) and a.item_id == item_id for a in streamed)
     so_far = HELLO[started.audio_start_ms * 24:][:sum(len(a.pcm) for a in streamed)]
-    assert np.array_equal(np.concatenate([a.pcm for a in streamed]), so_far) and len(so_far) >= len(span) - 960
+    assert np.array_equal(np.concatenate([a.pcm for a in streamed]), so_far)
+    assert len(so_far) >= len(span) - 960 - 24 * SessionOptions().stream_part_ms
     assert isinstance(create, act.CreateResponse) and create.response_id == created.response.id
     assert create.params.output_modalities == ("audio",) and create.params.conversation == "auto"
     assert create.params.text_sampling.temperature == 0.6 and create.params.max_output_tokens is None
@@ -562,6 +563,34 @@ def test_a_turn_ending_at_its_candidate_end_releases_the_speculated_answer():
     # the turn's audio up to 200 ms into the silence (speech ends at 2.87 s)
     assert 2870 + 200 <= started.audio_start_ms + spec.samples / 24 <= 2870 + 200 + 60
     assert spec.samples < len(user_audio.pcm)
+    assert spec.end_in_s == pytest.approx(0.3)  # the turn ends 500 ms into the silence at the earliest
+
+
+@pytest.mark.parametrize(("td", "end_in_s"), [({"type": "server_vad", "silence_duration_ms": 900}, 0.7),
+                                              ({"type": "semantic_vad", "eagerness": "high"}, 0.4)])
+def test_a_speculation_says_when_the_turn_may_end_at_the_earliest(td, end_in_s):
+    """The silence window's rest after the candidate end (semantic_vad: its window when the model is
+    unsure; a confident score ends the turn sooner, and the commit releases what is held then)."""
+    s, _ = make(speculate=True, audio={"input": {"turn_detection": td}})
+    append(s, HELLO[:24 * 3150])
+    (spec,) = [a for a in engine_actions(s) if isinstance(a, act.Speculate)]
+    assert spec.end_in_s == pytest.approx(end_in_s)
+
+
+def test_streamed_input_goes_in_patch_sized_parts_and_whole_before_a_speculation():
+    """A client's 20 ms appends reach the engine's thread as parts of at least 160 ms (a job per
+    append filled the engine's queue whenever it lagged, and a speculation then found no headroom);
+    a speculation is asked for only after all the audio it covers."""
+    s, _ = make(speculate=True)
+    append(s, HELLO)  # 20 ms appends
+    actions = s.take_actions()
+    kinds = [type(a) for a in actions]
+    spec_at = kinds.index(act.Speculate)
+    streamed = [a for a in actions[:spec_at] if isinstance(a, act.StreamUserAudio)]
+    part = 24 * SessionOptions().stream_part_ms
+    assert len(streamed) >= 10 and all(len(a.pcm) >= part for a in streamed[:-1])
+    assert sum(len(a.pcm) for a in streamed) >= actions[spec_at].samples  # its audio, all there before it
+    assert len(streamed) <= len(HELLO) // part + 2  # not one per append (~190)
 
 
 def test_speech_after_a_candidate_end_abandons_the_speculation():

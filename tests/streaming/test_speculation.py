@@ -67,7 +67,9 @@ async def speculations(server) -> dict[str, float]:
         text = (await http.get("/metrics")).text
     counts = {m[0]: float(m[1]) for m in re.findall(r'^mimo_speculations_total\{outcome="(\w+)"\} (\S+)$', text, re.M)}
     wasted = re.search(r"^mimo_speculation_wasted_patches_total (\S+)$", text, re.M)
-    return {**counts, "wasted_patches": float(wasted.group(1)) if wasted else 0.0}
+    cpu = re.search(r"^mimo_engine_cpu_seconds_total (\S+)$", text, re.M)
+    return {**counts, "wasted_patches": float(wasted.group(1)) if wasted else 0.0,
+            "engine_cpu_s": float(cpu.group(1)) if cpu else 0.0}
 
 
 async def test_a_stock_client_sees_the_same_events_with_and_without_speculation(servers):
@@ -83,6 +85,7 @@ async def test_a_stock_client_sees_the_same_events_with_and_without_speculation(
     assert after["started"] == before.get("started", 0) + 1 and after["confirmed"] == before.get("confirmed", 0) + 1
     assert after.get("abandoned", 0) == before.get("abandoned", 0)
     assert (await speculations(off)).get("started", 0) == 0
+    assert after["engine_cpu_s"] > before["engine_cpu_s"]  # the model's work, what speculation adds to
 
 
 async def test_speech_after_a_pause_drops_the_speculation_and_sends_nothing_of_it(servers):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
+from agent.engine import Engine
 from streaming import turn_model as M
 from streaming.bench.turns import room_tone
 from tests.streaming import realtime_client as rc
@@ -79,8 +81,19 @@ async def test_another_session_flows_while_one_is_scoring_the_end_of_its_turn(se
         await b.close()
 
 
-async def test_a_confident_score_releases_the_answer_speculated_at_the_candidate(server, monkeypatch):
+@pytest.mark.parametrize("engine_lag_ms", [0, 10])
+async def test_a_confident_score_releases_the_answer_speculated_at_the_candidate(server, monkeypatch, engine_lag_ms):
+    """Also with the engine's thread taking ``engine_lag_ms`` over each part of streamed audio, as
+    on a loaded machine, while the client sends faster than real time: a job per 20 ms append then
+    queued more than the speculation's headroom allows, and the answer was not speculated."""
     monkeypatch.setattr(M.SmartTurn, "probability", lambda model, audio: 1.0)
+    if engine_lag_ms:
+        take = Engine._stream_audio
+
+        def lagging(engine: Engine, session: object, job: object) -> None:
+            time.sleep(engine_lag_ms / 1000)
+            take(engine, session, job)
+        monkeypatch.setattr(Engine, "_stream_audio", lagging)
     before = dict(server.engine.speculations)
     ws = await rc.connect(server.ws_url)
     try:
@@ -92,7 +105,7 @@ async def test_a_confident_score_releases_the_answer_speculated_at_the_candidate
                                         "input_audio_buffer.committed"]
         assert rc.types(events).count("response.created") == 1 and "error" not in rc.types(events)
         # the answer had been started at the candidate end, before the score: the release sent it
-        assert "speculated_ms" in done["response"]["mimo"]["timings"]
+        assert "speculated_ms" in done["response"]["mimo"]["timings"], server.engine.speculations
         after = server.engine.speculations
         assert after["started"] == before["started"] + 1 and after["confirmed"] == before["confirmed"] + 1
         assert after["abandoned"] == before["abandoned"]

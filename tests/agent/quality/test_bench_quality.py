@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from agent.quality.bench import KINDS, Turn, domain_answers, plan, summarize
+from agent.quality.bench import KINDS, TYPED, Turn, domain_answers, plan, summarize, typed
 from agent.quality.recognize import normalize
 from agent.train.dialogue import FOLLOW_UPS, number_words
 from streaming.cli import main
@@ -43,8 +43,8 @@ def test_the_answer_set_holds_every_answer_the_domain_gives():
     assert len(answers) == len(set(answers)) > 150
 
 
-def turn(kind: str, expected: str, text: str, heard: str) -> Turn:
-    return Turn("v", kind, "q", expected, text=text, heard=heard)
+def turn(kind: str, expected: str, text: str, heard: str, voice: str = "v") -> Turn:
+    return Turn(voice, kind, "q", expected, text=text, heard=heard)
 
 
 def test_scores_count_right_answers_and_heard_words():
@@ -52,6 +52,9 @@ def test_scores_count_right_answers_and_heard_words():
         [turn("plus", "seven", "Seven.", "seven"), turn("follow_up", "eight", "nine", "nine")],
         [turn("minus", "minus two", "minus two", "minus too much")],
         [turn("repeat", "apple", "", "")],
+        # typed: scored apart, and not in the spoken answer's measures
+        [turn("plus", "seven", "seven", "", TYPED), turn("follow_up", "eight", "eight", "", TYPED)],
+        [turn("greeting", "Hello, how are you?", "seven", "", TYPED)],
     ]
     s = summarize(conversations, [("the red cat", "the red hat"), ("a dog", "a dog")],
                   {"answers_clean": [("seven", "seven")], "answers_codec": [("seven", "eleven")]})
@@ -64,6 +67,15 @@ def test_scores_count_right_answers_and_heard_words():
     assert s["spoken_word_accuracy"] == pytest.approx(1 - 4 / 5)
     assert s["tts_wer"] == pytest.approx(1 / 5)
     assert s["ceiling_wer"] == {"answers_clean": 0.0, "answers_codec": 1.0}
+    assert s["typed"]["questions"] == 2 and s["typed"]["text_accuracy"] == 0.5
+    assert s["typed"]["text_accuracy_by_kind"]["greeting"] == 0.0 and s["typed"]["follow_up_accuracy"] == 1.0
+
+
+def test_typed_conversations_are_the_spoken_ones_as_text():
+    spoken = plan(["flite:rms"], 3, seed=1)
+    assert [[(t.kind, t.question, t.expected) for t in c] for c in typed(spoken)] == [
+        [(t.kind, t.question, t.expected) for t in c] for c in spoken]
+    assert {t.voice for c in typed(spoken) for t in c} == {TYPED} and spoken[0][0].voice == "flite:rms"
 
 
 def test_bench_quality_against_a_real_server_scores_random_weights_as_wrong(tmp_path, capsys):
@@ -86,10 +98,12 @@ def test_bench_quality_against_a_real_server_scores_random_weights_as_wrong(tmp_
     assert s["questions"] == 2 and s["follow_ups"] == 2  # plus and minus, each followed up
     assert s["text_accuracy"] == 0.0 and s["follow_up_accuracy"] == 0.0 and s["spoken_word_accuracy"] < 0.5
     assert s["tts_wer"] >= 0.8
+    assert s["typed"]["questions"] == 2 and s["typed"]["text_accuracy"] == 0.0  # the same questions, typed
+    assert {t["voice"] for t in result["turns"]} == {"flite:rms", TYPED}
     # the recognizer hears the agent's voice itself; the random codec destroys it
     assert s["ceiling_wer"]["answers_clean"] <= 0.25 and s["ceiling_wer"]["tts_clean"] <= 0.4
     assert s["ceiling_wer"]["answers_codec"] >= 0.8
-    assert all(t["voice"] == "flite:rms" and t["expected"] for t in result["turns"])
+    assert all(t["expected"] for t in result["turns"])
     assert "text-channel answer accuracy: 0.0% of 2 questions (target >= 90.0%)" in printed
     assert result["model"]["model_card"]["weights"] == "random"
 

@@ -9,18 +9,21 @@ and answers through ``mimo-agent dialogue``.
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
 
 from agent.checkpoint import load_lm
+from agent.engine import AddUserText, Configure
 from agent.lm.model import MiMoAudioLM
 from agent.lm.patch_encoder import embed_patches
 from agent.lm.prompts import DEFAULT_SYSTEM_PROMPT, PromptBuilder
 from agent.train import dialogue
 from agent.train.data import HELD_OUT_VOICES
 from agent.train.lm import (
+    BEST,
     PUBLISHED,
     SequenceBuilder,
     backbone_hidden,
@@ -31,8 +34,10 @@ from agent.train.lm import (
     publish_checkpoint,
     tokenizer_texts,
     train_tokenizer,
+    typed_text,
 )
 from streaming.cli import main
+from tests.agent.test_engine import Client, make_engine
 
 from .conftest import require_voices
 
@@ -131,6 +136,43 @@ def test_sequences_are_the_official_dialogue_layout(parts):
     assert int(seq.prompt.text_ids[len(history) + len(answer) - 1]) == tokenizer.specials.eostm
 
 
+def test_a_typed_user_turn_is_what_the_engine_feeds_for_typed_text():
+    """A typed question in training is the served model's prompt for the same text sent as an
+    ``input_text`` item (the page's example prompts): the engine's slot holds the same patches."""
+    from agent.runtime import load_runtime
+
+    runtime = load_runtime(preset="tiny-speech", device="cpu")
+    builder = PromptBuilder(runtime.tokenizer, runtime.lm.config)
+    question = "What is three plus four?"
+    agent = np.random.default_rng(0).integers(0, 128, (24, 8))
+    turn = {"user": "unused: typed", "text": question, "answer": "seven", "agent": "a0"}
+    seq = SequenceBuilder(builder, {"a0": agent}).dialogue([turn], DEFAULT_SYSTEM_PROMPT, typed=[True])
+    engine = make_engine(runtime)
+    try:
+        c = Client(engine)
+        c.submit(Configure(instructions=DEFAULT_SYSTEM_PROMPT))
+        c.submit(AddUserText("u1", question))
+        c.respond("r1", max_output_patches=2)
+        served = c.state.cached
+    finally:
+        engine.stop()
+    start = int(seq.generated.nonzero()[0, 0])  # the first patch the model writes, after <|sostm|>
+    assert len(served) >= start
+    assert torch.equal(served.text_ids[:start], seq.prompt.text_ids[:start])
+    assert torch.equal(served.codes[:start], seq.prompt.codes[:start])
+    assert not bool((seq.prompt.text_ids[:start] == builder.specials.empty).any())  # no speech in the question
+    assert builder.tokenizer.decode(seq.prompt.text_ids[seq.generated].tolist()) == "seven"
+
+
+def test_typed_questions_vary_as_people_type_them():
+    rng = random.Random(0)
+    seen = {typed_text("What is three plus four?", rng) for _ in range(200)}
+    assert {"What is three plus four?", "what is 3 plus 4", "What is 3 plus 4?", "what is three plus four?"} <= seen
+    # the word to repeat is the answer: never turned into digits
+    assert {typed_text("Repeat after me: seven.", rng).lower().rstrip(".") for _ in range(50)} == {
+        "repeat after me: seven"}
+
+
 def test_training_forward_is_the_serving_computation(parts):
     manifest, codes, builder, lm = parts
     seq = SequenceBuilder(builder, codes).dialogue(manifest["dialogues"][0]["turns"], DEFAULT_SYSTEM_PROMPT)
@@ -154,12 +196,20 @@ def test_training_forward_is_the_serving_computation(parts):
 
 def test_loss_goes_down_resume_is_exact_and_the_checkpoint_answers(corpus, tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    args = ["train", "lm", "--data", str(corpus), *TINY]
+    args = ["train", "lm", "--data", str(corpus), *TINY, "--text-user-share", "0.5", "--validate-every", "4"]
     assert main([*args, "--out", str(straight), "--steps", "16"]) == 0
     assert main([*args, "--out", str(split), "--steps", "16", "--stop-at", "5"]) == 0  # saved at 5
     assert main([*args, "--out", str(split), "--steps", "16", "--resume"]) == 0
     a, b = (load_lm(d, dtype="fp32", device="cpu")[0].state_dict() for d in (straight, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # validated every 4 steps on the held-out questions, spoken and typed; the best one kept apart
+    validation = json.loads((straight / "training.json").read_text())["validation"]
+    assert [v["step"] for v in validation["history"]] == [4, 8, 12, 16]
+    assert validation == json.loads((split / "training.json").read_text())["validation"]
+    best = validation["best"]
+    assert best in validation["history"] and {"spoken_acc", "typed_acc", "spoken_text", "typed_text"} < set(best)
+    assert json.loads((straight / BEST / "training.json").read_text())["steps"] == best["step"]
+    load_lm(straight / BEST, dtype="fp32", device="cpu")
     rows = [line.split("\t") for line in (straight / "losses.tsv").read_text().splitlines()[1:]]
     assert float(rows[-1][2]) < float(rows[0][2]) - 0.5, rows
     manifest = json.loads((straight / "training.json").read_text())
