@@ -133,7 +133,8 @@ class EngineConfig:
     # its first audio (what an instant release needs; measured, x1.5; at least speculate_lead_s): a
     # pause the user ends sooner costs nothing (Speculate.ends_early: it is prefilled at once, only its
     # patches wait). The held answers a turn abandons may waste speculate_waste_ratio x the session's
-    # last answer (speculate_max_patches before one), in patches; beyond, it is not speculated again
+    # last answer (speculate_max_patches before one), in patches; beyond, it is speculated only at the
+    # last moment (speculate_lead_s before its earliest end; not at all without one)
     speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
     speculate_attempts: int = 8
@@ -925,8 +926,6 @@ class Engine:
             return "the session is busy"
         if pr.speculations >= self.config.speculate_attempts:
             return "attempts used up"
-        if self._over_budget(s):
-            return "waste budget used up"
         rows = sum(1 for x in self._sessions.values() if x.response is not None)
         if rows >= min(self.config.max_batch, self.config.max_sessions) or \
                 self._jobs.qsize() > self.config.speculate_max_queue:
@@ -936,10 +935,18 @@ class Engine:
         return None
 
     def _speculate(self, s: _Session, job: Speculate) -> None:
-        """Start ``job`` now, or defer it until the turn's earliest end less the lead (``end_in_s``)."""
-        due = time.perf_counter() + job.end_in_s - self._lead_time_s()
-        if due > time.perf_counter() and not job.ends_early:
+        """Start ``job`` now, or defer it until the turn's earliest end less the lead (``end_in_s``). A
+        turn over its waste budget is speculated at the last moment only (``speculate_lead_s`` before
+        its earliest end, nothing early), or not at all when that has passed."""
+        now = time.perf_counter()
+        pr = s.provisional
+        over = pr is not None and pr.item_id == job.item_id and self._over_budget(s)
+        due = now + job.end_in_s - (self.config.speculate_lead_s if over else self._lead_time_s())
+        if due > now and (over or not job.ends_early):
             s.deferred = (job, due)
+        elif over:
+            log.debug("session %d: no speculation on %s: waste budget used up", s.sid, job.item_id)
+            self._speculation_event("refused")
         else:
             self._start_speculation(s, job, generate_at=due)
 

@@ -325,8 +325,9 @@ def speculate_at(c: Client, item_id: str, end_in_s: float) -> None:
 
 def test_a_turn_over_its_waste_budget_is_not_speculated_again(runtime):
     """Held answers abandoned on one turn may waste ``speculate_waste_ratio`` x the session's last
-    answer (in patches); beyond it the turn is not speculated again, and a new turn has the whole
-    budget."""
+    answer (in patches); beyond it the turn is speculated only at the last moment (``speculate_lead_s``
+    before its earliest end; semantic_vad's not prefilled early either), or not at all without one,
+    and a new turn has the whole budget."""
     engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0,
                          speculate_waste_ratio=0.5)
     try:
@@ -339,9 +340,13 @@ def test_a_turn_over_its_waste_budget_is_not_speculated_again(runtime):
         c.submit(Abandon("u1"))
         wait_for(lambda: engine.speculations["abandoned"] == 1, "the abandon")
         assert engine.speculations["wasted_patches"] == 6
-        c.submit(Speculate("u1", CANDIDATE, PARAMS))  # over the budget: refused
+        c.submit(Speculate("u1", CANDIDATE, PARAMS))  # over the budget, and no time to wait: refused
+        c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0, ends_early=True))  # waits
+        some_ticks(engine)
+        assert held(c) is None and c.state.response is None
         answers_the_whole_turn(c, ref)
         assert engine.speculations["refused"] == 1 and engine.speculations["started"] == 1
+        assert engine.speculations["skipped"] == 1
         for i in range(0, CANDIDATE, 2400):  # the next turn
             c.submit(StreamUserAudio("u2", HELLO[i:i + 2400]))
         c.submit(Speculate("u2", CANDIDATE, PARAMS))
