@@ -133,14 +133,17 @@ class EngineConfig:
     # its first audio (what an instant release needs; measured, x1.5; at least speculate_lead_s): a
     # pause the user ends sooner costs nothing (Speculate.ends_early: it is prefilled at once, only its
     # patches wait). The held answers a turn abandons may waste speculate_waste_ratio x the session's
-    # last answer (speculate_max_patches before one), in patches; beyond, it is speculated only at the
-    # last moment (speculate_lead_s before its earliest end; not at all without one)
+    # last answer (speculate_max_patches before one), in patches, an abandoned one's encode and prefill
+    # counted as speculate_prime_patches (tiny preset, CPU: ~30 ms, about one patch's step and codec
+    # pass); beyond, it is speculated only at the last moment (speculate_lead_s before its earliest
+    # end; not at all without one)
     speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
     speculate_attempts: int = 8
     speculate_max_queue: int = 64
     speculate_lead_s: float = 0.15
     speculate_waste_ratio: float = 0.5
+    speculate_prime_patches: float = 1.0
     cuda_graphs: bool = True  # replay the decode step and the patch decoder as CUDA graphs (CUDA only)
     # the memory plan (agent.memory): max_sessions must fit in the device's free memory after the
     # weights (or in memory_limit_bytes when given); memory_check False starts anyway
@@ -397,7 +400,7 @@ class _Provisional:
     codes: torch.Tensor | None = None  # (4k, channels): the patches meant for the slot
     synced: bool = True  # the slot holds the rendering of ``codes`` behind the conversation
     speculations: int = 0  # answers speculated on this turn
-    wasted: int = 0  # patches of the held answers it abandoned
+    wasted: float = 0.0  # what the held answers it abandoned cost, in patches (EngineConfig.speculate_prime_patches)
 
     def audio(self) -> np.ndarray:
         if len(self.pcm) > 1:
@@ -1014,7 +1017,7 @@ class Engine:
         pr = s.provisional
         wasted = len(spec.answer.patches or ())
         if pr is not None and pr.item_id == spec.item_id:
-            pr.wasted += wasted
+            pr.wasted += wasted + self.config.speculate_prime_patches
         if pr is not None and pr.codes is not None:
             self._sync_cache(s, self.renderer.open_turn(s.items, pr.codes, instructions=s.instructions,
                                                         voice_codes=s.voice_codes))

@@ -323,13 +323,33 @@ def speculate_at(c: Client, item_id: str, end_in_s: float) -> None:
     c.submit(Speculate(item_id, CANDIDATE, PARAMS, end_in_s=end_in_s))
 
 
+def test_abandoned_prefills_count_against_the_waste_budget(runtime):
+    """semantic_vad's held answers are prefilled at each pause: each abandoned one costs its encode and
+    prefill (``speculate_prime_patches``) even without a patch; beyond the budget, no early prefill."""
+    engine = make_engine(runtime, speculate_waste_ratio=0.5, speculate_max_patches=8, speculate_prime_patches=2.0)
+    try:
+        c = Client(engine)  # no answer yet: the budget is 0.5 x 8 patches = 4, two abandoned prefills
+        for i in range(0, len(HELLO), 2400):
+            c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+        for attempt in (1, 2, 3):
+            c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0, ends_early=True))
+            some_ticks(engine)
+            if attempt < 3:
+                assert held(c) is not None and len(held(c).answer.patches) == 0  # prefilled, waiting
+                c.submit(Abandon("u1"))
+        assert held(c) is None and engine.speculations["started"] == 2  # the third waits, unprefilled
+        assert engine.speculations["abandoned"] == 2 and engine.speculations["wasted_patches"] == 0
+    finally:
+        engine.stop()
+
+
 def test_a_turn_over_its_waste_budget_is_not_speculated_again(runtime):
     """Held answers abandoned on one turn may waste ``speculate_waste_ratio`` x the session's last
     answer (in patches); beyond it the turn is speculated only at the last moment (``speculate_lead_s``
     before its earliest end; semantic_vad's not prefilled early either), or not at all without one,
     and a new turn has the whole budget."""
     engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0,
-                         speculate_waste_ratio=0.5)
+                         speculate_waste_ratio=0.5, speculate_prime_patches=0.0)
     try:
         c, ref = Client(engine), Client(engine)
         for x in (c, ref):
