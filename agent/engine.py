@@ -135,8 +135,8 @@ class EngineConfig:
     # patches wait). The held answers a turn abandons may waste speculate_waste_ratio x the session's
     # last answer (speculate_max_patches before one), in patches, an abandoned one's encode and prefill
     # counted as speculate_prime_patches (tiny preset, CPU: ~30 ms, about one patch's step and codec
-    # pass); beyond, it is speculated only at the last moment (speculate_lead_s before its earliest
-    # end; not at all without one)
+    # pass); beyond, it is speculated only at the last moment (a held answer's time to its first audio
+    # before its earliest end, no margin; not at all without one)
     speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
     speculate_attempts: int = 8
@@ -649,10 +649,10 @@ class Engine:
         return len(r.item.patches) >= self.config.speculate_max_patches \
             or r.audio_samples >= self.config.speculate_hold_s * SAMPLE_RATE
 
-    def _lead_time_s(self) -> float:
+    def _lead_time_s(self, margin: float = 1.5) -> float:
         """How far ahead of a turn's earliest end a speculation starts: what one took to its first
-        audio lately, with a margin, and at least ``speculate_lead_s``."""
-        measured = 0.0 if self._first_audio_s is None else 1.5 * self._first_audio_s
+        audio lately, times ``margin``, and at least ``speculate_lead_s``."""
+        measured = 0.0 if self._first_audio_s is None else margin * self._first_audio_s
         return max(self.config.speculate_lead_s, measured)
 
     def _note_first_audio(self, s: _Session, now: float) -> None:
@@ -939,12 +939,13 @@ class Engine:
 
     def _speculate(self, s: _Session, job: Speculate) -> None:
         """Start ``job`` now, or defer it until the turn's earliest end less the lead (``end_in_s``). A
-        turn over its waste budget is speculated at the last moment only (``speculate_lead_s`` before
-        its earliest end, nothing early), or not at all when that has passed."""
+        turn over its waste budget is speculated at the last moment only (what a held answer takes to
+        its first audio before its earliest end, no margin; nothing early), or not at all when that
+        has passed."""
         now = time.perf_counter()
         pr = s.provisional
         over = pr is not None and pr.item_id == job.item_id and self._over_budget(s)
-        due = now + job.end_in_s - (self.config.speculate_lead_s if over else self._lead_time_s())
+        due = now + job.end_in_s - self._lead_time_s(margin=1.0 if over else 1.5)
         if due > now and (over or not job.ends_early):
             s.deferred = (job, due)
         elif over:

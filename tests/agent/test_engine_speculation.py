@@ -345,8 +345,9 @@ def test_abandoned_prefills_count_against_the_waste_budget(runtime):
 
 def test_a_turn_over_its_waste_budget_is_not_speculated_again(runtime):
     """Held answers abandoned on one turn may waste ``speculate_waste_ratio`` x the session's last
-    answer (in patches); beyond it the turn is speculated only at the last moment (``speculate_lead_s``
-    before its earliest end; semantic_vad's not prefilled early either), or not at all without one,
+    answer (in patches); beyond it the turn is speculated only at the last moment (a held answer's
+    time to its first audio before its earliest end; semantic_vad's not prefilled early either), or
+    not at all without one,
     and a new turn has the whole budget."""
     engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0,
                          speculate_waste_ratio=0.5, speculate_prime_patches=0.0)
