@@ -133,8 +133,9 @@ class EngineConfig:
     # patches) at the turn's earliest end (Speculate.end_in_s) less the time a held answer takes to
     # its first audio (what an instant release needs; the slowest of the last 8, x1.5; at least
     # speculate_lead_s): a pause the user ends sooner costs nothing (Speculate.ends_early: it is
-    # prefilled at once, only its patches wait). The held answers a turn abandons may waste speculate_waste_ratio x the session's
-    # last answer (speculate_max_patches before one), in patches, an abandoned one's encode and prefill
+    # prefilled at once, only its patches wait). The held answers a turn abandons may waste
+    # speculate_waste_ratio x the session's last answer (speculate_max_patches before one), in
+    # patches, an abandoned one's encode and prefill
     # counted as speculate_prime_patches (tiny preset, CPU: ~30 ms, about one patch's step and codec
     # pass); beyond, it is speculated only at the last moment (a held answer's time to its first audio
     # before its earliest end, no margin; not at all without one)
