@@ -41,7 +41,6 @@ that raises (:meth:`Engine._isolated`).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -131,11 +130,10 @@ class EngineConfig:
     # with 3, a turn with a few pauses had none left for its end, BENCHMARKS.md); none starts while
     # every decode row is taken or more than speculate_max_queue jobs wait. It starts (encode, prefill,
     # patches) at the turn's earliest end (Speculate.end_in_s) less the time a held answer takes to
-    # its first audio (what an instant release needs; the slowest of the last 8, x1.5; at least
-    # speculate_lead_s): a pause the user ends sooner costs nothing (Speculate.ends_early: it is
-    # prefilled at once, only its patches wait). The held answers a turn abandons may waste
-    # speculate_waste_ratio x the session's last answer (speculate_max_patches before one), in
-    # patches, an abandoned one's encode and prefill
+    # its first audio (what an instant release needs; measured, x1.5; at least speculate_lead_s): a
+    # pause the user ends sooner costs nothing (Speculate.ends_early: it is prefilled at once, only its
+    # patches wait). The held answers a turn abandons may waste speculate_waste_ratio x the session's
+    # last answer (speculate_max_patches before one), in patches, an abandoned one's encode and prefill
     # counted as speculate_prime_patches (tiny preset, CPU: ~30 ms, about one patch's step and codec
     # pass); beyond, it is speculated only at the last moment (a held answer's time to its first audio
     # before its earliest end, no margin; not at all without one)
@@ -555,9 +553,7 @@ class Engine:
         self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
-        # the last held answers' times to their first audio (their slowest sets the lead: a loaded
-        # machine's times vary, and an answer started too late is released without audio)
-        self._first_audio_times: collections.deque[float] = collections.deque(maxlen=8)
+        self._first_audio_s: float | None = None  # moving average of a held answer's time to its first audio
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
         self._empty_codes_device = self._empty_codes.to(self.device).unsqueeze(0)  # (1, 4, 8)
@@ -656,15 +652,16 @@ class Engine:
     def _lead_time_s(self, margin: float = 1.5) -> float:
         """How far ahead of a turn's earliest end a speculation starts: what one took to its first
         audio lately, times ``margin``, and at least ``speculate_lead_s``."""
-        measured = margin * max(self._first_audio_times, default=0.0)
+        measured = 0.0 if self._first_audio_s is None else margin * self._first_audio_s
         return max(self.config.speculate_lead_s, measured)
 
     def _note_first_audio(self, s: _Session, now: float) -> None:
         """Time a held answer from its start to its first audio, for :meth:`_lead_time_s`."""
         spec = s.speculation
         if spec.audio_after_s is None:
-            spec.audio_after_s = now - max(spec.t0, spec.generate_at)
-            self._first_audio_times.append(spec.audio_after_s)
+            spec.audio_after_s = took = now - max(spec.t0, spec.generate_at)
+            self._first_audio_s = took if self._first_audio_s is None else \
+                self._first_audio_s + 0.3 * (took - self._first_audio_s)
 
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work
@@ -840,7 +837,7 @@ class Engine:
             s.provisional.synced = False
         if s.deferred is not None and not (isinstance(job, StreamUserAudio) and job.item_id == s.deferred[0].item_id):
             if isinstance(job, AddUserAudio) and job.item_id == s.deferred[0].item_id:
-                self._first_audio_times.append(self._lead_time_s())  # it ended before it was due
+                self._first_audio_s = max(self._first_audio_s or 0.0, self._lead_time_s())  # it ended before
             s.deferred = None  # the pause ended before its speculation was due (or the turn changed)
             self._speculation_event("skipped")
         spec = s.speculation
@@ -1059,7 +1056,7 @@ class Engine:
         r = s.response if self._held_response(s, spec) else None
         if r is not None and spec.audio_after_s is None and spec.generate_at <= now:
             # released before its first audio: it started too late; the next ones start earlier
-            self._first_audio_times.append(now - max(spec.t0, spec.generate_at))  # at least that
+            self._first_audio_s = max(self._first_audio_s or 0.0, now - max(spec.t0, spec.generate_at))
         if r is not None:
             r.job = job
             r.t0 = job.requested_at if job.requested_at is not None else now
