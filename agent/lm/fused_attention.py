@@ -69,7 +69,7 @@ def enabled(device: torch.device) -> bool:
             and not torch.compiler.is_exporting())
 
 
-# a plain operator library, not ``torch.library.custom_op``: its Python wrapper cost ~40 us a call,
+# a plain operator library, not ``torch.library.custom_op``: its Python wrapper cost 40-120 us a call,
 # more than the kernel at the tiny sizes; the schema marks the caches as written
 _OPS = torch.library.Library("mimo", "DEF")
 _OPS.define("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
