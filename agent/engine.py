@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import queue
 import threading
 import time
@@ -129,11 +128,12 @@ class EngineConfig:
     # its release sends at once) or speculate_max_patches patches, then waits, leaving the engine idle
     # for the commit; a turn gets at most speculate_attempts (every pause of speculate-ms takes one:
     # with 3, a turn with a few pauses had none left for its end, BENCHMARKS.md); none starts while
-    # every decode row is taken or more than speculate_max_queue jobs wait. Its prefill runs at once,
-    # its patches only from the turn's earliest end (Speculate.end_in_s) less the time a held answer
-    # takes to generate (measured; at least speculate_lead_s): a pause the user ends sooner wastes no
-    # patch. The held answers a turn abandons may waste speculate_waste_ratio x the session's last
-    # answer (speculate_max_patches before one), in patches; beyond, its speculations are prefilled only
+    # every decode row is taken or more than speculate_max_queue jobs wait. It starts (encode, prefill,
+    # patches) at the turn's earliest end (Speculate.end_in_s) less the time a held answer takes to
+    # its first audio (what an instant release needs; measured, x1.5; at least speculate_lead_s): a
+    # pause the user ends sooner costs nothing (Speculate.ends_early: it is prefilled at once, only its
+    # patches wait). The held answers a turn abandons may waste speculate_waste_ratio x the session's
+    # last answer (speculate_max_patches before one), in patches; beyond, it is not speculated again
     speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
     speculate_attempts: int = 8
@@ -203,9 +203,12 @@ class Speculate:
     item_id: str
     samples: int
     params: ResponseParams = field(default_factory=ResponseParams)
-    # the turn cannot end sooner than this (the rest of its silence window; 0: it may end now): the
-    # held answer generates just in time for it (EngineConfig.speculate_lead_s)
+    # the turn ends no sooner than this if the silence goes on (the rest of its silence window; 0: it
+    # may end now): the speculation starts just in time for it (EngineConfig.speculate_lead_s). With
+    # ends_early (semantic_vad: a score may end it any moment) it is prefilled at once, so that such an
+    # end releases it within a few steps, and only its patches wait
     end_in_s: float = 0.0
+    ends_early: bool = False
 
 
 @dataclass(frozen=True)
@@ -418,9 +421,8 @@ class _Speculation:
     pcm: np.ndarray | None = None  # the committed audio: encoded whole if the answer is not adopted
     transcribe: bool = False
     failed: bool = False
-    generate_at: float = 0.0  # its patches wait until then (perf_counter; inf: until its release)
-    generating_since: float | None = None  # its first step
-    held_after_s: float | None = None  # how long it took from its first step to its hold
+    generate_at: float = 0.0  # its patches wait until then (perf_counter)
+    audio_after_s: float | None = None  # how long it took from its start (or its patches', if later) to audio
 
 
 @dataclass
@@ -438,6 +440,7 @@ class _Session:
     transcribe: set[str] = field(default_factory=set)  # pending audio items to transcribe
     provisional: _Provisional | None = None  # the turn being spoken (streaming input)
     speculation: _Speculation | None = None
+    deferred: tuple[Speculate, float] | None = None  # a speculation and when it starts (perf_counter)
     last_encode_ms: float = 0.0
     last_encode_cpu_s: float = 0.0
     answer_patches: int | None = None  # the last answer's length (the speculation waste budget's unit)
@@ -541,11 +544,12 @@ class Engine:
         self._next_sid = 0
         self._thread: threading.Thread | None = None
         self._running = False
-        self.speculations = {"started": 0, "confirmed": 0, "abandoned": 0, "refused": 0, "wasted_patches": 0}
+        self.speculations = {"started": 0, "confirmed": 0, "abandoned": 0, "refused": 0, "skipped": 0,
+                             "wasted_patches": 0}
         self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
-        self._hold_s: float | None = None  # moving average of a held answer's generation, first step to hold
+        self._first_audio_s: float | None = None  # moving average of a held answer's time to its first audio
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
         self._empty_codes_device = self._empty_codes.to(self.device).unsqueeze(0)  # (1, 4, 8)
@@ -634,33 +638,26 @@ class Engine:
     def _paused(self, s: _Session) -> bool:
         """A held speculation not due to generate yet, or with enough audio, or at its cap of patches:
         it waits (for its time, or its release)."""
-        return self._held(s) and (self._due_in(s, time.perf_counter()) > 0 or self._at_hold(s))
+        return self._held(s) and (s.speculation.generate_at > time.perf_counter() or self._at_hold(s))
 
     def _at_hold(self, s: _Session) -> bool:
         r = s.response
         return len(r.item.patches) >= self.config.speculate_max_patches \
             or r.audio_samples >= self.config.speculate_hold_s * SAMPLE_RATE
 
-    @staticmethod
-    def _due_in(s: _Session, now: float) -> float:
-        """Seconds until ``s``'s held answer may generate (<= 0: it may)."""
-        return s.speculation.generate_at - now
-
     def _lead_time_s(self) -> float:
-        """How far ahead of a turn's earliest end a held answer starts generating: what one took to
-        reach its hold lately, with a margin, and at least ``speculate_lead_s``."""
-        measured = 0.0 if self._hold_s is None else 1.5 * self._hold_s
+        """How far ahead of a turn's earliest end a speculation starts: what one took to its first
+        audio lately, with a margin, and at least ``speculate_lead_s``."""
+        measured = 0.0 if self._first_audio_s is None else 1.5 * self._first_audio_s
         return max(self.config.speculate_lead_s, measured)
 
-    def _note_hold(self, s: _Session, now: float) -> None:
-        """Time a held answer's generation (its first step to its hold), for :meth:`_lead_time_s`."""
+    def _note_first_audio(self, s: _Session, now: float) -> None:
+        """Time a held answer from its start to its first audio, for :meth:`_lead_time_s`."""
         spec = s.speculation
-        if spec.generating_since is None:
-            spec.generating_since = now
-        elif spec.held_after_s is None and self._at_hold(s):
-            spec.held_after_s = now - spec.generating_since
-            self._hold_s = spec.held_after_s if self._hold_s is None else \
-                self._hold_s + 0.3 * (spec.held_after_s - self._hold_s)
+        if spec.audio_after_s is None:
+            spec.audio_after_s = took = now - max(spec.t0, spec.generate_at)
+            self._first_audio_s = took if self._first_audio_s is None else \
+                self._first_audio_s + 0.3 * (took - self._first_audio_s)
 
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work
@@ -676,13 +673,14 @@ class Engine:
                 return 0.0
             if self._stream_due(s) or self._provisional_due(s):
                 return 0.0
+            if s.deferred is not None:  # the loop wakes when it is due
+                wait = min(wait, max(0.0, s.deferred[1] - now))
             r = s.response
             if r is None:
                 continue
             if r.phase == "generate" and self._paused(s) and not r.new_codes:
-                due = self._due_in(s, now)
-                if due > 0:  # not due yet: the loop wakes when it is
-                    wait = min(wait, due)
+                if s.speculation.generate_at > now:  # the loop wakes when its patches are due
+                    wait = min(wait, s.speculation.generate_at - now)
                 continue
             if r.phase != "generate" or r.cancel_reason is not None:
                 return 0.0
@@ -721,6 +719,7 @@ class Engine:
         """One round of work: encode, prefill, decode step, codec decode."""
         self.ticks += 1
         t = time.perf_counter()
+        self._start_deferred(t)
         self._encode_pending()
         self._stream_encode()
         self._prefill()
@@ -832,6 +831,11 @@ class Engine:
     def _handle(self, s: _Session, job: Any) -> None:
         if s.provisional is not None:  # the conversation or the slot may change: check the turn's prefix
             s.provisional.synced = False
+        if s.deferred is not None and not (isinstance(job, StreamUserAudio) and job.item_id == s.deferred[0].item_id):
+            if isinstance(job, AddUserAudio) and job.item_id == s.deferred[0].item_id:
+                self._first_audio_s = max(self._first_audio_s or 0.0, self._lead_time_s())  # it ended before
+            s.deferred = None  # the pause ended before its speculation was due (or the turn changed)
+            self._speculation_event("skipped")
         spec = s.speculation
         if spec is not None and not self._keeps_speculation(spec, job):
             self._abandon(s)
@@ -921,6 +925,8 @@ class Engine:
             return "the session is busy"
         if pr.speculations >= self.config.speculate_attempts:
             return "attempts used up"
+        if self._over_budget(s):
+            return "waste budget used up"
         rows = sum(1 for x in self._sessions.values() if x.response is not None)
         if rows >= min(self.config.max_batch, self.config.max_sessions) or \
                 self._jobs.qsize() > self.config.speculate_max_queue:
@@ -930,6 +936,21 @@ class Engine:
         return None
 
     def _speculate(self, s: _Session, job: Speculate) -> None:
+        """Start ``job`` now, or defer it until the turn's earliest end less the lead (``end_in_s``)."""
+        due = time.perf_counter() + job.end_in_s - self._lead_time_s()
+        if due > time.perf_counter() and not job.ends_early:
+            s.deferred = (job, due)
+        else:
+            self._start_speculation(s, job, generate_at=due)
+
+    def _start_deferred(self, now: float) -> None:
+        for s in list(self._sessions.values()):
+            if s.deferred is not None and s.deferred[1] <= now:
+                job, s.deferred = s.deferred[0], None
+                with self._guard(s, "speculation"):
+                    self._start_speculation(s, job)
+
+    def _start_speculation(self, s: _Session, job: Speculate, generate_at: float = 0.0) -> None:
         refusal = self._speculation_refusal(s, job)
         if refusal is not None:
             log.debug("session %d: no speculation on %s: %s", s.sid, job.item_id, refusal)
@@ -948,7 +969,7 @@ class Engine:
         answer = Item(f"{job.item_id}/speculation", Role.ASSISTANT, patches=self.builder.tokens([]),
                       audio_output=job.params.audio)
         spec = _Speculation(job.item_id, f"speculation-{s.sid}-{job.item_id}-{pr.speculations}", user, answer,
-                            job.params, t0=t, cpu0=cpu0)
+                            job.params, t0=t, cpu0=cpu0, generate_at=generate_at)
         s.items += [user, answer]
         if len(self._render(s)) > self._context_limit(job.params):  # only a real turn may drop old ones
             s.items = s.items[:-2]
@@ -964,8 +985,6 @@ class Engine:
         if s.response is None or spec.failed:
             self._abandon(s)  # it did not start
             return
-        spec.generate_at = math.inf if self._over_budget(s) else \
-            t + max(0.0, job.end_in_s - self._lead_time_s())
         self._speculation_event("started")
 
     def _over_budget(self, s: _Session) -> bool:
@@ -1024,6 +1043,9 @@ class Engine:
         now, cpu = time.perf_counter(), time.thread_time()
         held_id, spec.answer.item_id = spec.answer.item_id, job.item_id
         r = s.response if self._held_response(s, spec) else None
+        if r is not None and spec.audio_after_s is None and spec.generate_at <= now:
+            # released before its first audio: it started too late; the next ones start earlier
+            self._first_audio_s = max(self._first_audio_s or 0.0, now - max(spec.t0, spec.generate_at))
         if r is not None:
             r.job = job
             r.t0 = job.requested_at if job.requested_at is not None else now
@@ -1366,10 +1388,8 @@ class Engine:
                     self._finish(s, "cancelled", r.cancel_reason)
                 continue
             if self._held(s):
-                if self._due_in(s, now) <= 0:
-                    self._note_hold(s, now)
-                    if not self._at_hold(s):
-                        held.append(s)
+                if not self._paused(s):
+                    held.append(s)
                 continue
             if self._lead_s(r, now) > self.config.max_audio_lead_s:
                 continue  # far enough ahead of the listener
@@ -1566,7 +1586,7 @@ class Engine:
             r.timings["first_audio_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
         r.audio_samples += len(pcm)
         if self._held(s):
-            self._note_hold(s, time.perf_counter())
+            self._note_first_audio(s, time.perf_counter())
         self._emit(s, AudioDelta(r.job.response_id, r.item.item_id, np.asarray(pcm, dtype=np.float32)))
 
     # -------------------------------------------------------------------------------- finish

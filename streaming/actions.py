@@ -73,12 +73,14 @@ class Speculate:
     (a candidate end): start its answer with ``params`` and hold it. The turn's ``AppendUserAudio``
     then ``CreateResponse`` with the same params release it; nothing of it reaches the client
     otherwise. ``end_in_s``: the turn cannot end sooner than that (the rest of the silence window);
-    the engine generates the held answer just in time for it."""
+    the engine starts the held answer just in time for it (``ends_early``: a score may end the turn
+    sooner; the engine prefills it at once)."""
 
     item_id: str
     samples: int
     params: ResponseParams
     end_in_s: float = 0.0
+    ends_early: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -206,7 +206,8 @@ class SessionBridge:
         elif isinstance(a, act.Speculate):
             self._configure(a.params.instructions)
             try:
-                submit(eng.Speculate(a.item_id, a.samples, self._response_params(a.params), end_in_s=a.end_in_s))
+                submit(eng.Speculate(a.item_id, a.samples, self._response_params(a.params), end_in_s=a.end_in_s,
+                                     ends_early=a.ends_early))
             except eng.EngineOverloaded:  # a speculation is optional, and invisible: no error for it
                 log.debug("no speculation: the engine's job queue is full")
         elif isinstance(a, act.AbandonSpeculation):

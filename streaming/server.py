@@ -54,6 +54,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "goes on (default on)")
     e.add_argument("--speculate-ms", type=int, default=None, metavar="MS",
                    help="silence that makes a candidate end of turn (default 200; semantic_vad scores it too)")
+    e.add_argument("--speculate-lead-ms", type=int, default=None, metavar="MS",
+                   help="start a held answer at least MS before the turn may end (its silence window): a pause "
+                        "the user ends sooner costs nothing (default 150; the engine adds what held answers took "
+                        "lately)")
     e.add_argument("--codec-first-chunk", type=int, default=None,
                    help="patches (160 ms each) before the first audio chunk (default 1)")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
@@ -168,6 +172,8 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
                                               else int(args.memory_limit_gib * 2**30)),
                           memory_check=not getattr(args, "ignore_memory_plan", False),
                           compile=getattr(args, "compile", False),
+                          **({} if getattr(args, "speculate_lead_ms", None) is None
+                             else {"speculate_lead_s": args.speculate_lead_ms / 1000}),
                           **({} if getattr(args, "stream_lag_patches", None) is None
                              else {"stream_lag_patches": args.stream_lag_patches}))
     engine = Engine(rt.lm, rt.tokenizer, codec, config, metrics=None if metrics is None else metrics.engine_observer,

@@ -470,7 +470,8 @@ class RealtimeSession:
         if speculate is not None:  # after its audio
             self._speculated = speculate.item_id
             self._actions.append(act.Speculate(speculate.item_id, self.input.turn_samples(speculate.audio_end_ms),
-                                               resolve_response_params(self.config, None), self._end_in_s()))
+                                               resolve_response_params(self.config, None), self._end_in_s(),
+                                               ends_early=self.input.vad.config.end_threshold is not None))
 
     def turn_scored(self, request_id: int, probability: float | None) -> None:
         """semantic_vad: the end-of-turn model's answer to an ``act.ScoreTurn`` (None: the call
@@ -491,10 +492,10 @@ class RealtimeSession:
 
     def _end_in_s(self) -> float:
         """At a candidate end: how long until the turn may end at the earliest, the rest of the silence
-        window (semantic_vad: its window where the model is unsure). The held answer's patches wait
-        until just before (``agent.engine.Speculate``): a pause the user ends sooner costs none. A
-        confident score ends the turn sooner: the commit releases what is held then, the prefilled
-        turn at least."""
+        window (semantic_vad: its window where the model is unsure). The engine starts the held answer
+        only shortly before (``agent.engine.Speculate``): a pause the user ends sooner costs nothing.
+        semantic_vad's confident score ends the turn sooner: its held answer is prefilled at once
+        (``ends_early``), so that such an end releases it after a few steps."""
         config = self.input.vad.config
         return max(0, config.silence_duration_ms - config.candidate_ms) / 1000
 

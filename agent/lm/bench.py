@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--json", action="store_true", help="with --kernels: print the counts as JSON")
     parser.add_argument(
+        "--kv-read", action="store_true",
+        help="print the KV positions a backbone step reads against those it attends (64 sessions of "
+        "900-1,100 positions in a 2,048-position cache), on the graph path and the compiled (fused) one",
+    )
+    parser.add_argument(
         "--compile", action="store_true",
         help="with --kernels: also count the engine's --compile path (torch.compile, inductor: each compiled "
         "region counts the launches in its generated code; the 7B widths compile three builds, minutes on a CPU)",
@@ -125,6 +130,8 @@ def _round(lm, cache, text, codes, context, steps, clock, gens_text, gens_speech
 def run(args: argparse.Namespace) -> int:
     if args.kernels:
         return run_kernels(args)
+    if args.kv_read:
+        return run_kv_read(args)
     device, dtype, name, lm = _bench_model(args)
     batches = [int(b) for b in args.batch.split(",")]
     contexts = [int(c) for c in args.context.split(",")]
@@ -322,4 +329,34 @@ def run_kernels(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['model']}: most launched in a speech patch: "
               + ", ".join(f"{op} {n}" for op, n in r["top_ops_speech"].items()))
+    return 0
+
+
+def run_kv_read(args: argparse.Namespace) -> int:
+    """``--kv-read``: :meth:`agent.lm.graphs.DecodeGraphs.kv_read` for a few batches of a full
+    cache, on the graph path (in place over a window of slots, or gathered) and the compiled one
+    (each row reads its own slot in the fused kernel). Host lengths only: nothing runs."""
+    import random
+
+    from agent.lm.graphs import DecodeGraphs
+
+    _, _, name, lm = _bench_model(args)
+    sessions, positions = 64, 2048
+    cache = lm.allocate_cache(sessions + 1, positions)  # + the scratch slot
+    rng = random.Random(0)
+    for slot in range(sessions):
+        cache.host_lengths[slot] = rng.randint(900, 1100)
+    batches = {"all 64": list(range(64)), "slots 0-15": list(range(16)), "8 scattered": list(range(0, 64, 8)),
+               "1 (slot 40)": [40], "1 (slot 0)": [0]}
+    print(f"bench-lm --kv-read: {name}, {sessions} sessions of 900-1,100 positions, a {positions}-position cache")
+    print("| rows stepping | path | layout (rows) | read | attended | read / attended |")
+    print("|---|---|---|---|---|---|")
+    for compile in (False, True):
+        graphs = DecodeGraphs(lm, cache, max_batch=sessions, scratch_slot=sessions, capture=False, compile=compile)
+        for label, slots in batches.items():
+            in_place, rows, _ = graphs.layout(slots)
+            read, attended = graphs.kv_read(slots)
+            layout = "fused, in place" if graphs.fused else "in place" if in_place else "gathered"
+            path = "compiled" if compile else "graphs"
+            print(f"| {label} | {path} | {layout} ({rows}) | {read:,} | {attended:,} | {read / attended:.2f} |")
     return 0

@@ -2,7 +2,8 @@
 
 At small batch a step costs its launches: eager, a 7B layer is ~30 kernels (norms in parts,
 rotary, cache writes, bias adds ...); compiled, inductor fuses the pointwise work around each
-matmul and attention into a few kernels (gpt-fast's approach). Three regions cover a tick
+matmul and attention into a few kernels (gpt-fast's approach; on a CPU rotary, the cache write and
+attention are one hand-fused kernel, :mod:`agent.lm.fused_attention`). Three regions cover a tick
 (:mod:`agent.lm.graphs`): the patch encoder with the backbone step, the text head with its sampler,
 and the whole patch decoder (11 steps, heads, samplers). They are separate because the host reads
 the text tokens between them (they decide which rows speak) and rows fresh from prefill join at

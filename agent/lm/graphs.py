@@ -15,7 +15,9 @@ addresses, so:
   its rows are the slots 0..W-1 of the next window bucket holding its sessions (rows of slots not
   in the batch write to the scratch slot, their results dropped), unless that window has more than
   twice the batch's rows; then its rows' keys are gathered (copied) into a batch bucket
-  (:meth:`DecodeGraphs.kv_read` counts what a step reads against what it attends);
+  (:meth:`DecodeGraphs.kv_read` counts what a step reads against what it attends). Compiled on a
+  CPU, attention is one fused kernel (:mod:`agent.lm.fused_attention`) in which each row reads its
+  own slot up to its own length: rows are then the batch bucket's, and nothing is gathered;
 - sampling: the sampler's host flags (all greedy, top-k, top-p, some greedy) choose its code
   path, so the sampling regions' graphs are keyed by them too: the greedy path and the server's
   default text and speech sampling are captured at start, other settings on first use;
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agent.lm import patch_decoder
+from agent.lm import fused_attention, patch_decoder
 from agent.lm.compiled import Compiled
 from agent.lm.host import to_device
 from agent.lm.kv_cache import KVCache
@@ -164,8 +166,9 @@ class _RowInputs:
                    banned=None if vocab is None else torch.zeros(rows, vocab, dtype=torch.bool, device=device))
 
     def fill(self, h: torch.Tensor, params: SamplingBatch, index: torch.Tensor,
-             draw: Callable[[], torch.Tensor]) -> None:
-        """Rows ``index`` of ``h`` and the settings (padding rows repeat row 0), and the draws."""
+             draw: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Rows ``index`` of ``h`` and the settings (padding rows repeat row 0), and the draws, made
+        in place by ``draw(rows)`` (padding rows keep old draws: their results are dropped)."""
         padded = index.shape[0] != h.shape[0]
 
         def rows(x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +180,7 @@ class _RowInputs:
                 getattr(self, name).copy_(rows(value))
             self.settings = params.params
         if not params.all_greedy:
-            self.uniform.copy_(rows(draw()))
+            draw(self.uniform[: h.shape[0]])
 
     def args(self, params: SamplingBatch) -> tuple:
         return (self.h, None if params.all_greedy else self.uniform, self.temperature, self.top_k, self.top_p,
@@ -203,6 +206,11 @@ class DecodeGraphs:
         self.lm, self.cache, self.scratch = lm, cache, scratch_slot
         self.compiled = compile
         self._fns = COMPILED if compile else EAGER
+        # compiled on a CPU, attention is one fused kernel reading each row's slot where it lies
+        # (agent.lm.fused_attention): rows are the batch's, never a window of slots, and nothing is gathered
+        self.fused = compile and device.type == "cpu"
+        if self.fused:
+            fused_attention.load()  # built before any region is traced
         patch_decoder.warm_tables(lm, device)  # built eagerly: a compiled region reads them as inputs
         self.batch_buckets = buckets(max_batch)
         # in place, a step runs one row per slot of the window 0..W-1 that holds its sessions
@@ -268,6 +276,8 @@ class DecodeGraphs:
         span = bucket_of(max(self.cache.length(s) for s in slot_list) + 1, self.span_buckets)
         batch_rows = bucket_of(len(slot_list), self.batch_buckets)
         window_rows = bucket_of(max(slot_list) + 1, self.window_buckets)
+        if self.fused:
+            return False, batch_rows, span
         # in place when the window's rows cost at most twice the batch's: reading W x span keys
         # where they lie beats copying B x span of them and reading the copy
         in_place = window_rows <= 2 * batch_rows
@@ -276,9 +286,12 @@ class DecodeGraphs:
     def kv_read(self, slot_list: Sequence[int]) -> tuple[int, int]:
         """(positions of keys and values read, positions attended) by a backbone step over these
         slots: in place, every row of the window reads the span; gathered, the batch's rows are
-        read twice (copied, then attended). Attended: each row's history and its new position."""
+        read twice (copied, then attended); fused, each row reads its own history and new position
+        (padding rows the scratch slot's). Attended: each row's history and its new position."""
         in_place, rows, span = self.layout(slot_list)
         attended = sum(self.cache.length(s) + 1 for s in slot_list)
+        if self.fused:
+            return attended + (rows - len(slot_list)) * (self.cache.length(self.scratch) + 1), attended
         return (rows if in_place else 2 * len(slot_list)) * span, attended
 
     def _slot_rows(self, slot_list: list[int], in_place: bool, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +339,7 @@ class DecodeGraphs:
         """Same contract as :func:`sample_text`."""
         B = hidden.shape[0]
         buf, index, rows = self._rows(B, "text", (), self.lm.config.vocab_size)
-        buf.fill(hidden, params, index, lambda: draw_uniform(generators, B, (), hidden.device))
+        buf.fill(hidden, params, index, lambda out: draw_uniform(generators, B, (), hidden.device, out))
         if banned is not None:
             buf.banned.copy_(banned.index_select(0, index))
         flags = params.flags()
@@ -344,7 +357,7 @@ class DecodeGraphs:
         params = SamplingBatch.coerce(speech_sampling, B, h.device)
         codes = self.lm.schedule.num_codes
         buf, index, rows = self._rows(B, "patch", (codes,))
-        buf.fill(h, params, index, lambda: draw_uniform(generators, B, (codes,), h.device))
+        buf.fill(h, params, index, lambda out: draw_uniform(generators, B, (codes,), h.device, out))
         flags = params.flags()
         fn = self._fns["patch"]
         out = self._replay(("patch", rows, *flags.values()), lambda: fn(self.lm, *buf.args(params), **flags))
@@ -353,7 +366,7 @@ class DecodeGraphs:
     # ----------------------------------------------------------------------------------- graphs
     def _replay(self, key: tuple, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         if not self.capture:
-            return run().clone()
+            return run()  # a fresh result: only a replayed graph's output lives in memory reused later
         g = self._graphs.get(key)
         if g is None:
             g = self._capture(key, run)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from agent.lm import patch_decoder, patch_encoder
+from agent.lm import fused_attention, patch_decoder, patch_encoder
 from agent.lm.config import MiMoAudioConfig
 from agent.lm.host import to_device
 from agent.lm.kv_cache import KVCache
@@ -188,6 +188,11 @@ def slot_step(lm: MiMoAudioLM, cache: KVCache, slots: torch.Tensor, emb: torch.T
     N = emb.shape[0]
     pos = cache.lengths.index_select(0, slots)  # (N,)
     cos, sin = lm.model.rope.at(pos.view(N, 1), emb.dtype)  # (N, 1, d)
+    if fused_attention.enabled(emb.device):  # each row over its own slot up to its position: no span, no mask
+        def fused(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return fused_attention.rope_attend(q, k, v, cos, sin, cache.k, cache.v, i, slots, pos)
+
+        return lm.model.run(emb, None, None, fused)[:, -1]
     mask = None
     if masked:
         lengths = pos if window is None else cache.lengths[window : window + N]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from agent.lm import fused_attention
 from agent.lm.config import MiMoAudioConfig
 from agent.lm.sampling import SamplingBatch, SamplingParams, draw_uniform, sample_tokens
 from agent.lm.transformer import attend, attention_bias
@@ -139,13 +140,17 @@ def local_step(
     cos, sin, mask = (t.index_select(0, index) if isinstance(step, torch.Tensor) else t[step : step + 1]
                       for t in (tables.cos, tables.sin, tables.bias))
     cos, sin, mask = cos.unsqueeze(0), sin.unsqueeze(0), mask.view(1, 1, 1, -1)  # (1, 1, d), (1, 1, 1, S)
+    fused = fused_attention.enabled(x.device)
 
     def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if fused:  # rotary, the cache write and attention over positions 0..step: one kernel
+            return fused_attention.rope_attend(q, k, v, cos, sin, k_cache, v_cache, i, None, index)
         k_cache[i].index_copy_(2, index, k)  # one copy per cache, at a device index
         v_cache[i].index_copy_(2, index, v)
         return attend(q, k_cache[i], v_cache[i], mask)
 
-    return lm.local_transformer.run(x, cos, sin, attention)[:, 0], k_cache, v_cache
+    rotary = (None, None) if fused else (cos, sin)
+    return lm.local_transformer.run(x, *rotary, attention)[:, 0], k_cache, v_cache
 
 
 def step_logits(lm: MiMoAudioLM, hidden: torch.Tensor, t: int) -> list[torch.Tensor]:

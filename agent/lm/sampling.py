@@ -152,14 +152,21 @@ class SamplingBatch:
 
 
 def draw_uniform(
-    generators: Sequence[torch.Generator | None] | None, n: int, shape: tuple[int, ...], device: torch.device
+    generators: Sequence[torch.Generator | None] | None, n: int, shape: tuple[int, ...], device: torch.device,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Uniform noise (n, *shape): row b from ``generators[b]`` (torch's default generator if None)."""
+    """Uniform noise (n, *shape): row b from ``generators[b]`` (torch's default generator if None).
+    Each row is drawn into its place in ``out`` (a new tensor if None): one kernel a row, no
+    stack, and no copy when ``out`` is where the draws are read (a graph's static input)."""
     if generators is None:
-        return torch.rand((n, *shape), device=device)
+        return torch.rand((n, *shape), device=device, out=out)
     if len(generators) != n:
         raise ValueError(f"{len(generators)} generators for {n} rows")
-    return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
+    if out is None:
+        return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
+    for row, g in zip(out, generators, strict=True):
+        torch.rand(shape, generator=g, device=device, out=row)
+    return out
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

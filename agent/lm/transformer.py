@@ -153,14 +153,17 @@ class Attention(nn.Module):
         return out
 
     def qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project and rotate: x (B, T, C), cos/sin (B or 1, T, d) -> q (B, H, T, d), k/v (B, Hkv, T, d)."""
+        """Project and rotate: x (B, T, C), cos/sin (B or 1, T, d) -> q (B, H, T, d), k/v (B, Hkv, T, d).
+        cos None: q and k come unrotated (the attention function rotates them in its fused kernel)."""
         B, T, _ = x.shape
         q, k, v = self.fused(x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        if cos is None or sin is None:
+            return q, k, v
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -248,9 +251,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attention: AttentionFn
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, index: int,
+                attention: AttentionFn) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); ``attention(index, q, k, v)`` sees the new positions' q, k, v."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
         x = self.self_attn.out(attention(index, q, k, v), residual=x)
@@ -269,9 +271,12 @@ class TransformerStack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, max_positions)
 
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+    def run(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+            attention: AttentionFn) -> torch.Tensor:
         """The decoder-layer loop: x (B, T, C) at the rotary angles cos/sin (B or 1, T, d) through
-        every layer, then the final norm. ``attention`` keeps each layer's keys and values."""
+        every layer, then the final norm. ``attention`` keeps each layer's keys and values; with
+        cos/sin None it is given q and k unrotated and rotates them itself
+        (:mod:`agent.lm.fused_attention`)."""
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, attention)
         return self.norm(x)

@@ -169,7 +169,7 @@ def test_other_jobs_abandon_a_speculation_and_its_attempts_are_capped(runtime):
         c.submit(AddUserText("t2", "sync"))
         c.until(ItemAdded)
         assert c.state.speculation is None
-        assert engine.speculations == {"started": 2, "confirmed": 0, "abandoned": 2, "refused": 1,
+        assert engine.speculations == {"started": 2, "confirmed": 0, "abandoned": 2, "refused": 1, "skipped": 0,
                                        "wasted_patches": engine.speculations["wasted_patches"]}
     finally:
         engine.stop()
@@ -213,76 +213,120 @@ def test_no_speculation_without_a_spare_decode_row(runtime):
         engine.stop()
 
 
+
 def held(c: Client):
     state = c.engine._sessions.get(c.handle.sid)
     return state.speculation if state is not None else None
 
 
-def primed(engine, c: Client) -> bool:
-    """The held answer is prefilled (its response generates or waits to) and a few ticks went by."""
-    spec = held(c)
-    return spec is not None and c.state.response is not None and c.state.response.phase == "generate"
+def some_ticks(engine) -> None:
+    ticks = engine.ticks
+    wait_for(lambda: engine.ticks > ticks + 20, "some ticks")
 
 
-def release_matches_reference(c: Client, ref: Client, patches: int) -> None:
-    """Commit and answer the speculated turn: the same answer as the reference's to the turn up to
-    the candidate end, the held answer had ``patches`` when released."""
-    c.submit(AddUserAudio("u1", HELLO))
+def answers_the_whole_turn(c: Client, ref: Client) -> None:
+    """Commit and answer the turn: the whole-turn answer, as without speculation (exactness)."""
+    for x in (c, ref):
+        x.submit(AddUserAudio("u1", HELLO))
     s_events, s_done = c.respond("r1", **vars(PARAMS))
-    ref.submit(AddUserAudio("u1", HELLO[:CANDIDATE]))
     r_events, r_done = ref.respond("r1", **vars(PARAMS))
     assert shape(s_events) == shape(r_events) and s_done.transcript == r_done.transcript
     assert [s_done.usage[k] == r_done.usage[k] for k in ("input_tokens", "output_tokens")] == [True, True]
-    assert s_done.timings["speculated_patches"] == patches
+    assert "speculated_patches" not in s_done.timings
+    same_context(c.engine, c, ref)
 
 
-def test_a_held_answer_is_prefilled_at_once_and_generates_only_when_the_turn_may_end(runtime):
-    """``end_in_s``: the turn cannot end before the rest of its silence window; the held answer's
-    prefill runs at once, its patches wait (a pause the user ends meanwhile costs none) and the
-    release is the same answer."""
+def test_a_speculation_starts_only_just_before_the_turn_may_end(runtime):
+    """``end_in_s``: the turn cannot end before the rest of its silence window. Nothing is done for
+    the held answer until shortly before (a pause the user ends sooner costs no encode, no prefill,
+    no patch); a commit that comes first is answered as without speculation."""
     engine = make_engine(runtime, max_sessions=2)
     try:
         c, ref = Client(engine), Client(engine)
         for i in range(0, len(HELLO), 2400):
             c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
         c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0))
-        wait_for(lambda: primed(engine, c), "the held answer's prefill")
-        ticks = engine.ticks
-        wait_for(lambda: engine.ticks > ticks + 20, "some ticks")
-        assert held(c) is not None and len(held(c).answer.patches) == 0 and engine._paused(c.state)
-        c.submit(Abandon("u1"))  # the user spoke again: nothing was generated, nothing wasted
-        wait_for(lambda: engine.speculations["abandoned"] == 1, "the abandon")
-        assert engine.speculations["wasted_patches"] == 0 and quiet(c) == []
-        # the next pause: primed again, then the commit releases it and the answer generates from there
-        c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0))
-        wait_for(lambda: primed(engine, c), "the held answer's prefill")
-        release_matches_reference(c, ref, patches=0)
-        assert engine.speculations["confirmed"] == 1
+        some_ticks(engine)
+        assert held(c) is None and c.state.response is None and engine.speculations["started"] == 0
+        assert len(c.state.cached) == 0  # nothing prefilled
+        c.submit(Abandon("u1"))  # the user spoke again
+        c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0))  # the next pause
+        answers_the_whole_turn(c, ref)
+        assert engine.speculations["skipped"] == 2 and engine.speculations["started"] == 0
+        assert engine.speculations["wasted_patches"] == 0
     finally:
         engine.stop()
 
 
-def test_a_held_answer_generates_ahead_of_the_earliest_end_by_the_time_it_takes(runtime):
-    """With the turn's earliest end closer than a held answer takes to generate, it generates at once."""
-    engine = make_engine(runtime, speculate_max_patches=3, speculate_hold_s=10.0, speculate_lead_s=0.5)
+def test_a_turn_that_may_end_early_is_prefilled_at_once_and_its_patches_wait(runtime):
+    """``ends_early`` (semantic_vad: a confident score ends the turn before its window): the held
+    answer's prefill runs at once, its patches wait; the release is the answer to the turn up to the
+    candidate end, generated from there."""
+    engine = make_engine(runtime, max_sessions=2)
+    try:
+        c, ref = Client(engine), Client(engine)
+        for i in range(0, len(HELLO), 2400):
+            c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+        c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0, ends_early=True))
+        wait_for(lambda: held(c) is not None and c.state.response.phase == "generate", "the prefill")
+        some_ticks(engine)
+        assert len(held(c).answer.patches) == 0 and engine._paused(c.state)
+        c.submit(AddUserAudio("u1", HELLO))
+        s_events, s_done = c.respond("r1", **vars(PARAMS))
+        ref.submit(AddUserAudio("u1", HELLO[:CANDIDATE]))
+        r_events, r_done = ref.respond("r1", **vars(PARAMS))
+        assert shape(s_events) == shape(r_events) and s_done.transcript == r_done.transcript
+        assert s_done.timings["speculated_patches"] == 0 and engine.speculations["confirmed"] == 1
+    finally:
+        engine.stop()
+
+
+def test_a_held_answer_starts_ahead_of_the_earliest_end_by_the_time_it_takes(runtime):
+    """With the turn's earliest end closer than a held answer takes (``speculate_lead_s`` before one
+    was timed), it starts at once."""
+    engine = make_engine(runtime, speculate_max_patches=6, speculate_hold_s=10.0, speculate_lead_s=0.5)
     try:
         c = Client(engine)
-        speculate_in(c, end_in_s=0.4, patches=3)
+        for i in range(0, CANDIDATE, 2400):
+            c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
+        c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=0.4))
+        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 1, "the held answer")
+        wait_for(lambda: engine._first_audio_s is not None, "its timing")  # what the next one's start allows for
+        assert engine._lead_time_s() >= 0.5
     finally:
         engine.stop()
 
 
-def speculate_in(c: Client, end_in_s: float, patches: int) -> None:
+def test_a_release_before_the_hold_makes_the_next_speculations_start_earlier(runtime):
+    """The lead adapts to the machine: a held answer released before its first audio, or a turn committed
+    before its speculation was due, started too late."""
+    engine = make_engine(runtime, speculate_hold_s=10.0, speculate_lead_s=0.05)
+    try:
+        c = Client(engine)
+        speculate_at(c, "u1", end_in_s=0.0)
+        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 1, "the held answer")
+        c.submit(AddUserAudio("u1", HELLO[:CANDIDATE]))
+        c.respond("r1", **vars(PARAMS))
+        first = engine._first_audio_s
+        assert first is not None and first > 0  # its time so far
+        speculate_at(c, "u2", end_in_s=3600.0)  # not due for an hour
+        c.submit(AddUserAudio("u2", HELLO[:CANDIDATE]))  # but it ended now
+        c.respond("r2", **vars(PARAMS))
+        assert engine.speculations["skipped"] == 1 and engine._lead_time_s() >= 1.5 * first
+    finally:
+        engine.stop()
+
+
+def speculate_at(c: Client, item_id: str, end_in_s: float) -> None:
     for i in range(0, CANDIDATE, 2400):
-        c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
-    c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=end_in_s))
-    wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= patches, "the held answer")
+        c.submit(StreamUserAudio(item_id, HELLO[i:i + 2400]))
+    c.submit(Speculate(item_id, CANDIDATE, PARAMS, end_in_s=end_in_s))
 
 
-def test_a_turn_over_its_waste_budget_is_speculated_primed_only(runtime):
+def test_a_turn_over_its_waste_budget_is_not_speculated_again(runtime):
     """Held answers abandoned on one turn may waste ``speculate_waste_ratio`` x the session's last
-    answer (in patches); beyond it the turn's next speculations are prefilled but generate nothing
-    before the commit, and their release is still the same answer."""
+    answer (in patches); beyond it the turn is not speculated again, and a new turn has the whole
+    budget."""
     engine = make_engine(runtime, max_sessions=2, speculate_max_patches=6, speculate_hold_s=10.0,
                          speculate_waste_ratio=0.5)
     try:
@@ -290,25 +334,17 @@ def test_a_turn_over_its_waste_budget_is_speculated_primed_only(runtime):
         for x in (c, ref):
             x.submit(AddUserText("u0", "Answer briefly."))
             x.respond("r0", **dict(vars(PARAMS), max_output_patches=8, min_patches=8))  # budget: 4 patches
-        quiet(c)
+        quiet(c), quiet(ref)
         speculate(c, "u1", HELLO, CANDIDATE, patches=6)
         c.submit(Abandon("u1"))
         wait_for(lambda: engine.speculations["abandoned"] == 1, "the abandon")
         assert engine.speculations["wasted_patches"] == 6
-        c.submit(Speculate("u1", CANDIDATE, PARAMS))  # over the budget: primed only
-        wait_for(lambda: primed(engine, c), "the held answer's prefill")
-        ticks = engine.ticks
-        wait_for(lambda: engine.ticks > ticks + 20, "some ticks")
-        assert len(held(c).answer.patches) == 0
-        quiet(ref)
-        release_matches_reference(c, ref, patches=0)
-        # a new turn has the whole budget again
-        for x in (c, ref):
-            x.submit(AddUserText("u2", "Again."))
-        wait_for(lambda: len(c.state.items) == len(ref.state.items), "the new item")
-        for i in range(0, CANDIDATE, 2400):
-            c.submit(StreamUserAudio("u3", HELLO[i:i + 2400]))
-        c.submit(Speculate("u3", CANDIDATE, PARAMS))
-        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 1, "a held answer that generates")
+        c.submit(Speculate("u1", CANDIDATE, PARAMS))  # over the budget: refused
+        answers_the_whole_turn(c, ref)
+        assert engine.speculations["refused"] == 1 and engine.speculations["started"] == 1
+        for i in range(0, CANDIDATE, 2400):  # the next turn
+            c.submit(StreamUserAudio("u2", HELLO[i:i + 2400]))
+        c.submit(Speculate("u2", CANDIDATE, PARAMS))
+        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 1, "a held answer")
     finally:
         engine.stop()

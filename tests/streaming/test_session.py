@@ -564,6 +564,7 @@ def test_a_turn_ending_at_its_candidate_end_releases_the_speculated_answer():
     assert 2870 + 200 <= started.audio_start_ms + spec.samples / 24 <= 2870 + 200 + 60
     assert spec.samples < len(user_audio.pcm)
     assert spec.end_in_s == pytest.approx(0.3)  # the turn ends 500 ms into the silence at the earliest
+    assert not spec.ends_early
 
 
 @pytest.mark.parametrize(("td", "end_in_s"), [({"type": "server_vad", "silence_duration_ms": 900}, 0.7),
@@ -575,6 +576,7 @@ def test_a_speculation_says_when_the_turn_may_end_at_the_earliest(td, end_in_s):
     append(s, HELLO[:24 * 3150])
     (spec,) = [a for a in engine_actions(s) if isinstance(a, act.Speculate)]
     assert spec.end_in_s == pytest.approx(end_in_s)
+    assert spec.ends_early == (td["type"] == "semantic_vad")  # a confident score ends it sooner
 
 
 def test_streamed_input_goes_in_patch_sized_parts_and_whole_before_a_speculation():

@@ -22,7 +22,8 @@ HELLO = rc.wav_pcm16("speech_hello_padded.wav")  # speech 0.6 .. 2.87 s, then 1 
 
 @pytest.fixture(scope="module")
 def servers():
-    on, off = start_server(), start_server("--no-speculate")
+    # held answers start at the candidate end (a lead over the window), as the client sends faster than real time
+    on, off = start_server("--speculate-lead-ms", "1000"), start_server("--no-speculate")
     yield on, off
     on.stop()
     off.stop()

@@ -17,3 +17,11 @@ def test_bench_lm_prints_the_table(capsys) -> None:
         (" 2 ", " 8 "),
     ]
     assert "context 8 vs 4" in out and "batch 2 vs 1" in out and "peak RSS" in out
+
+
+def test_bench_lm_kv_read_prints_reads_against_attended(capsys) -> None:
+    assert main(["bench-lm", "--kv-read"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    ratios = {(r[1].strip(), r[2].strip()): float(r[6]) for r in rows}
+    assert ratios[("8 scattered", "graphs")] > 2  # gathered: copied, then read
+    assert all(ratio == 1.0 for (_, path), ratio in ratios.items() if path == "compiled")

@@ -62,6 +62,33 @@ def test_the_compiled_regions_give_the_eager_results(runtime):
         assert torch.equal(token2, token) and torch.equal(patch2, patch)
 
 
+def test_the_compiled_step_attends_scattered_rows_in_place(runtime):
+    """Compiled on a CPU, a backbone step's attention is the fused kernel: rows in scattered slots
+    with different lengths each read their own slot, nothing gathered (every position read is one
+    attended), and the results are the eager model's."""
+    lm, cfg = runtime.lm, runtime.lm.config
+    caches = []
+    for _ in range(2):
+        cache = lm.allocate_cache(6, 64)
+        for slot, n in ((0, 9), (2, 3), (4, 17)):
+            lm.prefill(cache, slot, torch.randn(1, n, cfg.hidden_size, generator=torch.Generator().manual_seed(slot)))
+        caches.append(cache)
+    eager, compiled = caches
+    graphs = DecodeGraphs(lm, compiled, max_batch=4, scratch_slot=5, capture=False, compile=True)
+    slots = [4, 0, 2]
+    assert graphs.kv_read(slots) == (18 + 10 + 4 + 1, 18 + 10 + 4)  # + the padding row's scratch position
+    emb = torch.randn(3, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    for _ in range(2):
+        want = lm.decode_step(eager, slots, emb)
+        got = graphs.decode_step(compiled, slots, emb)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    for s in slots:
+        n = eager.length(s)
+        torch.testing.assert_close(compiled.k[:, s, :, :n], eager.k[:, s, :, :n], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(compiled.v[:, s, :, :n], eager.v[:, s, :, :n], atol=2e-5, rtol=1e-4)
+    assert compiled.lengths.tolist() == eager.lengths.tolist() and compiled.length(5) == 0
+
+
 def test_compiled_regions_count_their_generated_launches(runtime):
     """bench-lm --kernels --compile: each region's launches come from inductor's code, and a tick
     compiled launches far fewer kernels than eager."""
