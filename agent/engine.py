@@ -130,10 +130,10 @@ class EngineConfig:
     # with 3, a turn with a few pauses had none left for its end, BENCHMARKS.md); none starts while
     # every decode row is taken or more than speculate_max_queue jobs wait. It starts (encode, prefill,
     # patches) at the turn's earliest end (Speculate.end_in_s) less the time a held answer takes to
-    # reach its hold (measured, x1.5; at least speculate_lead_s): a pause the user ends sooner costs
-    # nothing (Speculate.ends_early: it is prefilled at once, only its patches wait). The held answers
-    # a turn abandons may waste speculate_waste_ratio x the session's last answer (speculate_max_patches
-    # before one), in patches; beyond, the turn is not speculated again
+    # its first audio (what an instant release needs; measured, x1.5; at least speculate_lead_s): a
+    # pause the user ends sooner costs nothing (Speculate.ends_early: it is prefilled at once, only its
+    # patches wait). The held answers a turn abandons may waste speculate_waste_ratio x the session's
+    # last answer (speculate_max_patches before one), in patches; beyond, it is not speculated again
     speculate_hold_s: float = 0.3
     speculate_max_patches: int = 16
     speculate_attempts: int = 8
@@ -422,7 +422,7 @@ class _Speculation:
     transcribe: bool = False
     failed: bool = False
     generate_at: float = 0.0  # its patches wait until then (perf_counter)
-    held_after_s: float | None = None  # how long it took from its start (or its patches', if later) to its hold
+    audio_after_s: float | None = None  # how long it took from its start (or its patches', if later) to audio
 
 
 @dataclass
@@ -549,7 +549,7 @@ class Engine:
         self._rr = 0  # rotates the tie order of generating sessions when max_batch < their number
         self.ticks = 0
         self._step_s = 0.05  # moving average of a tick that steps (seconds)
-        self._hold_s: float | None = None  # moving average of a held answer's generation, first step to hold
+        self._first_audio_s: float | None = None  # moving average of a held answer's time to its first audio
         empty = torch.tensor(lm.config.speech_empty_ids, dtype=torch.int64)
         self._empty_codes = empty.expand(lm.config.group_size, -1).clone()  # (4, 8)
         self._empty_codes_device = self._empty_codes.to(self.device).unsqueeze(0)  # (1, 4, 8)
@@ -646,18 +646,18 @@ class Engine:
             or r.audio_samples >= self.config.speculate_hold_s * SAMPLE_RATE
 
     def _lead_time_s(self) -> float:
-        """How far ahead of a turn's earliest end a speculation starts: what one took to reach its
-        hold lately, with a margin, and at least ``speculate_lead_s``."""
-        measured = 0.0 if self._hold_s is None else 1.5 * self._hold_s
+        """How far ahead of a turn's earliest end a speculation starts: what one took to its first
+        audio lately, with a margin, and at least ``speculate_lead_s``."""
+        measured = 0.0 if self._first_audio_s is None else 1.5 * self._first_audio_s
         return max(self.config.speculate_lead_s, measured)
 
-    def _note_hold(self, s: _Session, now: float) -> None:
-        """Time a held answer from its start to its hold, for :meth:`_lead_time_s`."""
+    def _note_first_audio(self, s: _Session, now: float) -> None:
+        """Time a held answer from its start to its first audio, for :meth:`_lead_time_s`."""
         spec = s.speculation
-        if spec.held_after_s is None and self._at_hold(s):
-            spec.held_after_s = now - max(spec.t0, spec.generate_at)
-            self._hold_s = spec.held_after_s if self._hold_s is None else \
-                self._hold_s + 0.3 * (spec.held_after_s - self._hold_s)
+        if spec.audio_after_s is None:
+            spec.audio_after_s = took = now - max(spec.t0, spec.generate_at)
+            self._first_audio_s = took if self._first_audio_s is None else \
+                self._first_audio_s + 0.3 * (took - self._first_audio_s)
 
     def _wait_s(self) -> float:
         """How long the loop may block on the job queue before the next tick: 0 when a tick has work
@@ -832,6 +832,8 @@ class Engine:
         if s.provisional is not None:  # the conversation or the slot may change: check the turn's prefix
             s.provisional.synced = False
         if s.deferred is not None and not (isinstance(job, StreamUserAudio) and job.item_id == s.deferred[0].item_id):
+            if isinstance(job, AddUserAudio) and job.item_id == s.deferred[0].item_id:
+                self._first_audio_s = max(self._first_audio_s or 0.0, self._lead_time_s())  # it ended before
             s.deferred = None  # the pause ended before its speculation was due (or the turn changed)
             self._speculation_event("skipped")
         spec = s.speculation
@@ -1041,6 +1043,9 @@ class Engine:
         now, cpu = time.perf_counter(), time.thread_time()
         held_id, spec.answer.item_id = spec.answer.item_id, job.item_id
         r = s.response if self._held_response(s, spec) else None
+        if r is not None and spec.audio_after_s is None and spec.generate_at <= now:
+            # released before its first audio: it started too late; the next ones start earlier
+            self._first_audio_s = max(self._first_audio_s or 0.0, now - max(spec.t0, spec.generate_at))
         if r is not None:
             r.job = job
             r.t0 = job.requested_at if job.requested_at is not None else now
@@ -1383,7 +1388,6 @@ class Engine:
                     self._finish(s, "cancelled", r.cancel_reason)
                 continue
             if self._held(s):
-                self._note_hold(s, now)
                 if not self._paused(s):
                     held.append(s)
                 continue
@@ -1582,7 +1586,7 @@ class Engine:
             r.timings["first_audio_cpu_ms"] = round((time.thread_time() - r.cpu0) * 1000, 3)
         r.audio_samples += len(pcm)
         if self._held(s):
-            self._note_hold(s, time.perf_counter())
+            self._note_first_audio(s, time.perf_counter())
         self._emit(s, AudioDelta(r.job.response_id, r.item.item_id, np.asarray(pcm, dtype=np.float32)))
 
     # -------------------------------------------------------------------------------- finish

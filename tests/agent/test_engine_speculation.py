@@ -284,17 +284,43 @@ def test_a_turn_that_may_end_early_is_prefilled_at_once_and_its_patches_wait(run
 def test_a_held_answer_starts_ahead_of_the_earliest_end_by_the_time_it_takes(runtime):
     """With the turn's earliest end closer than a held answer takes (``speculate_lead_s`` before one
     was timed), it starts at once."""
-    engine = make_engine(runtime, speculate_max_patches=3, speculate_hold_s=10.0, speculate_lead_s=0.5)
+    engine = make_engine(runtime, speculate_max_patches=6, speculate_hold_s=10.0, speculate_lead_s=0.5)
     try:
         c = Client(engine)
         for i in range(0, CANDIDATE, 2400):
             c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
         c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=0.4))
-        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 3, "the held answer")
-        wait_for(lambda: engine._hold_s is not None, "its timing")  # what the next one's start allows for
+        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 1, "the held answer")
+        wait_for(lambda: engine._first_audio_s is not None, "its timing")  # what the next one's start allows for
         assert engine._lead_time_s() >= 0.5
     finally:
         engine.stop()
+
+
+def test_a_release_before_the_hold_makes_the_next_speculations_start_earlier(runtime):
+    """The lead adapts to the machine: a held answer released before its first audio, or a turn committed
+    before its speculation was due, started too late."""
+    engine = make_engine(runtime, speculate_hold_s=10.0, speculate_lead_s=0.05)
+    try:
+        c = Client(engine)
+        speculate_at(c, "u1", end_in_s=0.0)
+        wait_for(lambda: held(c) is not None and len(held(c).answer.patches) >= 1, "the held answer")
+        c.submit(AddUserAudio("u1", HELLO[:CANDIDATE]))
+        c.respond("r1", **vars(PARAMS))
+        first = engine._first_audio_s
+        assert first is not None and first > 0  # its time so far
+        speculate_at(c, "u2", end_in_s=3600.0)  # not due for an hour
+        c.submit(AddUserAudio("u2", HELLO[:CANDIDATE]))  # but it ended now
+        c.respond("r2", **vars(PARAMS))
+        assert engine.speculations["skipped"] == 1 and engine._lead_time_s() >= 1.5 * first
+    finally:
+        engine.stop()
+
+
+def speculate_at(c: Client, item_id: str, end_in_s: float) -> None:
+    for i in range(0, CANDIDATE, 2400):
+        c.submit(StreamUserAudio(item_id, HELLO[i:i + 2400]))
+    c.submit(Speculate(item_id, CANDIDATE, PARAMS, end_in_s=end_in_s))
 
 
 def test_a_turn_over_its_waste_budget_is_not_speculated_again(runtime):
