@@ -33,9 +33,9 @@ RANDOM_WEIGHTS_SUMMARY = (
 CHECKPOINT_SUMMARY = "a MiMo-Audio checkpoint: it listens to speech and answers in speech, with a transcript"
 #: the packaged ``tiny-speech`` preset: what it was trained on (``mimo-agent train lm``), so what to ask it
 TINY_SPEECH_SUMMARY = (
-    "a tiny model trained on a closed spoken domain: greetings, adding and subtracting numbers up to ten, what "
-    "comes after a number, repeating a word, and \"and plus one more?\" on the last answer; it answers in words. "
-    "English only; it hears clear, even synthetic, speech best"
+    "a tiny model trained on a closed domain: greetings, adding and subtracting numbers up to ten, what comes "
+    "after a number, repeating a word, and \"and plus one more?\" on the last answer; it answers in words. "
+    "Typed questions it gets right; spoken ones in a voice it never heard mostly wrong. English only"
 )
 TINY_SPEECH_EXAMPLES = (
     "What is three plus four?", "What is nine minus two?", "What comes after seven?", "Repeat after me: garden.",

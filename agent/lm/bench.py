@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument(
         "--compile", action="store_true",
-        help="with --kernels: also count the engine's --compile path (torch.compile, inductor: each compiled "
-        "region counts the launches in its generated code; the 7B widths compile three builds, minutes on a CPU)",
+        help="time the engine's --compile path (torch.compile, inductor; minutes to compile on a CPU); with "
+        "--kernels: also count its launches (each compiled region counts the launches in its generated code; the "
+        "7B widths compile three builds)",
     )
 
 
@@ -89,7 +90,7 @@ class _Clock:
 
 def _setup(lm: MiMoAudioLM, batch: int, context: int, steps: int):
     cfg, device = lm.config, lm.device
-    cache = lm.allocate_cache(batch, context + steps + 1)
+    cache = lm.allocate_cache(batch + 1, context + steps + 1)  # + the scratch slot of the --compile path
     gen = torch.Generator(device=device).manual_seed(0)
     history = torch.randn(1, context, cfg.hidden_size, generator=gen, device=device).to(lm.dtype)
     lm.prefill(cache, 0, history)
@@ -103,7 +104,9 @@ def _setup(lm: MiMoAudioLM, batch: int, context: int, steps: int):
     return cache, text, codes
 
 
-def _round(lm, cache, text, codes, context, steps, clock, gens_text, gens_speech, sampling):
+def _round(lm, cache, text, codes, context, steps, clock, gens_text, gens_speech, sampling, graphs=None):
+    """Per-patch (backbone wall, CPU, patch decoder wall, CPU) ms of ``steps`` patches: the model's
+    own functions, or ``graphs``' (:class:`agent.lm.graphs.DecodeGraphs`, the engine's --compile path)."""
     B = text.shape[0]
     slots = list(range(B))
     text_params = SamplingBatch.from_params([sampling.text] * B, lm.device)
@@ -112,11 +115,15 @@ def _round(lm, cache, text, codes, context, steps, clock, gens_text, gens_speech
     decoder = [0.0, 0.0]
     for _ in range(steps):
         w0, c0 = clock.now()
-        h = lm.decode_step(cache, slots, lm.embed_patches(text, codes))
-        logits = lm.text_logits(h)
-        sample(logits, text_params, draw_uniform(gens_text, B, (), lm.device))
+        if graphs is None:
+            h = lm.decode_step(cache, slots, lm.embed_patches(text, codes))
+            logits = lm.text_logits(h)
+            sample(logits, text_params, draw_uniform(gens_text, B, (), lm.device))
+        else:
+            h = graphs.step_patches(cache, slots, text, codes)
+            graphs.sample_text(h, None, text_params, gens_text)
         w1, c1 = clock.now()
-        lm.decode_patch(h, speech_params, gens_speech)
+        (lm if graphs is None else graphs).decode_patch(h, speech_params, gens_speech)
         w2, c2 = clock.now()
         backbone[0] += w1 - w0
         backbone[1] += c1 - c0
@@ -139,24 +146,31 @@ def run(args: argparse.Namespace) -> int:
     clock = _Clock(device)
     configs = [(b, c) for b in batches for c in contexts]
     state = {cfg: _setup(lm, *cfg, args.steps) for cfg in configs}
+    compiled = {}
+    if args.compile:  # the engine's --compile path: the tick's regions compiled (CUDA graphs on CUDA)
+        from agent.lm.graphs import DecodeGraphs
+
+        compiled = {(b, c): DecodeGraphs(lm, state[(b, c)][0], max_batch=b, scratch_slot=b, compile=True)
+                    for b, c in configs}
     gens = {
         b: ([torch.Generator(device=device).manual_seed(i) for i in range(b)],
             [torch.Generator(device=device).manual_seed(1000 + i) for i in range(b)])
         for b in batches
     }  # fmt: skip
-    for cfg in configs:  # warm-up
-        _round(lm, *state[cfg], cfg[1], 2, clock, *gens[cfg[0]], sampling)
+    for cfg in configs:  # warm-up (and compile)
+        _round(lm, *state[cfg], cfg[1], 2, clock, *gens[cfg[0]], sampling, compiled.get(cfg))
     results = {cfg: Timing([], [], [], []) for cfg in configs}
     for _ in range(args.repeats):
         for cfg in configs:
-            bw, bc, dw, dc = _round(lm, *state[cfg], cfg[1], args.steps, clock, *gens[cfg[0]], sampling)
+            bw, bc, dw, dc = _round(lm, *state[cfg], cfg[1], args.steps, clock, *gens[cfg[0]], sampling,
+                                    compiled.get(cfg))
             r = results[cfg]
             r.backbone.append(bw), r.backbone_cpu.append(bc), r.decoder.append(dw), r.decoder_cpu.append(dc)
 
     med = statistics.median
     cpu = device.type == "cpu"
     threads = f", {args.threads} thread(s)" if cpu else ""
-    what = f"median of {args.repeats} x {args.steps} speech patches"
+    what = f"median of {args.repeats} x {args.steps} speech patches" + (", --compile" if args.compile else "")
     print(f"bench-lm: {name}, {dtype}, {device}{threads}; {what}")
     head = "| batch | context | backbone step ms | patch decoder ms | total ms | ms per session-patch "
     head += "| x real time |"

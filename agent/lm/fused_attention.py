@@ -56,7 +56,9 @@ def load() -> None:
         os.replace(tmp, out)  # atomic: concurrent builders each publish a whole library
     lib = ctypes.CDLL(str(out))
     for name in _FUNCTIONS.values():
-        getattr(lib, name).restype = ctypes.c_int
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_int64), ctypes.c_float]
+        fn.restype = ctypes.c_int
     _lib = lib
 
 
@@ -67,22 +69,24 @@ def enabled(device: torch.device) -> bool:
             and not torch.compiler.is_exporting())
 
 
-def _pointer(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
+# a plain operator library, not ``torch.library.custom_op``: its Python wrapper cost 40-120 us a call,
+# more than the kernel at the tiny sizes; the schema marks the caches as written
+_OPS = torch.library.Library("mimo", "DEF")
+_OPS.define("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+            "Tensor(b!) v_cache, int layer, Tensor? slots, Tensor positions) -> Tensor")
 
 
-@torch.library.custom_op("mimo::rope_attend", mutates_args=("k_cache", "v_cache"), device_types="cpu")
-def rope_attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor | None,
-                   positions: torch.Tensor) -> torch.Tensor:
-    """q (B, H, d), k and v (B, Hkv, d) of the new positions; cos/sin (B or 1, d); the caches of
-    every layer (layers, slots, Hkv, positions, d), of which ``layer``'s is used (the whole
-    tensors, not a layer's view: inductor regenerates a mutated view without its offset);
-    ``slots`` (B,) each row's slot (None: row b is slot b); ``positions`` (B or 1,) where each
-    row writes and up to which it attends -> (B, H, d)."""
+def _rope_attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor | None,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """``mimo::rope_attend`` on a CPU. q (B, H, d), k and v (B, Hkv, d) of the new positions;
+    cos/sin (B or 1, d); the caches of every layer (layers, slots, Hkv, positions, d), of which
+    ``layer``'s is used (the whole tensors, not a layer's view: inductor regenerates a written
+    view without its offset); ``slots`` (B,) each row's slot (None: row b is slot b);
+    ``positions`` (B or 1,) where each row writes and up to which it attends -> (B, H, d)."""
     B, H, d = q.shape
     out = q.new_empty((B, H, d))
-    tensors = (q, k, v, cos, sin, k_cache, v_cache, out)
+    tensors = (q, k, v, cos, sin, k_cache, v_cache)
     if any(t.stride(-1) != 1 for t in tensors) or k_cache.stride() != v_cache.stride():
         raise ValueError("rope_attend needs unit strides in the last dimension and caches of one layout")
     if q.dtype not in _FUNCTIONS or any(t.dtype != q.dtype for t in tensors):
@@ -91,26 +95,30 @@ def rope_attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
         raise ValueError("rope_attend takes contiguous int64 slots and positions")
     if not 0 <= layer < k_cache.shape[0]:
         raise IndexError(f"rope_attend: layer {layer} of a {k_cache.shape[0]}-layer cache")
-    sizes = (B, H, k.shape[1], d, positions.numel(), 0 if slots is None else slots.numel(), k_cache.shape[1],
-             k_cache.shape[3])
-
-    def row(t: torch.Tensor) -> int:
-        return 0 if t.shape[0] == 1 else t.stride(0)
-
-    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], row(cos), row(sin), *k_cache.stride()[1:4],
-               *out.stride()[:2])
     assert _lib is not None, "fused_attention.load() first"
-    caches = (k_cache[layer], v_cache[layer])
+    layer_offset = layer * k_cache.stride(0) * k_cache.element_size()
     refused = getattr(_lib, _FUNCTIONS[q.dtype])(
-        *map(_pointer, (q, k, v, cos, sin, *caches, slots, positions, out)),
-        (ctypes.c_int64 * 8)(*sizes), (ctypes.c_int64 * 13)(*strides), ctypes.c_float(d**-0.5))
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        k_cache.data_ptr() + layer_offset, v_cache.data_ptr() + layer_offset,
+        None if slots is None else slots.data_ptr(), positions.data_ptr(), out.data_ptr(),
+        (ctypes.c_int64 * 21)(
+            # sizes: B, H, Hkv, d, positions, slots (0: row b is slot b), the caches' slots and positions
+            B, H, k.shape[1], d, positions.numel(), 0 if slots is None else slots.numel(), k_cache.shape[1],
+            k_cache.shape[3],
+            # strides: q, k, v (row, head), cos, sin (row; 0 for one row), caches (slot, head, position), out
+            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], cos.stride(0) if cos.shape[0] > 1 else 0,
+            sin.stride(0) if sin.shape[0] > 1 else 0, *k_cache.stride()[1:4], *out.stride()[:2]),
+        d**-0.5)
     if refused:
         raise IndexError(f"rope_attend: a row's slot or position is outside the {k_cache.shape[1]} slots "
                          f"x {k_cache.shape[3]} positions of the cache")
     return out
 
 
-@rope_attend_op.register_fake
+_OPS.impl("rope_attend", _rope_attend_cpu, "CPU")
+
+
+@torch.library.register_fake("mimo::rope_attend")
 def _(q, k, v, cos, sin, k_cache, v_cache, layer, slots, positions):
     return q.new_empty(q.shape)
 
@@ -118,8 +126,8 @@ def _(q, k, v, cos, sin, k_cache, v_cache, layer, slots, positions):
 def rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor | None,
                 positions: torch.Tensor) -> torch.Tensor:
-    """:func:`rope_attend_op` on a layer's shapes: q (B, H, 1, d), k/v (B, Hkv, 1, d) unrotated,
+    """``mimo::rope_attend`` on a layer's shapes: q (B, H, 1, d), k/v (B, Hkv, 1, d) unrotated,
     cos/sin (B or 1, 1, d) -> attention (B, H, 1, d)."""
     d = q.shape[-1]
-    return rope_attend_op(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos.reshape(-1, d), sin.reshape(-1, d),
-                          k_cache, v_cache, layer, slots, positions).unsqueeze(2)
+    return torch.ops.mimo.rope_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos.reshape(-1, d), sin.reshape(-1, d),
+                                      k_cache, v_cache, layer, slots, positions).unsqueeze(2)

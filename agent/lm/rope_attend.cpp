@@ -48,10 +48,11 @@ void rotate(const T* x, const T* cos, const T* sin, int64_t d, float* out) {
 
 template <typename T>
 int run(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* kc, T* vc, const int64_t* slots,
-         const int64_t* pos, T* out, const int64_t* n, const int64_t* st, float scale) {
+         const int64_t* pos, T* out, const int64_t* n, float scale) {
   // n: B, H, Hkv, d, number of positions (1 or B), number of slots (0: row b is slot b),
   //    the caches' slots and positions (a row outside them is refused: returns 1, nothing written)
-  // st: q (b, h), k (b, h), v (b, h), cos (b), sin (b), cache (slot, head, position), out (b, h)
+  // then the strides: q (b, h), k (b, h), v (b, h), cos (b), sin (b), cache (slot, head, position), out (b, h)
+  const int64_t* st = n + 8;
   const int64_t B = n[0], H = n[1], Hkv = n[2], d = n[3], npos = n[4], nslots = n[5];
   const int64_t G = H / Hkv;
   for (int64_t b = 0; b < B; ++b) {
@@ -107,12 +108,12 @@ int run(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* kc, T
 extern "C" {
 int rope_attend_f32(const float* q, const float* k, const float* v, const float* cos, const float* sin, float* kc,
                      float* vc, const int64_t* slots, const int64_t* pos, float* out, const int64_t* n,
-                     const int64_t* st, float scale) {
-  return run(q, k, v, cos, sin, kc, vc, slots, pos, out, n, st, scale);
+                     float scale) {
+  return run(q, k, v, cos, sin, kc, vc, slots, pos, out, n, scale);
 }
 int rope_attend_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* cos,
                       const uint16_t* sin, uint16_t* kc, uint16_t* vc, const int64_t* slots, const int64_t* pos,
-                      uint16_t* out, const int64_t* n, const int64_t* st, float scale) {
-  return run(q, k, v, cos, sin, kc, vc, slots, pos, out, n, st, scale);
+                      uint16_t* out, const int64_t* n, float scale) {
+  return run(q, k, v, cos, sin, kc, vc, slots, pos, out, n, scale);
 }
 }

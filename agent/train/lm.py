@@ -457,13 +457,14 @@ class LMTrainer(TrainLoop):
                           max_seconds=max_seconds, save_minutes=save_minutes, log=log, after_step=after_step)
 
     def check(self, log=print) -> None:
-        """Validate now; better than the best so far (spoken answers right, then typed ones, then
-        the spoken text loss), its weights and manifest go to ``best/``."""
+        """Validate now; better than the best so far (the answers right, spoken and typed counted
+        alike, since the model serves both; then the lower spoken text loss), its weights and
+        manifest go to ``best/``."""
         result = {"step": self.step, **self.validate()}
         self.validation.append(result)
 
-        def rank(v: dict[str, float]) -> tuple[float, float, float]:
-            return v["spoken_acc"], v["typed_acc"], -v["spoken_text"]
+        def rank(v: dict[str, float]) -> tuple[float, float]:
+            return v["spoken_acc"] + v["typed_acc"], -v["spoken_text"]
 
         better = self.best is None or rank(result) > rank(self.best)
         if better:

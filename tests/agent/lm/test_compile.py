@@ -20,6 +20,7 @@ from agent.lm.graphs import DecodeGraphs
 from agent.lm.kernels import patch_kernels
 from agent.lm.sampling import SamplingBatch, task_sampling
 from agent.runtime import load_runtime
+from streaming.cli import main
 
 pytestmark = [
     pytest.mark.timeout(900),
@@ -125,3 +126,10 @@ def test_engine_with_compile_answers_as_eager(runtime):
     assert compiled.status == eager.status == "incomplete"
     assert compiled.transcript == eager.transcript
     assert compiled.timings["speech_patches"] == eager.timings["speech_patches"] > 0
+
+
+def test_bench_lm_times_the_compiled_path(runtime, capsys):
+    assert main(["bench-lm", "--compile", "--batch", "1", "--context", "8", "--steps", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--compile" in out.splitlines()[0]
+    assert [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| 1 ")] == [[" 1 ", " 8 "]]

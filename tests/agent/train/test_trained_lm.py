@@ -55,3 +55,45 @@ def test_the_trained_lm_answers_in_the_domain_format_and_stops(tmp_path, capsys)
     assert "stop: stop_token" in captured.err, captured.err
     speech = int(re.search(r"\((\d+) speech", captured.err).group(1))
     assert speech >= 3 and np.abs(load_wav(out)).max() > 0.05
+
+
+def test_the_default_server_answers_the_pages_typed_example_prompts():
+    """The demo's example prompts, typed (``input_text``, as the page sends a click) to a real
+    server running the default model: each answer is the one the domain's rules compute from the
+    question (:func:`agent.train.dialogue.answer`), and the follow-up one more than the question
+    before it. The model was trained on typed turns too (``--text-user-share``); spoken questions
+    in new voices are measured, not promised, by ``mimo-agent bench-quality``."""
+    import asyncio
+
+    from agent.model_card import TINY_SPEECH_EXAMPLES
+    from agent.quality.recognize import normalize
+    from agent.train.dialogue import answer, questions
+    from streaming.client import connect
+    from tests.streaming.live_server import start_server
+
+    known = {q.text: q for qs in questions().values() for q in qs}
+    asked = [e for e in TINY_SPEECH_EXAMPLES if known[e].kind != "follow_up"]
+    follow_up = next(e for e in TINY_SPEECH_EXAMPLES if known[e].kind == "follow_up")
+
+    async def ask(url: str, texts: list[str]) -> list[str]:
+        async with await connect(url) as client:
+            out = []
+            for text in texts:
+                await client.send_text(text)
+                await client.create_response()
+                result = await client.collect_response(timeout=60)
+                out.append(result.transcript or result.text)
+            return out
+
+    live = start_server(default_model=True)
+    try:
+        assert live.runtime.info["preset"] == "tiny-speech"
+        for text in asked:
+            expected, value = answer(known[text])
+            turns = [text, follow_up] if value is not None else [text]
+            got = asyncio.run(ask(live.ws_url, turns))
+            assert normalize(got[0]) == normalize(expected), (text, got)
+            if value is not None:
+                assert normalize(got[1]) == normalize(answer(known[follow_up], value)[0]), (turns, got)
+    finally:
+        live.stop()
