@@ -167,6 +167,9 @@ class FlushOutputAudio:
 
     response_id: str | None
     cut: bool = True
+    # a response already generated but still playing was stopped (the reason): for the client it was
+    # still running, so its response.done, if it still waits behind the dropped audio, says cancelled
+    cancelled: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

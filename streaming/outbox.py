@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,12 @@ class Outbox:
         self._play_end = min(self._play_end, time.perf_counter())
         self._ready.set()
         return dropped
+
+    def rewrite(self, response_id: str, change: Callable[[Any], Any]) -> None:
+        """Replace each event of ``response_id`` still queued by ``change(event)``."""
+        for e in self._stream:
+            if e.response_id == response_id:
+                e.event = change(e.event)
 
     def fail(self, event: Any) -> None:
         """End the session because the client does not read: drop what waits, send ``event`` (the

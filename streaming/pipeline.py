@@ -222,6 +222,8 @@ class SessionBridge:
             submit(eng.DeleteItem(a.item_id))
         elif isinstance(a, act.FlushOutputAudio):
             self.outbox.flush_audio(a.response_id)
+            if a.cancelled is not None and a.response_id is not None:
+                self.outbox.rewrite(a.response_id, lambda event: _cancelled(event, a.cancelled))
             if self.flush_sink is not None:
                 played = self.flush_sink()  # WebRTC: {response: samples played} of what it cut short
                 for response_id, samples in played.items() if a.cut else ():
@@ -392,6 +394,15 @@ class SessionBridge:
             mimo = event.response.mimo
             if mimo is not None:
                 mimo.timings = {**(mimo.timings or {}), "server_first_audio_ms": round(ms, 3)}
+
+
+def _cancelled(event: Any, reason: str) -> Any:
+    """``event``, if it is a ``response.done``, saying the response was cancelled for ``reason``."""
+    if not isinstance(event, p.ResponseDone):
+        return event
+    details = p.ResponseStatusDetails(type="cancelled", reason=reason)
+    return event.model_copy(update={"response": event.response.model_copy(
+        update={"status": "cancelled", "status_details": details})})
 
 
 def model_sampling(params: Any) -> Any:

@@ -516,7 +516,7 @@ class RealtimeSession:
         if run.state is ResponseState.IN_PROGRESS:
             self._cancel(run, "turn_detected")
         elif run.may_be_playing(self.clock()):
-            self._cut_playout(run)
+            self._cut_playout(run, cancelled="turn_detected")
 
     def _on_commit(self, event: p.InputAudioBufferCommit) -> None:
         self.input.flush_decoder()
@@ -685,7 +685,8 @@ class RealtimeSession:
         if run is not None and run.state is ResponseState.IN_PROGRESS:
             self._cancel(run, "client_cancelled", cut=False)
         elif stop_audio and run is not None and run.may_be_playing(self.clock()):
-            self._cut_playout(run, cut=False)  # the listener stopped at audio_end_ms: so does its audio
+            # the listener stopped at audio_end_ms: so does its audio
+            self._cut_playout(run, cut=False, cancelled="client_cancelled")
         transcript = Conversation.truncate(item, audio_end_ms)
         self._emit(
             p.ConversationItemTruncated(item_id=item_id, content_index=index, audio_end_ms=audio_end_ms)
@@ -760,7 +761,7 @@ class RealtimeSession:
             if last is not None and event.response_id in (None, last.id) and last.may_be_playing(self.clock()):
                 # generated, but its audio (and response.done) may still wait in the paced output:
                 # for the client it is still running, so the cancel stops its audio
-                self._cut_playout(last)
+                self._cut_playout(last, cancelled="client_cancelled")
                 return
             raise IllegalTransition(
                 ErrorCode.RESPONSE_CANCEL_NOT_ACTIVE, "Cancellation failed: no active response found."
@@ -781,10 +782,11 @@ class RealtimeSession:
         self._cut_playout(run, cut=cut)
         self._finish(run, "cancelled", reason)
 
-    def _cut_playout(self, run: ResponseRun, *, cut: bool = True) -> None:
+    def _cut_playout(self, run: ResponseRun, *, cut: bool = True, cancelled: str | None = None) -> None:
         """Drop ``run``'s output audio not yet sent or played (the bridge truncates the item to what
-        was played when ``cut`` and it knows); WebRTC: ``output_audio_buffer.cleared``."""
-        self._actions.append(act.FlushOutputAudio(run.id, cut=cut))
+        was played when ``cut`` and it knows); WebRTC: ``output_audio_buffer.cleared``. ``cancelled``:
+        ``run`` was generated but is stopped while it plays (see ``act.FlushOutputAudio``)."""
+        self._actions.append(act.FlushOutputAudio(run.id, cut=cut, cancelled=cancelled))
         self._clear_playout(run)
 
     def _on_output_clear(self, event: p.OutputAudioBufferClear) -> None:

@@ -9,6 +9,7 @@ import pytest
 from streaming import protocol as p
 from streaming.audio import b64encode_audio
 from streaming.outbox import Outbox, OutboxFull
+from streaming.pipeline import _cancelled
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -88,3 +89,17 @@ async def test_the_byte_budget_and_failing():
     outbox.put(error("after the close: ignored"))
     assert [e.error.message for e in await take(outbox, 1)] == ["closing: the client is not reading"]
     assert await outbox.get() is None
+
+
+async def test_a_response_stopped_while_it_plays_is_done_cancelled_if_its_done_was_still_queued():
+    """A response generated in full but cancelled while its paced audio plays: for the client it
+    was still running (no response.done yet), so the response.done it gets says cancelled."""
+    outbox = Outbox(lead_s=0.0)
+    for _ in range(3):
+        outbox.put(delta("resp_1", 4800), audio_s=0.2, response_id="resp_1")
+    outbox.put(p.ResponseDone(response=p.RealtimeResponse(id="resp_1", status="completed")), response_id="resp_1")
+    outbox.flush_audio("resp_1")
+    outbox.rewrite("resp_1", lambda event: _cancelled(event, "client_cancelled"))
+    (done,) = await take(outbox, 1)
+    assert done.type == "response.done" and done.response.status == "cancelled"
+    assert done.response.status_details.reason == "client_cancelled"

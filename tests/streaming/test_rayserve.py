@@ -259,12 +259,28 @@ async def test_a_killed_replica_closes_only_its_sessions_and_is_replaced(ray_ser
         await close_all(sockets)
 
 
+async def calls_spread(server: RayServer, ids: set[str]) -> list:
+    """A WebRTC call on each replica, as the router placed them (retried as :func:`spread` is)."""
+    owners: Counter = Counter()
+    for _ in range(SPREAD_ATTEMPTS):
+        calls = [await rtc_client.place_call(server.url, mic=False) for _ in range(REPLICAS)]
+        owners = Counter(call_replica(c.call_id) for c in calls)
+        if set(owners) == ids:
+            return calls
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            for call in calls:
+                await http.delete(call.location)
+        for call in calls:
+            await call.close()
+        await fleet_where(server, lambda rs: idle(rs) and all(r["calls"] == 0 for r in rs), "the calls ended")
+        await asyncio.sleep(1)
+    pytest.fail(f"{REPLICAS} calls were never spread one per replica: last placed {dict(owners)}")
+
+
 async def test_webrtc_calls_name_their_replica_and_hang_up_and_sideband_reach_it(ray_server):
     replicas = await fleet_where(ray_server, idle, "every replica idle")
-    calls = [await rtc_client.place_call(ray_server.url, mic=False) for _ in range(REPLICAS)]
+    calls = await calls_spread(ray_server, {r["id"] for r in replicas})  # one on each: calls count as load
     try:
-        owners = Counter(call_replica(c.call_id) for c in calls)
-        assert set(owners) == {r["id"] for r in replicas}, owners  # one call on each: calls count as load
         await fleet_where(ray_server, lambda rs: [r["calls"] for r in rs] == [1] * REPLICAS, "one call each")
         for call in calls:  # the sideband WebSocket joins the call on its replica
             async with websockets.connect(f"{ray_server.ws_url}?call_id={call.call_id}",

@@ -477,7 +477,8 @@ def test_cancel_while_the_finished_response_still_plays_stops_its_audio():
     clock.advance(1.0)
     send(s, {"type": "response.cancel"})
     assert s.take_events() == []  # no error: it was generated, and stops now
-    assert s.take_actions() == [act.FlushOutputAudio(create.response_id)]
+    # and its response.done, if still queued behind the audio, says so
+    assert s.take_actions() == [act.FlushOutputAudio(create.response_id, cancelled="client_cancelled")]
     clock.advance(1.5)  # played out: now it is over for the client too
     send(s, {"type": "response.cancel"})
     assert [e.code for e in errors(s.take_events())] == ["response_cancel_not_active"]
@@ -676,7 +677,7 @@ def test_truncate_validation_and_transcript():
         "audio_end_ms": 400,
     }
     # its audio may still be queued (the session's clock did not move): the listener stopped, so does it
-    assert s.take_actions() == [act.FlushOutputAudio(create.response_id, cut=False),
+    assert s.take_actions() == [act.FlushOutputAudio(create.response_id, cut=False, cancelled="client_cancelled"),
                                 act.TruncateItem(item_id, 400, "Yes, ")]
     send(s, {"type": "conversation.item.retrieve", "item_id": item_id})
     (retrieved,) = s.take_events()
