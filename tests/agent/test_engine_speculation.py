@@ -268,7 +268,9 @@ def test_a_turn_that_may_end_early_is_prefilled_at_once_and_its_patches_wait(run
         for i in range(0, len(HELLO), 2400):
             c.submit(StreamUserAudio("u1", HELLO[i:i + 2400]))
         c.submit(Speculate("u1", CANDIDATE, PARAMS, end_in_s=3600.0, ends_early=True))
-        wait_for(lambda: held(c) is not None and c.state.response.phase == "generate", "the prefill")
+        # (read on the engine's thread's back: the speculation is set a moment before its response)
+        wait_for(lambda: held(c) is not None and getattr(c.state.response, "phase", None) == "generate",
+                 "the prefill")
         some_ticks(engine)
         assert len(held(c).answer.patches) == 0 and engine._paused(c.state)
         c.submit(AddUserAudio("u1", HELLO))
