@@ -397,12 +397,19 @@ class SessionBridge:
 
 
 def _cancelled(event: Any, reason: str) -> Any:
-    """``event``, if it is a ``response.done``, saying the response was cancelled for ``reason``."""
+    """A queued event of a response cancelled for ``reason`` while it played, as a cancelled
+    response's: ``response.done`` says cancelled, its item (there and in the item events) incomplete."""
+    def incomplete(item: Any) -> Any:
+        return item.model_copy(update={"status": "incomplete"})
+
+    if isinstance(event, p.ResponseOutputItemDone | p.ConversationItemDone):
+        return event.model_copy(update={"item": incomplete(event.item)})
     if not isinstance(event, p.ResponseDone):
         return event
     details = p.ResponseStatusDetails(type="cancelled", reason=reason)
+    output = [incomplete(item) for item in event.response.output or []]
     return event.model_copy(update={"response": event.response.model_copy(
-        update={"status": "cancelled", "status_details": details})})
+        update={"status": "cancelled", "status_details": details, "output": output})})
 
 
 def model_sampling(params: Any) -> Any:

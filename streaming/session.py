@@ -787,6 +787,9 @@ class RealtimeSession:
         was played when ``cut`` and it knows); WebRTC: ``output_audio_buffer.cleared``. ``cancelled``:
         ``run`` was generated but is stopped while it plays (see ``act.FlushOutputAudio``)."""
         self._actions.append(act.FlushOutputAudio(run.id, cut=cut, cancelled=cancelled))
+        stored = self.conversation.get(run.item_id) if cancelled is not None and run.in_conversation else None
+        if stored is not None:  # not all of it was heard: incomplete, as a response cancelled in progress leaves it
+            stored.status = "incomplete"
         self._clear_playout(run)
 
     def _on_output_clear(self, event: p.OutputAudioBufferClear) -> None:

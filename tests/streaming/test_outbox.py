@@ -97,9 +97,13 @@ async def test_a_response_stopped_while_it_plays_is_done_cancelled_if_its_done_w
     outbox = Outbox(lead_s=0.0)
     for _ in range(3):
         outbox.put(delta("resp_1", 4800), audio_s=0.2, response_id="resp_1")
-    outbox.put(p.ResponseDone(response=p.RealtimeResponse(id="resp_1", status="completed")), response_id="resp_1")
+    item = p.ConversationItem(id="item_1", type="message", role="assistant", status="completed", content=[])
+    outbox.put(p.ResponseOutputItemDone(response_id="resp_1", output_index=0, item=item), response_id="resp_1")
+    outbox.put(p.ResponseDone(response=p.RealtimeResponse(id="resp_1", status="completed", output=[item])),
+               response_id="resp_1")
     outbox.flush_audio("resp_1")
     outbox.rewrite("resp_1", lambda event: _cancelled(event, "client_cancelled"))
-    (done,) = await take(outbox, 1)
+    item_done, done = await take(outbox, 2)
+    assert item_done.type == "response.output_item.done" and item_done.item.status == "incomplete"
     assert done.type == "response.done" and done.response.status == "cancelled"
-    assert done.response.status_details.reason == "client_cancelled"
+    assert done.response.status_details.reason == "client_cancelled" and done.response.output[0].status == "incomplete"

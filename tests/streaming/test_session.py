@@ -473,12 +473,17 @@ def test_cancel_while_the_finished_response_still_plays_stops_its_audio():
     (create,) = [a for a in s.take_actions() if isinstance(a, act.CreateResponse)]
     play_audio_response(s, create.response_id, audio=YES[:48000], text=("Yes",))  # 2 s
     s.response_done(create.response_id)
-    s.take_events(), s.take_actions()
+    (done,) = [e for e in s.take_events() if e.type == "response.done"]
+    s.take_actions()
     clock.advance(1.0)
     send(s, {"type": "response.cancel"})
     assert s.take_events() == []  # no error: it was generated, and stops now
     # and its response.done, if still queued behind the audio, says so
     assert s.take_actions() == [act.FlushOutputAudio(create.response_id, cancelled="client_cancelled")]
+    item_id = done.response.output[0].id  # not all of it was heard: incomplete, as if cancelled in progress
+    send(s, {"type": "conversation.item.retrieve", "item_id": item_id})
+    (retrieved,) = s.take_events()
+    assert retrieved.item.status == "incomplete"
     clock.advance(1.5)  # played out: now it is over for the client too
     send(s, {"type": "response.cancel"})
     assert [e.code for e in errors(s.take_events())] == ["response_cancel_not_active"]
