@@ -9,6 +9,15 @@ initialised from encoder outputs, updated by exponential moving averages, unused
 by encoder outputs of the batch. Each item of a batch quantises with a drawn number of codebooks
 (quantizer dropout), half of them with the language model's 8, so that 8 and 20 both decode well.
 
+``--init DIR --train decoder`` fine-tunes a trained codec without changing its codes: the weights
+start from ``DIR``, the encoder and the codebooks are frozen (no gradient, no EMA update, no
+dead-entry restart), and only the modules after the quantizer learn (the decoder's up-samplers and
+transformer, the vocoder): the modules :meth:`~agent.codec.MiMoAudioTokenizer.decode` runs after the
+codebook lookup. A language model trained on the codes of ``DIR`` reads and writes the same codes
+with the fine-tuned decoder. ``--validate-every`` measures STOI (8 codebooks) on the corpus'
+held-out voices and keeps the best checkpoint so far in ``OUT/best`` (the initial weights count as
+step 0 of a fine-tune, so ``best`` is never worse than ``DIR`` on that set).
+
 Everything random is drawn from ``--seed``. The output directory is an official-layout checkpoint
 (``config.json`` + ``model.safetensors``, read by :func:`agent.codec.load_audio_tokenizer`) with
 ``training.json`` (recipe, steps, losses, time) and ``train_state.pt`` (to ``--resume``).
@@ -31,9 +40,13 @@ from ..codec.mel import htk_mel_filterbank
 from ..codec.tokenizer import MiMoAudioTokenizer, init_random_weights, load_audio_tokenizer, save_audio_tokenizer
 from .common import TrainLoop, check_resume_recipe, run_record, warmup_cosine
 from .data import load_split, read_manifest
+from .evaluate import measure
 
 MANIFEST = "training.json"
 STATE = "train_state.pt"
+BEST = "best"
+#: what ``--train`` may choose: every weight and the codebooks, or the modules after the quantizer
+TRAIN_PARTS = ("all", "decoder")
 
 
 @dataclass
@@ -54,6 +67,7 @@ class TrainRecipe:
     ema_decay: float = 0.99
     dead_code_percent: float = 10.0  # restart entries used less than this share of an even share
     lm_codebooks_share: float = 0.5  # items quantised with LM_CODEBOOKS; the rest 1..num_quantizers
+    train: str = "all"  # one of TRAIN_PARTS; "decoder": encoder and codebooks frozen (codes unchanged)
     #: (n_fft, hop, n_mels) of the waveform's log-mel loss
     mel_scales: list[tuple[int, int, int]] = field(
         default_factory=lambda: [(256, 64, 32), (512, 128, 64), (960, 240, 128), (1920, 480, 128)]
@@ -123,6 +137,8 @@ class EmaQuantizer:
             residual = residual - chosen
         self.inited = self.inited or update
         commit = F.mse_loss(x.float(), total)
+        if not x.requires_grad:  # a frozen encoder: the decoder gets the entries exactly, as in decode()
+            return total, commit
         return x + (total - x).detach(), commit
 
     @torch.no_grad()
@@ -159,13 +175,26 @@ def _sample_rows(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 class Trainer(TrainLoop):
     LOSS_COLUMNS = ("loss", "mel", "coarse_mel", "commit")
 
-    def __init__(self, recipe: TrainRecipe, corpus: str | Path, out: str | Path, config: AudioTokenizerConfig):
+    def __init__(self, recipe: TrainRecipe, corpus: str | Path, out: str | Path, config: AudioTokenizerConfig,
+                 *, init: str | Path | None = None):
         self.recipe, self.corpus, self.out, self.config = recipe, Path(corpus), Path(out), config
+        if recipe.train not in TRAIN_PARTS:
+            raise ValueError(f"train={recipe.train!r}: choose one of {', '.join(TRAIN_PARTS)}")
+        if recipe.train == "decoder" and init is None:
+            raise ValueError("--train decoder fine-tunes a trained codec: give its checkpoint with --init")
         torch.manual_seed(recipe.seed)
-        self.tok = init_random_weights(MiMoAudioTokenizer(config), recipe.seed).train()
+        self.tok = init_random_weights(MiMoAudioTokenizer(config), recipe.seed)
+        self.init = None if init is None else Path(init)
+        if self.init is not None:
+            start = load_audio_tokenizer(self.init, dtype=torch.float32, device="cpu")
+            if start.config.to_dict() != config.to_dict():
+                raise ValueError(f"--init {self.init} is not a {recipe.preset} codec (its config.json differs)")
+            self.tok.load_state_dict(start.state_dict())
+        self.frozen = self.tok.encoder if recipe.train == "decoder" else None
+        self.train_mode()
         self.quant = EmaQuantizer(self.tok, recipe.ema_decay, recipe.dead_code_percent)
         self.opt = torch.optim.AdamW(
-            self.tok.parameters(), lr=recipe.lr, betas=(0.8, 0.99), weight_decay=recipe.weight_decay
+            list(self.parameters()), lr=recipe.lr, betas=(0.8, 0.99), weight_decay=recipe.weight_decay
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.mels = MultiScaleLogMel(recipe.mel_scales, config.sampling_rate)
@@ -174,6 +203,9 @@ class Trainer(TrainLoop):
         self.step = 0
         self.seconds = 0.0  # training wall time over all runs (resumes add up)
         self.history: list[dict[str, float]] = []
+        self.validation: list[dict[str, float]] = []  # {"step", "stoi"} of each validation
+        self.best: dict[str, float] | None = None
+        self._held_out: list[np.ndarray] | None = None  # the validation audio, read on first use
         audio = [a for _, a in load_split(self.corpus, "train", config.sampling_rate)]
         if not audio:
             raise ValueError(f"{self.corpus} has no training utterances")
@@ -181,6 +213,12 @@ class Trainer(TrainLoop):
         self.crop = recipe.tokens * config.samples_per_token
         if self.stream.numel() <= self.crop:
             raise ValueError(f"{self.corpus}: {self.stream.numel()} training samples, need more than {self.crop}")
+
+    def train_mode(self) -> None:
+        """Training mode, but a frozen encoder stays in eval mode with no gradient."""
+        self.tok.train()
+        if self.frozen is not None:
+            self.frozen.eval().requires_grad_(False)
 
     def _lr_factor(self, step: int) -> float:
         r = self.recipe
@@ -202,10 +240,11 @@ class Trainer(TrainLoop):
             mel = torch.stack([tok.front_end(w) for w in wav])  # (B, T_mel, n_mels)
             targets = self.mels(wav)
         lengths = torch.full((B,), mel.shape[1])
-        feats, len25 = tok.encoder(mel, lengths)  # (B, T25, d)
+        with torch.set_grad_enabled(self.frozen is None):
+            feats, len25 = tok.encoder(mel, lengths)  # (B, T25, d)
         T25 = feats.shape[1]
         n_q = self.draw_n_q(B)[:, None].expand(B, T25).reshape(-1)
-        quantized, commit = self.quant(feats.reshape(B * T25, -1), n_q, self.gen, update)
+        quantized, commit = self.quant(feats.reshape(B * T25, -1), n_q, self.gen, update and self.frozen is None)
         dec = tok.decoder
         x, len50 = dec.dconv1(quantized.view(B, T25, -1), len25)
         coarse, len100 = dec.dconv2(dec.transform(x, len50), len50)
@@ -219,34 +258,70 @@ class Trainer(TrainLoop):
         return self.losses(self.batch())
 
     def parameters(self):
-        return self.tok.parameters()
+        """The trained weights: all of them, or (``train="decoder"``) the decoder's."""
+        return self.tok.decoder.parameters() if self.frozen is not None else self.tok.parameters()
 
     def run(self, *, save_every: int = 250, log_every: int = 25, stop_at: int | None = None,
-            max_seconds: float | None = None, log=print) -> Path:
+            max_seconds: float | None = None, validate_every: int | None = None, log=print) -> Path:
         """Train to ``recipe.steps``, or stop early (saved, resumable) at step ``stop_at`` or once this
-        call has run ``max_seconds``."""
-        return self.train(self.save, log_every=log_every, stop_at=stop_at, max_seconds=max_seconds,
-                          save_every=save_every, log=log)
+        call has run ``max_seconds``; with ``validate_every``, measure the held-out voices every that
+        many steps (and before the first step of a fine-tune) and keep the best in ``OUT/best``."""
+        if validate_every and self.step == 0 and self.init is not None:
+            self.validate(log)
 
-    def save(self) -> None:
+        def after_step() -> None:
+            if validate_every and self.step % validate_every == 0:
+                self.validate(log)
+
+        return self.train(self.save, log_every=log_every, stop_at=stop_at, max_seconds=max_seconds,
+                          save_every=save_every, log=log, after_step=after_step)
+
+    def validate(self, log=print) -> float:
+        """Mean STOI with the LM's codebooks over the corpus' held-out voices; a new best is saved."""
+        if self._held_out is None:
+            self._held_out = [a for _, a in load_split(self.corpus, "held_out", self.config.sampling_rate)]
+        if not self._held_out:
+            raise ValueError(f"{self.corpus} has no held-out utterances to validate on")
         self.tok.eval()
-        save_audio_tokenizer(self.tok, self.out)
-        self.tok.train()
-        torch.save({"step": self.step, "seconds": self.seconds, "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict(), "quantizer": self.quant.state_dict(),
-                    "generator": self.gen.get_state(), "history": self.history, "recipe": asdict(self.recipe)},
-                   self.out / STATE)
+        score = round(float(np.mean([measure(self.tok, a, LM_CODEBOOKS)["stoi"] for a in self._held_out])), 5)
+        self.train_mode()
+        self.validation.append({"step": self.step, "stoi": score})
+        better = self.best is None or score > self.best["stoi"]
+        if better:
+            self.best = {"step": self.step, "stoi": score}
+            self.write_checkpoint(self.out / BEST)
+        log(f"validation at step {self.step}: held-out STOI {score:.4f}" + (" (best)" if better else ""))
+        return score
+
+    def write_checkpoint(self, directory: Path) -> None:
+        """The loadable checkpoint (official layout) and its ``training.json``."""
+        self.tok.eval()
+        save_audio_tokenizer(self.tok, directory)
+        self.train_mode()
         corpus = read_manifest(self.corpus)
         manifest = {
             "format": "mimo-agent codec training",
             "command": self.command,
             "recipe": asdict(self.recipe),
             "parameters": sum(p.numel() for p in self.tok.parameters()),
+            "trained_parameters": sum(p.numel() for p in self.parameters()),
             "corpus": {"path": str(self.corpus), "seed": corpus["recipe"]["seed"], "minutes": corpus["minutes"],
                        "held_out_voices": corpus["recipe"]["held_out_voices"]},
+            "init": None if self.init is None else {"path": str(self.init), "training": _training_of(self.init)},
             **run_record(self.step, self.history, self.seconds),
+            "validation": {"set": "the corpus' held-out voices, STOI with the LM's 8 codebooks",
+                           "best": self.best, "history": self.validation},
         }
-        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    def save(self) -> None:
+        self.write_checkpoint(self.out)
+        torch.save({"step": self.step, "seconds": self.seconds, "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(), "quantizer": self.quant.state_dict(),
+                    "generator": self.gen.get_state(), "history": self.history, "recipe": asdict(self.recipe),
+                    "init": None if self.init is None else str(self.init),
+                    "validation": self.validation, "best": self.best},
+                   self.out / STATE)
 
     def resume(self) -> None:
         state = torch.load(self.out / STATE, weights_only=False)
@@ -258,6 +333,15 @@ class Trainer(TrainLoop):
         self.quant.load_state_dict(state["quantizer"])
         self.gen.set_state(state["generator"])
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+        self.validation, self.best = state.get("validation", []), state.get("best")
+        if state.get("init") is not None:
+            self.init = Path(state["init"])
+
+
+def _training_of(checkpoint: Path) -> dict | None:
+    """The ``training.json`` of the checkpoint a fine-tune starts from (its history is this run's)."""
+    path = checkpoint / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def add_arguments(parser) -> None:
@@ -272,6 +356,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=d.tokens,
                         help=f"crop length in 25 Hz tokens (default {d.tokens})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    parser.add_argument("--warmup", type=int, default=d.warmup,
+                        help=f"steps of linear warm-up, then a cosine to {d.final_lr_fraction:g} x lr "
+                             f"(default {d.warmup})")
+    parser.add_argument("--init", default=None,
+                        help="start from this codec checkpoint's weights (default: seeded random weights)")
+    parser.add_argument("--train", default=d.train, choices=TRAIN_PARTS,
+                        help="what learns: all (encoder, codebooks, decoder) or decoder (the modules after the "
+                             "quantizer; encoder and codebooks frozen, so the codes of --init stay the same; "
+                             f"needs --init) (default {d.train})")
+    parser.add_argument("--validate-every", type=int, default=None,
+                        help="steps between STOI measurements on the corpus' held-out voices; the best "
+                             "checkpoint is kept in OUT/best (default: none)")
     parser.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (default 250)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -283,15 +379,19 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = TrainRecipe(preset=args.preset, seed=args.seed, steps=args.steps, batch=args.batch, tokens=args.tokens,
-                         lr=args.lr)
-    trainer = Trainer(recipe, args.data, args.out, preset_config(args.preset))
+                         lr=args.lr, warmup=args.warmup, train=args.train)
+    trainer = Trainer(recipe, args.data, args.out, preset_config(args.preset), init=args.init)
     trainer.command = (f"mimo-agent train codec --data {args.data} --out {args.out} --preset {args.preset} "
+                       + (f"--init {args.init} --train {args.train} " if args.init else "") +
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --tokens {args.tokens} "
-                       f"--lr {args.lr:g}" + (f" --threads {args.threads}" if args.threads else ""))
+                       f"--lr {args.lr:g} --warmup {args.warmup}"
+                       + (f" --validate-every {args.validate_every}" if args.validate_every else "")
+                       + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:
         trainer.resume()
         print(f"resumed {args.out} at step {trainer.step}", flush=True)
     max_seconds = None if args.max_minutes is None else args.max_minutes * 60
-    trainer.run(save_every=args.save_every, max_seconds=max_seconds, log=lambda m: print(m, flush=True))
+    trainer.run(save_every=args.save_every, max_seconds=max_seconds, validate_every=args.validate_every,
+                log=lambda m: print(m, flush=True))
     print(f"wrote {os.fspath(args.out)}: {trainer.final_losses()}")
     return 0
