@@ -273,6 +273,8 @@ class MiMoAudioConfig:
         for f in dataclasses.fields(self):
             if f.name not in ("extra", "empty_token_id"):
                 out[f.name] = getattr(self, f.name)
+        if self.input_speech_codebooks is None:  # ours, not official: written only when set
+            del out["input_speech_codebooks"]
         return out
 
     def to_json(self, path: str | None = None) -> str:
