@@ -122,6 +122,12 @@ class MiMoAudioConfig:
     #: bidirectional attention inside a patch in the patch encoder; None (the official default) is
     #: causal. The shipped checkpoints set true.
     input_full_attention: bool | None = None
+    #: not an official field: the codebooks of the speech the model hears (its ``<|sosp|>`` ..
+    #: ``<|eosp|>`` segments: user turns, voice prompts) that it reads; the finer ones enter as the
+    #: empty ids. None (the official behaviour) reads all. A tiny model trained on synthetic voices
+    #: otherwise recognises an utterance by its fine codes, which a 1-LSB change of the audio
+    #: redraws, instead of learning what was said.
+    input_speech_codebooks: int | None = None
     #: not an official config field: the text id of ``<|empty|>``, which marks speech patches.
     #: ``load_lm`` takes it from the checkpoint's tokenizer.
     empty_token_id: int = MIMO_EMPTY_TOKEN_ID
@@ -206,6 +212,9 @@ class MiMoAudioConfig:
         for c, (size, empty) in enumerate(zip(sizes, empties, strict=True)):
             if not 0 <= empty < size:
                 raise ConfigError(f"speech_zeroemb_idx[{c}]={empty} is outside speech_vocab_size[{c}]={size}")
+        n = self.input_speech_codebooks
+        if n is not None and not 1 <= n <= self.audio_channels:
+            raise ConfigError(f"input_speech_codebooks={n} must be between 1 and audio_channels={self.audio_channels}")
         if min(delays) < 0:
             raise ConfigError(f"delay_pattern={self.delay_pattern!r} has a negative delay")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -264,6 +273,8 @@ class MiMoAudioConfig:
         for f in dataclasses.fields(self):
             if f.name not in ("extra", "empty_token_id"):
                 out[f.name] = getattr(self, f.name)
+        if self.input_speech_codebooks is None:  # ours, not official: written only when set
+            del out["input_speech_codebooks"]
         return out
 
     def to_json(self, path: str | None = None) -> str:

@@ -170,8 +170,15 @@ class PromptBuilder:
         return Prompt(text, codes.reshape(P, self.group_size, self.channels))
 
     def audio(self, codes: torch.Tensor | np.ndarray) -> Prompt:
-        """An audio segment: ``<|sosp|>``, the speech patches, ``<|eosp|>``."""
-        return self.tokens([self.specials.sosp]) + self.speech(codes) + self.tokens([self.specials.eosp])
+        """An audio segment: ``<|sosp|>``, the speech patches, ``<|eosp|>``; of speech the model
+        hears, only the config's ``input_speech_codebooks`` (the others are the empty ids)."""
+        speech = self.speech(codes)
+        n = self.config.input_speech_codebooks
+        if n is not None and n < self.channels:
+            heard = speech.codes.clone()  # the caller's codes stay whole
+            heard[..., n:] = self.empty_codes[n:]
+            speech = Prompt(speech.text_ids, heard)
+        return self.tokens([self.specials.sosp]) + speech + self.tokens([self.specials.eosp])
 
     def interleaved(
         self, text: str, codes: torch.Tensor | np.ndarray, text_chunk: int = 5, audio_chunk: int = 5

@@ -103,12 +103,14 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> TextTokenizer:
     return TextTokenizer(tok, source="trained BPE")
 
 
-def lm_config(size: str, tokenizer: TextTokenizer) -> MiMoAudioConfig:
-    """The config of ``size`` for ``tokenizer`` (its vocabulary rounded up to a multiple of 64)."""
+def lm_config(size: str, tokenizer: TextTokenizer, input_codebooks: int | None = None) -> MiMoAudioConfig:
+    """The config of ``size`` for ``tokenizer`` (its vocabulary rounded up to a multiple of 64),
+    hearing ``input_codebooks`` of the user's speech (None: all)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     vocab = -(-tokenizer.vocab_size // 64) * 64
-    return MiMoAudioConfig(vocab_size=vocab, empty_token_id=tokenizer.specials.empty, **SIZES[size])
+    return MiMoAudioConfig(vocab_size=vocab, empty_token_id=tokenizer.specials.empty,
+                           input_speech_codebooks=input_codebooks, **SIZES[size])
 
 
 # --- sequences -------------------------------------------------------------------------------------
@@ -336,6 +338,9 @@ class LMRecipe:
     no_instructions_share: float = 0.1
     #: share of user turns typed rather than spoken (see :meth:`SequenceBuilder.dialogue`)
     text_user_share: float = 0.25
+    #: codebooks of the user's speech the model reads (the config's ``input_speech_codebooks``,
+    #: which the server applies too); None: all
+    input_codebooks: int | None = None
     instructions: str = DEFAULT_SYSTEM_PROMPT
     extra: dict = field(default_factory=dict)
 
@@ -351,7 +356,7 @@ class LMTrainer(TrainLoop):
         if self.init is not None:
             tokenizer = tokenizer or TextTokenizer.from_dir(self.init)
         self.tokenizer = tokenizer or train_tokenizer(tokenizer_texts(self.manifest, recipe.seed), recipe.vocab_size)
-        self.config = lm_config(recipe.size, self.tokenizer)
+        self.config = lm_config(recipe.size, self.tokenizer, recipe.input_codebooks)
         torch.manual_seed(recipe.seed)
         self.lm = MiMoAudioLM(self.config)
         init_training_weights(self.lm, recipe.seed)
@@ -576,6 +581,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-user-share", type=float, default=d.text_user_share,
                         help=f"user turns typed (their text in the user turn) rather than spoken, a share "
                              f"(default {d.text_user_share:g})")
+    parser.add_argument("--asr-share", type=float, default=d.asr_share,
+                        help=f"examples that are the ASR task over the user utterances, a share "
+                             f"(default {d.asr_share:g})")
+    parser.add_argument("--input-codebooks", type=int, default=d.input_codebooks,
+                        help="codebooks of the user's speech the model reads, the coarse ones first (written to "
+                             "config.json as input_speech_codebooks, which serving applies too; default: all)")
     parser.add_argument("--validate-every", type=int, default=None,
                         help="steps between validations on the corpora's held-out questions; the best checkpoint "
                              "is kept in OUT/best (default: none)")
@@ -597,7 +608,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = LMRecipe(size=args.size, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
-                      warmup=args.warmup, user_code_noise=args.user_code_noise, text_user_share=args.text_user_share)
+                      warmup=args.warmup, user_code_noise=args.user_code_noise, text_user_share=args.text_user_share,
+                      asr_share=args.asr_share, input_codebooks=args.input_codebooks)
     tokenizer = None
     if args.resume:
         tokenizer = TextTokenizer.from_dir(args.out)
@@ -606,7 +618,8 @@ def run(args) -> int:
                        + (f"--init {args.init} " if args.init else "") +
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} "
                        f"--warmup {args.warmup} --user-code-noise {args.user_code_noise:g}"
-                       + f" --text-user-share {args.text_user_share:g}"
+                       + f" --text-user-share {args.text_user_share:g} --asr-share {args.asr_share:g}"
+                       + (f" --input-codebooks {args.input_codebooks}" if args.input_codebooks else "")
                        + (f" --validate-every {args.validate_every}" if args.validate_every else "")
                        + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:

@@ -111,3 +111,33 @@ def test_codes_checks_and_padding(builder) -> None:
     padded = pad_codes_to_patches(torch.arange(6 * 8).view(6, 8) % 100)
     assert padded.shape == (8, 8) and torch.equal(padded[6], padded[5]) and torch.equal(padded[7], padded[5])
     assert normalize_case("HELLO THERE") == "Hello there" and normalize_case("Mixed Case") == "Mixed Case"
+
+
+def test_heard_speech_keeps_the_configured_codebooks(tiny) -> None:
+    """A config's ``input_speech_codebooks`` applies to the speech the model hears (user turns,
+    voice prompts: the ``<|sosp|>`` segments), never to the speech it speaks, and leaves the
+    caller's codes alone."""
+    import dataclasses
+
+    from agent.conversation import ConversationRenderer, Item, Role
+    from agent.lm.config import ConfigError, MiMoAudioConfig
+
+    _, config, tok = tiny
+    b = PromptBuilder(tok, dataclasses.replace(config, input_speech_codebooks=2))
+    codes = _codes("a")
+    before = codes.clone()
+    heard = b.audio(codes).codes[1:-1]  # without sosp / eosp
+    empty = torch.tensor(config.speech_empty_ids)
+    assert torch.equal(heard[..., :2], codes.view(-1, 4, 8)[..., :2])
+    assert (heard[..., 2:] == empty[2:]).all() and torch.equal(codes, before)
+    assert torch.equal(b.speech(codes).codes, codes.view(-1, 4, 8))  # what the assistant says: whole
+    # the server's renderer of a user turn reads the same
+    rendered = ConversationRenderer(b).render([Item("u0", Role.USER, codes=codes)], instructions=None).prompt
+    assert torch.equal(rendered.codes[(rendered.text_ids == tok.specials.empty)], heard.reshape(-1, 4, 8))
+    # all codebooks by default (the official behaviour), and a clear error for a wrong count
+    assert torch.equal(PromptBuilder(tok, config).audio(codes).codes[1:-1], codes.view(-1, 4, 8))
+    with pytest.raises(ConfigError, match="input_speech_codebooks=9 must be between 1 and audio_channels=8"):
+        MiMoAudioConfig.from_dict({**config.to_dict(), "input_speech_codebooks": 9},
+                                  empty_token_id=config.empty_token_id)
+    again = MiMoAudioConfig.from_dict(b.config.to_dict(), empty_token_id=config.empty_token_id)
+    assert again.input_speech_codebooks == 2 and "input_speech_codebooks" not in config.to_dict()  # official: absent

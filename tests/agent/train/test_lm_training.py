@@ -216,11 +216,18 @@ def test_loss_goes_down_resume_is_exact_and_the_checkpoint_answers(corpus, tmp_p
     manifest = json.loads((straight / "training.json").read_text())
     assert manifest["steps"] == 16 and manifest["command"].startswith("mimo-agent train lm")
     assert manifest["data"][0]["recipe"]["seed"] == 5 and set(manifest["final_losses"]) >= {"text", "speech"}
-    # a run can start from another's weights and tokenizer
+    # a run can start from another's weights and tokenizer; this one hears the user's coarse
+    # codebook only (recorded in config.json, so that serving reads the same) and does more ASR
     again = tmp_path / "again"
-    assert main([*args, "--out", str(again), "--steps", "2", "--init", str(straight)]) == 0
+    assert main([*args, "--out", str(again), "--steps", "2", "--init", str(straight), "--input-codebooks", "1",
+                 "--asr-share", "0.5"]) == 0
     assert (again / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
-    assert json.loads((again / "training.json").read_text())["init"]["training"]["steps"] == 16
+    again_manifest = json.loads((again / "training.json").read_text())
+    assert again_manifest["init"]["training"]["steps"] == 16
+    assert again_manifest["recipe"]["input_codebooks"] == 1 and again_manifest["recipe"]["asr_share"] == 0.5
+    assert "--asr-share 0.5 --input-codebooks 1" in again_manifest["command"]
+    assert load_lm(again, dtype="fp32", device="cpu")[0].config.input_speech_codebooks == 1
+    assert load_lm(straight, dtype="fp32", device="cpu")[0].config.input_speech_codebooks is None
     # the official layout, served by the offline dialogue command with the shipped codec
     held_out = json.loads((corpus / "manifest.json").read_text())["held_out"][0]
     capsys.readouterr()
