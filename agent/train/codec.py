@@ -365,6 +365,9 @@ def add_arguments(parser) -> None:
                         help="what learns: all (encoder, codebooks, decoder) or decoder (the modules after the "
                              "quantizer; encoder and codebooks frozen, so the codes of --init stay the same; "
                              f"needs --init) (default {d.train})")
+    parser.add_argument("--lm-codebooks-share", type=float, default=d.lm_codebooks_share,
+                        help=f"share of crops quantised with the LM's {LM_CODEBOOKS} codebooks, the rest with 1..all "
+                             f"(default {d.lm_codebooks_share:g})")
     parser.add_argument("--validate-every", type=int, default=None,
                         help="steps between STOI measurements on the corpus' held-out voices; the best "
                              "checkpoint is kept in OUT/best (default: none)")
@@ -379,12 +382,12 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = TrainRecipe(preset=args.preset, seed=args.seed, steps=args.steps, batch=args.batch, tokens=args.tokens,
-                         lr=args.lr, warmup=args.warmup, train=args.train)
+                         lr=args.lr, warmup=args.warmup, train=args.train, lm_codebooks_share=args.lm_codebooks_share)
     trainer = Trainer(recipe, args.data, args.out, preset_config(args.preset), init=args.init)
     trainer.command = (f"mimo-agent train codec --data {args.data} --out {args.out} --preset {args.preset} "
                        + (f"--init {args.init} --train {args.train} " if args.init else "") +
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --tokens {args.tokens} "
-                       f"--lr {args.lr:g} --warmup {args.warmup}"
+                       f"--lr {args.lr:g} --warmup {args.warmup} --lm-codebooks-share {args.lm_codebooks_share:g}"
                        + (f" --validate-every {args.validate_every}" if args.validate_every else "")
                        + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:

@@ -99,7 +99,7 @@ def test_a_decoder_fine_tune_changes_the_decoder_and_not_one_bit_of_the_codes(co
     out = tmp_path / "fine"
     args = ["train", "codec", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "3",
             "--batch", "2", "--tokens", "8", "--warmup", "1", "--seed", "1", "--init", str(trained),
-            "--train", "decoder", "--validate-every", "2"]
+            "--train", "decoder", "--validate-every", "2", "--lm-codebooks-share", "1"]
     assert main(args) == 0
     before, after = load_audio_tokenizer(trained), load_audio_tokenizer(out)
     frozen, tuned = _encode_path(before), _encode_path(after)
@@ -115,6 +115,7 @@ def test_a_decoder_fine_tune_changes_the_decoder_and_not_one_bit_of_the_codes(co
         assert torch.equal(before.encode(audio, n_q=20), after.encode(audio, n_q=20))
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["recipe"]["train"] == "decoder" and "--init" in manifest["command"]
+    assert manifest["recipe"]["lm_codebooks_share"] == 1.0 and "--lm-codebooks-share 1" in manifest["command"]
     assert manifest["init"]["path"] == str(trained) and manifest["init"]["training"]["steps"] == 2
     assert manifest["trained_parameters"] == sum(p.numel() for p in after.decoder.parameters())
     # validated before the first step (the starting point) and at step 2; the best is loadable
