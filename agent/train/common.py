@@ -53,9 +53,10 @@ def run_record(step: int, history: list[dict[str, float]], seconds: float) -> di
 
 def check_resume_recipe(saved: dict[str, Any], recipe: dict[str, Any], state_path: Path) -> None:
     """Refuse to ``--resume`` the run saved at ``state_path`` with another recipe, naming the
-    fields that changed."""
-    if saved != recipe:
-        changed = sorted(k for k in recipe.keys() | saved.keys() if saved.get(k) != recipe.get(k))
+    fields that changed (a field a newer version added, absent from an older save, counts as its
+    default None)."""
+    changed = sorted(k for k in recipe.keys() | saved.keys() if saved.get(k) != recipe.get(k))
+    if changed:
         raise ValueError(f"--resume of {state_path} with a different recipe (changed: {', '.join(changed)})")
 
 

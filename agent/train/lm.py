@@ -332,6 +332,10 @@ class LMRecipe:
     max_decoded: int = 64
     #: share of examples that are the ASR task (the transcriber's prompt) over the user utterances
     asr_share: float = 0.1
+    #: share of examples that are the TTS task over the corpora's lexicon sentences; None: as
+    #: often as the corpora hold them among their dialogues (1200 of 10680, so ~4.5% of the
+    #: examples at asr_share 0.6: too few for the speech of new sentences to be learnt)
+    tts_share: float | None = None
     #: share of the user's speech codes replaced by random ones (see :class:`SequenceBuilder`)
     user_code_noise: float = 0.15
     #: share of dialogues without the default instructions in the first user turn
@@ -385,6 +389,15 @@ class LMTrainer(TrainLoop):
         self.users = self.manifest["users"]
         if not self.dialogues:
             raise ValueError(f"{', '.join(map(str, self.corpora))}: no dialogues")
+        self.tts_dialogues = [d for d in self.dialogues if d["task"] == "tts"]
+        self.conversations = [d for d in self.dialogues if d["task"] != "tts"]
+        if recipe.tts_share is not None:
+            if not 0 <= recipe.tts_share <= 1 - recipe.asr_share:
+                raise ValueError(f"tts_share {recipe.tts_share:g} must be in 0..{1 - recipe.asr_share:g} "
+                                 f"(1 - asr_share: the rest are dialogues)")
+            if recipe.tts_share and not self.tts_dialogues:
+                raise ValueError(f"tts_share {recipe.tts_share:g}: {', '.join(map(str, self.corpora))} "
+                                 "have no TTS sentences")
 
     def _lr_factor(self, step: int) -> float:
         r = self.recipe
@@ -395,7 +408,11 @@ class LMTrainer(TrainLoop):
         if rng.random() < r.asr_share:
             user = rng.choice(self.users)
             return self.sequences.asr(user["key"], user["text"], rng)
-        d = rng.choice(self.dialogues)
+        if r.tts_share is None:  # the corpora's own mix
+            d = rng.choice(self.dialogues)
+        else:  # of what is not ASR, the TTS share (of all examples) is drawn from the sentences
+            tts = rng.random() * (1 - r.asr_share) < r.tts_share
+            d = rng.choice(self.tts_dialogues if tts else self.conversations)
         if d["task"] == "tts":
             return self.sequences.tts(d["text"], d["agent"])
         instructions = None if rng.random() < r.no_instructions_share else r.instructions
@@ -584,6 +601,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--asr-share", type=float, default=d.asr_share,
                         help=f"examples that are the ASR task over the user utterances, a share "
                              f"(default {d.asr_share:g})")
+    parser.add_argument("--tts-share", type=float, default=d.tts_share,
+                        help="examples that are the TTS task over the corpora's lexicon sentences, a share (at "
+                             "most 1 - the ASR share; default: as often as the corpora hold them among their "
+                             "dialogues, ~4.5%% of the examples at --asr-share 0.6)")
     parser.add_argument("--input-codebooks", type=int, default=d.input_codebooks,
                         help="codebooks of the user's speech the model reads, the coarse ones first (written to "
                              "config.json as input_speech_codebooks, which serving applies too; default: all)")
@@ -609,7 +630,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     recipe = LMRecipe(size=args.size, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                       warmup=args.warmup, user_code_noise=args.user_code_noise, text_user_share=args.text_user_share,
-                      asr_share=args.asr_share, input_codebooks=args.input_codebooks)
+                      asr_share=args.asr_share, tts_share=args.tts_share, input_codebooks=args.input_codebooks)
     tokenizer = None
     if args.resume:
         tokenizer = TextTokenizer.from_dir(args.out)
@@ -619,6 +640,7 @@ def run(args) -> int:
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} "
                        f"--warmup {args.warmup} --user-code-noise {args.user_code_noise:g}"
                        + f" --text-user-share {args.text_user_share:g} --asr-share {args.asr_share:g}"
+                       + (f" --tts-share {args.tts_share:g}" if args.tts_share is not None else "")
                        + (f" --input-codebooks {args.input_codebooks}" if args.input_codebooks else "")
                        + (f" --validate-every {args.validate_every}" if args.validate_every else "")
                        + (f" --threads {args.threads}" if args.threads else ""))

@@ -14,6 +14,10 @@ def test_resume_with_another_recipe_is_refused_naming_the_changed_fields():
         check_resume_recipe(saved, {"seed": 0, "steps": 200, "lr": 2e-3}, Path("run/train_state.pt"))
     with pytest.raises(ValueError, match=r"changed: batch\)"):
         check_resume_recipe(saved, {**saved, "batch": 8}, Path("s.pt"))
+    # a field a later version added, at its default (None), resumes a run saved before it existed
+    check_resume_recipe(saved, {**saved, "tts_share": None}, Path("s.pt"))
+    with pytest.raises(ValueError, match=r"changed: tts_share\)"):
+        check_resume_recipe(saved, {**saved, "tts_share": 0.2}, Path("s.pt"))
 
 
 def test_run_record_reports_the_mean_of_the_last_losses():

@@ -19,12 +19,14 @@ from agent.checkpoint import load_lm
 from agent.engine import AddUserText, Configure
 from agent.lm.model import MiMoAudioLM
 from agent.lm.patch_encoder import embed_patches
-from agent.lm.prompts import DEFAULT_SYSTEM_PROMPT, PromptBuilder
+from agent.lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, PromptBuilder
 from agent.train import dialogue
 from agent.train.data import HELD_OUT_VOICES
 from agent.train.lm import (
     BEST,
     PUBLISHED,
+    LMRecipe,
+    LMTrainer,
     SequenceBuilder,
     backbone_hidden,
     embed_speech_patches,
@@ -164,6 +166,30 @@ def test_a_typed_user_turn_is_what_the_engine_feeds_for_typed_text():
     assert builder.tokenizer.decode(seq.prompt.text_ids[seq.generated].tolist()) == "seven"
 
 
+def test_the_tts_share_of_the_examples_is_the_recipe_s(corpus, tmp_path):
+    """The corpora hold one TTS sentence per ~9 dialogues, so at the ASR share that teaches hearing
+    (0.6) the model sees a TTS example one time in 22 and never learns to read a sentence it has not
+    heard; ``tts_share`` sets how many of the examples are TTS, the rest staying dialogues and ASR."""
+    def shares(**recipe) -> tuple[float, float]:
+        trainer = LMTrainer(LMRecipe(size="micro", seed=1, **recipe), [corpus], tmp_path / "out")
+        tokenizer = trainer.tokenizer
+        kinds = []
+        for _ in range(600):
+            text = tokenizer.decode(trainer.example().prompt.text_ids.tolist())
+            kinds.append("tts" if TTS_TEMPLATES["en"] in text else "asr" if ASR_TEMPLATES["en"] in text
+                         else "dialogue")
+        return kinds.count("tts") / len(kinds), kinds.count("asr") / len(kinds)
+
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    held = sum(d["task"] == "tts" for d in manifest["dialogues"]) / len(manifest["dialogues"])
+    tts, asr = shares(asr_share=0.6)  # the default: the corpora's own mix
+    assert abs(tts - 0.4 * held) < 0.05 and abs(asr - 0.6) < 0.06, (tts, asr, held)
+    tts, asr = shares(asr_share=0.5, tts_share=0.3)
+    assert abs(tts - 0.3) < 0.06 and abs(asr - 0.5) < 0.06, (tts, asr)
+    with pytest.raises(ValueError, match=r"tts_share 0.6 must be in 0..0.5"):
+        LMTrainer(LMRecipe(size="micro", asr_share=0.5, tts_share=0.6), [corpus], tmp_path / "out")
+
+
 def test_typed_questions_vary_as_people_type_them():
     rng = random.Random(0)
     seen = {typed_text("What is three plus four?", rng) for _ in range(200)}
@@ -220,12 +246,13 @@ def test_loss_goes_down_resume_is_exact_and_the_checkpoint_answers(corpus, tmp_p
     # codebook only (recorded in config.json, so that serving reads the same) and does more ASR
     again = tmp_path / "again"
     assert main([*args, "--out", str(again), "--steps", "2", "--init", str(straight), "--input-codebooks", "1",
-                 "--asr-share", "0.5"]) == 0
+                 "--asr-share", "0.5", "--tts-share", "0.25"]) == 0
     assert (again / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
     again_manifest = json.loads((again / "training.json").read_text())
     assert again_manifest["init"]["training"]["steps"] == 16
     assert again_manifest["recipe"]["input_codebooks"] == 1 and again_manifest["recipe"]["asr_share"] == 0.5
-    assert "--asr-share 0.5 --input-codebooks 1" in again_manifest["command"]
+    assert again_manifest["recipe"]["tts_share"] == 0.25 and manifest["recipe"]["tts_share"] is None
+    assert "--asr-share 0.5 --tts-share 0.25 --input-codebooks 1" in again_manifest["command"]
     assert load_lm(again, dtype="fp32", device="cpu")[0].config.input_speech_codebooks == 1
     assert load_lm(straight, dtype="fp32", device="cpu")[0].config.input_speech_codebooks is None
     # the official layout, served by the offline dialogue command with the shipped codec
