@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,11 @@ class TrainRecipe:
     dead_code_percent: float = 10.0  # restart entries used less than this share of an even share
     lm_codebooks_share: float = 0.5  # items quantised with LM_CODEBOOKS; the rest 1..num_quantizers
     train: str = "all"  # one of TRAIN_PARTS; "decoder": encoder and codebooks frozen (codes unchanged)
+    #: decay of the exponential moving average of the trained weights, which is what is validated
+    #: and saved; 0: none (the optimizer's weights are saved)
+    weight_ema: float = 0.0
+    #: weight of the band-envelope correlation loss (:class:`BandEnvelopeCorrelation`); 0: off
+    envelope_weight: float = 0.0
     #: (n_fft, hop, n_mels) of the waveform's log-mel loss
     mel_scales: list[tuple[int, int, int]] = field(
         default_factory=lambda: [(256, 64, 32), (512, 128, 64), (960, 240, 128), (1920, 480, 128)]
@@ -94,6 +100,44 @@ class MultiScaleLogMel:
 
     def l1(self, estimate: torch.Tensor, target_mels: list[torch.Tensor]) -> torch.Tensor:
         return sum(F.l1_loss(e, t) for e, t in zip(self(estimate), target_mels, strict=True)) / len(self.scales)
+
+
+class BandEnvelopeCorrelation:
+    """1 - the mean correlation of short-time third-octave band envelopes (differentiable).
+
+    What STOI measures, without its resampling to 10 kHz, silent-frame removal and clipping: the
+    magnitude spectrum (25 ms frames, 12.5 ms hop) summed into STOI's 15 third-octave bands from
+    150 Hz, the envelope of each band over segments of 30 frames (384 ms), and the correlation of
+    the estimate's envelopes with the reference's. The log-mel L1 weighs every frame alike, quiet
+    or loud; this term follows the linear-amplitude envelope, which is what intelligibility
+    tracks. Scale-invariant per band and segment; 0 for a signal against itself."""
+
+    BANDS, MIN_FREQ, SEGMENT = 15, 150, 30
+
+    def __init__(self, sample_rate: int):
+        from pystoi.utils import thirdoct  # the band edges STOI itself uses
+
+        self.win, self.hop, self.n_fft = sample_rate // 40, sample_rate // 80, 1024
+        while self.n_fft < self.win:
+            self.n_fft *= 2
+        self.window = torch.hann_window(self.win)
+        self.bands = torch.from_numpy(thirdoct(sample_rate, self.n_fft, self.BANDS, self.MIN_FREQ)[0]).float()
+
+    def envelopes(self, wav: torch.Tensor) -> torch.Tensor:
+        """(B, samples) -> (B, bands, segments, SEGMENT) band amplitudes (one shorter segment when
+        the crop is shorter than a segment)."""
+        spec = torch.stft(wav, self.n_fft, self.hop, self.win, window=self.window, center=True,
+                          pad_mode="reflect", return_complex=True)
+        power = spec.real.square() + spec.imag.square()  # (B, F, T)
+        amp = (self.bands @ power).clamp_min(1e-10).sqrt()  # (B, bands, T)
+        return amp.unfold(2, min(self.SEGMENT, amp.shape[2]), 1)
+
+    def __call__(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        x, y = self.envelopes(reference), self.envelopes(estimate)
+        x = x - x.mean(-1, keepdim=True)
+        y = y - y.mean(-1, keepdim=True)
+        corr = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)
+        return 1 - corr.mean()
 
 
 # --- the quantizer in training -------------------------------------------------------------------
@@ -173,7 +217,7 @@ def _sample_rows(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 
 # --- the loop --------------------------------------------------------------------------------------
 class Trainer(TrainLoop):
-    LOSS_COLUMNS = ("loss", "mel", "coarse_mel", "commit")
+    LOSS_COLUMNS: tuple[str, ...] = ("loss", "mel", "coarse_mel", "commit")
 
     def __init__(self, recipe: TrainRecipe, corpus: str | Path, out: str | Path, config: AudioTokenizerConfig,
                  *, init: str | Path | None = None):
@@ -198,6 +242,15 @@ class Trainer(TrainLoop):
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.mels = MultiScaleLogMel(recipe.mel_scales, config.sampling_rate)
+        self.envelope = BandEnvelopeCorrelation(config.sampling_rate) if recipe.envelope_weight else None
+        if self.envelope is not None:
+            self.LOSS_COLUMNS = (*Trainer.LOSS_COLUMNS, "envelope")
+        if not 0 <= recipe.weight_ema < 1:
+            raise ValueError(f"weight_ema={recipe.weight_ema}: a decay in [0, 1), 0 for none")
+        #: the moving average of each trained weight (by name), from the starting weights
+        self.ema: dict[str, torch.Tensor] | None = None
+        if recipe.weight_ema:
+            self.ema = {n: p.detach().clone() for n, p in self.named_parameters()}
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.command: str | None = None  # the command line that made the run, for the manifest
         self.step = 0
@@ -252,14 +305,50 @@ class Trainer(TrainLoop):
         coarse_l1 = F.l1_loss(coarse[:, : mel.shape[1]], mel)
         mel_l1 = self.mels.l1(out, targets)
         total = r.mel_weight * mel_l1 + r.coarse_mel_weight * coarse_l1 + r.commit_weight * commit
-        return {"loss": total, "mel": mel_l1, "coarse_mel": coarse_l1, "commit": commit}
+        losses = {"loss": total, "mel": mel_l1, "coarse_mel": coarse_l1, "commit": commit}
+        if self.envelope is not None:
+            losses["envelope"] = self.envelope(out, wav)
+            losses["loss"] = total + r.envelope_weight * losses["envelope"]
+        return losses
 
     def batch_losses(self) -> dict[str, torch.Tensor]:
         return self.losses(self.batch())
 
     def parameters(self):
         """The trained weights: all of them, or (``train="decoder"``) the decoder's."""
-        return self.tok.decoder.parameters() if self.frozen is not None else self.tok.parameters()
+        return (p for _, p in self.named_parameters())
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained weights with their names in the tokenizer's state dict."""
+        if self.frozen is not None:
+            return [(f"decoder.{n}", p) for n, p in self.tok.decoder.named_parameters()]
+        return list(self.tok.named_parameters())
+
+    def train_step(self) -> dict[str, float]:
+        row = super().train_step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    self.ema[name].lerp_(p, 1 - self.recipe.weight_ema)
+        return row
+
+    @contextmanager
+    def averaged_weights(self):
+        """The moving average of the weights in place of the optimizer's while in the block (a
+        no-op without ``weight_ema``): what is validated and saved."""
+        if self.ema is None:
+            yield
+            return
+        raw = {n: p.detach().clone() for n, p in self.named_parameters()}
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(self.ema[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    p.copy_(raw[name])
 
     def run(self, *, save_every: int = 250, log_every: int = 25, stop_at: int | None = None,
             max_seconds: float | None = None, validate_every: int | None = None, log=print) -> Path:
@@ -282,15 +371,25 @@ class Trainer(TrainLoop):
             self._held_out = [a for _, a in load_split(self.corpus, "held_out", self.config.sampling_rate)]
         if not self._held_out:
             raise ValueError(f"{self.corpus} has no held-out utterances to validate on")
+        entry: dict[str, float] = {"step": self.step}
+        with self.averaged_weights():
+            score = entry["stoi"] = self._held_out_stoi()
+            better = self.best is None or score > self.best["stoi"]
+            if better:
+                self.best = {"step": self.step, "stoi": score}
+                self.write_checkpoint(self.out / BEST)
+        note = ""
+        if self.ema is not None:  # the optimizer's own weights too: what the average adds
+            entry["stoi_raw"] = self._held_out_stoi()
+            note = f" (the optimizer's weights: {entry['stoi_raw']:.4f})"
+        self.validation.append(entry)
+        log(f"validation at step {self.step}: held-out STOI {score:.4f}" + (" (best)" if better else "") + note)
+        return score
+
+    def _held_out_stoi(self) -> float:
         self.tok.eval()
         score = round(float(np.mean([measure(self.tok, a, LM_CODEBOOKS)["stoi"] for a in self._held_out])), 5)
         self.train_mode()
-        self.validation.append({"step": self.step, "stoi": score})
-        better = self.best is None or score > self.best["stoi"]
-        if better:
-            self.best = {"step": self.step, "stoi": score}
-            self.write_checkpoint(self.out / BEST)
-        log(f"validation at step {self.step}: held-out STOI {score:.4f}" + (" (best)" if better else ""))
         return score
 
     def write_checkpoint(self, directory: Path) -> None:
@@ -315,8 +414,11 @@ class Trainer(TrainLoop):
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
     def save(self) -> None:
-        self.write_checkpoint(self.out)
-        torch.save({"step": self.step, "seconds": self.seconds, "optimizer": self.opt.state_dict(),
+        with self.averaged_weights():
+            self.write_checkpoint(self.out)
+        averaged = {} if self.ema is None else {  # the checkpoint holds the average: keep the optimizer's
+            "weight_ema": self.ema, "weights": {n: p.detach().clone() for n, p in self.named_parameters()}}
+        torch.save({**averaged, "step": self.step, "seconds": self.seconds, "optimizer": self.opt.state_dict(),
                     "scheduler": self.sched.state_dict(), "quantizer": self.quant.state_dict(),
                     "generator": self.gen.get_state(), "history": self.history, "recipe": asdict(self.recipe),
                     "init": None if self.init is None else str(self.init),
@@ -325,9 +427,15 @@ class Trainer(TrainLoop):
 
     def resume(self) -> None:
         state = torch.load(self.out / STATE, weights_only=False)
-        check_resume_recipe(state["recipe"], asdict(self.recipe), self.out / STATE)
+        # a run saved before a recipe field existed ran with its default
+        check_resume_recipe({**asdict(TrainRecipe()), **state["recipe"]}, asdict(self.recipe), self.out / STATE)
         loaded = load_audio_tokenizer(self.out, dtype=torch.float32)
         self.tok.load_state_dict(loaded.state_dict())
+        if self.ema is not None:
+            self.ema = state["weight_ema"]
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    p.copy_(state["weights"][name])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.quant.load_state_dict(state["quantizer"])
@@ -368,6 +476,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-codebooks-share", type=float, default=d.lm_codebooks_share,
                         help=f"share of crops quantised with the LM's {LM_CODEBOOKS} codebooks, the rest with 1..all "
                              f"(default {d.lm_codebooks_share:g})")
+    parser.add_argument("--weight-ema", type=float, default=d.weight_ema,
+                        help="decay of an exponential moving average of the trained weights (0.999, say), "
+                             "validated and saved in place of the optimizer's weights "
+                             f"(default {d.weight_ema:g}: none)")
+    parser.add_argument("--envelope-weight", type=float, default=d.envelope_weight,
+                        help="weight of a loss on the correlation of short-time third-octave band envelopes "
+                             f"(what STOI measures) added to the log-mel L1 (default {d.envelope_weight:g}: off)")
     parser.add_argument("--validate-every", type=int, default=None,
                         help="steps between STOI measurements on the corpus' held-out voices; the best "
                              "checkpoint is kept in OUT/best (default: none)")
@@ -382,12 +497,15 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = TrainRecipe(preset=args.preset, seed=args.seed, steps=args.steps, batch=args.batch, tokens=args.tokens,
-                         lr=args.lr, warmup=args.warmup, train=args.train, lm_codebooks_share=args.lm_codebooks_share)
+                         lr=args.lr, warmup=args.warmup, train=args.train, lm_codebooks_share=args.lm_codebooks_share,
+                         weight_ema=args.weight_ema, envelope_weight=args.envelope_weight)
     trainer = Trainer(recipe, args.data, args.out, preset_config(args.preset), init=args.init)
     trainer.command = (f"mimo-agent train codec --data {args.data} --out {args.out} --preset {args.preset} "
                        + (f"--init {args.init} --train {args.train} " if args.init else "") +
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --tokens {args.tokens} "
                        f"--lr {args.lr:g} --warmup {args.warmup} --lm-codebooks-share {args.lm_codebooks_share:g}"
+                       + (f" --weight-ema {args.weight_ema:g}" if args.weight_ema else "")
+                       + (f" --envelope-weight {args.envelope_weight:g}" if args.envelope_weight else "")
                        + (f" --validate-every {args.validate_every}" if args.validate_every else "")
                        + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from agent.codec.config import preset as preset_config
 from agent.codec.tokenizer import init_random_weights, load_audio_tokenizer
-from agent.train.codec import BEST, MANIFEST, Trainer, TrainRecipe
+from agent.train.codec import BEST, MANIFEST, STATE, BandEnvelopeCorrelation, Trainer, TrainRecipe
 from agent.train.data import load_split
 from streaming.cli import main
 
@@ -126,9 +126,12 @@ def test_a_decoder_fine_tune_changes_the_decoder_and_not_one_bit_of_the_codes(co
     assert _encode_path(load_audio_tokenizer(out / BEST)).keys() == frozen.keys()
 
 
-def test_an_interrupted_decoder_fine_tune_resumed_ends_bit_exact(corpus, trained, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"weight_ema": 0.9, "envelope_weight": 1.0}], ids=["plain", "ema"])
+def test_an_interrupted_decoder_fine_tune_resumed_ends_bit_exact(corpus, trained, tmp_path, options):
+    """With ``weight_ema`` the checkpoint holds the average, so a resume must take the optimizer's
+    own weights (and the average) from the saved state, not from the checkpoint."""
     def fine(out):
-        recipe = TrainRecipe(steps=4, seed=2, warmup=2, train="decoder", **FAST)
+        recipe = TrainRecipe(steps=4, seed=2, warmup=2, train="decoder", **options, **FAST)
         return Trainer(recipe, corpus, out, preset_config("tiny"), init=trained)
 
     straight = fine(tmp_path / "straight")
@@ -138,6 +141,69 @@ def test_an_interrupted_decoder_fine_tune_resumed_ends_bit_exact(corpus, trained
     resumed.resume()
     resumed.run(log=lambda _: None)
     assert resumed.step == 4 and _same_weights(straight.tok, resumed.tok)
+    if options:
+        assert straight.ema.keys() == resumed.ema.keys()
+        assert all(torch.equal(straight.ema[k], resumed.ema[k]) for k in straight.ema)
+    saved = [load_audio_tokenizer(t.out) for t in (straight, resumed)]
+    assert _same_weights(*saved)
+
+
+def test_a_run_saved_before_the_new_recipe_fields_resumes(corpus, tmp_path):
+    """A state written before ``weight_ema``/``envelope_weight`` existed ran with their defaults."""
+    _trainer(corpus, tmp_path, steps=2).run(stop_at=1, log=lambda _: None)
+    state = torch.load(tmp_path / STATE, weights_only=False)
+    del state["recipe"]["weight_ema"], state["recipe"]["envelope_weight"]
+    torch.save(state, tmp_path / STATE)
+    again = _trainer(corpus, tmp_path, steps=2)
+    again.resume()
+    assert again.step == 1
+
+
+def test_the_weight_average_is_what_is_validated_and_saved(corpus, trained, tmp_path):
+    """``--weight-ema D``: the checkpoint holds the exponential moving average of the optimizer's
+    weights after each step (from the starting weights), not the last weights; the average does
+    not steer training, so a run without it follows the same weights step by step."""
+    out, decay = tmp_path / "ema", 0.5
+    args = ["train", "codec", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "3",
+            "--batch", "2", "--tokens", "8", "--warmup", "1", "--seed", "1", "--init", str(trained),
+            "--train", "decoder", "--validate-every", "2", "--weight-ema", str(decay), "--envelope-weight", "1"]
+    assert main(args) == 0
+    plain = Trainer(TrainRecipe(steps=3, seed=1, warmup=1, train="decoder", envelope_weight=1.0, **FAST),
+                    corpus, tmp_path / "plain", preset_config("tiny"), init=trained)
+    average = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    for _ in range(3):
+        plain.train_step()
+        for n, p in plain.named_parameters():
+            average[n] = decay * average[n] + (1 - decay) * p.detach()
+    saved = load_audio_tokenizer(out).state_dict()
+    state = torch.load(out / STATE, weights_only=False)
+    for n, p in plain.named_parameters():
+        assert torch.allclose(saved[n], average[n], atol=1e-6), n
+        assert torch.equal(state["weights"][n], p.detach())  # the optimizer's own, kept to resume
+    assert any(not torch.equal(saved[n], p.detach()) for n, p in plain.named_parameters())
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["recipe"]["weight_ema"] == decay and "--weight-ema 0.5" in manifest["command"]
+    assert manifest["recipe"]["envelope_weight"] == 1.0 and "--envelope-weight 1" in manifest["command"]
+    assert "envelope" in manifest["final_losses"]
+    # both are validated: the average (what is kept) and the optimizer's weights
+    assert [set(v) for v in manifest["validation"]["history"]] == [{"step", "stoi", "stoi_raw"}] * 2
+
+
+def test_the_band_envelope_loss_is_what_stoi_looks_at():
+    """0 for the signal itself at any gain (STOI is scale-invariant per band and segment), grows
+    with added noise, and gives the estimate a gradient."""
+    loss = BandEnvelopeCorrelation(24000)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.arange(24000) / 24000
+    speechy = torch.sin(2 * torch.pi * 300 * t) * (1 + torch.sin(2 * torch.pi * 4 * t)) + \
+        0.3 * torch.sin(2 * torch.pi * 1800 * t) * (1 + torch.cos(2 * torch.pi * 3 * t))
+    ref = speechy[None]
+    assert float(loss(ref, ref)) < 1e-4 and float(loss(0.2 * ref, ref)) < 1e-4
+    noisy = [float(loss(ref + level * torch.randn(ref.shape, generator=gen), ref)) for level in (0.05, 0.5, 5.0)]
+    assert 0 < noisy[0] < noisy[1] < noisy[2]
+    estimate = (ref + 0.5 * torch.randn(ref.shape, generator=gen)).requires_grad_()
+    loss(estimate, ref).backward()
+    assert estimate.grad is not None and float(estimate.grad.abs().sum()) > 0
 
 
 def test_a_decoder_fine_tune_needs_a_trained_codec_of_the_same_size(corpus, trained, tmp_path):
