@@ -427,8 +427,7 @@ class Trainer(TrainLoop):
 
     def resume(self) -> None:
         state = torch.load(self.out / STATE, weights_only=False)
-        # a run saved before a recipe field existed ran with its default
-        check_resume_recipe({**asdict(TrainRecipe()), **state["recipe"]}, asdict(self.recipe), self.out / STATE)
+        check_resume_recipe(state["recipe"], self.recipe, self.out / STATE)
         loaded = load_audio_tokenizer(self.out, dtype=torch.float32)
         self.tok.load_state_dict(loaded.state_dict())
         if self.ema is not None:

@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,13 @@ def run_record(step: int, history: list[dict[str, float]], seconds: float) -> di
     }
 
 
-def check_resume_recipe(saved: dict[str, Any], recipe: dict[str, Any], state_path: Path) -> None:
-    """Refuse to ``--resume`` the run saved at ``state_path`` with another recipe, naming the
-    fields that changed (a field a newer version added, absent from an older save, counts as its
-    default None)."""
-    changed = sorted(k for k in recipe.keys() | saved.keys() if saved.get(k) != recipe.get(k))
+def check_resume_recipe(saved: dict[str, Any], recipe: Any, state_path: Path) -> None:
+    """Refuse to ``--resume`` the run saved at ``state_path`` with another ``recipe`` (a dataclass
+    whose fields all have defaults), naming the fields that changed. A field absent from the saved
+    recipe was added by a later version: the saved run ran with its default."""
+    saved = {**asdict(type(recipe)()), **saved}
+    current = asdict(recipe)
+    changed = sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
     if changed:
         raise ValueError(f"--resume of {state_path} with a different recipe (changed: {', '.join(changed)})")
 

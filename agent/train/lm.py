@@ -529,7 +529,7 @@ class LMTrainer(TrainLoop):
 
     def resume(self) -> None:
         state = torch.load(self.out / STATE, weights_only=False)
-        check_resume_recipe(state["recipe"], asdict(self.recipe), self.out / STATE)
+        check_resume_recipe(state["recipe"], self.recipe, self.out / STATE)
         self.lm.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
