@@ -31,6 +31,8 @@ QUESTIONS = [
     ("festival:ked_diphone", "Repeat after me: garden.", "garden"),
 ]
 MANUAL = {"audio": {"input": {"turn_detection": None}}}
+#: a first answer that runs on (no stop before 200 patches: 32 s), so the user can talk over it
+LONG_ANSWER = {"max_output_tokens": 200, "mimo": {"min_output_tokens": 200}}
 TIMEOUT_S = 60
 
 
@@ -105,12 +107,13 @@ async def test_after_a_barge_in_the_next_answer_is_still_right(server, speak, re
         check_answer(await turn(client, speak(voice, "What is six minus one?")), "five", recognizer)
 
 
-async def answered_over_webrtc(call, recognizer: Recognizer) -> tuple[dict, str]:
-    """The next response's done event and what the recognizer hears on the agent's track while it plays."""
-    events: list[dict] = []
+async def answered_over_webrtc(call, recognizer: Recognizer, events: list | None = None) -> tuple[dict, str]:
+    """The next response's done event and what the recognizer hears on the agent's track while it
+    plays (the events read on the way are added to ``events``)."""
+    events = [] if events is None else events
     started = await call.until("output_audio_buffer.started", timeout=TIMEOUT_S, events=events)
     stopped = await call.until("output_audio_buffer.stopped", timeout=TIMEOUT_S, events=events)
-    done = next(e for e in events if e["type"] == "response.done")
+    done = next(e for e in events if e["type"] == "response.done" and e["response"]["id"] == started["response_id"])
     await asyncio.sleep(0.3)  # frames in flight
     pcm, rate = rtc.played(call.frames, started["_at"], stopped["_at"] + 0.3)
     return done, recognizer.transcribe(pcm, sample_rate=rate)
@@ -134,20 +137,30 @@ async def test_a_spoken_question_over_webrtc_gets_the_right_spoken_answer(server
 
 
 async def test_barge_in_over_webrtc_then_the_next_answer_is_right(server, speak, recognizer):
-    """The user asks a new question over the agent's answer: VAD cuts the answer, and the new
-    question gets the right answer with the memory of the first turn as heard."""
-    call = await rtc.place_call(server.url)
+    """The user asks a new question over the agent's answer: VAD cuts the answer (held long, so
+    that it is still playing), the item keeps what the track played, and the new question gets
+    the right answer."""
+    vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
+    call = await rtc.place_call(server.url, session={"type": "realtime", "audio": {"input": {"turn_detection": vad}}})
+    events: list[dict] = []
     try:
         call.mic.say(padded(speak("espeak-ng:en-us+m6", "Good morning, how are you?")))
-        events: list[dict] = []
-        await call.until("output_audio_buffer.started", timeout=TIMEOUT_S, events=events)
+        await call.until("input_audio_buffer.committed", timeout=TIMEOUT_S, events=events)
+        call.send({"type": "response.create", "response": LONG_ANSWER})
+        started = await call.until("output_audio_buffer.started", timeout=TIMEOUT_S, events=events)
         call.mic.say(padded(speak("espeak-ng:en-us+m6", "What is six minus one?")))
-        cut = await call.until("response.done", timeout=TIMEOUT_S, events=events)
-        done, heard = await answered_over_webrtc(call, recognizer)
+        await call.until("input_audio_buffer.speech_started", timeout=TIMEOUT_S, events=events)
+        await call.until("input_audio_buffer.committed", timeout=TIMEOUT_S, events=events)
+        call.send({"type": "response.create"})
+        done, heard = await answered_over_webrtc(call, recognizer, events)
     finally:
         await call.close()
+    cut = next(e for e in events if e["type"] == "response.done" and e["response"]["id"] == started["response_id"])
     assert cut["response"]["status"] == "cancelled"
     assert cut["response"]["status_details"]["reason"] == "turn_detected"
-    assert "conversation.item.truncated" in rtc.types(events)
+    # the cut answer keeps what the track played
+    truncated = next(e for e in events if e["type"] == "conversation.item.truncated")
+    assert truncated["item_id"] == cut["response"]["output"][0]["id"]
+    assert 0 < truncated["audio_end_ms"] < cut["response"]["mimo"]["audio_ms"]
     assert done["response"]["status"] == "completed"
     assert transcript_of(done) == "five" and heard == "five"
