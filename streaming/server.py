@@ -61,6 +61,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--codec-first-chunk", type=int, default=None,
                    help="patches (160 ms each) before the first audio chunk (default 1)")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
+    e.add_argument("--codec-prior", action=argparse.BooleanOptionalAction, default=True,
+                   help="start each audio stream's GroupNorm statistics from the audio tokenizer's calibrated "
+                        "prior (its streaming_prior.json, when it has one: closer to the offline decode); "
+                        "--no-codec-prior: running statistics only (default on)")
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run the patch encoder, the backbone step (short histories), the patch decoder and "
                         "the codec on ONNX Runtime, from --export-dir")
@@ -155,7 +159,7 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
     from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
 
     rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
-                      threads=getattr(args, "threads", None))
+                      threads=getattr(args, "threads", None), codec_prior=getattr(args, "codec_prior", True))
     drop_ins: dict[str, Any] = {}
     codec = rt.codec
     if args.backend == "onnx":
