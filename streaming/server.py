@@ -305,6 +305,8 @@ def build_server(args: argparse.Namespace, metrics: Any = None) -> Any:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from agent.codec.prior import describe_streaming
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "ray", False):
         from streaming.rayserve.cli import run_ray
@@ -321,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
              engine.max_positions, rt.load_s,
              f", warm-up {rt.info['warmup_s']} s" if "warmup_s" in rt.info else "")
     log.info("model %s", rt.card.describe())
+    log.info("audio streams start from %s", describe_streaming(getattr(rt.codec, "streaming_prior", None)))
     log.info("memory plan: %s", describe_memory(rt.info["memory"]))
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level,
                                            loop="uvloop" if sys.platform != "win32" else "asyncio"))

@@ -70,12 +70,25 @@ class StreamingPrior:
     #: the recipe and data it was calibrated with (written to the file, not used to decode)
     calibration: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        data = self.calibration.get("data") or "audio files"
+        return (f"the codec's calibrated GroupNorm prior ({PRIOR_NAME}: {self.tokens} tokens' weight, "
+                f"{self.calibration.get('utterances', '?')} utterances of {data})")
+
     def to_json(self, fingerprint: str) -> dict[str, Any]:
         s = self.statistics
         norms = {name: {"num_groups": 1, "mean": [getattr(s, m)], "var": [getattr(s, v)]}
                  for name, (m, v) in NORMS.items()}
         return {"format": FORMAT, "version": VERSION, "prior_tokens": self.tokens, "norms": norms,
                 "checkpoint_fingerprint": fingerprint, "calibration": self.calibration}
+
+
+def describe_streaming(prior: StreamingPrior | None) -> str:
+    """What a default audio stream starts its GroupNorm statistics from, in words."""
+    if prior is None:
+        return f"running GroupNorm statistics only (no {PRIOR_NAME}, or turned off)"
+    return prior.describe()
 
 
 def save_streaming_prior(directory: str | os.PathLike, prior: StreamingPrior) -> Path:

@@ -202,3 +202,20 @@ def test_serving_loads_the_packaged_prior_and_no_codec_prior_turns_it_off():
     args = build_parser("serve").parse_args(["--no-codec-prior"])
     assert args.codec_prior is False and build_parser("serve").parse_args([]).codec_prior is True
     assert load_runtime(threads=1, device="cpu", codec_prior=args.codec_prior).codec.streaming_prior is None
+
+
+def test_serve_names_a_bad_prior_file_in_one_line_and_says_what_streams_start_from(tmp_path, speech, capsys):
+    from agent.codec.prior import describe_streaming
+    from tests.agent.test_model_card import save_tiny_checkpoint
+
+    lm, codec = save_tiny_checkpoint(tmp_path)
+    tok = load_audio_tokenizer(codec, dtype="fp32", device="cpu")
+    path = save_streaming_prior(codec, calibrate(tok, [speech], n_q=8))
+    corrupt(path, lambda d: d.update(prior_tokens="ten"))
+    capsys.readouterr()
+    assert main(["serve", "--model", str(lm), "--tokenizer", str(codec), "--device", "cpu", "--no-warmup"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimo-agent serve: ") and str(path) in err and "'prior_tokens'" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert "running GroupNorm statistics only" in describe_streaming(None)
+    assert "10 tokens' weight, 60 utterances" in describe_streaming(load_audio_tokenizer(PACKAGED).streaming_prior)
