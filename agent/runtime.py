@@ -83,10 +83,12 @@ def load_runtime(
     device: str | None = "auto",
     dtype: str | None = None,
     threads: int | None = None,
+    codec_prior: bool = True,
 ) -> Runtime:
     """Everything a server or benchmark needs; a preset when no ``model`` is given (default:
     :func:`agent.presets.default_preset`). ``threads``: torch intra-op threads (None:
-    :func:`default_threads`)."""
+    :func:`default_threads`). ``codec_prior=False``: decode streams with running GroupNorm
+    statistics only, ignoring the audio tokenizer's ``streaming_prior.json``."""
     from agent.checkpoint import load_lm, resolve_checkpoint_dir
     from agent.codec import load_audio_tokenizer
     from agent.lm.model import build_preset
@@ -123,7 +125,7 @@ def load_runtime(
             name = Path(model.rstrip("/")).name or model
             card = checkpoint_card(resolve_checkpoint_dir(model), name)
     if tokenizer is not None:
-        codec = load_audio_tokenizer(tokenizer, dtype=dt, device=dev)
+        codec = load_audio_tokenizer(tokenizer, dtype=dt, device=dev, streaming_prior=codec_prior)
     else:
         if model is not None:
             raise ValueError("a checkpoint --model needs its audio tokenizer: pass --tokenizer DIR or hub id "

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "continue": ("agent.offline", "speech continuation, offline"),
     "bench-lm": ("agent.lm.bench", "per-patch step times of the language model"),
     "bench-codec": ("agent.codec.bench", "codec real-time factors and streaming-decode fidelity"),
+    "calibrate-codec": ("agent.codec.prior", "calibrate a codec checkpoint's streaming GroupNorm prior "
+                                             "(writes streaming_prior.json next to it)"),
     "bench-stream": ("agent.stream_bench", "streaming input: patches that survive the commit, commit-time work"),
     "train": ("agent.train.cli", "corpora, codec and LM of the built-in model (`train data|codec|dialogue-data|lm`)"),
     "bench-quality": ("agent.quality.bench", "answer accuracy on held-out voices, judged by an independent "

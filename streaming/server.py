@@ -61,6 +61,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--codec-first-chunk", type=int, default=None,
                    help="patches (160 ms each) before the first audio chunk (default 1)")
     e.add_argument("--codec-chunk", type=int, default=None, help="patches per later audio chunk (default 1)")
+    e.add_argument("--codec-prior", action=argparse.BooleanOptionalAction, default=True,
+                   help="start each audio stream's GroupNorm statistics from the audio tokenizer's calibrated "
+                        "prior (its streaming_prior.json, when it has one: closer to the offline decode); "
+                        "--no-codec-prior: running statistics only (default on)")
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run the patch encoder, the backbone step (short histories), the patch decoder and "
                         "the codec on ONNX Runtime, from --export-dir")
@@ -155,7 +159,7 @@ def build_engine(args: argparse.Namespace, metrics: Any = None) -> tuple[Any, An
     from agent.runtime import PRESET_INTERLEAVE, PRESET_MAX_OUTPUT, PRESET_MIN_OUTPUT, load_runtime
 
     rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
-                      threads=getattr(args, "threads", None))
+                      threads=getattr(args, "threads", None), codec_prior=getattr(args, "codec_prior", True))
     drop_ins: dict[str, Any] = {}
     codec = rt.codec
     if args.backend == "onnx":
@@ -301,6 +305,8 @@ def build_server(args: argparse.Namespace, metrics: Any = None) -> Any:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from agent.codec.prior import describe_streaming
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "ray", False):
         from streaming.rayserve.cli import run_ray
@@ -317,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
              engine.max_positions, rt.load_s,
              f", warm-up {rt.info['warmup_s']} s" if "warmup_s" in rt.info else "")
     log.info("model %s", rt.card.describe())
+    log.info("audio streams start from %s", describe_streaming(getattr(rt.codec, "streaming_prior", None)))
     log.info("memory plan: %s", describe_memory(rt.info["memory"]))
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level,
                                            loop="uvloop" if sys.platform != "win32" else "asyncio"))

@@ -202,7 +202,7 @@ def run(args) -> int:
     if "chunks" not in args.skip:
         print("\n== per-chunk latency, default schedule, one patch (4 tokens) per call ==")
         schedule = DecodeSchedule()
-        print(f"schedule: {schedule.describe()}")
+        print(f"schedule: {schedule.resolve(tok.streaming_prior).describe()}")
         calls, first = [], None
         for c in codes:
             stream = tok.new_decode_stream(schedule)
@@ -260,6 +260,8 @@ def run(args) -> int:
         # is left is the vocoder's missing look-ahead), and with a prior from the other files
         oracle = [norm_statistics(tok, [c]) for c in codes]
         variants = [(s, None) for s in fidelity_schedules(args.grid)]
+        if tok.streaming_prior is not None:  # the default without the checkpoint's prior
+            variants.append((DecodeSchedule(norm="running"), None))
         fixed = dataclasses.replace(DecodeSchedule(), norm="prior", prior=oracle[0],
                                     prior_tokens=ORACLE_WEIGHT)
         variants.append((fixed, lambda i: oracle[i]))
@@ -281,11 +283,13 @@ def run(args) -> int:
             first = schedule.first_audio_tokens()
             latency = "end" if first is None else f"{first * 1000 / cfg.token_rate:.0f} ms"
             tag = " (default)" if schedule == DecodeSchedule() else ""
+            if tok.streaming_prior is not None and schedule == DecodeSchedule(norm="running"):
+                tag = " (default with the checkpoint's prior off)"
             if per_file is not None:
                 oracle_row = schedule.prior_tokens == ORACLE_WEIGHT
                 tag = " (offline statistics: oracle)" if oracle_row else " (prior: other files)"
             l1, snr, rtf = statistics.mean(l1s), statistics.mean(snrs), elapsed / seconds
-            name = schedule.describe() + tag
+            name = schedule.resolve(tok.streaming_prior).describe() + tag
             rows.append({"schedule": name, "first_audio": latency, "log_mel_l1": l1, "snr_db": snr,
                          "rtf": rtf})
             print(f"| {name} | {latency} | {l1:.4f} | {snr:.1f} | {rtf:.3f} |", flush=True)

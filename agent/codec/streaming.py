@@ -9,7 +9,8 @@ GroupNorm statistics taken over the whole sequence, and every vocoder layer look
             whole decoder over ``left_context_tokens`` of history plus the new tokens.
 ``cached``  (ARCHITECTURE.md, "the better way"): the causal transformer keeps its KV cache across
             chunks, so each token goes through it once; the two GroupNorms use running statistics
-            (frozen after ``freeze_after_tokens``, or starting from calibrated ``prior`` statistics);
+            (frozen after ``freeze_after_tokens``, or starting from calibrated ``prior`` statistics:
+            by default the checkpoint's own, ``streaming_prior.json``, when it ships one);
             only the vocoder, which is cheap, re-runs over a window of ``left_context_tokens`` of
             coarse mel. Given the offline statistics and enough hold-back it is exact.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,10 +39,11 @@ from .transformer import BoundedKV, LayerKV
 Job = tuple["DecodeStream", "_Segment", bool]  # (stream, segment, final pass)
 
 if TYPE_CHECKING:
+    from .prior import StreamingPrior
     from .tokenizer import MiMoAudioTokenizer
 
 MODES = ("window", "cached")
-NORMS = ("running", "frozen", "prior")
+NORMS = ("checkpoint", "running", "frozen", "prior")
 
 
 @dataclass(frozen=True)
@@ -71,15 +73,19 @@ class DecodeSchedule:
     - ``crossfade_samples``: raised-cosine cross-fade at each seam (at most one token).
     - ``norm``: cached mode's GroupNorm statistics: ``"running"`` over everything so far;
       ``"frozen"`` once ``freeze_after_tokens`` have been seen; ``"prior"``: running, starting
-      from ``prior`` (calibrated :class:`NormStatistics`) weighted as ``prior_tokens`` tokens.
+      from ``prior`` (calibrated :class:`NormStatistics`) weighted as ``prior_tokens`` tokens;
+      ``"checkpoint"`` (the default): ``"prior"`` with the statistics and weight the tokenizer's
+      checkpoint ships (:class:`agent.codec.prior.StreamingPrior`), ``"running"`` when it ships
+      none. A stream resolves it when it starts (:meth:`resolve`); ``"running"`` turns the
+      checkpoint's prior off.
     - ``refresh_from``, ``refresh_until``: cached mode re-runs the decoder over the segment's
       history with the current statistics once it holds ``refresh_from`` tokens, then at each
       doubling up to ``refresh_until`` (8, 16, ..., 256): the early chunks were normalised with
       few frames' statistics. At most doubles the decoder's work; None: never.
 
-    The default (cached with refresh, N = M = 1 patch, L = 50, R = 2, 10 ms cross-fade) was chosen by
-    ``mimo-agent bench-codec``: first audio after one patch, and the closest to the offline decode
-    of the schedules with that latency (BENCHMARKS.md).
+    The default (cached with refresh, N = M = 1 patch, L = 50, R = 2, 10 ms cross-fade, the
+    checkpoint's prior) was chosen by ``mimo-agent bench-codec``: first audio after one patch, and
+    the closest to the offline decode of the schedules with that latency (BENCHMARKS.md).
     """
 
     mode: str = "cached"
@@ -88,7 +94,7 @@ class DecodeSchedule:
     left_context_tokens: int | None = 50
     holdback_tokens: int | None = 2
     crossfade_samples: int = 240
-    norm: str = "running"
+    norm: str = "checkpoint"
     freeze_after_tokens: int = 25
     prior: NormStatistics | None = None
     prior_tokens: int = 25
@@ -123,6 +129,15 @@ class DecodeSchedule:
         once per patch, no cross-fade (it emits nothing before 41 tokens)."""
         return cls(mode="window", first_chunk_patches=11, chunk_patches=1, left_context_tokens=250,
                    holdback_tokens=40, crossfade_samples=0)
+
+    def resolve(self, prior: StreamingPrior | None) -> DecodeSchedule:
+        """The schedule a stream runs: norm ``"checkpoint"`` made ``"prior"`` with the checkpoint's
+        calibrated ``prior`` (its statistics and weight), or ``"running"`` when there is none."""
+        if self.norm != "checkpoint":
+            return self
+        if prior is None:
+            return replace(self, norm="running")
+        return replace(self, norm="prior", prior=prior.statistics, prior_tokens=prior.tokens)
 
     def first_audio_tokens(self, samples_per_token: int = 960) -> int | None:
         """Tokens that must have arrived before the first audio leaves (None: only at the end)."""
@@ -180,7 +195,8 @@ class DecodeStream:
             raise ValueError(
                 f"crossfade_samples={schedule.crossfade_samples} exceeds one token ({tok.samples_per_token})"
             )
-        self.schedule = schedule
+        #: what this stream runs: ``schedule`` with the tokenizer's calibrated prior resolved
+        self.schedule = schedule.resolve(tok.streaming_prior)
         #: tokens per independent segment; the decoder's KV cache holds at most one segment
         self.segment_tokens = DECODE_SEGMENT_TOKENS
         self.samples_per_token = tok.samples_per_token

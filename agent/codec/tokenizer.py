@@ -28,6 +28,7 @@ from .config import preset as preset_config
 from .decoder import AudioDecoder
 from .encoder import AudioEncoder
 from .mel import MelFrontEnd
+from .prior import StreamingPrior, load_streaming_prior
 from .streaming import DecodeSchedule, DecodeStream, decode_cache_bytes, decode_streams, finish_streams
 
 #: Mel frames per encoder call (the official ``encode_batch`` budget), bounding memory.
@@ -50,6 +51,9 @@ class MiMoAudioTokenizer(nn.Module):
         self.encoder = AudioEncoder(config)
         self.decoder = AudioDecoder(config)
         self.front_end = MelFrontEnd(config)
+        #: calibrated GroupNorm statistics the default decode schedule starts streams from (the
+        #: checkpoint's ``streaming_prior.json``; None: running statistics only)
+        self.streaming_prior: StreamingPrior | None = None
 
     # --- properties ------------------------------------------------------------------------------
     @property
@@ -193,7 +197,8 @@ class MiMoAudioTokenizer(nn.Module):
         return decode_cache_bytes(self.config, self.decoder.dtype)
 
     def new_decode_stream(self, schedule: DecodeSchedule | None = None) -> DecodeStream:
-        """A fresh per-stream decoding state (one response); ``schedule=None``: the default."""
+        """A fresh per-stream decoding state (one response); ``schedule=None``: the default (with
+        :attr:`streaming_prior`, when there is one)."""
         return DecodeStream(self, schedule or DecodeSchedule())
 
     def decode_streams(self, items: Sequence[tuple[DecodeStream, torch.Tensor]]) -> list[np.ndarray]:
@@ -266,11 +271,14 @@ def load_audio_tokenizer(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
+    streaming_prior: bool = True,
 ) -> MiMoAudioTokenizer:
     """A tokenizer in eval mode from a checkpoint (local directory or hub id) or a preset.
 
     ``path=None`` builds ``preset`` (default ``tiny``) with seeded random weights. ``dtype``
     defaults to bf16 on CUDA and fp32 on the CPU; the codebooks and the mel front end stay fp32.
+    A checkpoint's ``streaming_prior.json`` (:mod:`agent.codec.prior`) becomes
+    :attr:`MiMoAudioTokenizer.streaming_prior`, unless ``streaming_prior=False``.
     Raises :class:`agent.checkpoint.CheckpointError` naming the file, key or shape at fault.
     """
     device = ckpt.parse_device(device)
@@ -297,6 +305,8 @@ def load_audio_tokenizer(
     ckpt.load_into_module(
         tok, state, source=f"{what} {directory}", ignore_unexpected=TRAINING_ONLY_KEYS, keep_fp32=CODEBOOK_KEYS
     )
+    if streaming_prior:
+        tok.streaming_prior = load_streaming_prior(directory, tok)
     return tok.eval()
 
 

@@ -157,12 +157,21 @@ def read_manifest(corpus: str | Path) -> dict:
     return read_manifest_of(Path(corpus) / MANIFEST, FORMAT, f"mimo-agent train data --out {corpus}")
 
 
-def load_split(corpus: str | Path, split: str, sample_rate: int = 24000) -> list[tuple[dict, np.ndarray]]:
-    """(manifest entry, float32 audio) of each utterance of ``split``."""
+def split_entries(corpus: str | Path, split: str) -> list[dict]:
+    """The manifest entries of ``split``, in the manifest's order (what seeded draws index)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    manifest = read_manifest(corpus)
-    return [(u, load_wav(Path(corpus) / u["file"], sample_rate)) for u in manifest["utterances"] if u["split"] == split]
+    return [u for u in read_manifest(corpus)["utterances"] if u["split"] == split]
+
+
+def load_entries(corpus: str | Path, entries: list[dict], sample_rate: int = 24000) -> list[tuple[dict, np.ndarray]]:
+    """(manifest entry, float32 audio) of each entry."""
+    return [(u, load_wav(Path(corpus) / u["file"], sample_rate)) for u in entries]
+
+
+def load_split(corpus: str | Path, split: str, sample_rate: int = 24000) -> list[tuple[dict, np.ndarray]]:
+    """(manifest entry, float32 audio) of each utterance of ``split``."""
+    return load_entries(corpus, split_entries(corpus, split), sample_rate)
 
 
 def add_arguments(parser) -> None:

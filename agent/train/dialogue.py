@@ -37,9 +37,9 @@ import numpy as np
 
 from ..codec.audio import load_wav
 from .common import read_manifest_of
-from .data import ENGINE_WEIGHTS, HELD_OUT_VOICES, TRAIN_VOICES, AugmentRecipe
+from .data import ENGINE_WEIGHTS, ESPEAK_ACCENTS, HELD_OUT_VOICES, TRAIN_VOICES, AugmentRecipe
 from .lexicon import GREETINGS, NUMBERS, REPEATABLE, SentenceGenerator
-from .voices import Augmentation, synthesize, tool_versions
+from .voices import Augmentation, split_voice, synthesize, tool_versions
 
 MANIFEST = "manifest.json"
 CODES = "codes.npz"
@@ -54,6 +54,21 @@ FOLLOW_UPS = {"And plus one more?": 1, "And minus one?": -1}
 GREETING_ANSWER = "Hello, how are you?"
 HOW_ARE_YOU_ANSWER = "I am fine, thank you."
 TENS = {20: "twenty", 30: "thirty"}
+
+#: espeak-ng variants outside the codec corpus' list, none a relative of a held-out one (no f4,
+#: m6 or steph*) and none a whisper or a robot
+WIDE_ESPEAK_VARIANTS = (
+    "Alex", "Alicia", "Andrea", "AnxiousAndy", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Jacky",
+    "Lee", "Marco", "Mario", "Michael", "Mike", "Nguyen", "Storm", "adam", "anika", "announcer", "antonio", "aunty",
+    "boris", "caleb", "ed", "edward2", "fast", "grandma", "grandpa", "gustave", "iven", "iven2", "iven3", "iven4",
+    "john", "klatt2", "klatt3", "klatt4", "m8", "marcelo", "max", "michel", "miguel", "norbert", "pablo", "pedro",
+    "rob", "sandro", "shelby",
+)
+#: ``--voices wide``: every accent with those variants, and the one installed flite voice the codec
+#: corpus leaves out (every other non-held-out flite and festival voice Debian has is already in)
+WIDE_VOICES = (*(f"espeak-ng:{a}+{v}" for a in ESPEAK_ACCENTS for v in WIDE_ESPEAK_VARIANTS), "flite:awb_time")
+#: ``--voices wide``: more of the engines whose held-out voices are heard worst
+WIDE_ENGINE_WEIGHTS = {"espeak-ng": 0.5, "flite": 0.3, "festival": 0.2}
 
 
 def number_words(n: int) -> str:
@@ -130,18 +145,29 @@ class DialogueRecipe:
     augment: AugmentRecipe = field(default_factory=AugmentRecipe)
     codec: str = DEFAULT_CODEC
     sample_rate: int = 24000
+    #: user voices on top of the codec corpus' :data:`TRAIN_VOICES` (``--voices wide``: :data:`WIDE_VOICES`)
+    extra_voices: tuple[str, ...] = ()
+    #: share of user utterances per engine (absent from corpora made before it: the default)
+    engine_weights: dict[str, float] = field(default_factory=lambda: dict(ENGINE_WEIGHTS))
 
     def user_voices(self) -> dict[str, list[str]]:
         """The training voices by engine, less the agent's own and any held-out voice."""
-        return {engine: [v for v in voices if v != self.agent_voice and v not in self.held_out_voices]
-                for engine, voices in TRAIN_VOICES.items()}
+        out = {engine: [v for v in voices if v != self.agent_voice and v not in self.held_out_voices]
+               for engine, voices in TRAIN_VOICES.items()}
+        for voice in self.extra_voices:
+            if voice in self.held_out_voices:
+                raise ValueError(f"extra voice {voice} is a held-out voice")
+            engine = split_voice(voice)[0]
+            if voice != self.agent_voice and voice not in out.setdefault(engine, []):
+                out[engine].append(voice)
+        return out
 
     def draw_voice(self, rng: random.Random) -> str:
-        """A user voice: an engine by :data:`ENGINE_WEIGHTS` (espeak-ng has far more voices, but
+        """A user voice: an engine by :attr:`engine_weights` (espeak-ng has far more voices, but
         few speakers), then one of its voices."""
         voices = self.user_voices()
-        engines = [e for e in ENGINE_WEIGHTS if voices.get(e)]
-        return rng.choice(voices[rng.choices(engines, [ENGINE_WEIGHTS[e] for e in engines])[0]])
+        engines = [e for e in self.engine_weights if voices.get(e)]
+        return rng.choice(voices[rng.choices(engines, [self.engine_weights[e] for e in engines])[0]])
 
 
 class _Speaker:
@@ -238,17 +264,15 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
     codes: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="mimo-dialogue-") as scratch:
         speaker = _Speaker(recipe, Path(scratch))
-        batch = 200
-        for start in range(0, len(users), batch):
-            chunk = users[start : start + batch]
-            jobs = [(u["key"], u["voice"], u["text"], Augmentation(**u["augment"])) for u in chunk]
-            for u, c in zip(chunk, speaker.speak(jobs), strict=True):
-                codes[u["key"]], u["frames"] = c, len(c)
-            log(f"user utterances: {start + len(chunk)}/{len(users)} ({time.monotonic() - started:.0f} s)")
-        jobs = [(a["key"], a["voice"], a["text"], Augmentation()) for a in agents]
-        for a, c in zip(agents, speaker.speak(jobs), strict=True):
-            codes[a["key"]], a["frames"] = c, len(c)
-        log(f"agent utterances: {len(agents)} ({time.monotonic() - started:.0f} s)")
+        # a batch's wavs are held in memory until encoded; the agent's batch is a multiple of the
+        # codec's 32, so its codes are those of the corpora made when it was one batch
+        for name, entries, batch in (("user", users, 200), ("agent", agents, 192)):
+            for start in range(0, len(entries), batch):
+                chunk = entries[start : start + batch]
+                jobs = [(e["key"], e["voice"], e["text"], Augmentation(**e.get("augment", {}))) for e in chunk]
+                for e, c in zip(chunk, speaker.speak(jobs), strict=True):
+                    codes[e["key"]], e["frames"] = c, len(c)
+                log(f"{name} utterances: {start + len(chunk)}/{len(entries)} ({time.monotonic() - started:.0f} s)")
         jobs = [(h["key"], h["voice"], h["text"], Augmentation()) for h in held_out]  # held out: unaugmented
         for h, c in zip(held_out, speaker.speak(jobs, keep=out / "held_out"), strict=True):
             codes[h["key"]], h["frames"] = c, len(c)
@@ -337,11 +361,37 @@ def add_arguments(parser) -> None:
                              f"{d.held_out_per_voice} held-out questions per held-out voice)")
     parser.add_argument("--codec", default=DEFAULT_CODEC, help="audio tokenizer checkpoint (default: the shipped "
                                                                "tiny-speech codec)")
+    parser.add_argument("--voices", choices=("codec", "wide"), default="codec",
+                        help="user voices: 'codec' (default) the codec corpus' training voices; 'wide' adds "
+                             f"{len(WIDE_VOICES)} more (espeak-ng variants, flite:awb_time) and draws more flite "
+                             "and festival utterances")
+    parser.add_argument("--tts-sentences", type=int, default=None,
+                        help="lexicon sentences for the TTS task (default: the scaled recipe's)")
+    parser.add_argument("--tts-only", action="store_true",
+                        help="only the TTS task (agent voice): no user utterances, dialogues or held-out questions")
+
+
+def recipe_of(args) -> DialogueRecipe:
+    """The recipe the command line asks for (every choice lands in the manifest's recipe)."""
+    recipe = scaled(DialogueRecipe(seed=args.seed, codec=args.codec), args.scale)
+    if args.voices == "wide":
+        recipe.extra_voices, recipe.engine_weights = WIDE_VOICES, dict(WIDE_ENGINE_WEIGHTS)
+    if args.tts_sentences is not None:
+        if args.tts_sentences < 0:
+            raise ValueError(f"--tts-sentences {args.tts_sentences} must be >= 0")
+        recipe.tts_sentences = args.tts_sentences
+    if args.tts_only:
+        recipe.utterances = {k: 0 for k in recipe.utterances}
+        recipe.multi_turn = recipe.held_out_per_voice = 0
+    return recipe
 
 
 def run(args) -> int:
-    recipe = scaled(DialogueRecipe(seed=args.seed, codec=args.codec), args.scale)
+    recipe = recipe_of(args)
     command = (f"mimo-agent train dialogue-data --out {args.out} --seed {args.seed} --scale {args.scale:g}"
-               + ("" if args.codec == DEFAULT_CODEC else f" --codec {args.codec}"))
+               + ("" if args.codec == DEFAULT_CODEC else f" --codec {args.codec}")
+               + ("" if args.voices == "codec" else f" --voices {args.voices}")
+               + ("" if args.tts_sentences is None else f" --tts-sentences {args.tts_sentences}")
+               + (" --tts-only" if args.tts_only else ""))
     generate(args.out, recipe, command=command)
     return 0

@@ -58,7 +58,7 @@ class Floor:
 
         torch.set_grad_enabled(False)
         rt = load_runtime(args.model, args.tokenizer, args.preset, device=args.device, dtype=args.dtype,
-                          threads=getattr(args, "threads", None))
+                          threads=getattr(args, "threads", None), codec_prior=getattr(args, "codec_prior", True))
         self.rt, self.lm, self.codec = rt, rt.lm, rt.codec
         lm = rt.lm
         self.embed_patches, self.decode_step, self.decode_patch = lm.embed_patches, lm.decode_step, lm.decode_patch

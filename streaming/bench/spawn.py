@@ -28,7 +28,9 @@ FORWARDED = (
     ("export_dir", "--export-dir"), ("providers", "--providers"), ("threads", "--threads"),
     ("turn_model", "--turn-model"),
 )
-FORWARDED_SWITCHES = (("no_warmup", "--no-warmup"), ("cuda_graphs", "--cuda-graphs"))
+FORWARDED_SWITCHES = (("no_warmup", "--no-warmup"), ("cuda_graphs", "--cuda-graphs"), ("codec_prior", "--codec-prior"))
+#: switches on by default, passed on only when off (``--no-...``): a server of an older tree may lack them
+ONLY_OFF = ("codec_prior",)
 
 
 def serve_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
@@ -41,10 +43,10 @@ def serve_argv(args: argparse.Namespace, **overrides: Any) -> list[str]:
             argv += [flag, str(values[name])]
     for name, flag in FORWARDED_SWITCHES:
         value = overrides.get(name, getattr(args, name, None))
-        if value is True:
+        if value is True and name not in ONLY_OFF:
             argv.append(flag)
-        elif value is False and name == "cuda_graphs":
-            argv.append("--no-cuda-graphs")
+        elif value is False and name in ("cuda_graphs", *ONLY_OFF):
+            argv.append(flag.replace("--", "--no-", 1))
     return argv
 
 

@@ -8,8 +8,10 @@ and answers through ``mimo-agent dialogue``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from agent.lm.model import MiMoAudioLM
 from agent.lm.patch_encoder import embed_patches
 from agent.lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, PromptBuilder
 from agent.train import dialogue
-from agent.train.data import HELD_OUT_VOICES
+from agent.train.data import ENGINE_WEIGHTS, HELD_OUT_VOICES, TRAIN_VOICES
 from agent.train.lm import (
     BEST,
     PUBLISHED,
@@ -38,6 +40,7 @@ from agent.train.lm import (
     train_tokenizer,
     typed_text,
 )
+from agent.train.voices import Augmentation, synthesize
 from streaming.cli import main
 from tests.agent.test_engine import Client, make_engine
 
@@ -188,6 +191,65 @@ def test_the_tts_share_of_the_examples_is_the_recipe_s(corpus, tmp_path):
     assert abs(tts - 0.3) < 0.06 and abs(asr - 0.5) < 0.06, (tts, asr)
     with pytest.raises(ValueError, match=r"tts_share 0.6 must be in 0..0.5"):
         LMTrainer(LMRecipe(size="micro", asr_share=0.5, tts_share=0.6), [corpus], tmp_path / "out")
+
+
+def test_wide_voices_are_a_recorded_option_that_keeps_held_out_voices_out(tmp_path):
+    """``--voices wide`` adds espeak-ng variants and flite:awb_time to the user voices and draws
+    more flite and festival utterances (the held-out voices heard worst are theirs); without it
+    the recipe and its draws are those of the corpora made before the option, so they reproduce."""
+    def draws(recipe: dialogue.DialogueRecipe) -> list[str]:
+        rng = random.Random(3)
+        return [recipe.draw_voice(rng) for _ in range(3000)]
+
+    def recipe(*options: str) -> dialogue.DialogueRecipe:
+        parser = argparse.ArgumentParser()
+        dialogue.add_arguments(parser)
+        return dialogue.recipe_of(parser.parse_args(["--out", str(tmp_path), "--seed", "3", *options]))
+
+    default, wide = recipe(), recipe("--voices", "wide")
+    assert asdict(default) == asdict(dialogue.DialogueRecipe(seed=3))
+    assert default.engine_weights == ENGINE_WEIGHTS and default.extra_voices == ()
+    old = {e: [v for v in vs if v != dialogue.AGENT_VOICE and v not in HELD_OUT_VOICES]
+           for e, vs in TRAIN_VOICES.items()}
+    assert default.user_voices() == old
+    seen = draws(wide)
+    assert not set(seen) & set(HELD_OUT_VOICES) and dialogue.AGENT_VOICE not in seen
+    assert "flite:awb_time" in seen and len(set(seen) - set(draws(default))) > 200
+    assert not [v for v in dialogue.WIDE_VOICES if "+f4" in v or "+m6" in v or "+steph" in v]
+    assert sum(v.startswith("espeak-ng:") for v in seen) / len(seen) == pytest.approx(0.5, abs=0.04)
+    with pytest.raises(ValueError, match="held-out voice"):
+        dialogue.DialogueRecipe(extra_voices=("flite:rms",)).user_voices()
+
+
+def test_every_wide_voice_engine_speaks(tmp_path):
+    """An espeak-ng variant espeak-ng does not know would fall back to its default voice silently:
+    the wide voices must be real, different voices."""
+    require_voices()
+    sizes = set()
+    for voice in ("espeak-ng:en-us+Alex", "espeak-ng:en-gb-x-gbclan+grandma", "espeak-ng:en-us", "flite:awb_time"):
+        path = tmp_path / f"{voice.replace(':', '_')}.wav"
+        synthesize(voice, "What is three plus four?", path, Augmentation())
+        sizes.add(path.read_bytes())
+    assert len(sizes) == 4
+
+
+def test_a_tts_only_corpus_adds_sentences_to_the_dialogue_corpora(corpus, tmp_path):
+    """``--tts-only --tts-sentences N``: N lexicon sentences in the agent's voice and nothing else
+    (the speech of new sentences is learnt from many sentences), recorded in the manifest, and a
+    run reads it next to the dialogue corpora."""
+    require_voices()
+    tts = tmp_path / "tts"
+    assert main(["train", "dialogue-data", "--out", str(tts), "--seed", "9", "--tts-only", "--tts-sentences", "6"]) == 0
+    manifest, codes = dialogue.read_corpus(tts)
+    assert manifest["command"].endswith("--seed 9 --scale 1 --tts-sentences 6 --tts-only")
+    assert manifest["recipe"]["tts_sentences"] == 6 and manifest["recipe"]["multi_turn"] == 0
+    assert manifest["users"] == [] and manifest["held_out"] == []
+    assert [d["task"] for d in manifest["dialogues"]] == ["tts"] * 6
+    assert {a["voice"] for a in manifest["agents"]} == {dialogue.AGENT_VOICE} and len(codes) == len(manifest["agents"])
+    trainer = LMTrainer(LMRecipe(size="micro", seed=1, asr_share=0.5, tts_share=0.3), [corpus, tts], tmp_path / "out")
+    held = sum(d["task"] == "tts" for d in dialogue.read_corpus(corpus)[0]["dialogues"])
+    assert len(trainer.tts_dialogues) == 6 + held
+    assert trainer.validation_sets()
 
 
 def test_typed_questions_vary_as_people_type_them():
