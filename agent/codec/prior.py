@@ -129,10 +129,14 @@ def load_streaming_prior(directory: str | os.PathLike, tok: MiMoAudioTokenizer) 
     if not isinstance(norms, dict) or set(norms) != set(NORMS):
         got = sorted(norms) if isinstance(norms, dict) else norms
         raise bad("norms", f"must name exactly the decoder's streamed GroupNorms {sorted(NORMS)}, got {got!r}")
+    try:
+        _check_one_group(tok)
+    except ValueError as exc:
+        raise bad("norms", f"cannot apply to this checkpoint: {exc}") from None
     values: dict[str, float] = {}
+    groups = 1
     for name, fields in NORMS.items():
         entry = norms[name]
-        groups = _module(tok, name).num_groups
         if not isinstance(entry, dict) or entry.get("num_groups") != groups:
             raise bad(f"norms.{name}.num_groups", f"must be this checkpoint's {groups}, got "
                       f"{entry.get('num_groups') if isinstance(entry, dict) else entry!r}")
@@ -153,8 +157,13 @@ def load_streaming_prior(directory: str | os.PathLike, tok: MiMoAudioTokenizer) 
     return StreamingPrior(NormStatistics(**values), tokens, calibration if isinstance(calibration, dict) else {})
 
 
-def _module(tok: MiMoAudioTokenizer, name: str) -> torch.nn.GroupNorm:
-    return tok.get_submodule(name)  # type: ignore[return-value]
+def _check_one_group(tok: MiMoAudioTokenizer) -> None:
+    """Streams keep one (mean, var) per norm (:class:`NormStatistics`): the official decoder's
+    ``GroupNorm(1, C)``. Raises ValueError naming a norm with more groups."""
+    for name in NORMS:
+        groups = tok.get_submodule(name).num_groups
+        if groups != 1:
+            raise ValueError(f"{name} has {groups} groups; streaming statistics need 1")
 
 
 def calibrate(tok: MiMoAudioTokenizer, audio: list[np.ndarray], n_q: int, tokens: int = DEFAULT_PRIOR_TOKENS,
@@ -162,9 +171,7 @@ def calibrate(tok: MiMoAudioTokenizer, audio: list[np.ndarray], n_q: int, tokens
     """The prior of ``audio`` (24 kHz utterances): the offline decode's GroupNorm statistics over
     all of them (encoded with ``n_q`` codebooks, what the streams will decode), weighted as
     ``tokens`` tokens."""
-    for name in NORMS:
-        if _module(tok, name).num_groups != 1:
-            raise ValueError(f"{name} has {_module(tok, name).num_groups} groups; streaming statistics need 1")
+    _check_one_group(tok)
     stats = norm_statistics(tok, [tok.encode(a, n_q=n_q) for a in audio])
     return StreamingPrior(stats, tokens, dict(calibration or {}))
 

@@ -147,6 +147,20 @@ def test_a_prior_of_other_weights_or_not_json_is_refused(tiny, checkpoint, speec
         load_streaming_prior(saved, other)
 
 
+def test_a_prior_for_a_decoder_whose_norm_has_more_groups_is_refused(tiny, checkpoint, speech):
+    """Streams keep one (mean, var) per norm: a file listing one value per group of a 2-group norm
+    must not be read as its first group's."""
+    path = save_streaming_prior(checkpoint, calibrate(tiny, [speech], n_q=8))
+    corrupt(path, norm("dconv2", num_groups=2, mean=[0.1, 0.2], var=[1.0, 2.0]))
+    tok = load_audio_tokenizer(checkpoint, dtype="fp32", device="cpu", streaming_prior=False)
+    channels = tok.decoder.dconv2.norm.num_channels
+    tok.decoder.dconv2.norm = torch.nn.GroupNorm(2, channels)
+    with pytest.raises(CheckpointError, match=r"'norms'.*decoder.dconv2.norm has 2 groups"):
+        load_streaming_prior(checkpoint, tok)
+    with pytest.raises(ValueError, match="decoder.dconv2.norm has 2 groups"):
+        calibrate(tok, [speech], n_q=8)
+
+
 def test_calibrate_codec_writes_the_prior_and_its_recipe_next_to_the_untouched_checkpoint(checkpoint, tmp_path,
                                                                                         capsys):
     # a corpus of `train data`'s layout: the draw is seeded, from the split asked for
