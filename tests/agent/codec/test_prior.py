@@ -155,9 +155,9 @@ def test_a_prior_for_a_decoder_whose_norm_has_more_groups_is_refused(tiny, check
     tok = load_audio_tokenizer(checkpoint, dtype="fp32", device="cpu", streaming_prior=False)
     channels = tok.decoder.dconv2.norm.num_channels
     tok.decoder.dconv2.norm = torch.nn.GroupNorm(2, channels)
-    with pytest.raises(CheckpointError, match=r"'norms'.*decoder.dconv2.norm has 2 groups"):
+    with pytest.raises(CheckpointError, match=r"'norms'.*decoder\.dconv2\.norm has 2 groups"):
         load_streaming_prior(checkpoint, tok)
-    with pytest.raises(ValueError, match="decoder.dconv2.norm has 2 groups"):
+    with pytest.raises(ValueError, match=r"decoder\.dconv2\.norm has 2 groups"):
         calibrate(tok, [speech], n_q=8)
 
 
