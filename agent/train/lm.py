@@ -332,6 +332,11 @@ class LMRecipe:
     max_decoded: int = 64
     #: share of examples that are the ASR task (the transcriber's prompt) over the user utterances
     asr_share: float = 0.1
+    #: a schedule for it: ``asr_share_from`` until step ``asr_ramp[0]``, then linearly to
+    #: ``asr_share`` at step ``asr_ramp[1]`` and after (a low share first learns the task from
+    #: dialogues, a high one later learns hearing); None: ``asr_share`` throughout
+    asr_share_from: float | None = None
+    asr_ramp: tuple[int, int] = (0, 0)
     #: share of examples that are the TTS task over the corpora's lexicon sentences; None: as
     #: often as the corpora hold them among their dialogues (1200 of 10680, so ~4.5% of the
     #: examples at asr_share 0.6: too few for the speech of new sentences to be learnt)
@@ -391,10 +396,17 @@ class LMTrainer(TrainLoop):
             raise ValueError(f"{', '.join(map(str, self.corpora))}: no dialogues")
         self.tts_dialogues = [d for d in self.dialogues if d["task"] == "tts"]
         self.conversations = [d for d in self.dialogues if d["task"] != "tts"]
+        for name, share in (("asr_share", recipe.asr_share), ("asr_share_from", recipe.asr_share_from)):
+            if share is not None and not 0 <= share <= 1:
+                raise ValueError(f"{name} {share:g} must be in 0..1")
+        start, end = recipe.asr_ramp
+        if not 0 <= start <= end:
+            raise ValueError(f"asr_ramp {start}..{end}: the steps must be 0 <= start <= end")
+        most = max(recipe.asr_share, recipe.asr_share_from or 0.0)
         if recipe.tts_share is not None:
-            if not 0 <= recipe.tts_share <= 1 - recipe.asr_share:
-                raise ValueError(f"tts_share {recipe.tts_share:g} must be in 0..{1 - recipe.asr_share:g} "
-                                 f"(1 - asr_share: the rest are dialogues)")
+            if not 0 <= recipe.tts_share <= 1 - most:
+                raise ValueError(f"tts_share {recipe.tts_share:g} must be in 0..{1 - most:g} "
+                                 f"(1 - the largest ASR share: the rest are dialogues)")
             if recipe.tts_share and not self.tts_dialogues:
                 raise ValueError(f"tts_share {recipe.tts_share:g}: {', '.join(map(str, self.corpora))} "
                                  "have no TTS sentences")
@@ -403,15 +415,26 @@ class LMTrainer(TrainLoop):
         r = self.recipe
         return warmup_cosine(step, r.warmup, r.steps, r.final_lr_fraction)
 
+    def asr_share(self, step: int) -> float:
+        """The share of ASR examples at ``step`` (see :attr:`LMRecipe.asr_ramp`)."""
+        r = self.recipe
+        start, end = r.asr_ramp
+        if r.asr_share_from is None or step >= end:
+            return r.asr_share
+        if step < start:
+            return r.asr_share_from
+        return r.asr_share_from + (r.asr_share - r.asr_share_from) * (step - start) / (end - start)
+
     def example(self) -> Sequence:
         r, rng = self.recipe, self.rng
-        if rng.random() < r.asr_share:
+        asr_share = self.asr_share(self.step)
+        if rng.random() < asr_share:
             user = rng.choice(self.users)
             return self.sequences.asr(user["key"], user["text"], rng)
         if r.tts_share is None:  # the corpora's own mix
             d = rng.choice(self.dialogues)
         else:  # of what is not ASR, the TTS share (of all examples) is drawn from the sentences
-            tts = rng.random() * (1 - r.asr_share) < r.tts_share
+            tts = rng.random() * (1 - asr_share) < r.tts_share
             d = rng.choice(self.tts_dialogues if tts else self.conversations)
         if d["task"] == "tts":
             return self.sequences.tts(d["text"], d["agent"])
@@ -601,6 +624,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--asr-share", type=float, default=d.asr_share,
                         help=f"examples that are the ASR task over the user utterances, a share "
                              f"(default {d.asr_share:g})")
+    parser.add_argument("--asr-share-from", type=float, default=None,
+                        help="the ASR share at the start, held until the first step of --asr-ramp and then "
+                             "moved linearly to --asr-share by its second (default: --asr-share throughout)")
+    parser.add_argument("--asr-ramp", type=int, nargs=2, default=d.asr_ramp, metavar=("START", "END"),
+                        help="the steps between which the ASR share moves from --asr-share-from to --asr-share "
+                             "(default: %(default)s)")
     parser.add_argument("--tts-share", type=float, default=d.tts_share,
                         help="examples that are the TTS task over the corpora's lexicon sentences, a share (at "
                              "most 1 - the ASR share; default: as often as the corpora hold them among their "
@@ -630,7 +659,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     recipe = LMRecipe(size=args.size, seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                       warmup=args.warmup, user_code_noise=args.user_code_noise, text_user_share=args.text_user_share,
-                      asr_share=args.asr_share, tts_share=args.tts_share, input_codebooks=args.input_codebooks)
+                      asr_share=args.asr_share, asr_share_from=args.asr_share_from, asr_ramp=tuple(args.asr_ramp),
+                      tts_share=args.tts_share, input_codebooks=args.input_codebooks)
     tokenizer = None
     if args.resume:
         tokenizer = TextTokenizer.from_dir(args.out)
@@ -640,6 +670,8 @@ def run(args) -> int:
                        f"--seed {args.seed} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} "
                        f"--warmup {args.warmup} --user-code-noise {args.user_code_noise:g}"
                        + f" --text-user-share {args.text_user_share:g} --asr-share {args.asr_share:g}"
+                       + (f" --asr-share-from {args.asr_share_from:g} --asr-ramp {' '.join(map(str, args.asr_ramp))}"
+                          if args.asr_share_from is not None else "")
                        + (f" --tts-share {args.tts_share:g}" if args.tts_share is not None else "")
                        + (f" --input-codebooks {args.input_codebooks}" if args.input_codebooks else "")
                        + (f" --validate-every {args.validate_every}" if args.validate_every else "")

@@ -193,6 +193,28 @@ def test_the_tts_share_of_the_examples_is_the_recipe_s(corpus, tmp_path):
         LMTrainer(LMRecipe(size="micro", asr_share=0.5, tts_share=0.6), [corpus], tmp_path / "out")
 
 
+def test_the_asr_share_can_rise_on_a_schedule(corpus, tmp_path):
+    """``asr_share_from`` holds until the ramp's first step, then moves linearly to ``asr_share``
+    by its last: a run learns the task from dialogues first, hearing from ASR examples later."""
+    trainer = LMTrainer(LMRecipe(size="micro", seed=1, asr_share_from=0.0, asr_share=1.0, asr_ramp=(10, 20)),
+                        [corpus], tmp_path / "out")
+    assert [trainer.asr_share(s) for s in (0, 9, 10, 15, 20, 99)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+
+    def asr_examples(step: int) -> int:
+        trainer.step = step
+        return sum(ASR_TEMPLATES["en"] in trainer.tokenizer.decode(trainer.example().prompt.text_ids.tolist())
+                   for _ in range(200))
+
+    assert asr_examples(5) == 0 and asr_examples(20) == 200 and 60 < asr_examples(15) < 140
+    # the TTS share must leave room for dialogues at the largest ASR share of the schedule
+    with pytest.raises(ValueError, match=r"tts_share 0.5 must be in 0..0.4"):
+        LMTrainer(LMRecipe(size="micro", asr_share_from=0.6, asr_share=0.1, tts_share=0.5), [corpus], tmp_path / "o")
+    with pytest.raises(ValueError, match=r"asr_ramp 20..10"):
+        LMTrainer(LMRecipe(size="micro", asr_share_from=0.1, asr_ramp=(20, 10)), [corpus], tmp_path / "o")
+    with pytest.raises(ValueError, match=r"asr_share_from 1.5 must be in 0..1"):
+        LMTrainer(LMRecipe(size="micro", asr_share_from=1.5), [corpus], tmp_path / "o")
+
+
 def test_wide_voices_are_a_recorded_option_that_keeps_held_out_voices_out(tmp_path):
     """``--voices wide`` adds espeak-ng variants and flite:awb_time to the user voices and draws
     more flite and festival utterances (the held-out voices heard worst are theirs); without it
@@ -308,13 +330,15 @@ def test_loss_goes_down_resume_is_exact_and_the_checkpoint_answers(corpus, tmp_p
     # codebook only (recorded in config.json, so that serving reads the same) and does more ASR
     again = tmp_path / "again"
     assert main([*args, "--out", str(again), "--steps", "2", "--init", str(straight), "--input-codebooks", "1",
-                 "--asr-share", "0.5", "--tts-share", "0.25"]) == 0
+                 "--asr-share", "0.5", "--asr-share-from", "0.1", "--asr-ramp", "1", "2", "--tts-share", "0.25"]) == 0
     assert (again / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
     again_manifest = json.loads((again / "training.json").read_text())
     assert again_manifest["init"]["training"]["steps"] == 16
     assert again_manifest["recipe"]["input_codebooks"] == 1 and again_manifest["recipe"]["asr_share"] == 0.5
     assert again_manifest["recipe"]["tts_share"] == 0.25 and manifest["recipe"]["tts_share"] is None
-    assert "--asr-share 0.5 --tts-share 0.25 --input-codebooks 1" in again_manifest["command"]
+    assert again_manifest["recipe"]["asr_share_from"] == 0.1 and again_manifest["recipe"]["asr_ramp"] == [1, 2]
+    assert "--asr-share 0.5 --asr-share-from 0.1 --asr-ramp 1 2 --tts-share 0.25 --input-codebooks 1" \
+        in again_manifest["command"]
     assert load_lm(again, dtype="fp32", device="cpu")[0].config.input_speech_codebooks == 1
     assert load_lm(straight, dtype="fp32", device="cpu")[0].config.input_speech_codebooks is None
     # the official layout, served by the offline dialogue command with the shipped codec
