@@ -128,12 +128,21 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def parse_device(name: str | torch.device | None) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (CUDA when present) to a device."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (CUDA when present) to a device. A CUDA
+    device always comes back with its index (``"cuda"`` is the current one), as
+    ``torch.cuda.set_device`` and comparisons with a tensor's device need."""
     if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise CheckpointError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        raise CheckpointError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
     return device
 
 

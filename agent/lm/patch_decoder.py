@@ -101,7 +101,12 @@ class StepTables:
         steps = torch.arange(S, device=device)
         cos, sin = lm.local_transformer.rope.at(steps, dtype)  # (S, d)
         self.cos, self.sin = cos, sin
-        self.bias = attention_bias(steps[None, :] <= steps[:, None], dtype)  # (S, S): row t sees 0..t
+        # (S, S): row t sees 0..t. Each row starts on a 64-byte boundary: a step's row is a view
+        # handed to SDPA as its bias, and CUDA's memory-efficient kernel reads the bias in aligned
+        # vectors (a row at t x S elements faults with "misaligned address" on a GPU)
+        bias = attention_bias(steps[None, :] <= steps[:, None], dtype)
+        row = -(-S * bias.element_size() // 64) * 64 // bias.element_size()
+        self.bias = bias.new_zeros(S, row)[:, :S].copy_(bias)
         self.index = steps  # (S,) int64: step t's cache position
 
     @staticmethod

@@ -153,3 +153,19 @@ def test_kv_read_counts_the_positions_a_step_reads_against_those_it_attends(tiny
     # slot 4 alone: a window of 6 rows for 1 is gathered, its 65 positions in the span of 128, read twice
     assert graphs.layout([4]) == (False, 1, 128)
     assert graphs.kv_read([4]) == (2 * 128, 65)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_patch_decoder_s_bias_rows_are_aligned(tiny, dtype) -> None:
+    """A patch-decoder step hands its row of the step tables' attention bias to SDPA as a view.
+    CUDA's memory-efficient attention reads the bias in aligned vectors: a row starting at t x 11
+    elements of a packed table faulted on a GPU ("misaligned address", bf16). Every row starts on
+    a 64-byte boundary, and holds what a fresh bias for that step holds."""
+    from agent.lm.patch_decoder import StepTables
+    from agent.lm.transformer import attention_bias
+
+    lm, cfg, _ = tiny
+    tables = StepTables(lm, torch.device("cpu"), dtype)
+    steps = torch.arange(cfg.local_steps)
+    assert torch.equal(tables.bias, attention_bias(steps[None, :] <= steps[:, None], dtype))
+    assert [tables.bias[t : t + 1].data_ptr() % 64 for t in range(cfg.local_steps)] == [0] * cfg.local_steps
