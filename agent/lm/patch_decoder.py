@@ -101,12 +101,11 @@ class StepTables:
         steps = torch.arange(S, device=device)
         cos, sin = lm.local_transformer.rope.at(steps, dtype)  # (S, d)
         self.cos, self.sin = cos, sin
-        # (S, S): row t sees 0..t. Each row starts on a 64-byte boundary: a step's row is a view
-        # handed to SDPA as its bias, and CUDA's memory-efficient kernel reads the bias in aligned
-        # vectors (a row at t x S elements faults with "misaligned address" on a GPU)
-        bias = attention_bias(steps[None, :] <= steps[:, None], dtype)
-        row = -(-S * bias.element_size() // 64) * 64 // bias.element_size()
-        self.bias = bias.new_zeros(S, row)[:, :S].copy_(bias)
+        self.bias = attention_bias(steps[None, :] <= steps[:, None], dtype)  # (S, S): row t sees 0..t
+        # a host step's row, each its own allocation: SDPA takes it as the bias, and CUDA's
+        # memory-efficient kernel reads the bias in aligned vectors (a view of row t of the packed
+        # table, t x S elements in, faulted with "misaligned address" on a GPU)
+        self.bias_rows = tuple(row.clone() for row in self.bias.split(1))  # S x (1, S)
         self.index = steps  # (S,) int64: step t's cache position
 
     @staticmethod
@@ -140,10 +139,12 @@ def local_step(
     exported single-step graph.
     """
     tables = StepTables.of(lm, x.device, x.dtype)
-    # a host step reads its rows as views; a tensor step (exported, compiled) as one-row gathers
+    # a host step reads its rows (views, and the bias row of its own); a tensor step (exported,
+    # compiled) gathers them
     index = step.view(1) if isinstance(step, torch.Tensor) else tables.index[step : step + 1]
-    cos, sin, mask = (t.index_select(0, index) if isinstance(step, torch.Tensor) else t[step : step + 1]
-                      for t in (tables.cos, tables.sin, tables.bias))
+    cos, sin, mask = (t.index_select(0, index) for t in (tables.cos, tables.sin, tables.bias)) \
+        if isinstance(step, torch.Tensor) else (tables.cos[step : step + 1], tables.sin[step : step + 1],
+                                                tables.bias_rows[step])
     cos, sin, mask = cos.unsqueeze(0), sin.unsqueeze(0), mask.view(1, 1, 1, -1)  # (1, 1, d), (1, 1, 1, S)
     fused = fused_attention.enabled(x.device)
 

@@ -157,10 +157,10 @@ def test_kv_read_counts_the_positions_a_step_reads_against_those_it_attends(tiny
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_patch_decoder_s_bias_rows_are_aligned(tiny, dtype) -> None:
-    """A patch-decoder step hands its row of the step tables' attention bias to SDPA as a view.
-    CUDA's memory-efficient attention reads the bias in aligned vectors: a row starting at t x 11
-    elements of a packed table faulted on a GPU ("misaligned address", bf16). Every row starts on
-    a 64-byte boundary, and holds what a fresh bias for that step holds."""
+    """A patch-decoder step hands its row of the step tables' attention bias to SDPA. CUDA's
+    memory-efficient attention reads the bias in aligned vectors: a view of row t of the packed
+    table, t x 11 elements in, faulted on a GPU ("misaligned address", bf16). Every host step's row
+    starts on a 64-byte boundary and holds that row of the bias; traced steps gather theirs."""
     from agent.lm.patch_decoder import StepTables
     from agent.lm.transformer import attention_bias
 
@@ -168,4 +168,6 @@ def test_the_patch_decoder_s_bias_rows_are_aligned(tiny, dtype) -> None:
     tables = StepTables(lm, torch.device("cpu"), dtype)
     steps = torch.arange(cfg.local_steps)
     assert torch.equal(tables.bias, attention_bias(steps[None, :] <= steps[:, None], dtype))
-    assert [tables.bias[t : t + 1].data_ptr() % 64 for t in range(cfg.local_steps)] == [0] * cfg.local_steps
+    rows = tables.bias_rows
+    assert len(rows) == cfg.local_steps and all(torch.equal(r, tables.bias[t : t + 1]) for t, r in enumerate(rows))
+    assert [r.data_ptr() % 64 for r in rows] == [0] * cfg.local_steps
