@@ -9,18 +9,18 @@ of their own, and so does each set of sampler flags): each region compiles once 
 
 from __future__ import annotations
 
-import queue
 import shutil
 
 import pytest
 import torch
 
-from agent.engine import AddUserText, Engine, EngineConfig, Respond, ResponseDone, ResponseParams
 from agent.lm.graphs import DecodeGraphs
 from agent.lm.kernels import patch_kernels
 from agent.lm.sampling import SamplingBatch, task_sampling
 from agent.runtime import load_runtime
 from streaming.cli import main
+
+from .conftest import short_answer
 
 pytestmark = [
     pytest.mark.timeout(900),
@@ -101,21 +101,8 @@ def test_compiled_regions_count_their_generated_launches(runtime):
     assert speech.ops["compiled"] == sum(speech.regions.values())
 
 
-def _answer(runtime, **config) -> tuple[Engine, ResponseDone, torch.Tensor]:
-    """A short seeded answer: the engine, its ResponseDone and the answer's codes (patches, 4, 8)."""
-    engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec,
-                    EngineConfig(max_sessions=1, max_positions=512, **config)).start()
-    events: queue.Queue = queue.Queue()
-    try:
-        handle = engine.open_session(events.put, seed=3)
-        handle.submit(AddUserText("u", "Say something"))
-        handle.submit(Respond("r", "a", ResponseParams(sampling=SAMPLING, max_output_patches=8, min_patches=8,
-                                                       interleave=(2, 3))))
-        while not isinstance(event := events.get(timeout=800), ResponseDone):
-            pass
-        return engine, event, engine._sessions[handle.sid].items[-1].patches.codes
-    finally:
-        engine.stop()
+def _answer(runtime, **config):
+    return short_answer(runtime, SAMPLING, **config)
 
 
 def test_engine_with_compile_answers_as_eager(runtime):

@@ -9,16 +9,15 @@ reason shown. Run it where a GPU is lent: ``python -m pytest -rs tests/agent/lm/
 
 from __future__ import annotations
 
-import queue
-
 import pytest
 import torch
 
 from agent.checkpoint import CheckpointError, parse_device
-from agent.engine import AddUserText, Engine, EngineConfig, Respond, ResponseDone, ResponseParams
 from agent.lm.graphs import DecodeGraphs, sample_text
 from agent.lm.sampling import GREEDY, SamplingBatch, SamplingParams, task_sampling
 from agent.runtime import load_runtime
+
+from .conftest import short_answer, twin_caches
 
 pytestmark = [
     pytest.mark.cuda,
@@ -51,17 +50,7 @@ def _gens(seed: int, n: int) -> list[torch.Generator]:
 
 def _caches(lm, lengths: list[int]):
     """Two identical caches on the device, each slot prefilled with its own random history."""
-    a = lm.allocate_cache(SLOTS, POSITIONS)
-    g = torch.Generator().manual_seed(0)
-    for slot, n in enumerate(lengths):
-        if n:
-            lm.prefill(a, slot, torch.randn(1, n, lm.config.hidden_size, generator=g).to(DEVICE))
-    b = lm.allocate_cache(SLOTS, POSITIONS)
-    b.k.copy_(a.k)
-    b.v.copy_(a.v)
-    b.lengths.copy_(a.lengths)
-    b.host_lengths = list(a.host_lengths)
-    return a, b
+    return twin_caches(lm, lengths, SLOTS, POSITIONS, DEVICE)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled"])
@@ -110,21 +99,8 @@ def test_captured_samplers_equal_the_model(runtime, compile) -> None:
             assert torch.equal(got, want)
 
 
-def _answer(runtime, **config) -> tuple[Engine, ResponseDone, torch.Tensor]:
-    """A short seeded spoken answer: the engine, its ResponseDone and the answer's codes."""
-    engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec,
-                    EngineConfig(max_sessions=2, max_positions=512, **config)).start()
-    events: queue.Queue = queue.Queue()
-    try:
-        handle = engine.open_session(events.put, seed=3)
-        handle.submit(AddUserText("u", "Say something"))
-        handle.submit(Respond("r", "a", ResponseParams(sampling=SPOKEN, max_output_patches=8, min_patches=8,
-                                                       interleave=(2, 3))))
-        while not isinstance(event := events.get(timeout=800), ResponseDone):
-            pass
-        return engine, event, engine._sessions[handle.sid].items[-1].patches.codes
-    finally:
-        engine.stop()
+def _answer(runtime, **config):
+    return short_answer(runtime, SPOKEN, **config)
 
 
 def test_engine_on_cuda_graphs_answers_as_eager(runtime) -> None:

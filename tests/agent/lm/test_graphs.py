@@ -10,22 +10,14 @@ import torch
 from agent.lm.graphs import DecodeGraphs, bucket_of, buckets, sample_text
 from agent.lm.sampling import GREEDY, SamplingBatch, SamplingParams
 
+from .conftest import twin_caches
+
 SLOTS, MAX_BATCH, POSITIONS = 6, 4, 200  # slot 5 is the scratch slot
 
 
 def _caches(lm, lengths: list[int]):
     """Two identical caches, each slot prefilled with its own random history."""
-    a = lm.allocate_cache(SLOTS, POSITIONS)
-    g = torch.Generator().manual_seed(0)
-    for slot, n in enumerate(lengths):
-        if n:
-            lm.prefill(a, slot, torch.randn(1, n, lm.config.hidden_size, generator=g))
-    b = lm.allocate_cache(SLOTS, POSITIONS)
-    b.k.copy_(a.k)
-    b.v.copy_(a.v)
-    b.lengths.copy_(a.lengths)
-    b.host_lengths = list(a.host_lengths)
-    return a, b
+    return twin_caches(lm, lengths, SLOTS, POSITIONS)
 
 
 def test_buckets() -> None:
