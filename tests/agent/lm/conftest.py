@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import queue
+
 import pytest
 import torch
 
+from agent.engine import AddUserText, Engine, EngineConfig, Respond, ResponseDone, ResponseParams
 from agent.lm.config import MiMoAudioConfig
 from agent.lm.model import MiMoAudioLM, build_preset
 from agent.lm.prompts import Prompt, PromptBuilder
@@ -48,10 +51,6 @@ def twin_caches(lm: MiMoAudioLM, lengths: list[int], slots: int, positions: int,
 def short_answer(runtime, sampling, **config):
     """A short seeded answer of an engine on ``runtime`` (``config``: EngineConfig fields): the
     engine, its ResponseDone and the answer's codes (patches, 4, 8)."""
-    import queue
-
-    from agent.engine import AddUserText, Engine, EngineConfig, Respond, ResponseDone, ResponseParams
-
     engine = Engine(runtime.lm, runtime.tokenizer, runtime.codec,
                     EngineConfig(max_sessions=1, max_positions=512, **config)).start()
     events: queue.Queue = queue.Queue()
