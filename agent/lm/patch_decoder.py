@@ -139,12 +139,12 @@ def local_step(
     exported single-step graph.
     """
     tables = StepTables.of(lm, x.device, x.dtype)
-    # a host step reads its rows (views, and the bias row of its own); a tensor step (exported,
-    # compiled) gathers them
-    index = step.view(1) if isinstance(step, torch.Tensor) else tables.index[step : step + 1]
-    cos, sin, mask = (t.index_select(0, index) for t in (tables.cos, tables.sin, tables.bias)) \
-        if isinstance(step, torch.Tensor) else (tables.cos[step : step + 1], tables.sin[step : step + 1],
-                                                tables.bias_rows[step])
+    if isinstance(step, torch.Tensor):  # exported or compiled: one-row gathers at a device index
+        index = step.view(1)
+        cos, sin, mask = (t.index_select(0, index) for t in (tables.cos, tables.sin, tables.bias))
+    else:  # a host step: views of its rows, and the bias row of its own
+        index = tables.index[step : step + 1]
+        cos, sin, mask = tables.cos[step : step + 1], tables.sin[step : step + 1], tables.bias_rows[step]
     cos, sin, mask = cos.unsqueeze(0), sin.unsqueeze(0), mask.view(1, 1, 1, -1)  # (1, 1, d), (1, 1, 1, S)
     fused = fused_attention.enabled(x.device)
 
