@@ -6,6 +6,7 @@ The module tree and parameter names are those of the official checkpoint (``enco
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,6 +72,20 @@ class MiMoAudioTokenizer(nn.Module):
     @property
     def samples_per_token(self) -> int:
         return self.config.samples_per_token
+
+    def codes_digest(self) -> str:
+        """sha256 of what makes the codes: the mel front end's settings and the encoder's weights
+        with its RVQ codebooks, in name order, as fp32 on the CPU. Two codecs with the same digest
+        give the same codes for the same audio, whatever their decoders (``train codec --train
+        decoder`` keeps it)."""
+        c = self.config
+        digest = hashlib.sha256(repr((c.sampling_rate, c.nfft, c.window_size, c.hop_length, c.n_mels, c.fmin,
+                                      c.fmax)).encode())
+        for name, t in sorted(self.encoder.state_dict().items()):
+            t = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous()
+            digest.update(f"\n{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
 
     # --- encoding --------------------------------------------------------------------------------
     def prepare(self, wav: np.ndarray | torch.Tensor, sample_rate: int | None = None) -> np.ndarray:

@@ -17,7 +17,8 @@ utterances is synthesised once and the dialogues reuse it (a question appears al
 first turn of follow-ups). The agent always speaks in :data:`AGENT_VOICE`, unaugmented, so the
 same answer text always has the same codes. Audio is kept as the codes of the frozen
 ``tiny-speech`` codec: ``codes.npz`` (``u00012`` user utterances, ``a00003`` agent utterances)
-next to ``manifest.json`` (recipe, tools, every utterance and dialogue). A ``held_out/`` split of
+next to ``manifest.json`` (recipe, the codec's :meth:`codes_digest
+<agent.codec.tokenizer.MiMoAudioTokenizer.codes_digest>`, tools, every utterance and dialogue). A ``held_out/`` split of
 questions in the held-out voices (wav files and codes) is for evaluation only.
 
 Everything is drawn from the seed, so the same seed and tools give the same manifest and codes.
@@ -264,6 +265,7 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
     codes: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="mimo-dialogue-") as scratch:
         speaker = _Speaker(recipe, Path(scratch))
+        codec_digest = speaker.codec.codes_digest()
         # a batch's wavs are held in memory until encoded; the agent's batch is a multiple of the
         # codec's 32, so its codes are those of the corpora made when it was one batch
         for name, entries, batch in (("user", users, 200), ("agent", agents, 192)):
@@ -282,6 +284,8 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
         "version": 1,
         "command": command,
         "recipe": asdict(recipe),
+        # which codes these are: corpora of different codecs cannot train one LM (read_corpora)
+        "codec_digest": codec_digest,
         "tools": tool_versions(),
         "counts": {"user_utterances": len(users), "agent_utterances": len(agents), "dialogues": len(dialogues),
                    "held_out": len(held_out)},
@@ -338,8 +342,24 @@ def read_corpora(corpora: list[str | Path]) -> tuple[dict, dict[str, np.ndarray]
                 d["agent"] = key(d["agent"])
             merged["dialogues"].append(d)
         merged["corpora"].append({"path": str(corpus), **{k: manifest.get(k) for k in
-                                                          ("command", "recipe", "counts", "minutes")}})
+                                                          ("command", "recipe", "codec_digest", "counts", "minutes")}})
+    check_same_codec(merged["corpora"])
     return merged, codes
+
+
+def check_same_codec(corpora: list[dict]) -> None:
+    """Refuse corpora (``read_corpora``'s ``corpora`` entries: path, recipe, codec_digest) whose codes
+    come from different codecs, naming two of them. A corpus made before the digest was recorded
+    cannot be checked and passes."""
+    known = [c for c in corpora if c.get("codec_digest")]
+    for c in known[1:]:
+        if c["codec_digest"] != known[0]["codec_digest"]:
+            a, b = known[0], c
+            raise ValueError(
+                f"{b['path']} and {a['path']} hold the codes of different codecs (codec_digest "
+                f"{b['codec_digest'][:12]}... from {b['recipe'].get('codec')}, {a['codec_digest'][:12]}... from "
+                f"{a['recipe'].get('codec')}): one LM reads and writes one codec's codes; make the corpora "
+                f"with the same `train dialogue-data --codec`")
 
 
 def scaled(recipe: DialogueRecipe, scale: float) -> DialogueRecipe:

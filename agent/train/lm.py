@@ -53,7 +53,7 @@ from ..lm.model import MiMoAudioLM
 from ..lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, Prompt, PromptBuilder
 from ..lm.tokenizer import MIMO_ADDED_TOKENS, REQUIRED_TOKENS, TextTokenizer
 from .common import LOSS_LOG, TrainLoop, check_resume_recipe, run_record, warmup_cosine
-from .dialogue import read_corpora
+from .dialogue import check_same_codec, read_corpora
 from .lexicon import NUMBERS, SentenceGenerator
 
 MANIFEST = "training.json"
@@ -364,6 +364,11 @@ class LMTrainer(TrainLoop):
         self.init = None if init is None else Path(init)
         if self.init is not None:
             tokenizer = tokenizer or TextTokenizer.from_dir(self.init)
+            # the weights read and write the codes of the corpora they were trained on
+            trained = self.init / MANIFEST
+            known = json.loads(trained.read_text()).get("data", []) if trained.is_file() else []
+            check_same_codec([*(dict(c, path=f"{c['path']} (--init {self.init}'s corpus)") for c in known),
+                              *self.manifest["corpora"]])
         self.tokenizer = tokenizer or train_tokenizer(tokenizer_texts(self.manifest, recipe.seed), recipe.vocab_size)
         self.config = lm_config(recipe.size, self.tokenizer, recipe.input_codebooks)
         torch.manual_seed(recipe.seed)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from agent.checkpoint import load_lm
+from agent.codec import load_audio_tokenizer, save_audio_tokenizer
 from agent.engine import AddUserText, Configure
 from agent.lm.model import MiMoAudioLM
 from agent.lm.patch_encoder import embed_patches
@@ -272,6 +273,31 @@ def test_a_tts_only_corpus_adds_sentences_to_the_dialogue_corpora(corpus, tmp_pa
     held = sum(d["task"] == "tts" for d in dialogue.read_corpus(corpus)[0]["dialogues"])
     assert len(trainer.tts_dialogues) == 6 + held
     assert trainer.validation_sets()
+
+
+def test_corpora_of_different_codecs_cannot_train_one_lm(corpus, tmp_path):
+    """An LM reads and writes one codec's codes: corpora encoded by two codecs (or a corpus of one
+    codec and ``--init`` weights trained on another's) are refused by name, not mixed silently."""
+    packaged = load_audio_tokenizer(dialogue.DEFAULT_CODEC, dtype="fp32", device="cpu")
+    assert json.loads((corpus / "manifest.json").read_text())["codec_digest"] == packaged.codes_digest()
+    # another codec: the same architecture with other weights (a decoder-only change keeps the digest)
+    other_codec = load_audio_tokenizer(preset="tiny-speech", seed=3, dtype="fp32", device="cpu")
+    assert other_codec.codes_digest() != packaged.codes_digest()
+    decoder_only = load_audio_tokenizer(dialogue.DEFAULT_CODEC, dtype="fp32", device="cpu")
+    torch.nn.init.zeros_(next(decoder_only.decoder.parameters()))
+    assert decoder_only.codes_digest() == packaged.codes_digest()
+    codec_dir = save_audio_tokenizer(other_codec, tmp_path / "other-codec")
+    other = tmp_path / "other"
+    assert main(["train", "dialogue-data", "--out", str(other), "--seed", "6", "--scale", "0.003",
+                 "--codec", str(codec_dir)]) == 0
+    assert json.loads((other / "manifest.json").read_text())["codec_digest"] == other_codec.codes_digest()
+    with pytest.raises(ValueError, match=rf"{other} and {corpus} hold the codes of different codecs"):
+        LMTrainer(LMRecipe(size="micro"), [corpus, other], tmp_path / "mixed")
+    first = tmp_path / "first"
+    assert main(["train", "lm", "--data", str(corpus), *TINY, "--out", str(first), "--steps", "1"]) == 0
+    with pytest.raises(ValueError, match=r"--init .*first's corpus\) hold the codes of different codecs"):
+        LMTrainer(LMRecipe(size="micro"), [other], tmp_path / "again", init=first)
+    LMTrainer(LMRecipe(size="micro"), [corpus, corpus], tmp_path / "same")  # one codec twice: fine
 
 
 def test_typed_questions_vary_as_people_type_them():
