@@ -14,8 +14,8 @@ from agent.train.evaluate import measure
 TRAINED = Path(__file__).resolve().parents[3] / "agent" / "presets" / "tiny-speech-codec"
 SPEECH = Path(__file__).resolve().parents[2] / "data" / "codec" / "speech_en.wav"
 #: ``codes_digest`` of the codec whose codes the packaged LM (``agent/presets/tiny-speech``) was
-#: trained on: the 2500-step run of ``training.json``'s ``init``
-LM_CODES_DIGEST = "d924ebc9eef4bf7367197e47f1ff5701ccc25e7a474199234e1882f27bce3baa"
+#: trained on (``data-c1``, ``data-c2``): this very codec, one ``train codec`` run (no ``init``)
+LM_CODES_DIGEST = "f80af21120d98d6cd36c4dab9180fedda6aa52c9283f72304739b27ef3f54c0b"
 
 
 def test_the_trained_codec_loads_and_reconstructs_speech():
