@@ -29,7 +29,8 @@ TESTS_DATA = Path(__file__).resolve().parents[2] / "data"
 PACKAGED = Path(__file__).resolve().parents[3] / "agent" / "presets" / "tiny-speech-codec"
 #: human recordings (tests/data/real_speech_*.wav, the same as ../shared/data's): the packaged
 #: codec's default stream is this much closer to its offline decode with its prior than without.
-#: Measured (8 codebooks): en_m 18.4 -> 22.7 dB, en_w 20.1 -> 26.3 dB (BENCHMARKS.md)
+#: Measured (8 codebooks): en_m 16.4 -> 18.9 dB, en_w 18.8 -> 24.7 dB (BENCHMARKS.md; the codec before
+#: this one: 18.4 -> 22.7 and 20.1 -> 26.3)
 MIN_PRIOR_GAIN_DB = 2.0
 
 
