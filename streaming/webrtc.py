@@ -130,6 +130,15 @@ class OfferError(Exception):
 # ICE servers
 
 
+def voice_frame(samples: np.ndarray, pts: int) -> AudioFrame:
+    """A frame to send of mono pcm16 at 48 kHz: stereo, the voice on both channels. aiortc's Opus
+    sender is always stereo and would upmix a mono frame at -3 dB (libswresample's centre-to-front
+    mix), so the peer would hear the voice quieter than it was said."""
+    frame = AudioFrame.from_ndarray(np.repeat(samples, 2)[None, :], format="s16", layout="stereo")
+    frame.sample_rate, frame.pts, frame.time_base = RTC_RATE, pts, TIME_BASE
+    return frame
+
+
 def parse_ice_server(url: str) -> RTCIceServer:
     """``stun:HOST[:PORT]`` or ``turn[s]:USER:PASSWORD@HOST[:PORT][?transport=udp|tcp]`` -> an
     ``RTCIceServer``; ``ValueError`` naming the problem otherwise."""
@@ -253,8 +262,7 @@ class AgentAudioTrack(MediaStreamTrack):
         samples = np.zeros(FRAME_SAMPLES, np.int16)
         chunk = self._buffer.read(FRAME_SAMPLES)
         samples[: len(chunk)] = chunk
-        frame = AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")  # (1, 960)
-        frame.sample_rate, frame.pts, frame.time_base = RTC_RATE, self._pts, TIME_BASE
+        frame = voice_frame(samples, self._pts)
         self._pts += FRAME_SAMPLES
         self.frames_sent += 1
         self.audio_frames_sent += bool(len(chunk))

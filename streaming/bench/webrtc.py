@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import json
 import time
 import urllib.error
@@ -28,10 +27,10 @@ from av import AudioFrame
 
 from streaming.audio import SAMPLE_RATE, StreamResampler
 from streaming.bench.users import BenchError
+from streaming.webrtc import voice_frame
 
 RTC_RATE = 48_000
 FRAME = RTC_RATE // 50  # 20 ms
-TIME_BASE = fractions.Fraction(1, RTC_RATE)
 AUDIO_PEAK = 64  # a received frame louder than this carries agent audio (the track's idle frames are silent)
 CALLS_PATH = "/v1/realtime/calls"
 EVENTS_CHANNEL = "oai-events"
@@ -83,8 +82,7 @@ class MicTrack(MediaStreamTrack):
             else:
                 still.append((mark, future))
         self._waiters = still
-        frame = AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")  # (1, 960)
-        frame.sample_rate, frame.pts, frame.time_base = RTC_RATE, self._pts, TIME_BASE
+        frame = voice_frame(samples, self._pts)
         self._pts += FRAME
         return frame
 

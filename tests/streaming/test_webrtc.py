@@ -662,6 +662,32 @@ async def test_agent_track_paces_plays_out_and_reports_drained():
     track.stop()
 
 
+async def test_the_agent_track_keeps_the_voice_s_level_through_the_opus_sender():
+    """What the peer hears is as loud as what the model said: the frames go through aiortc's own
+    Opus encoder (stereo), whose resampler would upmix mono frames at -3 dB (libswresample's
+    centre-to-front mix), and back through its decoder."""
+    from aiortc.codecs.opus import OpusDecoder, OpusEncoder
+    from aiortc.jitterbuffer import JitterFrame
+
+    track = AgentAudioTrack(lambda _: None, max_buffer_s=2.0)
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 440 * np.arange(24_000) / 24_000)).astype(np.int16)  # 1 s, 24 kHz
+    track.push("resp_a", tone)
+    encoder, decoder = OpusEncoder(), OpusDecoder()
+    heard = []
+    for _ in range(50):  # 1 s of 20 ms frames
+        packets, timestamp = encoder.encode(await track.recv())
+        for packet in packets:
+            for frame in decoder.decode(JitterFrame(data=packet, timestamp=timestamp)):
+                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).astype(np.float64)
+                heard.append(pcm)
+    track.stop()
+    pcm = np.concatenate(heard)[24_000:40_000]  # steady state, past the codec's start
+    assert np.allclose(pcm[:, 0], pcm[:, 1])  # the same voice on both channels
+    said = np.sqrt(np.mean(tone.astype(np.float64) ** 2))
+    level_db = 20 * np.log10(np.sqrt(np.mean(pcm[:, 0] ** 2)) / said)
+    assert abs(level_db) < 0.5, f"the peer hears the agent {level_db:+.1f} dB off what it said"
+
+
 def test_agent_track_does_not_report_a_response_that_never_spoke():
     drained: list[str] = []
     track = AgentAudioTrack(drained.append)
