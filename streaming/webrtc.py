@@ -130,15 +130,6 @@ class OfferError(Exception):
 # ICE servers
 
 
-def voice_frame(samples: np.ndarray, pts: int) -> AudioFrame:
-    """A frame to send of mono pcm16 at 48 kHz: stereo, the voice on both channels. aiortc's Opus
-    sender is always stereo and would upmix a mono frame at -3 dB (libswresample's centre-to-front
-    mix), so the peer would hear the voice quieter than it was said."""
-    frame = AudioFrame.from_ndarray(np.repeat(samples, 2)[None, :], format="s16", layout="stereo")
-    frame.sample_rate, frame.pts, frame.time_base = RTC_RATE, pts, TIME_BASE
-    return frame
-
-
 def parse_ice_server(url: str) -> RTCIceServer:
     """``stun:HOST[:PORT]`` or ``turn[s]:USER:PASSWORD@HOST[:PORT][?transport=udp|tcp]`` -> an
     ``RTCIceServer``; ``ValueError`` naming the problem otherwise."""
@@ -178,9 +169,19 @@ def ice_servers(urls: list[str] | tuple[str, ...]) -> list[RTCIceServer]:
 # agent audio out
 
 
+def voice_frame(samples: np.ndarray, pts: int) -> AudioFrame:
+    """A frame to send of mono pcm16 at 48 kHz: stereo, the voice on both channels. aiortc's Opus
+    sender is always stereo and would upmix a mono frame at -3 dB (libswresample's centre-to-front
+    mix), so the peer would hear the voice quieter than it was said."""
+    frame = AudioFrame.from_ndarray(np.repeat(samples, 2)[None, :], format="s16", layout="stereo")
+    frame.sample_rate, frame.pts, frame.time_base = RTC_RATE, pts, TIME_BASE
+    return frame
+
+
 class AgentAudioTrack(MediaStreamTrack):
-    """The agent's voice: 20 ms mono frames at 48 kHz, paced on a media clock (frame ``pts`` in
-    samples, sent no earlier than ``start + pts / 48000``), silence when there is nothing to play.
+    """The agent's voice: 20 ms frames at 48 kHz (:func:`voice_frame`), paced on a media clock
+    (frame ``pts`` in samples, sent no earlier than ``start + pts / 48000``), silence when there is
+    nothing to play.
 
     ``push`` (24 kHz pcm16 from the engine) upsamples into a bounded buffer that drops its oldest
     audio beyond ``max_buffer_s``; ``end_response`` marks where a response's audio ends, and
