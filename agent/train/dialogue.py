@@ -17,9 +17,9 @@ utterances is synthesised once and the dialogues reuse it (a question appears al
 first turn of follow-ups). The agent always speaks in :data:`AGENT_VOICE`, unaugmented, so the
 same answer text always has the same codes. Audio is kept as the codes of the frozen
 ``tiny-speech`` codec: ``codes.npz`` (``u00012`` user utterances, ``a00003`` agent utterances)
-next to ``manifest.json`` (recipe, the codec's :meth:`codes_digest
-<agent.codec.tokenizer.MiMoAudioTokenizer.codes_digest>`, tools, every utterance and dialogue). A ``held_out/`` split of
-questions in the held-out voices (wav files and codes) is for evaluation only.
+next to ``manifest.json`` (recipe, the codec's ``codes_digest``, tools, every utterance and
+dialogue). A ``held_out/`` split of questions in the held-out voices (wav files and codes) is for
+evaluation only.
 
 Everything is drawn from the seed, so the same seed and tools give the same manifest and codes.
 """
