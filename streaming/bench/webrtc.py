@@ -27,10 +27,9 @@ from av import AudioFrame
 
 from streaming.audio import SAMPLE_RATE, StreamResampler
 from streaming.bench.users import BenchError
-from streaming.webrtc import voice_frame
+from streaming.webrtc import FRAME_SAMPLES as FRAME  # 20 ms
+from streaming.webrtc import RTC_RATE, voice_frame
 
-RTC_RATE = 48_000
-FRAME = RTC_RATE // 50  # 20 ms
 AUDIO_PEAK = 64  # a received frame louder than this carries agent audio (the track's idle frames are silent)
 CALLS_PATH = "/v1/realtime/calls"
 EVENTS_CHANNEL = "oai-events"

@@ -21,10 +21,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from streaming.audio import resample
+from streaming.webrtc import FRAME_SAMPLES as FRAME  # 20 ms
+from streaming.webrtc import RTC_RATE as RATE
 from streaming.webrtc import voice_frame
-
-RATE = 48_000
-FRAME = 960  # 20 ms
 
 
 class SpeechTrack(MediaStreamTrack):
