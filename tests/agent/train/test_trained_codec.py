@@ -38,4 +38,5 @@ def test_the_packaged_codec_makes_the_codes_the_packaged_lm_was_trained_on():
     digest = load_audio_tokenizer(TRAINED, dtype="fp32", device="cpu").codes_digest()
     assert digest == LM_CODES_DIGEST
     corpora = json.loads((TRAINED.parent / "tiny-speech" / "training.json").read_text())["data"]
-    assert {c.get("codec_digest", digest) for c in corpora} == {digest}  # where the corpora recorded it
+    # where the corpora recorded it (a corpus made before the digest existed has none, or null)
+    assert {c.get("codec_digest") or digest for c in corpora} == {digest}
