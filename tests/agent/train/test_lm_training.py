@@ -34,7 +34,9 @@ from agent.train.lm import (
     backbone_hidden,
     embed_speech_patches,
     init_training_weights,
+    length_groups,
     lm_config,
+    losses,
     patch_decoder_logits,
     publish_checkpoint,
     tokenizer_texts,
@@ -328,6 +330,34 @@ def test_training_forward_is_the_serving_computation(parts):
     picked = [(f, c) for t in range(sched.steps) for c, f in zip(sched.channels[t], sched.frames[t], strict=True)]
     for (f, c), step_logits in zip(picked, logits, strict=True):
         assert torch.equal(step_logits.argmax(-1), greedy[:, f, c]), (f, c)
+
+
+def test_a_batch_run_in_length_groups_gives_the_padded_batch_s_losses_and_gradients(corpus, tmp_path):
+    """The short ASR examples and the long dialogues of a batch run trimmed, in two groups: the
+    same losses and gradients as the whole batch padded to its longest row, on fewer positions."""
+    trainer = LMTrainer(LMRecipe(size="micro", seed=3, asr_share=0.5), [corpus], tmp_path / "out")
+    batch = trainer.batch()
+    lengths = batch["lengths"].tolist()
+    groups = length_groups(lengths)
+    assert len(groups) == 2 and sorted(groups[0] + groups[1]) == list(range(len(lengths)))
+    assert max(lengths[i] for i in groups[0]) <= min(lengths[i] for i in groups[1])
+    grouped = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert grouped <= 0.8 * len(lengths) * max(lengths), (grouped, lengths)
+
+    def run(b):
+        trainer.lm.zero_grad(set_to_none=True)
+        out = losses(trainer.lm, b)
+        out["loss"].backward()
+        return out, {n: p.grad.clone() for n, p in trainer.lm.named_parameters() if p.grad is not None}
+
+    trainer.lm.eval()  # no dropout: the two runs must see the same function
+    split, split_grads = run(batch)
+    whole, whole_grads = run({k: v for k, v in batch.items() if k != "lengths"})
+    for k in whole:
+        assert torch.allclose(split[k], whole[k], rtol=1e-5, atol=1e-6), k
+    assert split_grads.keys() == whole_grads.keys()
+    for n in whole_grads:
+        assert torch.allclose(split_grads[n], whole_grads[n], rtol=1e-4, atol=1e-6), n
 
 
 def test_loss_goes_down_resume_is_exact_and_the_checkpoint_answers(corpus, tmp_path, capsys):
