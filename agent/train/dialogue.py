@@ -9,7 +9,10 @@ Tasks (the answer is always what :func:`answer` computes from the question's tex
 - "Repeat after me: WORD." over :data:`agent.train.lexicon.REPEATABLE` -> "WORD";
 - follow-ups that need the previous answer: "And plus one more?" / "And minus one?" -> the last
   number answered + 1 / - 1 (2 and 3 turn dialogues);
-- text to speech of lexicon sentences (MiMo's TTS template, no user audio).
+- text to speech of lexicon sentences (MiMo's TTS template, no user audio);
+- hearing only (``--asr-sentences N``): lexicon sentences in the user voices, which no dialogue
+  uses; the LM's ASR examples draw from every user utterance, so these give each lexicon word many
+  more hearings in many voices than the "repeat after me" questions alone.
 
 User turns are spoken by the training voices of :mod:`agent.train.data` (never the held-out ones)
 with the corpus' sox augmentation, one fresh voice and augmentation per utterance; a pool of user
@@ -139,6 +142,9 @@ class DialogueRecipe:
     multi_turn: int = 900
     #: lexicon sentences for the TTS task
     tts_sentences: int = 400
+    #: lexicon sentences in the user voices for the ASR task only (drawn last, from their own
+    #: stream: the rest of the corpus is the same seed's without them)
+    asr_sentences: int = 0
     #: held-out questions per held-out voice (evaluation only)
     held_out_per_voice: int = 12
     agent_voice: str = AGENT_VOICE
@@ -251,6 +257,10 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
     sentences = SentenceGenerator(recipe.seed * 2 + 7)
     for _ in range(recipe.tts_sentences):
         dialogues.append({"task": "tts", "text": sentences.statement()})
+    hearing, sentences = random.Random(f"{recipe.seed}/asr-sentences"), SentenceGenerator(recipe.seed * 2 + 8)
+    for _ in range(recipe.asr_sentences):
+        users.append({"key": f"u{len(users):05d}", "kind": "sentence", "text": sentences.sentence(),
+                      "voice": recipe.draw_voice(hearing), "augment": recipe.augment.draw(hearing).to_dict()})
     # the agent's utterances: one per distinct answer text
     agent_texts = sorted({t["answer"] for d in dialogues for t in d.get("turns", [])}
                          | {d["text"] for d in dialogues if d["task"] == "tts"})
@@ -387,8 +397,14 @@ def add_arguments(parser) -> None:
                              "and festival utterances")
     parser.add_argument("--tts-sentences", type=int, default=None,
                         help="lexicon sentences for the TTS task (default: the scaled recipe's)")
-    parser.add_argument("--tts-only", action="store_true",
-                        help="only the TTS task (agent voice): no user utterances, dialogues or held-out questions")
+    parser.add_argument("--asr-sentences", type=int, default=0,
+                        help="lexicon sentences spoken by the user voices for the ASR task only: more hearings "
+                             "of the lexicon's words in many voices (default 0)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--tts-only", action="store_true",
+                      help="only the TTS task (agent voice): no user utterances, dialogues or held-out questions")
+    only.add_argument("--asr-only", action="store_true",
+                      help="only the --asr-sentences: no questions, dialogues, TTS or held-out questions")
 
 
 def recipe_of(args) -> DialogueRecipe:
@@ -400,9 +416,18 @@ def recipe_of(args) -> DialogueRecipe:
         if args.tts_sentences < 0:
             raise ValueError(f"--tts-sentences {args.tts_sentences} must be >= 0")
         recipe.tts_sentences = args.tts_sentences
-    if args.tts_only:
+    if args.asr_sentences < 0:
+        raise ValueError(f"--asr-sentences {args.asr_sentences} must be >= 0")
+    recipe.asr_sentences = args.asr_sentences
+    if args.asr_only and not args.asr_sentences:
+        raise ValueError("--asr-only needs --asr-sentences N (N > 0): the corpus would be empty")
+    if args.tts_only or args.asr_only:
         recipe.utterances = {k: 0 for k in recipe.utterances}
         recipe.multi_turn = recipe.held_out_per_voice = 0
+    if args.asr_only:
+        if args.tts_sentences:
+            raise ValueError("--asr-only makes no TTS sentences: drop --tts-sentences or --asr-only")
+        recipe.tts_sentences = 0
     return recipe
 
 
@@ -412,6 +437,7 @@ def run(args) -> int:
                + ("" if args.codec == DEFAULT_CODEC else f" --codec {args.codec}")
                + ("" if args.voices == "codec" else f" --voices {args.voices}")
                + ("" if args.tts_sentences is None else f" --tts-sentences {args.tts_sentences}")
-               + (" --tts-only" if args.tts_only else ""))
+               + (f" --asr-sentences {args.asr_sentences}" if args.asr_sentences else "")
+               + (" --tts-only" if args.tts_only else "") + (" --asr-only" if args.asr_only else ""))
     generate(args.out, recipe, command=command)
     return 0

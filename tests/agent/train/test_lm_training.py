@@ -25,6 +25,7 @@ from agent.lm.patch_encoder import embed_patches
 from agent.lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, PromptBuilder
 from agent.train import dialogue
 from agent.train.data import ENGINE_WEIGHTS, HELD_OUT_VOICES, TRAIN_VOICES
+from agent.train.lexicon import WORDS
 from agent.train.lm import (
     BEST,
     PUBLISHED,
@@ -275,6 +276,51 @@ def test_a_tts_only_corpus_adds_sentences_to_the_dialogue_corpora(corpus, tmp_pa
     held = sum(d["task"] == "tts" for d in dialogue.read_corpus(corpus)[0]["dialogues"])
     assert len(trainer.tts_dialogues) == 6 + held
     assert trainer.validation_sets()
+
+
+def test_asr_sentences_are_user_speech_for_hearing_only(corpus, tmp_path):
+    """``--asr-sentences N``: N lexicon sentences in the training user voices (augmented, never a
+    held-out voice or the agent's), in no dialogue, drawn last from their own stream so the rest of
+    the corpus is the same seed's; ``--asr-only`` makes a corpus of them alone, and a run's ASR
+    examples hear them next to the questions."""
+    require_voices()
+    plain, more, only = tmp_path / "plain", tmp_path / "more", tmp_path / "only"
+    assert main(["train", "dialogue-data", "--out", str(plain), "--seed", "4", "--scale", "0.003"]) == 0
+    assert main(["train", "dialogue-data", "--out", str(more), "--seed", "4", "--scale", "0.003",
+                 "--asr-sentences", "3"]) == 0
+    (p, p_codes), (m, m_codes) = dialogue.read_corpus(plain), dialogue.read_corpus(more)
+    assert m["command"].endswith("--seed 4 --scale 0.003 --asr-sentences 3") and m["recipe"]["asr_sentences"] == 3
+    added = m["users"][len(p["users"]):]
+    assert m["users"][: len(p["users"])] == p["users"] and [u["kind"] for u in added] == ["sentence"] * 3
+    for name in ("agents", "dialogues", "held_out"):
+        assert m[name] == p[name], name
+    assert all(np.array_equal(m_codes[k], v) for k, v in p_codes.items())
+    used = {t["user"] for d in m["dialogues"] for t in d.get("turns", [])}
+    assert not used & {u["key"] for u in added}
+
+    assert main(["train", "dialogue-data", "--out", str(only), "--seed", "9", "--asr-only",
+                 "--asr-sentences", "8"]) == 0
+    manifest, codes = dialogue.read_corpus(only)
+    assert manifest["command"].endswith("--seed 9 --scale 1 --asr-sentences 8 --asr-only")
+    assert manifest["dialogues"] == manifest["agents"] == manifest["held_out"] == []
+    users = manifest["users"]
+    assert len(users) == 8 and {u["kind"] for u in users} == {"sentence"} and len(codes) == 8
+    allowed = {v for voices in dialogue.DialogueRecipe().user_voices().values() for v in voices}
+    assert {u["voice"] for u in users} <= allowed and not {u["voice"] for u in users} & set(HELD_OUT_VOICES)
+    assert any(u["augment"] != Augmentation().to_dict() for u in users)
+    for u in users:
+        words = u["text"].rstrip(".?").replace(",", "").replace(":", "").lower().split()
+        assert set(words) <= WORDS, u["text"]
+        assert 0 < len(codes[u["key"]]) == u["frames"]
+    trainer = LMTrainer(LMRecipe(size="micro", seed=1, asr_share=1.0), [corpus, only], tmp_path / "out")
+    assert len(trainer.users) == len(dialogue.read_corpus(corpus)[0]["users"]) + 8
+    heard = " ".join(trainer.tokenizer.decode(trainer.example().prompt.text_ids.tolist()) for _ in range(300))
+    assert sum(u["text"] in heard for u in users) >= 4
+
+    with pytest.raises(ValueError, match="--asr-only needs --asr-sentences"):
+        main(["train", "dialogue-data", "--out", str(tmp_path / "empty"), "--asr-only"])
+    with pytest.raises(ValueError, match="--asr-sentences -1 must be >= 0"):
+        main(["train", "dialogue-data", "--out", str(tmp_path / "neg"), "--asr-sentences", "-1"])
 
 
 def test_corpora_of_different_codecs_cannot_train_one_lm(corpus, tmp_path):
