@@ -257,10 +257,10 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
     sentences = SentenceGenerator(recipe.seed * 2 + 7)
     for _ in range(recipe.tts_sentences):
         dialogues.append({"task": "tts", "text": sentences.statement()})
-    hearing, sentences = random.Random(f"{recipe.seed}/asr-sentences"), SentenceGenerator(recipe.seed * 2 + 8)
+    heard, heard_rng = SentenceGenerator(recipe.seed * 2 + 8), random.Random(f"{recipe.seed}/asr-sentences")
     for _ in range(recipe.asr_sentences):
-        users.append({"key": f"u{len(users):05d}", "kind": "sentence", "text": sentences.sentence(),
-                      "voice": recipe.draw_voice(hearing), "augment": recipe.augment.draw(hearing).to_dict()})
+        users.append({"key": f"u{len(users):05d}", "kind": "sentence", "text": heard.sentence(),
+                      "voice": recipe.draw_voice(heard_rng), "augment": recipe.augment.draw(heard_rng).to_dict()})
     # the agent's utterances: one per distinct answer text
     agent_texts = sorted({t["answer"] for d in dialogues for t in d.get("turns", [])}
                          | {d["text"] for d in dialogues if d["task"] == "tts"})

@@ -321,6 +321,9 @@ def test_asr_sentences_are_user_speech_for_hearing_only(corpus, tmp_path):
         main(["train", "dialogue-data", "--out", str(tmp_path / "empty"), "--asr-only"])
     with pytest.raises(ValueError, match="--asr-sentences -1 must be >= 0"):
         main(["train", "dialogue-data", "--out", str(tmp_path / "neg"), "--asr-sentences", "-1"])
+    with pytest.raises(ValueError, match="--asr-only makes no TTS sentences"):
+        main(["train", "dialogue-data", "--out", str(tmp_path / "both"), "--asr-only", "--asr-sentences", "2",
+              "--tts-sentences", "2"])
 
 
 def test_corpora_of_different_codecs_cannot_train_one_lm(corpus, tmp_path):
