@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 #: sub-command -> (module, one-line help)
 STAGES = {
@@ -22,4 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(STAGES[args.stage][0]).run(args) or 0)
+    """Run a stage; what it refuses (a bad option, a missing or mismatched corpus, a file it cannot
+    read or write) is one line on stderr and exit status 2, not a traceback."""
+    try:
+        return int(importlib.import_module(STAGES[args.stage][0]).run(args) or 0)
+    except (ValueError, OSError) as exc:
+        print(f"mimo-agent train {args.stage}: {exc}", file=sys.stderr)
+        return 2

@@ -217,11 +217,14 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
 
     # the pool of user utterances: a question, a voice and an augmentation each
     users: list[dict] = []
+
+    def add_user(kind: str, text: str, draw: random.Random) -> None:
+        users.append({"key": f"u{len(users):05d}", "kind": kind, "text": text, "voice": recipe.draw_voice(draw),
+                      "augment": recipe.augment.draw(draw).to_dict()})
+
     for kind, count in recipe.utterances.items():
         for _ in range(count):
-            q = rng.choice(by_kind[kind])
-            users.append({"key": f"u{len(users):05d}", "kind": kind, "text": q.text, "voice": recipe.draw_voice(rng),
-                          "augment": recipe.augment.draw(rng).to_dict()})
+            add_user(kind, rng.choice(by_kind[kind]).text, rng)
     held_out: list[dict] = []
     for voice in recipe.held_out_voices:
         for i in range(recipe.held_out_per_voice):
@@ -259,8 +262,7 @@ def generate(out: str | Path, recipe: DialogueRecipe, *, command: str = "", log=
         dialogues.append({"task": "tts", "text": sentences.statement()})
     heard, heard_rng = SentenceGenerator(recipe.seed * 2 + 8), random.Random(f"{recipe.seed}/asr-sentences")
     for _ in range(recipe.asr_sentences):
-        users.append({"key": f"u{len(users):05d}", "kind": "sentence", "text": heard.sentence(),
-                      "voice": recipe.draw_voice(heard_rng), "augment": recipe.augment.draw(heard_rng).to_dict()})
+        add_user("sentence", heard.sentence(), heard_rng)
     # the agent's utterances: one per distinct answer text
     agent_texts = sorted({t["answer"] for d in dialogues for t in d.get("turns", [])}
                          | {d["text"] for d in dialogues if d["task"] == "tts"})

@@ -317,13 +317,26 @@ def test_asr_sentences_are_user_speech_for_hearing_only(corpus, tmp_path):
     heard = " ".join(trainer.tokenizer.decode(trainer.example().prompt.text_ids.tolist()) for _ in range(300))
     assert sum(u["text"] in heard for u in users) >= 4
 
-    with pytest.raises(ValueError, match="--asr-only needs --asr-sentences"):
-        main(["train", "dialogue-data", "--out", str(tmp_path / "empty"), "--asr-only"])
-    with pytest.raises(ValueError, match="--asr-sentences -1 must be >= 0"):
-        main(["train", "dialogue-data", "--out", str(tmp_path / "neg"), "--asr-sentences", "-1"])
-    with pytest.raises(ValueError, match="--asr-only makes no TTS sentences"):
-        main(["train", "dialogue-data", "--out", str(tmp_path / "both"), "--asr-only", "--asr-sentences", "2",
-              "--tts-sentences", "2"])
+
+
+def test_train_refuses_bad_options_and_missing_corpora_in_one_line(tmp_path, capsys):
+    """What a train stage refuses is one line on stderr naming the stage and the problem, exit
+    status 2, nothing written: no traceback."""
+    refused = {
+        ("dialogue-data", "--asr-only"): "mimo-agent train dialogue-data: --asr-only needs --asr-sentences",
+        ("dialogue-data", "--asr-sentences", "-1"): "mimo-agent train dialogue-data: --asr-sentences -1 must be >= 0",
+        ("dialogue-data", "--asr-only", "--asr-sentences", "2", "--tts-sentences", "2"):
+            "mimo-agent train dialogue-data: --asr-only makes no TTS sentences",
+        ("dialogue-data", "--tts-sentences", "-2"): "mimo-agent train dialogue-data: --tts-sentences -2 must be >= 0",
+        ("lm", "--data", str(tmp_path / "missing")):
+            f"mimo-agent train lm: {tmp_path / 'missing' / 'manifest.json'} not found",
+    }
+    for i, (argv, message) in enumerate(refused.items()):
+        out = tmp_path / f"out{i}"
+        assert main(["train", *argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not out.exists() or not any(out.iterdir()), argv
 
 
 def test_corpora_of_different_codecs_cannot_train_one_lm(corpus, tmp_path):
