@@ -63,15 +63,23 @@ class AugmentRecipe:
     room_scale: tuple[float, float] = (10.0, 100.0)
     pre_delay_ms: tuple[float, float] = (0.0, 30.0)
     peak_db: tuple[float, float] = (-12.0, -1.0)
+    #: share of utterances whose formants move (:func:`~.voices.shift_formants`), and by how much;
+    #: at 0 nothing is drawn for it, so a recipe without it draws what it always drew
+    formant_probability: float = 0.0
+    formant_shift: tuple[float, float] = (0.85, 1.18)
 
     def draw(self, rng: random.Random) -> Augmentation:
         pitch = round(rng.uniform(*self.pitch_cents)) if rng.random() < self.pitch_probability else 0.0
         tempo = round(rng.uniform(*self.tempo), 3)
         room = rng.random() < self.room_probability
         reverb, scale, delay = (round(rng.uniform(*r)) for r in (self.reverberance, self.room_scale, self.pre_delay_ms))
+        peak = round(rng.uniform(*self.peak_db), 1)
+        formants = 1.0
+        if self.formant_probability > 0 and rng.random() < self.formant_probability:
+            formants = round(rng.uniform(*self.formant_shift), 3)
         return Augmentation(
             pitch_cents=pitch, tempo=tempo, reverb=reverb if room else 0.0, room_scale=scale if room else 0.0,
-            pre_delay_ms=delay if room else 0.0, peak_db=round(rng.uniform(*self.peak_db), 1),
+            pre_delay_ms=delay if room else 0.0, peak_db=peak, formant_shift=formants,
         )
 
 

@@ -34,7 +34,7 @@ import random
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -402,6 +402,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--asr-sentences", type=int, default=0,
                         help="lexicon sentences spoken by the user voices for the ASR task only: more hearings "
                              "of the lexicon's words in many voices (default 0)")
+    parser.add_argument("--formant-shift", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="move the formants of --formant-share of the user utterances by a factor drawn from "
+                             "LO..HI (0.5..2; e.g. 0.85 1.18): other vocal-tract lengths at the same pitch, "
+                             "more speakers than the installed voices (default: none)")
+    parser.add_argument("--formant-share", type=float, default=0.7,
+                        help="share of user utterances whose formants move, with --formant-shift (default 0.7)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--tts-only", action="store_true",
                       help="only the TTS task (agent voice): no user utterances, dialogues or held-out questions")
@@ -421,6 +427,13 @@ def recipe_of(args) -> DialogueRecipe:
     if args.asr_sentences < 0:
         raise ValueError(f"--asr-sentences {args.asr_sentences} must be >= 0")
     recipe.asr_sentences = args.asr_sentences
+    if args.formant_shift is not None:
+        low, high = args.formant_shift
+        if not 0.5 <= low <= high <= 2.0:
+            raise ValueError(f"--formant-shift {low:g} {high:g} must be LO <= HI within 0.5..2")
+        if not 0.0 < args.formant_share <= 1.0:
+            raise ValueError(f"--formant-share {args.formant_share:g} must be in (0, 1]")
+        recipe.augment = replace(recipe.augment, formant_probability=args.formant_share, formant_shift=(low, high))
     if args.asr_only and not args.asr_sentences:
         raise ValueError("--asr-only needs --asr-sentences N (N > 0): the corpus would be empty")
     if args.tts_only or args.asr_only:
@@ -440,6 +453,8 @@ def run(args) -> int:
                + ("" if args.voices == "codec" else f" --voices {args.voices}")
                + ("" if args.tts_sentences is None else f" --tts-sentences {args.tts_sentences}")
                + (f" --asr-sentences {args.asr_sentences}" if args.asr_sentences else "")
+               + ("" if args.formant_shift is None else " --formant-shift {:g} {:g} --formant-share {:g}".format(
+                   *args.formant_shift, args.formant_share))
                + (" --tts-only" if args.tts_only else "") + (" --asr-only" if args.asr_only else ""))
     generate(args.out, recipe, command=command)
     return 0

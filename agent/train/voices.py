@@ -3,7 +3,9 @@
 A voice is named ``engine:name``: ``espeak-ng:en-us+f3`` (a language/accent and a variant),
 ``flite:slt``, ``festival:cmu_us_slt_arctic_hts``. Each engine writes a WAV at its own rate; sox
 then shifts the pitch, changes the tempo, adds a room (its ``reverb``), sets the peak level and
-converts to 24 kHz pcm16, without dither, so the same recipe gives the same bytes.
+converts to 24 kHz pcm16, without dither, so the same recipe gives the same bytes. A formant shift
+(:func:`shift_formants`: another vocal-tract length at the same pitch, which no sox effect does)
+comes first, on the raw voice, when the augmentation asks for one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 ENGINES = ("espeak-ng", "flite", "festival")
 #: the Debian packages that provide each engine (and sox), for error messages and CI
@@ -39,6 +43,8 @@ class Augmentation:
     room_scale: float = 0.0
     pre_delay_ms: float = 0.0
     peak_db: float = -1.0
+    #: the spectral envelope's frequency scale (:func:`shift_formants`); 1.0 = none
+    formant_shift: float = 1.0
 
     def effects(self) -> list[str]:
         out: list[str] = []
@@ -53,7 +59,46 @@ class Augmentation:
         return [*out, "norm", f"{self.peak_db:.1f}"]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.formant_shift == 1.0:  # as recorded before formant shifts existed
+            del out["formant_shift"]
+        return out
+
+
+def shift_formants(audio: np.ndarray, factor: float, sample_rate: int = 24000) -> np.ndarray:
+    """``audio`` as if from a vocal tract ``1 / factor`` as long: its spectral envelope (the
+    formants) moved by ``factor`` along the frequency axis, with the pitch, timing and phase kept.
+
+    Short-time Fourier frames of about 40 ms (hop a quarter of that); each frame's envelope is its
+    linear-prediction (all-pole) spectrum, which follows the formants and not the harmonics, and the
+    frame is multiplied by the warped envelope over its own (the harmonics stay where they are);
+    weighted overlap-add puts the frames back together.
+    """
+    if not 0.5 <= factor <= 2.0:
+        raise ValueError(f"formant shift {factor} is outside 0.5..2")
+    audio = np.asarray(audio, np.float64)
+    nfft = 1 << int(np.ceil(np.log2(sample_rate * 0.04)))
+    hop = nfft // 4
+    order = sample_rate // 1000 + 4  # two poles per kHz of bandwidth, and a few for the source
+    window = np.hanning(nfft + 1)[:-1]  # periodic: its squares overlap-add to a constant at this hop
+    padded = np.pad(audio, (nfft, nfft + hop))
+    count = 1 + (len(padded) - nfft) // hop
+    frames = padded[np.arange(nfft)[None, :] + hop * np.arange(count)[:, None]] * window
+    spectrum = np.fft.rfft(frames, axis=1)
+    autocorr = np.fft.irfft(np.abs(spectrum) ** 2, n=nfft, axis=1)[:, : order + 1]
+    autocorr[:, 0] = autocorr[:, 0] * (1 + 1e-4) + 1e-12  # a little white noise: silent frames stay solvable
+    lags = np.abs(np.arange(order)[:, None] - np.arange(order)[None, :])
+    predictor = np.linalg.solve(autocorr[:, lags], autocorr[:, 1:, None])[..., 0]
+    inverse = np.fft.rfft(np.concatenate([np.ones((count, 1)), -predictor], axis=1), n=nfft, axis=1)
+    envelope = -np.log(np.abs(inverse) + 1e-9)  # log magnitude, up to the frame's gain
+    bins = np.arange(envelope.shape[1], dtype=np.float64)
+    warped = np.stack([np.interp(bins / factor, bins, e) for e in envelope])
+    frames = np.fft.irfft(spectrum * np.exp(np.clip(warped - envelope, -12.0, 12.0)), n=nfft, axis=1) * window
+    out, weight = np.zeros(len(padded)), np.zeros(len(padded))
+    for i, frame in enumerate(frames):
+        out[i * hop : i * hop + nfft] += frame
+        weight[i * hop : i * hop + nfft] += window**2
+    return (out / np.maximum(weight, 1e-8))[nfft : nfft + len(audio)].astype(np.float32)
 
 
 def split_voice(voice: str) -> tuple[str, str]:
@@ -119,6 +164,15 @@ def synthesize(voice: str, text: str, out: str | os.PathLike, augment: Augmentat
     with tempfile.TemporaryDirectory(prefix="mimo-voice-") as tmp:
         raw = Path(tmp) / "raw.wav"
         synthesize_raw(voice, text, raw)
+        if augment.formant_shift != 1.0:
+            from ..codec.audio import load_wav, write_wav
+
+            mono = Path(tmp) / "mono.wav"
+            _run([sox, "-D", "-V1", str(raw), "-c", "1", "-b", "16", "-e", "signed-integer", "-r", str(sample_rate),
+                  str(mono), "remix", "-", "rate", str(sample_rate)], "sox")
+            shifted = shift_formants(load_wav(mono, sample_rate), augment.formant_shift, sample_rate)
+            # at half scale (no clipping); the level is set at the end as for every utterance
+            write_wav(raw, 0.5 * shifted / max(float(np.abs(shifted).max()), 1e-6), sample_rate)
         effects = augment.effects()  # the level (norm) last, after the rate conversion
         cmd = [sox, "-D", "-V1", str(raw), "-c", "1", "-b", "16", "-e", "signed-integer", "-r", str(sample_rate),
                os.fspath(out), "remix", "-", *effects[:-2], "rate", str(sample_rate), *effects[-2:]]

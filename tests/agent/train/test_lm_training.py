@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ from agent.lm.model import MiMoAudioLM
 from agent.lm.patch_encoder import embed_patches
 from agent.lm.prompts import ASR_TEMPLATES, DEFAULT_SYSTEM_PROMPT, TTS_TEMPLATES, PromptBuilder
 from agent.train import dialogue
-from agent.train.data import ENGINE_WEIGHTS, HELD_OUT_VOICES, TRAIN_VOICES
+from agent.train.data import ENGINE_WEIGHTS, HELD_OUT_VOICES, TRAIN_VOICES, AugmentRecipe
 from agent.train.lexicon import WORDS
 from agent.train.lm import (
     BEST,
@@ -247,6 +247,23 @@ def test_wide_voices_are_a_recorded_option_that_keeps_held_out_voices_out(tmp_pa
         dialogue.DialogueRecipe(extra_voices=("flite:rms",)).user_voices()
 
 
+def test_formant_shift_is_a_recorded_option_of_the_user_utterances(tmp_path):
+    """``--formant-shift LO HI`` moves the formants of ``--formant-share`` of the user utterances
+    (more speakers than the installed voices); the recipe records it, the rest of the recipe is the
+    default's, and without it nothing is drawn for it."""
+    parser = argparse.ArgumentParser()
+    dialogue.add_arguments(parser)
+    shifted = dialogue.recipe_of(parser.parse_args(["--out", str(tmp_path), "--formant-shift", "0.85", "1.18",
+                                                    "--formant-share", "0.5"]))
+    assert (shifted.augment.formant_probability, shifted.augment.formant_shift) == (0.5, (0.85, 1.18))
+    assert asdict(replace(shifted, augment=AugmentRecipe())) == asdict(dialogue.DialogueRecipe())
+    assert dialogue.recipe_of(parser.parse_args(["--out", str(tmp_path)])).augment.formant_probability == 0.0
+    rng = random.Random(0)
+    drawn = [shifted.augment.draw(rng).formant_shift for _ in range(400)]
+    assert sum(f != 1.0 for f in drawn) / len(drawn) == pytest.approx(0.5, abs=0.07)
+    assert all(f == 1.0 or 0.85 <= f <= 1.18 for f in drawn)
+
+
 def test_every_wide_voice_engine_speaks(tmp_path):
     """An espeak-ng variant espeak-ng does not know would fall back to its default voice silently:
     the wide voices must be real, different voices."""
@@ -328,6 +345,10 @@ def test_train_refuses_bad_options_and_missing_corpora_in_one_line(tmp_path, cap
         ("dialogue-data", "--asr-only", "--asr-sentences", "2", "--tts-sentences", "2"):
             "mimo-agent train dialogue-data: --asr-only makes no TTS sentences",
         ("dialogue-data", "--tts-sentences", "-2"): "mimo-agent train dialogue-data: --tts-sentences -2 must be >= 0",
+        ("dialogue-data", "--formant-shift", "1.2", "0.9"):
+            "mimo-agent train dialogue-data: --formant-shift 1.2 0.9 must be LO <= HI within 0.5..2",
+        ("dialogue-data", "--formant-shift", "0.9", "1.1", "--formant-share", "0"):
+            "mimo-agent train dialogue-data: --formant-share 0 must be in (0, 1]",
         ("lm", "--data", str(tmp_path / "missing")):
             f"mimo-agent train lm: {tmp_path / 'missing' / 'manifest.json'} not found",
     }
