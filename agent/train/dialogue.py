@@ -383,6 +383,10 @@ def scaled(recipe: DialogueRecipe, scale: float) -> DialogueRecipe:
     return recipe
 
 
+#: ``--formant-share``'s default: the share of user utterances whose formants move
+FORMANT_SHARE = 0.7
+
+
 def add_arguments(parser) -> None:
     d = DialogueRecipe()
     parser.add_argument("--out", required=True, help="corpus directory to write (manifest.json, codes.npz, held_out/)")
@@ -406,8 +410,9 @@ def add_arguments(parser) -> None:
                         help="move the formants of --formant-share of the user utterances by a factor drawn from "
                              "LO..HI (0.5..2; e.g. 0.85 1.18): other vocal-tract lengths at the same pitch, "
                              "more speakers than the installed voices (default: none)")
-    parser.add_argument("--formant-share", type=float, default=0.7,
-                        help="share of user utterances whose formants move, with --formant-shift (default 0.7)")
+    parser.add_argument("--formant-share", type=float, default=None,
+                        help=f"share of user utterances whose formants move, with --formant-shift "
+                             f"(default {FORMANT_SHARE})")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--tts-only", action="store_true",
                       help="only the TTS task (agent voice): no user utterances, dialogues or held-out questions")
@@ -427,13 +432,16 @@ def recipe_of(args) -> DialogueRecipe:
     if args.asr_sentences < 0:
         raise ValueError(f"--asr-sentences {args.asr_sentences} must be >= 0")
     recipe.asr_sentences = args.asr_sentences
+    if args.formant_shift is None and args.formant_share is not None:
+        raise ValueError("--formant-share needs --formant-shift LO HI: without it no formant moves")
     if args.formant_shift is not None:
         low, high = args.formant_shift
+        share = FORMANT_SHARE if args.formant_share is None else args.formant_share
         if not 0.5 <= low <= high <= 2.0:
             raise ValueError(f"--formant-shift {low:g} {high:g} must be LO <= HI within 0.5..2")
-        if not 0.0 < args.formant_share <= 1.0:
-            raise ValueError(f"--formant-share {args.formant_share:g} must be in (0, 1]")
-        recipe.augment = replace(recipe.augment, formant_probability=args.formant_share, formant_shift=(low, high))
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"--formant-share {share:g} must be in (0, 1]")
+        recipe.augment = replace(recipe.augment, formant_probability=share, formant_shift=(low, high))
     if args.asr_only and not args.asr_sentences:
         raise ValueError("--asr-only needs --asr-sentences N (N > 0): the corpus would be empty")
     if args.tts_only or args.asr_only:
@@ -454,7 +462,7 @@ def run(args) -> int:
                + ("" if args.tts_sentences is None else f" --tts-sentences {args.tts_sentences}")
                + (f" --asr-sentences {args.asr_sentences}" if args.asr_sentences else "")
                + ("" if args.formant_shift is None else " --formant-shift {:g} {:g} --formant-share {:g}".format(
-                   *args.formant_shift, args.formant_share))
+                   *recipe.augment.formant_shift, recipe.augment.formant_probability))
                + (" --tts-only" if args.tts_only else "") + (" --asr-only" if args.asr_only else ""))
     generate(args.out, recipe, command=command)
     return 0

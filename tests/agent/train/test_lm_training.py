@@ -349,6 +349,8 @@ def test_train_refuses_bad_options_and_missing_corpora_in_one_line(tmp_path, cap
             "mimo-agent train dialogue-data: --formant-shift 1.2 0.9 must be LO <= HI within 0.5..2",
         ("dialogue-data", "--formant-shift", "0.9", "1.1", "--formant-share", "0"):
             "mimo-agent train dialogue-data: --formant-share 0 must be in (0, 1]",
+        ("dialogue-data", "--formant-share", "0.5"):
+            "mimo-agent train dialogue-data: --formant-share needs --formant-shift LO HI",
         ("lm", "--data", str(tmp_path / "missing")):
             f"mimo-agent train lm: {tmp_path / 'missing' / 'manifest.json'} not found",
     }
