@@ -142,11 +142,14 @@ class BandEnvelopeCorrelation:
 
 # --- the quantizer in training -------------------------------------------------------------------
 class EmaQuantizer:
-    """Trains the codebooks of ``tok.encoder.quantizer`` in place (EMA k-means, dead-code restarts)."""
+    """Trains the codebooks of ``tok.encoder.quantizer`` in place (EMA k-means, dead-code restarts).
 
-    def __init__(self, tok: MiMoAudioTokenizer, decay: float, threshold: float):
+    Fresh codebooks (``trained=False``) start as features of the first batch; trained ones (a
+    fine-tune) are kept, each entry credited with an even share of that batch."""
+
+    def __init__(self, tok: MiMoAudioTokenizer, decay: float, threshold: float, trained: bool = False):
         self.q = tok.encoder.quantizer
-        self.decay, self.threshold, self.eps = decay, threshold, 1e-5
+        self.decay, self.threshold, self.eps, self.trained = decay, threshold, 1e-5, trained
         self.cluster_size = [torch.zeros(k) for k in self.q.codebook_sizes]
         self.embed_avg = [self.q.codebook(i).clone() for i in range(self.q.num_quantizers)]
         self.inited = False
@@ -169,7 +172,8 @@ class EmaQuantizer:
                 break
             book = self.q.codebook(i)
             if update and not self.inited:
-                book.copy_(_sample_rows(residual[active], book.shape[0], gen))
+                if not self.trained:
+                    book.copy_(_sample_rows(residual[active], book.shape[0], gen))
                 share = int(active.sum()) / book.shape[0]
                 self.embed_avg[i] = book * share
                 self.cluster_size[i].fill_(share)
@@ -236,7 +240,7 @@ class Trainer(TrainLoop):
             self.tok.load_state_dict(start.state_dict())
         self.frozen = self.tok.encoder if recipe.train == "decoder" else None
         self.train_mode()
-        self.quant = EmaQuantizer(self.tok, recipe.ema_decay, recipe.dead_code_percent)
+        self.quant = EmaQuantizer(self.tok, recipe.ema_decay, recipe.dead_code_percent, trained=init is not None)
         self.opt = torch.optim.AdamW(
             list(self.parameters()), lr=recipe.lr, betas=(0.8, 0.99), weight_decay=recipe.weight_decay
         )

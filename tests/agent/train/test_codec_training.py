@@ -212,3 +212,23 @@ def test_a_decoder_fine_tune_needs_a_trained_codec_of_the_same_size(corpus, trai
     with pytest.raises(ValueError, match="not a tiny-speech codec"):
         Trainer(TrainRecipe(preset="tiny-speech", train="decoder"), corpus, tmp_path, preset_config("tiny-speech"),
                 init=trained)
+
+
+def test_a_fine_tune_of_every_weight_starts_from_the_checkpoint_s_codebooks(corpus, trained, tmp_path):
+    """``--init DIR --train all``: the codebooks are DIR's, trained on by moving averages from
+    there; they are not drawn afresh from the first batch's features, which would throw away
+    what DIR learnt and every code an LM was trained on."""
+    recipe = TrainRecipe(steps=1, seed=7, warmup=1, lr=1e-6, **FAST)
+    fine = Trainer(recipe, corpus, tmp_path, preset_config("tiny"), init=trained)
+    start = load_audio_tokenizer(trained)
+    book = start.encoder.quantizer.codebook(0).clone()
+    fine.train_step()
+    after = fine.tok.encoder.quantizer.codebook(0)
+    # one step of EMA decay 0.99 moves each used entry by about 1% of the way
+    assert float((after - book).abs().mean()) < 0.05 * float(book.abs().mean())
+    # the codes move only as far as that step moves the entries (this 2-step codec's features lie
+    # close together, so many do); with codebooks drawn afresh almost none stay (3% here)
+    fine.tok.eval()
+    same = [(start.encode(a, n_q=1) == fine.tok.encode(a, n_q=1)).float().mean()
+            for _, a in load_split(corpus, "held_out")]
+    assert float(torch.stack(same).mean()) > 0.25
