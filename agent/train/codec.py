@@ -39,6 +39,7 @@ from ..codec.config import LM_CODEBOOKS, AudioTokenizerConfig
 from ..codec.config import preset as preset_config
 from ..codec.mel import htk_mel_filterbank
 from ..codec.tokenizer import MiMoAudioTokenizer, init_random_weights, load_audio_tokenizer, save_audio_tokenizer
+from .a2t import A2THead, character_errors, ctc_loss, greedy, spell, unspell
 from .common import TrainLoop, check_resume_recipe, run_record, warmup_cosine
 from .data import load_split, read_manifest
 from .evaluate import measure
@@ -46,8 +47,9 @@ from .evaluate import measure
 MANIFEST = "training.json"
 STATE = "train_state.pt"
 BEST = "best"
-#: what ``--train`` may choose: every weight and the codebooks, or the modules after the quantizer
-TRAIN_PARTS = ("all", "decoder")
+#: what ``--train`` may choose: every weight and the codebooks, the modules after the quantizer, or
+#: only the audio-to-text head (:mod:`agent.train.a2t`) on a frozen codec
+TRAIN_PARTS = ("all", "decoder", "head")
 
 
 @dataclass
@@ -74,6 +76,10 @@ class TrainRecipe:
     weight_ema: float = 0.0
     #: weight of the band-envelope correlation loss (:class:`BandEnvelopeCorrelation`); 0: off
     envelope_weight: float = 0.0
+    #: weight of the audio-to-text (CTC) loss on the first ``a2t_codebooks`` codebooks; 0: off
+    a2t_weight: float = 0.0
+    a2t_codebooks: int = 1
+    a2t_batch: int = 8  # whole training utterances per step for the audio-to-text loss
     #: (n_fft, hop, n_mels) of the waveform's log-mel loss
     mel_scales: list[tuple[int, int, int]] = field(
         default_factory=lambda: [(256, 64, 32), (512, 128, 64), (960, 240, 128), (1920, 480, 128)]
@@ -228,8 +234,13 @@ class Trainer(TrainLoop):
         self.recipe, self.corpus, self.out, self.config = recipe, Path(corpus), Path(out), config
         if recipe.train not in TRAIN_PARTS:
             raise ValueError(f"train={recipe.train!r}: choose one of {', '.join(TRAIN_PARTS)}")
-        if recipe.train == "decoder" and init is None:
-            raise ValueError("--train decoder fine-tunes a trained codec: give its checkpoint with --init")
+        if recipe.train in ("decoder", "head") and init is None:
+            raise ValueError(f"--train {recipe.train} fine-tunes a trained codec: give its checkpoint with --init")
+        if recipe.train == "head" and not recipe.a2t_weight:
+            raise ValueError("--train head trains the audio-to-text head: give it a weight with --a2t-weight")
+        if recipe.a2t_weight < 0 or not 1 <= recipe.a2t_codebooks <= config.num_quantizers or recipe.a2t_batch < 1:
+            raise ValueError(f"--a2t-weight {recipe.a2t_weight:g} must be >= 0, --a2t-codebooks {recipe.a2t_codebooks} "
+                             f"in 1..{config.num_quantizers}, --a2t-batch {recipe.a2t_batch} >= 1")
         torch.manual_seed(recipe.seed)
         self.tok = init_random_weights(MiMoAudioTokenizer(config), recipe.seed)
         self.init = None if init is None else Path(init)
@@ -238,7 +249,9 @@ class Trainer(TrainLoop):
             if start.config.to_dict() != config.to_dict():
                 raise ValueError(f"--init {self.init} is not a {recipe.preset} codec (its config.json differs)")
             self.tok.load_state_dict(start.state_dict())
-        self.frozen = self.tok.encoder if recipe.train == "decoder" else None
+        self.frozen = self.tok.encoder if recipe.train in ("decoder", "head") else None
+        #: the audio-to-text head (a training aid: in the run's state, not in the checkpoint)
+        self.head = A2THead(config.d_model) if recipe.a2t_weight else None
         self.train_mode()
         self.quant = EmaQuantizer(self.tok, recipe.ema_decay, recipe.dead_code_percent, trained=init is not None)
         self.opt = torch.optim.AdamW(
@@ -249,6 +262,8 @@ class Trainer(TrainLoop):
         self.envelope = BandEnvelopeCorrelation(config.sampling_rate) if recipe.envelope_weight else None
         if self.envelope is not None:
             self.LOSS_COLUMNS = (*Trainer.LOSS_COLUMNS, "envelope")
+        if self.head is not None:
+            self.LOSS_COLUMNS = ("loss", "a2t") if recipe.train == "head" else (*self.LOSS_COLUMNS, "a2t")
         if not 0 <= recipe.weight_ema < 1:
             raise ValueError(f"weight_ema={recipe.weight_ema}: a decay in [0, 1), 0 for none")
         #: the moving average of each trained weight (by name), from the starting weights
@@ -262,20 +277,27 @@ class Trainer(TrainLoop):
         self.history: list[dict[str, float]] = []
         self.validation: list[dict[str, float]] = []  # {"step", "stoi"} of each validation
         self.best: dict[str, float] | None = None
-        self._held_out: list[np.ndarray] | None = None  # the validation audio, read on first use
-        audio = [a for _, a in load_split(self.corpus, "train", config.sampling_rate)]
-        if not audio:
+        self._held_out: list[tuple[dict, np.ndarray]] | None = None  # the validation set, read on first use
+        train = load_split(self.corpus, "train", config.sampling_rate)
+        if not train:
             raise ValueError(f"{self.corpus} has no training utterances")
-        self.stream = torch.from_numpy(np.concatenate(audio))
+        self.stream = torch.from_numpy(np.concatenate([a for _, a in train]))
+        #: (spelling, audio) of each training utterance, for the audio-to-text loss
+        self.spoken = [] if self.head is None else [(spell(u["text"]), torch.from_numpy(a)) for u, a in train]
         self.crop = recipe.tokens * config.samples_per_token
         if self.stream.numel() <= self.crop:
             raise ValueError(f"{self.corpus}: {self.stream.numel()} training samples, need more than {self.crop}")
 
     def train_mode(self) -> None:
-        """Training mode, but a frozen encoder stays in eval mode with no gradient."""
+        """Training mode, but a frozen encoder stays in eval mode with no gradient (and with
+        ``--train head``, the whole codec)."""
         self.tok.train()
-        if self.frozen is not None:
+        if self.recipe.train == "head":
+            self.tok.eval().requires_grad_(False)
+        elif self.frozen is not None:
             self.frozen.eval().requires_grad_(False)
+        if self.head is not None:
+            self.head.train()
 
     def _lr_factor(self, step: int) -> float:
         r = self.recipe
@@ -316,17 +338,44 @@ class Trainer(TrainLoop):
         return losses
 
     def batch_losses(self) -> dict[str, torch.Tensor]:
-        return self.losses(self.batch())
+        losses = {} if self.recipe.train == "head" else self.losses(self.batch())
+        if self.head is not None:
+            picks = torch.randint(len(self.spoken), (self.recipe.a2t_batch,), generator=self.gen).tolist()
+            texts, wavs = zip(*(self.spoken[i] for i in picks), strict=True)
+            log_probs, lengths = self.a2t_forward(list(wavs))
+            losses["a2t"] = ctc_loss(log_probs, lengths, list(texts))
+            losses["loss"] = losses.get("loss", 0) + self.recipe.a2t_weight * losses["a2t"]
+        return losses
+
+    def a2t_forward(self, wavs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole utterances -> the head's log-probabilities (B, T25, C) and lengths (B,), from the
+        straight-through quantised features of the first ``a2t_codebooks`` codebooks (the entries
+        themselves when the encoder is frozen)."""
+        tok = self.tok
+        with torch.no_grad():
+            mels = [tok.front_end(w) for w in wavs]
+        lengths = torch.tensor([m.shape[0] for m in mels])
+        with torch.set_grad_enabled(self.frozen is None and torch.is_grad_enabled()):
+            feats, len25 = tok.encoder(torch.nn.utils.rnn.pad_sequence(mels, batch_first=True), lengths)
+        B, T, D = feats.shape
+        n_q = torch.full((B * T,), self.recipe.a2t_codebooks)
+        quantized, _ = self.quant(feats.reshape(B * T, D), n_q, self.gen, update=False)
+        return self.head(quantized.view(B, T, D)), len25
 
     def parameters(self):
-        """The trained weights: all of them, or (``train="decoder"``) the decoder's."""
+        """The trained weights: all of them, or (``train="decoder"``) the decoder's, or (``"head"``)
+        the audio-to-text head's; the head's learn in every mode that has one."""
         return (p for _, p in self.named_parameters())
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The trained weights with their names in the tokenizer's state dict."""
+        """The trained weights with their names in the tokenizer's state dict (the head's under
+        ``a2t_head.``, a name the tokenizer does not have)."""
+        head = [] if self.head is None else [(f"a2t_head.{n}", p) for n, p in self.head.named_parameters()]
+        if self.recipe.train == "head":
+            return head
         if self.frozen is not None:
-            return [(f"decoder.{n}", p) for n, p in self.tok.decoder.named_parameters()]
-        return list(self.tok.named_parameters())
+            return [(f"decoder.{n}", p) for n, p in self.tok.decoder.named_parameters()] + head
+        return list(self.tok.named_parameters()) + head
 
     def train_step(self) -> dict[str, float]:
         row = super().train_step()
@@ -370,31 +419,55 @@ class Trainer(TrainLoop):
                           save_every=save_every, log=log, after_step=after_step)
 
     def validate(self, log=print) -> float:
-        """Mean STOI with the LM's codebooks over the corpus' held-out voices; a new best is saved."""
+        """Mean STOI with the LM's codebooks over the corpus' held-out voices (not with ``--train
+        head``: the codec does not change) and, with the audio-to-text head, its character error
+        rate there; a new best (highest STOI, or with the head lowest error rate) is saved."""
         if self._held_out is None:
-            self._held_out = [a for _, a in load_split(self.corpus, "held_out", self.config.sampling_rate)]
+            self._held_out = load_split(self.corpus, "held_out", self.config.sampling_rate)
         if not self._held_out:
             raise ValueError(f"{self.corpus} has no held-out utterances to validate on")
         entry: dict[str, float] = {"step": self.step}
+        key = "stoi" if self.head is None else "cer"
         with self.averaged_weights():
-            score = entry["stoi"] = self._held_out_stoi()
-            better = self.best is None or score > self.best["stoi"]
+            if self.recipe.train != "head":
+                entry["stoi"] = self._held_out_stoi()
+            if self.head is not None:
+                entry["cer"] = self._held_out_cer()
+            score = entry[key]
+            better = self.best is None or (score > self.best[key] if key == "stoi" else score < self.best[key])
             if better:
-                self.best = {"step": self.step, "stoi": score}
+                self.best = dict(entry)
                 self.write_checkpoint(self.out / BEST)
         note = ""
-        if self.ema is not None:  # the optimizer's own weights too: what the average adds
+        if self.ema is not None and "stoi" in entry:  # the optimizer's own weights too: what the average adds
             entry["stoi_raw"] = self._held_out_stoi()
             note = f" (the optimizer's weights: {entry['stoi_raw']:.4f})"
         self.validation.append(entry)
-        log(f"validation at step {self.step}: held-out STOI {score:.4f}" + (" (best)" if better else "") + note)
+        measured = ", ".join(f"{'STOI' if k == 'stoi' else 'character error rate'} {entry[k]:.4f}"
+                             for k in ("stoi", "cer") if k in entry)
+        log(f"validation at step {self.step}: held-out {measured}" + (" (best)" if better else "") + note)
         return score
 
     def _held_out_stoi(self) -> float:
         self.tok.eval()
-        score = round(float(np.mean([measure(self.tok, a, LM_CODEBOOKS)["stoi"] for a in self._held_out])), 5)
+        score = round(float(np.mean([measure(self.tok, a, LM_CODEBOOKS)["stoi"] for _, a in self._held_out])), 5)
         self.train_mode()
         return score
+
+    def _held_out_cer(self, batch: int = 8) -> float:
+        """Character error rate of the head's best path over the held-out utterances' spellings."""
+        self.tok.eval()
+        self.head.eval()
+        edits = chars = 0
+        with torch.no_grad():
+            for start in range(0, len(self._held_out), batch):
+                part = self._held_out[start : start + batch]
+                log_probs, lengths = self.a2t_forward([torch.from_numpy(a) for _, a in part])
+                for (u, _), lp, n in zip(part, log_probs, lengths.tolist(), strict=True):
+                    e, c = character_errors(unspell(spell(u["text"])), unspell(greedy(lp, n)))
+                    edits, chars = edits + e, chars + c
+        self.train_mode()
+        return round(edits / chars, 5)
 
     def write_checkpoint(self, directory: Path) -> None:
         """The loadable checkpoint (official layout) and its ``training.json``."""
@@ -412,7 +485,9 @@ class Trainer(TrainLoop):
                        "held_out_voices": corpus["recipe"]["held_out_voices"]},
             "init": None if self.init is None else {"path": str(self.init), "training": _training_of(self.init)},
             **run_record(self.step, self.history, self.seconds),
-            "validation": {"set": "the corpus' held-out voices, STOI with the LM's 8 codebooks",
+            "validation": {"set": "the corpus' held-out voices, STOI with the LM's 8 codebooks"
+                           + ("" if self.head is None else f"; character error rate of the audio-to-text head "
+                              f"reading codebooks 1..{self.recipe.a2t_codebooks} (best: the lowest)"),
                            "best": self.best, "history": self.validation},
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -425,6 +500,7 @@ class Trainer(TrainLoop):
         torch.save({**averaged, "step": self.step, "seconds": self.seconds, "optimizer": self.opt.state_dict(),
                     "scheduler": self.sched.state_dict(), "quantizer": self.quant.state_dict(),
                     "generator": self.gen.get_state(), "history": self.history, "recipe": asdict(self.recipe),
+                    "a2t_head": None if self.head is None else self.head.state_dict(),
                     "init": None if self.init is None else str(self.init),
                     "validation": self.validation, "best": self.best},
                    self.out / STATE)
@@ -442,6 +518,8 @@ class Trainer(TrainLoop):
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.quant.load_state_dict(state["quantizer"])
+        if self.head is not None:
+            self.head.load_state_dict(state["a2t_head"])
         self.gen.set_state(state["generator"])
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
         self.validation, self.best = state.get("validation", []), state.get("best")
@@ -473,9 +551,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", default=None,
                         help="start from this codec checkpoint's weights (default: seeded random weights)")
     parser.add_argument("--train", default=d.train, choices=TRAIN_PARTS,
-                        help="what learns: all (encoder, codebooks, decoder) or decoder (the modules after the "
+                        help="what learns: all (encoder, codebooks, decoder), decoder (the modules after the "
                              "quantizer; encoder and codebooks frozen, so the codes of --init stay the same; "
-                             f"needs --init) (default {d.train})")
+                             "needs --init) or head (only the audio-to-text head, on the frozen codec of --init: "
+                             f"how well its codes can be read; needs --a2t-weight) (default {d.train})")
     parser.add_argument("--lm-codebooks-share", type=float, default=d.lm_codebooks_share,
                         help=f"share of crops quantised with the LM's {LM_CODEBOOKS} codebooks, the rest with 1..all "
                              f"(default {d.lm_codebooks_share:g})")
@@ -486,6 +565,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--envelope-weight", type=float, default=d.envelope_weight,
                         help="weight of a loss on the correlation of short-time third-octave band envelopes "
                              f"(what STOI measures) added to the log-mel L1 (default {d.envelope_weight:g}: off)")
+    parser.add_argument("--a2t-weight", type=float, default=d.a2t_weight,
+                        help="weight of an audio-to-text loss: a small head spells each utterance's text (CTC) "
+                             "from the quantised first --a2t-codebooks codebooks, so that they carry what was said "
+                             f"in any voice, as the official tokenizer's training does (default {d.a2t_weight:g}: off)")
+    parser.add_argument("--a2t-codebooks", type=int, default=d.a2t_codebooks,
+                        help=f"codebooks the audio-to-text head reads (default {d.a2t_codebooks}: the one the "
+                             "built-in LM hears)")
+    parser.add_argument("--a2t-batch", type=int, default=d.a2t_batch,
+                        help=f"whole training utterances per step for the audio-to-text loss (default {d.a2t_batch})")
     parser.add_argument("--validate-every", type=int, default=None,
                         help="steps between STOI measurements on the corpus' held-out voices; the best "
                              "checkpoint is kept in OUT/best (default: none)")
@@ -501,7 +589,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     recipe = TrainRecipe(preset=args.preset, seed=args.seed, steps=args.steps, batch=args.batch, tokens=args.tokens,
                          lr=args.lr, warmup=args.warmup, train=args.train, lm_codebooks_share=args.lm_codebooks_share,
-                         weight_ema=args.weight_ema, envelope_weight=args.envelope_weight)
+                         weight_ema=args.weight_ema, envelope_weight=args.envelope_weight, a2t_weight=args.a2t_weight,
+                         a2t_codebooks=args.a2t_codebooks, a2t_batch=args.a2t_batch)
     trainer = Trainer(recipe, args.data, args.out, preset_config(args.preset), init=args.init)
     trainer.command = (f"mimo-agent train codec --data {args.data} --out {args.out} --preset {args.preset} "
                        + (f"--init {args.init} --train {args.train} " if args.init else "") +
@@ -509,6 +598,8 @@ def run(args) -> int:
                        f"--lr {args.lr:g} --warmup {args.warmup} --lm-codebooks-share {args.lm_codebooks_share:g}"
                        + (f" --weight-ema {args.weight_ema:g}" if args.weight_ema else "")
                        + (f" --envelope-weight {args.envelope_weight:g}" if args.envelope_weight else "")
+                       + (f" --a2t-weight {args.a2t_weight:g} --a2t-codebooks {args.a2t_codebooks} "
+                          f"--a2t-batch {args.a2t_batch}" if args.a2t_weight else "")
                        + (f" --validate-every {args.validate_every}" if args.validate_every else "")
                        + (f" --threads {args.threads}" if args.threads else ""))
     if args.resume:

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from agent.codec.config import preset as preset_config
 from agent.codec.tokenizer import init_random_weights, load_audio_tokenizer
+from agent.train.a2t import ALPHABET, A2THead, character_errors, greedy, spell, unspell
 from agent.train.codec import BEST, MANIFEST, STATE, BandEnvelopeCorrelation, Trainer, TrainRecipe
 from agent.train.data import load_split
 from streaming.cli import main
@@ -232,3 +233,77 @@ def test_a_fine_tune_of_every_weight_starts_from_the_checkpoint_s_codebooks(corp
     same = [(start.encode(a, n_q=1) == fine.tok.encode(a, n_q=1)).float().mean()
             for _, a in load_split(corpus, "held_out")]
     assert float(torch.stack(same).mean()) > 0.25
+
+
+# --- the audio-to-text objective (``--a2t-weight``, ``--train head``) -------------------------------
+def test_texts_are_spelled_for_ctc_and_best_paths_read_back():
+    assert unspell(spell("Hello, World!  It's me.")) == "hello world it's me"
+    assert all(0 < i <= len(ALPHABET) for i in spell("the red cat"))  # 0 is the blank
+    with pytest.raises(ValueError, match="digits"):
+        spell("what is 3 plus 4")
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 3, 3, 0, 3, 5, 5, 1, 0]), 1 + len(ALPHABET)).float()
+    assert greedy(one_hot.log(), 7) == [3, 3, 5]  # repeats merged unless a blank parts them; cut at the length
+    assert character_errors("the cat", "the bat") == (1, 7)
+    assert character_errors("the cat", "") == (7, 7)
+
+
+def _a2t(corpus, out, init=None, **options):
+    recipe = TrainRecipe(**{"steps": 4, "seed": 3, "warmup": 1, "a2t_weight": 1.0, "a2t_batch": 2, **FAST, **options})
+    return Trainer(recipe, corpus, out, preset_config("tiny"), init=init)
+
+
+def test_the_audio_to_text_loss_reaches_the_encoder_through_the_quantizer(corpus, tmp_path):
+    """The head reads the quantised first codebook; its loss's gradient passes the quantiser
+    (straight through) into the encoder, the decoder gets none of it, and the loss is logged."""
+    trainer = _a2t(corpus, tmp_path)
+    losses = trainer.batch_losses()
+    assert {"a2t", "mel", "loss"} <= set(losses) and float(losses["a2t"].detach()) > 0
+    trainer.opt.zero_grad(set_to_none=True)
+    losses["a2t"].backward()
+    assert float(trainer.tok.encoder.conv1.weight.grad.abs().sum()) > 0
+    assert float(trainer.head.conv.weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in trainer.tok.decoder.parameters())
+    assert trainer.LOSS_COLUMNS == ("loss", "mel", "coarse_mel", "commit", "a2t")
+
+
+def test_a_head_probe_leaves_the_codec_bit_identical_and_learns_to_spell(corpus, trained, tmp_path):
+    """``--train head``: only the head learns (the codec of --init is saved unchanged), its loss
+    falls on the utterances it sees, and validation keeps the lowest character error rate."""
+    out = tmp_path / "probe"
+    args = ["train", "codec", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "30",
+            "--batch", "2", "--tokens", "8", "--warmup", "1", "--lr", "0.01", "--seed", "1", "--init", str(trained),
+            "--train", "head", "--a2t-weight", "1", "--a2t-batch", "4", "--validate-every", "15", "--save-every", "100"]
+    assert main(args) == 0
+    before, after = load_audio_tokenizer(trained).state_dict(), load_audio_tokenizer(out).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("a2t" in k for k in after)  # the official layout: no head in the checkpoint
+    rows = [line.split("\t") for line in (out / "losses.tsv").read_text().splitlines()]
+    assert rows[0][:4] == ["step", "seconds", "loss", "a2t"]
+    assert float(rows[-1][3]) < 0.8 * float(rows[1][3])  # steps 26-30 against the mean of 1-25
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert "--train head --seed 1" in manifest["command"] and "--a2t-weight 1 --a2t-codebooks 1" in manifest["command"]
+    history = manifest["validation"]["history"]
+    assert [set(v) for v in history] == [{"step", "cer"}] * 3 and all(v["cer"] >= 0 for v in history)
+    assert manifest["validation"]["best"] == min(history, key=lambda v: v["cer"])
+    assert manifest["trained_parameters"] == sum(p.numel() for p in A2THead(preset_config("tiny").d_model).parameters())
+
+
+def test_an_interrupted_run_with_the_audio_to_text_loss_resumes_bit_exact(corpus, trained, tmp_path):
+    straight = _a2t(corpus, tmp_path / "straight", init=trained)
+    straight.run(save_every=100, log=lambda _: None)
+    first = _a2t(corpus, tmp_path / "resumed", init=trained)
+    first.run(stop_at=2, log=lambda _: None)
+    resumed = _a2t(corpus, tmp_path / "resumed", init=trained)
+    resumed.resume()
+    resumed.run(log=lambda _: None)
+    assert _same_weights(straight.tok, resumed.tok) and _same_weights(straight.head, resumed.head)
+    assert not _same_weights(straight.head, first.head)
+
+
+def test_audio_to_text_options_are_checked(corpus, trained, tmp_path):
+    with pytest.raises(ValueError, match="--train head fine-tunes a trained codec"):
+        _a2t(corpus, tmp_path, train="head")
+    with pytest.raises(ValueError, match="--train head trains the audio-to-text head: give it a weight"):
+        _a2t(corpus, tmp_path, init=trained, train="head", a2t_weight=0.0)
+    with pytest.raises(ValueError, match=r"--a2t-codebooks 21 in 1\.\.20"):
+        _a2t(corpus, tmp_path, a2t_codebooks=21)
