@@ -282,8 +282,10 @@ class Trainer(TrainLoop):
         if not train:
             raise ValueError(f"{self.corpus} has no training utterances")
         self.stream = torch.from_numpy(np.concatenate([a for _, a in train]))
-        #: (spelling, audio) of each training utterance, for the audio-to-text loss
-        self.spoken = [] if self.head is None else [(spell(u["text"]), torch.from_numpy(a)) for u, a in train]
+        #: (spelling, audio) of each training utterance, for the audio-to-text loss (views of the stream)
+        ends = np.cumsum([len(a) for _, a in train]).tolist()
+        self.spoken = [] if self.head is None else [
+            (spell(u["text"]), self.stream[end - len(a) : end]) for (u, a), end in zip(train, ends, strict=True)]
         self.crop = recipe.tokens * config.samples_per_token
         if self.stream.numel() <= self.crop:
             raise ValueError(f"{self.corpus}: {self.stream.numel()} training samples, need more than {self.crop}")
