@@ -284,8 +284,8 @@ class Trainer(TrainLoop):
         self.stream = torch.from_numpy(np.concatenate([a for _, a in train]))
         #: (spelling, audio) of each training utterance, for the audio-to-text loss (views of the stream)
         ends = np.cumsum([len(a) for _, a in train]).tolist()
-        self.spoken = [] if self.head is None else [
-            (spell(u["text"]), self.stream[end - len(a) : end]) for (u, a), end in zip(train, ends, strict=True)]
+        self.spoken = [] if self.head is None else [(_spelling(self.corpus, u), self.stream[end - len(a) : end])
+                                                    for (u, a), end in zip(train, ends, strict=True)]
         self.crop = recipe.tokens * config.samples_per_token
         if self.stream.numel() <= self.crop:
             raise ValueError(f"{self.corpus}: {self.stream.numel()} training samples, need more than {self.crop}")
@@ -527,6 +527,14 @@ class Trainer(TrainLoop):
         self.validation, self.best = state.get("validation", []), state.get("best")
         if state.get("init") is not None:
             self.init = Path(state["init"])
+
+
+def _spelling(corpus: Path, utterance: dict) -> list[int]:
+    """The utterance's text spelled for the audio-to-text loss; a text that cannot be is named with its file."""
+    try:
+        return spell(utterance["text"])
+    except ValueError as e:
+        raise ValueError(f"{corpus / utterance['file']}: {e}") from None
 
 
 def _training_of(checkpoint: Path) -> dict | None:

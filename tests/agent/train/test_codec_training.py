@@ -6,6 +6,8 @@ encode path, and so every code, bit-identical."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -307,3 +309,12 @@ def test_audio_to_text_options_are_checked(corpus, trained, tmp_path):
         _a2t(corpus, tmp_path, init=trained, train="head", a2t_weight=0.0)
     with pytest.raises(ValueError, match=r"--a2t-codebooks 21 in 1\.\.20"):
         _a2t(corpus, tmp_path, a2t_codebooks=21)
+    # a training text that cannot be spelled is refused with its file, before any step
+    copy = tmp_path / "digits"
+    shutil.copytree(corpus, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    first = next(u for u in manifest["utterances"] if u["split"] == "train")
+    first["text"] = "what is 3 plus 4"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=re.escape(str(copy / first["file"])) + ".*cannot spell digits"):
+        _a2t(copy, tmp_path / "out")
