@@ -29,9 +29,10 @@ TESTS_DATA = Path(__file__).resolve().parents[2] / "data"
 PACKAGED = Path(__file__).resolve().parents[3] / "agent" / "presets" / "tiny-speech-codec"
 #: human recordings (tests/data/real_speech_*.wav, the same as ../shared/data's): the packaged
 #: codec's default stream is this much closer to its offline decode with its prior than without.
-#: Measured (8 codebooks): en_m 16.4 -> 18.9 dB, en_w 18.8 -> 24.7 dB (BENCHMARKS.md; the codec before
-#: this one: 18.4 -> 22.7 and 20.1 -> 26.3)
-MIN_PRIOR_GAIN_DB = 2.0
+#: Measured (8 codebooks): en_m 20.3 -> 21.6 dB, en_w 15.6 -> 19.6 dB (BENCHMARKS.md). Codec C1 before
+#: its audio-to-text fine-tune: 16.4 -> 18.9 and 18.8 -> 24.7; the codec before C1: 18.4 -> 22.7 and
+#: 20.1 -> 26.3. The fine-tuned codec's running statistics alone do better on en_m, so less is left to gain.
+MIN_PRIOR_GAIN_DB = 1.0
 
 
 @pytest.fixture()
