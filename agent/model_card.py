@@ -35,7 +35,7 @@ CHECKPOINT_SUMMARY = "a MiMo-Audio checkpoint: it listens to speech and answers 
 TINY_SPEECH_SUMMARY = (
     "a tiny model trained on a closed domain: greetings, adding and subtracting numbers up to ten, what comes "
     "after a number, repeating a word, and \"and plus one more?\" on the last answer; it answers in words. "
-    "Typed questions it gets right; spoken ones in a voice it never heard about seven times in ten. English only"
+    "Typed questions it gets right; spoken ones in a voice it never heard about eight times in ten. English only"
 )
 TINY_SPEECH_EXAMPLES = (
     "What is three plus four?", "What is nine minus two?", "What comes after seven?", "Repeat after me: garden.",
