@@ -80,15 +80,40 @@ def authorized(api_key: str | None, headers: Any, subprotocols: list[str]) -> bo
     return not api_key or any(hmac.compare_digest(key, api_key) for key in _presented(headers, subprotocols))
 
 
-class Unauthorized(Exception):
+class Refused(Exception):
+    """A connection refused before its session starts: :meth:`response` is the HTTP answer,
+    ``reason`` the ``mimo_sessions_rejected`` label."""
+
+    reason = "unauthorized"
+
+    def response(self) -> Response:
+        raise NotImplementedError
+
+
+class Unauthorized(Refused):
     """No valid key; the message (or None: the standard one) says what is wrong."""
 
+    def response(self) -> Response:
+        return _unauthorized(self.args[0] if self.args else None)
 
-def authenticate(app: FastAPI, headers: Any, subprotocols: list[str]) -> Any:
+
+class KeyCheckUnavailable(Refused):
+    """A client secret that could not be checked: its store did not answer (503, try again)."""
+
+    reason = "unavailable"
+
+    def response(self) -> Response:
+        from streaming.client_secrets import unavailable_response
+
+        return unavailable_response(self.args[0])
+
+
+async def authenticate(app: FastAPI, headers: Any, subprotocols: list[str]) -> Any:
     """What opens a session: the API key (returns None), or an ephemeral client secret (returns
     the :class:`~streaming.client_secrets.ClientSecret`, whose session settings apply). An
-    ``ek_`` key that is unknown or expired is refused even on a server without an API key."""
-    from streaming.client_secrets import PREFIX
+    ``ek_`` key that is unknown or expired is refused even on a server without an API key; one
+    whose store does not answer (a fleet's registry) raises :class:`KeyCheckUnavailable`."""
+    from streaming.client_secrets import PREFIX, SecretStoreUnavailable
 
     api_key = app.state.config.api_key
     problem = None
@@ -97,9 +122,11 @@ def authenticate(app: FastAPI, headers: Any, subprotocols: list[str]) -> Any:
             return None
         if key.startswith(PREFIX):
             try:
-                return app.state.client_secrets.check(key)
+                return await app.state.client_secrets.check(key)
             except LookupError as exc:
                 problem = str(exc)
+            except SecretStoreUnavailable as exc:
+                raise KeyCheckUnavailable(str(exc)) from exc
     if problem is not None or api_key:
         raise Unauthorized(problem)
     return None
@@ -156,9 +183,9 @@ def create_app(engine: Any, config: ServerConfig | None = None, *, metrics: Serv
         of a refused WebSocket handshake (a 401 looks like a server that is down: close code 1006),
         so the JavaScript SDK asks here when a connection fails."""
         try:
-            authenticate(app, request.headers, [])
-        except Unauthorized as exc:
-            return _unauthorized(exc.args[0])
+            await authenticate(app, request.headers, [])
+        except Refused as exc:
+            return exc.response()
         return JSONResponse({"object": "realtime.access", "model": config.model_name,
                              "websocket": str(request.url.replace(scheme="wss" if request.url.scheme == "https"
                                                                   else "ws", query=""))})
@@ -210,13 +237,15 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
     metrics: ServerMetrics = app.state.metrics
     offered = list(websocket.scope.get("subprotocols") or [])
     try:
-        secret = authenticate(app, websocket.headers, offered)
-    except Unauthorized as exc:
-        metrics.sessions_rejected.labels("unauthorized").inc()
+        secret = await authenticate(app, websocket.headers, offered)
+    except Refused as exc:
+        metrics.sessions_rejected.labels(exc.reason).inc()
         with contextlib.suppress(Exception):
-            await websocket.send_denial_response(_unauthorized(exc.args[0]))
+            await websocket.send_denial_response(exc.response())
             return
-        await websocket.close(code=WS_CLOSE_POLICY, reason="invalid API key")
+        unavailable = isinstance(exc, KeyCheckUnavailable)
+        await websocket.close(code=WS_CLOSE_TRY_AGAIN if unavailable else WS_CLOSE_POLICY,
+                              reason="client secrets unavailable" if unavailable else "invalid API key")
         return
     subprotocol = "realtime" if "realtime" in offered else None
     call_id = websocket.query_params.get("call_id")

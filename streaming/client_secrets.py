@@ -46,13 +46,31 @@ class ClientSecret:
     settings: dict[str, Any]  # the session settings every session it opens starts from
 
 
+class SecretStoreUnavailable(RuntimeError):
+    """The store that holds the client secrets did not answer (a fleet's shared registry): the key
+    cannot be minted or checked now; the client should try again (503)."""
+
+
+RETRY_AFTER_S = 1  # what a 503 from an unavailable store asks the client to wait
+
+
 class ClientSecretStore:
+    """The server's own secrets, in memory. Async because a fleet's store (``FleetSecrets``) asks a
+    shared registry; this one answers at once."""
+
     def __init__(self, clock: Callable[[], float] = time.time, max_live: int = MAX_LIVE_SECRETS) -> None:
         self.clock = clock  # wall clock (epoch seconds); tests move it
         self.max_live = max_live
         self._secrets: dict[str, ClientSecret] = {}
 
-    def create(self, settings: dict[str, Any], ttl_s: int) -> ClientSecret:
+    async def create(self, settings: dict[str, Any], ttl_s: int) -> ClientSecret:
+        return self._create(settings, ttl_s)
+
+    async def check(self, value: str) -> ClientSecret:
+        """The live secret ``value``; ``LookupError`` naming the problem otherwise."""
+        return self._check(value)
+
+    def _create(self, settings: dict[str, Any], ttl_s: int) -> ClientSecret:
         now = self.clock()
         self._secrets = {v: s for v, s in self._secrets.items() if s.expires_at > now}
         if len(self._secrets) >= self.max_live:
@@ -61,8 +79,7 @@ class ClientSecretStore:
         self._secrets[secret.value] = secret
         return secret
 
-    def check(self, value: str) -> ClientSecret:
-        """The live secret ``value``; ``LookupError`` naming the problem otherwise."""
+    def _check(self, value: str) -> ClientSecret:
         secret = next((s for v, s in self._secrets.items() if hmac.compare_digest(v, value)), None)
         if secret is None:
             raise LookupError("Unknown client secret: it was not issued by this server (or the server restarted).")
@@ -86,6 +103,12 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
     error = {"type": "invalid_request_error" if status < 500 else "server_error", "code": code,
              "message": message, "param": param}
     return JSONResponse({"error": error}, status_code=status)
+
+
+def unavailable_response(message: str) -> JSONResponse:
+    response = error_response(503, "client_secrets_unavailable", message)
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def add_client_secret_routes(app: FastAPI) -> None:
@@ -117,8 +140,10 @@ async def _create(app: FastAPI, request: Request) -> Response:
         return error_response(400, err.code.value, err.message, err.param)
     ttl = (req.expires_after or ExpiresAfter()).seconds
     try:
-        secret = app.state.client_secrets.create(settings, ttl)
+        secret = await app.state.client_secrets.create(settings, ttl)
     except OverflowError as exc:
         return error_response(429, "too_many_client_secrets", str(exc))
+    except SecretStoreUnavailable as exc:
+        return unavailable_response(str(exc))
     wire = fully_set(session.config).model_dump(mode="json")
     return JSONResponse({"value": secret.value, "expires_at": secret.expires_at, "session": wire})

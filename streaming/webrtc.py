@@ -70,8 +70,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from streaming import protocol as p
 from streaming.app import (
     TICK_S,
+    Refused,
     ServerConfig,
-    Unauthorized,
     _unauthorized,
     authenticate,
     authorized,
@@ -760,10 +760,10 @@ async def _create_call(app: FastAPI, request: Request) -> Response:
     options: WebRTCOptions = app.state.webrtc
     body = OfferBody(request)
     try:
-        secret = authenticate(app, request.headers, [])
-    except Unauthorized as exc:
-        metrics.sessions_rejected.labels("unauthorized").inc()
-        return RefusalResponse(_unauthorized(exc.args[0]), body)
+        secret = await authenticate(app, request.headers, [])
+    except Refused as exc:
+        metrics.sessions_rejected.labels(exc.reason).inc()
+        return RefusalResponse(exc.response(), body)
     call = None
     try:
         sdp, session = await read_offer(body)

@@ -25,7 +25,7 @@ from prometheus_client.samples import Sample
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from streaming.client_secrets import ClientSecret, ClientSecretStore
+from streaming.client_secrets import ClientSecret, ClientSecretStore, SecretStoreUnavailable
 from streaming.metrics import ServerMetrics
 from streaming.rayserve.router import SlotRouter
 from streaming.rayserve.routes import RequestKind, classify, new_call_id
@@ -71,35 +71,54 @@ class ReplicaRegistry:
         return self._secrets.get(value)
 
 
+def registry_name(app_name: str) -> str:
+    return f"replicas:{app_name}"
+
+
 def registry(app_name: str) -> Any:
-    return ReplicaRegistry.options(name=f"replicas:{app_name}", namespace=REGISTRY_NAMESPACE, lifetime="detached",
+    return ReplicaRegistry.options(name=registry_name(app_name), namespace=REGISTRY_NAMESPACE, lifetime="detached",
                                    get_if_exists=True).remote()
 
 
 class FleetSecrets(ClientSecretStore):
     """Ephemeral client secrets shared by every replica: the one that mints a key records it in the
     registry, and a replica that does not know a key presented to it looks it up there, so a key
-    opens sessions on whichever replica has a free slot. The registry calls block the event loop for
-    their round trip (a millisecond or two): once per minted key, and once per key new to a replica."""
+    opens sessions on whichever replica has a free slot. The registry is awaited (the event loop
+    serves every other session meanwhile): once per minted key, and once per key new to a replica.
+    A registry that does not answer within ``timeout_s`` is :class:`SecretStoreUnavailable` (503)."""
 
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: Any, name: str, timeout_s: float = REGISTRY_TIMEOUT_S) -> None:
         super().__init__()
         self.registry = registry
+        self.name = name  # the registry actor's, for errors
+        self.timeout_s = timeout_s
 
-    def create(self, settings: dict[str, Any], ttl_s: int) -> ClientSecret:
-        secret = super().create(settings, ttl_s)
-        ray.get(self.registry.add_secret.remote(secret), timeout=REGISTRY_TIMEOUT_S)
+    async def create(self, settings: dict[str, Any], ttl_s: int) -> ClientSecret:
+        secret = self._create(settings, ttl_s)
+        try:
+            await self._ask(self.registry.add_secret.remote(secret), "record the new client secret")
+        except SecretStoreUnavailable:
+            self._secrets.pop(secret.value, None)  # never handed out
+            raise
         return secret
 
-    def check(self, value: str) -> ClientSecret:
+    async def check(self, value: str) -> ClientSecret:
         try:
-            return super().check(value)
+            return self._check(value)
         except LookupError:
-            found = ray.get(self.registry.find_secret.remote(value), timeout=REGISTRY_TIMEOUT_S)
+            found = await self._ask(self.registry.find_secret.remote(value), "look the client secret up")
             if found is None:
                 raise
             self._secrets[found.value] = found  # known here from now on; the expiry is checked as usual
-            return super().check(value)
+            return self._check(value)
+
+    async def _ask(self, ref: Any, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(ref, self.timeout_s)
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            problem = f"did not answer in {self.timeout_s:g} s" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+            raise SecretStoreUnavailable(f"The fleet's client-secret registry (the Ray actor {self.name!r}) "
+                                         f"{problem}, so this replica could not {what}; try again shortly.") from exc
 
 
 class FleetMetrics(ServerMetrics):
@@ -155,7 +174,7 @@ class RealtimeReplica:
         self.server.state.new_call_id = lambda: new_call_id(self.replica_id)
         self.server.state.health_extras.append(self._fleet)
         self.registry = registry(context.app_name)
-        self.server.state.client_secrets = FleetSecrets(self.registry)
+        self.server.state.client_secrets = FleetSecrets(self.registry, registry_name(context.app_name))
         self.peers: list[dict] = []
         self.serving = False  # Serve routes to this replica: set by the first record_routing_stats call
         self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())

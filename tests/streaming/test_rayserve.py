@@ -187,6 +187,48 @@ async def test_a_client_secret_opens_sessions_on_every_replica(ray_server):
         await close_all(sockets)
 
 
+def registry_pids() -> list[int]:
+    """The process of the fleet's client-secret registry (Ray names an actor's worker ``ray::<Class>``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ReplicaRegistry"):
+                pids.append(int(proc.name))
+    return pids
+
+
+async def test_a_registry_that_does_not_answer_gives_a_named_503_and_the_replica_goes_on(ray_server):
+    """The registry stopped (SIGSTOP: a real registry slower than any timeout): minting a client
+    secret and opening a session with a key the replica has not seen both need it, and both get a
+    503 naming it, not a bare 500; the replica's event loop is not blocked while it waits
+    (``/healthz`` answers); once the registry runs again, so do both."""
+    await fleet_where(ray_server, idle, "every replica idle")
+    pids = registry_pids()
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        async with httpx.AsyncClient(base_url=ray_server.url, timeout=60) as http:
+            minting = asyncio.ensure_future(http.post("/v1/realtime/client_secrets", json={}))
+            await asyncio.sleep(0.5)
+            for _ in range(3):  # the replicas keep serving meanwhile, whichever one is minting
+                assert (await http.get("/healthz", timeout=2)).status_code == 200
+            minted = await minting
+        assert minted.status_code == 503, minted.text
+        error = minted.json()["error"]
+        assert error["code"] == "client_secrets_unavailable" and "registry" in error["message"], error
+        assert minted.headers.get("retry-after"), minted.headers
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(ray_server.ws_url, subprotocols=["realtime", "openai-insecure-api-key.ek_"
+                                                                      + "0" * 32])
+        assert refused.value.response.status_code == 503
+        assert b"client_secrets_unavailable" in refused.value.response.body
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as http:
+        again = await http.post("/v1/realtime/client_secrets", json={})
+    assert again.status_code == 200, again.text
+
+
 async def test_healthz_and_metrics_name_every_replica(ray_server):
     replicas = await fleet_where(ray_server, idle, "every replica idle")
     body = await health(ray_server)
