@@ -85,6 +85,8 @@ class Refused(Exception):
     ``reason`` the ``mimo_sessions_rejected`` label."""
 
     reason = "unauthorized"
+    #: how a WebSocket that cannot be sent ``response()`` (its handshake already answered) is closed
+    close = (WS_CLOSE_POLICY, "invalid API key")
 
     def response(self) -> Response:
         raise NotImplementedError
@@ -101,6 +103,7 @@ class KeyCheckUnavailable(Refused):
     """A client secret that could not be checked: its store did not answer (503, try again)."""
 
     reason = "unavailable"
+    close = (WS_CLOSE_TRY_AGAIN, "client secrets unavailable")
 
     def response(self) -> Response:
         from streaming.client_secrets import unavailable_response
@@ -243,9 +246,8 @@ async def serve_websocket(app: FastAPI, websocket: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await websocket.send_denial_response(exc.response())
             return
-        unavailable = isinstance(exc, KeyCheckUnavailable)
-        await websocket.close(code=WS_CLOSE_TRY_AGAIN if unavailable else WS_CLOSE_POLICY,
-                              reason="client secrets unavailable" if unavailable else "invalid API key")
+        code, reason = exc.close
+        await websocket.close(code=code, reason=reason)
         return
     subprotocol = "realtime" if "realtime" in offered else None
     call_id = websocket.query_params.get("call_id")
