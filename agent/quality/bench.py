@@ -275,8 +275,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from agent.presets import TRAINED_PRESETS, default_preset, preset_dirs
     from agent.runtime import load_runtime
-    from agent.train.dialogue import AGENT_VOICE
+    from agent.train.dialogue import AGENT_VOICE, trained_agent_voice
     from agent.train.lexicon import SentenceGenerator
     from streaming.bench.spawn import SpawnedServer, machine, serve_argv
 
@@ -294,10 +295,13 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     speech = {id(t): speak(t.voice, t.question) for t in turns}
 
     # the ceiling: the agent's own voice saying every answer and sentence, clean and through the codec
+    packaged = None if args.model else args.preset or default_preset()
+    model_dir = args.model or (preset_dirs(packaged)[0] if packaged in TRAINED_PRESETS else None)
+    agent_voice = (trained_agent_voice(model_dir) if model_dir else None) or AGENT_VOICE
     ceiling: dict[str, list[tuple[str, str]]] = {}
     for name, texts, recognizer in (("answers", expected, hear_answer), ("tts", sentences, hear_speech)):
         for text in texts:
-            clean = speak(AGENT_VOICE, text)
+            clean = speak(agent_voice, text)
             ceiling.setdefault(f"{name}_clean", []).append((text, recognizer.transcribe(clean)))
             ceiling.setdefault(f"{name}_codec", []).append((text, recognizer.transcribe(reconstruct(runtime.codec,
                                                                                                     clean))))
@@ -329,9 +333,11 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     tts_pairs = [(s, hear_speech.transcribe(a) if len(a) else "") for s, a in zip(sentences, spoken, strict=True)]
     summary = summarize(conversations, tts_pairs, ceiling)
     header = (f"bench-quality: {runtime.name} ({runtime.info['weights']} weights), {len(args.voices)} voices x "
-              f"{args.per_voice} questions, seed {args.seed}, {time.monotonic() - started:.0f} s")
+              f"{args.per_voice} questions, seed {args.seed}, agent voice {agent_voice}, "
+              f"{time.monotonic() - started:.0f} s")
     result = {
-        "model": runtime.info, "server": server_info, "machine": machine(), "summary": summary,
+        "model": runtime.info, "agent_voice": agent_voice, "server": server_info, "machine": machine(),
+        "summary": summary,
         "targets": TARGETS, "turns": [t.as_dict() for c in conversations for t in c],
         "tts": [{"text": s, "heard": h} for s, h in tts_pairs],
         "ceiling": {k: [{"text": s, "heard": h} for s, h in v] for k, v in ceiling.items()},

@@ -43,7 +43,7 @@ from ..codec.audio import load_wav
 from .common import read_manifest_of
 from .data import ENGINE_WEIGHTS, ESPEAK_ACCENTS, HELD_OUT_VOICES, TRAIN_VOICES, AugmentRecipe
 from .lexicon import GREETINGS, NUMBERS, REPEATABLE, SentenceGenerator
-from .voices import Augmentation, split_voice, synthesize, tool_versions
+from .voices import Augmentation, VoiceError, split_voice, synthesize, synthesize_raw, tool_versions
 
 MANIFEST = "manifest.json"
 CODES = "codes.npz"
@@ -356,7 +356,30 @@ def read_corpora(corpora: list[str | Path]) -> tuple[dict, dict[str, np.ndarray]
         merged["corpora"].append({"path": str(corpus), **{k: manifest.get(k) for k in
                                                           ("command", "recipe", "codec_digest", "counts", "minutes")}})
     check_same_codec(merged["corpora"])
+    check_same_agent_voice(merged["corpora"])
     return merged, codes
+
+
+def check_same_agent_voice(corpora: list[dict]) -> None:
+    """Refuse corpora whose agent speaks in different voices, naming two of them: the model learns
+    to speak in one voice."""
+    voices = [(c["path"], (c.get("recipe") or {}).get("agent_voice")) for c in corpora]
+    for path, voice in voices[1:]:
+        if voice != voices[0][1]:
+            raise ValueError(f"{path}'s agent speaks in {voice} and {voices[0][0]}'s in {voices[0][1]}: the model "
+                             f"speaks in one voice; make the corpora with the same `train dialogue-data "
+                             f"--agent-voice`")
+
+
+def trained_agent_voice(model: str | Path) -> str | None:
+    """The voice the model in ``model`` (a ``train lm`` checkpoint) was trained to speak in, from its
+    ``training.json``'s corpora; None without that record (a preset, an official checkpoint)."""
+    path = Path(model) / "training.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8")).get("data") or []
+    voices = {(c.get("recipe") or {}).get("agent_voice") for c in data} - {None}
+    return voices.pop() if len(voices) == 1 else None
 
 
 def check_same_codec(corpora: list[dict]) -> None:
@@ -397,6 +420,9 @@ def add_arguments(parser) -> None:
                              f"{d.held_out_per_voice} held-out questions per held-out voice)")
     parser.add_argument("--codec", default=DEFAULT_CODEC, help="audio tokenizer checkpoint (default: the shipped "
                                                                "tiny-speech codec)")
+    parser.add_argument("--agent-voice", default=AGENT_VOICE,
+                        help=f"the one voice the agent speaks in, unaugmented (default {AGENT_VOICE}); never a "
+                             "held-out voice, and left out of the user voices")
     parser.add_argument("--voices", choices=("codec", "wide"), default="codec",
                         help="user voices: 'codec' (default) the codec corpus' training voices; 'wide' adds "
                              f"{len(WIDE_VOICES)} more (espeak-ng variants, flite:awb_time) and draws more flite "
@@ -423,6 +449,14 @@ def add_arguments(parser) -> None:
 def recipe_of(args) -> DialogueRecipe:
     """The recipe the command line asks for (every choice lands in the manifest's recipe)."""
     recipe = scaled(DialogueRecipe(seed=args.seed, codec=args.codec), args.scale)
+    if args.agent_voice in recipe.held_out_voices:
+        raise ValueError(f"--agent-voice {args.agent_voice} is a held-out voice: the benchmark's questions are "
+                         "asked in it, so the agent cannot speak in it")
+    try:
+        split_voice(args.agent_voice)
+    except VoiceError as exc:
+        raise ValueError(f"--agent-voice: {exc}") from None
+    recipe.agent_voice = args.agent_voice
     if args.voices == "wide":
         recipe.extra_voices, recipe.engine_weights = WIDE_VOICES, dict(WIDE_ENGINE_WEIGHTS)
     if args.tts_sentences is not None:
@@ -458,11 +492,17 @@ def run(args) -> int:
     recipe = recipe_of(args)
     command = (f"mimo-agent train dialogue-data --out {args.out} --seed {args.seed} --scale {args.scale:g}"
                + ("" if args.codec == DEFAULT_CODEC else f" --codec {args.codec}")
+               + ("" if args.agent_voice == AGENT_VOICE else f" --agent-voice {args.agent_voice}")
                + ("" if args.voices == "codec" else f" --voices {args.voices}")
                + ("" if args.tts_sentences is None else f" --tts-sentences {args.tts_sentences}")
                + (f" --asr-sentences {args.asr_sentences}" if args.asr_sentences else "")
                + ("" if args.formant_shift is None else " --formant-shift {:g} {:g} --formant-share {:g}".format(
                    *recipe.augment.formant_shift, recipe.augment.formant_probability))
                + (" --tts-only" if args.tts_only else "") + (" --asr-only" if args.asr_only else ""))
+    with tempfile.TemporaryDirectory() as probe:  # a voice the engine lacks fails now, not after the user utterances
+        try:
+            synthesize_raw(recipe.agent_voice, "hello", Path(probe) / "agent.wav")
+        except VoiceError as exc:
+            raise ValueError(f"--agent-voice {recipe.agent_voice}: {exc}") from None
     generate(args.out, recipe, command=command)
     return 0

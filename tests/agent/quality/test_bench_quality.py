@@ -135,10 +135,12 @@ def test_the_recognizer_hears_the_agent_voice_through_the_packaged_codec():
     from agent.presets import PRESETS_DIR
     from agent.quality.bench import Speaker, reconstruct
     from agent.quality.recognize import Recognizer
-    from agent.train.dialogue import AGENT_VOICE
+    from agent.train.dialogue import trained_agent_voice
 
     codec = load_audio_tokenizer(PRESETS_DIR / "tiny-speech-codec", dtype=torch.float32, device="cpu")
     hear, speak = Recognizer(phrases=domain_answers()), Speaker()
+    voice = trained_agent_voice(PRESETS_DIR / "tiny-speech")
+    assert voice is not None  # the packaged model records the voice it was trained to speak in
     for answer in ("seven", "six", "five", "garden", "minus three", "Hello, how are you?"):
-        clean = speak(AGENT_VOICE, answer)
+        clean = speak(voice, answer)
         assert hear.transcribe(clean) == hear.transcribe(reconstruct(codec, clean)) == normalize(answer)

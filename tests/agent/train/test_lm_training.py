@@ -351,6 +351,10 @@ def test_train_refuses_bad_options_and_missing_corpora_in_one_line(tmp_path, cap
             "mimo-agent train dialogue-data: --formant-share 0 must be in (0, 1]",
         ("dialogue-data", "--formant-share", "0.5"):
             "mimo-agent train dialogue-data: --formant-share needs --formant-shift LO HI",
+        ("dialogue-data", "--agent-voice", "flite:rms"):
+            "mimo-agent train dialogue-data: --agent-voice flite:rms is a held-out voice",
+        ("dialogue-data", "--agent-voice", "kal16"):
+            "mimo-agent train dialogue-data: --agent-voice: voice 'kal16' must",
         ("lm", "--data", str(tmp_path / "missing")):
             f"mimo-agent train lm: {tmp_path / 'missing' / 'manifest.json'} not found",
     }
@@ -385,6 +389,42 @@ def test_corpora_of_different_codecs_cannot_train_one_lm(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"--init .*first's corpus\) hold the codes of different codecs"):
         LMTrainer(LMRecipe(size="micro"), [other], tmp_path / "again", init=first)
     LMTrainer(LMRecipe(size="micro"), [corpus, corpus], tmp_path / "same")  # one codec twice: fine
+
+
+def test_the_agent_voice_is_a_recorded_option_and_one_lm_speaks_in_one(corpus, tmp_path):
+    """``--agent-voice V``: the agent speaks in V (recorded in the recipe and the command), V leaves
+    the user voices and the voice it replaces joins them, drawn in its place (the rest of the
+    corpus is the same seed's); corpora of two agent voices cannot train one LM, and a trained LM
+    says which voice it speaks in (what ``bench-quality``'s ceiling is measured on)."""
+    require_voices()
+    parser = argparse.ArgumentParser()
+    dialogue.add_arguments(parser)
+    awb = dialogue.recipe_of(parser.parse_args(["--out", str(tmp_path), "--agent-voice", "flite:awb"]))
+    default = dialogue.recipe_of(parser.parse_args(["--out", str(tmp_path)]))
+    assert awb.agent_voice == "flite:awb" and default.agent_voice == dialogue.AGENT_VOICE != "flite:awb"
+    assert "flite:awb" not in awb.user_voices()["flite"] and dialogue.AGENT_VOICE in awb.user_voices()["flite"]
+
+    def draws(recipe: dialogue.DialogueRecipe) -> list[str]:
+        rng = random.Random(4)
+        return [recipe.draw_voice(rng) for _ in range(2000)]
+
+    swap = {"flite:awb": dialogue.AGENT_VOICE}
+    assert [swap.get(v, v) for v in draws(default)] == draws(awb) and "flite:awb" not in draws(awb)
+
+    other = tmp_path / "awb"
+    assert main(["train", "dialogue-data", "--out", str(other), "--seed", "6", "--scale", "0.003",
+                 "--agent-voice", "flite:awb"]) == 0
+    manifest = json.loads((other / "manifest.json").read_text())
+    assert manifest["command"].endswith("--agent-voice flite:awb") and manifest["recipe"]["agent_voice"] == "flite:awb"
+    assert {a["voice"] for a in manifest["agents"]} == {"flite:awb"}
+    assert "flite:awb" not in {u["voice"] for u in manifest["users"]}
+    with pytest.raises(ValueError, match=rf"{other}'s agent speaks in flite:awb and {corpus}'s in "
+                                         rf"{dialogue.AGENT_VOICE}: the model speaks in one voice"):
+        LMTrainer(LMRecipe(size="micro"), [corpus, other], tmp_path / "mixed")
+    run = tmp_path / "run"
+    assert main(["train", "lm", "--data", str(other), *TINY, "--out", str(run), "--steps", "1"]) == 0
+    assert dialogue.trained_agent_voice(run) == "flite:awb"
+    assert dialogue.trained_agent_voice(tmp_path) is None  # no training record: a preset, an official checkpoint
 
 
 def test_typed_questions_vary_as_people_type_them():
