@@ -422,7 +422,7 @@ def add_arguments(parser) -> None:
                                                                "tiny-speech codec)")
     parser.add_argument("--agent-voice", default=AGENT_VOICE,
                         help=f"the one voice the agent speaks in, unaugmented (default {AGENT_VOICE}); never a "
-                             "held-out voice, and left out of the user voices")
+                             "held-out voice; it leaves the user voices and the default joins them")
     parser.add_argument("--voices", choices=("codec", "wide"), default="codec",
                         help="user voices: 'codec' (default) the codec corpus' training voices; 'wide' adds "
                              f"{len(WIDE_VOICES)} more (espeak-ng variants, flite:awb_time) and draws more flite "
