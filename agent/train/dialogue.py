@@ -17,7 +17,8 @@ Tasks (the answer is always what :func:`answer` computes from the question's tex
 User turns are spoken by the training voices of :mod:`agent.train.data` (never the held-out ones)
 with the corpus' sox augmentation, one fresh voice and augmentation per utterance; a pool of user
 utterances is synthesised once and the dialogues reuse it (a question appears alone and as the
-first turn of follow-ups). The agent always speaks in :data:`AGENT_VOICE`, unaugmented, so the
+first turn of follow-ups). The agent always speaks in one voice (``--agent-voice``, default
+:data:`AGENT_VOICE`), unaugmented, so the
 same answer text always has the same codes. Audio is kept as the codes of the frozen
 ``tiny-speech`` codec: ``codes.npz`` (``u00012`` user utterances, ``a00003`` agent utterances)
 next to ``manifest.json`` (recipe, the codec's ``codes_digest``, tools, every utterance and
@@ -48,8 +49,10 @@ from .voices import Augmentation, VoiceError, split_voice, synthesize, synthesiz
 MANIFEST = "manifest.json"
 CODES = "codes.npz"
 FORMAT = "mimo-agent dialogue corpus"
-#: the agent's one voice: a clear US English diphone voice the codec reconstructs well
-AGENT_VOICE = "flite:kal16"
+#: the agent's one voice (``--agent-voice``): of the installed voices, the one the benchmark's
+#: recognizer hears best through the codec (on the domain's 181 answers, 16% WER through codec A2T
+#: against flite:kal16's 27%, the default until 2026-12-06; BENCHMARKS.md "Run W")
+AGENT_VOICE = "flite:awb"
 #: the codec the codes are made with (frozen; the LM reads and writes its codes)
 DEFAULT_CODEC = str(Path(__file__).resolve().parent.parent / "presets" / "tiny-speech-codec")
 
