@@ -495,7 +495,7 @@ def run(args) -> int:
     recipe = recipe_of(args)
     command = (f"mimo-agent train dialogue-data --out {args.out} --seed {args.seed} --scale {args.scale:g}"
                + ("" if args.codec == DEFAULT_CODEC else f" --codec {args.codec}")
-               + ("" if args.agent_voice == AGENT_VOICE else f" --agent-voice {args.agent_voice}")
+               + f" --agent-voice {recipe.agent_voice}"  # always: the default has changed once already
                + ("" if args.voices == "codec" else f" --voices {args.voices}")
                + ("" if args.tts_sentences is None else f" --tts-sentences {args.tts_sentences}")
                + (f" --asr-sentences {args.asr_sentences}" if args.asr_sentences else "")

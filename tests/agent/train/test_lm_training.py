@@ -284,7 +284,8 @@ def test_a_tts_only_corpus_adds_sentences_to_the_dialogue_corpora(corpus, tmp_pa
     tts = tmp_path / "tts"
     assert main(["train", "dialogue-data", "--out", str(tts), "--seed", "9", "--tts-only", "--tts-sentences", "6"]) == 0
     manifest, codes = dialogue.read_corpus(tts)
-    assert manifest["command"].endswith("--seed 9 --scale 1 --tts-sentences 6 --tts-only")
+    assert manifest["command"].endswith(f"--seed 9 --scale 1 --agent-voice {dialogue.AGENT_VOICE} --tts-sentences 6 "
+                                        "--tts-only")
     assert manifest["recipe"]["tts_sentences"] == 6 and manifest["recipe"]["multi_turn"] == 0
     assert manifest["users"] == [] and manifest["held_out"] == []
     assert [d["task"] for d in manifest["dialogues"]] == ["tts"] * 6
@@ -306,7 +307,8 @@ def test_asr_sentences_are_user_speech_for_hearing_only(corpus, tmp_path):
     assert main(["train", "dialogue-data", "--out", str(more), "--seed", "4", "--scale", "0.003",
                  "--asr-sentences", "3"]) == 0
     (p, p_codes), (m, m_codes) = dialogue.read_corpus(plain), dialogue.read_corpus(more)
-    assert m["command"].endswith("--seed 4 --scale 0.003 --asr-sentences 3") and m["recipe"]["asr_sentences"] == 3
+    assert m["command"].endswith(f"--seed 4 --scale 0.003 --agent-voice {dialogue.AGENT_VOICE} --asr-sentences 3")
+    assert m["recipe"]["asr_sentences"] == 3
     added = m["users"][len(p["users"]):]
     assert m["users"][: len(p["users"])] == p["users"] and [u["kind"] for u in added] == ["sentence"] * 3
     for name in ("agents", "dialogues", "held_out"):
@@ -318,7 +320,8 @@ def test_asr_sentences_are_user_speech_for_hearing_only(corpus, tmp_path):
     assert main(["train", "dialogue-data", "--out", str(only), "--seed", "9", "--asr-only",
                  "--asr-sentences", "8"]) == 0
     manifest, codes = dialogue.read_corpus(only)
-    assert manifest["command"].endswith("--seed 9 --scale 1 --asr-sentences 8 --asr-only")
+    assert manifest["command"].endswith(f"--seed 9 --scale 1 --agent-voice {dialogue.AGENT_VOICE} --asr-sentences 8 "
+                                        "--asr-only")
     assert manifest["dialogues"] == manifest["agents"] == manifest["held_out"] == []
     users = manifest["users"]
     assert len(users) == 8 and {u["kind"] for u in users} == {"sentence"} and len(codes) == 8
@@ -417,7 +420,7 @@ def test_the_agent_voice_is_a_recorded_option_and_one_lm_speaks_in_one(corpus, t
     assert main(["train", "dialogue-data", "--out", str(other), "--seed", "6", "--scale", "0.003",
                  "--agent-voice", voice]) == 0
     manifest = json.loads((other / "manifest.json").read_text())
-    assert manifest["command"].endswith(f"--agent-voice {voice}") and manifest["recipe"]["agent_voice"] == voice
+    assert f"--scale 0.003 --agent-voice {voice}" in manifest["command"] and manifest["recipe"]["agent_voice"] == voice
     assert {a["voice"] for a in manifest["agents"]} == {voice}
     assert voice not in {u["voice"] for u in manifest["users"]}
     with pytest.raises(ValueError, match=rf"{other}'s agent speaks in {voice} and {corpus}'s in "
