@@ -48,6 +48,8 @@ class Runtime:
     load_s: float = 0.0
     info: dict = field(default_factory=dict)
     card: Any = None  # agent.model_card.ModelCard: what the model is and what to expect of it
+    #: the checkpoint directory (or hub id) the LM was loaded from; None for a random-weight preset
+    model_dir: str | None = None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -143,4 +145,5 @@ def load_runtime(
         "model_card": card.as_dict(),
     }
     rt.card = card
+    rt.model_dir = model
     return rt

@@ -84,9 +84,9 @@ class Refused(Exception):
     """A connection refused before its session starts: :meth:`response` is the HTTP answer,
     ``reason`` the ``mimo_sessions_rejected`` label."""
 
-    reason = "unauthorized"
+    reason: str
     #: how a WebSocket that cannot be sent ``response()`` (its handshake already answered) is closed
-    close = (WS_CLOSE_POLICY, "invalid API key")
+    close: tuple[int, str]
 
     def response(self) -> Response:
         raise NotImplementedError
@@ -94,6 +94,9 @@ class Refused(Exception):
 
 class Unauthorized(Refused):
     """No valid key; the message (or None: the standard one) says what is wrong."""
+
+    reason = "unauthorized"
+    close = (WS_CLOSE_POLICY, "invalid API key")
 
     def response(self) -> Response:
         return _unauthorized(self.args[0] if self.args else None)

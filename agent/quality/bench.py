@@ -275,10 +275,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from agent.presets import TRAINED_PRESETS, default_preset, preset_dirs
     from agent.runtime import load_runtime
-    from agent.train.dialogue import AGENT_VOICE, trained_agent_voice
+    from agent.train.dialogue import AGENT_VOICE
     from agent.train.lexicon import SentenceGenerator
+    from agent.train.lm import trained_agent_voice
     from streaming.bench.spawn import SpawnedServer, machine, serve_argv
 
     started = time.monotonic()
@@ -295,9 +295,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     speech = {id(t): speak(t.voice, t.question) for t in turns}
 
     # the ceiling: the agent's own voice saying every answer and sentence, clean and through the codec
-    packaged = None if args.model else args.preset or default_preset()
-    model_dir = args.model or (preset_dirs(packaged)[0] if packaged in TRAINED_PRESETS else None)
-    agent_voice = (trained_agent_voice(model_dir) if model_dir else None) or AGENT_VOICE
+    agent_voice = (trained_agent_voice(runtime.model_dir) if runtime.model_dir else None) or AGENT_VOICE
     ceiling: dict[str, list[tuple[str, str]]] = {}
     for name, texts, recognizer in (("answers", expected, hear_answer), ("tts", sentences, hear_speech)):
         for text in texts:

@@ -374,17 +374,6 @@ def check_same_agent_voice(corpora: list[dict]) -> None:
                              f"--agent-voice`")
 
 
-def trained_agent_voice(model: str | Path) -> str | None:
-    """The voice the model in ``model`` (a ``train lm`` checkpoint) was trained to speak in, from its
-    ``training.json``'s corpora; None without that record (a preset, an official checkpoint)."""
-    path = Path(model) / "training.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8")).get("data") or []
-    voices = {(c.get("recipe") or {}).get("agent_voice") for c in data} - {None}
-    return voices.pop() if len(voices) == 1 else None
-
-
 def check_same_codec(corpora: list[dict]) -> None:
     """Refuse corpora (``read_corpora``'s ``corpora`` entries: path, recipe, codec_digest) whose codes
     come from different codecs, naming two of them. A corpus made before the digest was recorded

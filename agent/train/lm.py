@@ -77,6 +77,17 @@ SIZES: dict[str, dict] = {
 }
 
 
+def trained_agent_voice(model: str | Path) -> str | None:
+    """The voice the model in ``model`` (a ``train lm`` checkpoint) was trained to speak in, from its
+    ``training.json``'s corpora; None without that record (a preset, an official checkpoint)."""
+    path = Path(model) / MANIFEST
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8")).get("data") or []
+    voices = {(c.get("recipe") or {}).get("agent_voice") for c in data} - {None}
+    return voices.pop() if len(voices) == 1 else None
+
+
 # --- the text tokenizer ---------------------------------------------------------------------------
 def tokenizer_texts(manifest: dict, seed: int) -> list[str]:
     """The text the tokenizer is trained on: every prompt string, question, answer and sentence of

@@ -135,7 +135,7 @@ def test_the_recognizer_hears_the_agent_voice_through_the_packaged_codec():
     from agent.presets import PRESETS_DIR
     from agent.quality.bench import Speaker, reconstruct
     from agent.quality.recognize import Recognizer
-    from agent.train.dialogue import trained_agent_voice
+    from agent.train.lm import trained_agent_voice
 
     codec = load_audio_tokenizer(PRESETS_DIR / "tiny-speech-codec", dtype=torch.float32, device="cpu")
     hear, speak = Recognizer(phrases=domain_answers()), Speaker()

@@ -42,6 +42,7 @@ from agent.train.lm import (
     publish_checkpoint,
     tokenizer_texts,
     train_tokenizer,
+    trained_agent_voice,
     typed_text,
 )
 from agent.train.voices import Augmentation, synthesize
@@ -428,8 +429,8 @@ def test_the_agent_voice_is_a_recorded_option_and_one_lm_speaks_in_one(corpus, t
         LMTrainer(LMRecipe(size="micro"), [corpus, other], tmp_path / "mixed")
     run = tmp_path / "run"
     assert main(["train", "lm", "--data", str(other), *TINY, "--out", str(run), "--steps", "1"]) == 0
-    assert dialogue.trained_agent_voice(run) == voice
-    assert dialogue.trained_agent_voice(tmp_path) is None  # no training record: a preset, an official checkpoint
+    assert trained_agent_voice(run) == voice
+    assert trained_agent_voice(tmp_path) is None  # no training record: a preset, an official checkpoint
 
 
 def test_typed_questions_vary_as_people_type_them():
