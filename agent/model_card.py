@@ -35,7 +35,8 @@ CHECKPOINT_SUMMARY = "a MiMo-Audio checkpoint: it listens to speech and answers 
 TINY_SPEECH_SUMMARY = (
     "a tiny model trained on a closed domain: greetings, adding and subtracting numbers up to ten, what comes "
     "after a number, repeating a word, and \"and plus one more?\" on the last answer; it answers in words. "
-    "Typed questions it gets right; spoken ones in a voice it never heard about eight times in ten. English only"
+    "Typed questions it gets right; spoken ones in a voice it never heard about eight times in ten. It does not "
+    "read a text aloud (tts speaks in its voice, not the words). English only"
 )
 TINY_SPEECH_EXAMPLES = (
     "What is three plus four?", "What is nine minus two?", "What comes after seven?", "Repeat after me: garden.",
@@ -64,6 +65,19 @@ class ModelCard:
         if self.examples:
             line += "; try saying: " + " / ".join(f'"{e}"' for e in self.examples[:3])
         return line
+
+
+def model_card(model: str | None, preset: str | None, packaged: str | None) -> ModelCard:
+    """The card of what is loaded: the packaged trained preset ``packaged`` (its LM checkpoint
+    directory ``model``), else the random-weight preset ``preset`` when ``model`` is None, else the
+    checkpoint ``model`` (a directory or a hub id already fetched)."""
+    if packaged is not None:
+        return packaged_card(model, f"mimo-audio-{packaged}")
+    if model is None:
+        return preset_card(f"mimo-audio-{preset}" if preset == "tiny" else preset)
+    from agent.checkpoint import resolve_checkpoint_dir
+
+    return checkpoint_card(resolve_checkpoint_dir(model), Path(model.rstrip("/")).name or model)
 
 
 def preset_card(name: str) -> ModelCard:

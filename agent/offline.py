@@ -30,6 +30,7 @@ from agent.lm.prompts import DEFAULT_SYSTEM_PROMPT, Prompt, PromptBuilder, pad_c
 from agent.lm.sampling import GREEDY, ChannelSampling, task_sampling
 from agent.lm.session import LMSession, ResponseCollector
 from agent.lm.tokenizer import TextTokenizer
+from agent.model_card import ModelCard, model_card
 
 #: command -> official task name (sampling defaults and stop tokens)
 TASKS = {"tts": "tts", "asr": "asr", "dialogue": "spoken_dialogue", "continue": "continuation"}
@@ -144,6 +145,8 @@ def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> in
     """Run one offline command; see :func:`add_arguments` for ``args``."""
     try:
         lm, tokenizer, is_preset = _load_model(args)
+        # which model runs and what to expect of it (the line `serve` logs at start-up), first
+        print(f"[model {loaded_card(args).describe()}]", file=sys.stderr)
         builder = PromptBuilder(tokenizer, lm.config)
         prompt = _build_prompt(args.command, args, builder, codec)
         out = getattr(args, "out", None)
@@ -253,6 +256,13 @@ def resolve_model(args: argparse.Namespace) -> tuple[str | None, str | None, str
         raise ValueError(f"--tokenizer goes with --model; the {preset} preset brings its own audio tokenizer")
     lm_dir, codec_dir = preset_dirs(preset)
     return str(lm_dir), str(codec_dir), preset
+
+
+def loaded_card(args: argparse.Namespace) -> ModelCard:
+    """The card of the model :func:`resolve_model` names (a packaged preset is its checkpoint
+    directory, named without ``--model``)."""
+    model, _, preset = resolve_model(args)
+    return model_card(model, preset, preset if model and not args.model else None)
 
 
 def _load_model(args: argparse.Namespace) -> tuple[MiMoAudioLM, TextTokenizer, bool]:

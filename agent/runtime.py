@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,10 +90,10 @@ def load_runtime(
     :func:`agent.presets.default_preset`). ``threads``: torch intra-op threads (None:
     :func:`default_threads`). ``codec_prior=False``: decode streams with running GroupNorm
     statistics only, ignoring the audio tokenizer's ``streaming_prior.json``."""
-    from agent.checkpoint import load_lm, resolve_checkpoint_dir
+    from agent.checkpoint import load_lm
     from agent.codec import load_audio_tokenizer
     from agent.lm.model import build_preset
-    from agent.model_card import checkpoint_card, packaged_card, preset_card
+    from agent.model_card import model_card
     from agent.presets import TRAINED_PRESETS, default_preset, preset_dirs
 
     t0 = time.perf_counter()
@@ -114,18 +113,12 @@ def load_runtime(
         if preset not in CODEC_PRESET:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(CODEC_PRESET)}")
         lm, _, text_tokenizer = build_preset(preset, dt, dev)
-        name = f"mimo-audio-{preset}" if preset == "tiny" else preset
-        card = preset_card(name)
     else:
         if preset is not None:
             raise ValueError("give --model or --preset, not both")
         lm, _, text_tokenizer = load_lm(model, dtype=dt, device=dev)
-        if packaged is not None:
-            name = f"mimo-audio-{packaged}"
-            card = packaged_card(model, name)
-        else:
-            name = Path(model.rstrip("/")).name or model
-            card = checkpoint_card(resolve_checkpoint_dir(model), name)
+    card = model_card(model, preset, packaged)
+    name = card.name
     if tokenizer is not None:
         codec = load_audio_tokenizer(tokenizer, dtype=dt, device=dev, streaming_prior=codec_prior)
     else:

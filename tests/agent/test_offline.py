@@ -28,6 +28,8 @@ def test_tts_writes_the_speech_patches(tmp_path, capsys) -> None:
     assert (codes >= 0).all() and (codes < np.array([1024, 1024] + [128] * 6)).all()
     err = capsys.readouterr().err
     assert "12 patches (5 speech, 20 frames = 0.80 s of audio)" in err and "stop: max_patches" in err
+    # the first line says which model runs and what to expect of it: random weights say noise
+    assert err.startswith("[model mimo-audio-tiny: random weights: ") and "noise" in err.splitlines()[0]
 
 
 def test_asr_prints_a_transcript(user_codes, capsys) -> None:

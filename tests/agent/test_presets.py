@@ -58,6 +58,16 @@ def test_the_packaged_trained_preset_is_the_default_and_loads_as_a_checkpoint(st
     assert load_runtime(preset="tiny", threads=1, device="cpu").info["model_card"]["weights"] == "random"
 
 
+def test_offline_commands_say_which_model_runs_and_that_tiny_speech_does_not_read(stand_in, capsys) -> None:
+    from streaming.cli import main
+
+    assert main(["tts", "--text", "the red garden", "--max-patches", "4"]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    # the packaged preset's card, before anything is generated: TTS is the task it never learnt
+    assert first.startswith("[model mimo-audio-tiny-speech: a tiny model trained on a closed domain")
+    assert "does not read a text aloud" in first and 'try saying: "What is three plus four?"' in first
+
+
 def test_serve_defaults_to_the_packaged_preset_and_says_what_to_ask(stand_in) -> None:
     import httpx
 
