@@ -30,7 +30,11 @@ ANSWERED = """(transport) => {
     // the random weights' transcript may hold no readable character: then the entry shows "(speech)"
     const agent = d.transcript.find((e) => e.role === "assistant" && e.final);
     const turn = d.latencies.find((t) => t.vadToPlayedMs !== null && t.micToPlayedMs !== null);
-    const drained = transport === "websocket" || (d.eventCounts["output_audio_buffer.stopped"] ?? 0) > 0;
+    // WebSocket: the page's stats (refreshed every 500 ms from the player) have counted played audio;
+    // asserting it at the first played sample raced that refresh on a busy machine
+    const drained = transport === "websocket"
+        ? d.audio.msPlayed > 0
+        : (d.eventCounts["output_audio_buffer.stopped"] ?? 0) > 0;
     const heard = (d.eventCounts["conversation.item.input_audio_transcription.completed"] ?? 0) > 0;
     return Boolean(agent && turn && drained && heard);
 }"""
