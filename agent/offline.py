@@ -144,9 +144,9 @@ def audio_codec(args: argparse.Namespace) -> AudioCodec | None:
 def run_offline(args: argparse.Namespace, codec: AudioCodec | None = None) -> int:
     """Run one offline command; see :func:`add_arguments` for ``args``."""
     try:
-        lm, tokenizer, is_preset = _load_model(args)
+        lm, tokenizer, is_preset, card = _load_model(args)
         # which model runs and what to expect of it (the line `serve` logs at start-up), first
-        print(f"[model {loaded_card(args).describe()}]", file=sys.stderr)
+        print(f"[model {card.describe()}]", file=sys.stderr)
         builder = PromptBuilder(tokenizer, lm.config)
         prompt = _build_prompt(args.command, args, builder, codec)
         out = getattr(args, "out", None)
@@ -258,14 +258,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[str | None, str | None, str
     return str(lm_dir), str(codec_dir), preset
 
 
-def loaded_card(args: argparse.Namespace) -> ModelCard:
-    """The card of the model :func:`resolve_model` names (a packaged preset is its checkpoint
-    directory, named without ``--model``)."""
-    model, _, preset = resolve_model(args)
-    return model_card(model, preset, preset if model and not args.model else None)
-
-
-def _load_model(args: argparse.Namespace) -> tuple[MiMoAudioLM, TextTokenizer, bool]:
+def _load_model(args: argparse.Namespace) -> tuple[MiMoAudioLM, TextTokenizer, bool, ModelCard]:
+    """(LM, text tokenizer, whether it is a random-weight preset, its card)."""
     device = parse_device(args.device)
     model, _, preset = resolve_model(args)
     if args.threads or (device.type == "cpu" and not args.model):
@@ -277,10 +271,10 @@ def _load_model(args: argparse.Namespace) -> tuple[MiMoAudioLM, TextTokenizer, b
     )
     if model:
         lm, _, tokenizer = load_lm(model, dtype, device)
-        return lm, tokenizer, False
+        # a packaged preset is its checkpoint directory, named without --model
+        return lm, tokenizer, False, model_card(model, None, None if args.model else preset)
     lm, _, tokenizer = build_preset(preset, dtype, device)
-    return lm, tokenizer, True
-
+    return lm, tokenizer, True, model_card(None, preset, None)
 
 def _build_prompt(
     command: str, args: argparse.Namespace, b: PromptBuilder, codec: AudioCodec | None
